@@ -1,0 +1,26 @@
+"""fastdistill: fused Triton/CUDA kernels for distillation training (sCM/rCM, DMD/VSD/SiD, logit KD)."""
+
+from fastdistill import coeffs
+from fastdistill._backend import BackendUnavailableError, use_backend
+from fastdistill.ops.score import denoise_regression_loss, scm_tangent_loss, score_distill, sid_loss
+
+__version__ = "0.1.0"
+
+
+def available_backends(op: str, x, **kwargs) -> dict[str, list[str]]:
+    """For each backend, the reasons it cannot run ``op`` on tensors like ``x`` (empty: it can)."""
+    from fastdistill import _backend
+
+    return _backend.reasons(op, x, **kwargs)
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "coeffs",
+    "denoise_regression_loss",
+    "scm_tangent_loss",
+    "score_distill",
+    "sid_loss",
+    "use_backend",
+]

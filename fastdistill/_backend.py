@@ -1,0 +1,205 @@
+"""What can run where: Triton, the CUDA extension, env switches, and the dispatcher.
+
+Backends, in fixed priority order: ``cuda`` (the compiled extension ``fastdistill._C``),
+``triton``, ``reference`` (pure PyTorch, any device). Each answers ``why_not(...)`` with a
+list of reasons it cannot run the given inputs; the dispatcher takes the first with none.
+``FASTDISTILL_BACKEND=<name>`` (or ``with fastdistill.use_backend(name):``) forces one; if
+it cannot run, the error lists every backend's reasons. There is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+
+_local = threading.local()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------- Triton
+def _probe_triton() -> tuple[object | None, str | None]:
+    try:
+        import triton  # noqa: F401
+
+        return triton, None
+    except Exception as exc:  # ImportError, or a broken install
+        return None, f"triton is not importable ({type(exc).__name__}: {exc})"
+
+
+_TRITON, _TRITON_ERR = _probe_triton()
+
+
+def triton_why_not(device: torch.device) -> list[str]:
+    if _TRITON is None:
+        return [str(_TRITON_ERR)]
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return [f"GPU compute capability {major}.x < 8.0 (Ampere) is not supported"]
+        if interpreting():
+            return ["TRITON_INTERPRET=1 is set: Triton would run on the CPU interpreter, not the GPU"]
+        return []
+    if device.type == "cpu":
+        if interpreting():
+            return []
+        return ["tensors are on the CPU: Triton runs there only under TRITON_INTERPRET=1 (a test mode)"]
+    return [f"device type {device.type!r} is not supported by the Triton kernels"]
+
+
+# ----------------------------------------------------------------------------- CUDA extension
+_EXT = None
+_EXT_ERR: str | None = None
+_EXT_PROBED = False
+_EXT_WARNED = False
+EXT_ABI = 1  # must match setup.py EXT_ABI
+
+
+def extension():
+    """The compiled extension module, or None (reason in ``extension_error()``). Warns once."""
+    global _EXT, _EXT_ERR, _EXT_PROBED, _EXT_WARNED
+    if not _EXT_PROBED:
+        _EXT_PROBED = True
+        try:
+            from fastdistill import _C  # type: ignore[attr-defined]
+
+            abi = getattr(_C, "EXT_ABI", None)
+            if abi != EXT_ABI:
+                _EXT_ERR = (
+                    f"fastdistill._C has binding ABI {abi} but this fastdistill expects {EXT_ABI} (a stale "
+                    "build): rebuild with `pip install --no-build-isolation -e .`"
+                )
+            else:
+                _EXT = _C
+        except Exception as exc:
+            _EXT_ERR = f"fastdistill._C is not built ({type(exc).__name__}: {exc})"
+        if _EXT_ERR is not None and torch.cuda.is_available() and not _EXT_WARNED:
+            _EXT_WARNED = True
+            warnings.warn(f"fastdistill: CUDA backend unavailable: {_EXT_ERR}", RuntimeWarning, stacklevel=2)
+    return _EXT
+
+
+def extension_error() -> str | None:
+    extension()
+    return _EXT_ERR
+
+
+def cuda_why_not(device: torch.device) -> list[str]:
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"tensors are on {device.type}, the CUDA extension needs CUDA tensors")
+    if extension() is None:
+        reasons.append(str(_EXT_ERR))
+    elif device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            reasons.append(f"GPU compute capability {major}.x < 8.0 is not supported")
+    return reasons
+
+
+# ----------------------------------------------------------------------------- dispatch
+# op name -> {backend: why_not(inputs...) -> list[str]}
+_REGISTRY: dict[str, dict[str, Callable[..., list[str]]]] = {}
+
+
+def register(op: str, backend: str, why_not: Callable[..., list[str]]) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _REGISTRY.setdefault(op, {})[backend] = why_not
+
+
+def ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def forced_backend() -> str | None:
+    name = getattr(_local, "forced", None) or os.environ.get("FASTDISTILL_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"FASTDISTILL_BACKEND / use_backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force a backend for the ops called in this block (this thread only); ``None`` restores dispatch."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    old = getattr(_local, "forced", None)
+    _local.forced = name
+    try:
+        yield
+    finally:
+        _local.forced = old
+
+
+class BackendUnavailableError(RuntimeError):
+    pass
+
+
+def reasons(op: str, *args, **kwargs) -> dict[str, list[str]]:
+    table = _REGISTRY[op]
+    return {b: table[b](*args, **kwargs) if b in table else ["not implemented for this op"] for b in BACKENDS}
+
+
+def _format(op: str, why: dict[str, list[str]]) -> str:
+    return "; ".join(f"{b}: {', '.join(r) if r else 'ok'}" for b, r in why.items())
+
+
+def select(op: str, *args, **kwargs) -> str:
+    """The backend that runs ``op`` on these inputs. Raises if a forced backend cannot."""
+    why = reasons(op, *args, **kwargs)
+    forced = forced_backend()
+    if forced is not None:
+        if why[forced]:
+            raise BackendUnavailableError(
+                f"{op}: forced backend {forced!r} cannot run these inputs. Reasons per backend: {_format(op, why)}"
+            )
+        return forced
+    for b in BACKENDS:
+        if not why[b]:
+            return b
+    raise BackendUnavailableError(f"{op}: no backend can run these inputs. Reasons: {_format(op, why)}")
+
+
+# ----------------------------------------------------------------------------- info
+def print_info() -> None:
+    import fastdistill  # noqa: F401  (registers the ops)
+
+    print(f"fastdistill {fastdistill.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"triton {getattr(_TRITON, '__version__', 'not installed')}")
+    print(f"torch CUDA runtime: {torch.version.cuda or 'none (CPU build)'}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            print(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+        dev = torch.device("cuda")
+    else:
+        print("GPU: none visible")
+        dev = torch.device("cpu")
+    ext = extension()
+    if ext is not None:
+        print(f"CUDA extension: built (with torch {getattr(ext, 'BUILD_TORCH', '?')}, "
+              f"CUDA runtime {getattr(ext, 'CUDA_RUNTIME', '?')}, archs {getattr(ext, 'CUDA_ARCHS', '?')})")
+    else:
+        print(f"CUDA extension: unavailable — {_EXT_ERR}")
+    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}  "
+          f"FASTDISTILL_BACKEND={os.environ.get('FASTDISTILL_BACKEND', '')!s}")
+    print(f"\nbackends for float32 tensors on {dev} (priority {' > '.join(BACKENDS)}):")
+    x = torch.zeros(2, 8, device=dev)
+    for op in ops():
+        why = reasons(op, x)
+        print(f"  {op}")
+        for b in BACKENDS:
+            print(f"    {b:10s} {'can run' if not why[b] else 'no: ' + '; '.join(why[b])}")

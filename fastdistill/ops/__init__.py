@@ -1,0 +1,1 @@
+"""Public ops: argument checks, autograd wiring and dispatch (no kernel code)."""

@@ -1,0 +1,361 @@
+"""Shared machinery of the score-difference ops: the static plan, backend dispatch, the
+autograd wiring (eager ``autograd.Function`` and ``torch.library`` custom ops for
+``torch.compile``), and coefficient packing. The public functions live in ``ops/score.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from fastdistill import _backend
+from fastdistill.reference import score as _ref
+
+OP_SCORE, OP_SID, OP_SCM, OP_DENOISE = 0, 1, 2, 3
+OP_NAMES = {OP_SCORE: "score_distill", OP_SID: "sid_loss", OP_SCM: "scm_tangent_loss",
+            OP_DENOISE: "denoise_regression_loss"}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NAN_POLICIES = ("zero_sample", "to_num", "raise")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static configuration of one call (everything that selects a kernel specialisation)."""
+
+    op: int
+    use1: int = 0  # bitmask of terms read by combination 1
+    use2: int = 0  # ... by combination 2
+    phi_huber: bool = False
+    norm_on_loss: bool = False
+    norm: int = 0  # SCORE: 0 none, 1 per sample, 2 global
+    red: int = 0  # 0 mean, 1 sum, 2 batchmean, 3 none
+    sample_mean: bool = False
+    rms: bool = False
+    to_num: bool = False
+    raise_: bool = False
+    fp64: bool = False
+    huber_c: float = 1e-3
+    alpha: float = 0.0
+    scale: float = 1.0
+    clamp: float = 0.0
+    eps: float = 0.0
+    c: float = 0.0
+
+    @property
+    def accum_dtype(self) -> torch.dtype:
+        return torch.float64 if self.fp64 else torch.float32
+
+    _INTS = ("op", "use1", "use2", "phi_huber", "norm_on_loss", "norm", "red", "sample_mean", "rms",
+             "to_num", "raise_", "fp64")
+    _FLOATS = ("huber_c", "alpha", "scale", "clamp", "eps", "c")
+
+    def pack(self) -> tuple[list[int], list[float]]:
+        return [int(getattr(self, f)) for f in self._INTS], [float(getattr(self, f)) for f in self._FLOATS]
+
+    @classmethod
+    def unpack(cls, ip: Sequence[int], fp: Sequence[float]) -> Plan:
+        kw = {f: (bool(v) if isinstance(cls.__dataclass_fields__[f].default, bool) else int(v))
+              for f, v in zip(cls._INTS, ip)}
+        kw.update(dict(zip(cls._FLOATS, fp)))
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def check_tensor(name: str, t, like: torch.Tensor | None = None, *, shape_of: str = "x") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{name}: expected device {like.device} (the device of {shape_of}), got {t.device}")
+        if t.shape != like.shape:
+            raise ValueError(f"{name}: expected shape {tuple(like.shape)} (the shape of {shape_of}), "
+                             f"got {tuple(t.shape)}")
+    return t
+
+
+def per_sample(name: str, v, B: int, device) -> torch.Tensor | None:
+    """A per-sample vector argument: None, or a tensor of shape [B] (or [B, 1, ...]) on the device."""
+    if v is None:
+        return None
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape [{B}] or None, got {type(v).__name__}")
+    if v.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {v.device}")
+    if v.numel() != B or (v.dim() > 0 and v.shape[0] != B):
+        raise ValueError(f"{name}: expected shape [{B}] (one value per sample), got {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {v.dtype}")
+    return v.reshape(B)
+
+
+def mask_2d(mask, x: torch.Tensor, B: int, M: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask: expected device {x.device}, got {mask.device}")
+    try:
+        full = mask.expand(x.shape)
+    except RuntimeError:
+        raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}") from None
+    return full.reshape(B, M).contiguous().view(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- coefficients
+@functools.lru_cache(maxsize=256)
+def _const_coef(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _coef_block(name: str, c, k: int, B: int, device) -> torch.Tensor | tuple[float, ...]:
+    """Validate a coefficient argument for k terms: a tuple of floats, or a [1|B, k] tensor."""
+    if isinstance(c, torch.Tensor):
+        if c.device != device:
+            raise ValueError(f"{name}: expected device {device}, got {c.device}")
+        if not c.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype, got {c.dtype}")
+        if c.dim() == 1 and c.shape[0] == k:
+            return c.reshape(1, k)
+        if c.dim() == 2 and c.shape[1] == k and c.shape[0] in (1, B):
+            return c
+        raise ValueError(f"{name}: expected shape [{k}] or [{B}, {k}] ({k} terms, {B} samples), got {tuple(c.shape)}")
+    try:
+        vals = tuple(float(v) for v in c)
+    except TypeError:
+        raise TypeError(f"{name}: expected a sequence of {k} floats or a tensor, got {type(c).__name__}") from None
+    if len(vals) != k:
+        raise ValueError(f"{name}: expected {k} coefficients (one per term), got {len(vals)}")
+    return vals
+
+
+def pack_coef(rows: list[dict[int, object]], K: int, B: int, device, acc: torch.dtype) -> torch.Tensor:
+    """Build the [Bc, 2, K+1] coefficient matrix. ``rows[r]`` maps a column (0 = x, k+1 = term k)
+    to a float or a [1|B] tensor column. All-float matrices are cached on the device."""
+    entries = [(r, col, v) for r, row in enumerate(rows) for col, v in row.items()]
+    if all(not isinstance(v, torch.Tensor) for _, _, v in entries):
+        flat = [0.0] * (2 * (K + 1))
+        for r, col, v in entries:
+            flat[r * (K + 1) + col] += float(v)
+        return _const_coef(tuple(flat), device, acc).view(1, 2, K + 1)
+    Bc = max(v.shape[0] for _, _, v in entries if isinstance(v, torch.Tensor))
+    coef = torch.zeros(Bc, 2, K + 1, dtype=acc, device=device)
+    for r, col, v in entries:
+        coef[:, r, col] += v.to(acc) if isinstance(v, torch.Tensor) else float(v)
+    return coef
+
+
+def unify_terms(groups: list[tuple[str, Sequence[torch.Tensor], object]], x: torch.Tensor, B: int):
+    """Merge term lists of several combinations by identity (a tensor shared by two
+    combinations is read once). Returns (terms, [row dict per group], [use bitmask per group])."""
+    terms: list[torch.Tensor] = []
+    index: dict[int, int] = {}
+    rows, uses = [], []
+    for name, ts, coeffs in groups:
+        if isinstance(ts, torch.Tensor) or not isinstance(ts, (list, tuple)):
+            raise TypeError(f"{name}: expected a list of tensors, got {type(ts).__name__}")
+        block = _coef_block(f"{name} coefficients", coeffs, len(ts), B, x.device)
+        row: dict[int, object] = {}
+        use = 0
+        for k, t in enumerate(ts):
+            check_tensor(f"{name}[{k}]", t, x)
+            if id(t) not in index:
+                index[id(t)] = len(terms)
+                terms.append(t)
+            j = index[id(t)]
+            v = block[:, k] if isinstance(block, torch.Tensor) else block[k]
+            row[j + 1] = (row[j + 1] + v) if (j + 1) in row else v
+            use |= 1 << j
+        rows.append(row)
+        uses.append(use)
+    if len(terms) > 8:
+        raise ValueError(f"at most 8 distinct term tensors are supported, got {len(terms)}")
+    return terms, rows, uses
+
+
+# ----------------------------------------------------------------------------- backends
+def _why_not_reference(x: torch.Tensor, fp64: bool = False) -> list[str]:
+    return []
+
+
+def _why_not_triton(x: torch.Tensor, fp64: bool = False) -> list[str]:
+    return _backend.triton_why_not(x.device)
+
+
+def _why_not_cuda(x: torch.Tensor, fp64: bool = False) -> list[str]:
+    r = _backend.cuda_why_not(x.device)
+    if fp64:
+        r.append("accum_dtype=float64 is not supported by the CUDA kernels (use triton or reference)")
+    if x.dtype == torch.float64:
+        r.append("float64 inputs are not supported by the CUDA kernels (use triton or reference)")
+    return r
+
+
+for _name in OP_NAMES.values():
+    _backend.register(_name, "reference", _why_not_reference)
+    _backend.register(_name, "triton", _why_not_triton)
+    _backend.register(_name, "cuda", _why_not_cuda)
+
+
+def _impl(backend: str):
+    if backend == "reference":
+        return _ref
+    if backend == "triton":
+        from fastdistill.kernels import score as k
+
+        return k
+    from fastdistill.ops import _score_cuda
+
+    return _score_cuda
+
+
+def _fwd(p: Plan, backend, x2, terms, coef, mask, weight, logvar):
+    B, M = x2.shape
+    if B == 0 or M == 0:
+        z = torch.zeros(B, dtype=p.accum_dtype, device=x2.device)
+        return torch.zeros(1, dtype=p.accum_dtype, device=x2.device), z, torch.zeros(B, 4, dtype=p.accum_dtype,
+                                                                                       device=x2.device)
+    return _impl(backend).score_fwd(p, x2, terms, coef, mask, weight, logvar)
+
+
+def _bwd(p: Plan, backend, x2, terms, coef, mask, state, grad_out, need_x, need_terms):
+    B, M = x2.shape
+    if B == 0 or M == 0:
+        return (torch.zeros_like(x2) if need_x else None), [torch.zeros_like(t) if n else None
+                                                            for t, n in zip(terms, need_terms)]
+    go = grad_out.reshape(-1).to(p.accum_dtype).contiguous()
+    return _impl(backend).score_bwd(p, x2, terms, coef, mask, state, go, need_x, need_terms)
+
+
+def _flat(t: torch.Tensor, B: int, M: int) -> torch.Tensor:
+    return t.reshape(B, M).contiguous()
+
+
+class _ScoreFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, backend, x, coef, mask, weight, logvar, *terms):
+        B = x.shape[0]
+        M = x.numel() // B if B else 0
+        x2 = _flat(x, B, M)
+        t2 = [_flat(t, B, M) for t in terms]
+        loss, loss_i, state = _fwd(p, backend, x2, t2, coef, mask, weight, logvar)
+        ctx.p, ctx.backend, ctx.shape = p, backend, x.shape
+        ctx.term_shapes = [t.shape for t in terms]
+        ctx.save_for_backward(x2, coef, mask, state, *t2)
+        ctx.mark_non_differentiable(loss_i, state)
+        out = loss_i if p.red == 3 else loss.reshape(())
+        return out, loss_i, state
+
+    @staticmethod
+    def backward(ctx, g_out, _g_loss_i, _g_state):
+        x2, coef, mask, state, *t2 = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[2]
+        need_terms = list(ctx.needs_input_grad[7:])
+        need_lv = ctx.needs_input_grad[6]
+        if g_out is None:
+            g_out = torch.zeros((), dtype=state.dtype, device=state.device)
+        gx, gterms = _bwd(ctx.p, ctx.backend, x2, t2, coef, mask, state, g_out, need_x, need_terms)
+        glv = None
+        if need_lv:
+            glv = state[:, 3] * g_out.to(state.dtype)
+        gx = gx.view(ctx.shape) if gx is not None else None
+        gterms = [g.view(s) if g is not None else None for g, s in zip(gterms, ctx.term_shapes)]
+        return (None, None, gx, None, None, None, glv, *gterms)
+
+
+# ----------------------------------------------------------------------------- torch.compile path
+@torch.library.custom_op("fastdistill::score_fwd", mutates_args=())
+def _score_fwd_op(x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor, mask: torch.Tensor | None,
+                  weight: torch.Tensor | None, logvar: torch.Tensor | None, ip: list[int], fp: list[float],
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = Plan.unpack(ip, fp)
+    B = x.shape[0]
+    M = x.numel() // B if B else 0
+    loss, loss_i, state = _fwd(p, backend, _flat(x, B, M), [_flat(t, B, M) for t in terms], coef, mask,
+                               weight, logvar)
+    return (loss_i.clone() if p.red == 3 else loss.reshape(())), loss_i, state
+
+
+@_score_fwd_op.register_fake
+def _(x, terms, coef, mask, weight, logvar, ip, fp, backend):
+    p = Plan.unpack(ip, fp)
+    B = x.shape[0]
+    acc = p.accum_dtype
+    out = x.new_empty((B,) if p.red == 3 else (), dtype=acc)
+    return out, x.new_empty((B,), dtype=acc), x.new_empty((B, 4), dtype=acc)
+
+
+@torch.library.custom_op("fastdistill::score_bwd", mutates_args=())
+def _score_bwd_op(x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor, mask: torch.Tensor | None,
+                  state: torch.Tensor, grad_out: torch.Tensor, ip: list[int], fp: list[float], need_x: bool,
+                  need_terms: list[bool], backend: str) -> list[torch.Tensor]:
+    p = Plan.unpack(ip, fp)
+    B = x.shape[0]
+    M = x.numel() // B if B else 0
+    gx, gterms = _bwd(p, backend, _flat(x, B, M), [_flat(t, B, M) for t in terms], coef, mask, state, grad_out,
+                      need_x, need_terms)
+    out = [gx.view(x.shape) if gx is not None else x.new_empty(0)]
+    out += [g.view(t.shape) if g is not None else t.new_empty(0) for g, t in zip(gterms, terms)]
+    return out
+
+
+@_score_bwd_op.register_fake
+def _(x, terms, coef, mask, state, grad_out, ip, fp, need_x, need_terms, backend):
+    out = [torch.empty_like(x) if need_x else x.new_empty(0)]
+    return out + [torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(terms, need_terms)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, terms, coef, mask, weight, logvar, ip, fp, backend = inputs
+    _, _, state = output
+    ctx.save_for_backward(x, coef, mask, state, *terms)
+    ctx.ip, ctx.fp, ctx.backend = ip, fp, backend
+    ctx.need_terms = [t.requires_grad for t in terms]
+    ctx.need_x = x.requires_grad
+    ctx.need_lv = logvar is not None and logvar.requires_grad
+
+
+def _backward(ctx, g_out, _g_loss_i, _g_state):
+    x, coef, mask, state, *terms = ctx.saved_tensors
+    grads = _score_bwd_op(x, terms, coef, mask, state, g_out, ctx.ip, ctx.fp, ctx.need_x, ctx.need_terms,
+                          ctx.backend)
+    gx = grads[0] if ctx.need_x else None
+    gterms = [g if n else None for g, n in zip(grads[1:], ctx.need_terms)]
+    glv = state[:, 3] * g_out.to(state.dtype) if ctx.need_lv else None
+    return gx, gterms, None, None, None, glv, None, None, None
+
+
+torch.library.register_autograd("fastdistill::score_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- entry point
+def run(p: Plan, x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor, mask, weight, logvar,
+        return_stats: bool):
+    name = OP_NAMES[p.op]
+    backend = _backend.select(name, x, fp64=p.fp64)
+    if torch.compiler.is_compiling():
+        if p.raise_:
+            raise ValueError(f"{name}: nan='raise' needs a host synchronisation and cannot run under torch.compile; "
+                             "use 'zero_sample' or 'to_num'")
+        ip, fp = p.pack()
+        out, loss_i, state = _score_fwd_op(x, list(terms), coef, mask, weight, logvar, ip, fp, backend)
+    else:
+        out, loss_i, state = _ScoreFunction.apply(p, backend, x, coef, mask, weight, logvar, *terms)
+    if p.raise_:
+        bad = state[:, 2] > 0
+        if bool(bad.any()):  # the documented host synchronisation of nan="raise"
+            idx = bad.nonzero().flatten().tolist()
+            raise FloatingPointError(f"{name}: non-finite values (or a zero/overflowing normaliser) in samples {idx}")
+    if return_stats:
+        return out, {"loss_per_sample": loss_i, "normalizer": state[:, 1], "bad": state[:, 2] > 0}
+    return out

@@ -1,0 +1,256 @@
+"""Fused score-difference losses for DMD/VSD/SiD/sCM-style distillation.
+
+Exact semantics (formulas, conventions, mapping of each public codebase): docs/score_ops.md.
+Every parameterisation and CFG form is passed as per-sample coefficients of full-size
+``terms``; ``fastdistill.coeffs`` builds them for the common cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastdistill.ops._score_engine import (
+    NAN_POLICIES,
+    OP_DENOISE,
+    OP_SCM,
+    OP_SCORE,
+    OP_SID,
+    Plan,
+    check_choice,
+    check_tensor,
+    mask_2d,
+    pack_coef,
+    per_sample,
+    run,
+    unify_terms,
+)
+
+Coeffs = Sequence[float] | torch.Tensor
+_RED = {"mean": 0, "sum": 1, "batchmean": 2, "none": 3}
+_RED_BATCH = {"mean": 0, "sum": 1, "none": 3}
+
+
+def _common(x: torch.Tensor, name: str, nan: str, accum_dtype: torch.dtype) -> tuple[int, int]:
+    check_tensor(name, x)
+    if x.dim() < 1:
+        raise ValueError(f"{name}: expected a tensor of shape [B, ...], got a 0-d tensor")
+    check_choice("nan", nan, NAN_POLICIES)
+    if accum_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"accum_dtype: expected torch.float32 or torch.float64, got {accum_dtype}")
+    B = x.shape[0]
+    return B, (x.numel() // B if B else 0)
+
+
+def _nan_flags(nan: str) -> dict:
+    return {"to_num": nan != "zero_sample", "raise_": nan == "raise"}
+
+
+def score_distill(
+    x: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    coeffs: Coeffs,
+    *,
+    norm: str | None = "mean_abs",
+    norm_terms: Sequence[torch.Tensor] | None = None,
+    norm_coeffs: Coeffs | None = None,
+    norm_clamp: float = 0.0,
+    norm_eps: float = 0.0,
+    norm_on: str = "grad",
+    phi: str = "l2",
+    huber_c: float = 1e-3,
+    sample_weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    scale: float = 1.0,
+    mask: torch.Tensor | None = None,
+    nan: str = "zero_sample",
+    accum_dtype: torch.dtype = torch.float32,
+    return_stats: bool = False,
+):
+    """DMD / DMD2 / VSD / SDS-family generator loss with the gradient ``κ·h·φ(d)/w`` on ``x``.
+
+    ``x``: ``[B, *S]`` generator output (fp32/bf16/fp16/fp64). ``terms``: tensors of ``x``'s
+    shape (predictions, ``x_t``, noise), stop-gradient. ``d = Σ_k coeffs[:, k]·terms[k]``
+    (``coeffs`` ``[K]`` or ``[B, K]``). With ``norm="mean_abs"`` the per-sample normaliser is
+    ``w = max(mean|x − Σ norm_coeffs·norm_terms|, norm_clamp) + norm_eps`` (``"mean_abs_global"``:
+    one over the batch; ``None``: 1). ``norm_terms`` defaults to ``terms``; a tensor in both lists
+    is read once. ``φ`` is ``d`` (``"l2"``) or ``d/sqrt(d²+c²)`` (``"pseudo_huber"``).
+    ``κ = scale × (1/N_valid | 1 | 1/B | 1)`` for reduction ``"mean" | "sum" | "batchmean" | "none"``.
+    Returns the fp32 loss (``[B]`` for ``"none"``); with ``return_stats`` also a dict of
+    ``loss_per_sample``, ``normalizer`` and ``bad`` flags.
+
+    Example (DMD2, flow matching ``x0 = x_t − σ·v``, CFG scale s)::
+
+        A, C = fastdistill.coeffs.x0_coeffs("flow", sigma=sigma)          # [B] each
+        loss = score_distill(x, [v_fake, v_cond, v_uncond], torch.stack([C, -C * s, -C * (1 - s)], 1),
+                             norm_terms=[v_cond, v_uncond, xt], norm_coeffs=torch.stack([C * s, C * (1 - s), A], 1))
+    """
+    B, M = _common(x, "x", nan, accum_dtype)
+    check_choice("norm", norm, (None, "mean_abs", "mean_abs_global"))
+    check_choice("norm_on", norm_on, ("grad", "loss"))
+    check_choice("phi", phi, ("l2", "pseudo_huber"))
+    check_choice("reduction", reduction, tuple(_RED))
+    groups = [("terms", terms, coeffs)]
+    if norm is not None:
+        if norm_coeffs is None:
+            raise ValueError("norm_coeffs: required when norm is not None (the normaliser reference "
+                             "Σ norm_coeffs·norm_terms)")
+        groups.append(("norm_terms", terms if norm_terms is None else norm_terms, norm_coeffs))
+    elif norm_coeffs is not None or norm_terms is not None:
+        raise ValueError("norm_coeffs / norm_terms: given, but norm=None")
+    if huber_c <= 0 and phi == "pseudo_huber":
+        raise ValueError(f"huber_c: expected > 0, got {huber_c}")
+    all_terms, rows, uses = unify_terms(groups, x, B)
+    if len(all_terms) == 0:
+        raise ValueError("terms: expected at least one tensor")
+    acc = accum_dtype
+    # row 0: d = Σ c·T; row 1: r = x − Σ c'·T
+    row1 = {0: 1.0}
+    if norm is not None:
+        row1.update({j: (-v if isinstance(v, torch.Tensor) else -float(v)) for j, v in rows[1].items()})
+    coef = pack_coef([rows[0], row1], len(all_terms), B, x.device, acc)
+    p = Plan(op=OP_SCORE, use1=uses[0], use2=uses[1] if norm is not None else 0, phi_huber=phi == "pseudo_huber",
+             norm_on_loss=norm_on == "loss", norm={None: 0, "mean_abs": 1, "mean_abs_global": 2}[norm],
+             red=_RED[reduction], fp64=acc == torch.float64, huber_c=float(huber_c), scale=float(scale),
+             clamp=float(norm_clamp), eps=float(norm_eps), **_nan_flags(nan))
+    weight = per_sample("sample_weight", sample_weight, B, x.device)
+    return run(p, x, all_terms, coef, mask_2d(mask, x, B, M), weight, None, return_stats)
+
+
+def _combo_arg(name: str, f) -> tuple[list[torch.Tensor], Coeffs]:
+    if isinstance(f, torch.Tensor):
+        return [f], (1.0,)
+    if isinstance(f, (tuple, list)) and len(f) == 2:
+        return list(f[0]), f[1]
+    raise TypeError(f"{name}: expected a tensor or a pair (terms, coeffs), got {type(f).__name__}")
+
+
+def sid_loss(
+    y: torch.Tensor,
+    f_real,
+    f_fake,
+    *,
+    alpha: float = 1.2,
+    w_clamp: float = 1e-5,
+    w_eps: float = 0.0,
+    reduction: str = "batchmean",
+    scale: float = 1.0,
+    mask: torch.Tensor | None = None,
+    nan: str = "zero_sample",
+    accum_dtype: torch.dtype = torch.float32,
+    return_stats: bool = False,
+):
+    """SiD / SiD-LSG generator loss ``(f_r − f_f)·((f_r − y) − α(f_r − f_f))/w`` with gradients
+    for ``y`` and for every real/fake input that requires grad.
+
+    ``y``: ``[B, *S]`` generator output. ``f_real`` / ``f_fake``: a tensor of ``y``'s shape (the
+    x0 prediction) or a pair ``(terms, coeffs)`` combining raw outputs (CFG, x0 conversion);
+    gradients reach each raw term as ``a_k ∂L/∂f_r + b_k ∂L/∂f_f``. ``w = max(mean|y − f_r|,
+    w_clamp) + w_eps`` per sample (stop-gradient). SiD's ``loss.sum()·lsg/B`` is
+    ``reduction="batchmean", scale=lsg``.
+    """
+    B, M = _common(y, "y", nan, accum_dtype)
+    check_choice("reduction", reduction, tuple(_RED))
+    rt, rc = _combo_arg("f_real", f_real)
+    ft, fc = _combo_arg("f_fake", f_fake)
+    if any(t is y for t in rt + ft):
+        raise ValueError("f_real / f_fake: y itself cannot be a term; pass it only as y")
+    terms, rows, uses = unify_terms([("f_real", rt, rc), ("f_fake", ft, fc)], y, B)
+    coef = pack_coef(rows, len(terms), B, y.device, accum_dtype)
+    p = Plan(op=OP_SID, use1=uses[0], use2=uses[1], red=_RED[reduction], fp64=accum_dtype == torch.float64,
+             alpha=float(alpha), scale=float(scale), clamp=float(w_clamp), eps=float(w_eps), **_nan_flags(nan))
+    return run(p, y, terms, coef, mask_2d(mask, y, B, M), None, None, return_stats)
+
+
+def scm_tangent_loss(
+    F: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    coeffs: Coeffs,
+    *,
+    f_coeff: float | torch.Tensor = 0.0,
+    c: float = 0.1,
+    norm: str = "l2",
+    weight: float | torch.Tensor | None = None,
+    logvar: torch.Tensor | None = None,
+    sample_reduction: str = "sum",
+    reduction: str = "mean",
+    nan: str = "zero_sample",
+    accum_dtype: torch.dtype = torch.float32,
+    return_stats: bool = False,
+):
+    """The sCM / rCM / SANA-Sprint tail after the JVP: ``g = f_coeff·sg(F) + Σ coeffs·terms``,
+    ``ĝ = g/(‖g‖ + c)`` (L2 or RMS norm), per-sample ``ℓ = weight·e^{−logvar}·R_j(ĝ²) + logvar``,
+    the value and gradient of ``weight·e^{−logvar}·R_j((F − sg(F) − sg(ĝ))²) + logvar``.
+
+    ``F``: ``[B, *S]`` student output (requires grad). ``terms``: e.g. the CFG parts of F_T,
+    ``x_t`` and the JVP tangent ``∂F`` (stop-gradient). ``weight``: float or ``[B]``; ``logvar``:
+    ``[B]`` adaptive weighting (receives its gradient). ``sample_reduction`` R_j: ``"sum"`` |
+    ``"mean"``; ``reduction`` over the batch: ``"mean"`` | ``"sum"`` | ``"none"``.
+    """
+    B, M = _common(F, "F", nan, accum_dtype)
+    check_choice("norm", norm, ("l2", "rms"))
+    check_choice("sample_reduction", sample_reduction, ("sum", "mean"))
+    check_choice("reduction", reduction, tuple(_RED_BATCH))
+    if c < 0:
+        raise ValueError(f"c: expected >= 0, got {c}")
+    all_terms, rows, uses = unify_terms([("terms", terms, coeffs)], F, B)
+    row0 = dict(rows[0])
+    row0[0] = _scalar_or_vec("f_coeff", f_coeff, B, F.device)
+    coef = pack_coef([row0, {}], len(all_terms), B, F.device, accum_dtype)
+    scale, wvec = _weight_arg(weight, B, F.device)
+    p = Plan(op=OP_SCM, use1=uses[0], red=_RED_BATCH[reduction], sample_mean=sample_reduction == "mean",
+             rms=norm == "rms", fp64=accum_dtype == torch.float64, c=float(c), scale=scale, **_nan_flags(nan))
+    lv = per_sample("logvar", logvar, B, F.device)
+    return run(p, F, all_terms, coef, None, wvec, lv, return_stats)
+
+
+def denoise_regression_loss(
+    pred: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    coeffs: Coeffs,
+    *,
+    pred_coeff: float | torch.Tensor = 1.0,
+    weight: float | torch.Tensor | None = None,
+    sample_reduction: str = "mean",
+    reduction: str = "mean",
+    mask: torch.Tensor | None = None,
+    nan: str = "zero_sample",
+    accum_dtype: torch.dtype = torch.float32,
+    return_stats: bool = False,
+):
+    """Fake-score / critic regression: ``d = pred_coeff·pred + Σ coeffs·terms`` (prediction minus
+    target in any parameterisation), per-sample ``ℓ = weight·R_j(m·d²)`` with R_j a sum or a
+    masked mean, reduced over the batch (``"mean" | "sum" | "none"``). Gradient to ``pred`` only.
+    """
+    B, M = _common(pred, "pred", nan, accum_dtype)
+    check_choice("sample_reduction", sample_reduction, ("sum", "mean"))
+    check_choice("reduction", reduction, tuple(_RED_BATCH))
+    all_terms, rows, uses = unify_terms([("terms", terms, coeffs)], pred, B)
+    row0 = dict(rows[0])
+    row0[0] = _scalar_or_vec("pred_coeff", pred_coeff, B, pred.device)
+    coef = pack_coef([row0, {}], len(all_terms), B, pred.device, accum_dtype)
+    scale, wvec = _weight_arg(weight, B, pred.device)
+    p = Plan(op=OP_DENOISE, use1=uses[0], red=_RED_BATCH[reduction], sample_mean=sample_reduction == "mean",
+             fp64=accum_dtype == torch.float64, scale=scale, **_nan_flags(nan))
+    return run(p, pred, all_terms, coef, mask_2d(mask, pred, B, M), wvec, None, return_stats)
+
+
+def _scalar_or_vec(name: str, v, B: int, device):
+    if isinstance(v, torch.Tensor):
+        if v.dim() == 0:
+            return v.reshape(1).to(device) if v.device == device else _bad_device(name, v, device)
+        return per_sample(name, v, B, device)
+    return float(v)
+
+
+def _bad_device(name, v, device):
+    raise ValueError(f"{name}: expected device {device}, got {v.device}")
+
+
+def _weight_arg(weight, B: int, device) -> tuple[float, torch.Tensor | None]:
+    if weight is None:
+        return 1.0, None
+    if isinstance(weight, torch.Tensor):
+        return 1.0, per_sample("weight", weight, B, device)
+    return float(weight), None
