@@ -165,16 +165,16 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
     Bf = B.to(ACC)
     if OP <= 1:
         if RED == 0:
-            kappa = tl.where(tot2 > 0, scale / tot2, 0.0)
+            kappa = tl.where(tot2 > 0, scale / tl.where(tot2 > 0, tot2, 1.0), 0.0)
         elif RED == 2:
             kappa = scale / Bf
         else:
-            kappa = scale + 0.0 * tot2
+            kappa = tl.full([], scale, ACC)
     else:
         if RED == 0:
             beta = 1.0 / Bf
         else:
-            beta = 1.0 + 0.0 * Bf
+            beta = tl.full([], 1.0, ACC)
     if NORM == 2:
         w_glob = tl.maximum(tot0 / (Bf * Mf), clamp) + eps
     total = tl.zeros([1], ACC).sum(0)
@@ -188,13 +188,13 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
         if HAS_WEIGHT:
             h = tl.load(weight_ptr + b).to(ACC)
         else:
-            h = 1.0 + 0.0 * v0
+            h = tl.full([], 1.0, ACC)
         if OP >= 2:  # SCM / DENOISE: a float weight arrives as scale
             h = h * scale
-        dlv = 0.0 * v0
+        dlv = tl.full([], 0.0, ACC)
         if OP == 0:
             if NORM == 0:
-                w = 1.0 + 0.0 * v0
+                w = tl.full([], 1.0, ACC)
             elif NORM == 1:
                 w = tl.maximum(v0 / Mf, clamp) + eps
             else:
@@ -216,7 +216,7 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
             else:
                 nrm = tl.sqrt(v0)
             w = nrm + c
-            inv = tl.where(w > 0, 1.0 / w, 0.0)
+            inv = tl.where(w > 0, 1.0 / tl.where(w > 0, w, 1.0), 0.0)
             bad = (v3 > 0) | ~_finite(v0) | ~_finite(h)
             a = v0 * inv * inv
             if SAMPLE_MEAN:
@@ -225,7 +225,7 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
                 lv = tl.load(logvar_ptr + b).to(ACC)
                 wexp = h * tl.exp(-lv)
             else:
-                lv = 0.0 * v0
+                lv = tl.full([], 0.0, ACC)
                 wexp = h
             if not TO_NUM:
                 a = tl.where(bad, 0.0, a)
@@ -236,11 +236,11 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
             if HAS_LOGVAR:
                 dlv = beta * (1.0 - wexp * a)
         else:
-            w = 1.0 + 0.0 * v0
+            w = tl.full([], 1.0, ACC)
             if SAMPLE_MEAN:
-                inv = tl.where(v2 > 0, 1.0 / v2, 0.0)
+                inv = tl.where(v2 > 0, 1.0 / tl.where(v2 > 0, v2, 1.0), 0.0)
             else:
-                inv = 1.0 + 0.0 * v0
+                inv = tl.full([], 1.0, ACC)
             loss = beta * h * v0 * inv
             gco = 2.0 * beta * h * inv
             bad = (v3 > 0) | ~_finite(v4 * gco) | ~_finite(h)

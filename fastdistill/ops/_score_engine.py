@@ -253,7 +253,7 @@ class _ScoreFunction(torch.autograd.Function):
         ctx.term_shapes = [t.shape for t in terms]
         ctx.save_for_backward(x2, coef, mask, state, *t2)
         ctx.mark_non_differentiable(loss_i, state)
-        out = loss_i if p.red == 3 else loss.reshape(())
+        out = loss_i.clone() if p.red == 3 else loss.reshape(())
         return out, loss_i, state
 
     @staticmethod

@@ -1,0 +1,238 @@
+"""Score ops: empty inputs, non-finite values and the NaN policies, bad arguments, dispatch,
+torch.compile / opcheck, determinism, and a long single sample split across many blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdistill as fd
+from fastdistill import _backend
+from test_score import F64, assert_rel, make, oracle_score
+
+# ----------------------------------------------------------------------------- empty
+@pytest.mark.parametrize("shape", [(0, 4, 5), (3, 0), (2, 4, 0, 3)], ids=["B0", "M0", "M0-nd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_empty(use, shape, reduction):
+    x = torch.randn(shape).requires_grad_()
+    t = [torch.randn(shape) for _ in range(2)]
+    loss = fd.score_distill(x, t, [1.0, -1.0], norm_coeffs=[1.0, 0.0], reduction=reduction)
+    assert loss.shape == ((shape[0],) if reduction == "none" else ())
+    assert torch.all(loss == 0)
+    loss.sum().backward()
+    assert x.grad.shape == x.shape and torch.all(x.grad == 0)
+    red = {"mean": "mean", "none": "none"}[reduction]
+    for fn in (lambda: fd.scm_tangent_loss(x, t, [1.0, 1.0], reduction=red),
+               lambda: fd.denoise_regression_loss(x, t, [1.0, 1.0], reduction=red),
+               lambda: fd.sid_loss(x, t[0], t[1])):
+        out = fn()
+        assert torch.all(out == 0) and not torch.isnan(out).any()
+
+
+# ----------------------------------------------------------------------------- NaN / inf policies
+def _dmd_inputs(seed=0):
+    x, (f, c, xt), g = make(4, (3, 40), 3, seed=seed)
+    co = torch.randn(4, 2, generator=g, dtype=F64)
+    nco = torch.randn(4, 2, generator=g, dtype=F64)
+    return x, f, c, xt, co, nco
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["term", "x"])
+def test_zero_sample_policy(use, bad_value, where):
+    x, f, c, xt, co, nco = _dmd_inputs()
+    x_bad, f_bad = x.detach().clone(), f.clone()
+    (f_bad if where == "term" else x_bad)[2, 1, 7] = bad_value
+    x_bad.requires_grad_()
+    kw = dict(norm_terms=[c, xt], norm_coeffs=nco, reduction="sum", accum_dtype=F64)
+    loss, st = fd.score_distill(x_bad, [f_bad, c], co, return_stats=True, **kw)
+    loss.backward()
+    assert st["bad"].tolist() == [False, False, True, False]
+    assert torch.isfinite(loss) and torch.all(x_bad.grad[2] == 0)
+    # the other samples are exactly what they are without the bad one
+    ref, xr = oracle_score(x, [f, c], co, norm="mean_abs", **{k: v for k, v in kw.items() if k != "accum_dtype"})
+    per = fd.score_distill(x.detach(), [f, c], co, reduction="none", norm_terms=[c, xt], norm_coeffs=nco,
+                           accum_dtype=F64)
+    assert_rel(loss.detach(), per[[0, 1, 3]].sum(), 1e-12)
+    ref.backward()
+    keep = [0, 1, 3]
+    assert_rel(x_bad.grad[keep], xr.grad[keep], 1e-12)
+
+
+def test_zero_normaliser_is_bad_sample(use):
+    x, f, c, xt, co, nco = _dmd_inputs()
+    x2 = x.detach().clone()
+    x2[1] = c[1] * 0.5  # r = x − 0.5·c = 0 exactly for sample 1 → w = 0
+    x2.requires_grad_()
+    loss, st = fd.score_distill(x2, [f, c], co, norm_terms=[c], norm_coeffs=[0.5], return_stats=True)
+    loss.backward()
+    assert st["bad"].tolist() == [False, True, False, False]
+    assert torch.isfinite(loss) and torch.all(x2.grad[1] == 0) and torch.isfinite(x2.grad).all()
+    # with a clamp the sample is fine again
+    x3 = x2.detach().clone().requires_grad_()
+    loss, st = fd.score_distill(x3, [f, c], co, norm_terms=[c], norm_coeffs=[0.5], norm_clamp=1e-5, return_stats=True)
+    assert not st["bad"].any()
+
+
+def test_to_num_policy(use):
+    """nan='to_num': the gradient is torch.nan_to_num of κ·φ(d)/w in its dtype, as DMD2 does."""
+    x, f, c, xt, co, nco = _dmd_inputs(seed=1)
+    x = x.detach().float().requires_grad_()
+    f, c = f.float().clone(), c.float()
+    f[0, 0, 0] = float("nan")
+    f[1, 0, 1] = float("inf")
+    loss = fd.score_distill(x, [f, c], [1.0, -1.0], norm=None, nan="to_num", reduction="sum")
+    loss.backward()
+    expected = torch.nan_to_num(f - c)
+    assert torch.equal(x.grad, expected)
+    assert torch.isfinite(loss)
+
+
+def test_raise_policy(use):
+    x, f, c, xt, co, nco = _dmd_inputs()
+    f = f.clone()
+    f[3, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"samples \[3\]"):
+        fd.score_distill(x, [f, c], co, norm=None, nan="raise")
+    fd.score_distill(x, [f.nan_to_num(), c], co, norm=None, nan="raise")  # clean input: no error
+
+
+def test_scm_nan_sample(use):
+    F, terms, g = make(3, (50,), 2, seed=4)
+    terms[1] = terms[1].clone()
+    terms[1][1, 3] = float("nan")
+    lv = torch.zeros(3, dtype=F64, requires_grad=True)
+    loss, st = fd.scm_tangent_loss(F, terms, [1.0, 0.5], logvar=lv, reduction="none", return_stats=True)
+    loss.sum().backward()
+    assert st["bad"].tolist() == [False, True, False]
+    assert loss[1].item() == 0.0 and torch.all(F.grad[1] == 0) and lv.grad[1].item() == 1.0
+
+
+# ----------------------------------------------------------------------------- bad arguments
+def _args():
+    x, (f, c), _ = make(2, (3, 4), 2)
+    return x, f, c
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(terms=[a["terms"][0], torch.randn(2, 3, 5)]), r"terms\[1\]: expected shape"),
+    (lambda a: a.update(terms=[a["terms"][0], torch.ones(2, 3, 4, dtype=torch.int32)]), r"terms\[1\]: expected a floating"),
+    (lambda a: a.update(terms=[a["terms"][0], torch.randn(2, 3, 4, device="meta")]), r"terms\[1\]: expected device"),
+    (lambda a: a.update(coeffs=[1.0, 2.0, 3.0]), r"terms coefficients: expected 2 coefficients"),
+    (lambda a: a.update(coeffs=torch.ones(3, 2)), r"terms coefficients: expected shape \[2\] or \[2, 2\]"),
+    (lambda a: a.update(norm_coeffs=None), r"norm_coeffs: required"),
+    (lambda a: a.update(reduction="avg"), r"reduction: expected one of"),
+    (lambda a: a.update(nan="ignore"), r"nan: expected one of"),
+    (lambda a: a.update(norm="l1"), r"norm: expected one of"),
+    (lambda a: a.update(sample_weight=torch.ones(3)), r"sample_weight: expected shape \[2\]"),
+    (lambda a: a.update(mask=torch.ones(2, 3, 4)), r"mask: expected a bool tensor"),
+    (lambda a: a.update(mask=torch.ones(2, 5, dtype=torch.bool)), r"mask: shape .* does not broadcast"),
+    (lambda a: a.update(x=torch.tensor(1.0)), r"x: expected a tensor of shape \[B, ...\]"),
+    (lambda a: a.update(terms=a["terms"][0]), r"terms: expected a list of tensors"),
+    (lambda a: a.update(accum_dtype=torch.float16), r"accum_dtype"),
+])
+def test_score_distill_bad_args(mutate, match):
+    x, f, c = _args()
+    a = dict(x=x, terms=[f, c], coeffs=[1.0, -1.0], norm_coeffs=[1.0, 0.0])
+    mutate(a)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fd.score_distill(a.pop("x"), a.pop("terms"), a.pop("coeffs"), **a)
+
+
+def test_other_ops_bad_args():
+    x, f, c = _args()
+    with pytest.raises(TypeError, match="f_real: expected a tensor or a pair"):
+        fd.sid_loss(x, [f], c)
+    with pytest.raises(ValueError, match="y itself cannot be a term"):
+        fd.sid_loss(x, ([x, f], [1.0, 1.0]), c)
+    with pytest.raises(ValueError, match="logvar: expected shape"):
+        fd.scm_tangent_loss(x, [f], [1.0], logvar=torch.zeros(5))
+    with pytest.raises(ValueError, match="sample_reduction"):
+        fd.scm_tangent_loss(x, [f], [1.0], sample_reduction="max")
+    with pytest.raises(ValueError, match="reduction: expected one of"):
+        fd.denoise_regression_loss(x, [f], [1.0], reduction="batchmean")
+    with pytest.raises(ValueError, match="pred_coeff: expected shape"):
+        fd.denoise_regression_loss(x, [f], [1.0], pred_coeff=torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- dispatch
+def test_forced_backend_fails_loudly(monkeypatch):
+    x, f, c = _args()
+    monkeypatch.setenv("FASTDISTILL_BACKEND", "cuda")
+    with pytest.raises(fd.BackendUnavailableError, match=r"forced backend 'cuda'.*reference: ok"):
+        fd.score_distill(x, [f, c], [1.0, -1.0], norm=None)
+    monkeypatch.setenv("FASTDISTILL_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        fd.score_distill(x, [f, c], [1.0, -1.0], norm=None)
+
+
+def test_default_dispatch_on_cpu(monkeypatch):
+    monkeypatch.delenv("FASTDISTILL_BACKEND", raising=False)
+    x = torch.zeros(2, 3)
+    why = fd.available_backends("score_distill", x)
+    assert why["reference"] == [] and why["cuda"]
+    expected = "triton" if _backend.interpreting() else "reference"
+    assert _backend.select("score_distill", x) == expected
+    assert fd.available_backends("score_distill", x, fp64=True)["cuda"]
+
+
+def test_info_runs(capsys):
+    _backend.print_info()
+    out = capsys.readouterr().out
+    assert "score_distill" in out and "reference  can run" in out
+
+
+# ----------------------------------------------------------------------------- compile, opcheck, determinism
+def test_torch_compile_fullgraph(use):
+    x, (f, c, u, xt), g = make(2, (3, 16), 4, dtype=torch.float32)
+    s = torch.tensor([2.0, 3.0])
+
+    def step(x, f, c, u, xt, s):
+        co = torch.stack([torch.ones_like(s), -s, s - 1], 1)
+        nco = torch.stack([s, 1 - s, torch.ones_like(s)], 1)
+        return fd.score_distill(x, [f, c, u], co, norm_terms=[c, u, xt], norm_coeffs=nco, norm_eps=1e-6) * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(x, f, c, u, xt, s)
+    (gx,) = torch.autograd.grad(out, x)
+    x2 = x.detach().clone().requires_grad_()
+    ref = step(x2, f, c, u, xt, s)
+    (gref,) = torch.autograd.grad(ref, x2)
+    assert torch.allclose(out, ref, rtol=1e-6) and torch.allclose(gx, gref, rtol=1e-6)
+
+
+def test_opcheck(use):
+    from fastdistill.ops._score_engine import Plan, _score_fwd_op
+
+    x, (f, c), _ = make(2, (3, 8), 2, dtype=torch.float32)
+    coef = torch.tensor([[[0.0, 1.0, -1.0], [1.0, 0.0, -0.5]]])
+    ip, fp = Plan(op=0, use1=3, use2=2, norm=1).pack()
+    torch.library.opcheck(_score_fwd_op, (x, [f, c], coef, None, None, None, ip, fp, use),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_deterministic(use):
+    x, (f, c, xt), _ = make(2, (5000,), 3, dtype=torch.float32)
+    outs = []
+    for _ in range(2):
+        xx = x.detach().clone().requires_grad_()
+        loss = fd.score_distill(xx, [f, c], [1.0, -1.0], norm_terms=[c, xt], norm_coeffs=[0.3, 0.7])
+        loss.backward()
+        outs.append((loss.detach(), xx.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.slow
+def test_long_single_sample(use):
+    """B = 1 with 2^21 + 3 elements: many blocks per sample, a masked tail, fp32 accumulation."""
+    M = (1 << 21) + 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, M, generator=g).requires_grad_()
+    f, c, xt = (torch.randn(1, M, generator=g) for _ in range(3))
+    loss = fd.score_distill(x, [f, c], [0.8, -0.8], norm_terms=[c, xt], norm_coeffs=[0.5, 1.0])
+    loss.backward()
+    ref, xr = oracle_score(x, [f, c], torch.tensor([[0.8, -0.8]], dtype=F64), norm_terms=[c, xt],
+                           norm_coeffs=torch.tensor([[0.5, 1.0]], dtype=F64))
+    ref.backward()
+    assert_rel(loss.detach(), ref.detach(), 1e-5, "loss")
+    assert_rel(x.grad, xr.grad, 1e-5, "grad")
