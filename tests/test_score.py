@@ -140,7 +140,8 @@ def make(B, S, K, dtype=F64, seed=0):
 
 def backward_with(loss, upstream=None):
     if upstream is None:
-        upstream = torch.full_like(loss, 1.7) if loss.dim() == 0 else torch.linspace(0.5, 2.0, loss.numel(), dtype=loss.dtype)
+        n = loss.numel()
+        upstream = torch.full_like(loss, 1.7) if loss.dim() == 0 else torch.linspace(0.5, 2.0, n, dtype=loss.dtype)
     loss.backward(upstream)
     return upstream
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_score import F64, assert_rel, make, oracle_score
 
 import fastdistill as fd
 from fastdistill import _backend
-from test_score import F64, assert_rel, make, oracle_score
+
 
 # ----------------------------------------------------------------------------- empty
 @pytest.mark.parametrize("shape", [(0, 4, 5), (3, 0), (2, 4, 0, 3)], ids=["B0", "M0", "M0-nd"])
@@ -116,8 +117,10 @@ def _args():
 
 @pytest.mark.parametrize("mutate,match", [
     (lambda a: a.update(terms=[a["terms"][0], torch.randn(2, 3, 5)]), r"terms\[1\]: expected shape"),
-    (lambda a: a.update(terms=[a["terms"][0], torch.ones(2, 3, 4, dtype=torch.int32)]), r"terms\[1\]: expected a floating"),
-    (lambda a: a.update(terms=[a["terms"][0], torch.randn(2, 3, 4, device="meta")]), r"terms\[1\]: expected device"),
+    (lambda a: a.update(terms=[a["terms"][0], torch.ones(2, 3, 4, dtype=torch.int32)]),
+     r"terms\[1\]: expected a floating"),
+    (lambda a: a.update(terms=[a["terms"][0], torch.randn(2, 3, 4, device="meta")]),
+     r"terms\[1\]: expected device"),
     (lambda a: a.update(coeffs=[1.0, 2.0, 3.0]), r"terms coefficients: expected 2 coefficients"),
     (lambda a: a.update(coeffs=torch.ones(3, 2)), r"terms coefficients: expected shape \[2\] or \[2, 2\]"),
     (lambda a: a.update(norm_coeffs=None), r"norm_coeffs: required"),

@@ -1,0 +1,296 @@
+"""Generic benchmark runner: providers side by side, one table, one CSV with a fixed schema.
+
+A *family* is a module ``fastdistill.bench.<name>`` exposing ``cases(device, quick) -> list[Case]``.
+Each ``Case`` is one (shape, mode) with zero-arg provider closures that each do one step. For
+every provider the runner does: one warm-up call (JIT / autotune / ``torch.compile`` time is
+excluded, and noted when it exceeds a second), the extra peak memory of one call (CUDA), the
+timing, and the error check. A provider that raises at any point is reported as skipped with
+its reason, never dropped.
+
+Timing: on CUDA ``triton.testing.do_bench`` (median, 20th and 80th percentile); on a CPU the
+wall-clock median of a few ``time.perf_counter`` repeats (peak memory "n/a").
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib
+import os
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+FAMILIES = ("score",)  # registered families: fastdistill/bench/<name>.py
+HBM_BYTES_PER_S = 4.2e12  # H200 device-to-device copy, read + write counted (ANCHORS.md)
+BF16_FLOPS_PER_S = 790e12  # H200 bf16 dense matmul (ANCHORS.md)
+CSV_FIELDS = (
+    "timestamp", "git_sha", "torch", "triton", "cuda", "gpu", "family", "shape", "mode", "provider",
+    "ms", "ms_p20", "ms_p80", "gbps", "floor_frac", "speedup_vs_eager", "extra_peak_mb", "rel_err", "note",
+)
+
+
+@dataclass
+class Case:
+    """One benchmark case: a shape in one mode, several providers of the same computation.
+
+    ``providers`` maps a name to a zero-arg closure doing one full step (``mode == "full"``:
+    forward + backward). ``bytes`` (or ``flops``) is the traffic (work) of the ideal fused step,
+    formula stated where the case is built; the floor is ``bytes / 4.2 TB/s`` (``flops / 790
+    TFLOP/s``). ``error(name)`` returns the provider's max relative error against an fp64 result.
+    ``skipped`` holds providers known not to run here (name -> reason). ``reset`` is called
+    before the memory measurement to drop state earlier calls left behind (e.g. ``x.grad``).
+    ``baseline`` names the provider that speed-ups are relative to (default: the first whose
+    name starts with "eager").
+    """
+
+    shape: str
+    mode: str
+    providers: dict[str, Callable[[], object]]
+    bytes: int | None = None
+    flops: int | None = None
+    error: Callable[[str], float] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    reset: Callable[[], None] | None = None
+    baseline: str | None = None
+    note: str = ""
+    order: list[str] | None = None  # row order in the table/CSV (default: providers, then skipped)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("fwd", "bwd", "full"):
+            raise ValueError(f"Case.mode: expected 'fwd', 'bwd' or 'full', got {self.mode!r}")
+        if self.baseline is None:
+            names = [n for n in (*self.providers, *self.skipped) if n.startswith("eager")]
+            self.baseline = names[0] if names else None
+
+
+# ----------------------------------------------------------------------------- environment
+def git_sha() -> str:
+    try:
+        cmd = ["git", "rev-parse", "--short", "HEAD"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def gpu_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA GeForce RTX 4090' -> 'geforce-rtx-4090', 'cpu' -> 'cpu'."""
+    s = re.sub(r"^nvidia\s+", "", name.strip().lower())
+    return re.sub(r"[^a-z0-9]+", "-", s).strip("-") or "unknown"
+
+
+def default_csv(device: str) -> str:
+    return os.path.join("benchmarks", "results", f"{gpu_slug(gpu_name(device))}.csv")
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return "none"
+
+
+# ----------------------------------------------------------------------------- measuring
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], device: str, quick: bool) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms."""
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        med, p20, p80 = do_bench(fn, warmup=25, rep=50 if quick else 100, quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80)
+    # CPU: a few wall-clock repeats, at least ~0.2 s in all (the first call was the warm-up)
+    samples: list[float] = []
+    t_end = time.perf_counter() + (0.1 if quick else 0.5)
+    while len(samples) < 3 or (time.perf_counter() < t_end and len(samples) < 50):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), q[1], q[7]
+
+
+def _extra_peak_mb(fn: Callable[[], object], reset: Callable[[], None] | None, device: str) -> float | None:
+    """Peak device memory of one call above what was allocated before it (the inputs)."""
+    if not device.startswith("cuda"):
+        return None
+    if reset is not None:
+        reset()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def _reason(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {msg[:300]}"
+
+
+def _measure(case: Case, name: str, fn: Callable[[], object], device: str, quick: bool) -> dict:
+    """One provider of one case -> partial row (ms..., note). Never raises."""
+    r: dict = {"provider": name, "ms": None, "ms_p20": None, "ms_p80": None, "extra_peak_mb": None,
+               "rel_err": None, "note": []}
+    if case.note:
+        r["note"].append(case.note)
+    try:
+        t0 = time.perf_counter()
+        fn()  # warm-up: JIT, autotune, torch.compile
+        _sync(device)
+        first = time.perf_counter() - t0
+        if first > 1.0:
+            r["note"].append(f"first call {first:.1f}s")
+        r["extra_peak_mb"] = _extra_peak_mb(fn, case.reset, device)
+        r["ms"], r["ms_p20"], r["ms_p80"] = _time(fn, device, quick)
+    except Exception as exc:
+        r["note"].append(f"skipped: {_reason(exc)}")
+        r["ms"] = r["ms_p20"] = r["ms_p80"] = r["extra_peak_mb"] = None
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return r
+    if case.error is not None:
+        try:
+            r["rel_err"] = float(case.error(name))
+        except Exception as exc:
+            r["note"].append(f"error check failed: {_reason(exc)}")
+    return r
+
+
+def run_case(case: Case, device: str, quick: bool) -> list[dict]:
+    rows = []
+    names = list(dict.fromkeys([*(case.order or []), *case.providers, *case.skipped]))
+    for name in names:
+        if name in case.skipped or name not in case.providers:
+            why = case.skipped.get(name, "no provider for this case")
+            rows.append({"provider": name, "ms": None, "ms_p20": None, "ms_p80": None, "extra_peak_mb": None,
+                         "rel_err": None, "note": ([case.note] if case.note else []) + [f"skipped: {why}"]})
+        else:
+            rows.append(_measure(case, name, case.providers[name], device, quick))
+    base = next((r["ms"] for r in rows if r["provider"] == case.baseline), None)
+    on_gpu = device.startswith("cuda")
+    for r in rows:
+        ms = r["ms"]
+        r.update(shape=case.shape, mode=case.mode, gbps=None, floor_frac=None, speedup_vs_eager=None)
+        if ms is None:
+            continue
+        if case.bytes is not None:
+            r["gbps"] = case.bytes / (ms * 1e-3) / 1e9
+            floor_ms = case.bytes / HBM_BYTES_PER_S * 1e3
+        elif case.flops is not None:
+            r["note"].append(f"tflops={case.flops / (ms * 1e-3) / 1e12:.1f}")
+            floor_ms = case.flops / BF16_FLOPS_PER_S * 1e3
+        else:
+            floor_ms = None
+        if floor_ms is not None and on_gpu:  # the floor is an H200 figure: meaningless on a CPU
+            r["floor_frac"] = floor_ms / ms
+        if base:
+            r["speedup_vs_eager"] = base / ms
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+def _fmt(v, spec: str, na: str = "-") -> str:
+    return na if v is None else format(v, spec)
+
+
+def print_table(family: str, rows: list[dict], on_gpu: bool) -> None:
+    head = (f"{'shape':<16} {'mode':<5} {'provider':<20} {'ms':>9} {'GB/s':>8} {'%floor':>7} "
+            f"{'speedup':>8} {'peak MB':>9} {'rel.err':>9}  note")
+    print(f"\n== family {family} ==")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        peak = _fmt(r["extra_peak_mb"], "9.1f", "-" if on_gpu else "n/a")
+        pct = None if r["floor_frac"] is None else 100 * r["floor_frac"]
+        print(f"{r['shape']:<16} {r['mode']:<5} {r['provider']:<20} {_fmt(r['ms'], '9.4f'):>9} "
+              f"{_fmt(r['gbps'], '8.1f'):>8} {_fmt(pct, '6.1f') + '%' if pct is not None else '-':>7} "
+              f"{_fmt(r['speedup_vs_eager'], '7.2f') + 'x' if r['speedup_vs_eager'] else '-':>8} "
+              f"{peak:>9} {_fmt(r['rel_err'], '9.2e'):>9}  {'; '.join(r['note'])}")
+
+
+def _csv_value(v, on_gpu: bool, key: str) -> str:
+    if v is None:
+        return "n/a" if key == "extra_peak_mb" and not on_gpu else ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def append_csv(path: str, family: str, rows: list[dict], env: dict, on_gpu: bool) -> None:
+    """Append rows; a new file gets the header. An existing file with another header is an error."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != CSV_FIELDS:
+            raise ValueError(f"--csv {path}: existing header {header} differs from the schema "
+                             f"{list(CSV_FIELDS)}; write to another file")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(CSV_FIELDS)
+        for r in rows:
+            full = {**env, "family": family, **r, "note": "; ".join(r["note"])}
+            w.writerow([_csv_value(full.get(k), on_gpu, k) for k in CSV_FIELDS])
+
+
+# ----------------------------------------------------------------------------- entry point
+def run(families: list[str] | None = None, quick: bool = False, out_csv: str | None = None,
+        device: str | None = None) -> list[dict]:
+    """Run the named families (all registered ones if empty) and return the rows.
+
+    ``device``: "cuda" if available else "cpu" when None. ``out_csv``: None -> the default
+    ``benchmarks/results/<gpu-slug>.csv`` under the current directory; "" -> no CSV.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
+    families = list(families or FAMILIES)
+    for fam in families:
+        if fam not in FAMILIES:
+            raise ValueError(f"family: unknown benchmark family {fam!r}; registered: {', '.join(FAMILIES)}")
+    if out_csv is None:
+        out_csv = default_csv(device)
+    env = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "cuda": torch.version.cuda or "none",
+        "gpu": gpu_name(device),
+    }
+    print(f"fastdistill bench on {env['gpu']} ({device}); torch {env['torch']}, triton {env['triton']}, "
+          f"cuda {env['cuda']}, git {env['git_sha']}{', quick' if quick else ''}")
+    all_rows = []
+    for fam in families:
+        mod = importlib.import_module(f"fastdistill.bench.{fam}")
+        rows = []
+        for case in mod.cases(device, quick):
+            rows.extend(run_case(case, device, quick))
+        print_table(fam, rows, on_gpu)
+        if out_csv:
+            append_csv(out_csv, fam, rows, env, on_gpu)
+        all_rows.extend({**env, "family": fam, **r} for r in rows)
+    if out_csv:
+        print(f"\nappended {len(all_rows)} rows to {out_csv}")
+    return all_rows

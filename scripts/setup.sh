@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up a virtualenv in .venv with everything fastdistill needs, then install it (editable).
+#  - torch: an already-importable torch is kept (e.g. the CUDA build on a GPU machine, seen
+#    through --system-site-packages); otherwise torch==2.13.0 is installed. On the CPU machines
+#    of this project that pin resolves to a local CPU build (a bare `torch` would pull a
+#    multi-GB CUDA build).
+#  - the CUDA extension is built only where torch has CUDA and nvcc exists (see setup.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv --system-site-packages .venv
+fi
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --upgrade pip setuptools wheel
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  "$VPY" -m pip install -q "torch==2.13.0"
+fi
+if ! "$VPY" -c "import triton" 2>/dev/null; then
+  "$VPY" -m pip install -q "triton==3.9.0"
+fi
+"$VPY" -m pip install -q "pytest>=7" "hypothesis>=6" numpy ninja "pybind11>=2.10"
+"$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+"$VPY" -c "import torch, triton, fastdistill; print('fastdistill', fastdistill.__version__, '| torch', torch.__version__, '| triton', triton.__version__)"

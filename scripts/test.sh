@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command (README, CI): the CPU tier runs every Triton kernel through Triton's
+# interpreter; the GPU tier (marker `gpu`) runs where a CUDA device is visible and is skipped
+# with a reason elsewhere. Extra arguments go to pytest. "No tests collected" is a failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+VPY=.venv/bin/python
+[ -x "$VPY" ] || VPY=python3
+TRITON_INTERPRET=${TRITON_INTERPRET:-1} "$VPY" -m pytest tests -q "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"
