@@ -3,7 +3,6 @@ product, so that later kernels using tl.dot can be tested in bf16 on the CPU."""
 
 import pytest
 import torch
-
 from conftest import INTERPRET
 
 
