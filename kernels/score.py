@@ -176,7 +176,7 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
         else:
             beta = tl.full([], 1.0, ACC)
     if NORM == 2:
-        w_glob = tl.maximum(tot0 / (Bf * Mf), clamp) + eps
+        w_glob = tl.maximum(tot0 / (Bf * Mf), clamp, propagate_nan=tl.PropagateNan.ALL) + eps
     total = tl.zeros([1], ACC).sum(0)
     for b in range(B):
         q = sums_ptr + b * 5
@@ -196,7 +196,7 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
             if NORM == 0:
                 w = tl.full([], 1.0, ACC)
             elif NORM == 1:
-                w = tl.maximum(v0 / Mf, clamp) + eps
+                w = tl.maximum(v0 / Mf, clamp, propagate_nan=tl.PropagateNan.ALL) + eps
             else:
                 w = w_glob
             gco = kappa * h / w
@@ -206,7 +206,7 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
                 loss = gco * v1 / w
             bad = (v3 > 0) | ~(_finite(w) & (w > 0)) | ~_finite(v4 * gco) | ~_finite(h)
         elif OP == 1:
-            w = tl.maximum(v0 / Mf, clamp) + eps
+            w = tl.maximum(v0 / Mf, clamp, propagate_nan=tl.PropagateNan.ALL) + eps
             gco = kappa / w
             loss = gco * v1
             bad = (v3 > 0) | ~(_finite(w) & (w > 0)) | ~_finite(v4 * gco * (2.0 + 2.0 * tl.abs(alpha)))

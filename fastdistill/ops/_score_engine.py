@@ -147,6 +147,8 @@ def pack_coef(rows: list[dict[int, object]], K: int, B: int, device, acc: torch.
         flat = [0.0] * (2 * (K + 1))
         for r, col, v in entries:
             flat[r * (K + 1) + col] += float(v)
+        if torch.compiler.is_compiling():  # a graph constant; the cache is for eager calls
+            return torch.tensor(flat, dtype=acc, device=device).view(1, 2, K + 1)
         return _const_coef(tuple(flat), device, acc).view(1, 2, K + 1)
     Bc = max(v.shape[0] for _, _, v in entries if isinstance(v, torch.Tensor))
     coef = torch.zeros(Bc, 2, K + 1, dtype=acc, device=device)
@@ -339,10 +341,17 @@ torch.library.register_autograd("fastdistill::score_fwd", _backward, setup_conte
 
 
 # ----------------------------------------------------------------------------- entry point
+@torch.compiler.assume_constant_result
+def _select(name: str, device: torch.device, dtype: torch.dtype, fp64: bool, forced: str | None) -> str:
+    # Evaluated once per trace under torch.compile (a constant of the graph), every call in eager.
+    with _backend.use_backend(forced):
+        return _backend.select(name, torch.empty(0, device=device, dtype=dtype), fp64=fp64)
+
+
 def run(p: Plan, x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor, mask, weight, logvar,
         return_stats: bool):
     name = OP_NAMES[p.op]
-    backend = _backend.select(name, x, fp64=p.fp64)
+    backend = _select(name, x.device, x.dtype, p.fp64, _backend.forced_backend())
     if torch.compiler.is_compiling():
         if p.raise_:
             raise ValueError(f"{name}: nan='raise' needs a host synchronisation and cannot run under torch.compile; "
