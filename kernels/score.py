@@ -28,6 +28,7 @@ OP_SCORE, OP_SID, OP_SCM, OP_DENOISE = 0, 1, 2, 3
 NSTAT = 5
 NSTATE = 4  # per-sample state: gradient factor, normaliser, bad flag, d loss / d logvar
 BLOCK = 1024
+NUM_WARPS = 8  # 4 elements per thread: a 16-byte load for fp32, no spills at K = 8 (benchmarks/triton_codegen.py)
 MAX_BLOCKS_PER_SAMPLE = 1024
 
 
@@ -361,7 +362,7 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
         p.huber_c, p.alpha,
         OP=p.op, K=len(terms), USE1=p.use1, USE2=p.use2 if p.op <= OP_SID else 0,
         HAS_MASK=mask is not None, PHI_HUBER=p.phi_huber, NORM_ON_LOSS=p.norm_on_loss,
-        BLOCK=BLOCK, ACC=ACC, num_warps=4,
+        BLOCK=BLOCK, ACC=ACC, num_warps=NUM_WARPS,
     )
     _score_finalize_kernel[(1,)](
         part, sums, weight if weight is not None else x, logvar if logvar is not None else x,
@@ -392,6 +393,6 @@ def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
         OP=p.op, K=len(terms), USE1=p.use1, USE2=p.use2 if p.op == OP_SID else 0,
         HAS_MASK=mask is not None, PHI_HUBER=p.phi_huber, TO_NUM=p.to_num,
         GMAX=float(torch.finfo(x.dtype).max), TMAX=float(tmax), WRITE_X=need_x, TGRAD=tgrad,
-        BLOCK=BLOCK, ACC=ACC, num_warps=4,
+        BLOCK=BLOCK, ACC=ACC, num_warps=NUM_WARPS,
     )
     return gx, gterms

@@ -1,0 +1,111 @@
+"""Hopper code generation of the Triton kernels, without a GPU.
+
+Compiles every kernel specialisation the dispatcher can pick (worst case per op and dtype:
+8 terms, a mask) ahead of time for sm_90a and reports registers, spill stores/loads and
+shared memory from ptxas. ``tests/test_codegen.py`` fails if a configuration spills.
+
+    python benchmarks/triton_codegen.py [--arch 90] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastdistill.kernels import score as S
+
+FMAX = {"fp32": 3.4028234663852886e38, "bf16": 3.3895313892515355e38, "fp16": 65504.0}  # torch.finfo(...).max
+
+
+def _ptxas() -> str:
+    """A ptxas new enough for the PTX this Triton emits (Triton ships one for Blackwell that is)."""
+    nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for cand in (os.path.join(nv, "ptxas-blackwell"), os.path.join(nv, "ptxas"), shutil.which("ptxas")):
+        if cand and os.path.exists(cand):
+            probe = subprocess.run([cand, "--version"], capture_output=True, text=True)
+            if probe.returncode == 0:
+                yield cand
+
+
+def score_configs(quick: bool = False):
+    """(name, kernel, signature, constexprs, num_warps) for the score kernels."""
+    dtypes = ["bf16"] if quick else ["bf16", "fp16", "fp32"]
+    K = 8
+    for dt in dtypes:
+        for op in (S.OP_SCORE, S.OP_SID, S.OP_SCM, S.OP_DENOISE):
+            use = (1 << K) - 1
+            common = {"x_ptr": f"*{dt}", "terms": (f"*{dt}",) * K, "coef_ptr": "*fp32", "coef_sb": "i32",
+                      "mask_ptr": "*u8"}
+            sig = dict(common, part_ptr="*fp32", M="i32", n_iter="i32", NB="i32", huber_c="fp32", alpha="fp32")
+            ce = {"OP": op, "K": K, "USE1": use, "USE2": use if op <= S.OP_SID else 0, "HAS_MASK": op != S.OP_SCM,
+                  "PHI_HUBER": op == S.OP_SCORE, "NORM_ON_LOSS": False, "BLOCK": S.BLOCK, "ACC": tl.float32}
+            yield f"stats op={op} {dt} K={K}", S._score_stats_kernel, sig, ce, S.NUM_WARPS
+            sig = dict(common, state_ptr="*fp32", go_ptr="*fp32", go_sb="i32", gx_ptr=f"*{dt}",
+                       gterms=(f"*{dt}",) * K, M="i32", n_iter="i32", huber_c="fp32", alpha="fp32")
+            ce = {"OP": op, "K": K, "USE1": use, "USE2": use if op == S.OP_SID else 0, "HAS_MASK": op != S.OP_SCM,
+                  "PHI_HUBER": op == S.OP_SCORE, "TO_NUM": True, "GMAX": FMAX[dt], "TMAX": FMAX[dt], "WRITE_X": True,
+                  "TGRAD": use if op == S.OP_SID else 0, "BLOCK": S.BLOCK, "ACC": tl.float32}
+            yield f"grad  op={op} {dt} K={K}", S._score_grad_kernel, sig, ce, S.NUM_WARPS
+    for op in (S.OP_SCORE, S.OP_SID, S.OP_SCM, S.OP_DENOISE):
+        sig = {"part_ptr": "*fp32", "sums_ptr": "*fp32", "weight_ptr": "*fp32", "logvar_ptr": "*fp32",
+               "state_ptr": "*fp32", "loss_i_ptr": "*fp32", "loss_ptr": "*fp32", "B": "i32", "M": "i32", "NB": "i32",
+               "scale": "fp32", "clamp": "fp32", "eps": "fp32", "c": "fp32", "alpha": "fp32"}
+        ce = {"OP": op, "NORM": 1, "NORM_ON_LOSS": False, "RED": 0, "SAMPLE_MEAN": True, "RMS": False,
+              "TO_NUM": False, "HAS_WEIGHT": True, "HAS_LOGVAR": op == S.OP_SCM,
+              "NBP": S.MAX_BLOCKS_PER_SAMPLE, "ACC": tl.float32}
+        yield f"final op={op}", S._score_finalize_kernel, sig, ce, 4
+
+
+def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90) -> dict:
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                        target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    ptx = ck.asm["ptx"]
+    err = None
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        for ptxas in _ptxas():
+            r = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.path.join(d, "k.cubin")],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                out = r.stdout + r.stderr
+                regs = int(re.search(r"Used (\d+) registers", out).group(1))
+                spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+                stack = re.search(r"(\d+) bytes stack frame", out)
+                return {"registers": regs, "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2)),
+                        "stack": int(stack.group(1)), "shared": ck.metadata.shared, "ptxas": os.path.basename(ptxas)}
+            err = r.stderr.strip().splitlines()[-1] if r.stderr else f"rc={r.returncode}"
+    raise RuntimeError(f"no ptxas could assemble the PTX ({err})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    bad = 0
+    print(f"{'kernel':34s} {'regs':>5s} {'spill st/ld':>12s} {'stack':>6s} {'smem':>6s}")
+    for name, kern, sig, ce, nw in score_configs(a.quick):
+        r = compile_report(kern, sig, ce, nw, a.arch)
+        flag = "  SPILLS" if r["spill_stores"] or r["spill_loads"] else ""
+        bad += bool(flag)
+        print(f"{name:34s} {r['registers']:5d} {r['spill_stores']:6d}/{r['spill_loads']:<5d} {r['stack']:6d} "
+              f"{r['shared']:6d}{flag}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
