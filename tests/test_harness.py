@@ -3,6 +3,7 @@ product, so that later kernels using tl.dot can be tested in bf16 on the CPU."""
 
 import pytest
 import torch
+
 from conftest import INTERPRET
 
 

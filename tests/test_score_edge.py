@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_score import F64, assert_rel, make, oracle_score
 
 import fastdistill as fd
 from fastdistill import _backend
+from test_score import F64, assert_rel, make, oracle_score
 
 
 # ----------------------------------------------------------------------------- empty
