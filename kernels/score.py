@@ -12,7 +12,7 @@ Every op is the same three-launch pipeline over ``[B, M]`` views of its inputs:
    directly (never as x − (x − g)), scaled by the upstream gradient.
 
 Per-op meaning of the combinations and statistics (s0..s4 per sample):
-  SCORE    c1 = d, c2 = r = x − ref    s0 Σ|r|, s1 Σ m·ψ(d), s2 Σ m, s3 #non-finite, s4 max m|φ(d)|
+  SCORE    c1 = d, c2 = ref            s0 Σ|x − ref|, s1 Σ m·ψ(d), s2 Σ m, s3 #non-finite, s4 max m|φ(d)|
   SID      c1 = f_r, c2 = f_f          s0 Σ|f_r − y|, s1 Σ m (f_r−f_f)((f_r−y) − α(f_r−f_f)), s2, s3,
                                        s4 max m·max(|f_r−y|, |f_r−f_f|)
   SCM      c1 = g                      s0 Σ g², s3
@@ -93,8 +93,8 @@ def _score_stats_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, part_ptr, M, 
         if TWO:
             nf = nf | _nonfinite(c2)
         s3 += nf
-        if OP == 0:  # SCORE: c1 = d, c2 = r
-            s0 += tl.abs(c2)
+        if OP == 0:  # SCORE: c1 = d, c2 = ref (the normaliser reference)
+            s0 += tl.abs(x - c2)
             ph = _phi(c1, huber_c, PHI_HUBER)
             if NORM_ON_LOSS:
                 if PHI_HUBER:  # ψ = sqrt(d²+c²) − c, written without cancellation

@@ -239,3 +239,16 @@ def test_long_single_sample(use):
     ref.backward()
     assert_rel(loss.detach(), ref.detach(), 1e-5, "loss")
     assert_rel(x.grad, xr.grad, 1e-5, "grad")
+
+
+def test_constant_coefficient_cache_is_not_mutated(use):
+    """Float coefficients are cached as a device tensor; per-sample tensor coefficients are added
+    onto a copy of it, never onto the cached tensor itself."""
+    x, (f, c), _ = make(2, (3, 8), 2)
+    call = lambda co: fd.score_distill(x, [f, c], co, norm=None, reduction="sum", accum_dtype=F64)
+    before = call([0.5, -0.25])
+    vec = torch.tensor([3.0, 4.0], dtype=F64)  # Bc = 1: the copy is exactly the cached matrix's size
+    first = call(vec)
+    call(torch.tensor([[3.0, 4.0], [1.0, 2.0]], dtype=F64))
+    assert torch.equal(call(vec), first)
+    assert torch.equal(call([0.5, -0.25]), before)

@@ -139,27 +139,46 @@ def _coef_block(name: str, c, k: int, B: int, device) -> torch.Tensor | tuple[fl
     return vals
 
 
-def pack_coef(rows: list[dict[int, object]], K: int, B: int, device, acc: torch.dtype) -> torch.Tensor:
-    """Build the [Bc, 2, K+1] coefficient matrix. ``rows[r]`` maps a column (0 = x, k+1 = term k)
-    to a float or a [1|B] tensor column. All-float matrices are cached on the device."""
-    entries = [(r, col, v) for r, row in enumerate(rows) for col, v in row.items()]
-    if all(not isinstance(v, torch.Tensor) for _, _, v in entries):
-        flat = [0.0] * (2 * (K + 1))
-        for r, col, v in entries:
-            flat[r * (K + 1) + col] += float(v)
-        if torch.compiler.is_compiling():  # a graph constant; the cache is for eager calls
-            return torch.tensor(flat, dtype=acc, device=device).view(1, 2, K + 1)
-        return _const_coef(tuple(flat), device, acc).view(1, 2, K + 1)
-    Bc = max(v.shape[0] for _, _, v in entries if isinstance(v, torch.Tensor))
-    coef = torch.zeros(Bc, 2, K + 1, dtype=acc, device=device)
-    for r, col, v in entries:
-        coef[:, r, col] += v.to(acc) if isinstance(v, torch.Tensor) else float(v)
+Row = list  # of (columns, block): block is a tuple of floats or a [1|B, k] tensor; column 0 is x, k+1 term k
+
+
+def pack_coef(rows: list[Row], K: int, B: int, device, acc: torch.dtype) -> torch.Tensor:
+    """Build the [Bc, 2, K+1] coefficient matrix from the blocks of each row (a row's entries for
+    the same column add up). Constant blocks are folded into one matrix cached on the device; each
+    tensor block then costs one small in-place add (per column only where its columns are not a
+    contiguous run), so a call with per-sample coefficients adds 1 + (#tensor blocks) tiny launches."""
+    flat = [0.0] * (2 * (K + 1))
+    tensors = []
+    for r, row in enumerate(rows):
+        for cols, block in row:
+            if isinstance(block, torch.Tensor):
+                tensors.append((r, cols, block))
+            else:
+                for c, v in zip(cols, block):
+                    flat[r * (K + 1) + c] += v
+    if torch.compiler.is_compiling():  # a graph constant; the cache is for eager calls
+        const = torch.tensor(flat, dtype=acc, device=device)
+    else:
+        const = _const_coef(tuple(flat), device, acc)
+    const = const.view(1, 2, K + 1)
+    if not tensors:
+        return const
+    Bc = max(b.shape[0] for _, _, b in tensors)
+    coef = const.expand(Bc, 2, K + 1).clone(memory_format=torch.contiguous_format)  # never mutate the cache
+    for r, cols, block in tensors:
+        block = block.to(acc)
+        c0, k = cols[0], len(cols)
+        if list(cols) == list(range(c0, c0 + k)):
+            coef[:, r, c0 : c0 + k].add_(block)
+        else:
+            for i, c in enumerate(cols):
+                coef[:, r, c].add_(block[:, i])
     return coef
 
 
 def unify_terms(groups: list[tuple[str, Sequence[torch.Tensor], object]], x: torch.Tensor, B: int):
     """Merge term lists of several combinations by identity (a tensor shared by two
-    combinations is read once). Returns (terms, [row dict per group], [use bitmask per group])."""
+    combinations is read once). Returns (terms, [row per group], [use bitmask per group])."""
     terms: list[torch.Tensor] = []
     index: dict[int, int] = {}
     rows, uses = [], []
@@ -167,39 +186,56 @@ def unify_terms(groups: list[tuple[str, Sequence[torch.Tensor], object]], x: tor
         if isinstance(ts, torch.Tensor) or not isinstance(ts, (list, tuple)):
             raise TypeError(f"{name}: expected a list of tensors, got {type(ts).__name__}")
         block = _coef_block(f"{name} coefficients", coeffs, len(ts), B, x.device)
-        row: dict[int, object] = {}
+        cols = []
         use = 0
         for k, t in enumerate(ts):
             check_tensor(f"{name}[{k}]", t, x)
             if id(t) not in index:
                 index[id(t)] = len(terms)
                 terms.append(t)
-            j = index[id(t)]
-            v = block[:, k] if isinstance(block, torch.Tensor) else block[k]
-            row[j + 1] = (row[j + 1] + v) if (j + 1) in row else v
-            use |= 1 << j
-        rows.append(row)
+            cols.append(index[id(t)] + 1)
+            use |= 1 << index[id(t)]
+        rows.append([(tuple(cols), block)])
         uses.append(use)
     if len(terms) > 8:
         raise ValueError(f"at most 8 distinct term tensors are supported, got {len(terms)}")
     return terms, rows, uses
 
 
+def x_coef(name: str, v, B: int, device) -> tuple:
+    """The coefficient of x itself in a row: a float or a per-sample tensor."""
+    if isinstance(v, torch.Tensor):
+        if v.device != device:
+            raise ValueError(f"{name}: expected device {device}, got {v.device}")
+        if v.dim() == 0:
+            return ((0,), v.reshape(1, 1))
+        v = per_sample(name, v, B, device)
+        return ((0,), v.reshape(B, 1))
+    return ((0,), (float(v),))
+
+
 # ----------------------------------------------------------------------------- backends
-def _why_not_reference(x: torch.Tensor, fp64: bool = False) -> list[str]:
+# ``term_dtypes``: the dtypes of the (deduplicated) term tensors, when known.
+def _why_not_reference(x: torch.Tensor, fp64: bool = False, term_dtypes: Sequence[torch.dtype] = ()) -> list[str]:
     return []
 
 
-def _why_not_triton(x: torch.Tensor, fp64: bool = False) -> list[str]:
+def _why_not_triton(x: torch.Tensor, fp64: bool = False, term_dtypes: Sequence[torch.dtype] = ()) -> list[str]:
     return _backend.triton_why_not(x.device)
 
 
-def _why_not_cuda(x: torch.Tensor, fp64: bool = False) -> list[str]:
+def _why_not_cuda(x: torch.Tensor, fp64: bool = False, term_dtypes: Sequence[torch.dtype] = ()) -> list[str]:
     r = _backend.cuda_why_not(x.device)
     if fp64:
         r.append("accum_dtype=float64 is not supported by the CUDA kernels (use triton or reference)")
     if x.dtype == torch.float64:
         r.append("float64 inputs are not supported by the CUDA kernels (use triton or reference)")
+    other = sorted({str(d).removeprefix("torch.") for d in term_dtypes if d != x.dtype})
+    if other:
+        r.append(f"the CUDA kernels need every term in x's dtype ({str(x.dtype).removeprefix('torch.')}), "
+                 f"got terms in {', '.join(other)} (use triton or reference, or cast the terms)")
+    if len(term_dtypes) > 8:
+        r.append(f"the CUDA kernels take at most 8 distinct term tensors, got {len(term_dtypes)}")
     return r
 
 
@@ -255,6 +291,7 @@ class _ScoreFunction(torch.autograd.Function):
         ctx.term_shapes = [t.shape for t in terms]
         ctx.save_for_backward(x2, coef, mask, state, *t2)
         ctx.mark_non_differentiable(loss_i, state)
+        ctx.set_materialize_grads(False)  # no zero tensors for the grads of loss_i / state
         out = loss_i.clone() if p.red == 3 else loss.reshape(())
         return out, loss_i, state
 
@@ -342,16 +379,17 @@ torch.library.register_autograd("fastdistill::score_fwd", _backward, setup_conte
 
 # ----------------------------------------------------------------------------- entry point
 @torch.compiler.assume_constant_result
-def _select(name: str, device: torch.device, dtype: torch.dtype, fp64: bool, forced: str | None) -> str:
+def _select(name: str, device: torch.device, dtype: torch.dtype, fp64: bool, forced: str | None,
+            term_dtypes: tuple[torch.dtype, ...] = ()) -> str:
     # Evaluated once per trace under torch.compile (a constant of the graph), every call in eager.
     with _backend.use_backend(forced):
-        return _backend.select(name, torch.empty(0, device=device, dtype=dtype), fp64=fp64)
+        return _backend.select(name, torch.empty(0, device=device, dtype=dtype), fp64=fp64, term_dtypes=term_dtypes)
 
 
 def run(p: Plan, x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor, mask, weight, logvar,
         return_stats: bool):
     name = OP_NAMES[p.op]
-    backend = _select(name, x.device, x.dtype, p.fp64, _backend.forced_backend())
+    backend = _select(name, x.device, x.dtype, p.fp64, _backend.forced_backend(), tuple(t.dtype for t in terms))
     if torch.compiler.is_compiling():
         if p.raise_:
             raise ValueError(f"{name}: nan='raise' needs a host synchronisation and cannot run under torch.compile; "

@@ -25,6 +25,7 @@ from fastdistill.ops._score_engine import (
     per_sample,
     run,
     unify_terms,
+    x_coef,
 )
 
 Coeffs = Sequence[float] | torch.Tensor
@@ -105,11 +106,8 @@ def score_distill(
     if len(all_terms) == 0:
         raise ValueError("terms: expected at least one tensor")
     acc = accum_dtype
-    # row 0: d = Σ c·T; row 1: r = x − Σ c'·T
-    row1 = {0: 1.0}
-    if norm is not None:
-        row1.update({j: (-v if isinstance(v, torch.Tensor) else -float(v)) for j, v in rows[1].items()})
-    coef = pack_coef([rows[0], row1], len(all_terms), B, x.device, acc)
+    # row 0: d = Σ c·T; row 1: the normaliser reference Σ c'·N (the kernels form x − ref)
+    coef = pack_coef([rows[0], rows[1] if norm is not None else []], len(all_terms), B, x.device, acc)
     p = Plan(op=OP_SCORE, use1=uses[0], use2=uses[1] if norm is not None else 0, phi_huber=phi == "pseudo_huber",
              norm_on_loss=norm_on == "loss", norm={None: 0, "mean_abs": 1, "mean_abs_global": 2}[norm],
              red=_RED[reduction], fp64=acc == torch.float64, huber_c=float(huber_c), scale=float(scale),
@@ -195,9 +193,8 @@ def scm_tangent_loss(
     if c < 0:
         raise ValueError(f"c: expected >= 0, got {c}")
     all_terms, rows, uses = unify_terms([("terms", terms, coeffs)], F, B)
-    row0 = dict(rows[0])
-    row0[0] = _scalar_or_vec("f_coeff", f_coeff, B, F.device)
-    coef = pack_coef([row0, {}], len(all_terms), B, F.device, accum_dtype)
+    row0 = rows[0] + [x_coef("f_coeff", f_coeff, B, F.device)]
+    coef = pack_coef([row0, []], len(all_terms), B, F.device, accum_dtype)
     scale, wvec = _weight_arg(weight, B, F.device)
     p = Plan(op=OP_SCM, use1=uses[0], red=_RED_BATCH[reduction], sample_mean=sample_reduction == "mean",
              rms=norm == "rms", fp64=accum_dtype == torch.float64, c=float(c), scale=scale, **_nan_flags(nan))
@@ -227,25 +224,12 @@ def denoise_regression_loss(
     check_choice("sample_reduction", sample_reduction, ("sum", "mean"))
     check_choice("reduction", reduction, tuple(_RED_BATCH))
     all_terms, rows, uses = unify_terms([("terms", terms, coeffs)], pred, B)
-    row0 = dict(rows[0])
-    row0[0] = _scalar_or_vec("pred_coeff", pred_coeff, B, pred.device)
-    coef = pack_coef([row0, {}], len(all_terms), B, pred.device, accum_dtype)
+    row0 = rows[0] + [x_coef("pred_coeff", pred_coeff, B, pred.device)]
+    coef = pack_coef([row0, []], len(all_terms), B, pred.device, accum_dtype)
     scale, wvec = _weight_arg(weight, B, pred.device)
     p = Plan(op=OP_DENOISE, use1=uses[0], red=_RED_BATCH[reduction], sample_mean=sample_reduction == "mean",
              fp64=accum_dtype == torch.float64, scale=scale, **_nan_flags(nan))
     return run(p, pred, all_terms, coef, mask_2d(mask, pred, B, M), wvec, None, return_stats)
-
-
-def _scalar_or_vec(name: str, v, B: int, device):
-    if isinstance(v, torch.Tensor):
-        if v.dim() == 0:
-            return v.reshape(1).to(device) if v.device == device else _bad_device(name, v, device)
-        return per_sample(name, v, B, device)
-    return float(v)
-
-
-def _bad_device(name, v, device):
-    raise ValueError(f"{name}: expected device {device}, got {v.device}")
 
 
 def _weight_arg(weight, B: int, device) -> tuple[float, torch.Tensor | None]:

@@ -57,13 +57,13 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
         m = mask[:, sl].to(acc) if mask is not None else torch.ones_like(c1)
         s[3] += _nonfinite(xs, *cs).to(acc)
         if p.op == OP_SCORE:
-            d, r = cs
+            d, ref = cs
             ph = _phi(p, d)
             if p.norm_on_loss:
                 psi = d * d / (torch.sqrt(d * d + p.huber_c**2) + p.huber_c) if p.phi_huber else 0.5 * d * d
             else:
                 psi = 0.5 * ph * ph
-            s[0] += r.abs().sum(1)
+            s[0] += (xs - ref).abs().sum(1)
             s[1] += (m * psi).sum(1)
             s[2] += m.sum(1)
             s[4] = torch.maximum(s[4], (m * ph.abs()).amax(1))
