@@ -186,7 +186,8 @@ def test_info_runs(capsys):
 
 
 # ----------------------------------------------------------------------------- compile, opcheck, determinism
-def test_torch_compile_fullgraph(use):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(use, compiler):
     x, (f, c, u, xt), g = make(2, (3, 16), 4, dtype=torch.float32)
     s = torch.tensor([2.0, 3.0])
 
@@ -195,7 +196,7 @@ def test_torch_compile_fullgraph(use):
         nco = torch.stack([s, 1 - s, torch.ones_like(s)], 1)
         return fd.score_distill(x, [f, c, u], co, norm_terms=[c, u, xt], norm_coeffs=nco, norm_eps=1e-6) * 2
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
     out = compiled(x, f, c, u, xt, s)
     (gx,) = torch.autograd.grad(out, x)
     x2 = x.detach().clone().requires_grad_()
