@@ -2,6 +2,7 @@
 
 from fastdistill import coeffs
 from fastdistill._backend import BackendUnavailableError, use_backend
+from fastdistill.ops.kd_softmax import kd_loss
 from fastdistill.ops.score import denoise_regression_loss, scm_tangent_loss, score_distill, sid_loss
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "available_backends",
     "coeffs",
     "denoise_regression_loss",
+    "kd_loss",
     "scm_tangent_loss",
     "score_distill",
     "sid_loss",

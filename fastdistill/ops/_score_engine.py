@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdistill import _backend
+from fastdistill.ops._common import select_backend
 from fastdistill.reference import score as _ref
 
 OP_SCORE, OP_SID, OP_SCM, OP_DENOISE = 0, 1, 2, 3
@@ -64,11 +65,6 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- argument checks
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
-
-
 def check_tensor(name: str, t, like: torch.Tensor | None = None, *, shape_of: str = "x") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -378,18 +374,10 @@ torch.library.register_autograd("fastdistill::score_fwd", _backward, setup_conte
 
 
 # ----------------------------------------------------------------------------- entry point
-@torch.compiler.assume_constant_result
-def _select(name: str, device: torch.device, dtype: torch.dtype, fp64: bool, forced: str | None,
-            term_dtypes: tuple[torch.dtype, ...] = ()) -> str:
-    # Evaluated once per trace under torch.compile (a constant of the graph), every call in eager.
-    with _backend.use_backend(forced):
-        return _backend.select(name, torch.empty(0, device=device, dtype=dtype), fp64=fp64, term_dtypes=term_dtypes)
-
-
 def run(p: Plan, x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor, mask, weight, logvar,
         return_stats: bool):
     name = OP_NAMES[p.op]
-    backend = _select(name, x.device, x.dtype, p.fp64, _backend.forced_backend(), tuple(t.dtype for t in terms))
+    backend = select_backend(name, x, fp64=p.fp64, term_dtypes=tuple(t.dtype for t in terms))
     if torch.compiler.is_compiling():
         if p.raise_:
             raise ValueError(f"{name}: nan='raise' needs a host synchronisation and cannot run under torch.compile; "

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastdistill.ops._common import check_choice
 from fastdistill.ops._score_engine import (
     NAN_POLICIES,
     OP_DENOISE,
@@ -18,7 +19,6 @@ from fastdistill.ops._score_engine import (
     OP_SCORE,
     OP_SID,
     Plan,
-    check_choice,
     check_tensor,
     mask_2d,
     pack_coef,

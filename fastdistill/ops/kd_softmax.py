@@ -1,0 +1,285 @@
+"""Fused KD softmax: ``kd_loss`` (semantics: docs/kd_ops.md), its autograd wiring, the
+``torch.library`` custom ops for ``torch.compile``, and dispatch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fastdistill import _backend
+from fastdistill.ops._common import check_choice, select_backend
+from fastdistill.reference import kd_softmax as _ref
+
+DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
+REDUCTIONS = {"batchmean": 0, "sum": 1, "mean": 2, "none": 3}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class KDPlan:
+    div: int = 0
+    red: int = 0
+    fp64: bool = False
+    ignore_index: int = -100
+    beta: float = 0.5
+    skew: float = 0.1
+    temperature: float = 1.0
+    teacher_temperature: float = 1.0
+    t2: float = 1.0
+    alpha: float = 0.0
+    num_items: float = 0.0  # > 0: the batchmean denominator
+    softcap: float = 0.0  # 0: none
+    logit_scale: float = 1.0
+
+    @property
+    def accum_dtype(self) -> torch.dtype:
+        return torch.float64 if self.fp64 else torch.float32
+
+    def pack(self) -> tuple[list[int], list[float]]:
+        f = dataclasses.fields(self)
+        return [int(getattr(self, x.name)) for x in f[:4]], [float(getattr(self, x.name)) for x in f[4:]]
+
+    @classmethod
+    def unpack(cls, ip, fp) -> KDPlan:
+        f = dataclasses.fields(cls)
+        kw = {x.name: (bool(v) if x.name == "fp64" else int(v)) for x, v in zip(f[:4], ip)}
+        kw.update({x.name: float(v) for x, v in zip(f[4:], fp)})
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------- backends
+def _why_not_triton(x: torch.Tensor, **_) -> list[str]:
+    return _backend.triton_why_not(x.device)
+
+
+_backend.register("kd_loss", "reference", lambda x, **_: [])
+_backend.register("kd_loss", "triton", _why_not_triton)
+_backend.register("kd_loss", "cuda", lambda x, **_: ["the CUDA kernels of kd_loss are not written yet (use triton)"])
+
+
+def _impl(backend: str):
+    if backend == "reference":
+        return _ref
+    from fastdistill.kernels import kd_softmax as k
+
+    return k
+
+
+def _fwd(p, backend, s, t, labels, mask, weights):
+    N = s.shape[0]
+    if N == 0 or s.shape[1] == 0:
+        z = torch.zeros(1, dtype=p.accum_dtype, device=s.device)
+        return z, torch.zeros(N, dtype=p.accum_dtype, device=s.device), \
+            torch.zeros(N, 8, dtype=p.accum_dtype, device=s.device), z.clone()
+    return _impl(backend).kd_fwd(p, s, t, labels, mask, weights)
+
+
+def _bwd(p, backend, s, t, labels, weights, st, factor, grad_out, out):
+    if s.numel() == 0:
+        return out.zero_()
+    go = grad_out.reshape(-1).to(p.accum_dtype).contiguous()
+    return _impl(backend).kd_bwd(p, s, t, labels, weights, st, factor, go, out)
+
+
+class _KDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, backend, inplace, s, t, labels, mask, weights):
+        loss, contrib, st, factor = _fwd(p, backend, s, t, labels, mask, weights)
+        ctx.p, ctx.backend, ctx.inplace = p, backend, inplace
+        ctx.save_for_backward(s, t, labels, weights, st, factor)
+        ctx.set_materialize_grads(False)
+        out = contrib.clone() if p.red == 3 else loss.reshape(())
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        s, t, labels, weights, st, factor = ctx.saved_tensors
+        if g is None:
+            return (None,) * 8
+        out = s if ctx.inplace else torch.empty_like(s)
+        gs = _bwd(ctx.p, ctx.backend, s, t, labels, weights, st, factor, g, out)
+        return None, None, None, gs, None, None, None, None
+
+
+@torch.library.custom_op("fastdistill::kd_fwd", mutates_args=())
+def _kd_fwd_op(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor | None,
+               weights: torch.Tensor | None, ip: list[int], fp: list[float],
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = KDPlan.unpack(ip, fp)
+    loss, contrib, st, factor = _fwd(p, backend, s, t, labels, mask, weights)
+    return (contrib.clone() if p.red == 3 else loss.reshape(())), st, factor
+
+
+@_kd_fwd_op.register_fake
+def _(s, t, labels, mask, weights, ip, fp, backend):
+    p = KDPlan.unpack(ip, fp)
+    acc = p.accum_dtype
+    N = s.shape[0]
+    return s.new_empty((N,) if p.red == 3 else (), dtype=acc), s.new_empty((N, 8), dtype=acc), \
+        s.new_empty((1,), dtype=acc)
+
+
+@torch.library.custom_op("fastdistill::kd_bwd", mutates_args=())
+def _kd_bwd_op(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None,
+               st: torch.Tensor, factor: torch.Tensor, grad_out: torch.Tensor, ip: list[int], fp: list[float],
+               backend: str) -> torch.Tensor:
+    return _bwd(KDPlan.unpack(ip, fp), backend, s, t, labels, weights, st, factor, grad_out, torch.empty_like(s))
+
+
+@_kd_bwd_op.register_fake
+def _(s, t, labels, weights, st, factor, grad_out, ip, fp, backend):
+    return torch.empty_like(s)
+
+
+def _setup_context(ctx, inputs, output):
+    s, t, labels, mask, weights, ip, fp, backend = inputs
+    _, st, factor = output
+    ctx.save_for_backward(s, t, labels, weights, st, factor)
+    ctx.ip, ctx.fp, ctx.backend = ip, fp, backend
+
+
+def _backward(ctx, g, _g_st, _g_factor):
+    s, t, labels, weights, st, factor = ctx.saved_tensors
+    gs = _kd_bwd_op(s, t, labels, weights, st, factor, g, ctx.ip, ctx.fp, ctx.backend)
+    return gs, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastdistill::kd_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def _rows(name: str, v, lead: torch.Size, N: int, device, *, dtypes=None, kind="") -> torch.Tensor | None:
+    if v is None:
+        return None
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape {tuple(lead)} or None, got {type(v).__name__}")
+    if v.device != device:
+        raise ValueError(f"{name}: expected device {device} (the device of student_logits), got {v.device}")
+    if v.shape != lead and v.shape != (N,):
+        raise ValueError(f"{name}: expected shape {tuple(lead)} (the leading dims of student_logits), "
+                         f"got {tuple(v.shape)}")
+    if dtypes is not None and v.dtype not in dtypes:
+        raise TypeError(f"{name}: expected {kind}, got {v.dtype}")
+    return v.reshape(N).contiguous()
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    teacher_topk=None,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    teacher_temperature: float | None = None,
+    t2_scale: bool = False,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    num_items: int | float | None = None,
+    hard_label_alpha: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float | None = None,
+    inplace_grad: bool = False,
+    accum_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Knowledge-distillation divergence between teacher P and student Q over the vocabulary,
+    fused: per-row fp32 statistics only, no ``[N, V]`` temporaries, the gradient written directly.
+
+    ``student_logits``: ``[N, V]`` or ``[B, T, V]`` (fp32/bf16/fp16). ``teacher_logits``: the same
+    leading dims, vocabulary ``Vt`` (sliced if larger, ``−inf``-padded if smaller). ``divergence``:
+    ``"fkl"`` KL(P‖Q), ``"rkl"`` KL(Q‖P), ``"jsd"`` generalised JSD(β) (β=0 → fkl, β=1 → rkl),
+    ``"skl"`` / ``"srkl"`` skew KL / skew reverse KL (λ = ``skew``), ``"tvd"``. ``temperature`` on
+    both (``teacher_temperature`` separately), ``t2_scale`` multiplies the KD term by T²,
+    ``hard_label_alpha`` mixes ``α·CE(labels) + (1−α)·KD``. Rows with ``labels == ignore_index``
+    or ``mask`` false are ignored; ``reduction="batchmean"`` divides by the valid rows (or
+    ``num_items``). Returns an fp32 scalar (``[lead]`` for ``"none"``). Exact semantics:
+    docs/kd_ops.md.
+
+    Example::
+
+        loss = kd_loss(student(x).logits, teacher_logits, divergence="jsd", beta=0.5, temperature=2.0,
+                       t2_scale=True, labels=labels)
+    """
+    if teacher_topk is not None:
+        raise NotImplementedError("teacher_topk: top-k teacher distillation is not implemented yet")
+    s = student_logits
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"student_logits: expected a tensor, got {type(s).__name__}")
+    if s.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"student_logits: expected a floating dtype, got {s.dtype}")
+    if s.dim() < 2:
+        raise ValueError(f"student_logits: expected shape [N, V] or [B, T, V], got {tuple(s.shape)}")
+    if teacher_logits is None:
+        raise ValueError("teacher_logits: required (dense teacher logits; top-k teachers are not implemented yet)")
+    t = teacher_logits
+    if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"teacher_logits: expected a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if t.device != s.device:
+        raise ValueError(f"teacher_logits: expected device {s.device} (the device of student_logits), got {t.device}")
+    if t.shape[:-1] != s.shape[:-1]:
+        raise ValueError(f"teacher_logits: expected leading dims {tuple(s.shape[:-1])} (those of student_logits), "
+                         f"got {tuple(t.shape[:-1])}")
+    check_choice("divergence", divergence, tuple(DIVERGENCES))
+    check_choice("reduction", reduction, tuple(REDUCTIONS))
+    if accum_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"accum_dtype: expected torch.float32 or torch.float64, got {accum_dtype}")
+    for name, v, lo, hi in (("beta", beta, 0.0, 1.0), ("skew", skew, 0.0, 1.0),
+                            ("hard_label_alpha", hard_label_alpha, 0.0, 1.0)):
+        if not lo <= float(v) <= hi:
+            raise ValueError(f"{name}: expected a value in [{lo}, {hi}], got {v}")
+    for name, v in (("temperature", temperature), ("teacher_temperature", teacher_temperature),
+                    ("softcap", softcap), ("logit_scale", logit_scale)):
+        if v is not None and not float(v) > 0:
+            raise ValueError(f"{name}: expected a positive number, got {v}")
+    lead, V, Vt = s.shape[:-1], s.shape[-1], t.shape[-1]
+    N = s.numel() // V if V else int(torch.Size(lead).numel())
+    div = DIVERGENCES[divergence]
+    if div == 2 and beta in (0.0, 1.0):  # the TRL/Liger convention: JSD's endpoints are the KLs
+        div = 0 if beta == 0.0 else 1
+    if div == 1 and Vt < V:
+        raise ValueError(f"teacher_logits: vocabulary {Vt} < the student's {V}: reverse KL is infinite where the "
+                         "student has mass and the teacher none; slice the student logits or use 'jsd'/'srkl'")
+    labels2 = _rows("labels", labels, lead, N, s.device, dtypes=(torch.int64, torch.int32), kind="int64 / int32 labels")
+    if hard_label_alpha > 0 and labels2 is None:
+        raise ValueError("labels: required when hard_label_alpha > 0 (the cross-entropy term)")
+    if labels2 is not None and labels2.device.type == "cpu" and labels2.numel():
+        bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= V))
+        if bool(bad.any()):  # free on the CPU; on a GPU an out-of-range label makes its row's CE NaN
+            raise ValueError(f"labels: values must be in [0, {V}) or ignore_index={ignore_index}, "
+                             f"got {labels2[bad][:4].tolist()}")
+    mask2 = _rows("mask", mask, lead, N, s.device, dtypes=(torch.bool,), kind="a bool mask")
+    w2 = _rows("weights", weights, lead, N, s.device, dtypes=_FLOAT_DTYPES, kind="a floating dtype")
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            if num_items.device.type != "cpu" or num_items.numel() != 1:
+                raise TypeError("num_items: expected an int (a CUDA tensor would need a host synchronisation)")
+            num_items = num_items.item()
+        if not float(num_items) > 0:
+            raise ValueError(f"num_items: expected > 0, got {num_items}")
+    T = float(temperature)
+    p = KDPlan(div=div, red=REDUCTIONS[reduction], fp64=accum_dtype == torch.float64, ignore_index=int(ignore_index),
+               beta=float(beta), skew=float(skew), temperature=T,
+               teacher_temperature=float(teacher_temperature) if teacher_temperature is not None else T,
+               t2=T * T if t2_scale else 1.0, alpha=float(hard_label_alpha),
+               num_items=float(num_items) if num_items is not None else 0.0,
+               softcap=float(softcap) if softcap is not None else 0.0,
+               logit_scale=float(logit_scale) if logit_scale is not None else 1.0)
+    s2 = s.reshape(N, V)
+    t2 = t.reshape(N, Vt)
+    if s2.stride(-1) != 1:
+        s2 = s2.contiguous()
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    mask_u8 = mask2.view(torch.uint8) if mask2 is not None else None
+    backend = select_backend("kd_loss", s)
+    if torch.compiler.is_compiling():
+        ip, fp = p.pack()
+        out, _, _ = _kd_fwd_op(s2, t2, labels2, mask_u8, w2, ip, fp, backend)
+    else:
+        out = _KDFunction.apply(p, backend, bool(inplace_grad), s2, t2, labels2, mask_u8, w2)
+    return out.view(lead) if p.red == 3 else out

@@ -1,0 +1,169 @@
+"""Pure-PyTorch backend of ``kd_loss`` (any device; the CPU product path). docs/kd_ops.md.
+
+Same contract as ``fastdistill.kernels.kd_softmax.kd_fwd / kd_bwd``: rows are processed in
+chunks of at most ``CHUNK_ELEMS`` logits, so no temporary is larger than a chunk besides the
+gradient itself. Statistics are kept per row in the plan's accumulation dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
+NSTATE = 8  # lse_s, lse_t, lse_s1 (untempered), D, S = Σ q·g, contrib, ce, valid
+CHUNK_ELEMS = 1 << 22
+
+
+def _chunks(N: int, V: int):
+    step = max(1, CHUNK_ELEMS // max(V, 1))
+    for r0 in range(0, N, step):
+        yield slice(r0, min(N, r0 + step))
+
+
+def transform(p, z: torch.Tensor) -> torch.Tensor:
+    """logit_scale, then softcap (both models)."""
+    if p.logit_scale != 1.0:
+        z = z * p.logit_scale
+    if p.softcap > 0:
+        z = p.softcap * torch.tanh(z / p.softcap)
+    return z
+
+
+def _teacher(p, t, sl, V, acc):
+    """Teacher logits of rows ``sl`` on the student's V columns (sliced, or −inf padded)."""
+    zt = transform(p, t[sl, :V].to(acc))
+    if zt.shape[1] < V:
+        zt = torch.cat([zt, zt.new_full((zt.shape[0], V - zt.shape[1]), float("-inf"))], 1)
+    return zt
+
+
+def _xlogy(w, a):
+    """w·a with 0 where w == 0 (0·log 0 = 0, 0·(−inf) = 0)."""
+    return torch.where(w > 0, w * a, torch.zeros_like(a))
+
+
+def _logmix(a, la, b, lb):
+    """log(a·e^la + b·e^lb) for weights a, b ≥ 0, in log space."""
+    terms = []
+    if a > 0:
+        terms.append(la + math.log(a))
+    if b > 0:
+        terms.append(lb + math.log(b))
+    return torch.logaddexp(*terms) if len(terms) == 2 else terms[0]
+
+
+def _row_div(p, lq, lp):
+    """(D, g) per element for the 3-pass divergences, from log q and log p."""
+    q, pp = lq.exp(), lp.exp()
+    if p.div == DIV_JSD:
+        lm = _logmix(p.beta, lp, 1 - p.beta, lq)
+        D = p.beta * _xlogy(pp, lp - lm).sum(1) + (1 - p.beta) * _xlogy(q, lq - lm).sum(1)
+        g = (1 - p.beta) * torch.where(q > 0, lq - lm, torch.zeros_like(lq))
+    elif p.div == DIV_SKL:
+        lm = _logmix(p.skew, lp, 1 - p.skew, lq)
+        D = _xlogy(pp, lp - lm).sum(1)
+        g = -(1 - p.skew) * torch.where(pp > 0, torch.exp(lp - lm), torch.zeros_like(lp))
+    elif p.div == DIV_SRKL:
+        lm = _logmix(1 - p.skew, lp, p.skew, lq)
+        D = _xlogy(q, lq - lm).sum(1)
+        g = torch.where(q > 0, (lq - lm) + 1 - p.skew * torch.exp(lq - lm), torch.zeros_like(lq))
+    else:  # TVD
+        D = 0.5 * (pp - q).abs().sum(1)
+        g = 0.5 * torch.sign(q - pp)
+    return D, g
+
+
+def kd_fwd(p, s, t, labels, mask, weights):
+    N, V = s.shape
+    acc = p.accum_dtype
+    st = torch.zeros(N, NSTATE, dtype=acc, device=s.device)
+    for sl in _chunks(N, V):
+        z = transform(p, s[sl].to(acc))
+        zt = _teacher(p, t, sl, V, acc)
+        us, ut = z / p.temperature, zt / p.teacher_temperature
+        lse_s, lse_t = torch.logsumexp(us, 1), torch.logsumexp(ut, 1)
+        lq, lp = us - lse_s[:, None], ut - lse_t[:, None]
+        if p.div == DIV_FKL:
+            D, S = _xlogy(lp.exp(), lp - lq).sum(1), torch.zeros_like(lse_s)
+        elif p.div == DIV_RKL:
+            D, S = _xlogy(lq.exp(), lq - lp).sum(1), torch.zeros_like(lse_s)
+        else:
+            D, g = _row_div(p, lq, lp)
+            S = (lq.exp() * g).sum(1)
+        ok = torch.isfinite(lse_s) & torch.isfinite(lse_t)
+        if labels is not None:
+            ok &= labels[sl] != p.ignore_index
+        if mask is not None:
+            ok &= mask[sl] != 0
+        lse1 = torch.logsumexp(z, 1)
+        ce = torch.zeros_like(lse1)
+        if labels is not None and p.alpha > 0:
+            lab = labels[sl]
+            good = (lab >= 0) & (lab < V)
+            zl = z.gather(1, lab.clamp(0, V - 1)[:, None])[:, 0]
+            ce = torch.where(good, lse1 - zl, torch.full_like(lse1, float("nan")))
+        D = D.clamp_min(0)
+        loss = (1 - p.alpha) * p.t2 * D + p.alpha * ce
+        if weights is not None:
+            loss = loss * weights[sl].to(acc)
+        contrib = torch.where(ok, loss, torch.zeros_like(loss))
+        st[sl] = torch.stack([lse_s, lse_t, lse1, D, S, contrib, ce, ok.to(acc)], 1)
+    return _reduce(p, st, N, V)
+
+
+def _reduce(p, st, N, V):
+    valid, contrib = st[:, 7], st[:, 5]
+    n = torch.full((), float(p.num_items), dtype=st.dtype, device=st.device) if p.num_items > 0 else valid.sum()
+    if p.red == 0:  # batchmean
+        factor = torch.where(n > 0, 1.0 / n.clamp_min(1e-30), torch.zeros_like(n))
+    elif p.red == 2:  # mean
+        factor = torch.where(n > 0, 1.0 / (n.clamp_min(1e-30) * V), torch.zeros_like(n))
+    else:
+        factor = torch.ones_like(n)
+    loss = (contrib.sum() * factor).reshape(1)
+    return loss, contrib, st, factor.reshape(1)
+
+
+def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
+    """Gradient w.r.t. the raw student logits, written into ``out`` (may alias ``s``)."""
+    N, V = s.shape
+    acc = p.accum_dtype
+    go = grad_out.to(acc)
+    for sl in _chunks(N, V):
+        z_raw = s[sl].to(acc)
+        z = transform(p, z_raw)
+        us = z / p.temperature
+        row = st[sl]
+        lq = us - row[:, 0:1]
+        q = lq.exp()
+        if p.div == DIV_FKL:
+            zt = _teacher(p, t, sl, V, acc)
+            du = q - (zt / p.teacher_temperature - row[:, 1:2]).exp()
+        elif p.div == DIV_RKL:
+            zt = _teacher(p, t, sl, V, acc)
+            lp = zt / p.teacher_temperature - row[:, 1:2]
+            du = torch.where(q > 0, q * (lq - lp - row[:, 3:4]), torch.zeros_like(q))
+        else:
+            zt = _teacher(p, t, sl, V, acc)
+            _, g = _row_div(p, lq, zt / p.teacher_temperature - row[:, 1:2])
+            du = q * (g - row[:, 4:5])
+        gz = (1 - p.alpha) * p.t2 / p.temperature * du
+        if labels is not None and p.alpha > 0:
+            q1 = (z - row[:, 2:3]).exp()
+            onehot = torch.zeros_like(q1)
+            lab = labels[sl]
+            onehot.scatter_(1, lab.clamp(0, V - 1)[:, None], 1.0)
+            gz = gz + p.alpha * (q1 - onehot)
+        if weights is not None:
+            gz = gz * weights[sl].to(acc)[:, None]
+        rowf = row[:, 7:8] * factor.to(acc) * (go[sl][:, None] if go.numel() > 1 else go)
+        gz = torch.where(row[:, 7:8] > 0, gz * rowf, torch.zeros_like(gz))
+        if p.softcap > 0:
+            th = z / p.softcap
+            gz = gz * (1 - th * th)
+        if p.logit_scale != 1.0:
+            gz = gz * p.logit_scale
+        out[sl] = gz.to(out.dtype)
+    return out

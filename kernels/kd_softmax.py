@@ -1,0 +1,372 @@
+"""Triton kernels of ``kd_loss`` (docs/kd_ops.md): one program per row, the vocabulary streamed
+in blocks of BLOCK_V with online max / sum-exp for student and teacher together.
+
+  _kd_stats_kernel   pass 1: lse of both models (and the untempered student lse for CE), the
+                     label logit, and for fkl / rkl the divergence itself through the rescaled
+                     running sums Σ e^{u_t − m_t}(u_t − u_s) (fkl) or Σ e^{u_s − m_s}(u_s − u_t) (rkl):
+                     Σ p (log p − log q) = A/l_t + lse_s − lse_t.
+  _kd_div_kernel     pass 2 (jsd / skl / srkl / tvd): with both lse known, the divergence and the
+                     row sum S = Σ q·g that the softmax Jacobian of their gradient needs.
+  _kd_reduce_kernel  one program: the valid-row count and the reduced loss (fixed order).
+  _kd_grad_kernel    backward: the gradient w.r.t. the raw student logits, written directly
+                     (into the logits buffer itself when inplace_grad).
+Per-row state (fp32, [N, 8]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import triton
+import triton.language as tl
+
+DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
+NSTATE = 8
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _tanh(x):
+    # odd series near 0 (no cancellation), (1 − e^{−2|x|})/(1 + e^{−2|x|}) elsewhere
+    ax = tl.abs(x)
+    x2 = x * x
+    # Taylor series through x^11: relative error < 1e-15 for |x| < 0.1
+    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (
+        62.0 / 2835.0 + x2 * (-1382.0 / 155925.0))))))
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(ax < 0.1, small, big)
+
+
+@triton.jit
+def _logits(ptr, cols, cm, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+            ACC: tl.constexpr):
+    z = tl.load(ptr + cols, mask=cm, other=0.0).to(ACC)
+    if HAS_SCALE:
+        z = z * logit_scale
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return tl.where(cm, z, float("-inf"))
+
+
+@triton.jit
+def _params(prm_ptr):
+    """The float parameters, from a small tensor in the accumulation dtype (kernel float arguments
+    would be fp32, too coarse for the fp64 parity mode)."""
+    return (tl.load(prm_ptr + 0), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2), tl.load(prm_ptr + 3),
+            tl.load(prm_ptr + 4), tl.load(prm_ptr + 5), tl.load(prm_ptr + 6), tl.load(prm_ptr + 7))
+
+
+@triton.jit
+def _safe(m):
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _row_valid(row, lab_ptr, mask_ptr, ignore_index, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr):
+    ok = row >= 0
+    if HAS_LABELS:
+        ok = ok & (tl.load(lab_ptr + row) != ignore_index)
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_ptr + row) != 0)
+    return ok
+
+
+@triton.jit
+def _logmix(a, la, b, lb):
+    """log(a·e^la + b·e^lb) (a, b ≥ 0)."""
+    mx = _safe(tl.maximum(la, lb))
+    return mx + tl.log(a * tl.exp(la - mx) + b * tl.exp(lb - mx))
+
+
+@triton.jit
+def _div_terms(lq, lp, beta, skew, DIV: tl.constexpr):
+    """Per-element divergence contribution and g (∂D/∂q) of the 3-pass divergences."""
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if DIV == 2:  # JSD(β), M = βP + (1−β)Q
+        lm = _logmix(beta, lp, 1.0 - beta, lq)
+        d = beta * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - beta) * tl.where(q > 0, q * (lq - lm), 0.0)
+        g = (1.0 - beta) * tl.where(q > 0, lq - lm, 0.0)
+    elif DIV == 3:  # skew KL: KL(P ‖ λP + (1−λ)Q)
+        lm = _logmix(skew, lp, 1.0 - skew, lq)
+        d = tl.where(p > 0, p * (lp - lm), 0.0)
+        g = -(1.0 - skew) * tl.where(p > 0, tl.exp(lp - lm), 0.0)
+    elif DIV == 4:  # skew reverse KL: KL(Q ‖ (1−λ)P + λQ)
+        lm = _logmix(1.0 - skew, lp, skew, lq)
+        d = tl.where(q > 0, q * (lq - lm), 0.0)
+        g = tl.where(q > 0, (lq - lm) + 1.0 - skew * tl.exp(lq - lm), 0.0)
+    else:  # TVD
+        d = 0.5 * tl.abs(p - q)
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    return d, g, q
+
+
+@triton.jit
+def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stride,
+                     ignore_index,
+                     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
+                     CE: tl.constexpr, CE_SEP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0)
+    inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
+    s_row = s_ptr + row.to(tl.int64) * s_stride
+    t_row = t_ptr + row.to(tl.int64) * t_stride
+    Vs = tl.minimum(V, Vt)
+    ar = tl.arange(0, BLOCK_V)
+    zero = tl.zeros([1], ACC).sum(0)
+    m_s = zero + float("-inf")
+    m_t = zero + float("-inf")
+    m_1 = zero + float("-inf")
+    l_s = zero
+    l_t = zero
+    l_1 = zero
+    acc = zero
+    zl = zero
+    label = 0
+    if HAS_LABELS:
+        label = tl.load(lab_ptr + row).to(tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + ar
+        z = _logits(s_row, cols, cols < V, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        us = z * inv_T
+        ut = zt * inv_Tt
+        ms_new = tl.maximum(m_s, tl.max(us, 0))
+        mt_new = tl.maximum(m_t, tl.max(ut, 0))
+        es = tl.exp(us - _safe(ms_new))
+        et = tl.exp(ut - _safe(mt_new))
+        rs = tl.exp(m_s - _safe(ms_new))
+        rt = tl.exp(m_t - _safe(mt_new))
+        l_s = l_s * rs + tl.sum(es, 0)
+        l_t = l_t * rt + tl.sum(et, 0)
+        if DIV == 0:
+            acc = acc * rt + tl.sum(tl.where(et > 0, et * (ut - us), 0.0), 0)
+        elif DIV == 1:
+            acc = acc * rs + tl.sum(tl.where(es > 0, es * (us - ut), 0.0), 0)
+        if CE_SEP:
+            m1_new = tl.maximum(m_1, tl.max(z, 0))
+            l_1 = l_1 * tl.exp(m_1 - _safe(m1_new)) + tl.sum(tl.exp(z - _safe(m1_new)), 0)
+            m_1 = m1_new
+        if CE:
+            zl += tl.sum(tl.where(cols == label, z, 0.0), 0)
+        m_s = ms_new
+        m_t = mt_new
+    lse_s = m_s + tl.log(l_s)
+    lse_t = m_t + tl.log(l_t)
+    if CE_SEP:
+        lse_1 = m_1 + tl.log(l_1)
+    else:
+        lse_1 = lse_s
+    ok = _row_valid(row, lab_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
+    ok = ok & (tl.abs(lse_s) < float("inf")) & (tl.abs(lse_t) < float("inf"))
+    ce = zero
+    if CE:
+        ce = tl.where((label >= 0) & (label < V), lse_1 - zl, float("nan"))
+    D = zero
+    if DIV == 0:
+        D = tl.maximum(acc / l_t + lse_s - lse_t, 0.0)
+    elif DIV == 1:
+        D = tl.maximum(acc / l_s + lse_t - lse_s, 0.0)
+    loss = (1.0 - alpha) * t2 * D + alpha * ce
+    if HAS_W:
+        loss = loss * tl.load(w_ptr + row).to(ACC)
+    st = st_ptr + row * 8
+    tl.store(st + 0, lse_s)
+    tl.store(st + 1, lse_t)
+    tl.store(st + 2, lse_1)
+    tl.store(st + 3, D)
+    tl.store(st + 4, zero)
+    tl.store(st + 5, tl.where(ok, loss, 0.0))
+    tl.store(st + 6, ce)
+    tl.store(st + 7, ok.to(ACC))
+
+
+@triton.jit
+def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stride,
+                   DIV: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0)
+    inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
+    s_row = s_ptr + row.to(tl.int64) * s_stride
+    t_row = t_ptr + row.to(tl.int64) * t_stride
+    st = st_ptr + row * 8
+    lse_s = tl.load(st + 0)
+    lse_t = tl.load(st + 1)
+    Vs = tl.minimum(V, Vt)
+    ar = tl.arange(0, BLOCK_V)
+    dsum = tl.zeros([BLOCK_V], ACC)
+    ssum = tl.zeros([BLOCK_V], ACC)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + ar
+        z = _logits(s_row, cols, cols < V, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        d, g, q = _div_terms(z * inv_T - lse_s, zt * inv_Tt - lse_t, beta, skew, DIV)
+        dsum += tl.where(cols < V, d, 0.0)
+        ssum += tl.where(cols < V, q * g, 0.0)
+    D = tl.maximum(tl.sum(dsum, 0), 0.0)
+    ok = tl.load(st + 7) > 0
+    loss = (1.0 - alpha) * t2 * D + alpha * tl.load(st + 6)
+    if HAS_W:
+        loss = loss * tl.load(w_ptr + row).to(ACC)
+    tl.store(st + 3, D)
+    tl.store(st + 4, tl.sum(ssum, 0))
+    tl.store(st + 5, tl.where(ok, loss, 0.0))
+
+
+@triton.jit
+def _kd_reduce_kernel(st_ptr, loss_ptr, factor_ptr, N, V, num_items, RED: tl.constexpr, BLOCK_R: tl.constexpr,
+                      ACC: tl.constexpr):
+    ar = tl.arange(0, BLOCK_R)
+    cs = tl.zeros([BLOCK_R], ACC)
+    vs = tl.zeros([BLOCK_R], ACC)
+    for r0 in range(0, N, BLOCK_R):
+        rows = r0 + ar
+        rm = rows < N
+        cs += tl.load(st_ptr + rows * 8 + 5, mask=rm, other=0.0)
+        vs += tl.load(st_ptr + rows * 8 + 7, mask=rm, other=0.0)
+    n = tl.sum(vs, 0)
+    if num_items > 0:
+        n = n * 0.0 + num_items
+    if RED == 0:
+        factor = tl.where(n > 0, 1.0 / tl.where(n > 0, n, 1.0), 0.0)
+    elif RED == 2:
+        factor = tl.where(n > 0, 1.0 / (tl.where(n > 0, n, 1.0) * V), 0.0)
+    else:
+        factor = n * 0.0 + 1.0
+    tl.store(loss_ptr, tl.sum(cs, 0) * factor)
+    tl.store(factor_ptr, factor)
+
+
+@triton.jit
+def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, go_ptr, go_stride, out_ptr, V, Vt,
+                    s_stride, t_stride, o_stride,
+                    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_W: tl.constexpr, CE: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0)
+    inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
+    s_row = s_ptr + row.to(tl.int64) * s_stride
+    t_row = t_ptr + row.to(tl.int64) * t_stride
+    o_row = out_ptr + row.to(tl.int64) * o_stride
+    st = st_ptr + row * 8
+    lse_s = tl.load(st + 0)
+    lse_t = tl.load(st + 1)
+    lse_1 = tl.load(st + 2)
+    D = tl.load(st + 3)
+    S = tl.load(st + 4)
+    ok = tl.load(st + 7) > 0
+    coeff = tl.load(factor_ptr).to(ACC) * tl.load(go_ptr + row * go_stride).to(ACC)
+    if HAS_W:
+        coeff = coeff * tl.load(w_ptr + row).to(ACC)
+    label = 0
+    if HAS_LABELS:
+        label = tl.load(lab_ptr + row).to(tl.int32)
+    kd_scale = (1.0 - alpha) * t2 * inv_T
+    Vs = tl.minimum(V, Vt)
+    ar = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + ar
+        cm = cols < V
+        z = _logits(s_row, cols, cm, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        lq = z * inv_T - lse_s
+        lp = zt * inv_Tt - lse_t
+        if DIV == 0:
+            du = tl.exp(lq) - tl.exp(lp)
+        elif DIV == 1:
+            q = tl.exp(lq)
+            du = tl.where(q > 0, q * (lq - lp - D), 0.0)
+        else:
+            _, g, q = _div_terms(lq, lp, beta, skew, DIV)
+            du = q * (g - S)
+        gz = kd_scale * du
+        if CE:
+            gz += alpha * (tl.exp(z - lse_1) - tl.where(cols == label, 1.0, 0.0))
+        gz = gz * coeff
+        if HAS_SOFTCAP:
+            th = z / softcap
+            gz = gz * (1.0 - th * th)
+        if HAS_SCALE:
+            gz = gz * logit_scale
+        gz = tl.where(ok, gz, 0.0)
+        tl.store(o_row + cols, gz.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+# ----------------------------------------------------------------------------- launchers
+_TL_ACC = {"float32": tl.float32, "float64": tl.float64}
+
+
+def _cfg(V: int) -> tuple[int, int]:
+    block = min(MAX_BLOCK_V, max(128, triton.next_power_of_2(V)))
+    return block, (8 if block >= 2048 else 4)
+
+
+def params(p, device, dtype):
+    """[inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew] as a cached device tensor."""
+    vals = (1.0 / p.temperature, 1.0 / p.teacher_temperature, p.alpha, p.t2, p.logit_scale,
+            p.softcap if p.softcap > 0 else 1.0, p.beta, p.skew)
+    return _const(vals, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(vals, device, dtype):
+    import torch
+
+    return torch.tensor(vals, dtype=dtype, device=device)
+
+
+def _const(vals, device, dtype):
+    import torch
+
+    if torch.compiler.is_compiling():
+        return torch.tensor(vals, dtype=dtype, device=device)
+    return _cached(vals, device, dtype)
+
+
+def kd_fwd(p, s, t, labels, mask, weights):
+    """(loss [1], contrib [N], state [N, 8], factor [1]) — see fastdistill.reference.kd_softmax."""
+    import torch
+
+    N, V = s.shape
+    Vt = t.shape[1]
+    acc = p.accum_dtype
+    ACC = _TL_ACC[str(acc).removeprefix("torch.")]
+    st = torch.empty((N, NSTATE), dtype=acc, device=s.device)
+    loss = torch.empty((1,), dtype=acc, device=s.device)
+    factor = torch.empty((1,), dtype=acc, device=s.device)
+    BLOCK_V, nw = _cfg(V)
+    flags = dict(HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, BLOCK_V=BLOCK_V, ACC=ACC, num_warps=nw)
+    ce = labels is not None and p.alpha > 0
+    dummy = st
+    prm = params(p, s.device, acc)
+    _kd_stats_kernel[(N,)](
+        s, t, labels if labels is not None else dummy, mask if mask is not None else dummy,
+        weights if weights is not None else dummy, st, prm, V, Vt, s.stride(0), t.stride(0),
+        ignore_index=p.ignore_index, DIV=p.div if p.div <= DIV_RKL else 99, HAS_LABELS=labels is not None,
+        HAS_MASK=mask is not None, HAS_W=weights is not None, CE=ce, CE_SEP=ce and p.temperature != 1.0,
+        **flags,
+    )
+    if p.div > DIV_RKL:
+        _kd_div_kernel[(N,)](
+            s, t, weights if weights is not None else dummy, st, prm, V, Vt, s.stride(0), t.stride(0),
+            DIV=p.div, HAS_W=weights is not None, **flags,
+        )
+    _kd_reduce_kernel[(1,)](st, loss, factor, N, V, float(p.num_items), RED=p.red, BLOCK_R=1024, ACC=ACC,
+                            num_warps=4)
+    return loss, st[:, 5], st, factor
+
+
+def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
+    N, V = s.shape
+    ACC = _TL_ACC[str(p.accum_dtype).removeprefix("torch.")]
+    BLOCK_V, nw = _cfg(V)
+    ce = labels is not None and p.alpha > 0
+    _kd_grad_kernel[(N,)](
+        s, t, labels if labels is not None else st, weights if weights is not None else st, st,
+        params(p, s.device, p.accum_dtype), factor,
+        grad_out, 1 if grad_out.numel() > 1 else 0, out, V, t.shape[1], s.stride(0), t.stride(0), out.stride(0),
+        DIV=p.div, HAS_LABELS=labels is not None, HAS_W=weights is not None, CE=ce,
+        HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, BLOCK_V=BLOCK_V, ACC=ACC, num_warps=nw,
+    )
+    return out
