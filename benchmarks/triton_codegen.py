@@ -22,6 +22,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fastdistill.kernels import kd_softmax as KD
 from fastdistill.kernels import score as S
 
 FMAX = {"fp32": 3.4028234663852886e38, "bf16": 3.3895313892515355e38, "fp16": 65504.0}  # torch.finfo(...).max
@@ -66,6 +67,29 @@ def score_configs(quick: bool = False):
         yield f"final op={op}", S._score_finalize_kernel, sig, ce, 4
 
 
+def kd_configs(quick: bool = False):
+    """The kd_loss kernels at the largest vocabulary block, every flag on (worst case)."""
+    block, nw = KD._cfg(1 << 17)
+    for dt in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
+        common = {"s_ptr": f"*{dt}", "t_ptr": f"*{dt}"}
+        flags = {"HAS_SCALE": True, "HAS_SOFTCAP": True, "BLOCK_V": block, "ACC": tl.float32}
+        for div in (KD.DIV_FKL, KD.DIV_RKL, 99):
+            sig = dict(common, lab_ptr="*i64", mask_ptr="*u8", w_ptr="*fp32", st_ptr="*fp32", prm_ptr="*fp32",
+                       V="i32", Vt="i32", s_stride="i64", t_stride="i64", ignore_index="i32")
+            ce = dict(flags, DIV=div, HAS_LABELS=True, HAS_MASK=True, HAS_W=True, CE=True, CE_SEP=True)
+            yield f"kd stats div={div} {dt}", KD._kd_stats_kernel, sig, ce, nw
+        for div in range(KD.DIV_JSD, KD.DIV_TVD + 1):
+            sig = dict(common, w_ptr="*fp32", st_ptr="*fp32", prm_ptr="*fp32", V="i32", Vt="i32", s_stride="i64",
+                       t_stride="i64")
+            yield f"kd div   div={div} {dt}", KD._kd_div_kernel, sig, dict(flags, DIV=div, HAS_W=True), nw
+        for div in range(KD.DIV_FKL, KD.DIV_TVD + 1):
+            sig = dict(common, lab_ptr="*i64", w_ptr="*fp32", st_ptr="*fp32", prm_ptr="*fp32", factor_ptr="*fp32",
+                       go_ptr="*fp32", go_stride="i32", out_ptr=f"*{dt}", V="i32", Vt="i32", s_stride="i64",
+                       t_stride="i64", o_stride="i64")
+            ce = dict(flags, DIV=div, HAS_LABELS=True, HAS_W=True, CE=True)
+            yield f"kd grad  div={div} {dt}", KD._kd_grad_kernel, sig, ce, nw
+
+
 def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90) -> dict:
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
@@ -98,7 +122,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     bad = 0
     print(f"{'kernel':34s} {'regs':>5s} {'spill st/ld':>12s} {'stack':>6s} {'smem':>6s}")
-    for name, kern, sig, ce, nw in score_configs(a.quick):
+    for name, kern, sig, ce, nw in [*score_configs(a.quick), *kd_configs(a.quick)]:
         r = compile_report(kern, sig, ce, nw, a.arch)
         flag = "  SPILLS" if r["spill_stores"] or r["spill_loads"] else ""
         bad += bool(flag)

@@ -22,7 +22,7 @@ import triton.language as tl
 
 DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
 NSTATE = 8
-MAX_BLOCK_V = 4096
+MAX_BLOCK_V = 2048
 
 
 @triton.jit
@@ -299,7 +299,7 @@ _TL_ACC = {"float32": tl.float32, "float64": tl.float64}
 
 def _cfg(V: int) -> tuple[int, int]:
     block = min(MAX_BLOCK_V, max(128, triton.next_power_of_2(V)))
-    return block, (8 if block >= 2048 else 4)
+    return block, max(4, block // 256)  # 8 elements per thread: one 16-byte load of bf16 (see triton_codegen.py)
 
 
 def params(p, device, dtype):
