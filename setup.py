@@ -14,6 +14,7 @@ so that setup.py sees the installed torch (an isolated build would not).
 
 import os
 import re
+import shutil
 import sys
 
 from setuptools import setup
@@ -26,18 +27,33 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _cuda_home():
+    """torch's CUDA_HOME; a CPU build of torch leaves that None, so then (for a forced build) the
+    toolkit from $CUDA_HOME / $CUDA_PATH, /usr/local/cuda, or nvcc on PATH."""
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is not None:
+        return cpp_extension.CUDA_HOME
+    nvcc = shutil.which("nvcc")
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                 os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and \
+                os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
+
+
 def _cuda_decision():
     if _flag("FASTDISTILL_SKIP_CUDA_BUILD"):
         return False, "FASTDISTILL_SKIP_CUDA_BUILD=1"
     force = _flag("FASTDISTILL_FORCE_CUDA_BUILD")
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME
     except Exception as exc:
         if force:
             raise RuntimeError(f"FASTDISTILL_FORCE_CUDA_BUILD=1 but torch is not importable: {exc}") from exc
         return False, "torch is not importable in the build environment (use --no-build-isolation)"
-    if CUDA_HOME is None:
+    if _cuda_home() is None:
         if force:
             raise RuntimeError("FASTDISTILL_FORCE_CUDA_BUILD=1 but no CUDA toolkit (nvcc / CUDA_HOME) was found")
         return False, "no CUDA toolkit found"
@@ -86,8 +102,10 @@ def _extensions():
     import pybind11
     import torch
     from setuptools import Extension
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension
 
+    CUDA_HOME = cpp_extension.CUDA_HOME = _cuda_home()  # BuildExtension finds nvcc through this global
     _max_jobs()
     gencode, arch_names = _arch_flags()
     macros = [("FD_EXT_ABI", str(EXT_ABI)), ("FD_CUDA_ARCHS", f'"{arch_names}"'),

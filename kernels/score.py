@@ -105,26 +105,33 @@ def _score_stats_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, part_ptr, M, 
                 psi = 0.5 * ph * ph
             s1 += m * psi
             s2 += m
-            s4 = tl.maximum(s4, m * tl.abs(ph))
+            s4 = tl.maximum(s4, m * tl.abs(ph), propagate_nan=tl.PropagateNan.ALL)
         elif OP == 1:  # SID: c1 = f_r, c2 = f_f, x = y
             e = c1 - x
             diff = c1 - c2
             s0 += tl.abs(e)
             s1 += m * diff * (e - alpha * diff)
             s2 += m
-            s4 = tl.maximum(s4, m * tl.maximum(tl.abs(e), tl.abs(diff)))
+            s4 = tl.maximum(s4, m * tl.maximum(tl.abs(e), tl.abs(diff)), propagate_nan=tl.PropagateNan.ALL)
         elif OP == 2:  # SCM: c1 = g
             s0 += c1 * c1
         else:  # DENOISE: c1 = d
             s0 += m * c1 * c1
             s2 += m
-            s4 = tl.maximum(s4, m * tl.abs(c1))
+            s4 = tl.maximum(s4, m * tl.abs(c1), propagate_nan=tl.PropagateNan.ALL)
     out = part_ptr + (b * NB + blk) * 5
     tl.store(out + 0, tl.sum(s0, 0))
     tl.store(out + 1, tl.sum(s1, 0))
     tl.store(out + 2, tl.sum(s2, 0))
     tl.store(out + 3, tl.sum(s3, 0).to(ACC))
-    tl.store(out + 4, tl.max(s4, 0))
+    tl.store(out + 4, _nanmax(s4))
+
+
+@triton.jit
+def _nanmax(v):
+    """Max of a 1-D block, +inf if any element is NaN (tl.max drops NaN; s4 only feeds the
+    finite-gradient test, for which inf and NaN mean the same)."""
+    return tl.max(tl.where(v != v, float("inf"), v), 0)
 
 
 @triton.jit
@@ -154,7 +161,7 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
         v1 = tl.sum(tl.load(p + 1, mask=bm, other=0.0), 0)
         v2 = tl.sum(tl.load(p + 2, mask=bm, other=0.0), 0)
         v3 = tl.sum(tl.load(p + 3, mask=bm, other=0.0), 0)
-        v4 = tl.max(tl.load(p + 4, mask=bm, other=0.0), 0)
+        v4 = _nanmax(tl.load(p + 4, mask=bm, other=0.0))
         q = sums_ptr + b * 5
         tl.store(q + 0, v0)
         tl.store(q + 1, v1)

@@ -253,3 +253,28 @@ def test_constant_coefficient_cache_is_not_mutated(use):
     call(torch.tensor([[3.0, 4.0], [1.0, 2.0]], dtype=F64))
     assert torch.equal(call(vec), first)
     assert torch.equal(call([0.5, -0.25]), before)
+
+
+@pytest.mark.parametrize("op", ["score", "scm", "denoise"])
+def test_terms_are_stop_gradient(use, op):
+    """Terms of score_distill / scm_tangent_loss / denoise_regression_loss are constants: a term
+    that requires grad receives none (never an uninitialised buffer)."""
+    x, (f, c), _ = make(2, (3, 8), 2)
+    f.requires_grad_()
+    if op == "score":
+        loss = fd.score_distill(x, [f, c], [1.0, -1.0], norm_coeffs=[0.0, 1.0])
+    elif op == "scm":
+        loss = fd.scm_tangent_loss(x, [f, c], [1.0, -1.0])
+    else:
+        loss = fd.denoise_regression_loss(x, [f, c], [1.0, -1.0])
+    loss.backward()
+    assert f.grad is None and x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_to_num_clamps_to_output_dtype(use):
+    """nan='to_num' clamps a finite fp32 gradient beyond the fp16 range to ±65504, not inf."""
+    x = torch.zeros(1, 4, dtype=torch.float16, requires_grad=True)
+    f = torch.tensor([[60000.0, -60000.0, 1.0, float("nan")]], dtype=torch.float16)
+    loss = fd.score_distill(x, [f], [4.0], norm=None, reduction="sum", nan="to_num")
+    loss.backward()
+    assert x.grad.tolist() == [[65504.0, -65504.0, 4.0, 0.0]]

@@ -295,7 +295,8 @@ class _ScoreFunction(torch.autograd.Function):
     def backward(ctx, g_out, _g_loss_i, _g_state):
         x2, coef, mask, state, *t2 = ctx.saved_tensors
         need_x = ctx.needs_input_grad[2]
-        need_terms = list(ctx.needs_input_grad[7:])
+        # terms are constants (stop-gradient) except in SiD, whose loss differentiates through them
+        need_terms = list(ctx.needs_input_grad[7:]) if ctx.p.op == OP_SID else [False] * len(t2)
         need_lv = ctx.needs_input_grad[6]
         if g_out is None:
             g_out = torch.zeros((), dtype=state.dtype, device=state.device)
@@ -355,7 +356,7 @@ def _setup_context(ctx, inputs, output):
     _, _, state = output
     ctx.save_for_backward(x, coef, mask, state, *terms)
     ctx.ip, ctx.fp, ctx.backend = ip, fp, backend
-    ctx.need_terms = [t.requires_grad for t in terms]
+    ctx.need_terms = [t.requires_grad and ip[0] == OP_SID for t in terms]
     ctx.need_x = x.requires_grad
     ctx.need_lv = logvar is not None and logvar.requires_grad
 

@@ -42,7 +42,9 @@ def _phi(p, d):
 
 
 def _nan_to_num(v, dtype):
-    return torch.nan_to_num(v, nan=0.0, posinf=torch.finfo(dtype).max, neginf=-torch.finfo(dtype).max)
+    """torch.nan_to_num in the output dtype: NaN → 0, and anything beyond its range → ±max."""
+    big = torch.finfo(dtype).max
+    return torch.nan_to_num(v, nan=0.0, posinf=big, neginf=-big).clamp(-big, big)
 
 
 def score_fwd(p, x, terms, coef, mask, weight, logvar):

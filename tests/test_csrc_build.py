@@ -1,0 +1,283 @@
+"""CPU checks of the CUDA sources in csrc/ (no GPU needed):
+
+1. csrc/score.cu compiles with nvcc for sm_90a with the extension build's macros, and ptxas
+   reports no register spills for any kernel.
+2. csrc/bindings.cpp compiles with the host compiler (pybind11 + the CUDA headers).
+3. The kernels themselves run on the CPU: score.cu and bindings.cpp are compiled by g++ against
+   a host emulation of the CUDA execution model (block threads as std::threads, __syncthreads as
+   a barrier, warp shuffles through a per-warp exchange; a 128-thread finalize block), the
+   emulated ``_C`` module stands in for the extension behind fastdistill.ops._score_cuda, and a
+   subset of the GPU tier's cases (tests/gpu/test_score_cuda.py) is compared against the
+   reference backend.
+4. The dispatcher's reasons for refusing the CUDA backend (mixed term dtypes, more than 8 terms).
+
+Each test is skipped with a reason when its toolchain (nvcc, g++ with C++20, the CUDA headers,
+pybind11) is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdistill
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+# what torch's BuildExtension adds to every nvcc command line of the real build
+BUILD_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                 "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+N_KERNELS = 2 * 4 * 3 * 2 + 1  # (stats, grad) x ops x dtypes x (vector, scalar) + finalize
+
+
+def _cuda_include() -> Path | None:
+    nvcc = shutil.which("nvcc")
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None]
+    for h in homes:
+        if h and (Path(h) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(h) / "include"
+    return None
+
+
+def _pybind11_include() -> str | None:
+    try:
+        import pybind11
+    except ImportError:
+        return None
+    return pybind11.get_include()
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- nvcc + ptxas
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_score_cu_compiles_without_spills(tmp_path):
+    cmd = ["nvcc", "-std=c++17", "-O3", "--use_fast_math", *BUILD_DEFINES,
+           "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v", "-c", str(CSRC / "score.cu"),
+           "-o", str(tmp_path / "score.o")]
+    r = _run(cmd, tmp_path)
+    report = r.stdout + r.stderr
+    assert r.returncode == 0, f"nvcc failed:\n{report[-4000:]}"
+    assert "warning" not in report.lower(), report[-4000:]
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'", report)
+    assert len(entries) == N_KERNELS, f"expected {N_KERNELS} kernels, ptxas compiled {len(entries)}"
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert len(spills) >= N_KERNELS, report[-4000:]
+    bad = [(name, s) for name, s in zip(entries, spills) if s != ("0", "0")]
+    assert not bad, f"register spills (stores, loads): {bad}"
+    stacks = [int(s) for s in re.findall(r"(\d+) bytes stack frame", report)]
+    assert not any(stacks), f"local-memory stack frames: {stacks}"
+
+
+# ----------------------------------------------------------------------------- bindings.cpp
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
+def test_bindings_compile(tmp_path):
+    inc, pyb = _cuda_include(), _pybind11_include()
+    if inc is None or pyb is None:
+        pytest.skip("needs the CUDA headers and pybind11")
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-DFD_EXT_ABI=1", f"-I{inc}", f"-I{pyb}",
+           f"-I{sysconfig.get_paths()['include']}", str(CSRC / "bindings.cpp")]
+    r = _run(cmd, tmp_path)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- host emulation
+EMULATION_HEADER = r"""
+// Host emulation of the CUDA execution model for csrc/score.cu (tests/test_csrc_build.py).
+#pragma once
+#define __shared__ static
+#define __launch_bounds__(...)
+#include <cuda_runtime_api.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <vector_functions.h>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+struct FdEmuIdx { unsigned x = 0, y = 0, z = 0; };
+inline thread_local FdEmuIdx threadIdx, blockIdx;
+inline FdEmuIdx blockDim, gridDim;
+struct FdEmuWarp { std::barrier<> bar{32}; unsigned long long buf[32]; };
+inline std::barrier<>* fd_emu_block_bar = nullptr;
+inline FdEmuWarp* fd_emu_warps = nullptr;
+
+inline void __syncthreads() { fd_emu_block_bar->arrive_and_wait(); }
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int o) {  // every lane of the warp takes part, as on the GPU
+  static_assert(sizeof(T) <= 8);
+  FdEmuWarp& w = fd_emu_warps[threadIdx.x >> 5];
+  const int lane = threadIdx.x & 31;
+  unsigned long long bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  w.buf[lane] = bits;
+  w.bar.arrive_and_wait();
+  bits = w.buf[lane ^ o];
+  w.bar.arrive_and_wait();
+  T r;
+  std::memcpy(&r, &bits, sizeof(T));
+  return r;
+}
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
+inline cudaError_t fd_emu_ok() { return cudaSuccess; }
+inline cudaError_t fd_emu_version(int* v) { *v = 0; return cudaSuccess; }
+inline const char* fd_emu_error(cudaError_t) { return "emulated"; }
+#define cudaGetLastError() fd_emu_ok()
+#define cudaRuntimeGetVersion fd_emu_version
+#define cudaGetErrorName fd_emu_error
+#define cudaGetErrorString fd_emu_error
+
+// kernel<<<grid, block>>>(args): block.x threads, each running every block of the grid in turn,
+// with a block barrier after each block (the __shared__ statics serve the next block).
+template <typename K, typename... Args>
+void fd_emu_launch(K kernel, dim3 grid, dim3 block, Args... args) {
+  const unsigned nt = block.x;
+  blockDim = {block.x, 1, 1};
+  gridDim = {grid.x, grid.y, 1};
+  std::barrier<> bar(nt);
+  std::vector<FdEmuWarp> warps(nt / 32);
+  fd_emu_block_bar = &bar;
+  fd_emu_warps = warps.data();
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < nt; ++t)
+    threads.emplace_back([&, t] {
+      threadIdx = {t, 0, 0};
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          blockIdx = {bx, by, 0};
+          kernel(args...);
+          bar.arrive_and_wait();
+        }
+    });
+  for (auto& t : threads) t.join();
+}
+#define FD_LAUNCH(kernel, grid, block, stream, ...) fd_emu_launch(kernel, grid, block, __VA_ARGS__)
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated_ext(tmp_path_factory):
+    gxx, inc, pyb = shutil.which("g++"), _cuda_include(), _pybind11_include()
+    if gxx is None or inc is None or pyb is None:
+        pytest.skip("the emulation needs g++, the CUDA headers and pybind11")
+    d = tmp_path_factory.mktemp("emu")
+    (d / "fd_emu.h").write_text(EMULATION_HEADER)
+    so = d / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    # FD_SCORE_FIN_THREADS: the finalize block is written in terms of blockDim; 128 emulated threads
+    # instead of 1024 make each case ~4x faster (a barrier wakes every thread on this CPU).
+    cmd = [gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(d / "fd_emu.h"),
+           "-DFD_EXT_ABI=1", "-DFD_SCORE_FIN_THREADS=128", f"-I{inc}", f"-I{pyb}",
+           f"-I{sysconfig.get_paths()['include']}",
+           "-x", "c++", str(CSRC / "score.cu"), "-x", "c++", str(CSRC / "bindings.cpp"), "-o", str(so)]
+    r = _run(cmd, d)
+    if r.returncode != 0 and "barrier" in r.stderr and "error" in r.stderr and "score.cu" not in r.stderr:
+        pytest.skip(f"the host compiler lacks C++20 <barrier>: {r.stderr[-500:]}")
+    assert r.returncode == 0, f"emulation build failed:\n{r.stderr[-4000:]}"
+    spec = importlib.util.spec_from_file_location("_C", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _load_gpu_cases():
+    path = ROOT / "tests" / "gpu" / "test_score_cuda.py"
+    spec = importlib.util.spec_from_file_location("_fd_score_cuda_cases", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+G = _load_gpu_cases()
+EMU_CASES = (G.cases(sizes=((3, (1,)), (2, (4, 32, 32)))) + G.cases(sizes=((2, (7,)),), dtypes=(torch.bfloat16,))
+             + [c for c in G.NAN_CASES if c.dtype != torch.float32]
+             + [c for c in G.EDGE_CASES if c.misaligned and c.dtype == torch.bfloat16]
+             + [G.Case("scm", torch.float16, 1100, (9,), kw=(("logvar", True), ("reduction", "none"))),
+                G.Case("denoise", torch.bfloat16, 1, (3 * 2**20 + 5,), per_sample=True, mask="rand")])
+
+
+@pytest.fixture
+def cuda_on_cpu(emulated_ext, monkeypatch):
+    """The "cuda" backend, on CPU tensors, through the emulated extension."""
+    from fastdistill import _backend
+    from fastdistill.ops import _score_cuda, _score_engine
+
+    class _Stream:
+        cuda_stream = 0
+
+    monkeypatch.setattr(_score_cuda, "_ext", lambda: emulated_ext)
+    monkeypatch.setattr(_score_cuda, "_require_cuda", lambda x: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: _Stream())
+    for name in _score_engine.OP_NAMES.values():
+        monkeypatch.setitem(_backend._REGISTRY[name], "cuda", lambda *a, **k: [])
+    return "cuda"
+
+
+def test_emulated_blocking_matches_triton(emulated_ext):
+    pytest.importorskip("triton")
+    from fastdistill.kernels import score as tk
+
+    for M in (1, 7, 1024, 1025, 4096, 2**20, 2**20 + 1, 2**21 + 3, 10**9):
+        assert tuple(emulated_ext.score_blocking(M)) == tk._blocking(M), M
+
+
+@pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: c.id)
+def test_emulated_kernels_match_reference(cuda_on_cpu, case):
+    got = G.run_case(case, "cuda", "cpu")
+    ref = G.run_case(case, "reference", "cpu")
+    G.compare(case, got, ref)
+
+
+def test_emulated_raise_policy(cuda_on_cpu):
+    case = G.Case("sid", torch.bfloat16, 3, (5, 8), kw=(("nan", "raise"),), inject="nan")
+    with pytest.raises(FloatingPointError, match=r"samples \[0, 1\]"):
+        G.run_case(case, "cuda", "cpu")
+
+
+def test_emulated_argument_errors(emulated_ext):
+    kw = dict(op=0, dtype=2, x=16, terms=[16], coef=16, coef_sb=0, mask=0, weight=0, logvar=0, part=16, sums=16,
+              state=16, loss_i=16, loss=16, B=1, M=8, use1=1, use2=0, phi_huber=False, norm_on_loss=False, norm=1,
+              red=0, sample_mean=False, rms=False, to_num=False, huber_c=1e-3, alpha=0.0, scale=1.0, clamp=0.0,
+              eps=0.0, c=0.0, stream=0)
+    for bad, match in ((dict(terms=[16] * 9), "at most 8 term tensors"), (dict(op=4), "op: expected"),
+                       (dict(dtype=3), "dtype: expected"), (dict(use1=2), "bitmasks name a term index"),
+                       (dict(x=0), "x: expected a device pointer"), (dict(red=7), "red: expected")):
+        with pytest.raises(ValueError, match=match):
+            emulated_ext.score_fwd(**{**kw, **bad})
+
+
+# ----------------------------------------------------------------------------- dispatcher
+def test_cuda_why_not_reasons():
+    """The dispatcher's reasons for the CUDA backend (checked without running it)."""
+    x = torch.zeros(2, 4, dtype=torch.bfloat16)
+    why = fastdistill.available_backends("score_distill", x, term_dtypes=(torch.bfloat16, torch.float32))["cuda"]
+    assert any("every term in x's dtype (bfloat16), got terms in float32" in r for r in why), why
+    why = fastdistill.available_backends("sid_loss", x, term_dtypes=(torch.bfloat16,) * 9)["cuda"]
+    assert any("at most 8 distinct term tensors, got 9" in r for r in why), why
+    why = fastdistill.available_backends("sid_loss", x, term_dtypes=(torch.bfloat16,) * 8)["cuda"]
+    assert not any("term" in r for r in why), why
+    assert fastdistill.available_backends("scm_tangent_loss", x, term_dtypes=(torch.float32,))["reference"] == []
