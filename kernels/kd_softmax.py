@@ -82,10 +82,17 @@ def _logmix(a, la, b, lb):
 
 @triton.jit
 def _div_terms(lq, lp, beta, skew, DIV: tl.constexpr):
-    """Per-element divergence contribution and g (∂D/∂q) of the 3-pass divergences."""
+    """Per-element divergence contribution and g = ∂D/∂q (any divergence; the dense fkl / rkl
+    paths use their closed forms instead, top-k buckets use this for all)."""
     q = tl.exp(lq)
     p = tl.exp(lp)
-    if DIV == 2:  # JSD(β), M = βP + (1−β)Q
+    if DIV == 0:  # forward KL
+        d = tl.where(p > 0, p * (lp - lq), 0.0)
+        g = tl.where(p > 0, -tl.exp(lp - lq), 0.0)
+    elif DIV == 1:  # reverse KL
+        d = tl.where(q > 0, q * (lq - lp), 0.0)
+        g = tl.where(q > 0, lq - lp + 1.0, 0.0)
+    elif DIV == 2:  # JSD(β), M = βP + (1−β)Q
         lm = _logmix(beta, lp, 1.0 - beta, lq)
         d = beta * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - beta) * tl.where(q > 0, q * (lq - lm), 0.0)
         g = (1.0 - beta) * tl.where(q > 0, lq - lm, 0.0)
@@ -108,7 +115,7 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
                      ignore_index,
                      DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
                      CE: tl.constexpr, CE_SEP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+                     BLOCK_V: tl.constexpr, ACC: tl.constexpr, TOPK: tl.constexpr = False):
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
     s_row = s_ptr + row.to(tl.int64) * s_stride
@@ -130,7 +137,10 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + ar
         z = _logits(s_row, cols, cols < V, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-        zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        if TOPK:  # the teacher is handled by _kd_topk_kernel
+            zt = tl.full([BLOCK_V], 0.0, ACC)
+        else:
+            zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
         us = z * inv_T
         ut = zt * inv_Tt
         ms_new = tl.maximum(m_s, tl.max(us, 0))
@@ -160,7 +170,9 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
     else:
         lse_1 = lse_s
     ok = _row_valid(row, lab_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
-    ok = ok & (tl.abs(lse_s) < float("inf")) & (tl.abs(lse_t) < float("inf"))
+    ok = ok & (tl.abs(lse_s) < float("inf"))
+    if not TOPK:
+        ok = ok & (tl.abs(lse_t) < float("inf"))
     ce = zero
     if CE:
         ce = tl.where((label >= 0) & (label < V), lse_1 - zl, float("nan"))
@@ -216,6 +228,62 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
 
 
 @triton.jit
+def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_stride, ids_stride, lps_stride,
+                    DIV: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, ACC: tl.constexpr):
+    """Top-k teacher (MODE 1 tail bucket, 2 zero tail, 3 renormalised): the divergence over the
+    buckets from the k gathered student logits and the stored teacher log-probs."""
+    row = tl.program_id(0)
+    inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
+    st = st_ptr + row * 8
+    lse_s = tl.load(st + 0)
+    kk = tl.arange(0, KB)
+    km = kk < K
+    ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
+    good = tl.sum(tl.where(km & ((ids < 0) | (ids >= V)), 1, 0), 0) == 0
+    ids = tl.minimum(tl.maximum(ids, 0), V - 1)  # never an out-of-row read; a bad row's loss is NaN
+    uk = _logits(s_ptr + row.to(tl.int64) * s_stride, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+    uk = uk * inv_T
+    lpk = tl.load(lps_ptr + row.to(tl.int64) * lps_stride + kk, mask=km, other=float("-inf")).to(ACC)
+    extra = tl.zeros([1], ACC).sum(0)
+    if MODE == 3:
+        mk = _safe(tl.max(uk, 0))
+        lse_k = mk + tl.log(tl.sum(tl.exp(uk - mk), 0))
+        lqk = uk - lse_k
+        lpk = lpk * inv_Tt
+        mp = _safe(tl.max(lpk, 0))
+        lpk = lpk - (mp + tl.log(tl.sum(tl.exp(lpk - mp), 0)))
+        d, g, q = _div_terms(lqk, lpk, beta, skew, DIV)
+        D = tl.sum(tl.where(km, d, 0.0), 0)
+        S = tl.sum(tl.where(km, q * g, 0.0), 0)
+        extra = lse_k
+    else:
+        lqk = uk - lse_s
+        d, g, q = _div_terms(lqk, lpk, beta, skew, DIV)
+        D = tl.sum(tl.where(km, d, 0.0), 0)
+        S = tl.sum(tl.where(km, q * g, 0.0), 0)
+        if MODE == 2:
+            extra = tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0)
+            S = S * 0.0
+        else:
+            q_t = tl.maximum(1.0 - tl.sum(tl.where(km, q, 0.0), 0), 0.0)
+            p_t = tl.maximum(1.0 - tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0), 0.0)
+            d_t, g_t, _ = _div_terms(tl.log(q_t), tl.log(p_t), beta, skew, DIV)
+            D += d_t
+            S += q_t * g_t
+            extra = g_t
+    D = tl.where(good, tl.maximum(D, 0.0), float("nan"))
+    ok = tl.load(st + 7) > 0
+    loss = (1.0 - alpha) * t2 * D + alpha * tl.load(st + 6)
+    if HAS_W:
+        loss = loss * tl.load(w_ptr + row).to(ACC)
+    tl.store(st + 1, extra)
+    tl.store(st + 3, D)
+    tl.store(st + 4, S)
+    tl.store(st + 5, tl.where(ok, loss, 0.0))
+
+
+@triton.jit
 def _kd_reduce_kernel(st_ptr, loss_ptr, factor_ptr, N, V, num_items, RED: tl.constexpr, BLOCK_R: tl.constexpr,
                       ACC: tl.constexpr):
     ar = tl.arange(0, BLOCK_R)
@@ -240,10 +308,31 @@ def _kd_reduce_kernel(st_ptr, loss_ptr, factor_ptr, N, V, num_items, RED: tl.con
 
 
 @triton.jit
+def _grad_store(o_row, du, z, cols, cm, label, lse_1, coeff, kd_scale, alpha, logit_scale, softcap, ok,
+                CE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """dL/dz from dD/du: KD scale, CE mixing, the row factor, the softcap / logit_scale chain rule."""
+    gz = kd_scale * du
+    if CE:
+        gz += alpha * (tl.exp(z - lse_1) - tl.where(cols == label, 1.0, 0.0))
+    gz = gz * coeff
+    if HAS_SOFTCAP:
+        th = z / softcap
+        gz = gz * (1.0 - th * th)
+    if HAS_SCALE:
+        gz = gz * logit_scale
+    gz = tl.where(ok, gz, 0.0)
+    tl.store(o_row + cols, gz.to(o_row.dtype.element_ty), mask=cm)
+
+
+@triton.jit
 def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, go_ptr, go_stride, out_ptr, V, Vt,
-                    s_stride, t_stride, o_stride,
+                    s_stride, t_stride, o_stride, ids_ptr, ids_stride, K,
                     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_W: tl.constexpr, CE: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+                    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+                    MODE: tl.constexpr = 0, KB: tl.constexpr = 1):
+    """MODE 0: dense teacher (t_ptr: logits). MODE 1/2/3: top-k teacher (t_ptr: log-probs [N, K],
+    ids_ptr: ids): the full row gets the off-ids formula, then (after a CTA barrier) the k ids are
+    overwritten with their exact values."""
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
     s_row = s_ptr + row.to(tl.int64) * s_stride
@@ -251,7 +340,7 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
     o_row = out_ptr + row.to(tl.int64) * o_stride
     st = st_ptr + row * 8
     lse_s = tl.load(st + 0)
-    lse_t = tl.load(st + 1)
+    lse_t = tl.load(st + 1)  # top-k: g_tail (1), Σ p (2), lse over the k ids (3)
     lse_1 = tl.load(st + 2)
     D = tl.load(st + 3)
     S = tl.load(st + 4)
@@ -269,28 +358,48 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
         cols = v0 + ar
         cm = cols < V
         z = _logits(s_row, cols, cm, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-        zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
         lq = z * inv_T - lse_s
-        lp = zt * inv_Tt - lse_t
-        if DIV == 0:
-            du = tl.exp(lq) - tl.exp(lp)
-        elif DIV == 1:
-            q = tl.exp(lq)
-            du = tl.where(q > 0, q * (lq - lp - D), 0.0)
+        if MODE == 1:
+            du = tl.exp(lq) * (lse_t - S)
+        elif MODE == 2:
+            du = tl.exp(lq) * lse_t
+        elif MODE == 3:
+            du = tl.zeros([BLOCK_V], ACC)
         else:
-            _, g, q = _div_terms(lq, lp, beta, skew, DIV)
+            zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+            lp = zt * inv_Tt - lse_t
+            if DIV == 0:
+                du = tl.exp(lq) - tl.exp(lp)
+            elif DIV == 1:
+                q = tl.exp(lq)
+                du = tl.where(q > 0, q * (lq - lp - D), 0.0)
+            else:
+                _, g, q = _div_terms(lq, lp, beta, skew, DIV)
+                du = q * (g - S)
+        _grad_store(o_row, du, z, cols, cm, label, lse_1, coeff, kd_scale, alpha, logit_scale, softcap, ok,
+                    CE, HAS_SCALE, HAS_SOFTCAP)
+    if MODE > 0:
+        tl.debug_barrier()  # the fix-up below overwrites elements other threads of this CTA stored
+        kk = tl.arange(0, KB)
+        km = kk < K
+        ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
+        ids = tl.minimum(tl.maximum(ids, 0), V - 1)
+        z = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        lpk = tl.load(t_row + kk, mask=km, other=float("-inf")).to(ACC)
+        if MODE == 3:
+            lqk = z * inv_T - lse_t
+            lpk = lpk * inv_Tt
+            mp = _safe(tl.max(lpk, 0))
+            lpk = lpk - (mp + tl.log(tl.sum(tl.exp(lpk - mp), 0)))
+            _, g, q = _div_terms(lqk, lpk, beta, skew, DIV)
             du = q * (g - S)
-        gz = kd_scale * du
-        if CE:
-            gz += alpha * (tl.exp(z - lse_1) - tl.where(cols == label, 1.0, 0.0))
-        gz = gz * coeff
-        if HAS_SOFTCAP:
-            th = z / softcap
-            gz = gz * (1.0 - th * th)
-        if HAS_SCALE:
-            gz = gz * logit_scale
-        gz = tl.where(ok, gz, 0.0)
-        tl.store(o_row + cols, gz.to(out_ptr.dtype.element_ty), mask=cm)
+        elif MODE == 2:
+            du = tl.exp(z * inv_T - lse_s) * lse_t - tl.exp(lpk)
+        else:
+            _, g, q = _div_terms(z * inv_T - lse_s, lpk, beta, skew, DIV)
+            du = q * (g - S)
+        _grad_store(o_row, du, z, ids, km, label, lse_1, coeff, kd_scale, alpha, logit_scale, softcap, ok,
+                    CE, HAS_SCALE, HAS_SOFTCAP)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -325,32 +434,41 @@ def _const(vals, device, dtype):
 
 
 def kd_fwd(p, s, t, labels, mask, weights):
-    """(loss [1], contrib [N], state [N, 8], factor [1]) — see fastdistill.reference.kd_softmax."""
+    """(loss [1], contrib [N], state [N, 8], factor [1]) — see fastdistill.reference.kd_softmax.
+    ``t``: teacher logits [N, Vt], or (ids, logprobs) [N, k] each for a top-k teacher (p.topk)."""
     import torch
 
     N, V = s.shape
-    Vt = t.shape[1]
     acc = p.accum_dtype
     ACC = _TL_ACC[str(acc).removeprefix("torch.")]
     st = torch.empty((N, NSTATE), dtype=acc, device=s.device)
     loss = torch.empty((1,), dtype=acc, device=s.device)
     factor = torch.empty((1,), dtype=acc, device=s.device)
     BLOCK_V, nw = _cfg(V)
-    flags = dict(HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, BLOCK_V=BLOCK_V, ACC=ACC, num_warps=nw)
+    flags = dict(HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, ACC=ACC)
     ce = labels is not None and p.alpha > 0
     dummy = st
     prm = params(p, s.device, acc)
+    tt = t[1] if p.topk else t
     _kd_stats_kernel[(N,)](
-        s, t, labels if labels is not None else dummy, mask if mask is not None else dummy,
-        weights if weights is not None else dummy, st, prm, V, Vt, s.stride(0), t.stride(0),
-        ignore_index=p.ignore_index, DIV=p.div if p.div <= DIV_RKL else 99, HAS_LABELS=labels is not None,
-        HAS_MASK=mask is not None, HAS_W=weights is not None, CE=ce, CE_SEP=ce and p.temperature != 1.0,
-        **flags,
+        s, tt, labels if labels is not None else dummy, mask if mask is not None else dummy,
+        weights if weights is not None else dummy, st, prm, V, 0 if p.topk else tt.shape[1], s.stride(0),
+        tt.stride(0), ignore_index=p.ignore_index, DIV=99 if p.topk or p.div > DIV_RKL else p.div,
+        HAS_LABELS=labels is not None, HAS_MASK=mask is not None, HAS_W=weights is not None, CE=ce,
+        CE_SEP=ce and p.temperature != 1.0, TOPK=bool(p.topk), BLOCK_V=BLOCK_V, num_warps=nw, **flags,
     )
-    if p.div > DIV_RKL:
+    if p.topk:
+        ids, lps = t
+        K = ids.shape[1]
+        _kd_topk_kernel[(N,)](
+            s, ids, lps, weights if weights is not None else dummy, st, prm, V, K, s.stride(0), ids.stride(0),
+            lps.stride(0), DIV=p.div, MODE=p.topk, HAS_W=weights is not None, KB=triton.next_power_of_2(K),
+            num_warps=4, **flags,
+        )
+    elif p.div > DIV_RKL:
         _kd_div_kernel[(N,)](
-            s, t, weights if weights is not None else dummy, st, prm, V, Vt, s.stride(0), t.stride(0),
-            DIV=p.div, HAS_W=weights is not None, **flags,
+            s, tt, weights if weights is not None else dummy, st, prm, V, tt.shape[1], s.stride(0), tt.stride(0),
+            DIV=p.div, HAS_W=weights is not None, BLOCK_V=BLOCK_V, num_warps=nw, **flags,
         )
     _kd_reduce_kernel[(1,)](st, loss, factor, N, V, float(p.num_items), RED=p.red, BLOCK_R=1024, ACC=ACC,
                             num_warps=4)
@@ -362,11 +480,17 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     ACC = _TL_ACC[str(p.accum_dtype).removeprefix("torch.")]
     BLOCK_V, nw = _cfg(V)
     ce = labels is not None and p.alpha > 0
+    if p.topk:
+        ids, tt = t
+        K = ids.shape[1]
+    else:
+        ids, tt, K = st, t, 1
     _kd_grad_kernel[(N,)](
-        s, t, labels if labels is not None else st, weights if weights is not None else st, st,
-        params(p, s.device, p.accum_dtype), factor,
-        grad_out, 1 if grad_out.numel() > 1 else 0, out, V, t.shape[1], s.stride(0), t.stride(0), out.stride(0),
+        s, tt, labels if labels is not None else st, weights if weights is not None else st, st,
+        params(p, s.device, p.accum_dtype), factor, grad_out, 1 if grad_out.numel() > 1 else 0, out, V,
+        0 if p.topk else tt.shape[1], s.stride(0), tt.stride(0), out.stride(0), ids, ids.stride(0), K,
         DIV=p.div, HAS_LABELS=labels is not None, HAS_W=weights is not None, CE=ce,
         HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, BLOCK_V=BLOCK_V, ACC=ACC, num_warps=nw,
+        MODE=p.topk, KB=triton.next_power_of_2(K),
     )
     return out

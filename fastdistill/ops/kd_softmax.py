@@ -13,6 +13,7 @@ from fastdistill.reference import kd_softmax as _ref
 
 DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
 REDUCTIONS = {"batchmean": 0, "sum": 1, "mean": 2, "none": 3}
+TOPK_SEMANTICS = {"tail_bucket": 1, "zero_tail": 2, "renorm": 3}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -22,6 +23,7 @@ class KDPlan:
     red: int = 0
     fp64: bool = False
     ignore_index: int = -100
+    topk: int = 0  # 0 dense teacher; 1 tail bucket, 2 zero tail, 3 renormalised
     beta: float = 0.5
     skew: float = 0.1
     temperature: float = 1.0
@@ -36,15 +38,18 @@ class KDPlan:
     def accum_dtype(self) -> torch.dtype:
         return torch.float64 if self.fp64 else torch.float32
 
+    _NI = 5  # the first five fields are integers
+
     def pack(self) -> tuple[list[int], list[float]]:
         f = dataclasses.fields(self)
-        return [int(getattr(self, x.name)) for x in f[:4]], [float(getattr(self, x.name)) for x in f[4:]]
+        return [int(getattr(self, x.name)) for x in f[: self._NI]], [float(getattr(self, x.name))
+                                                                     for x in f[self._NI :]]
 
     @classmethod
     def unpack(cls, ip, fp) -> KDPlan:
         f = dataclasses.fields(cls)
-        kw = {x.name: (bool(v) if x.name == "fp64" else int(v)) for x, v in zip(f[:4], ip)}
-        kw.update({x.name: float(v) for x, v in zip(f[4:], fp)})
+        kw = {x.name: (bool(v) if x.name == "fp64" else int(v)) for x, v in zip(f[: cls._NI], ip)}
+        kw.update({x.name: float(v) for x, v in zip(f[cls._NI :], fp)})
         return cls(**kw)
 
 
@@ -66,6 +71,10 @@ def _impl(backend: str):
     return k
 
 
+def _teacher(p, t, ids):
+    return (ids, t) if p.topk else t
+
+
 def _fwd(p, backend, s, t, labels, mask, weights):
     N = s.shape[0]
     if N == 0 or s.shape[1] == 0:
@@ -84,35 +93,35 @@ def _bwd(p, backend, s, t, labels, weights, st, factor, grad_out, out):
 
 class _KDFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, p, backend, inplace, s, t, labels, mask, weights):
-        loss, contrib, st, factor = _fwd(p, backend, s, t, labels, mask, weights)
+    def forward(ctx, p, backend, inplace, s, t, ids, labels, mask, weights):
+        loss, contrib, st, factor = _fwd(p, backend, s, _teacher(p, t, ids), labels, mask, weights)
         ctx.p, ctx.backend, ctx.inplace = p, backend, inplace
-        ctx.save_for_backward(s, t, labels, weights, st, factor)
+        ctx.save_for_backward(s, t, ids, labels, weights, st, factor)
         ctx.set_materialize_grads(False)
         out = contrib.clone() if p.red == 3 else loss.reshape(())
         return out
 
     @staticmethod
     def backward(ctx, g):
-        s, t, labels, weights, st, factor = ctx.saved_tensors
+        s, t, ids, labels, weights, st, factor = ctx.saved_tensors
         if g is None:
-            return (None,) * 8
+            return (None,) * 9
         out = s if ctx.inplace else torch.empty_like(s)
-        gs = _bwd(ctx.p, ctx.backend, s, t, labels, weights, st, factor, g, out)
-        return None, None, None, gs, None, None, None, None
+        gs = _bwd(ctx.p, ctx.backend, s, _teacher(ctx.p, t, ids), labels, weights, st, factor, g, out)
+        return None, None, None, gs, None, None, None, None, None
 
 
 @torch.library.custom_op("fastdistill::kd_fwd", mutates_args=())
-def _kd_fwd_op(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, mask: torch.Tensor | None,
-               weights: torch.Tensor | None, ip: list[int], fp: list[float],
+def _kd_fwd_op(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None, labels: torch.Tensor | None,
+               mask: torch.Tensor | None, weights: torch.Tensor | None, ip: list[int], fp: list[float],
                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = KDPlan.unpack(ip, fp)
-    loss, contrib, st, factor = _fwd(p, backend, s, t, labels, mask, weights)
+    loss, contrib, st, factor = _fwd(p, backend, s, _teacher(p, t, ids), labels, mask, weights)
     return (contrib.clone() if p.red == 3 else loss.reshape(())), st, factor
 
 
 @_kd_fwd_op.register_fake
-def _(s, t, labels, mask, weights, ip, fp, backend):
+def _(s, t, ids, labels, mask, weights, ip, fp, backend):
     p = KDPlan.unpack(ip, fp)
     acc = p.accum_dtype
     N = s.shape[0]
@@ -121,34 +130,40 @@ def _(s, t, labels, mask, weights, ip, fp, backend):
 
 
 @torch.library.custom_op("fastdistill::kd_bwd", mutates_args=())
-def _kd_bwd_op(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None,
-               st: torch.Tensor, factor: torch.Tensor, grad_out: torch.Tensor, ip: list[int], fp: list[float],
-               backend: str) -> torch.Tensor:
-    return _bwd(KDPlan.unpack(ip, fp), backend, s, t, labels, weights, st, factor, grad_out, torch.empty_like(s))
+def _kd_bwd_op(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None, labels: torch.Tensor | None,
+               weights: torch.Tensor | None, st: torch.Tensor, factor: torch.Tensor, grad_out: torch.Tensor,
+               ip: list[int], fp: list[float], backend: str) -> torch.Tensor:
+    p = KDPlan.unpack(ip, fp)
+    return _bwd(p, backend, s, _teacher(p, t, ids), labels, weights, st, factor, grad_out, torch.empty_like(s))
 
 
 @_kd_bwd_op.register_fake
-def _(s, t, labels, weights, st, factor, grad_out, ip, fp, backend):
+def _(s, t, ids, labels, weights, st, factor, grad_out, ip, fp, backend):
     return torch.empty_like(s)
 
 
 def _setup_context(ctx, inputs, output):
-    s, t, labels, mask, weights, ip, fp, backend = inputs
+    s, t, ids, labels, mask, weights, ip, fp, backend = inputs
     _, st, factor = output
-    ctx.save_for_backward(s, t, labels, weights, st, factor)
+    ctx.save_for_backward(s, t, ids, labels, weights, st, factor)
     ctx.ip, ctx.fp, ctx.backend = ip, fp, backend
 
 
 def _backward(ctx, g, _g_st, _g_factor):
-    s, t, labels, weights, st, factor = ctx.saved_tensors
-    gs = _kd_bwd_op(s, t, labels, weights, st, factor, g, ctx.ip, ctx.fp, ctx.backend)
-    return gs, None, None, None, None, None, None, None
+    s, t, ids, labels, weights, st, factor = ctx.saved_tensors
+    gs = _kd_bwd_op(s, t, ids, labels, weights, st, factor, g, ctx.ip, ctx.fp, ctx.backend)
+    return gs, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastdistill::kd_fwd", _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
+def _eager_cpu(t: torch.Tensor) -> bool:
+    """Value checks are free on CPU tensors in eager mode (no device sync, no graph break)."""
+    return t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling()
+
+
 def _rows(name: str, v, lead: torch.Size, N: int, device, *, dtypes=None, kind="") -> torch.Tensor | None:
     if v is None:
         return None
@@ -185,6 +200,7 @@ def kd_loss(
     softcap: float | None = None,
     logit_scale: float | None = None,
     inplace_grad: bool = False,
+    topk_semantics: str = "tail_bucket",
     accum_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Knowledge-distillation divergence between teacher P and student Q over the vocabulary,
@@ -197,16 +213,15 @@ def kd_loss(
     both (``teacher_temperature`` separately), ``t2_scale`` multiplies the KD term by T²,
     ``hard_label_alpha`` mixes ``α·CE(labels) + (1−α)·KD``. Rows with ``labels == ignore_index``
     or ``mask`` false are ignored; ``reduction="batchmean"`` divides by the valid rows (or
-    ``num_items``). Returns an fp32 scalar (``[lead]`` for ``"none"``). Exact semantics:
-    docs/kd_ops.md.
+    ``num_items``). ``teacher_topk=(ids, logprobs)`` replaces ``teacher_logits`` for offline
+    top-k teachers (``topk_semantics``: ``"tail_bucket"`` | ``"zero_tail"`` | ``"renorm"``).
+    Returns an fp32 scalar (``[lead]`` for ``"none"``). Exact semantics: docs/kd_ops.md.
 
     Example::
 
         loss = kd_loss(student(x).logits, teacher_logits, divergence="jsd", beta=0.5, temperature=2.0,
                        t2_scale=True, labels=labels)
     """
-    if teacher_topk is not None:
-        raise NotImplementedError("teacher_topk: top-k teacher distillation is not implemented yet")
     s = student_logits
     if not isinstance(s, torch.Tensor):
         raise TypeError(f"student_logits: expected a tensor, got {type(s).__name__}")
@@ -214,16 +229,43 @@ def kd_loss(
         raise TypeError(f"student_logits: expected a floating dtype, got {s.dtype}")
     if s.dim() < 2:
         raise ValueError(f"student_logits: expected shape [N, V] or [B, T, V], got {tuple(s.shape)}")
-    if teacher_logits is None:
-        raise ValueError("teacher_logits: required (dense teacher logits; top-k teachers are not implemented yet)")
-    t = teacher_logits
+    if (teacher_logits is None) == (teacher_topk is None):
+        raise ValueError("teacher_logits / teacher_topk: give exactly one of them")
+    check_choice("topk_semantics", topk_semantics, tuple(TOPK_SEMANTICS))
+    ids = None
+    if teacher_topk is not None:
+        if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+            raise TypeError("teacher_topk: expected a pair (ids, logprobs)")
+        ids, t = teacher_topk
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"teacher_topk ids: expected an int64/int32 tensor, got {getattr(ids, 'dtype', ids)}")
+        name = "teacher_topk logprobs"
+    else:
+        t = teacher_logits
+        name = "teacher_logits"
     if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"teacher_logits: expected a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if t.device != s.device:
-        raise ValueError(f"teacher_logits: expected device {s.device} (the device of student_logits), got {t.device}")
-    if t.shape[:-1] != s.shape[:-1]:
-        raise ValueError(f"teacher_logits: expected leading dims {tuple(s.shape[:-1])} (those of student_logits), "
-                         f"got {tuple(t.shape[:-1])}")
+        raise TypeError(f"{name}: expected a floating tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    for nm, v in ((name, t), ("teacher_topk ids", ids)):
+        if v is None:
+            continue
+        if v.device != s.device:
+            raise ValueError(f"{nm}: expected device {s.device} (the device of student_logits), got {v.device}")
+        if v.shape[:-1] != s.shape[:-1]:
+            raise ValueError(f"{nm}: expected leading dims {tuple(s.shape[:-1])} (those of student_logits), "
+                             f"got {tuple(v.shape[:-1])}")
+    topk = TOPK_SEMANTICS[topk_semantics] if ids is not None else 0
+    if ids is not None:
+        if ids.shape != t.shape:
+            raise ValueError(f"teacher_topk: ids {tuple(ids.shape)} and logprobs {tuple(t.shape)} differ in shape")
+        if ids.shape[-1] > s.shape[-1]:
+            raise ValueError(f"teacher_topk: k = {ids.shape[-1]} exceeds the student vocabulary {s.shape[-1]}")
+        if topk != 3 and teacher_temperature not in (None, 1.0):
+            raise ValueError(f"teacher_temperature: only topk_semantics='renorm' can re-temper stored log-probs "
+                             f"(the tail mass is unknown), got {teacher_temperature}")
+        if topk == 2 and divergence != "fkl":
+            raise ValueError(f"divergence: topk_semantics='zero_tail' defines forward KL only, got {divergence!r}")
+        if _eager_cpu(ids) and bool(((ids < 0) | (ids >= s.shape[-1])).any()):
+            raise ValueError(f"teacher_topk ids: values must be in [0, {s.shape[-1]})")
     check_choice("divergence", divergence, tuple(DIVERGENCES))
     check_choice("reduction", reduction, tuple(REDUCTIONS))
     if accum_dtype not in (torch.float32, torch.float64):
@@ -241,13 +283,13 @@ def kd_loss(
     div = DIVERGENCES[divergence]
     if div == 2 and beta in (0.0, 1.0):  # the TRL/Liger convention: JSD's endpoints are the KLs
         div = 0 if beta == 0.0 else 1
-    if div == 1 and Vt < V:
+    if div == 1 and Vt < V and not topk:
         raise ValueError(f"teacher_logits: vocabulary {Vt} < the student's {V}: reverse KL is infinite where the "
                          "student has mass and the teacher none; slice the student logits or use 'jsd'/'srkl'")
     labels2 = _rows("labels", labels, lead, N, s.device, dtypes=(torch.int64, torch.int32), kind="int64 / int32 labels")
     if hard_label_alpha > 0 and labels2 is None:
         raise ValueError("labels: required when hard_label_alpha > 0 (the cross-entropy term)")
-    if labels2 is not None and labels2.device.type == "cpu" and labels2.numel():
+    if labels2 is not None and _eager_cpu(labels2):
         bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= V))
         if bool(bad.any()):  # free on the CPU; on a GPU an out-of-range label makes its row's CE NaN
             raise ValueError(f"labels: values must be in [0, {V}) or ignore_index={ignore_index}, "
@@ -262,9 +304,9 @@ def kd_loss(
         if not float(num_items) > 0:
             raise ValueError(f"num_items: expected > 0, got {num_items}")
     T = float(temperature)
+    Tt = float(teacher_temperature) if teacher_temperature is not None else (1.0 if topk else T)
     p = KDPlan(div=div, red=REDUCTIONS[reduction], fp64=accum_dtype == torch.float64, ignore_index=int(ignore_index),
-               beta=float(beta), skew=float(skew), temperature=T,
-               teacher_temperature=float(teacher_temperature) if teacher_temperature is not None else T,
+               topk=topk, beta=float(beta), skew=float(skew), temperature=T, teacher_temperature=Tt,
                t2=T * T if t2_scale else 1.0, alpha=float(hard_label_alpha),
                num_items=float(num_items) if num_items is not None else 0.0,
                softcap=float(softcap) if softcap is not None else 0.0,
@@ -275,11 +317,12 @@ def kd_loss(
         s2 = s2.contiguous()
     if t2.stride(-1) != 1:
         t2 = t2.contiguous()
+    ids2 = ids.reshape(N, Vt).contiguous() if ids is not None else None
     mask_u8 = mask2.view(torch.uint8) if mask2 is not None else None
     backend = select_backend("kd_loss", s)
     if torch.compiler.is_compiling():
         ip, fp = p.pack()
-        out, _, _ = _kd_fwd_op(s2, t2, labels2, mask_u8, w2, ip, fp, backend)
+        out, _, _ = _kd_fwd_op(s2, t2, ids2, labels2, mask_u8, w2, ip, fp, backend)
     else:
-        out = _KDFunction.apply(p, backend, bool(inplace_grad), s2, t2, labels2, mask_u8, w2)
+        out = _KDFunction.apply(p, backend, bool(inplace_grad), s2, t2, ids2, labels2, mask_u8, w2)
     return out.view(lead) if p.red == 3 else out

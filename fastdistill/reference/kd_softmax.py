@@ -75,24 +75,69 @@ def _row_div(p, lq, lp):
     return D, g
 
 
+TOPK_TAIL, TOPK_ZERO, TOPK_RENORM = 1, 2, 3  # plan.topk (0: dense teacher)
+
+
+def bucket_div(p, lq, lp):
+    """(D per row, g per element) of the plan's divergence over buckets with log-probs lq, lp."""
+    if p.div == DIV_FKL:
+        return _xlogy(lp.exp(), lp - lq).sum(1), torch.where(lp.exp() > 0, -torch.exp(lp - lq), torch.zeros_like(lp))
+    if p.div == DIV_RKL:
+        q = lq.exp()
+        return _xlogy(q, lq - lp).sum(1), torch.where(q > 0, lq - lp + 1, torch.zeros_like(lq))
+    return _row_div(p, lq, lp)
+
+
+def _topk_buckets(p, us, lse_s, ids, lps):
+    """Per-row (lq, lp) over the buckets of the top-k semantics, and the row's extra scalar
+    (tail: none; zero_tail: Σ p; renorm: logsumexp of the student over the k ids)."""
+    uk = us.gather(1, ids)
+    if p.topk == TOPK_RENORM:
+        lse_k = torch.logsumexp(uk, 1)
+        return uk - lse_k[:, None], torch.log_softmax(lps / p.teacher_temperature, 1), lse_k
+    lqk, lpk = uk - lse_s[:, None], lps
+    if p.topk == TOPK_ZERO:
+        return lqk, lpk, lpk.exp().sum(1)
+    q_tail = (1 - lqk.exp().sum(1)).clamp_min(0)
+    p_tail = (1 - lpk.exp().sum(1)).clamp_min(0)
+    return torch.cat([lqk, q_tail.log()[:, None]], 1), torch.cat([lpk, p_tail.log()[:, None]], 1), None
+
+
 def kd_fwd(p, s, t, labels, mask, weights):
     N, V = s.shape
     acc = p.accum_dtype
     st = torch.zeros(N, NSTATE, dtype=acc, device=s.device)
     for sl in _chunks(N, V):
         z = transform(p, s[sl].to(acc))
-        zt = _teacher(p, t, sl, V, acc)
-        us, ut = z / p.temperature, zt / p.teacher_temperature
-        lse_s, lse_t = torch.logsumexp(us, 1), torch.logsumexp(ut, 1)
-        lq, lp = us - lse_s[:, None], ut - lse_t[:, None]
-        if p.div == DIV_FKL:
+        us = z / p.temperature
+        lse_s = torch.logsumexp(us, 1)
+        if p.topk:
+            ids, lps = t[0][sl].long(), t[1][sl].to(acc)
+            good = ((ids >= 0) & (ids < V)).all(1)  # a bad id never reads out of the row; its row's loss is NaN
+            lq, lp, extra = _topk_buckets(p, us, lse_s, ids.clamp(0, V - 1), lps)
+            if p.topk == TOPK_ZERO:
+                D = _xlogy(lp.exp(), lp - lq).sum(1)
+                S = torch.zeros_like(D)
+                lse_t = extra
+            else:
+                D, g = bucket_div(p, lq, lp)
+                S = (lq.exp() * g).sum(1)
+                lse_t = extra if p.topk == TOPK_RENORM else g[:, -1]
+        else:
+            zt = _teacher(p, t, sl, V, acc)
+            ut = zt / p.teacher_temperature
+            lse_t = torch.logsumexp(ut, 1)
+            lq, lp = us - lse_s[:, None], ut - lse_t[:, None]
+        if p.topk:
+            pass
+        elif p.div == DIV_FKL:
             D, S = _xlogy(lp.exp(), lp - lq).sum(1), torch.zeros_like(lse_s)
         elif p.div == DIV_RKL:
             D, S = _xlogy(lq.exp(), lq - lp).sum(1), torch.zeros_like(lse_s)
         else:
             D, g = _row_div(p, lq, lp)
             S = (lq.exp() * g).sum(1)
-        ok = torch.isfinite(lse_s) & torch.isfinite(lse_t)
+        ok = torch.isfinite(lse_s) & (torch.isfinite(lse_t) if not p.topk else torch.ones_like(lse_s, dtype=torch.bool))
         if labels is not None:
             ok &= labels[sl] != p.ignore_index
         if mask is not None:
@@ -105,6 +150,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
             zl = z.gather(1, lab.clamp(0, V - 1)[:, None])[:, 0]
             ce = torch.where(good, lse1 - zl, torch.full_like(lse1, float("nan")))
         D = D.clamp_min(0)
+        if p.topk:
+            D = torch.where(good, D, torch.full_like(D, float("nan")))
         loss = (1 - p.alpha) * p.t2 * D + p.alpha * ce
         if weights is not None:
             loss = loss * weights[sl].to(acc)
@@ -138,7 +185,9 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
         row = st[sl]
         lq = us - row[:, 0:1]
         q = lq.exp()
-        if p.div == DIV_FKL:
+        if p.topk:
+            du = _topk_du(p, us, row, t[0][sl].long().clamp(0, V - 1), t[1][sl].to(acc), q)
+        elif p.div == DIV_FKL:
             zt = _teacher(p, t, sl, V, acc)
             du = q - (zt / p.teacher_temperature - row[:, 1:2]).exp()
         elif p.div == DIV_RKL:
@@ -167,3 +216,19 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
             gz = gz * p.logit_scale
         out[sl] = gz.to(out.dtype)
     return out
+
+
+def _topk_du(p, us, row, ids, lps, q):
+    """∂D/∂u_s over the full row for a top-k teacher (docs/kd_ops.md, "Top-k teachers")."""
+    S = row[:, 4:5]
+    qk = q.gather(1, ids)
+    if p.topk == TOPK_ZERO:
+        du = row[:, 1:2] * q
+        return du.scatter_add(1, ids, -lps.exp())
+    if p.topk == TOPK_RENORM:
+        lqk = us.gather(1, ids) - row[:, 1:2]
+        _, g = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
+        return torch.zeros_like(q).scatter(1, ids, lqk.exp() * (g - S))
+    _, g = bucket_div(p, (qk.clamp_min(0)).log(), lps)  # g at the ids (elementwise in (q_b, p_b))
+    du = q * (row[:, 1:2] - S)
+    return du.scatter(1, ids, qk * (g - S))
