@@ -11,9 +11,22 @@
 #   02 info    python -m fastdistill info
 #   03 pytest  python -m pytest tests -m gpu -q -rs   (junit xml: OUTDIR/pytest-junit.xml)
 #   04 bench   python -m fastdistill bench --family score --csv OUTDIR/h200.csv
-# then a summary (OUTDIR/summary.txt, also printed last): step status, the bench table, the
-# pytest summary line. Every step has a timeout and the whole run stays under GPU_CHECK_BUDGET_S
-# (default 450 s); OUTDIR ends up with 8 files at most.
+#   05 kd      python -m fastdistill bench --family kd --csv OUTDIR/h200.csv   (same CSV)
+# then a summary (OUTDIR/summary.txt, also printed last): step status, the score table, the kd
+# full-mode rows (notes shortened), the pytest summary line. Every step has a timeout (caps add up to
+# the budget less 15 s) and the whole run stays under GPU_CHECK_BUDGET_S (default 450 s); the
+# bench writes its CSV case by case, so a step cut short keeps what it measured. OUTDIR ends up
+# with 9 files at most.
+#
+# liger-kernel (a benchmark-only anchor for the kd family; the GPU machine has no internet): if
+# a .whl/ directory exists in the repository root, its wheels are first installed with
+#     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+# and PYTHONPATH=/tmp/site is exported. Fetch the wheel on the CPU machine (liger-kernel is pure
+# Python; .whl/ is git-ignored, so a remote run must carry it):
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
+#         -d .whl liger-kernel==0.8.5
+# Without it the liger rows are reported as skipped ("liger-kernel not installed").
 set -o pipefail
 set -u
 
@@ -62,21 +75,35 @@ step() {
     STATUS+=("$(printf '%-10s %-14s %5ss' "$name" "$what" "$dt")")
 }
 
-step 00_env 15 "nvidia-smi; echo; $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0]);
+LIGER="no .whl/ directory: liger rows skipped"
+if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        LIGER="installed $(cd .whl && ls -- *.whl | tr '\n' ' ')into /tmp/site (PYTHONPATH)"
+    else
+        LIGER="FAILED to install .whl/*.whl: liger rows skipped"
+    fi
+fi
+echo "liger-kernel wheel: $LIGER"
+
+step 00_env 10 "echo 'liger-kernel wheel: $LIGER'; nvidia-smi; echo; $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0]);
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"triton\", triton.__version__);
 print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"none\")';
 nvcc --version | tail -n 2; echo ninja \$(ninja --version); $PY -m pip list 2>/dev/null |
 grep -i -E '^(torch|triton|pybind11|pytest|numpy|ninja) '"
 
 # MAX_JOBS: setup.py derives it from cores and free RAM unless it is set in the environment
-step 01_build 140 "FASTDISTILL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0a \
+step 01_build 135 "FASTDISTILL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0a \
 $PY -m pip install --no-build-isolation --no-deps -v -e ."
 
-step 02_info 30 "$PY -m fastdistill info"
+step 02_info 15 "$PY -m fastdistill info"
 
-step 03_pytest 90 "$PY -m pytest tests -m gpu -q -rs --junitxml='$OUT/pytest-junit.xml'"
+step 03_pytest 70 "$PY -m pytest tests -m gpu -q -rs --junitxml='$OUT/pytest-junit.xml'"
 
-step 04_bench 160 "$PY -m fastdistill bench --family score --csv '$OUT/h200.csv'"
+step 04_bench 55 "$PY -m fastdistill bench --family score --csv '$OUT/h200.csv'"
+
+# kd-128k and kd-152k x 6 divergences x fwd/full; ~12 torch.compile graphs of ~4 s each dominate
+step 05_kd 150 "$PY -m fastdistill bench --family kd --csv '$OUT/h200.csv'"
 
 {
     echo
@@ -88,6 +115,14 @@ step 04_bench 160 "$PY -m fastdistill bench --family score --csv '$OUT/h200.csv'
         sed -n '/== family/,$p' "$OUT/04_bench.log" | tail -n 45
     else
         tail -n 15 "$OUT/04_bench.log" 2>/dev/null
+    fi
+    echo
+    echo "---- kd: full-mode rows, notes shortened (all rows: 05_kd.log, h200.csv)"
+    if grep -q "== family" "$OUT/05_kd.log" 2>/dev/null; then
+        sed -n '/== family/,$p' "$OUT/05_kd.log" | awk 'NR <= 3 || $2 == "full"' |
+            sed -E 's/(cpu|quick)-small-shape(; )?|rel_err of s.grad on rows [^;]*(; )?//' | cut -c 1-160
+    else
+        tail -n 15 "$OUT/05_kd.log" 2>/dev/null
     fi
     echo
     echo "---- pytest"

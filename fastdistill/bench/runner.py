@@ -1,6 +1,7 @@
 """Generic benchmark runner: providers side by side, one table, one CSV with a fixed schema.
 
-A *family* is a module ``fastdistill.bench.<name>`` exposing ``cases(device, quick) -> list[Case]``.
+A *family* is a module ``fastdistill.bench.<module>`` (``FAMILIES``: name -> module) exposing
+``cases(device, quick) -> list[Case]``.
 Each ``Case`` is one (shape, mode) with zero-arg provider closures that each do one step. For
 every provider the runner does: one warm-up call (JIT / autotune / ``torch.compile`` time is
 excluded, and noted when it exceeds a second), the extra peak memory of one call (CUDA), the
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-FAMILIES = ("score",)  # registered families: fastdistill/bench/<name>.py
+# registered families: name -> module fastdistill/bench/<module>.py ("all" on the CLI: every one)
+FAMILIES = {"score": "score", "kd": "kd_softmax"}
 HBM_BYTES_PER_S = 4.2e12  # H200 device-to-device copy, read + write counted (ANCHORS.md)
 BF16_FLOPS_PER_S = 790e12  # H200 bf16 dense matmul (ANCHORS.md)
 CSV_FIELDS = (
@@ -213,16 +215,17 @@ def _fmt(v, spec: str, na: str = "-") -> str:
     return na if v is None else format(v, spec)
 
 
-def print_table(family: str, rows: list[dict], on_gpu: bool) -> None:
-    head = (f"{'shape':<16} {'mode':<5} {'provider':<20} {'ms':>9} {'GB/s':>8} {'%floor':>7} "
-            f"{'speedup':>8} {'peak MB':>9} {'rel.err':>9}  note")
-    print(f"\n== family {family} ==")
-    print(head)
-    print("-" * len(head))
+def print_table(family: str, rows: list[dict], on_gpu: bool, header: bool = True) -> None:
+    if header:
+        head = (f"{'shape':<20} {'mode':<5} {'provider':<21} {'ms':>9} {'GB/s':>8} {'%floor':>7} "
+                f"{'speedup':>8} {'peak MB':>9} {'rel.err':>9}  note")
+        print(f"\n== family {family} ==")
+        print(head)
+        print("-" * len(head))
     for r in rows:
         peak = _fmt(r["extra_peak_mb"], "9.1f", "-" if on_gpu else "n/a")
         pct = None if r["floor_frac"] is None else 100 * r["floor_frac"]
-        print(f"{r['shape']:<16} {r['mode']:<5} {r['provider']:<20} {_fmt(r['ms'], '9.4f'):>9} "
+        print(f"{r['shape']:<20} {r['mode']:<5} {r['provider']:<21} {_fmt(r['ms'], '9.4f'):>9} "
               f"{_fmt(r['gbps'], '8.1f'):>8} {_fmt(pct, '6.1f') + '%' if pct is not None else '-':>7} "
               f"{_fmt(r['speedup_vs_eager'], '7.2f') + 'x' if r['speedup_vs_eager'] else '-':>8} "
               f"{peak:>9} {_fmt(r['rel_err'], '9.2e'):>9}  {'; '.join(r['note'])}")
@@ -258,14 +261,14 @@ def append_csv(path: str, family: str, rows: list[dict], env: dict, on_gpu: bool
 # ----------------------------------------------------------------------------- entry point
 def run(families: list[str] | None = None, quick: bool = False, out_csv: str | None = None,
         device: str | None = None) -> list[dict]:
-    """Run the named families (all registered ones if empty) and return the rows.
+    """Run the named families (all registered ones if empty or "all") and return the rows.
 
     ``device``: "cuda" if available else "cpu" when None. ``out_csv``: None -> the default
     ``benchmarks/results/<gpu-slug>.csv`` under the current directory; "" -> no CSV.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
-    families = list(families or FAMILIES)
+    families = list(FAMILIES) if not families or "all" in families else list(dict.fromkeys(families))
     for fam in families:
         if fam not in FAMILIES:
             raise ValueError(f"family: unknown benchmark family {fam!r}; registered: {', '.join(FAMILIES)}")
@@ -283,14 +286,15 @@ def run(families: list[str] | None = None, quick: bool = False, out_csv: str | N
           f"cuda {env['cuda']}, git {env['git_sha']}{', quick' if quick else ''}")
     all_rows = []
     for fam in families:
-        mod = importlib.import_module(f"fastdistill.bench.{fam}")
-        rows = []
+        mod = importlib.import_module(f"fastdistill.bench.{FAMILIES[fam]}")
+        print_table(fam, [], on_gpu)
+        # rows are printed and appended case by case: a run cut short (a timeout) keeps what it measured
         for case in mod.cases(device, quick):
-            rows.extend(run_case(case, device, quick))
-        print_table(fam, rows, on_gpu)
-        if out_csv:
-            append_csv(out_csv, fam, rows, env, on_gpu)
-        all_rows.extend({**env, "family": fam, **r} for r in rows)
+            rows = run_case(case, device, quick)
+            print_table(fam, rows, on_gpu, header=False)
+            if out_csv:
+                append_csv(out_csv, fam, rows, env, on_gpu)
+            all_rows.extend({**env, "family": fam, **r} for r in rows)
     if out_csv:
         print(f"\nappended {len(all_rows)} rows to {out_csv}")
     return all_rows
