@@ -1,7 +1,8 @@
 // pybind11 module fastdistill._C: the torch-free CUDA extension. Device pointers arrive as
 // integers (tensor.data_ptr()), the stream as an integer (torch's cuda_stream); the Python glue
-// (fastdistill/ops/_score_cuda.py) allocates every output. Argument errors raise ValueError
-// before anything is launched; CUDA errors raise RuntimeError with the CUDA error string.
+// (fastdistill/ops/_score_cuda.py, fastdistill/ops/_kd_cuda.py) allocates every output. Argument
+// errors raise ValueError before anything is launched; CUDA errors raise RuntimeError with the
+// CUDA error string.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -35,9 +36,22 @@ cudaError_t fd_score_bwd(int op, int dtype, const void* x, const void* const* te
                          int64_t go_sb, void* gx, void* const* gterms, unsigned tgrad, int64_t B, int64_t M,
                          unsigned use1, unsigned use2, int flags, float huber_c, float alpha, cudaStream_t stream);
 
+// csrc/kd_softmax.cu
+cudaError_t fd_kd_fwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
+                      const uint8_t* mask, const float* weights, const float* prm, float* st, float* loss,
+                      float* factor, int64_t N, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride,
+                      int64_t ignore_index, int div, int red, bool ce, bool ce_sep, bool softcap, float num_items,
+                      cudaStream_t stream);
+cudaError_t fd_kd_bwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
+                      const float* weights, const float* prm, const float* st, const float* factor,
+                      const float* grad_out, int64_t go_stride, void* out, int64_t N, int64_t V, int64_t Vt,
+                      int64_t s_stride, int64_t t_stride, int64_t o_stride, int div, bool ce, bool softcap,
+                      cudaStream_t stream);
+
 namespace {
 
 constexpr int kMaxTerms = 8;
+constexpr int64_t kKdMaxCols = int64_t(1) << 30;  // column indices are 32-bit in the kd kernels
 // must match the F_* bits in score.cu
 constexpr int F_MASK = 1, F_HUBER = 2, F_NORM_ON_LOSS = 4, F_TO_NUM = 8, F_WRITE_X = 16;
 constexpr int F_SAMPLE_MEAN = 32, F_RMS = 64;
@@ -161,6 +175,97 @@ void score_bwd(int op, int dtype, std::uintptr_t x, const std::vector<std::uintp
   check_cuda(err, "score_bwd");
 }
 
+// ----------------------------------------------------------------------------- kd_loss
+[[noreturn]] void bad_kd(const std::string& msg) { throw py::value_error("fastdistill._C.kd: " + msg); }
+
+void kd_require_ptr(std::uintptr_t p, const char* name) {
+  if (p == 0) bad_kd(std::string(name) + ": expected a device pointer, got 0 (null)");
+}
+
+// Checks shared by kd_fwd and kd_bwd.
+void kd_check_common(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std::uintptr_t prm,
+                     std::uintptr_t st, int64_t N, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride, int div,
+                     bool ce) {
+  if (dtype < 0 || dtype > 2)
+    bad_kd("dtype: expected 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+  if (div < 0 || div > 5)
+    bad_kd("div: expected 0 (fkl), 1 (rkl), 2 (jsd), 3 (skl), 4 (srkl) or 5 (tvd), got " + std::to_string(div));
+  if (N < 0 || V < 0 || Vt < 0)
+    bad_kd("N, V, Vt: expected non-negative sizes, got N=" + std::to_string(N) + ", V=" + std::to_string(V) +
+           ", Vt=" + std::to_string(Vt));
+  if (N > 0x7fffffffLL) bad_kd("N: at most 2^31 - 1 rows, got " + std::to_string(N));
+  if (V > kKdMaxCols || Vt > kKdMaxCols)
+    bad_kd("V, Vt: at most 2^30 columns, got V=" + std::to_string(V) + ", Vt=" + std::to_string(Vt));
+  if (s_stride < 0 || t_stride < 0)
+    bad_kd("s_stride, t_stride: expected >= 0 (row strides in elements), got " + std::to_string(s_stride) + ", " +
+           std::to_string(t_stride));
+  if (div == 1 && Vt < V)
+    bad_kd("div=1 (rkl) with Vt=" + std::to_string(Vt) + " < V=" + std::to_string(V) +
+           ": reverse KL is infinite where the student has mass and the teacher none");
+  if (ce && labels == 0) bad_kd("ce: the cross-entropy term needs labels");
+  if (N > 0 && V > 0) {
+    kd_require_ptr(s, "s");
+    if (Vt > 0) kd_require_ptr(t, "t");
+    kd_require_ptr(prm, "prm");
+    kd_require_ptr(st, "st");
+  }
+}
+
+void kd_fwd(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, bool labels_i64, std::uintptr_t mask,
+            std::uintptr_t weights, std::uintptr_t prm, std::uintptr_t st, std::uintptr_t loss, std::uintptr_t factor,
+            int64_t N, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride, int64_t ignore_index, int div, int red,
+            bool ce, bool ce_sep, bool softcap, double num_items, std::uintptr_t stream) {
+  kd_check_common(dtype, s, t, labels, prm, st, N, V, Vt, s_stride, t_stride, div, ce);
+  if (red < 0 || red > 3)
+    bad_kd("red: expected 0 (batchmean), 1 (sum), 2 (mean) or 3 (none), got " + std::to_string(red));
+  if (ce_sep && !ce) bad_kd("ce_sep: a separate untempered lse exists only with ce");
+  if (!(num_items >= 0.0)) bad_kd("num_items: expected >= 0 (0: the valid-row count), got " + std::to_string(num_items));
+  if (N > 0 && V > 0) {
+    kd_require_ptr(loss, "loss");
+    kd_require_ptr(factor, "factor");
+  }
+  cudaError_t err;
+  {
+    py::gil_scoped_release nogil;
+    err = fd_kd_fwd(dtype, reinterpret_cast<const void*>(s), reinterpret_cast<const void*>(t),
+                    reinterpret_cast<const void*>(labels), labels_i64, reinterpret_cast<const uint8_t*>(mask),
+                    reinterpret_cast<const float*>(weights), reinterpret_cast<const float*>(prm),
+                    reinterpret_cast<float*>(st), reinterpret_cast<float*>(loss), reinterpret_cast<float*>(factor), N,
+                    V, Vt, s_stride, t_stride, ignore_index, div, red, ce, ce_sep, softcap, (float)num_items,
+                    reinterpret_cast<cudaStream_t>(stream));
+  }
+  check_cuda(err, "kd_fwd");
+}
+
+void kd_bwd(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, bool labels_i64,
+            std::uintptr_t weights, std::uintptr_t prm, std::uintptr_t st, std::uintptr_t factor,
+            std::uintptr_t grad_out, int64_t go_stride, std::uintptr_t out, int64_t N, int64_t V, int64_t Vt,
+            int64_t s_stride, int64_t t_stride, int64_t o_stride, int div, bool ce, bool softcap,
+            std::uintptr_t stream) {
+  kd_check_common(dtype, s, t, labels, prm, st, N, V, Vt, s_stride, t_stride, div, ce);
+  if (go_stride != 0 && go_stride != 1)
+    bad_kd("go_stride: expected 0 (scalar upstream gradient) or 1 ([N]), got " + std::to_string(go_stride));
+  if (o_stride < 0) bad_kd("o_stride: expected >= 0, got " + std::to_string(o_stride));
+  if (N > 0 && V > 0) {
+    kd_require_ptr(factor, "factor");
+    kd_require_ptr(grad_out, "grad_out");
+    kd_require_ptr(out, "out");
+    if (N > 1 && o_stride < V)
+      bad_kd("o_stride: rows of out overlap (o_stride=" + std::to_string(o_stride) + " < V=" + std::to_string(V) + ")");
+  }
+  cudaError_t err;
+  {
+    py::gil_scoped_release nogil;
+    err = fd_kd_bwd(dtype, reinterpret_cast<const void*>(s), reinterpret_cast<const void*>(t),
+                    reinterpret_cast<const void*>(labels), labels_i64, reinterpret_cast<const float*>(weights),
+                    reinterpret_cast<const float*>(prm), reinterpret_cast<const float*>(st),
+                    reinterpret_cast<const float*>(factor), reinterpret_cast<const float*>(grad_out), go_stride,
+                    reinterpret_cast<void*>(out), N, V, Vt, s_stride, t_stride, o_stride, div, ce, softcap,
+                    reinterpret_cast<cudaStream_t>(stream));
+  }
+  check_cuda(err, "kd_bwd");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -189,4 +294,23 @@ PYBIND11_MODULE(_C, m) {
         py::arg("to_num"), py::arg("huber_c"), py::arg("alpha"), py::arg("stream"),
         "Pass 3: writes the gradient of x (gx, or 0 to skip) and, for sid, of term k (gterms[k], or 0), in the "
         "inputs' dtype. grad_out float32 [1] (go_sb 0) or [B] (go_sb 1).");
+
+  m.def("kd_fwd", &kd_fwd, py::arg("dtype"), py::arg("s"), py::arg("t"), py::arg("labels"), py::arg("labels_i64"),
+        py::arg("mask"), py::arg("weights"), py::arg("prm"), py::arg("st"), py::arg("loss"), py::arg("factor"),
+        py::arg("N"), py::arg("V"), py::arg("Vt"), py::arg("s_stride"), py::arg("t_stride"), py::arg("ignore_index"),
+        py::arg("div"), py::arg("red"), py::arg("ce"), py::arg("ce_sep"), py::arg("softcap"), py::arg("num_items"),
+        py::arg("stream"),
+        "Forward passes of kd_loss on student s [N, V] and teacher t [N, Vt] logits of one dtype (0 float32, "
+        "1 float16, 2 bfloat16; unit column stride, row strides s_stride / t_stride in elements). labels int32 / "
+        "int64 [N] (labels_i64) or 0, mask uint8 [N] or 0, weights float32 [N] or 0, prm float32 [8] "
+        "(inv_T, inv_Tt, alpha, t2, logit_scale, softcap or 1, beta, skew). div: 0 fkl .. 5 tvd; red: 0 batchmean, "
+        "1 sum, 2 mean, 3 none; ce: the alpha*CE term; ce_sep: T != 1 (a separate untempered lse); softcap: "
+        "apply prm[5]; num_items > 0 replaces the valid-row count. Writes st [N, 8], loss [1], factor [1] (float32).");
+  m.def("kd_bwd", &kd_bwd, py::arg("dtype"), py::arg("s"), py::arg("t"), py::arg("labels"), py::arg("labels_i64"),
+        py::arg("weights"), py::arg("prm"), py::arg("st"), py::arg("factor"), py::arg("grad_out"),
+        py::arg("go_stride"), py::arg("out"), py::arg("N"), py::arg("V"), py::arg("Vt"), py::arg("s_stride"),
+        py::arg("t_stride"), py::arg("o_stride"), py::arg("div"), py::arg("ce"), py::arg("softcap"), py::arg("stream"),
+        "Backward pass of kd_loss: the gradient w.r.t. the raw student logits into out [N, V] (the student dtype, "
+        "row stride o_stride; may be s itself). grad_out float32 [1] (go_stride 0) or [N] (go_stride 1); st and "
+        "factor from kd_fwd.");
 }

@@ -59,6 +59,18 @@ def _params(prm_ptr):
 
 
 @triton.jit
+def _clamp0(D):
+    """max(D, 0) for a divergence that may round below 0; NaN stays NaN (tl.maximum drops it)."""
+    return tl.maximum(D, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _mix(D, ce, alpha, t2):
+    """(1 − α)·t2·D + α·CE, with the KD term exactly absent at α = 1 (an infinite D stays out)."""
+    return tl.where(alpha < 1.0, (1.0 - alpha) * t2 * D, 0.0) + alpha * ce
+
+
+@triton.jit
 def _safe(m):
     return tl.where(m == float("-inf"), 0.0, m)
 
@@ -133,7 +145,7 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
     zl = zero
     label = 0
     if HAS_LABELS:
-        label = tl.load(lab_ptr + row).to(tl.int32)
+        label = tl.load(lab_ptr + row).to(tl.int64)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + ar
         z = _logits(s_row, cols, cols < V, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
@@ -170,18 +182,19 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
     else:
         lse_1 = lse_s
     ok = _row_valid(row, lab_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
-    ok = ok & (tl.abs(lse_s) < float("inf"))
+    # an all −inf row is invalid; a NaN / +inf logit keeps the row valid so that the NaN shows
+    ok = ok & (lse_s != float("-inf"))
     if not TOPK:
-        ok = ok & (tl.abs(lse_t) < float("inf"))
+        ok = ok & (lse_t != float("-inf"))
     ce = zero
     if CE:
         ce = tl.where((label >= 0) & (label < V), lse_1 - zl, float("nan"))
     D = zero
     if DIV == 0:
-        D = tl.maximum(acc / l_t + lse_s - lse_t, 0.0)
+        D = _clamp0(acc / l_t + lse_s - lse_t)
     elif DIV == 1:
-        D = tl.maximum(acc / l_s + lse_t - lse_s, 0.0)
-    loss = (1.0 - alpha) * t2 * D + alpha * ce
+        D = _clamp0(acc / l_s + lse_t - lse_s)
+    loss = _mix(D, ce, alpha, t2)
     if HAS_W:
         loss = loss * tl.load(w_ptr + row).to(ACC)
     st = st_ptr + row * 8
@@ -217,9 +230,9 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
         d, g, q = _div_terms(z * inv_T - lse_s, zt * inv_Tt - lse_t, beta, skew, DIV)
         dsum += tl.where(cols < V, d, 0.0)
         ssum += tl.where(cols < V, q * g, 0.0)
-    D = tl.maximum(tl.sum(dsum, 0), 0.0)
+    D = _clamp0(tl.sum(dsum, 0))
     ok = tl.load(st + 7) > 0
-    loss = (1.0 - alpha) * t2 * D + alpha * tl.load(st + 6)
+    loss = _mix(D, tl.load(st + 6), alpha, t2)
     if HAS_W:
         loss = loss * tl.load(w_ptr + row).to(ACC)
     tl.store(st + 3, D)
@@ -272,9 +285,9 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
             D += d_t
             S += q_t * g_t
             extra = g_t
-    D = tl.where(good, tl.maximum(D, 0.0), float("nan"))
+    D = tl.where(good, _clamp0(D), float("nan"))
     ok = tl.load(st + 7) > 0
-    loss = (1.0 - alpha) * t2 * D + alpha * tl.load(st + 6)
+    loss = _mix(D, tl.load(st + 6), alpha, t2)
     if HAS_W:
         loss = loss * tl.load(w_ptr + row).to(ACC)
     tl.store(st + 1, extra)
@@ -350,7 +363,7 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
         coeff = coeff * tl.load(w_ptr + row).to(ACC)
     label = 0
     if HAS_LABELS:
-        label = tl.load(lab_ptr + row).to(tl.int32)
+        label = tl.load(lab_ptr + row).to(tl.int64)
     kd_scale = (1.0 - alpha) * t2 * inv_T
     Vs = tl.minimum(V, Vt)
     ar = tl.arange(0, BLOCK_V)

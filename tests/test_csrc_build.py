@@ -1,15 +1,17 @@
 """CPU checks of the CUDA sources in csrc/ (no GPU needed):
 
 1. csrc/score.cu compiles with nvcc for sm_90a with the extension build's macros, and ptxas
-   reports no register spills for any kernel.
+   reports no register spills for any kernel; csrc/kd_softmax.cu likewise for sm_90a and sm_80.
 2. csrc/bindings.cpp compiles with the host compiler (pybind11 + the CUDA headers).
-3. The kernels themselves run on the CPU: score.cu and bindings.cpp are compiled by g++ against
-   a host emulation of the CUDA execution model (block threads as std::threads, __syncthreads as
-   a barrier, warp shuffles through a per-warp exchange; a 128-thread finalize block), the
-   emulated ``_C`` module stands in for the extension behind fastdistill.ops._score_cuda, and a
-   subset of the GPU tier's cases (tests/gpu/test_score_cuda.py) is compared against the
+3. The kernels themselves run on the CPU: score.cu, kd_softmax.cu and bindings.cpp are compiled
+   by g++ against a host emulation of the CUDA execution model (block threads as std::threads,
+   __syncthreads as a barrier, warp shuffles through a per-warp exchange; 128-thread finalize /
+   reduce blocks), the emulated ``_C`` module stands in for the extension behind
+   fastdistill.ops._score_cuda and fastdistill.ops._kd_cuda, and the GPU tier's cases (a subset
+   of tests/gpu/test_score_cuda.py, all of tests/gpu/test_kd_cuda.py) are compared against the
    reference backend.
-4. The dispatcher's reasons for refusing the CUDA backend (mixed term dtypes, more than 8 terms).
+4. The dispatcher's reasons for refusing the CUDA backend (score: mixed term dtypes, more than 8
+   terms; kd_loss: teacher dtype, fp64, top-k teachers).
 
 Each test is skipped with a reason when its toolchain (nvcc, g++ with C++20, the CUDA headers,
 pybind11) is missing.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -38,6 +41,8 @@ CSRC = ROOT / "csrc"
 BUILD_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                  "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 N_KERNELS = 2 * 4 * 3 * 2 + 1  # (stats, grad) x ops x dtypes x (vector, scalar) + finalize
+# kd_softmax.cu: dtypes x (vector, scalar) x (stats: fkl/rkl/other, div: 4, grad: 6) + reduce
+N_KD_KERNELS = 3 * 2 * (3 + 4 + 6) + 1
 
 
 def _cuda_include() -> Path | None:
@@ -82,6 +87,35 @@ def test_score_cu_compiles_without_spills(tmp_path):
     assert not any(stacks), f"local-memory stack frames: {stacks}"
 
 
+def _ptxas_report(report: str, arch: str, n_kernels: int) -> None:
+    """Every kernel compiled for ``arch``: no spills, no local-memory stack frame."""
+    blocks = re.split(r"ptxas info\s*: Compiling entry function '", report)[1:]
+    blocks = [b for b in blocks if f"for 'sm_{arch}'" in b.split("\n", 1)[0]]
+    assert len(blocks) == n_kernels, f"sm_{arch}: expected {n_kernels} kernels, ptxas compiled {len(blocks)}"
+    bad = []
+    for b in blocks:
+        name = b.split("'", 1)[0]
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", b)
+        assert m, f"no resource line for {name}"
+        if m.groups() != ("0", "0", "0"):
+            bad.append((name, m.groups()))
+    assert not bad, f"sm_{arch}: stack frames / register spills (frame, stores, loads): {bad}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_kd_cu_compiles_without_spills(tmp_path):
+    archs = ("90a", "80")
+    cmd = ["nvcc", "-std=c++17", "-O3", "--use_fast_math", "--threads", "2", *BUILD_DEFINES,
+           *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs], "-Xptxas", "-v", "-c",
+           str(CSRC / "kd_softmax.cu"), "-o", str(tmp_path / "kd_softmax.o")]
+    r = _run(cmd, tmp_path)
+    report = r.stdout + r.stderr
+    assert r.returncode == 0, f"nvcc failed:\n{report[-4000:]}"
+    assert "warning" not in report.lower(), report[-4000:]
+    for a in archs:
+        _ptxas_report(report, a, N_KD_KERNELS)
+
+
 # ----------------------------------------------------------------------------- bindings.cpp
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
 def test_bindings_compile(tmp_path):
@@ -96,7 +130,7 @@ def test_bindings_compile(tmp_path):
 
 # ----------------------------------------------------------------------------- host emulation
 EMULATION_HEADER = r"""
-// Host emulation of the CUDA execution model for csrc/score.cu (tests/test_csrc_build.py).
+// Host emulation of the CUDA execution model for csrc/*.cu (tests/test_csrc_build.py).
 #pragma once
 #define __shared__ static
 #define __launch_bounds__(...)
@@ -139,6 +173,8 @@ inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+inline float __expf(float a) { return std::exp(a); }
+inline float __logf(float a) { return std::log(a); }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
@@ -186,14 +222,22 @@ def emulated_ext(tmp_path_factory):
     d = tmp_path_factory.mktemp("emu")
     (d / "fd_emu.h").write_text(EMULATION_HEADER)
     so = d / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
-    # FD_SCORE_FIN_THREADS: the finalize block is written in terms of blockDim; 128 emulated threads
-    # instead of 1024 make each case ~4x faster (a barrier wakes every thread on this CPU).
-    cmd = [gxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-include", str(d / "fd_emu.h"),
-           "-DFD_EXT_ABI=1", "-DFD_SCORE_FIN_THREADS=128", f"-I{inc}", f"-I{pyb}",
-           f"-I{sysconfig.get_paths()['include']}",
-           "-x", "c++", str(CSRC / "score.cu"), "-x", "c++", str(CSRC / "bindings.cpp"), "-o", str(so)]
-    r = _run(cmd, d)
-    if r.returncode != 0 and "barrier" in r.stderr and "error" in r.stderr and "score.cu" not in r.stderr:
+    # FD_SCORE_FIN_THREADS / FD_KD_RED_THREADS: the finalize / reduce blocks are written in terms of
+    # blockDim; 128 emulated threads instead of 1024 make each case ~4x faster (a barrier wakes
+    # every thread on this CPU).
+    flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-include", str(d / "fd_emu.h"), "-DFD_EXT_ABI=1",
+             "-DFD_SCORE_FIN_THREADS=128", "-DFD_KD_RED_THREADS=128", f"-I{inc}", f"-I{pyb}",
+             f"-I{sysconfig.get_paths()['include']}"]
+    sources = [CSRC / "score.cu", CSRC / "kd_softmax.cu", CSRC / "bindings.cpp"]
+    # one translation unit per process (the CPUs compile them side by side), then the link
+    procs = [subprocess.Popen([gxx, *flags, "-c", "-x", "c++", str(src), "-o", str(d / f"{src.stem}.o")], cwd=d,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for src in sources]
+    outs = [pr.communicate(timeout=600) for pr in procs]
+    err = "".join(e for _, e in outs)
+    r = subprocess.CompletedProcess([], max(pr.returncode for pr in procs), "", err)
+    if r.returncode == 0:
+        r = _run([gxx, "-shared", "-pthread", *[str(d / f"{src.stem}.o") for src in sources], "-o", str(so)], d)
+    if r.returncode != 0 and "barrier" in r.stderr and "error" in r.stderr and ".cu" not in r.stderr:
         pytest.skip(f"the host compiler lacks C++20 <barrier>: {r.stderr[-500:]}")
     assert r.returncode == 0, f"emulation build failed:\n{r.stderr[-4000:]}"
     spec = importlib.util.spec_from_file_location("_C", so)
@@ -202,9 +246,9 @@ def emulated_ext(tmp_path_factory):
     return mod
 
 
-def _load_gpu_cases():
-    path = ROOT / "tests" / "gpu" / "test_score_cuda.py"
-    spec = importlib.util.spec_from_file_location("_fd_score_cuda_cases", path)
+def _load_gpu_cases(name: str = "test_score_cuda"):
+    path = ROOT / "tests" / "gpu" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_fd_{name}_cases", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
@@ -270,6 +314,96 @@ def test_emulated_argument_errors(emulated_ext):
             emulated_ext.score_fwd(**{**kw, **bad})
 
 
+# ----------------------------------------------------------------------------- kd_loss (emulated)
+K = _load_gpu_cases("test_kd_cuda")
+KD_EMU_CASES = K.ALL_CASES  # the whole GPU grid: rows are independent CTAs, so the emulation is cheap here
+
+
+@pytest.fixture
+def kd_cuda_on_cpu(emulated_ext, monkeypatch):
+    """The "cuda" backend of kd_loss, on CPU tensors, through the emulated extension."""
+    from fastdistill import _backend
+    from fastdistill.ops import _kd_cuda
+
+    class _Stream:
+        cuda_stream = 0
+
+    monkeypatch.setattr(_kd_cuda, "_ext", lambda: emulated_ext)
+    monkeypatch.setattr(_kd_cuda, "_require_cuda", lambda x: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: _Stream())
+    monkeypatch.setitem(_backend._REGISTRY["kd_loss"], "cuda", lambda *a, **k: [])
+    return "cuda"
+
+
+@pytest.mark.parametrize("case", KD_EMU_CASES, ids=lambda c: c.id)
+def test_emulated_kd_kernels_match_reference(kd_cuda_on_cpu, case):
+    got = K.run_case(case, "cuda", "cpu")
+    r32 = K.run_case(case, "reference", "cpu")
+    r64 = K.run_case(case, "reference", "cpu", fp64=True)
+    K.compare(case, got, r32, r64, floor=1e-6)
+
+
+def test_emulated_kd_state_matches_reference(kd_cuda_on_cpu):
+    """The per-row state [N, 8] itself (lse_s, lse_t, lse_s1, D, S, contrib, ce, valid) and the
+    factor, for a 2-pass and a 3-pass divergence with every row kind (invalid by label / −inf, an
+    out-of-range label)."""
+    from fastdistill.ops import _kd_cuda
+    from fastdistill.ops.kd_softmax import KDPlan
+    from fastdistill.reference import kd_softmax as ref
+
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(7, 300, generator=g) * 2, torch.randn(7, 310, generator=g) * 2
+    s[0], t[1] = -math.inf, -math.inf
+    labels = torch.tensor([3, 7, -100, 299, 0, 300, 5])  # 300 = V: out of range (no host check here): NaN CE
+    w = torch.rand(7, generator=g) + 0.5
+    for div in (0, 4):
+        p = KDPlan(div=div, temperature=1.5, teacher_temperature=1.5, alpha=0.25, t2=2.25, skew=0.3)
+        got = _kd_cuda.kd_fwd(p, s, t, labels, None, w)
+        exp = ref.kd_fwd(p, s, t, labels, None, w)
+        for name, a, b in zip(("loss", "contrib", "state", "factor"), got, exp):
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            if name == "state":  # invalid rows: D and S are never read (the kernels clamp D with fmax, as
+                a, b = a.clone(), b.clone()  # Triton's tl.maximum does, where the reference's NaN propagates)
+                a[b[:, 7] == 0, 3:5] = 0
+                b[b[:, 7] == 0, 3:5] = 0
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), (name, a, b)
+            fin = b.isfinite()
+            torch.testing.assert_close(a[fin], b[fin], rtol=2e-6, atol=2e-6, msg=name)
+
+
+def test_emulated_kd_argument_errors(emulated_ext):
+    fwd = dict(dtype=2, s=16, t=16, labels=0, labels_i64=True, mask=0, weights=0, prm=16, st=16, loss=16, factor=16,
+               N=2, V=8, Vt=8, s_stride=8, t_stride=8, ignore_index=-100, div=0, red=0, ce=False, ce_sep=False,
+               softcap=False, num_items=0.0, stream=0)
+    for bad, match in ((dict(dtype=3), "dtype: expected"), (dict(div=6), "div: expected"),
+                       (dict(red=4), "red: expected"), (dict(s=0), "s: expected a device pointer"),
+                       (dict(ce=True), "needs labels"), (dict(ce_sep=True, labels=16), "ce_sep"),
+                       (dict(div=1, Vt=7), "reverse KL is infinite"), (dict(N=-1), "non-negative"),
+                       (dict(V=2**31), "at most 2\\^30 columns"), (dict(num_items=-1.0), "num_items"),
+                       (dict(t_stride=-8), "t_stride")):
+        with pytest.raises(ValueError, match=match):
+            emulated_ext.kd_fwd(**{**fwd, **bad})
+    bwd = {k: v for k, v in fwd.items() if k not in ("mask", "loss", "red", "ce_sep", "num_items", "ignore_index")}
+    bwd.update(grad_out=16, go_stride=0, out=16, o_stride=8)
+    for bad, match in ((dict(go_stride=2), "go_stride"), (dict(out=0), "out: expected a device pointer"),
+                       (dict(o_stride=4), "rows of out overlap"), (dict(div=-1), "div: expected")):
+        with pytest.raises(ValueError, match=match):
+            emulated_ext.kd_bwd(**{**bwd, **bad})
+    emulated_ext.kd_fwd(**{**fwd, "N": 0})  # nothing to do: no launch, no pointer read
+
+
+def test_kd_params_match_triton():
+    pytest.importorskip("triton")
+    from fastdistill.kernels import kd_softmax as tk
+    from fastdistill.ops import _kd_cuda
+    from fastdistill.ops.kd_softmax import KDPlan
+
+    for p in (KDPlan(), KDPlan(temperature=2.0, teacher_temperature=0.7, alpha=0.3, t2=4.0, logit_scale=1.7,
+                                softcap=30.0, beta=0.25, skew=0.4)):
+        assert torch.equal(_kd_cuda.params(p, torch.device("cpu")), tk.params(p, torch.device("cpu"), torch.float32))
+
+
 # ----------------------------------------------------------------------------- dispatcher
 def test_cuda_why_not_reasons():
     """The dispatcher's reasons for the CUDA backend (checked without running it)."""
@@ -281,3 +415,18 @@ def test_cuda_why_not_reasons():
     why = fastdistill.available_backends("sid_loss", x, term_dtypes=(torch.bfloat16,) * 8)["cuda"]
     assert not any("term" in r for r in why), why
     assert fastdistill.available_backends("scm_tangent_loss", x, term_dtypes=(torch.float32,))["reference"] == []
+
+
+def test_kd_cuda_why_not_reasons():
+    x = torch.zeros(2, 4, dtype=torch.bfloat16)
+    why = fastdistill.available_backends("kd_loss", x, teacher_dtype=torch.float32)["cuda"]
+    assert any("teacher_logits in the student's dtype (bfloat16), got float32" in r for r in why), why
+    why = fastdistill.available_backends("kd_loss", x, teacher_dtype=torch.bfloat16)["cuda"]
+    assert not any("dtype" in r for r in why), why
+    why = fastdistill.available_backends("kd_loss", x.float(), fp64=True)["cuda"]
+    assert any("accum_dtype=float64" in r for r in why), why
+    why = fastdistill.available_backends("kd_loss", x, teacher_dtype=torch.float32, topk=True)["cuda"]
+    assert any("top-k teachers" in r for r in why) and not any("student's dtype" in r for r in why), why
+    assert any("tensors are on cpu" in r for r in why), why
+    with fastdistill.use_backend("cuda"), pytest.raises(fastdistill.BackendUnavailableError, match="student's dtype"):
+        fastdistill.kd_loss(x, torch.zeros(2, 4))

@@ -129,3 +129,40 @@ def test_kd_torch_compile_fullgraph(use, topk):
     ref = f(s)
     (gr,) = torch.autograd.grad(ref, s)
     assert torch.allclose(out, ref, rtol=1e-6) and torch.allclose(g, gr, rtol=1e-6, atol=1e-9)
+
+
+def test_kd_nan_input_shows(use):
+    """A NaN logit makes its row's loss NaN (never silently dropped); other rows are unaffected."""
+    s = torch.randn(3, 40, dtype=F64)
+    t = torch.randn(3, 40, dtype=F64)
+    s[1, 5] = float("nan")
+    per = fd.kd_loss(s, t, reduction="none", accum_dtype=F64)
+    assert torch.isnan(per[1]) and torch.isfinite(per[[0, 2]]).all()
+
+
+def test_kd_alpha_one_ignores_infinite_divergence(use):
+    """hard_label_alpha = 1 is pure CE even where the KD term is infinite (student q = 0 where p > 0)."""
+    s = torch.randn(2, 30, dtype=F64)
+    s[:, 3] = float("-inf")
+    s.requires_grad_()
+    t = torch.randn(2, 30, dtype=F64)
+    lab = torch.tensor([1, 7])
+    loss = fd.kd_loss(s, t, labels=lab, hard_label_alpha=1.0, accum_dtype=F64)
+    loss.backward()
+    ref = F.cross_entropy(s.detach(), lab)
+    assert torch.allclose(loss, ref) and torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("div,base", [("skl", "fkl"), ("srkl", "rkl")])
+def test_kd_skew_zero_is_plain_kl(use, div, base):
+    """skew = 0 is exactly forward / reverse KL, with its finite gradient where q = 0 < p."""
+    s = torch.randn(2, 30, dtype=F64)
+    if base == "fkl":
+        s[:, 3] = float("-inf")
+    s.requires_grad_()
+    t = torch.randn(2, 30, dtype=F64)
+    a = fd.kd_loss(s, t, divergence=div, skew=0.0, accum_dtype=F64)
+    (ga,) = torch.autograd.grad(a, s)
+    b = fd.kd_loss(s, t, divergence=base, accum_dtype=F64)
+    (gb,) = torch.autograd.grad(b, s)
+    assert torch.equal(a, b) and torch.equal(ga, gb) and torch.isfinite(ga).all()

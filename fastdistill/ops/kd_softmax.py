@@ -58,14 +58,38 @@ def _why_not_triton(x: torch.Tensor, **_) -> list[str]:
     return _backend.triton_why_not(x.device)
 
 
+def _why_not_cuda(x: torch.Tensor, fp64: bool = False, teacher_dtype: torch.dtype | None = None, topk: bool = False,
+                  **_) -> list[str]:
+    """``teacher_dtype``: the dense teacher's dtype; ``topk``: a top-k teacher (not in the CUDA kernels)."""
+    r = _backend.cuda_why_not(x.device)
+    ext = _backend.extension()
+    if ext is not None and not hasattr(ext, "kd_fwd"):
+        r.append("fastdistill._C predates the kd_loss kernels (a stale build): rebuild with "
+                 "`pip install --no-build-isolation -e .`")
+    if fp64:
+        r.append("accum_dtype=float64 is not supported by the CUDA kernels (use triton or reference)")
+    if x.dtype == torch.float64:
+        r.append("float64 logits are not supported by the CUDA kernels (use triton or reference)")
+    if topk:
+        r.append("top-k teachers (teacher_topk) are not implemented by the CUDA kernels (use triton or reference)")
+    elif teacher_dtype is not None and teacher_dtype != x.dtype:
+        r.append(f"the CUDA kernels need teacher_logits in the student's dtype ({str(x.dtype).removeprefix('torch.')}"
+                 f"), got {str(teacher_dtype).removeprefix('torch.')} (use triton or reference, or cast the teacher)")
+    return r
+
+
 _backend.register("kd_loss", "reference", lambda x, **_: [])
 _backend.register("kd_loss", "triton", _why_not_triton)
-_backend.register("kd_loss", "cuda", lambda x, **_: ["the CUDA kernels of kd_loss are not written yet (use triton)"])
+_backend.register("kd_loss", "cuda", _why_not_cuda)
 
 
 def _impl(backend: str):
     if backend == "reference":
         return _ref
+    if backend == "cuda":
+        from fastdistill.ops import _kd_cuda
+
+        return _kd_cuda
     from fastdistill.kernels import kd_softmax as k
 
     return k
@@ -283,6 +307,8 @@ def kd_loss(
     div = DIVERGENCES[divergence]
     if div == 2 and beta in (0.0, 1.0):  # the TRL/Liger convention: JSD's endpoints are the KLs
         div = 0 if beta == 0.0 else 1
+    if div in (3, 4) and skew == 0.0:  # skew 0: exactly KL(P‖Q) / KL(Q‖P), with their finite gradients
+        div -= 3
     if div == 1 and Vt < V and not topk:
         raise ValueError(f"teacher_logits: vocabulary {Vt} < the student's {V}: reverse KL is infinite where the "
                          "student has mass and the teacher none; slice the student logits or use 'jsd'/'srkl'")
@@ -319,7 +345,7 @@ def kd_loss(
         t2 = t2.contiguous()
     ids2 = ids.reshape(N, Vt).contiguous() if ids is not None else None
     mask_u8 = mask2.view(torch.uint8) if mask2 is not None else None
-    backend = select_backend("kd_loss", s)
+    backend = select_backend("kd_loss", s, fp64=p.fp64, teacher_dtype=t.dtype, topk=bool(topk))
     if torch.compiler.is_compiling():
         ip, fp = p.pack()
         out, _, _ = _kd_fwd_op(s2, t2, ids2, labels2, mask_u8, w2, ip, fp, backend)

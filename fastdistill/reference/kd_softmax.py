@@ -137,7 +137,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
         else:
             D, g = _row_div(p, lq, lp)
             S = (lq.exp() * g).sum(1)
-        ok = torch.isfinite(lse_s) & (torch.isfinite(lse_t) if not p.topk else torch.ones_like(lse_s, dtype=torch.bool))
+        # an all −inf row is invalid; a NaN / +inf logit keeps the row valid so that the NaN shows
+        ok = (lse_s != float("-inf")) & ((lse_t != float("-inf")) if not p.topk else True)
         if labels is not None:
             ok &= labels[sl] != p.ignore_index
         if mask is not None:
@@ -152,7 +153,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
         D = D.clamp_min(0)
         if p.topk:
             D = torch.where(good, D, torch.full_like(D, float("nan")))
-        loss = (1 - p.alpha) * p.t2 * D + p.alpha * ce
+        kd = (1 - p.alpha) * p.t2 * D if p.alpha < 1 else torch.zeros_like(D)  # α = 1: no KD term at all
+        loss = kd + p.alpha * ce
         if weights is not None:
             loss = loss * weights[sl].to(acc)
         contrib = torch.where(ok, loss, torch.zeros_like(loss))

@@ -1,0 +1,732 @@
+// CUDA backend of kd_loss (fused KD softmax). Semantics: docs/kd_ops.md. The algorithm mirrors the
+// Triton kernels in kernels/kd_softmax.py (and the PyTorch reference in
+// fastdistill/reference/kd_softmax.py): one CTA per row, the vocabulary streamed in tiles, online
+// max / sum-exp of student and teacher together, all statistics fp32.
+//
+//   1. kd_stats_kernel   grid (N): lse of both models (and the untempered student lse for CE when
+//      T != 1), the label logit, validity, and for fkl / rkl the divergence itself through the
+//      rescaled running sums A = Σ e^{u_t − m_t}(u_t − u_s) (fkl) or Σ e^{u_s − m_s}(u_s − u_t) (rkl):
+//      D = A/l_t + lse_s − lse_t (fkl), A/l_s + lse_t − lse_s (rkl).
+//   2. kd_div_kernel     grid (N), jsd / skl / srkl / tvd only: with both lse known, D and the row
+//      sum S = Σ q·g that the softmax Jacobian of their gradient needs.
+//   3. kd_reduce_kernel  one CTA: the valid-row count and the reduced loss, fixed order.
+//   4. kd_grad_kernel    grid (N): the gradient w.r.t. the raw student logits, written in the
+//      student dtype (into the logits themselves for inplace_grad).
+// Per-row state (fp32, [N, 8]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid. The float
+// parameters come from a device fp32 tensor [8]: inv_T, inv_Tt, alpha, t2, logit_scale, softcap
+// (1 when off), beta, skew (kernels/kd_softmax.params()).
+//
+// Online softmax: each thread keeps its own running (max, sum-exp) over the elements it owns and
+// rescales once per loop iteration (UNR·VEC elements), like Triton's once per BLOCK_V; the
+// thread states are merged at the end by a fixed shuffle tree and then in warp order. The max
+// of an all −inf prefix stays −inf and every exponent is taken against safe(m) (0 for −inf), so
+// rows that are all −inf give lse = −inf (an invalid row), never NaN; a NaN logit makes its
+// model's lse NaN and the row stays valid, so its loss is NaN (as in Triton).
+//
+// Where this departs from the Triton code without changing a result: logit_scale is always
+// applied (×1 is exact); the label logit is read once by thread 0 instead of a masked row sum;
+// labels are compared as int64 (Triton truncates to int32 first); the gradient pass writes zeros
+// to invalid rows without reading their logits (what tl.where(ok, gz, 0) stores).
+//
+// Determinism: no atomics; every reduction has a fixed order, so repeated runs are bitwise
+// identical. Torch-free: raw device pointers and a cudaStream_t; the pybind11 glue is
+// bindings.cpp. Student and teacher share one dtype (float, __half, __nv_bfloat16). Math goes
+// through explicit intrinsics so that results do not depend on --use_fast_math: __expf /
+// __fdividef in the streaming loops (ex2.approx, as Triton's tl.exp), IEEE __fdiv_rn and a
+// double-precision log for the once-per-row quantities.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+// The launch goes through FD_LAUNCH so that a host emulation of the CUDA execution model
+// (tests/test_csrc_build.py) can run these exact kernels on the CPU.
+#ifndef FD_LAUNCH
+#define FD_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
+
+namespace fd_kd {
+
+constexpr int DIV_FKL = 0, DIV_RKL = 1, DIV_JSD = 2, DIV_SKL = 3, DIV_SRKL = 4, DIV_TVD = 5;
+constexpr int SDIV_NONE = 2;  // the stats pass of the 3-pass divergences: no running divergence sum
+constexpr int NSTATE = 8;
+constexpr int MAX_THREADS = 256;  // per row CTA; fewer (a power of two >= 32) for short rows
+// CTAs of 256 threads per SM: 4 (<= 64 registers) on the 16-byte path, 3 (<= 80) on the scalar path
+template <bool VECTOR>
+constexpr int MIN_BLOCKS = VECTOR ? 4 : 3;
+// tiles per loop iteration: the 16-byte path keeps 2 x (student + teacher) vector loads in flight;
+// the scalar path one tile (VEC independent loads per tensor; more would spill)
+template <bool VECTOR>
+constexpr int UNR = VECTOR ? 2 : 1;
+constexpr int MAX_WARPS = MAX_THREADS / 32;
+#ifndef FD_KD_RED_THREADS  // the reduce is written in terms of blockDim; the CPU emulation uses fewer
+#define FD_KD_RED_THREADS 1024
+#endif
+constexpr int RED_THREADS = FD_KD_RED_THREADS;
+static_assert(RED_THREADS % 32 == 0 && RED_THREADS <= 1024, "FD_KD_RED_THREADS: whole warps, at most 1024");
+
+// runtime switches (uniform over the grid, so the branches cost no divergence)
+constexpr int F_LABELS = 1, F_LAB64 = 2, F_MASK = 4, F_W = 8, F_CE = 16, F_CE_SEP = 32, F_SOFTCAP = 64;
+
+struct KdArgs {
+  const void* s;        // student logits [N, V] (row stride s_stride, unit column stride)
+  const void* t;        // teacher logits [N, Vt]
+  const void* labels;   // int32 / int64 [N] (F_LABELS, F_LAB64) or null
+  const uint8_t* mask;  // [N] or null
+  const float* w;       // [N] or null
+  const float* prm;     // [8]
+  float* st;            // [N, 8]
+  const float* factor;  // grad: [1]
+  const float* go;      // grad: upstream gradient [1] or [N] ...
+  int64_t go_stride;    // ... with stride 0 or 1
+  void* out;            // grad: [N, V] in the student dtype (may alias s)
+  int64_t s_stride, t_stride, o_stride, ignore_index;
+  int V, Vt, flags;
+};
+
+// ----------------------------------------------------------------------------- element types
+__device__ __forceinline__ unsigned word(const uint4& r, int i) {
+  return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w;
+}
+
+// DT<T>: 16-byte vector width, scalar/vector load and store through bit patterns (the build
+// defines __CUDA_NO_HALF_OPERATORS__ / _CONVERSIONS__, so only explicit intrinsics are used).
+// NC: read-only (__ldg) loads; the gradient pass, whose output may alias its input, uses plain ones.
+template <typename T>
+struct DT;
+
+template <>
+struct DT<float> {
+  static constexpr int kVec = 4;
+  template <bool NC>
+  __device__ static float load1(const float* p) {
+    if constexpr (NC) return __ldg(p);
+    return *p;
+  }
+  __device__ static void store1(float* p, float v) { *p = v; }
+  __device__ static float elem(const uint4& r, int j) { return __uint_as_float(word(r, j)); }
+  __device__ static uint4 pack(const float (&v)[4]) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+  }
+};
+
+template <typename T>
+struct Bits16;  // float <-> the bit pattern of a 16-bit type
+template <>
+struct Bits16<__half> {
+  __device__ static float to_float(unsigned b) { return __half2float(__ushort_as_half((unsigned short)b)); }
+  __device__ static unsigned from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+template <>
+struct Bits16<__nv_bfloat16> {
+  __device__ static float to_float(unsigned b) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)b)); }
+  __device__ static unsigned from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+
+template <typename T>  // __half, __nv_bfloat16: element j of a 16-byte vector is half j&1 of word j/2
+struct DT : Bits16<T> {
+  using B16 = Bits16<T>;
+  static constexpr int kVec = 8;
+  template <bool NC>
+  __device__ static float load1(const T* p) {
+    const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
+    if constexpr (NC) return B16::to_float(__ldg(q));
+    return B16::to_float(*q);
+  }
+  __device__ static void store1(T* p, float v) { *reinterpret_cast<unsigned short*>(p) = (unsigned short)B16::from_float(v); }
+  __device__ static float elem(const uint4& r, int j) {
+    const unsigned w = word(r, j >> 1);
+    return B16::to_float((j & 1) ? (w >> 16) : (w & 0xffffu));
+  }
+  __device__ static uint4 pack(const float (&v)[8]) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = B16::from_float(v[2 * i]) | (B16::from_float(v[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+// ----------------------------------------------------------------------------- per-thread tiles
+// A tile is the blockDim.x·VEC columns [chunk, chunk + blockDim.x·VEC) of a row; each thread owns
+// VEC of them. Vectorised: the VEC consecutive columns at chunk + tid·VEC (one 16-byte load; needs
+// the column limit, the row stride and the pointer 16-byte aligned, so a vector is either wholly
+// inside the row or wholly past its limit). Scalar: chunk + tid + j·blockDim.x (coalesced across
+// the warp). Columns at or past the limit read as 0; the callers mask them to −inf.
+template <typename T, bool VECTOR>
+__device__ __forceinline__ int col_of(int chunk, int j) {
+  return VECTOR ? chunk + (int)threadIdx.x * DT<T>::kVec + j : chunk + (int)threadIdx.x + j * (int)blockDim.x;
+}
+
+template <typename T, bool VECTOR, bool NC>
+struct Frag;  // VEC elements of one row, as loaded by this thread
+
+template <typename T, bool NC>
+struct Frag<T, true, NC> {
+  uint4 raw;
+  __device__ void load(const T* row, int chunk, int lim) {
+    const int o = col_of<T, true>(chunk, 0);
+    const uint4* p = reinterpret_cast<const uint4*>(row + o);
+    if (o < lim) {
+      if constexpr (NC) raw = __ldg(p);
+      else raw = *p;
+    } else {
+      raw = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  __device__ float get(int j) const { return DT<T>::elem(raw, j); }
+};
+
+template <typename T, bool NC>
+struct Frag<T, false, NC> {  // the same packing as a vector (16-bit elements two to a register)
+  uint4 raw;
+  __device__ void load(const T* row, int chunk, int lim) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = 0u;
+#pragma unroll
+    for (int j = 0; j < DT<T>::kVec; ++j) {
+      const int o = col_of<T, false>(chunk, j);
+      if (o < lim) {
+        if constexpr (sizeof(T) == 4) {
+          w[j] = __float_as_uint(DT<T>::template load1<NC>(row + o));
+        } else {
+          const unsigned short* q = reinterpret_cast<const unsigned short*>(row + o);
+          unsigned b;
+          if constexpr (NC) b = __ldg(q);
+          else b = *q;
+          w[j >> 1] |= b << (16 * (j & 1));
+        }
+      }
+    }
+    raw = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  __device__ float get(int j) const { return DT<T>::elem(raw, j); }
+};
+
+template <typename T, bool VECTOR>
+__device__ __forceinline__ void store_tile(T* row, int chunk, int lim, const float (&v)[DT<T>::kVec]) {
+  if constexpr (VECTOR) {
+    const int o = col_of<T, true>(chunk, 0);
+    if (o < lim) *reinterpret_cast<uint4*>(row + o) = DT<T>::pack(v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < DT<T>::kVec; ++j) {
+      const int o = col_of<T, false>(chunk, j);
+      if (o < lim) DT<T>::store1(row + o, v[j]);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- math helpers
+constexpr float NEG_INF = -__builtin_huge_valf();
+
+// max(D, 0) for a divergence that may round below 0; NaN stays NaN (fmaxf would drop it)
+__device__ __forceinline__ float clamp0(float d) { return d < 0.0f ? 0.0f : d; }
+__device__ __forceinline__ float safe(float m) { return m == NEG_INF ? 0.0f : m; }  // Triton's _safe
+
+struct Prm {
+  float inv_T, inv_Tt, alpha, t2, scale, softcap, beta, skew;
+  __device__ void load(const float* p) {
+    inv_T = __ldg(p + 0), inv_Tt = __ldg(p + 1), alpha = __ldg(p + 2), t2 = __ldg(p + 3);
+    scale = __ldg(p + 4), softcap = __ldg(p + 5), beta = __ldg(p + 6), skew = __ldg(p + 7);
+  }
+};
+
+// Triton's _tanh: the odd series through x^11 for |x| < 0.1 (no cancellation), else
+// (1 − e^{−2|x|}) / (1 + e^{−2|x|}) with the sign of x.
+__device__ __forceinline__ float tanh_fd(float x) {
+  const float ax = fabsf(x), x2 = x * x;
+  if (ax < 0.1f)
+    return x * (1.0f + x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f + x2 * (
+                    62.0f / 2835.0f + x2 * (-1382.0f / 155925.0f))))));
+  const float e = __expf(-2.0f * ax);
+  const float big = __fdividef(1.0f - e, 1.0f + e);
+  return x < 0.0f ? -big : big;
+}
+
+// logit_scale (always applied: 1 when off, which is exact), then softcap (Triton's _logits).
+__device__ __forceinline__ float transform(float z, const Prm& p, bool softcap) {
+  z = z * p.scale;
+  if (softcap) z = p.softcap * tanh_fd(__fdividef(z, p.softcap));
+  return z;
+}
+
+// log(a·e^la + b·e^lb) (a, b ≥ 0)
+__device__ __forceinline__ float logmix(float a, float la, float b, float lb) {
+  const float mx = safe(fmaxf(la, lb));
+  return mx + __logf(a * __expf(la - mx) + b * __expf(lb - mx));
+}
+
+// Per-element divergence contribution d and g = ∂D/∂q of the 3-pass divergences (Triton's _div_terms).
+template <int DIV>
+__device__ __forceinline__ void div_terms(float lq, float lp, float beta, float skew, float& d, float& g, float& q) {
+  q = __expf(lq);
+  const float p = __expf(lp);
+  if constexpr (DIV == DIV_JSD) {  // M = βP + (1−β)Q
+    const float lm = logmix(beta, lp, 1.0f - beta, lq);
+    d = beta * (p > 0.0f ? p * (lp - lm) : 0.0f) + (1.0f - beta) * (q > 0.0f ? q * (lq - lm) : 0.0f);
+    g = (1.0f - beta) * (q > 0.0f ? lq - lm : 0.0f);
+  } else if constexpr (DIV == DIV_SKL) {  // KL(P ‖ λP + (1−λ)Q)
+    const float lm = logmix(skew, lp, 1.0f - skew, lq);
+    d = p > 0.0f ? p * (lp - lm) : 0.0f;
+    g = -(1.0f - skew) * (p > 0.0f ? __expf(lp - lm) : 0.0f);
+  } else if constexpr (DIV == DIV_SRKL) {  // KL(Q ‖ (1−λ)P + λQ)
+    const float lm = logmix(1.0f - skew, lp, skew, lq);
+    d = q > 0.0f ? q * (lq - lm) : 0.0f;
+    g = q > 0.0f ? (lq - lm) + 1.0f - skew * __expf(lq - lm) : 0.0f;
+  } else {  // TVD
+    d = 0.5f * fabsf(p - q);
+    g = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sums of NV per-thread values over the block: shuffle tree, then thread 0 adds the warps in
+// order. The result is valid in thread 0 only.
+template <int NV>
+__device__ __forceinline__ void block_sum0(float (&v)[NV], float (*buf)[NV]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) v[i] = warp_sum(v[i]);
+  if (lane == 0)
+    for (int i = 0; i < NV; ++i) buf[warp][i] = v[i];
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int w = 1; w < nw; ++w)
+      for (int i = 0; i < NV; ++i) v[i] += buf[w][i];
+}
+
+// The running statistics of one thread (and, merged, of the row): max / sum-exp of the tempered
+// student (s), the tempered teacher (t) and the untempered student (1, CE with T != 1), and the
+// divergence sum A of fkl (rescaled with the teacher's max) or rkl (with the student's).
+struct Online {
+  float ms, ls, mt, lt, acc, m1, l1;
+};
+
+template <int SDIV>
+__device__ __forceinline__ Online merge(const Online& a, const Online& b, bool ce_sep) {
+  Online r;
+  r.ms = fmaxf(a.ms, b.ms);
+  r.mt = fmaxf(a.mt, b.mt);
+  const float as = __expf(a.ms - safe(r.ms)), bs = __expf(b.ms - safe(r.ms));
+  const float at = __expf(a.mt - safe(r.mt)), bt = __expf(b.mt - safe(r.mt));
+  r.ls = a.ls * as + b.ls * bs;
+  r.lt = a.lt * at + b.lt * bt;
+  if constexpr (SDIV == DIV_FKL) r.acc = a.acc * at + b.acc * bt;
+  else if constexpr (SDIV == DIV_RKL) r.acc = a.acc * as + b.acc * bs;
+  else r.acc = 0.0f;
+  r.m1 = a.m1, r.l1 = a.l1;
+  if (ce_sep) {
+    r.m1 = fmaxf(a.m1, b.m1);
+    r.l1 = a.l1 * __expf(a.m1 - safe(r.m1)) + b.l1 * __expf(b.m1 - safe(r.m1));
+  }
+  return r;
+}
+
+__device__ __forceinline__ Online shfl_xor(const Online& a, int o) {
+  Online r;
+  r.ms = __shfl_xor_sync(0xffffffffu, a.ms, o);
+  r.ls = __shfl_xor_sync(0xffffffffu, a.ls, o);
+  r.mt = __shfl_xor_sync(0xffffffffu, a.mt, o);
+  r.lt = __shfl_xor_sync(0xffffffffu, a.lt, o);
+  r.acc = __shfl_xor_sync(0xffffffffu, a.acc, o);
+  r.m1 = __shfl_xor_sync(0xffffffffu, a.m1, o);
+  r.l1 = __shfl_xor_sync(0xffffffffu, a.l1, o);
+  return r;
+}
+
+// log with full precision whatever the fast-math flags (once per row)
+__device__ __forceinline__ float log_row(float l) { return (float)log((double)l); }
+
+__device__ __forceinline__ int64_t load_label(const KdArgs& a, int64_t row) {
+  if (a.flags & F_LAB64) return __ldg(static_cast<const long long*>(a.labels) + row);
+  return __ldg(static_cast<const int*>(a.labels) + row);
+}
+
+// ----------------------------------------------------------------------------- pass 1: statistics
+template <typename T, bool VECTOR, int SDIV>
+__global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kernel(const KdArgs a) {
+  constexpr int VEC = DT<T>::kVec, U = UNR<VECTOR>, E = U * VEC;
+  __shared__ Online red[MAX_WARPS];
+  const int64_t row = blockIdx.x;
+  Prm p;
+  p.load(a.prm);
+  const T* s_row = static_cast<const T*>(a.s) + row * a.s_stride;
+  const T* t_row = static_cast<const T*>(a.t) + row * a.t_stride;
+  const int V = a.V, Vs = a.V < a.Vt ? a.V : a.Vt, tile = (int)blockDim.x * VEC;
+  const bool softcap = a.flags & F_SOFTCAP, ce_sep = a.flags & F_CE_SEP;
+  const float inv_T = p.inv_T, inv_Tt = p.inv_Tt;
+  Online o = {NEG_INF, 0.0f, NEG_INF, 0.0f, 0.0f, NEG_INF, 0.0f};
+  for (int c0 = 0; c0 < V; c0 += U * tile) {
+    Frag<T, VECTOR, true> fs[U], ft[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      fs[u].load(s_row, c0 + u * tile, V);
+      ft[u].load(t_row, c0 + u * tile, Vs);
+    }
+    // z: transformed student logits (untempered), ut: tempered teacher; −inf past the limits
+    float z[E], ut[E], bz = NEG_INF, bt = NEG_INF;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const int col = col_of<T, VECTOR>(c0 + u * tile, j), k = u * VEC + j;
+        z[k] = col < V ? transform(fs[u].get(j), p, softcap) : NEG_INF;
+        ut[k] = col < Vs ? transform(ft[u].get(j), p, softcap) * inv_Tt : NEG_INF;
+        bz = fmaxf(bz, z[k]);
+        bt = fmaxf(bt, ut[k]);
+      }
+    // u_s = z·inv_T is monotone in z (inv_T > 0), so max u_s = (max z)·inv_T exactly
+    const float ms_new = fmaxf(o.ms, bz * inv_T), mt_new = fmaxf(o.mt, bt);
+    const float rs = __expf(o.ms - safe(ms_new)), rt = __expf(o.mt - safe(mt_new));
+    float sum_s = 0.0f, sum_t = 0.0f, sum_a = 0.0f;
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const float us = z[k] * inv_T;
+      const float es = __expf(us - safe(ms_new)), et = __expf(ut[k] - safe(mt_new));
+      sum_s += es;
+      sum_t += et;
+      if constexpr (SDIV == DIV_FKL) sum_a += et > 0.0f ? et * (ut[k] - us) : 0.0f;
+      else if constexpr (SDIV == DIV_RKL) sum_a += es > 0.0f ? es * (us - ut[k]) : 0.0f;
+    }
+    o.ls = o.ls * rs + sum_s;
+    o.lt = o.lt * rt + sum_t;
+    if constexpr (SDIV == DIV_FKL) o.acc = o.acc * rt + sum_a;
+    else if constexpr (SDIV == DIV_RKL) o.acc = o.acc * rs + sum_a;
+    if (ce_sep) {
+      const float m1_new = fmaxf(o.m1, bz);
+      float sum_1 = 0.0f;
+#pragma unroll
+      for (int k = 0; k < E; ++k) sum_1 += __expf(z[k] - safe(m1_new));
+      o.l1 = o.l1 * __expf(o.m1 - safe(m1_new)) + sum_1;
+      o.m1 = m1_new;
+    }
+    o.ms = ms_new;
+    o.mt = mt_new;
+  }
+  // merge: shuffle tree inside each warp, then thread 0 merges the warps in order
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) o = merge<SDIV>(o, shfl_xor(o, off), ce_sep);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = o;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int w = 1; w < (int)(blockDim.x >> 5); ++w) o = merge<SDIV>(o, red[w], ce_sep);
+
+  const float lse_s = o.ms + log_row(o.ls), lse_t = o.mt + log_row(o.lt);
+  const float lse_1 = ce_sep ? o.m1 + log_row(o.l1) : lse_s;
+  bool ok = true;
+  int64_t label = 0;
+  if (a.flags & F_LABELS) {
+    label = load_label(a, row);
+    ok = ok && label != a.ignore_index;
+  }
+  if (a.flags & F_MASK) ok = ok && __ldg(a.mask + row) != 0;
+  // an all −inf row is invalid; a NaN / +inf logit keeps the row valid so that the NaN shows
+  ok = ok && lse_s != -INFINITY && lse_t != -INFINITY;
+  float ce = 0.0f;
+  if (a.flags & F_CE) {
+    if (label >= 0 && label < V) ce = lse_1 - transform(DT<T>::template load1<true>(s_row + label), p, softcap);
+    else ce = __int_as_float(0x7fc00000);  // NaN: an out-of-range label
+  }
+  float D = 0.0f;
+  if constexpr (SDIV == DIV_FKL) D = clamp0(__fdiv_rn(o.acc, o.lt) + lse_s - lse_t);
+  else if constexpr (SDIV == DIV_RKL) D = clamp0(__fdiv_rn(o.acc, o.ls) + lse_t - lse_s);
+  float loss = (p.alpha < 1.0f ? (1.0f - p.alpha) * p.t2 * D : 0.0f) + p.alpha * ce;  // α = 1: no KD term
+  if (a.flags & F_W) loss = loss * __ldg(a.w + row);
+  float* st = a.st + row * NSTATE;
+  st[0] = lse_s, st[1] = lse_t, st[2] = lse_1, st[3] = D;
+  st[4] = 0.0f, st[5] = ok ? loss : 0.0f, st[6] = ce, st[7] = ok ? 1.0f : 0.0f;
+}
+
+// ----------------------------------------------------------------------------- pass 2: divergence
+template <typename T, bool VECTOR, int DIV>
+__global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_div_kernel(const KdArgs a) {
+  constexpr int VEC = DT<T>::kVec, U = UNR<VECTOR>;
+  __shared__ float red[MAX_WARPS][2];
+  const int64_t row = blockIdx.x;
+  Prm p;
+  p.load(a.prm);
+  const T* s_row = static_cast<const T*>(a.s) + row * a.s_stride;
+  const T* t_row = static_cast<const T*>(a.t) + row * a.t_stride;
+  float* st = a.st + row * NSTATE;
+  const float lse_s = st[0], lse_t = st[1];
+  const int V = a.V, Vs = a.V < a.Vt ? a.V : a.Vt, tile = (int)blockDim.x * VEC;
+  const bool softcap = a.flags & F_SOFTCAP;
+  float sums[2] = {0.0f, 0.0f};  // Σ d, Σ q·g
+  for (int c0 = 0; c0 < V; c0 += U * tile) {
+    Frag<T, VECTOR, true> fs[U], ft[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      fs[u].load(s_row, c0 + u * tile, V);
+      ft[u].load(t_row, c0 + u * tile, Vs);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const int col = col_of<T, VECTOR>(c0 + u * tile, j);
+        if (col < V) {
+          const float z = transform(fs[u].get(j), p, softcap);
+          const float zt = col < Vs ? transform(ft[u].get(j), p, softcap) : NEG_INF;
+          float d, g, q;
+          div_terms<DIV>(z * p.inv_T - lse_s, zt * p.inv_Tt - lse_t, p.beta, p.skew, d, g, q);
+          sums[0] += d;
+          sums[1] += q * g;
+        }
+      }
+  }
+  block_sum0<2>(sums, red);
+  if (threadIdx.x != 0) return;
+  const float D = clamp0(sums[0]);
+  const bool ok = st[7] > 0.0f;
+  float loss = (p.alpha < 1.0f ? (1.0f - p.alpha) * p.t2 * D : 0.0f) + p.alpha * st[6];
+  if (a.flags & F_W) loss = loss * __ldg(a.w + row);
+  st[3] = D;
+  st[4] = sums[1];
+  st[5] = ok ? loss : 0.0f;
+}
+
+// ----------------------------------------------------------------------------- pass 3: reduction
+// n = num_items if > 0 else the valid-row count; factor = 1/n (batchmean), 1/(n·V) (mean), 1
+// (sum, none), 0 when n = 0; loss = Σ contrib · factor.
+__global__ void __launch_bounds__(RED_THREADS) kd_reduce_kernel(const float* st, float* loss, float* factor, int64_t N,
+                                                               int V, float num_items, int red) {
+  __shared__ float buf_c[32];
+  __shared__ unsigned long long buf_n[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  float cs = 0.0f;
+  unsigned long long cnt = 0;
+  for (int64_t r = threadIdx.x; r < N; r += blockDim.x) {
+    cs += st[r * NSTATE + 5];
+    cnt += st[r * NSTATE + 7] > 0.0f ? 1u : 0u;
+  }
+  cs = warp_sum(cs);
+  cnt = warp_sum_u64(cnt);
+  if (lane == 0) buf_c[warp] = cs, buf_n[warp] = cnt;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int w = 1; w < nw; ++w) cs += buf_c[w], cnt += buf_n[w];
+  const float n = num_items > 0.0f ? num_items : (float)cnt;
+  float f = 1.0f;
+  if (red == 0) f = n > 0.0f ? __fdiv_rn(1.0f, n) : 0.0f;
+  else if (red == 2) f = n > 0.0f ? __fdiv_rn(1.0f, n * (float)V) : 0.0f;
+  loss[0] = cs * f;
+  factor[0] = f;
+}
+
+// ----------------------------------------------------------------------------- pass 4: gradient
+// ∂ℓ/∂z_j = c · [(1−α)·t2/T · du_j + α·(softmax(z)_j − [j = label])] · (1 − tanh²) · logit_scale,
+// c = factor · upstream · weight; du = q − p (fkl), q(log q − log p − D) (rkl), q(g − S) (others).
+// Invalid rows get zeros. Each thread reads its elements (student and teacher) before it writes
+// the same columns, so out may alias the student logits (and the teacher may be the student).
+template <typename T, bool VECTOR, int DIV>
+__global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kernel(const KdArgs a) {
+  constexpr int VEC = DT<T>::kVec, U = UNR<VECTOR>;
+  const int64_t row = blockIdx.x;
+  const int V = a.V, Vs = a.V < a.Vt ? a.V : a.Vt, tile = (int)blockDim.x * VEC;
+  T* o_row = static_cast<T*>(a.out) + row * a.o_stride;
+  const float* st = a.st + row * NSTATE;
+  if (!(__ldg(st + 7) > 0.0f)) {  // invalid row: zeros (what the masked formula gives), nothing read
+    const float zero[VEC] = {};
+    for (int c0 = 0; c0 < V; c0 += tile) store_tile<T, VECTOR>(o_row, c0, V, zero);
+    return;
+  }
+  Prm p;
+  p.load(a.prm);
+  const T* s_row = static_cast<const T*>(a.s) + row * a.s_stride;
+  const T* t_row = static_cast<const T*>(a.t) + row * a.t_stride;
+  const float lse_s = __ldg(st + 0), lse_t = __ldg(st + 1), lse_1 = __ldg(st + 2), D = __ldg(st + 3);
+  const float S = __ldg(st + 4);
+  float coeff = __ldg(a.factor) * __ldg(a.go + row * a.go_stride);
+  if (a.flags & F_W) coeff = coeff * __ldg(a.w + row);
+  const bool softcap = a.flags & F_SOFTCAP, ce = a.flags & F_CE;
+  const int64_t label = (a.flags & F_LABELS) ? load_label(a, row) : 0;
+  const float kd_scale = (1.0f - p.alpha) * p.t2 * p.inv_T;
+  for (int c0 = 0; c0 < V; c0 += U * tile) {
+    Frag<T, VECTOR, false> fs[U], ft[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      fs[u].load(s_row, c0 + u * tile, V);
+      ft[u].load(t_row, c0 + u * tile, Vs);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float gz[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const int col = col_of<T, VECTOR>(c0 + u * tile, j);
+        const float z = transform(fs[u].get(j), p, softcap);
+        const float zt = col < Vs ? transform(ft[u].get(j), p, softcap) : NEG_INF;
+        const float lq = z * p.inv_T - lse_s, lp = zt * p.inv_Tt - lse_t;
+        float du;
+        if constexpr (DIV == DIV_FKL) {
+          du = __expf(lq) - __expf(lp);
+        } else if constexpr (DIV == DIV_RKL) {
+          const float q = __expf(lq);
+          du = q > 0.0f ? q * (lq - lp - D) : 0.0f;
+        } else {
+          float d, g, q;
+          div_terms<DIV>(lq, lp, p.beta, p.skew, d, g, q);
+          du = q * (g - S);
+        }
+        float v = kd_scale * du;
+        if (ce) v += p.alpha * (__expf(z - lse_1) - ((int64_t)col == label ? 1.0f : 0.0f));
+        v = v * coeff;
+        if (softcap) {
+          const float th = __fdividef(z, p.softcap);
+          v = v * (1.0f - th * th);
+        }
+        gz[j] = v * p.scale;
+      }
+      store_tile<T, VECTOR>(o_row, c0 + u * tile, V, gz);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- host launchers
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Threads per row CTA: enough for one loop iteration to cover the row, a power of two in [32, 256].
+inline int row_threads(int V, int per_thread) {
+  const int64_t need = ((int64_t)V + per_thread - 1) / per_thread;
+  int nt = 32;
+  while (nt < MAX_THREADS && nt < need) nt *= 2;
+  return nt;
+}
+
+// The 16-byte path: every row's student, teacher (and output) columns start 16-byte aligned and
+// the column limits V and min(V, Vt) are whole vectors.
+inline bool use_vector(const KdArgs& a, int64_t N, int vec, bool grad) {
+  const int Vs = a.V < a.Vt ? a.V : a.Vt;
+  auto stride_ok = [&](int64_t st) { return N == 1 || st % vec == 0; };
+  bool v = a.V % vec == 0 && Vs % vec == 0 && aligned16(a.s) && aligned16(a.t) && stride_ok(a.s_stride) &&
+           stride_ok(a.t_stride);
+  if (grad) v = v && aligned16(a.out) && stride_ok(a.o_stride);
+  return v;
+}
+
+enum class Pass { STATS, DIV, GRAD };
+
+template <Pass P, typename T, bool VECTOR, int DIV>
+cudaError_t launch(const KdArgs& a, int64_t N, cudaStream_t s) {
+  const dim3 grid((unsigned)N), block((unsigned)row_threads(a.V, UNR<VECTOR> * DT<T>::kVec));
+  if constexpr (P == Pass::STATS) {
+    auto kernel = kd_stats_kernel<T, VECTOR, DIV>;
+    FD_LAUNCH(kernel, grid, block, s, a);
+  } else if constexpr (P == Pass::DIV) {
+    auto kernel = kd_div_kernel<T, VECTOR, DIV>;
+    FD_LAUNCH(kernel, grid, block, s, a);
+  } else {
+    auto kernel = kd_grad_kernel<T, VECTOR, DIV>;
+    FD_LAUNCH(kernel, grid, block, s, a);
+  }
+  return cudaGetLastError();
+}
+
+template <Pass P, typename T, bool VECTOR>
+cudaError_t launch_div(int div, const KdArgs& a, int64_t N, cudaStream_t s) {
+  if constexpr (P == Pass::STATS) {  // fkl, rkl, or the statistics of the 3-pass divergences
+    if (div == DIV_FKL) return launch<P, T, VECTOR, DIV_FKL>(a, N, s);
+    if (div == DIV_RKL) return launch<P, T, VECTOR, DIV_RKL>(a, N, s);
+    return launch<P, T, VECTOR, SDIV_NONE>(a, N, s);
+  } else {
+    switch (div) {
+      case DIV_FKL:
+        if constexpr (P == Pass::GRAD) return launch<P, T, VECTOR, DIV_FKL>(a, N, s);
+        return cudaErrorInvalidValue;
+      case DIV_RKL:
+        if constexpr (P == Pass::GRAD) return launch<P, T, VECTOR, DIV_RKL>(a, N, s);
+        return cudaErrorInvalidValue;
+      case DIV_JSD: return launch<P, T, VECTOR, DIV_JSD>(a, N, s);
+      case DIV_SKL: return launch<P, T, VECTOR, DIV_SKL>(a, N, s);
+      case DIV_SRKL: return launch<P, T, VECTOR, DIV_SRKL>(a, N, s);
+      case DIV_TVD: return launch<P, T, VECTOR, DIV_TVD>(a, N, s);
+      default: return cudaErrorInvalidValue;
+    }
+  }
+}
+
+template <Pass P>
+cudaError_t dispatch(int dtype, int div, const KdArgs& a, int64_t N, cudaStream_t s) {
+  const int vec = dtype == 0 ? 4 : 8;
+  const bool vector = use_vector(a, N, vec, P == Pass::GRAD);
+  switch (dtype) {
+    case 0:
+      return vector ? launch_div<P, float, true>(div, a, N, s) : launch_div<P, float, false>(div, a, N, s);
+    case 1:
+      return vector ? launch_div<P, __half, true>(div, a, N, s) : launch_div<P, __half, false>(div, a, N, s);
+    case 2:
+      return vector ? launch_div<P, __nv_bfloat16, true>(div, a, N, s)
+                    : launch_div<P, __nv_bfloat16, false>(div, a, N, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+KdArgs kd_args(const void* s, const void* t, const void* labels, bool labels_i64, const uint8_t* mask,
+               const float* weights, const float* prm, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride,
+               int64_t ignore_index, bool ce, bool softcap) {
+  KdArgs a = {};
+  a.s = s, a.t = t, a.labels = labels, a.mask = mask, a.w = weights, a.prm = prm;
+  a.s_stride = s_stride, a.t_stride = t_stride, a.ignore_index = ignore_index;
+  a.V = (int)V, a.Vt = (int)Vt;
+  a.flags = (labels ? F_LABELS : 0) | (labels && labels_i64 ? F_LAB64 : 0) | (mask ? F_MASK : 0) |
+            (weights ? F_W : 0) | (ce ? F_CE : 0) | (softcap ? F_SOFTCAP : 0);
+  return a;
+}
+
+}  // namespace fd_kd
+
+// Public host API (declared again in bindings.cpp; C++ linkage, so a signature mismatch fails to link).
+// Argument validation is the caller's (bindings.cpp); this only refuses what it cannot launch.
+
+// dtype: 0 float32, 1 float16, 2 bfloat16 (student and teacher alike). div: 0 fkl, 1 rkl, 2 jsd,
+// 3 skl, 4 srkl, 5 tvd. red: 0 batchmean, 1 sum, 2 mean, 3 none. labels int32 / int64 [N] or null,
+// mask uint8 [N] or null, weights fp32 [N] or null, prm fp32 [8]. Writes st [N, 8], loss [1],
+// factor [1] (fp32). ce: the α·CE term (needs labels); ce_sep: its untempered lse separately (T != 1).
+cudaError_t fd_kd_fwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
+                      const uint8_t* mask, const float* weights, const float* prm, float* st, float* loss,
+                      float* factor, int64_t N, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride,
+                      int64_t ignore_index, int div, int red, bool ce, bool ce_sep, bool softcap, float num_items,
+                      cudaStream_t stream) {
+  using namespace fd_kd;
+  if (N <= 0 || V <= 0) return cudaSuccess;
+  if (div < DIV_FKL || div > DIV_TVD || red < 0 || red > 3 || (ce_sep && !ce) || (ce && !labels))
+    return cudaErrorInvalidValue;
+  KdArgs a = kd_args(s, t, labels, labels_i64, mask, weights, prm, V, Vt, s_stride, t_stride, ignore_index, ce,
+                     softcap);
+  a.flags |= ce_sep ? F_CE_SEP : 0;
+  a.st = st;
+  cudaError_t err = dispatch<Pass::STATS>(dtype, div, a, N, stream);
+  if (err == cudaSuccess && div > DIV_RKL) err = dispatch<Pass::DIV>(dtype, div, a, N, stream);
+  if (err != cudaSuccess) return err;
+  auto kernel = kd_reduce_kernel;
+  FD_LAUNCH(kernel, dim3(1), dim3(RED_THREADS), stream, st, loss, factor, N, (int)V, num_items, red);
+  return cudaGetLastError();
+}
+
+// grad_out fp32 [1] (go_stride 0) or [N] (go_stride 1); out [N, V] in the student dtype, row stride
+// o_stride, may alias s.
+cudaError_t fd_kd_bwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
+                      const float* weights, const float* prm, const float* st, const float* factor,
+                      const float* grad_out, int64_t go_stride, void* out, int64_t N, int64_t V, int64_t Vt,
+                      int64_t s_stride, int64_t t_stride, int64_t o_stride, int div, bool ce, bool softcap,
+                      cudaStream_t stream) {
+  using namespace fd_kd;
+  if (N <= 0 || V <= 0) return cudaSuccess;
+  if (div < DIV_FKL || div > DIV_TVD || (ce && !labels)) return cudaErrorInvalidValue;
+  KdArgs a = kd_args(s, t, labels, labels_i64, nullptr, weights, prm, V, Vt, s_stride, t_stride, 0, ce, softcap);
+  a.st = const_cast<float*>(st);
+  a.factor = factor, a.go = grad_out, a.go_stride = go_stride, a.out = out, a.o_stride = o_stride;
+  return dispatch<Pass::GRAD>(dtype, div, a, N, stream);
+}

@@ -1,0 +1,151 @@
+"""CUDA backend of ``kd_loss``: launchers over the compiled extension ``fastdistill._C``
+(csrc/kd_softmax.cu, csrc/bindings.cpp).
+
+Same contract as ``fastdistill.kernels.kd_softmax.kd_fwd / kd_bwd`` and the reference
+(docs/kd_ops.md): student ``[N, V]`` and teacher ``[N, Vt]`` logits with unit column stride (any row
+stride), of one dtype (float32 / float16 / bfloat16); labels int32 / int64 ``[N]``, mask uint8
+``[N]``, weights ``[N]`` (any float dtype, read as float32); state, loss and factor float32; the
+gradient written in the student dtype into ``out`` (which may be the student logits). The
+extension is torch-free: this module allocates every output with torch and passes raw device
+pointers and the current stream.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastdistill import _backend
+
+NSTATE = 8
+DIV_RKL = 1
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ext():
+    ext = _backend.extension()
+    if ext is None:
+        raise RuntimeError(f"fastdistill CUDA backend: {_backend.extension_error()}")
+    return ext
+
+
+def _require_cuda(x: torch.Tensor) -> None:
+    if x.device.type != "cuda":
+        raise ValueError(f"student_logits: expected a CUDA tensor, got device {x.device}")
+
+
+def _check(p, s: torch.Tensor, t: torch.Tensor) -> int:
+    """Preconditions the dispatcher (``_why_not_cuda``) already guarantees; checked again because a
+    violation here would be a wrong kernel read, not a Python error."""
+    if p.fp64:
+        raise ValueError("accum_dtype=float64 is not supported by the CUDA kernels")
+    if p.topk or not isinstance(t, torch.Tensor):
+        raise ValueError("teacher_topk: top-k teachers are not implemented by the CUDA kernels")
+    _require_cuda(s)
+    if s.dtype not in _DTYPE_CODE:
+        raise TypeError(f"student_logits: the CUDA kernels take float32/float16/bfloat16, got {s.dtype}")
+    if t.dtype != s.dtype:
+        raise TypeError(f"teacher_logits: the CUDA kernels need the student's dtype ({s.dtype}), got {t.dtype}")
+    if t.device != s.device:
+        raise ValueError(f"teacher_logits: expected device {s.device}, got {t.device}")
+    for name, x in (("student_logits", s), ("teacher_logits", t)):
+        if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
+            raise ValueError(f"{name}: expected a [rows, vocab] view with unit column stride, got shape "
+                             f"{tuple(x.shape)} strides {x.stride()}")
+    if t.shape[0] != s.shape[0]:
+        raise ValueError(f"teacher_logits: expected {s.shape[0]} rows, got {t.shape[0]}")
+    return _DTYPE_CODE[s.dtype]
+
+
+def params(p, device) -> torch.Tensor:
+    """[inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew] as a cached float32 device tensor
+    (the values and layout of ``kernels/kd_softmax.params``)."""
+    vals = (1.0 / p.temperature, 1.0 / p.teacher_temperature, p.alpha, p.t2, p.logit_scale,
+            p.softcap if p.softcap > 0 else 1.0, p.beta, p.skew)
+    if torch.compiler.is_compiling():
+        return torch.tensor(vals, dtype=torch.float32, device=device)
+    return _cached(vals, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(vals, device):
+    return torch.tensor(vals, dtype=torch.float32, device=device)
+
+
+def _labels(labels: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+    if labels is None:
+        return None, False
+    if labels.dtype not in (torch.int32, torch.int64):
+        labels = labels.to(torch.int64)
+    return labels.reshape(-1).contiguous(), labels.dtype == torch.int64
+
+
+def _vec(v: torch.Tensor | None) -> torch.Tensor | None:
+    return None if v is None else v.reshape(-1).to(torch.float32).contiguous()
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _stream(dev: torch.device) -> int:
+    return torch.cuda.current_stream(dev).cuda_stream
+
+
+def kd_fwd(p, s, t, labels, mask, weights):
+    """(loss [1], contrib [N], state [N, 8], factor [1]), float32 — see fastdistill.reference.kd_softmax."""
+    dtype = _check(p, s, t)
+    ext = _ext()
+    N, V = s.shape
+    Vt = t.shape[1]
+    dev = s.device
+    f32 = torch.float32
+    st = torch.empty((N, NSTATE), dtype=f32, device=dev)
+    loss = torch.empty((1,), dtype=f32, device=dev)
+    factor = torch.empty((1,), dtype=f32, device=dev)
+    lab, lab64 = _labels(labels)
+    w = _vec(weights)
+    if mask is not None:
+        mask = mask.reshape(-1).contiguous().view(torch.uint8)
+    ce = labels is not None and p.alpha > 0
+    prm = params(p, dev)
+    # Temporaries (w, converted labels) may be freed on return: the caching allocator reuses them
+    # only for work queued later on this same stream, i.e. after these kernels.
+    with torch.cuda.device(dev):
+        ext.kd_fwd(
+            dtype=dtype, s=s.data_ptr(), t=t.data_ptr(), labels=_ptr(lab), labels_i64=lab64, mask=_ptr(mask),
+            weights=_ptr(w), prm=prm.data_ptr(), st=st.data_ptr(), loss=loss.data_ptr(), factor=factor.data_ptr(),
+            N=N, V=V, Vt=Vt, s_stride=s.stride(0), t_stride=t.stride(0), ignore_index=p.ignore_index, div=p.div,
+            red=p.red, ce=ce, ce_sep=ce and p.temperature != 1.0, softcap=p.softcap > 0,
+            num_items=float(p.num_items), stream=_stream(dev),
+        )
+    return loss, st[:, 5], st, factor
+
+
+def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
+    """Gradient w.r.t. the raw student logits, written into ``out`` (may alias ``s``); returns ``out``."""
+    dtype = _check(p, s, t)
+    ext = _ext()
+    N, V = s.shape
+    if out.shape != s.shape or out.dtype != s.dtype or out.device != s.device or (V > 1 and out.stride(1) != 1):
+        raise ValueError(f"out: expected a {tuple(s.shape)} {s.dtype} tensor on {s.device} with unit column "
+                         f"stride, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    go = grad_out.reshape(-1).to(torch.float32).contiguous()
+    if go.numel() not in (1, N):
+        raise ValueError(f"grad_out: expected 1 or {N} values, got {go.numel()}")
+    st = st.to(torch.float32).contiguous()
+    factor = factor.reshape(-1).to(torch.float32).contiguous()
+    lab, lab64 = _labels(labels)
+    w = _vec(weights)
+    ce = labels is not None and p.alpha > 0
+    dev = s.device
+    with torch.cuda.device(dev):
+        ext.kd_bwd(
+            dtype=dtype, s=s.data_ptr(), t=t.data_ptr(), labels=_ptr(lab), labels_i64=lab64, weights=_ptr(w),
+            prm=params(p, dev).data_ptr(), st=st.data_ptr(), factor=factor.data_ptr(), grad_out=go.data_ptr(),
+            go_stride=1 if go.numel() > 1 else 0, out=out.data_ptr(), N=N, V=V, Vt=t.shape[1],
+            s_stride=s.stride(0), t_stride=t.stride(0), o_stride=out.stride(0), div=p.div, ce=ce,
+            softcap=p.softcap > 0, stream=_stream(dev),
+        )
+    return out
