@@ -34,19 +34,10 @@
 // through explicit intrinsics so that results do not depend on --use_fast_math: __expf /
 // __fdividef in the streaming loops (ex2.approx, as Triton's tl.exp), IEEE __fdiv_rn and a
 // double-precision log for the once-per-row quantities.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
-// The launch goes through FD_LAUNCH so that a host emulation of the CUDA execution model
-// (tests/test_csrc_build.py) can run these exact kernels on the CPU.
-#ifndef FD_LAUNCH
-#define FD_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
-#endif
+#include "fd_common.cuh"  // DT<T>, word, warp_sum, aligned16, FD_LAUNCH
 
 namespace fd_kd {
+using namespace fd;
 
 constexpr int DIV_FKL = 0, DIV_RKL = 1, DIV_JSD = 2, DIV_SKL = 3, DIV_SRKL = 4, DIV_TVD = 5;
 constexpr int SDIV_NONE = 2;  // the stats pass of the 3-pass divergences: no running divergence sum
@@ -83,68 +74,6 @@ struct KdArgs {
   void* out;            // grad: [N, V] in the student dtype (may alias s)
   int64_t s_stride, t_stride, o_stride, ignore_index;
   int V, Vt, flags;
-};
-
-// ----------------------------------------------------------------------------- element types
-__device__ __forceinline__ unsigned word(const uint4& r, int i) {
-  return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w;
-}
-
-// DT<T>: 16-byte vector width, scalar/vector load and store through bit patterns (the build
-// defines __CUDA_NO_HALF_OPERATORS__ / _CONVERSIONS__, so only explicit intrinsics are used).
-// NC: read-only (__ldg) loads; the gradient pass, whose output may alias its input, uses plain ones.
-template <typename T>
-struct DT;
-
-template <>
-struct DT<float> {
-  static constexpr int kVec = 4;
-  template <bool NC>
-  __device__ static float load1(const float* p) {
-    if constexpr (NC) return __ldg(p);
-    return *p;
-  }
-  __device__ static void store1(float* p, float v) { *p = v; }
-  __device__ static float elem(const uint4& r, int j) { return __uint_as_float(word(r, j)); }
-  __device__ static uint4 pack(const float (&v)[4]) {
-    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-  }
-};
-
-template <typename T>
-struct Bits16;  // float <-> the bit pattern of a 16-bit type
-template <>
-struct Bits16<__half> {
-  __device__ static float to_float(unsigned b) { return __half2float(__ushort_as_half((unsigned short)b)); }
-  __device__ static unsigned from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
-};
-template <>
-struct Bits16<__nv_bfloat16> {
-  __device__ static float to_float(unsigned b) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)b)); }
-  __device__ static unsigned from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-};
-
-template <typename T>  // __half, __nv_bfloat16: element j of a 16-byte vector is half j&1 of word j/2
-struct DT : Bits16<T> {
-  using B16 = Bits16<T>;
-  static constexpr int kVec = 8;
-  template <bool NC>
-  __device__ static float load1(const T* p) {
-    const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
-    if constexpr (NC) return B16::to_float(__ldg(q));
-    return B16::to_float(*q);
-  }
-  __device__ static void store1(T* p, float v) { *reinterpret_cast<unsigned short*>(p) = (unsigned short)B16::from_float(v); }
-  __device__ static float elem(const uint4& r, int j) {
-    const unsigned w = word(r, j >> 1);
-    return B16::to_float((j & 1) ? (w >> 16) : (w & 0xffffu));
-  }
-  __device__ static uint4 pack(const float (&v)[8]) {
-    unsigned w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = B16::from_float(v[2 * i]) | (B16::from_float(v[2 * i + 1]) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
 };
 
 // ----------------------------------------------------------------------------- per-thread tiles
@@ -279,17 +208,6 @@ __device__ __forceinline__ void div_terms(float lq, float lp, float beta, float 
     d = 0.5f * fabsf(p - q);
     g = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
   }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 // Sums of NV per-thread values over the block: shuffle tree, then thread 0 adds the warps in
@@ -512,7 +430,7 @@ __global__ void __launch_bounds__(RED_THREADS) kd_reduce_kernel(const float* st,
     cnt += st[r * NSTATE + 7] > 0.0f ? 1u : 0u;
   }
   cs = warp_sum(cs);
-  cnt = warp_sum_u64(cnt);
+  cnt = warp_sum(cnt);
   if (lane == 0) buf_c[warp] = cs, buf_n[warp] = cnt;
   __syncthreads();
   if (threadIdx.x != 0) return;
@@ -595,8 +513,6 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
 }
 
 // ----------------------------------------------------------------------------- host launchers
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 // Threads per row CTA: enough for one loop iteration to cover the row, a power of two in [32, 256].
 inline int row_threads(int V, int per_thread) {
   const int64_t need = ((int64_t)V + per_thread - 1) / per_thread;

@@ -19,19 +19,10 @@
 // --use_fast_math: IEEE __fdiv_rn / __fsqrt_rn in the per-sample finalize; in the per-element
 // pseudo-Huber terms rsqrtf / __fdividef (a few ulp, no slow-path call that would cost
 // registers in the streaming kernels).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
-// The launch goes through FD_LAUNCH so that a host emulation of the CUDA execution model
-// (tests/test_csrc_build.py) can run these exact kernels on the CPU.
-#ifndef FD_LAUNCH
-#define FD_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
-#endif
+#include "fd_common.cuh"  // DT<T>, word, warp_sum, aligned16, FD_LAUNCH
 
 namespace fd_score {
+using namespace fd;
 
 constexpr int OP_SCORE = 0, OP_SID = 1, OP_SCM = 2, OP_DENOISE = 3;
 constexpr int NSTAT = 5, NSTATE = 4, MAXK = 8;
@@ -84,63 +75,11 @@ struct FinArgs {  // part [B, NB, 5] in, sums [B, 5] scratch, the rest out (weig
   float scale, clamp, eps, c, alpha;
 };
 
-// ----------------------------------------------------------------------------- element types
-__device__ __forceinline__ unsigned word(const uint4& r, int i) {
-  return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w;
-}
-
-// DT<T>: 16-byte vector width, scalar/vector load and store through bit patterns (the build
-// defines __CUDA_NO_HALF_OPERATORS__ / _CONVERSIONS__, so only explicit intrinsics are used),
-// and the largest finite value of T (the nan_to_num clamp of a gradient written in T).
+// ----------------------------------------------------------------------------- launch bounds
+// CTAs per SM of the element-wise kernels (DT<T> itself is in fd_common.cuh):
+// float, 256 threads: <= 80 registers, >= 768 threads per SM; __half / __nv_bfloat16, 128 threads: likewise
 template <typename T>
-struct DT;
-
-template <>
-struct DT<float> {
-  static constexpr int kVec = 4;
-  static constexpr int kMinBlocks = 3;  // 256 threads: <= 80 registers, >= 768 threads per SM
-  __device__ static float max_finite() { return 0x1.fffffep+127f; }
-  __device__ static float load1(const float* p) { return __ldg(p); }
-  __device__ static void store1(float* p, float v) { *p = v; }
-  __device__ static float elem(const uint4& r, int j) { return __uint_as_float(word(r, j)); }
-  __device__ static uint4 pack(const float (&v)[4]) {
-    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-  }
-};
-
-template <typename T>
-struct Bits16;  // float <-> the bit pattern of a 16-bit type
-template <>
-struct Bits16<__half> {
-  __device__ static float max_finite() { return 65504.0f; }
-  __device__ static float to_float(unsigned b) { return __half2float(__ushort_as_half((unsigned short)b)); }
-  __device__ static unsigned from_float(float v) { return __half_as_ushort(__float2half_rn(v)); }
-};
-template <>
-struct Bits16<__nv_bfloat16> {
-  __device__ static float max_finite() { return 0x1.fep+127f; }  // 3.3895e38, exactly representable
-  __device__ static float to_float(unsigned b) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)b)); }
-  __device__ static unsigned from_float(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-};
-
-template <typename T>  // __half, __nv_bfloat16: element j of a 16-byte vector is half j&1 of word j/2
-struct DT : Bits16<T> {
-  using B16 = Bits16<T>;
-  static constexpr int kVec = 8;
-  static constexpr int kMinBlocks = 6;  // 128 threads: <= 80 registers, >= 768 threads per SM
-  __device__ static float load1(const T* p) { return B16::to_float(__ldg(reinterpret_cast<const unsigned short*>(p))); }
-  __device__ static void store1(T* p, float v) { *reinterpret_cast<unsigned short*>(p) = (unsigned short)B16::from_float(v); }
-  __device__ static float elem(const uint4& r, int j) {
-    const unsigned w = word(r, j >> 1);
-    return B16::to_float((j & 1) ? (w >> 16) : (w & 0xffffu));
-  }
-  __device__ static uint4 pack(const float (&v)[8]) {
-    unsigned w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = B16::from_float(v[2 * i]) | (B16::from_float(v[2 * i + 1]) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
-};
+constexpr int MIN_BLOCKS = DT<T>::kVec == 4 ? 3 : 6;
 
 // ----------------------------------------------------------------------------- per-thread tiles
 // One block iteration covers the 1024 elements [chunk, chunk + 1024) of a sample; each of the
@@ -313,14 +252,9 @@ __device__ __forceinline__ void combos(const ElemArgs& a, int64_t base, int64_t 
   }
 }
 
-// Deterministic block reductions: shuffle tree inside each warp, then warp 0 combines the warp
-// results in warp order. `buf` holds one float per warp; the result is valid in every thread.
-template <typename V>
-__device__ __forceinline__ V warp_sum(V v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+// Deterministic block reductions: shuffle tree inside each warp (warp_sum: fd_common.cuh), then
+// warp 0 combines the warp results in warp order. `buf` holds one float per warp; the result is
+// valid in every thread.
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = maxp(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -350,7 +284,7 @@ __device__ float block_sum(float v, float* buf) {
 //   SCM      c1 = g                     s0 Σ g², s3
 //   DENOISE  c1 = d                     s0 Σ m d², s2 Σ m, s3, s4 max m|d|
 template <typename T, int OP, bool VECTOR>
-__global__ void __launch_bounds__(BLOCK / DT<T>::kVec, DT<T>::kMinBlocks) score_stats_kernel(const ElemArgs a) {
+__global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_stats_kernel(const ElemArgs a) {
   constexpr int VEC = DT<T>::kVec, NT = BLOCK / VEC, NW = NT / 32;
   constexpr bool TWO = OP <= OP_SID;
   __shared__ float red[NW][NSTAT];
@@ -545,7 +479,7 @@ __global__ void __launch_bounds__(FIN_THREADS) score_finalize_kernel(const FinAr
 //         ∂/∂T_k = m(a_k ∂f_r + b_k ∂f_f)
 // Bad samples get zeros (zero_sample) or everything goes through nan_to_num in T (to_num).
 template <typename T, int OP, bool VECTOR>
-__global__ void __launch_bounds__(BLOCK / DT<T>::kVec, DT<T>::kMinBlocks) score_grad_kernel(const ElemArgs a) {
+__global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_grad_kernel(const ElemArgs a) {
   constexpr int VEC = DT<T>::kVec;
   constexpr bool TWO = OP == OP_SID;
   constexpr bool NEED_X = OP != OP_SCORE;  // SCORE's d has no x column
@@ -606,8 +540,6 @@ __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, DT<T>::kMinBlocks) score_
 }
 
 // ----------------------------------------------------------------------------- host launchers
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 // grid (B, NB) of 1024/VEC threads: the stats pass (GRAD false) or the gradient pass
 template <typename T, int OP, bool VECTOR, bool GRAD>
 cudaError_t launch(const ElemArgs& a, int64_t B, cudaStream_t s) {
