@@ -2,9 +2,10 @@
 interpreter when TRITON_INTERPRET=1 (the README's test command sets it). GPU tier: marker
 ``gpu``, skipped with a reason where no CUDA device is visible; adds the cuda backend.
 
-Known interpreter defect (Triton 3.6–3.9): ``tl.dot`` on bf16 operands multiplies raw bits.
-Kernels that use ``tl.dot`` are tested with the interpreter's ``create_dot`` patched below to
-upcast bf16 operands (the kernels themselves are never changed for the interpreter's sake).
+Known interpreter defects (Triton 3.6–3.9): ``tl.dot`` on bf16 operands multiplies raw bits,
+and fp32 → bf16 casts truncate instead of rounding to nearest even. Both are patched below in
+the interpreter (``create_dot`` upcasts bf16 operands, ``cast_impl`` rounds like a GPU); the
+kernels themselves are never changed for the interpreter's sake.
 """
 
 from __future__ import annotations
@@ -83,5 +84,31 @@ def _patch_interpreter_bf16_dot() -> None:
     builder._fd_patched = True
 
 
-if INTERPRET and os.environ.get("FASTDISTILL_NO_DOT_PATCH", "0") != "1":
+def _patch_interpreter_bf16_cast() -> None:
+    """Triton's interpreter (3.6–3.9) converts fp32 → bf16 by truncation (``cast_impl`` passes no
+    rounding mode); GPUs round to nearest even. Round like the GPU, so that bf16 results of the
+    interpreted kernels are held to the same tolerance as on a GPU."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except Exception:
+        return
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or getattr(builder, "_fd_cast_patched", False) or not hasattr(builder, "cast_impl"):
+        return
+    original = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    builder.cast_impl = cast_impl
+    builder._fd_cast_patched = True
+
+
+if INTERPRET and os.environ.get("FASTDISTILL_NO_INTERPRETER_PATCH", "0") != "1":
     _patch_interpreter_bf16_dot()
+    _patch_interpreter_bf16_cast()

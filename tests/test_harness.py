@@ -27,3 +27,20 @@ def test_interpreter_dot(dtype):
     _dot_kernel[(1,)](a, b, c, N=16)
     expected = a.double() @ b.double()
     assert (c.double() - expected).abs().max().item() < 1e-3 * expected.abs().max().item()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
+def test_interpreter_bf16_cast_rounds_to_nearest():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _cast_kernel(x_ptr, y_ptr, N: tl.constexpr):
+        r = tl.arange(0, N)
+        tl.store(y_ptr + r, tl.load(x_ptr + r).to(tl.bfloat16))
+
+    torch.manual_seed(0)
+    x = torch.randn(1024)
+    y = torch.empty(1024, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, y, N=1024)
+    assert torch.equal(y, x.to(torch.bfloat16))
