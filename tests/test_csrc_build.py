@@ -272,8 +272,8 @@ def cuda_on_cpu(emulated_ext, monkeypatch):
     class _Stream:
         cuda_stream = 0
 
-    monkeypatch.setattr(_score_cuda, "_ext", lambda: emulated_ext)
-    monkeypatch.setattr(_score_cuda, "_require_cuda", lambda x: None)
+    monkeypatch.setattr(_score_cuda, "ext", lambda: emulated_ext)
+    monkeypatch.setattr(_score_cuda, "require_cuda", lambda name, x: None)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: _Stream())
     for name in _score_engine.OP_NAMES.values():
@@ -328,8 +328,8 @@ def kd_cuda_on_cpu(emulated_ext, monkeypatch):
     class _Stream:
         cuda_stream = 0
 
-    monkeypatch.setattr(_kd_cuda, "_ext", lambda: emulated_ext)
-    monkeypatch.setattr(_kd_cuda, "_require_cuda", lambda x: None)
+    monkeypatch.setattr(_kd_cuda, "ext", lambda: emulated_ext)
+    monkeypatch.setattr(_kd_cuda, "require_cuda", lambda name, x: None)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: _Stream())
     monkeypatch.setitem(_backend._REGISTRY["kd_loss"], "cuda", lambda *a, **k: [])

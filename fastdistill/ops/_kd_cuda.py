@@ -16,23 +16,10 @@ import functools
 
 import torch
 
-from fastdistill import _backend
+from fastdistill.ops._cuda_common import DTYPE_CODE, ext, ptr, require_cuda
 
 NSTATE = 8
 DIV_RKL = 1
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _ext():
-    ext = _backend.extension()
-    if ext is None:
-        raise RuntimeError(f"fastdistill CUDA backend: {_backend.extension_error()}")
-    return ext
-
-
-def _require_cuda(x: torch.Tensor) -> None:
-    if x.device.type != "cuda":
-        raise ValueError(f"student_logits: expected a CUDA tensor, got device {x.device}")
 
 
 def _check(p, s: torch.Tensor, t: torch.Tensor) -> int:
@@ -42,8 +29,8 @@ def _check(p, s: torch.Tensor, t: torch.Tensor) -> int:
         raise ValueError("accum_dtype=float64 is not supported by the CUDA kernels")
     if p.topk or not isinstance(t, torch.Tensor):
         raise ValueError("teacher_topk: top-k teachers are not implemented by the CUDA kernels")
-    _require_cuda(s)
-    if s.dtype not in _DTYPE_CODE:
+    require_cuda("student_logits", s)
+    if s.dtype not in DTYPE_CODE:
         raise TypeError(f"student_logits: the CUDA kernels take float32/float16/bfloat16, got {s.dtype}")
     if t.dtype != s.dtype:
         raise TypeError(f"teacher_logits: the CUDA kernels need the student's dtype ({s.dtype}), got {t.dtype}")
@@ -55,7 +42,7 @@ def _check(p, s: torch.Tensor, t: torch.Tensor) -> int:
                              f"{tuple(x.shape)} strides {x.stride()}")
     if t.shape[0] != s.shape[0]:
         raise ValueError(f"teacher_logits: expected {s.shape[0]} rows, got {t.shape[0]}")
-    return _DTYPE_CODE[s.dtype]
+    return DTYPE_CODE[s.dtype]
 
 
 def params(p, device) -> torch.Tensor:
@@ -85,10 +72,6 @@ def _vec(v: torch.Tensor | None) -> torch.Tensor | None:
     return None if v is None else v.reshape(-1).to(torch.float32).contiguous()
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _stream(dev: torch.device) -> int:
     return torch.cuda.current_stream(dev).cuda_stream
 
@@ -96,7 +79,7 @@ def _stream(dev: torch.device) -> int:
 def kd_fwd(p, s, t, labels, mask, weights):
     """(loss [1], contrib [N], state [N, 8], factor [1]), float32 — see fastdistill.reference.kd_softmax."""
     dtype = _check(p, s, t)
-    ext = _ext()
+    mod = ext()
     N, V = s.shape
     Vt = t.shape[1]
     dev = s.device
@@ -113,9 +96,9 @@ def kd_fwd(p, s, t, labels, mask, weights):
     # Temporaries (w, converted labels) may be freed on return: the caching allocator reuses them
     # only for work queued later on this same stream, i.e. after these kernels.
     with torch.cuda.device(dev):
-        ext.kd_fwd(
-            dtype=dtype, s=s.data_ptr(), t=t.data_ptr(), labels=_ptr(lab), labels_i64=lab64, mask=_ptr(mask),
-            weights=_ptr(w), prm=prm.data_ptr(), st=st.data_ptr(), loss=loss.data_ptr(), factor=factor.data_ptr(),
+        mod.kd_fwd(
+            dtype=dtype, s=s.data_ptr(), t=t.data_ptr(), labels=ptr(lab), labels_i64=lab64, mask=ptr(mask),
+            weights=ptr(w), prm=prm.data_ptr(), st=st.data_ptr(), loss=loss.data_ptr(), factor=factor.data_ptr(),
             N=N, V=V, Vt=Vt, s_stride=s.stride(0), t_stride=t.stride(0), ignore_index=p.ignore_index, div=p.div,
             red=p.red, ce=ce, ce_sep=ce and p.temperature != 1.0, softcap=p.softcap > 0,
             num_items=float(p.num_items), stream=_stream(dev),
@@ -126,7 +109,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
 def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     """Gradient w.r.t. the raw student logits, written into ``out`` (may alias ``s``); returns ``out``."""
     dtype = _check(p, s, t)
-    ext = _ext()
+    mod = ext()
     N, V = s.shape
     if out.shape != s.shape or out.dtype != s.dtype or out.device != s.device or (V > 1 and out.stride(1) != 1):
         raise ValueError(f"out: expected a {tuple(s.shape)} {s.dtype} tensor on {s.device} with unit column "
@@ -141,8 +124,8 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     ce = labels is not None and p.alpha > 0
     dev = s.device
     with torch.cuda.device(dev):
-        ext.kd_bwd(
-            dtype=dtype, s=s.data_ptr(), t=t.data_ptr(), labels=_ptr(lab), labels_i64=lab64, weights=_ptr(w),
+        mod.kd_bwd(
+            dtype=dtype, s=s.data_ptr(), t=t.data_ptr(), labels=ptr(lab), labels_i64=lab64, weights=ptr(w),
             prm=params(p, dev).data_ptr(), st=st.data_ptr(), factor=factor.data_ptr(), grad_out=go.data_ptr(),
             go_stride=1 if go.numel() > 1 else 0, out=out.data_ptr(), N=N, V=V, Vt=t.shape[1],
             s_stride=s.stride(0), t_stride=t.stride(0), o_stride=out.stride(0), div=p.div, ce=ce,

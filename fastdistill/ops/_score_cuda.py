@@ -12,25 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from fastdistill import _backend
+from fastdistill.ops._cuda_common import DTYPE_CODE, ext, ptr, require_cuda
 
 OP_SCORE, OP_SID, OP_SCM, OP_DENOISE = 0, 1, 2, 3
 NSTAT = 5
 NSTATE = 4
 MAX_TERMS = 8
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _ext():
-    ext = _backend.extension()
-    if ext is None:
-        raise RuntimeError(f"fastdistill CUDA backend: {_backend.extension_error()}")
-    return ext
-
-
-def _require_cuda(x: torch.Tensor) -> None:
-    if x.device.type != "cuda":
-        raise ValueError(f"x: expected a CUDA tensor, got device {x.device}")
 
 
 def _check(p, x: torch.Tensor, terms) -> int:
@@ -38,8 +25,8 @@ def _check(p, x: torch.Tensor, terms) -> int:
     violation here would be a wrong kernel read, not a Python error."""
     if p.fp64:
         raise ValueError("accum_dtype=float64 is not supported by the CUDA kernels")
-    _require_cuda(x)
-    if x.dtype not in _DTYPE_CODE:
+    require_cuda("x", x)
+    if x.dtype not in DTYPE_CODE:
         raise TypeError(f"x: the CUDA kernels take float32/float16/bfloat16, got {x.dtype}")
     if len(terms) > MAX_TERMS:
         raise ValueError(f"terms: the CUDA kernels take at most {MAX_TERMS} term tensors, got {len(terms)}")
@@ -50,7 +37,7 @@ def _check(p, x: torch.Tensor, terms) -> int:
             raise ValueError(f"terms[{k}]: expected a contiguous {tuple(x.shape)} tensor on {x.device}")
     if not x.is_contiguous():
         raise ValueError("x: expected a contiguous [B, M] view")
-    return _DTYPE_CODE[x.dtype]
+    return DTYPE_CODE[x.dtype]
 
 
 def _coef(coef: torch.Tensor, K: int) -> tuple[torch.Tensor, int]:
@@ -65,18 +52,14 @@ def _vec(v: torch.Tensor | None) -> torch.Tensor | None:
     return None if v is None else v.reshape(-1).to(torch.float32).contiguous()
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def score_fwd(p, x, terms, coef, mask, weight, logvar):
     """Passes 1 and 2. Returns (loss [1], loss_i [B], state [B, 4]), float32."""
     dtype = _check(p, x, terms)
-    ext = _ext()
+    mod = ext()
     B, M = x.shape
     dev = x.device
     f32 = torch.float32
-    _, NB = ext.score_blocking(M)
+    _, NB = mod.score_blocking(M)
     part = torch.empty((B, NB, NSTAT), dtype=f32, device=dev)
     sums = torch.empty((B, NSTAT), dtype=f32, device=dev)
     state = torch.empty((B, NSTATE), dtype=f32, device=dev)
@@ -89,9 +72,9 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
     # Temporaries (c, w, lv, part, sums) may be freed on return: the caching allocator reuses
     # them only for work queued later on this same stream, i.e. after these kernels.
     with torch.cuda.device(dev):
-        ext.score_fwd(
+        mod.score_fwd(
             op=p.op, dtype=dtype, x=x.data_ptr(), terms=[t.data_ptr() for t in terms], coef=c.data_ptr(),
-            coef_sb=coef_sb, mask=_ptr(mask), weight=_ptr(w), logvar=_ptr(lv), part=part.data_ptr(),
+            coef_sb=coef_sb, mask=ptr(mask), weight=ptr(w), logvar=ptr(lv), part=part.data_ptr(),
             sums=sums.data_ptr(), state=state.data_ptr(), loss_i=loss_i.data_ptr(), loss=loss.data_ptr(),
             B=B, M=M, use1=p.use1, use2=p.use2 if p.op <= OP_SID else 0, phi_huber=p.phi_huber,
             norm_on_loss=p.norm_on_loss, norm=p.norm, red=p.red, sample_mean=p.sample_mean, rms=p.rms,
@@ -106,7 +89,7 @@ def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
     Returns (grad_x or None, [grad_term_k or None]); the terms of score/scm/denoise are constants,
     so a term gradient asked for there is zero."""
     dtype = _check(p, x, terms)
-    ext = _ext()
+    mod = ext()
     B, M = x.shape
     gx = torch.empty_like(x) if need_x else None
     sid = p.op == OP_SID
@@ -122,10 +105,10 @@ def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
     if mask is not None:
         mask = mask.contiguous().view(torch.uint8)
     with torch.cuda.device(x.device):
-        ext.score_bwd(
+        mod.score_bwd(
             op=p.op, dtype=dtype, x=x.data_ptr(), terms=[t.data_ptr() for t in terms], coef=c.data_ptr(),
-            coef_sb=coef_sb, mask=_ptr(mask), state=st.data_ptr(), grad_out=go.data_ptr(),
-            go_sb=1 if go.numel() > 1 else 0, gx=_ptr(gx), gterms=[_ptr(g) if sid else 0 for g in gterms],
+            coef_sb=coef_sb, mask=ptr(mask), state=st.data_ptr(), grad_out=go.data_ptr(),
+            go_sb=1 if go.numel() > 1 else 0, gx=ptr(gx), gterms=[ptr(g) if sid else 0 for g in gterms],
             B=B, M=M, use1=p.use1, use2=p.use2 if sid else 0, phi_huber=p.phi_huber, to_num=p.to_num,
             huber_c=p.huber_c, alpha=p.alpha, stream=torch.cuda.current_stream(x.device).cuda_stream,
         )
