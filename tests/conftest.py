@@ -31,12 +31,6 @@ def cpu_backends() -> list:
     return out
 
 
-def device_backends() -> list:
-    if not torch.cuda.is_available():
-        return cpu_backends()
-    return [pytest.param(b, id=b) for b in ("reference", "triton", "cuda")]
-
-
 @pytest.fixture(params=cpu_backends())
 def backend(request) -> str:
     return request.param
