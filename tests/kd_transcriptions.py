@@ -23,6 +23,10 @@ Conventions of the sources, as relevant to fastdistill's ``kd_loss`` (P teacher,
   divide by the count of labels != −100 (0/0 = NaN when none is valid; not guarded).
 - DistillKit dense KL: KL(P_T‖Q_T) at temperature T on both models, masked, summed, then
   × T² / num_items_in_batch (default: mask.sum(), or B·T without a mask).
+- DistillKit sparse KL (offline top-k): student log-softmax over the full vocabulary at T,
+  gathered at the ids; missing=ZERO renormalises the stored teacher log-probs over the k ids;
+  SYMMETRIC_UNIFORM (no re-tempering) keeps them and adds the tail bucket
+  (1−Σp)·log((1−Σp)/(1−Σq)) with both sums clamped to [1e-8, 1−1e-8]; same T² / num_items.
 """
 import torch
 import torch.nn.functional as F
@@ -248,4 +252,252 @@ def distillkit_kld_loss(student_logits, teacher_logits, temperature, mask=None, 
         else:
             num_items_in_batch = student_logits.shape[0] * student_logits.shape[1]
     res = distillkit_dense_kl_div(student_logits, teacher_logits, mask=mask, temperature=temperature)
+    return res * (temperature**2) / num_items_in_batch
+
+
+# ----------------------------------------------------------------------------------------
+# arcee-ai/DistillKit  sparse (offline top-k) KL, snapshot a61c2e7 (2026-03-14):
+#   distillkit/missing_probability.py  MissingProbabilityHandling
+#   distillkit/lossfuncs/common.py     get_target_logprobs, get_logprobs, accumulate_over_chunks
+#                                      (file last changed in a61c2e7 "Fix circular import")
+#   distillkit/lossfuncs/kl.py         sparse_kl_div_inner, sparse_kl_div, KLDLoss.__call__ on a
+#                                      SparseSignal (file from 87a72f6 "Distillkit V2")
+# ``logits`` [B, T, V] (CausalLMOutput.logits); ``target_ids`` / ``target_values`` [B, T, k]
+# (SparseSignal.sparse_ids / sparse_values); ``log_target`` = SparseSignal.log_values;
+# ``target_generation_temperature`` = SparseSignal.generation_temperature. KLDLoss does not pass
+# student_generation_temperature (default 1.0).
+# What the source does, as relevant to fastdistill's top-k modes:
+# - student: log_softmax of logits·(1/T) over the full vocabulary, gathered at the ids (never
+#   renormalised over the k);
+# - ZERO with log-prob targets ALWAYS renormalises the teacher over the k ids (the early return
+#   is taken only for SYMMETRIC_UNIFORM without a temperature change; otherwise alpha = 1 and
+#   final_lse = logsumexp(values)): p̃_b = p_b / Σ p. Row KL = Σ p̃ (log p̃ − log q_ids).
+# - SYMMETRIC_UNIFORM without a temperature change takes the log-probs as given and adds
+#   (1−Σp)·(log(1−Σp) − log(1−Σq_ids)), both sums clamped to [eps, 1−eps] (eps = 1e-8).
+# - re-tempering (T ≠ generation temperature): p_b^α renormalised, α = T_gen / T, with the
+#   leftover mass (1−Σp)^α as a (k+1)-th bucket for SYMMETRIC_UNIFORM.
+# - masked rows multiply by the mask; sum; KLDLoss × T² / num_items_in_batch (default
+#   mask.float().sum(), or B·T without a mask).
+# ----------------------------------------------------------------------------------------
+import math  # noqa: E402
+from enum import Enum  # noqa: E402
+
+
+class MissingProbabilityHandling(Enum):
+    ZERO = "zero"
+    SYMMETRIC_UNIFORM = "symmetric_uniform"
+
+
+def distillkit_get_target_logprobs(values_in, log_target, distillation_temperature, target_generation_temperature,
+                                   missing):
+    temperature_change = not math.isclose(
+        distillation_temperature, target_generation_temperature
+    )
+    if log_target:
+        if (
+            not temperature_change
+            and missing == MissingProbabilityHandling.SYMMETRIC_UNIFORM
+        ):
+            # if we are not changing the temperature and don't need to
+            # renormalize to sum to 1 as in the ZERO case, we can just
+            # return the input values
+            return values_in
+        # general approach: convert to probs, apply temperature, renormalize
+        alpha = target_generation_temperature / distillation_temperature
+
+        # compute total mass of unscaled target probs
+        max_in, _ = values_in.max(dim=-1, keepdim=True)
+        lse_in = torch.logsumexp(values_in - max_in, dim=-1, keepdim=True) + max_in
+        target_sum = lse_in.exp()
+        leftover = (1.0 - target_sum).clamp(0, 1)
+
+        alpha_values_in = alpha * values_in
+        # We need sum( p_i^alpha ). In log space: sum( exp(alpha * log p_i) ).
+        max_alpha, _ = alpha_values_in.max(dim=-1, keepdim=True)
+        alpha_lse = (
+            torch.logsumexp(alpha_values_in - max_alpha, dim=-1, keepdim=True)
+            + max_alpha
+        )
+        alpha_sum = alpha_lse.exp()
+
+        if missing == MissingProbabilityHandling.SYMMETRIC_UNIFORM:
+            # remaining mass as a (k+1)-th bucket, symmetric in teacher and student
+            leftover_alpha = leftover.pow(alpha)
+            divisor = alpha_sum + leftover_alpha
+            final_lse = divisor.log()
+        else:
+            # assume the missing tokens have zero probability
+            final_lse = alpha_lse
+        # final log-probabilities are alpha * log p_i - log(Z)
+        return alpha_values_in - final_lse
+    else:
+        # we have logits, praise be
+        if temperature_change:
+            logits = values_in * (
+                target_generation_temperature / distillation_temperature
+            )
+        else:
+            logits = values_in
+        sparse_max = torch.max(logits, dim=-1, keepdim=True).values
+        sparse_lse = (
+            torch.logsumexp(logits - sparse_max, dim=-1, keepdim=True)  # (.to(torch.float32) dropped)
+            + sparse_max
+        )  # (.to(values_in.dtype) dropped)
+        return logits - sparse_lse
+
+
+def distillkit_get_logprobs(logits, target_ids, target_values, eps=1e-8, missing=MissingProbabilityHandling.ZERO,
+                            log_target=True, distillation_temperature=1.0, target_generation_temperature=1.0,
+                            student_generation_temperature=1.0):
+    batch_size, seq_len, vocab_size = logits.shape
+    assert target_ids.shape[:-1] == (batch_size, seq_len)
+    assert target_values.shape == target_ids.shape
+    assert distillation_temperature > eps
+
+    if (not log_target) and (missing != MissingProbabilityHandling.ZERO):
+        raise ValueError("For log_target=False (teacher inputs are logits), "
+                         "MissingProbabilityHandling.SYMMETRIC_UNIFORM is ill-defined.")
+
+    if not math.isclose(distillation_temperature, student_generation_temperature):
+        logits = logits * (student_generation_temperature / distillation_temperature)
+    student_lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (dtype casts dropped)
+    sparse_student_logprobs = logits.gather(-1, target_ids) - student_lse
+    del student_lse, logits
+
+    with torch.no_grad():
+        sparse_target_logprobs = distillkit_get_target_logprobs(
+            target_values,  # (.to(torch.float32) dropped)
+            log_target=log_target,
+            distillation_temperature=distillation_temperature,
+            target_generation_temperature=target_generation_temperature,
+            missing=missing,
+        )  # (.to(out_dtype) dropped)
+    del target_values
+
+    return sparse_student_logprobs, sparse_target_logprobs
+
+
+def distillkit_sparse_kl_div_inner(logits, target_ids, target_values, mask=None, eps=1e-8,
+                                   missing=MissingProbabilityHandling.ZERO, log_target=True, temperature=1.0,
+                                   target_generation_temperature=1.0, student_generation_temperature=1.0):
+    sparse_student_logprobs, sparse_target_logprobs = distillkit_get_logprobs(
+        logits,
+        target_ids,
+        target_values,
+        eps=eps,
+        missing=missing,
+        log_target=log_target,
+        distillation_temperature=temperature,
+        target_generation_temperature=target_generation_temperature,
+        student_generation_temperature=student_generation_temperature,
+    )
+
+    # Terms for non-zero target probabilities
+    teacher_sparse_probs = torch.exp(sparse_target_logprobs)
+    teacher_prob_sum = teacher_sparse_probs.sum(dim=-1)  # (.to(torch.float32) dropped)
+    inner_sum = torch.sum(
+        teacher_sparse_probs * (sparse_target_logprobs - sparse_student_logprobs),
+        dim=-1,
+    )
+    del sparse_target_logprobs, teacher_sparse_probs
+
+    # Compute the contribution of missing logits to KL divergence
+    if missing == MissingProbabilityHandling.SYMMETRIC_UNIFORM:
+        log_teacher_missing = torch.log1p(-teacher_prob_sum.clamp(min=eps, max=1 - eps))
+        # (.to(torch.float32) dropped; out-of-place exp instead of exp_: the source's exp_ acts on
+        # the cast copy, or for fp32 logits in place on the no-longer-used sparse_student_logprobs)
+        student_probs = sparse_student_logprobs.exp()
+        student_prob_sum = student_probs.sum(dim=-1)
+        del student_probs
+        log_student_missing = torch.log1p(-student_prob_sum.clamp(min=eps, max=1 - eps))
+        del student_prob_sum
+        missing_kl = torch.exp(log_teacher_missing) * (
+            log_teacher_missing - log_student_missing
+        )
+    else:
+        # zero probability mass for missing tokens in the teacher: zero contribution
+        missing_kl = None
+    del sparse_student_logprobs
+
+    if mask is not None:
+        if mask.dim() == 3:
+            mask = mask.squeeze(-1)
+        inner_sum *= mask
+        if missing_kl is not None:
+            missing_kl *= mask
+        del mask
+
+    if missing_kl is not None:
+        inner_sum += missing_kl
+
+    return torch.sum(inner_sum)  # (.to(out_dtype) dropped)
+
+
+def distillkit_accumulate_over_chunks(logits, target_ids, target_values, mask, chunk_length, fn, *args, **kwargs):
+    seq_len = logits.shape[1]
+    if chunk_length is None:
+        chunk_length = seq_len
+
+    total = 0.0
+
+    for start_idx in range(0, seq_len, chunk_length):
+        if mask is not None:
+            cur_mask = mask[:, start_idx : start_idx + chunk_length]
+        else:
+            cur_mask = None
+        end_idx = min(start_idx + chunk_length, seq_len)
+        total += fn(
+            logits[:, start_idx:end_idx],
+            target_ids[:, start_idx:end_idx],
+            target_values[:, start_idx:end_idx],
+            cur_mask,
+            *args,
+            **kwargs,
+        )
+    return total
+
+
+def distillkit_sparse_kl_div(logits, target_ids, target_values, mask=None, eps=1e-8,
+                             missing=MissingProbabilityHandling.ZERO, log_target=True, temperature=1.0,
+                             target_generation_temperature=1.0, student_generation_temperature=1.0,
+                             chunk_length=None):
+    return distillkit_accumulate_over_chunks(
+        logits,
+        target_ids,
+        target_values,
+        mask,
+        chunk_length,
+        distillkit_sparse_kl_div_inner,
+        eps=eps,
+        missing=missing,
+        log_target=log_target,
+        temperature=temperature,
+        target_generation_temperature=target_generation_temperature,
+        student_generation_temperature=student_generation_temperature,
+    )
+
+
+def distillkit_sparse_kl(logits, target_ids, target_values, mask=None, missing=MissingProbabilityHandling.ZERO,
+                         temperature=1.0, target_generation_temperature=1.0, log_target=True, num_items_in_batch=None,
+                         chunk_length=None):
+    """KLDLoss(temperature, missing, chunk_length)(student_outputs, SparseSignal(...), mask, num_items_in_batch).
+
+    ``missing``: a MissingProbabilityHandling or its value ("zero" / "symmetric_uniform")."""
+    missing = MissingProbabilityHandling(missing)
+    if num_items_in_batch is None:
+        if mask is not None:
+            num_items_in_batch = mask.float().sum()
+        else:
+            num_items_in_batch = logits.shape[0] * logits.shape[1]
+    res = distillkit_sparse_kl_div(
+        logits=logits,
+        target_ids=target_ids,
+        target_values=target_values,
+        mask=mask,
+        missing=missing,
+        log_target=log_target,
+        temperature=temperature,
+        target_generation_temperature=target_generation_temperature,
+        chunk_length=chunk_length,
+    )
     return res * (temperature**2) / num_items_in_batch
