@@ -60,7 +60,7 @@ def score_configs(quick: bool = False):
     for op in (S.OP_SCORE, S.OP_SID, S.OP_SCM, S.OP_DENOISE):
         sig = {"part_ptr": "*fp32", "sums_ptr": "*fp32", "weight_ptr": "*fp32", "logvar_ptr": "*fp32",
                "state_ptr": "*fp32", "loss_i_ptr": "*fp32", "loss_ptr": "*fp32", "B": "i32", "M": "i32", "NB": "i32",
-               "scale": "fp32", "clamp": "fp32", "eps": "fp32", "c": "fp32", "alpha": "fp32"}
+               "scale": "fp32", "clamp": "fp32", "eps": "fp32", "c": "fp32", "alpha": "fp32", "gmax": "fp32"}
         ce = {"OP": op, "NORM": 1, "NORM_ON_LOSS": False, "RED": 0, "SAMPLE_MEAN": True, "RMS": False,
               "TO_NUM": False, "HAS_WEIGHT": True, "HAS_LOGVAR": op == S.OP_SCM,
               "NBP": S.MAX_BLOCKS_PER_SAMPLE, "ACC": tl.float32}

@@ -73,6 +73,7 @@ struct FinArgs {  // part [B, NB, 5] in, sums [B, 5] scratch, the rest out (weig
   int64_t B, M;
   int NB, op, norm, red, flags;
   float scale, clamp, eps, c, alpha;
+  float gmax;  // largest finite value of the gradient dtype: a larger gradient element marks the sample bad
 };
 
 // ----------------------------------------------------------------------------- launch bounds
@@ -173,6 +174,8 @@ __device__ __forceinline__ void load_mask(const uint8_t* p, bool has_mask, int64
 
 // ----------------------------------------------------------------------------- math helpers
 __device__ __forceinline__ bool finite(float v) { return fabsf(v) < __int_as_float(0x7f800000); }
+// |v| within the gradient dtype's range (false for NaN)
+__device__ __forceinline__ bool fits(float v, float vmax) { return fabsf(v) <= vmax; }
 // max that propagates NaN (torch.maximum / amax semantics): a NaN statistic marks the sample bad
 __device__ __forceinline__ float maxp(float a, float b) { return (a > b || a != a) ? a : b; }
 __device__ __forceinline__ float to_num(float v, float vmax) {
@@ -425,13 +428,13 @@ __global__ void __launch_bounds__(FIN_THREADS) score_finalize_kernel(const FinAr
       else if (a.norm == 2) w = w_glob;
       gco = __fdiv_rn(kappa * h, w);
       loss = (a.flags & F_NORM_ON_LOSS) ? gco * v1 : __fdiv_rn(gco * v1, w);
-      bad = v3 > 0.0f || !(finite(w) && w > 0.0f) || !finite(v4 * gco) || !finite(h);
+      bad = v3 > 0.0f || !(finite(w) && w > 0.0f) || !fits(v4 * gco, a.gmax) || !finite(h);
     } else if (op == OP_SID) {
       w = maxp(__fdiv_rn(v0, Mf), a.clamp) + a.eps;
       gco = __fdiv_rn(kappa, w);
       loss = gco * v1;
       // largest gradient element: |∂/∂f| ≤ (2 + 2|α|)·max(|f_r − y|, |f_r − f_f|)·gco
-      bad = v3 > 0.0f || !(finite(w) && w > 0.0f) || !finite(v4 * gco * (2.0f + 2.0f * fabsf(a.alpha)));
+      bad = v3 > 0.0f || !(finite(w) && w > 0.0f) || !fits(v4 * gco * (2.0f + 2.0f * fabsf(a.alpha)), a.gmax);
     } else if (op == OP_SCM) {
       const float nrm = (a.flags & F_RMS) ? __fsqrt_rn(__fdiv_rn(v0, Mf)) : __fsqrt_rn(v0);
       w = nrm + a.c;
@@ -453,7 +456,7 @@ __global__ void __launch_bounds__(FIN_THREADS) score_finalize_kernel(const FinAr
       const float inv = sample_mean ? (v2 > 0.0f ? __fdiv_rn(1.0f, v2) : 0.0f) : 1.0f;
       loss = beta * h * v0 * inv;
       gco = 2.0f * beta * h * inv;
-      bad = v3 > 0.0f || !finite(v4 * gco) || !finite(h);
+      bad = v3 > 0.0f || !fits(v4 * gco, a.gmax) || !finite(h);
     }
     if (to_num_) {
       loss = to_num(loss, 0x1.fffffep+127f);
@@ -623,7 +626,8 @@ cudaError_t fd_score_fwd(int op, int dtype, const void* x, const void* const* te
   const cudaError_t err = dispatch_elem<false>(dtype, op, a, B, stream);
   if (err != cudaSuccess) return err;
   const FinArgs f = {part, sums, weight, logvar, state, loss_i, loss, B, M, a.NB, op, norm, red,
-                     flags | (weight ? F_WEIGHT : 0) | (logvar ? F_LOGVAR : 0), scale, clamp, eps, c, alpha};
+                     flags | (weight ? F_WEIGHT : 0) | (logvar ? F_LOGVAR : 0), scale, clamp, eps, c, alpha,
+                     dtype == 1 ? 65504.0f : dtype == 2 ? 0x1.fep+127f : 0x1.fffffep+127f};
   auto fin = score_finalize_kernel;
   FD_LAUNCH(fin, dim3(1), dim3(FIN_THREADS), stream, f);
   return cudaGetLastError();

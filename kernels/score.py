@@ -135,13 +135,19 @@ def _nanmax(v):
 
 
 @triton.jit
+def _fits(v, gmax):
+    """|v| within the gradient dtype's range (false for NaN): a larger element marks the sample bad."""
+    return tl.abs(v) <= gmax
+
+
+@triton.jit
 def _finite(v):
     return tl.abs(v) < float("inf")
 
 
 @triton.jit
 def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr, loss_i_ptr, loss_ptr,
-                           B, M, NB, scale, clamp, eps, c, alpha,
+                           B, M, NB, scale, clamp, eps, c, alpha, gmax,
                            OP: tl.constexpr, NORM: tl.constexpr, NORM_ON_LOSS: tl.constexpr,
                            RED: tl.constexpr, SAMPLE_MEAN: tl.constexpr, RMS: tl.constexpr,
                            TO_NUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_LOGVAR: tl.constexpr,
@@ -212,12 +218,12 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
                 loss = gco * v1
             else:
                 loss = gco * v1 / w
-            bad = (v3 > 0) | ~(_finite(w) & (w > 0)) | ~_finite(v4 * gco) | ~_finite(h)
+            bad = (v3 > 0) | ~(_finite(w) & (w > 0)) | ~_fits(v4 * gco, gmax) | ~_finite(h)
         elif OP == 1:
             w = tl.maximum(v0 / Mf, clamp, propagate_nan=tl.PropagateNan.ALL) + eps
             gco = kappa / w
             loss = gco * v1
-            bad = (v3 > 0) | ~(_finite(w) & (w > 0)) | ~_finite(v4 * gco * (2.0 + 2.0 * tl.abs(alpha)))
+            bad = (v3 > 0) | ~(_finite(w) & (w > 0)) | ~_fits(v4 * gco * (2.0 + 2.0 * tl.abs(alpha)), gmax)
         elif OP == 2:
             if RMS:
                 nrm = tl.sqrt(v0 / Mf)
@@ -251,7 +257,7 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
                 inv = tl.full([], 1.0, ACC)
             loss = beta * h * v0 * inv
             gco = 2.0 * beta * h * inv
-            bad = (v3 > 0) | ~_finite(v4 * gco) | ~_finite(h)
+            bad = (v3 > 0) | ~_fits(v4 * gco, gmax) | ~_finite(h)
         if TO_NUM:
             loss = tl.where(loss != loss, 0.0, loss)
             loss = tl.minimum(tl.maximum(loss, -FMAX), FMAX)
@@ -341,6 +347,13 @@ def _score_grad_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, state_ptr, go_
 _TL_ACC = {"float32": tl.float32, "float64": tl.float64}
 
 
+def grad_max(dtype, acc) -> float:
+    """The largest finite gradient element: the gradient's dtype, within the accumulation dtype."""
+    import torch
+
+    return float(min(torch.finfo(dtype).max, torch.finfo(acc).max))
+
+
 def _blocking(M: int) -> tuple[int, int]:
     """(n_iter, NB): each program reduces n_iter·BLOCK elements; at most MAX_BLOCKS_PER_SAMPLE blocks."""
     nblk = max(1, triton.cdiv(M, BLOCK))
@@ -373,7 +386,7 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
     )
     _score_finalize_kernel[(1,)](
         part, sums, weight if weight is not None else x, logvar if logvar is not None else x,
-        state, loss_i, loss, B, M, NB, p.scale, p.clamp, p.eps, p.c, p.alpha,
+        state, loss_i, loss, B, M, NB, p.scale, p.clamp, p.eps, p.c, p.alpha, grad_max(x.dtype, acc),
         OP=p.op, NORM=p.norm, NORM_ON_LOSS=p.norm_on_loss, RED=p.red, SAMPLE_MEAN=p.sample_mean,
         RMS=p.rms, TO_NUM=p.to_num, HAS_WEIGHT=weight is not None, HAS_LOGVAR=logvar is not None,
         NBP=triton.next_power_of_2(NB), ACC=ACC, num_warps=4,

@@ -278,3 +278,15 @@ def test_to_num_clamps_to_output_dtype(use):
     loss = fd.score_distill(x, [f], [4.0], norm=None, reduction="sum", nan="to_num")
     loss.backward()
     assert x.grad.tolist() == [[65504.0, -65504.0, 4.0, 0.0]]
+
+
+def test_fp16_gradient_overflow_marks_sample_bad(use):
+    """zero_sample: a gradient element beyond the fp16 range marks its sample bad (zero gradient),
+    never an inf in the fp16 gradient."""
+    x = torch.zeros(2, 4, dtype=torch.float16, requires_grad=True)
+    f = torch.tensor([[60000.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0]], dtype=torch.float16)
+    loss, st = fd.score_distill(x, [f], [4.0], norm=None, reduction="sum", return_stats=True)
+    loss.backward()
+    assert st["bad"].tolist() == [True, False]
+    assert torch.isfinite(x.grad).all() and torch.all(x.grad[0] == 0)
+    assert x.grad[1].tolist() == [4.0, 8.0, 12.0, 16.0]

@@ -82,10 +82,10 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
             s[0] += (m * c1 * c1).sum(1)
             s[2] += m.sum(1)
             s[4] = torch.maximum(s[4], (m * c1.abs()).amax(1))
-    return _finalize(p, s, B, M, weight, logvar)
+    return _finalize(p, s, B, M, weight, logvar, min(torch.finfo(x.dtype).max, torch.finfo(acc).max))
 
 
-def _finalize(p, s, B, M, weight, logvar):
+def _finalize(p, s, B, M, weight, logvar, gmax):
     acc = p.accum_dtype
     v0, v1, v2, v3, v4 = s
     h = weight.to(acc) if weight is not None else torch.ones_like(v0)
@@ -93,6 +93,10 @@ def _finalize(p, s, B, M, weight, logvar):
         h = h * p.scale
     dlv = torch.zeros_like(v0)
     fin = torch.isfinite
+
+    def fits(v):  # within the gradient dtype's range (false for NaN): a larger element marks the sample bad
+        return v.abs() <= gmax
+
     if p.op in (OP_SCORE, OP_SID):
         tot2 = v2.sum()
         if p.red == 0:
@@ -112,12 +116,12 @@ def _finalize(p, s, B, M, weight, logvar):
             w = (torch.clamp(v0.sum() / (B * M), min=p.clamp) + p.eps).expand(B).clone()
         gco = kappa * h / w
         loss = gco * v1 if p.norm_on_loss else gco * v1 / w
-        bad = (v3 > 0) | ~(fin(w) & (w > 0)) | ~fin(v4 * gco) | ~fin(h)
+        bad = (v3 > 0) | ~(fin(w) & (w > 0)) | ~fits(v4 * gco) | ~fin(h)
     elif p.op == OP_SID:
         w = torch.clamp(v0 / M, min=p.clamp) + p.eps
         gco = kappa / w
         loss = gco * v1
-        bad = (v3 > 0) | ~(fin(w) & (w > 0)) | ~fin(v4 * gco * (2 + 2 * abs(p.alpha)))
+        bad = (v3 > 0) | ~(fin(w) & (w > 0)) | ~fits(v4 * gco * (2 + 2 * abs(p.alpha)))
     elif p.op == OP_SCM:
         nrm = torch.sqrt(v0 / M) if p.rms else torch.sqrt(v0)
         w = nrm + p.c
@@ -137,7 +141,7 @@ def _finalize(p, s, B, M, weight, logvar):
         inv = torch.where(v2 > 0, 1.0 / v2.clamp_min(1), torch.zeros_like(v2)) if p.sample_mean else w
         loss = beta * h * v0 * inv
         gco = 2.0 * beta * h * inv
-        bad = (v3 > 0) | ~fin(v4 * gco) | ~fin(h)
+        bad = (v3 > 0) | ~fits(v4 * gco) | ~fin(h)
     zero = torch.zeros_like(gco)
     if p.to_num:
         loss = torch.nan_to_num(loss, nan=0.0, posinf=torch.finfo(torch.float32).max,
