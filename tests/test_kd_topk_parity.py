@@ -30,9 +30,9 @@ import fastdistill as fd
 
 sys.path.insert(0, os.path.dirname(__file__))
 import kd_transcriptions as T  # noqa: E402
+from test_kd_parity import compare  # noqa: E402  (shared fp64 comparison helpers)
 
 F64 = torch.float64
-RTOL = 1e-10
 K, V = 8, 97
 LEADS = {"BTV": (2, 3), "NV": (5,)}
 
@@ -53,30 +53,6 @@ def draw(seed, lead, temperature):
 def wrapper(lead):
     """DistillKit wants [B, T, ·] logits and [B, T] masks: [N, ·] rows become one sequence of N tokens."""
     return (lambda x: x) if len(LEADS[lead]) == 2 else (lambda x: x.unsqueeze(0))
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
-def close(got, exp, what, rtol=RTOL):
-    assert got.shape == exp.shape, (what, got.shape, exp.shape)
-    scale = float(exp.abs().max())
-    torch.testing.assert_close(got.to(F64), exp, rtol=rtol, atol=rtol * scale + 1e-300, msg=lambda m: f"{what}: {m}")
-
-
-def compare(backend, s, ref_fn, op_kw, offset=0.0, upstream=1.7):
-    """ref_fn(leaf) -> DistillKit loss; op_kw -> kd_loss kwargs. Checks ref = op + offset and the gradients."""
-    xr = leaf(s)
-    ref = ref_fn(xr)
-    x = leaf(s)
-    with fd.use_backend(backend):
-        loss = fd.kd_loss(x, accum_dtype=F64, **op_kw)
-        close(loss.detach() + offset, ref.detach(), "loss")
-        up = torch.full_like(ref, upstream)
-        loss.backward(up)
-    ref.backward(up)
-    close(x.grad, xr.grad, "grad")
 
 
 def settings(masking, mask, dk):
