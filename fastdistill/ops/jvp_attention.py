@@ -1,0 +1,329 @@
+"""JVP attention: ``jvp_attention`` (forward + tangent in one fused pass, primal backward), its
+autograd / forward-AD wiring, the ``torch.library`` custom ops for ``torch.compile``, dispatch.
+
+Three ways in, one kernel pass each (docs/jvp_attention.md):
+- explicit pairs ``jvp_attention(q, k, v, tq, tk, tv)`` -> ``(o, to)`` (rCM-style code);
+- forward-AD: inside ``torch.func.jvp`` or with ``torch.autograd.forward_ad`` dual tensors, the
+  tangents of q, k, v are read off the inputs and the output carries Ȯ as its tangent;
+- plain autograd without tangents: a normal flash attention forward / backward.
+The tangent outputs (Ȯ and d lse) are stop-gradient by contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from fastdistill import _backend
+from fastdistill.ops._common import check_choice, select_backend
+from fastdistill.reference import jvp_attention as _ref
+
+OP = "jvp_attention"
+LAYOUTS = {"bshd": 0, "bhsd": 1}
+MAX_HEAD_DIM = 256
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+_TANGENT_DTYPES = {None: 0, torch.float32: 1}
+
+
+# ----------------------------------------------------------------------------- backends
+def _why_not_triton(x: torch.Tensor, head_dims: tuple = (), **_) -> list[str]:
+    r = _backend.triton_why_not(x.device)
+    if x.dtype not in _KERNEL_DTYPES:
+        r.append(f"dtype {str(x.dtype).removeprefix('torch.')} is not supported by the Triton kernels "
+                 "(float16, bfloat16, float32)")
+    big = [d for d in head_dims if d > MAX_HEAD_DIM]
+    if big:
+        r.append(f"head dim {big[0]} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
+    return r
+
+
+def _why_not_reference(x: torch.Tensor, **_) -> list[str]:
+    return []
+
+
+_backend.register(OP, "reference", _why_not_reference)
+_backend.register(OP, "triton", _why_not_triton)
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from fastdistill.kernels import jvp_attention as kern
+
+        return kern
+    if backend == "reference":
+        return _ref
+    raise ValueError(f"jvp_attention: backend {backend!r} has no implementation")
+
+
+# ----------------------------------------------------------------------------- the shared compute
+def _bhsd(x: torch.Tensor | None, layout: int) -> torch.Tensor | None:
+    """A [B, H, S, D] view of a tensor in the caller's layout (no copy)."""
+    return x if x is None or layout == 1 else x.transpose(1, 2)
+
+
+def _out_shape(q: torch.Tensor, v: torch.Tensor, layout: int) -> tuple[int, ...]:
+    # BSHD: [B, Sq, Hq, Dv]; BHSD: [B, Hq, Sq, Dv]
+    return (*q.shape[:3], v.shape[-1])
+
+
+def _stat_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fwd(q, k, v, tq, tk, tv, causal: bool, scale: float, layout: int, want_t: bool, t_dtype: int, backend: str):
+    o = q.new_empty(_out_shape(q, v, layout))
+    to = o.new_empty(o.shape, dtype=torch.float32 if t_dtype == 1 else q.dtype) if want_t else o.new_empty(0)
+    B, H, S = (q.shape[0], q.shape[2], q.shape[1]) if layout == 0 else q.shape[:3]
+    lse = q.new_empty((B, H, S), dtype=_stat_dtype(q))
+    mu = torch.empty_like(lse) if want_t else lse.new_empty(0)
+    _impl(backend).attn_fwd(_bhsd(q, layout), _bhsd(k, layout), _bhsd(v, layout), _bhsd(tq, layout),
+                            _bhsd(tk, layout), _bhsd(tv, layout), _bhsd(o, layout),
+                            _bhsd(to, layout) if want_t else None, lse, mu if want_t else None,
+                            causal=causal, scale=scale)
+    return o, to, lse, mu
+
+
+def _bwd(do, q, k, v, o, lse, dlse, causal: bool, scale: float, layout: int, backend: str):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _impl(backend).attn_bwd(_bhsd(do, layout), _bhsd(q, layout), _bhsd(k, layout), _bhsd(v, layout),
+                            _bhsd(o, layout), lse, dlse, _bhsd(dq, layout), _bhsd(dk, layout), _bhsd(dv, layout),
+                            causal=causal, scale=scale)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
+@torch.library.custom_op("fastdistill::jvp_attn_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None, tk: torch.Tensor | None,
+            tv: torch.Tensor | None, causal: bool, scale: float, layout: int, want_t: bool, t_dtype: int,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd(q, k, v, tq, tk, tv, causal, scale, layout, want_t, t_dtype, backend)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, tq, tk, tv, causal, scale, layout, want_t, t_dtype, backend):
+    o = q.new_empty(_out_shape(q, v, layout))
+    to = o.new_empty(o.shape, dtype=torch.float32 if t_dtype == 1 else q.dtype) if want_t else o.new_empty(0)
+    B, H, S = (q.shape[0], q.shape[2], q.shape[1]) if layout == 0 else q.shape[:3]
+    lse = q.new_empty((B, H, S), dtype=_stat_dtype(q))
+    return o, to, lse, torch.empty_like(lse) if want_t else lse.new_empty(0)
+
+
+@torch.library.custom_op("fastdistill::jvp_attn_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+            dlse: torch.Tensor | None, causal: bool, scale: float, layout: int,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(do, q, k, v, o, lse, dlse, causal, scale, layout, backend)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, dlse, causal, scale, layout, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _tq, _tk, _tv, causal, scale, layout, _want_t, _t_dtype, backend = inputs
+    o, _to, lse, _mu = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.cfg = (causal, scale, layout, backend)
+
+
+def _backward(ctx, do, _dto, dlse, _dmu):
+    # the tangent outputs are stop-gradient: eager calls guard them (_NoGrad), compiled calls detach them
+    q, k, v, o, lse = ctx.saved_tensors
+    causal, scale, layout, backend = ctx.cfg
+    dq, dk, dv = _bwd_op(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, dlse, causal, scale,
+                         layout, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastdistill::jvp_attn_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- forward-AD path
+_STOP_GRAD = ("jvp_attention: the tangent outputs (Ȯ, d lse) are stop-gradient by contract (sCM, rCM and "
+              "MeanFlow detach them) and have no backward; a loss reached them. Detach the tangent "
+              "(`to.detach()`) or compute the second-order term another way.")
+
+
+class _NoGrad(torch.autograd.Function):
+    """Identity whose backward raises: marks a tangent output as stop-gradient, loudly."""
+
+    @staticmethod
+    def forward(t, anchor):
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError(_STOP_GRAD)
+
+
+def _guard(t: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
+    anchor = next((x for x in inputs if x is not None and x.requires_grad), None)
+    if anchor is None or not torch.is_grad_enabled():
+        return t
+    if torch.compiler.is_compiling():
+        return t.detach()
+    return _NoGrad.apply(t, anchor)
+
+
+class _DualFunction(torch.autograd.Function):
+    """Forward-AD entry: q, k, v carry tangents (dual tensors or torch.func.jvp); their tangent
+    tensors come in explicitly as tq, tk, tv, so the forward runs the fused pass once and
+    ``jvp`` hands back the Ȯ and μ it computed (no second primal forward)."""
+
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, causal, scale, layout, t_dtype, backend):
+        return _fwd(q, k, v, tq, tk, tv, causal, scale, layout, True, t_dtype, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _tq, _tk, _tv, causal, scale, layout, _t_dtype, backend = inputs
+        o, to, lse, mu = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.cfg = (causal, scale, layout, backend)
+        ctx.tangents = (to, mu)
+        ctx.anchor = next((x for x in (q, k, v) if x.requires_grad), None)
+        ctx.mark_non_differentiable(to, mu)
+
+    @staticmethod
+    def jvp(ctx, *_input_tangents):
+        to, mu = ctx.tangents
+        if ctx.anchor is not None and torch.is_grad_enabled():
+            to = _NoGrad.apply(to, ctx.anchor)
+            mu = _NoGrad.apply(mu, ctx.anchor)
+        return to, None, mu, None
+
+    @staticmethod
+    def backward(ctx, do, _dto, dlse, _dmu):
+        q, k, v, o, lse = ctx.saved_tensors
+        causal, scale, layout, backend = ctx.cfg
+        dq, dk, dv = _bwd(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, dlse, causal, scale,
+                          layout, backend)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _dual_tangent(x: torch.Tensor) -> torch.Tensor | None:
+    if torch.compiler.is_compiling():
+        return None
+    return fwAD.unpack_dual(x).tangent
+
+
+# ----------------------------------------------------------------------------- checks
+def _name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _check(q, k, v, tq, tk, tv, layout: int, tangent_dtype):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor ({'[B, S, H, D]' if layout == 0 else '[B, H, S, D]'}),"
+                             f" got shape {tuple(x.shape)}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {_name(x.dtype)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {_name(x.dtype)} differs from q's {_name(q.dtype)}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: device {x.device} differs from q's {q.device}")
+        if x.numel() and x.stride(-1) != 1:
+            raise ValueError(f"{name}: the head dim must be contiguous (stride 1), got strides {tuple(x.stride())}")
+    sh = (lambda x: (x.shape[0], x.shape[1], x.shape[2], x.shape[3])) if layout == 1 else \
+        (lambda x: (x.shape[0], x.shape[2], x.shape[1], x.shape[3]))
+    (B, Hq, _, Dqk), (Bk, Hk, Sk, Dk), (Bv, Hv, Sv, Dv) = sh(q), sh(k), sh(v)
+    if Bk != B or Bv != B:
+        raise ValueError(f"k, v: batch sizes {Bk}, {Bv} differ from q's {B}")
+    if Dk != Dqk:
+        raise ValueError(f"k: head dim {Dk} differs from q's {Dqk}")
+    if (Hv, Sv) != (Hk, Sk):
+        raise ValueError(f"v: (heads, keys) = {(Hv, Sv)} differs from k's {(Hk, Sk)}")
+    if Dqk < 1 or Dv < 1:
+        raise ValueError(f"q, v: head dims must be >= 1, got Dqk={Dqk}, Dv={Dv}")
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"k: the number of query heads ({Hq}) must be a multiple of the key/value heads ({Hk}) "
+                         "(GQA/MQA)")
+    for name, t, p in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        if t.shape != p.shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} differs from its primal's {tuple(p.shape)}")
+        if t.dtype != p.dtype:
+            raise TypeError(f"{name}: dtype {_name(t.dtype)} differs from its primal's {_name(p.dtype)}")
+        if t.device != p.device:
+            raise ValueError(f"{name}: device {t.device} differs from its primal's {p.device}")
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name}: the head dim must be contiguous (stride 1), got strides {tuple(t.stride())}")
+    if tangent_dtype not in _TANGENT_DTYPES and tangent_dtype != q.dtype:
+        raise ValueError(f"tangent_dtype: expected None, torch.float32 or q's dtype, got {tangent_dtype}")
+    return Dqk, Dv
+
+
+# ----------------------------------------------------------------------------- public
+def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None = None,
+                  tk: torch.Tensor | None = None, tv: torch.Tensor | None = None, *, causal: bool = False,
+                  scale: float | None = None, layout: str = "bshd", return_lse: bool = False,
+                  tangent_dtype: torch.dtype | None = None):
+    """Softmax attention and its forward-mode derivative (JVP) in one fused pass.
+
+    Shapes (``layout="bshd"``): q ``[B, Sq, Hq, Dqk]``, k ``[B, Sk, Hkv, Dqk]``, v ``[B, Sk, Hkv, Dv]``;
+    ``layout="bhsd"``: ``[B, H, S, D]``. Any strides with a contiguous head dim (no copies).
+    ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA). fp16/bf16/fp32 (fp64: reference backend).
+
+    Math (per query row): ``O = softmax(s·q kᵀ) v``; with tangents ``Ṡ = s·(q̇ kᵀ + q k̇ᵀ)``,
+    ``μ = Σ_j P_ij Ṡ_ij`` and ``Ȯ = (P⊙Ṡ) v + P v̇ − μ O``. ``s = scale`` (default ``1/√Dqk``).
+
+    Args:
+        tq, tk, tv: tangents of q, k, v, same shape/dtype/device as their primal; ``None`` means zero
+            and skips that tangent's matmuls (frozen text context: ``tk = tv = None``). Instead of
+            passing them, q/k/v may carry them (``torch.func.jvp``, ``forward_ad`` dual tensors);
+            passing both is an error.
+        causal: bottom-right aligned as in flash-attn: query i sees key j iff ``j <= i + Sk − Sq``.
+            A query row that sees no key gets ``o = 0``, ``to = 0``, ``lse = −inf``, ``dlse = 0``.
+        return_lse: also return ``lse`` ``[B, Hq, Sq]`` (float32, natural log) and its tangent ``dlse = μ``.
+        tangent_dtype: ``torch.float32`` for an fp32 ``to`` from bf16/fp16 inputs (default: q's dtype).
+
+    Returns:
+        ``(o, to)`` or ``(o, to, lse, dlse)``; ``o`` in q's layout and dtype. ``to`` and ``dlse`` are
+        ``None`` when there is no tangent at all (plain attention). Backward through ``o`` (and ``lse``)
+        gives dq, dk, dv (no gradient reaches the tangents). ``to`` and ``dlse`` are stop-gradient:
+        a backward that reaches them raises (under ``torch.compile`` they are returned detached).
+
+    Example::
+
+        o, to = fastdistill.jvp_attention(q, k, v, tq, tk, tv)              # rCM-style pairs
+        o, do_dt = torch.func.jvp(lambda q: fastdistill.jvp_attention(q, k, v)[0], (q,), (tq,))
+    """
+    check_choice("layout", layout, LAYOUTS)
+    lay = LAYOUTS[layout]
+    duals = [_dual_tangent(x) if isinstance(x, torch.Tensor) else None for x in (q, k, v)]
+    dual = any(t is not None for t in duals)
+    if dual and any(t is not None for t in (tq, tk, tv)):
+        raise ValueError("tq, tk, tv: q/k/v already carry forward-AD tangents (torch.func.jvp or dual tensors); "
+                         "pass the tangents one way, not both")
+    if dual:
+        tq, tk, tv = duals
+    Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
+    scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale}")
+    t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
+    want_t = any(t is not None for t in (tq, tk, tv))
+    backend = select_backend(OP, q, head_dims=(Dqk, Dv))
+    if dual:
+        o, to, lse, mu = _DualFunction.apply(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend)
+    else:
+        o, to, lse, mu = _fwd_op(q, k, v, tq, tk, tv, bool(causal), scale, lay, want_t, t_dtype, backend)
+        if want_t:
+            to, mu = _guard(to, q, k, v), _guard(mu, q, k, v)
+    if not want_t:
+        to = mu = None
+    return (o, to, lse, mu) if return_lse else (o, to)

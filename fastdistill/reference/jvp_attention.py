@@ -1,0 +1,126 @@
+"""Pure-PyTorch JVP attention: the CPU backend (and any device), chunked over query rows.
+
+Layout: ``[B, H, S, D]`` views (any strides). GQA: ``q`` has ``Hq = G·Hkv`` heads, query head
+``h`` reads key/value head ``h // G`` (broadcast, never copied). Math per query row i (DESIGN.md §1):
+
+    S = s·q kᵀ, P = softmax(S), O = P v, lse = logsumexp(S)
+    Ṡ = s·(q̇ kᵀ + q k̇ᵀ), μ = Σ_j P_ij Ṡ_ij (= d lse), Ȯ = (P⊙Ṡ) v + P v̇ − μ O
+
+Causal masks are bottom-right aligned (flash-attn): query i sees key j iff j ≤ i + Sk − Sq.
+A query row that sees no key gets O = Ȯ = 0, μ = 0 and lse = −inf. Memory: one
+``[B, Hq, chunk, Sk]`` score block at a time (``chunk`` from a fixed element budget), never S×S.
+Arithmetic in float32 (float64 when an input is float64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMS = 1 << 24  # score elements per query chunk (64 MB of fp32)
+
+
+def _compute_dtype(*xs: torch.Tensor | None) -> torch.dtype:
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _grouped(x: torch.Tensor, hkv: int, dt: torch.dtype) -> torch.Tensor:
+    """[B, Hq, S, D] -> [B, Hkv, G, S, D] (a view, then cast)."""
+    B, H, S, D = x.shape
+    return x.reshape(B, hkv, H // hkv, S, D).to(dt)
+
+
+def _kv(x: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
+    """[B, Hkv, S, D] -> [B, Hkv, 1, S, D], broadcast against the query groups."""
+    return None if x is None else x.unsqueeze(2).to(dt)
+
+
+def _chunks(B: int, Hq: int, Sq: int, Sk: int):
+    step = max(1, CHUNK_ELEMS // max(1, B * Hq * Sk))
+    for i0 in range(0, Sq, step):
+        yield i0, min(Sq, i0 + step)
+
+
+def _scores(qc: torch.Tensor, k: torch.Tensor, scale: float, i0: int, Sq: int, causal: bool) -> torch.Tensor:
+    """s·q kᵀ for query rows [i0, i0 + rows) with masked entries at −inf; [B, Hkv, G, rows, Sk]."""
+    s = torch.matmul(qc, k.transpose(-1, -2)) * scale
+    if causal:
+        Sk = k.shape[-2]
+        rows = torch.arange(i0, i0 + qc.shape[-2], device=s.device).unsqueeze(1)
+        s = s.masked_fill(torch.arange(Sk, device=s.device) > rows + (Sk - Sq), float("-inf"))
+    return s
+
+
+def _ungroup(x: torch.Tensor) -> torch.Tensor:
+    B, Hkv, G, S, D = x.shape
+    return x.reshape(B, Hkv * G, S, D)
+
+
+def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float) -> None:
+    """Write O (``o``), Ȯ (``to``, may be None: no tangent wanted), lse and μ (``mu``, may be
+    None) for ``[B, H, S, D]`` inputs into the given ``[B, H, S, ·]`` / ``[B, H, S]`` outputs."""
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if B * Hq * Sq == 0:
+        return
+    dt = _compute_dtype(q, k, v, tq, tk, tv)
+    kk, vv, tkk, tvv = _kv(k, dt), _kv(v, dt), _kv(tk, dt), _kv(tv, dt)
+    want_t = to is not None or mu is not None
+    for i0, i1 in _chunks(B, Hq, Sq, Sk):
+        qc = _grouped(q[:, :, i0:i1], Hkv, dt)
+        s = _scores(qc, kk, scale, i0, Sq, causal)
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see no key
+        e = torch.exp(s - m)  # masked entries: exp(−inf) = 0
+        l_ = e.sum(-1, keepdim=True)
+        p = e / torch.where(l_ > 0, l_, torch.ones_like(l_))
+        oc = torch.matmul(p, vv)
+        o[:, :, i0:i1] = _ungroup(oc).to(o.dtype)
+        lse[:, :, i0:i1] = _ungroup(torch.where(l_ > 0, m + torch.log(l_), float("-inf"))).squeeze(-1).to(lse.dtype)
+        if not want_t:
+            continue
+        ts = None
+        if tq is not None:
+            ts = torch.matmul(_grouped(tq[:, :, i0:i1], Hkv, dt), kk.transpose(-1, -2))
+        if tk is not None:
+            t2 = torch.matmul(qc, tkk.transpose(-1, -2))
+            ts = t2 if ts is None else ts + t2
+        if ts is None:
+            muc = torch.zeros_like(l_)
+            toc = torch.zeros_like(oc)
+        else:
+            pts = p * (ts * scale)
+            muc = pts.sum(-1, keepdim=True)
+            toc = torch.matmul(pts, vv) - muc * oc
+        if tvv is not None:
+            toc = toc + torch.matmul(p, tvv)
+        if to is not None:
+            to[:, :, i0:i1] = _ungroup(toc).to(to.dtype)
+        if mu is not None:
+            mu[:, :, i0:i1] = _ungroup(muc).squeeze(-1).to(mu.dtype)
+
+
+def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float) -> None:
+    """Gradients of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None)
+    with respect to q, k, v, from the saved lse: P = exp(S − lse), dP = dO vᵀ,
+    dS = P ⊙ (dP − rowsum(dO ⊙ O) + dlse), dq = s·dS k, dk = s·dSᵀ q, dv = Pᵀ dO."""
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dt = _compute_dtype(q, k, v, do)
+    kk, vv = _kv(k, dt), _kv(v, dt)
+    dk_acc = torch.zeros(B, Hkv, Sk, k.shape[-1], dtype=dt, device=q.device)
+    dv_acc = torch.zeros(B, Hkv, Sk, v.shape[-1], dtype=dt, device=q.device)
+    for i0, i1 in _chunks(B, Hq, Sq, Sk) if B * Hq * Sq else ():
+        qc = _grouped(q[:, :, i0:i1], Hkv, dt)
+        doc = _grouped(do[:, :, i0:i1], Hkv, dt)
+        lc = _grouped(lse[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
+        s = _scores(qc, kk, scale, i0, Sq, causal)
+        p = torch.where(torch.isfinite(lc), torch.exp(s - torch.where(torch.isfinite(lc), lc, 0.0)), 0.0)
+        delta = (doc * _grouped(o[:, :, i0:i1], Hkv, dt)).sum(-1, keepdim=True)
+        if dlse is not None:
+            delta = delta - _grouped(dlse[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
+        ds = p * (torch.matmul(doc, vv.transpose(-1, -2)) - delta)
+        dq[:, :, i0:i1] = _ungroup(torch.matmul(ds, kk) * scale).to(dq.dtype)
+        dk_acc += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * scale
+        dv_acc += torch.matmul(p.transpose(-1, -2), doc).sum(2)
+    dk.copy_(dk_acc)
+    dv.copy_(dv_acc)
