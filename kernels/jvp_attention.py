@@ -1,0 +1,399 @@
+"""Triton JVP flash attention: forward + tangent in one FA2-style pass, primal backward.
+
+Views are ``[B, H, S, D]`` with any strides (head dim contiguous); GQA maps query head h to
+key/value head h // G. Derivation (DESIGN.md §1), per query row, in the log2 domain of the
+online softmax (m, l the running max and sum, α = 2^(m_old − m_new)):
+
+    P̃ = 2^(s·log2e·qkᵀ − m)            l ← α·l + Σ_j P̃
+    Õ ← α·Õ + P̃ v                        (primal accumulator)
+    Ṡ = s·(q̇ kᵀ + q k̇ᵀ)                 r ← α·r + Σ_j P̃⊙Ṡ          (fp32)
+    T̃ ← α·T̃ + (P̃⊙Ṡ) v + P̃ v̇            (ONE tangent accumulator: both terms share α)
+    O = Õ/l, μ = r/l, Ȯ = T̃/l − μ·O, lse = ln2·m + ln l
+
+A row that sees no key (causal with Sq > Sk, Sk = 0) keeps l = 0 and gets O = Ȯ = 0, μ = 0,
+lse = −inf. ``two_pass`` (FASTDISTILL_ATTN_JVP=two_pass) is the alternative of DESIGN.md: the
+primal pass stores O and lse, then the tangent pass recomputes P = exp(S − lse) (5 matmuls,
+no rescaling) and reads O back. Backward (FA2): Δ = rowsum(dO⊙O) − dlse, dS = P⊙(dP − Δ);
+one kernel per key block accumulates dk, dv over the query blocks of every query head of its
+group (no atomics: deterministic), one kernel per query block accumulates dq.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_GRID_YZ = 65535
+
+
+# ----------------------------------------------------------------------------- configurations
+def _env_cfg(name: str) -> tuple[int, int, int, int] | None:
+    """``FASTDISTILL_ATTN_FWD_CONFIG`` / ``..._BWD_CONFIG`` = "BM,BN,WARPS,STAGES" (benchmark sweeps)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        bm, bn, w, s = (int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{name}: expected 'BM,BN,WARPS,STAGES' (integers), got {raw!r}") from None
+    return bm, bn, w, s
+
+
+def fwd_config(dqk: int, dv: int, tangent: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward. Chosen so that no configuration
+    spills on sm_90a (benchmarks/triton_codegen.py, tests/test_codegen.py); timings: attn_sweep.py."""
+    cfg = _env_cfg("FASTDISTILL_ATTN_FWD_CONFIG")
+    if cfg is not None:
+        return cfg
+    d = max(triton.next_power_of_2(dqk), triton.next_power_of_2(dv))
+    if not tangent:
+        return (128, 64, 8, 3) if d <= 128 else (64, 32, 4, 2)
+    return (64, 64, 4, 3) if d <= 64 else (64, 32, 4, 2) if d <= 128 else (32, 32, 4, 2)
+
+
+def bwd_config(dqk: int, dv: int) -> tuple[int, int, int, int]:
+    cfg = _env_cfg("FASTDISTILL_ATTN_BWD_CONFIG")
+    if cfg is not None:
+        return cfg
+    d = max(triton.next_power_of_2(dqk), triton.next_power_of_2(dv))
+    return (64, 64, 4, 2) if d <= 64 else (32, 64, 4, 2) if d <= 128 else (32, 32, 4, 1)
+
+
+def jvp_mode() -> str:
+    mode = os.environ.get("FASTDISTILL_ATTN_JVP", "fused").strip() or "fused"
+    if mode not in ("fused", "two_pass"):
+        raise ValueError(f"FASTDISTILL_ATTN_JVP: expected 'fused' or 'two_pass', got {mode!r}")
+    return mode
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, TQ, TK, TV, O, TO, LSE, MU,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+    stqb, stqh, stqs, stkb, stkh, stks, stvb, stvh, stvs,
+    sob, soh, sos, stob, stoh, stos, slb, slh,
+    G, Sq, Sk, scale,
+    DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+    PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # PRIMAL and TANGENT: the fused pass. PRIMAL only: plain flash attention (O, lse).
+    # TANGENT only: the second pass of two_pass mode (reads lse and O, writes Ȯ and μ).
+    pid = tl.program_id(0)
+    if CAUSAL:  # heavy (late) query blocks first
+        pid = tl.num_programs(0) - 1 - pid
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // G
+    offs_m = pid * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_dq = tl.arange(0, BDQK)
+    offs_dv = tl.arange(0, BDV)
+    row_ok = offs_m < Sq
+    dq_ok = offs_dq < DQK
+    dv_ok = offs_dv < DV
+    q_msk = row_ok[:, None] & dq_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_dq[None, :], mask=q_msk, other=0.0)
+    if HAS_TQ:
+        tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqs + offs_dq[None, :], mask=q_msk, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    tk_base = TK + b * stkb + hk * stkh
+    tv_base = TV + b * stvb + hk * stvh
+    qk2 = scale * 1.4426950408889634  # scores in the log2 domain
+
+    if PRIMAL:
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, BDV], tl.float32)
+    else:  # the tangent pass of two_pass: P = 2^(S·log2e − lse·log2e), no rescaling
+        lse_in = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=float("-inf"))
+        m_i = tl.where(lse_in == float("-inf"), 0.0, lse_in * 1.4426950408889634)
+    if TANGENT:
+        r_i = tl.zeros([BM], tl.float32)
+        tacc = tl.zeros([BM, BDV], tl.float32)
+
+    hi = Sk
+    if CAUSAL:  # bottom-right: query i sees key j iff j <= i + Sk - Sq
+        hi = tl.minimum(Sk, pid * BM + BM + Sk - Sq)
+    for n0 in range(0, hi, BN):
+        cols = n0 + offs_n
+        col_ok = cols < Sk
+        kt_msk = dq_ok[:, None] & col_ok[None, :]
+        kt = tl.load(k_base + cols[None, :] * sks + offs_dq[:, None], mask=kt_msk, other=0.0)
+        v_msk = col_ok[:, None] & dv_ok[None, :]
+        v = tl.load(v_base + cols[:, None] * svs + offs_dv[None, :], mask=v_msk, other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk2
+        ok = col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
+        s = tl.where(ok, s, float("-inf"))
+        if PRIMAL:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+        else:
+            p = tl.math.exp2(s - m_i[:, None])
+        if TANGENT:
+            if PRIMAL:
+                r_i = r_i * alpha
+                tacc = tacc * alpha[:, None]
+            if HAS_TQ or HAS_TK:
+                if HAS_TQ:
+                    ts = tl.dot(tq, kt, input_precision=DOT_PREC)
+                    if HAS_TK:
+                        tkt = tl.load(tk_base + cols[None, :] * stks + offs_dq[:, None], mask=kt_msk, other=0.0)
+                        ts = tl.dot(q, tkt, ts, input_precision=DOT_PREC)
+                else:
+                    tkt = tl.load(tk_base + cols[None, :] * stks + offs_dq[:, None], mask=kt_msk, other=0.0)
+                    ts = tl.dot(q, tkt, input_precision=DOT_PREC)
+                pts = p * (ts * scale)  # P̃⊙Ṡ in fp32; masked entries have P̃ = 0 and finite Ṡ
+                r_i += tl.sum(pts, 1)
+                tacc = tl.dot(pts.to(v.dtype), v, tacc, input_precision=DOT_PREC)
+            if HAS_TV:
+                tv = tl.load(tv_base + cols[:, None] * stvs + offs_dv[None, :], mask=v_msk, other=0.0)
+                tacc = tl.dot(p.to(tv.dtype), tv, tacc, input_precision=DOT_PREC)
+
+    o_msk = row_ok[:, None] & dv_ok[None, :]
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
+    if PRIMAL:
+        seen = l_i > 0.0
+        inv = 1.0 / tl.where(seen, l_i, 1.0)
+        o = acc * inv[:, None]
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_msk)
+        lse = tl.where(seen, m_i * 0.6931471805599453 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=row_ok)
+    else:
+        inv = tl.full([BM], 1.0, tl.float32)
+        o = tl.load(o_ptrs, mask=o_msk, other=0.0).to(tl.float32)
+    if TANGENT:
+        mu = r_i * inv
+        to = tacc * inv[:, None] - mu[:, None] * o
+        tl.store(TO + b * stob + h * stoh + offs_m[:, None] * stos + offs_dv[None, :], to.to(TO.dtype.element_ty),
+                 mask=o_msk)
+        tl.store(MU + b * slb + h * slh + offs_m, mu, mask=row_ok)
+
+
+def _dot_prec(x: torch.Tensor) -> str:
+    # fp32 inputs get full fp32 products (TF32 would miss the accuracy contract)
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _s3(x: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int]:
+    t = like if x is None else x
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _check_grid(B: int, H: int) -> None:
+    if B > MAX_GRID_YZ or H > MAX_GRID_YZ:
+        raise ValueError(f"q: batch ({B}) and heads ({H}) must each be <= {MAX_GRID_YZ} for the Triton kernels")
+
+
+def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal, scale, primal, tangent, cfg):
+    B, H, Sq, Dqk = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    BM, BN, warps, stages = cfg
+    grid = (triton.cdiv(Sq, BM), H, B)
+    _attn_fwd_kernel[grid](
+        q, k, v, q if tq is None else tq, k if tk is None else tk, v if tv is None else tv,
+        o, o if to is None else to, lse, lse if mu is None else mu,
+        *_s3(q, q), *_s3(k, k), *_s3(v, v), *_s3(tq, q), *_s3(tk, k), *_s3(tv, v),
+        *_s3(o, o), *_s3(to, o), lse.stride(0), lse.stride(1),
+        H // Hkv, Sq, Sk, scale,
+        DQK=Dqk, DV=Dv, BDQK=max(16, triton.next_power_of_2(Dqk)), BDV=max(16, triton.next_power_of_2(Dv)),
+        BM=BM, BN=BN, CAUSAL=bool(causal), HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
+        PRIMAL=primal, TANGENT=tangent, DOT_PREC=_dot_prec(q), num_warps=warps, num_stages=stages,
+    )
+
+
+def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float) -> None:
+    """Write O, lse and (when ``to``/``mu`` are given) Ȯ, μ; see the module docstring."""
+    B, H, Sq, Dqk = q.shape
+    if B * H * Sq == 0:
+        return
+    _check_grid(B, H)
+    tangent = to is not None
+    if tangent and mu is None:
+        mu = torch.empty_like(lse)
+    if tangent and to is None:
+        raise ValueError("attn_fwd: mu without to")
+    Dv = v.shape[3]
+    if not tangent:
+        _launch_fwd(q, k, v, None, None, None, o, None, lse, None, causal, scale, True, False,
+                    fwd_config(Dqk, Dv, False))
+    elif jvp_mode() == "two_pass":
+        _launch_fwd(q, k, v, None, None, None, o, None, lse, None, causal, scale, True, False,
+                    fwd_config(Dqk, Dv, False))
+        _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal, scale, False, True, fwd_config(Dqk, Dv, True))
+    else:
+        _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal, scale, True, True, fwd_config(Dqk, Dv, True))
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, H, Sq,
+                         DV: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, HAS_DLSE: tl.constexpr):
+    # Δ = rowsum(dO ⊙ O) − dlse, into a contiguous fp32 [B, H, Sq] buffer
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BDV)
+    msk = (offs_m < Sq)[:, None] & (offs_d < DV)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * slb + h * slh + offs_m, mask=offs_m < Sq, other=0.0).to(tl.float32)
+    tl.store(DELTA + (b * H + h) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV_,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh,
+    sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
+    H, G, Sq, Sk, scale,
+    DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # one key block of one key/value head; loops over the query blocks of its G query heads:
+    # dv = Σ Pᵀ dO, dk = s·Σ dSᵀ q with dS = P ⊙ (dO vᵀ − Δ). Transposed tiles: [BN, BM].
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = pid * BN + tl.arange(0, BN)
+    offs_m0 = tl.arange(0, BM)
+    offs_dq = tl.arange(0, BDQK)
+    offs_dv = tl.arange(0, BDV)
+    col_ok = offs_n < Sk
+    dq_ok = offs_dq < DQK
+    dv_ok = offs_dv < DV
+    k_msk = col_ok[:, None] & dq_ok[None, :]
+    v_msk = col_ok[:, None] & dv_ok[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_dq[None, :], mask=k_msk, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_dv[None, :], mask=v_msk, other=0.0)
+    dk = tl.zeros([BN, BDQK], tl.float32)
+    dv = tl.zeros([BN, BDV], tl.float32)
+    qk2 = scale * 1.4426950408889634
+    lo = 0
+    if CAUSAL:  # the first query row that sees key pid·BN: i >= j − (Sk − Sq)
+        lo = tl.maximum(0, pid * BN - (Sk - Sq))
+        lo = (lo // BM) * BM
+    for g in range(0, G):
+        h = hk * G + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        for m0 in range(lo, Sq, BM):
+            offs_m = m0 + offs_m0
+            row_ok = offs_m < Sq
+            q = tl.load(q_base + offs_m[:, None] * sqs + offs_dq[None, :], mask=row_ok[:, None] & dq_ok[None, :],
+                        other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sds + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :],
+                         other=0.0)
+            lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk2
+            ok = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[:, None] <= offs_m[None, :] + (Sk - Sq))
+            # rows that saw no key (lse = −inf) have no visible entry: ok is False there
+            pt = tl.where(ok, tl.math.exp2(st - lse[None, :] * 1.4426950408889634), 0.0)
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_dq[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=k_msk)
+    tl.store(DV_ + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=v_msk)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, sdqb, sdqh, sdqs,
+    H, G, Sq, Sk, scale,
+    DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # one query block: dq = s·Σ_j dS k, dS = P ⊙ (dO vᵀ − Δ)
+    pid = tl.program_id(0)
+    if CAUSAL:
+        pid = tl.num_programs(0) - 1 - pid
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // G
+    offs_m = pid * BM + tl.arange(0, BM)
+    offs_n0 = tl.arange(0, BN)
+    offs_dq = tl.arange(0, BDQK)
+    offs_dv = tl.arange(0, BDV)
+    row_ok = offs_m < Sq
+    dq_ok = offs_dq < DQK
+    dv_ok = offs_dv < DV
+    q_msk = row_ok[:, None] & dq_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_dq[None, :], mask=q_msk, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_dv[None, :],
+                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    lse2 = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BM, BDQK], tl.float32)
+    qk2 = scale * 1.4426950408889634
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    hi = Sk
+    if CAUSAL:
+        hi = tl.minimum(Sk, pid * BM + BM + Sk - Sq)
+    for n0 in range(0, hi, BN):
+        cols = n0 + offs_n0
+        col_ok = cols < Sk
+        k = tl.load(k_base + cols[:, None] * sks + offs_dq[None, :], mask=col_ok[:, None] & dq_ok[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * svs + offs_dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2
+        ok = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
+        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_dq[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_msk)
+
+
+def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float) -> None:
+    """dq, dk, dv of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None)."""
+    B, H, Sq, Dqk = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if B * H == 0:
+        return
+    if Sq == 0 or Sk == 0:  # nothing reaches k, v (or there is no key to differentiate through)
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return
+    _check_grid(B, H)
+    BM, BN, warps, stages = bwd_config(Dqk, Dv)
+    bdq, bdv = max(16, triton.next_power_of_2(Dqk)), max(16, triton.next_power_of_2(Dv))
+    delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    _attn_bwd_pre_kernel[(triton.cdiv(Sq, 64), H, B)](
+        o, do, lse if dlse is None else dlse, delta, *_s3(o, o), *_s3(do, do),
+        *(dlse.stride()[:2] if dlse is not None else (0, 0)), H, Sq,
+        DV=Dv, BDV=bdv, BM=64, HAS_DLSE=dlse is not None, num_warps=4)
+    common = dict(DQK=Dqk, DV=Dv, BDQK=bdq, BDV=bdv, BM=BM, BN=BN, CAUSAL=bool(causal), DOT_PREC=_dot_prec(q),
+                  num_warps=warps, num_stages=stages)
+    strides = (*_s3(q, q), *_s3(k, k), *_s3(v, v), *_s3(do, do), lse.stride(0), lse.stride(1))
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BN), Hkv, B)](
+        q, k, v, do, lse, delta, dk, dv, *strides, *_s3(dk, dk), *_s3(dv, dv), H, H // Hkv, Sq, Sk, scale, **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(Sq, BM), H, B)](
+        q, k, v, do, lse, delta, dq, *strides, *_s3(dq, dq), H, H // Hkv, Sq, Sk, scale, **common)
