@@ -12,21 +12,29 @@
 #   03 pytest  python -m pytest tests -m gpu -q -rs   (junit xml: OUTDIR/pytest-junit.xml)
 #   04 bench   python -m fastdistill bench --family score --csv OUTDIR/h200.csv
 #   05 kd      python -m fastdistill bench --family kd --csv OUTDIR/h200.csv   (same CSV)
+#   06 attn    python -m fastdistill bench --family attn --csv OUTDIR/h200.csv (same CSV)
+#   07 sweep   python benchmarks/attn_sweep.py --csv OUTDIR/attn_sweep.csv --max-seconds <its timeout - 25>
 # then a summary (OUTDIR/summary.txt, also printed last): step status, the score table, the kd
-# full-mode rows (notes shortened), the pytest summary line. Every step has a timeout (caps add up to
-# the budget less 15 s) and the whole run stays under GPU_CHECK_BUDGET_S (default 450 s); the
-# bench writes its CSV case by case, so a step cut short keeps what it measured. OUTDIR ends up
-# with 9 files at most.
+# full-mode rows and the attn rows (notes shortened), the sweep's best config per (shape, kernel),
+# the pytest summary line. Every step has a timeout: its cap plus the seconds earlier steps left
+# unused (caps add up to the budget less 15 s, so a step never eats into a later step's cap), and
+# the whole run stays under GPU_CHECK_BUDGET_S (default 560 s). The benches write their CSV case
+# by case (the sweep row by row), so a step cut short keeps what it measured. OUTDIR ends up with
+# 12 files at most.
 #
-# liger-kernel (a benchmark-only anchor for the kd family; the GPU machine has no internet): if
-# a .whl/ directory exists in the repository root, its wheels are first installed with
+# Benchmark-only anchors as wheels (the GPU machine has no internet): liger-kernel (kd family)
+# and jvp-flash-attention (attn family). If a .whl/ directory exists in the repository root, its
+# wheels are first installed with
 #     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-# and PYTHONPATH=/tmp/site is exported. Fetch the wheel on the CPU machine (liger-kernel is pure
-# Python; .whl/ is git-ignored, so a remote run must carry it):
+# and PYTHONPATH=/tmp/site is exported. Fetch them on the CPU machine (both are pure Python;
+# .whl/ is git-ignored, so a remote run must carry it):
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
-#         -d .whl liger-kernel==0.8.5
-# Without it the liger rows are reported as skipped ("liger-kernel not installed").
+#         -d .whl liger-kernel==0.8.5 jvp-flash-attention==0.14.0
+# Without them those rows are reported as skipped ("... not installed"). rCM's JVP kernel is
+# never vendored: its rows run only when FASTDISTILL_RCM_JVP_PATH names NVlabs/rcm's
+# rcm/utils/flash_attention_jvp_triton.py (and its autotune takes about a minute per new shape,
+# more than the attn step has).
 set -o pipefail
 set -u
 
@@ -38,17 +46,22 @@ OUT=$1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3)}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-560}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 STATUS=()
 FAILED=0
+PLANNED=0 # sum of the caps of the steps so far
 
-# step NAME CAP_SECONDS COMMAND: run COMMAND under `timeout`, log to OUT/NAME.log, record the outcome
+# step NAME CAP_SECONDS COMMAND: run COMMAND under `timeout` (cap + what earlier steps left unused,
+# exported to it as STEP_T), log to OUT/NAME.log, record the outcome
 step() {
     local name=$1 cap=$2 cmd=$3
-    local left=$((BUDGET - ($(date +%s) - START) - 15))
-    local t=$((cap < left ? cap : left))
+    local elapsed=$(($(date +%s) - START))
+    local left=$((BUDGET - elapsed - 15))
+    local t=$((PLANNED + cap - elapsed))
+    PLANNED=$((PLANNED + cap))
+    t=$((t < left ? t : left))
     local log="$OUT/$name.log"
     if [ "$t" -lt 5 ]; then
         echo "not run: out of time budget (${BUDGET}s)" >"$log"
@@ -60,7 +73,7 @@ step() {
     local t0 rc
     t0=$(date +%s)
     { echo "\$ $cmd"; echo; } >"$log"
-    timeout -k 10 "$t" bash -o pipefail -c "$cmd" >>"$log" 2>&1
+    STEP_T=$t timeout -k 10 "$t" bash -o pipefail -c "$cmd" >>"$log" 2>&1
     rc=$?
     local dt=$(($(date +%s) - t0))
     local what="ok"
@@ -75,18 +88,18 @@ step() {
     STATUS+=("$(printf '%-10s %-14s %5ss' "$name" "$what" "$dt")")
 }
 
-LIGER="no .whl/ directory: liger rows skipped"
+WHEELS="no .whl/ directory: liger and jvp-flash-attn rows skipped"
 if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; then
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-        LIGER="installed $(cd .whl && ls -- *.whl | tr '\n' ' ')into /tmp/site (PYTHONPATH)"
+        WHEELS="installed $(cd .whl && ls -- *.whl | tr '\n' ' ')into /tmp/site (PYTHONPATH)"
     else
-        LIGER="FAILED to install .whl/*.whl: liger rows skipped"
+        WHEELS="FAILED to install .whl/*.whl: liger and jvp-flash-attn rows skipped"
     fi
 fi
-echo "liger-kernel wheel: $LIGER"
+echo "benchmark wheels: $WHEELS"
 
-step 00_env 10 "echo 'liger-kernel wheel: $LIGER'; nvidia-smi; echo; $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0]);
+step 00_env 10 "echo 'benchmark wheels: $WHEELS'; nvidia-smi; echo; $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0]);
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"triton\", triton.__version__);
 print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"none\")';
 nvcc --version | tail -n 2; echo ninja \$(ninja --version); $PY -m pip list 2>/dev/null |
@@ -98,12 +111,20 @@ $PY -m pip install --no-build-isolation --no-deps -v -e ."
 
 step 02_info 15 "$PY -m fastdistill info"
 
-step 03_pytest 70 "$PY -m pytest tests -m gpu -q -rs --junitxml='$OUT/pytest-junit.xml'"
+step 03_pytest 80 "$PY -m pytest tests -m gpu -q -rs --junitxml='$OUT/pytest-junit.xml'"
 
-step 04_bench 55 "$PY -m fastdistill bench --family score --csv '$OUT/h200.csv'"
+step 04_bench 40 "$PY -m fastdistill bench --family score --csv '$OUT/h200.csv'"
 
 # kd-128k and kd-152k x 6 divergences x fwd/full; ~12 torch.compile graphs of ~4 s each dominate
-step 05_kd 150 "$PY -m fastdistill bench --family kd --csv '$OUT/h200.csv'"
+step 05_kd 100 "$PY -m fastdistill bench --family kd --csv '$OUT/h200.csv'"
+
+# attn-s4k, attn-s4k-causal, attn-s16k x fwd/full x 8 providers; Triton compiles and the math
+# baseline at S = 16384 (~0.3 s a call, ~90 GB) dominate
+step 06_attn 105 "$PY -m fastdistill bench --family attn --csv '$OUT/h200.csv'"
+
+# last, so it gets every second the steps before it left: it stops starting new configs 25 s
+# before its timeout
+step 07_sweep 60 "$PY benchmarks/attn_sweep.py --csv '$OUT/attn_sweep.csv' --max-seconds \$((STEP_T - 25))"
 
 {
     echo
@@ -123,6 +144,21 @@ step 05_kd 150 "$PY -m fastdistill bench --family kd --csv '$OUT/h200.csv'"
             sed -E 's/(cpu|quick)-small-shape(; )?|rel_err of s.grad on rows [^;]*(; )?//' | cut -c 1-160
     else
         tail -n 15 "$OUT/05_kd.log" 2>/dev/null
+    fi
+    echo
+    echo "---- attn, notes shortened (all rows: 06_attn.log, h200.csv)"
+    if grep -q "== family" "$OUT/06_attn.log" 2>/dev/null; then
+        sed -n '/== family/,$p' "$OUT/06_attn.log" | grep -v '^appended' |
+            sed -E 's/(cpu|quick)-small-shape(; )?| on query rows [0-9]+-[0-9]+, [0-9]+-[0-9]+//g' | cut -c 1-170
+    else
+        tail -n 15 "$OUT/06_attn.log" 2>/dev/null
+    fi
+    echo
+    echo "---- attn sweep: best config per (shape, kernel) (all rows: 07_sweep.log, attn_sweep.csv)"
+    if grep -q "== best per" "$OUT/07_sweep.log" 2>/dev/null; then
+        sed -n '/== best per/,$p' "$OUT/07_sweep.log" | grep -v '^appended'
+    else
+        tail -n 15 "$OUT/07_sweep.log" 2>/dev/null
     fi
     echo
     echo "---- pytest"

@@ -22,6 +22,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fastdistill.kernels import jvp_attention as A
 from fastdistill.kernels import kd_softmax as KD
 from fastdistill.kernels import score as S
 
@@ -99,11 +100,51 @@ def kd_configs(quick: bool = False):
             yield f"kd topk  mode={mode} {dt} k=128", KD._kd_topk_kernel, sig, ce, 4
 
 
-def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90) -> dict:
+ATTN_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+ATTN_HEAD_DIMS = ((32, 32), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (128, 64), (64, 128))
+
+
+def attn_configs(quick: bool = False):
+    """Every JVP-attention kernel the dispatcher can pick: each head-dim bucket (incl. Dqk != Dv),
+    forward in its three modes (fused JVP, plain, two-pass tangent), backward, at the default
+    block configuration, with every tangent present and causal masking (the worst case)."""
+    dims = ((64, 64), (128, 128)) if quick else ATTN_HEAD_DIMS
+    for dt in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
+        prec = "ieee" if dt == "fp32" else "tf32"
+        for dqk, dv in dims:
+            bdq, bdv = max(16, triton.next_power_of_2(dqk)), max(16, triton.next_power_of_2(dv))
+            ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", TQ=f"*{dt}", TK=f"*{dt}", TV=f"*{dt}", O=f"*{dt}",
+                        TO=f"*{dt}", LSE="*fp32", MU="*fp32")
+            # sequence strides are i32 at run time (Triton types ints < 2^31 as i32; the launcher
+            # switches the kernel to 64-bit offsets, WIDE, beyond that); batch / head strides i64 (worst case)
+            strides = {n: ("i32" if n.endswith("s") else "i64") for n in (
+                "sqb sqh sqs skb skh sks svb svh svs stqb stqh stqs stkb stkh stks stvb stvh stvs sob soh sos "
+                "stob stoh stos slb slh").split()}
+            sig = dict(ptrs, **strides, G="i32", Sq="i32", Sk="i32", scale="fp32")
+            for mode, primal, tangent in (("jvp", True, True), ("plain", True, False), ("2pass", False, True)):
+                bm, bn, nw, ns = A.fwd_config(dqk, dv, tangent)
+                ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, HAS_TQ=tangent,
+                          HAS_TK=tangent, HAS_TV=tangent, PRIMAL=primal, TANGENT=tangent, DOT_PREC=prec)
+                yield (f"attn fwd {mode:5s} {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_fwd_kernel, sig, ce, nw, ns)
+            bm, bn, nw, ns = A.bwd_config(dqk, dv)
+            ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec)
+            bstr = {n: ("i32" if n.endswith("s") else "i64")
+                    for n in "sqb sqh sqs skb skh sks svb svh svs sdb sdh sds slb slh".split()}
+            sig = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", DELTA="*fp32", DK=f"*{dt}",
+                       DV_=f"*{dt}", **bstr, sdkb="i64", sdkh="i64", sdks="i32", sdvb="i64", sdvh="i64", sdvs="i32",
+                       H="i32", G="i32", Sq="i32", Sk="i32", scale="fp32")
+            yield (f"attn dkdv {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_bwd_dkdv_kernel, sig, ce, nw, ns)
+            sig = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", DELTA="*fp32", DQ=f"*{dt}",
+                       **bstr, sdqb="i64", sdqh="i64", sdqs="i32",
+                       H="i32", G="i32", Sq="i32", Sk="i32", scale="fp32")
+            yield (f"attn dq   {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_bwd_dq_kernel, sig, ce, nw, ns)
+
+
+def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90, num_stages: int = 3) -> dict:
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
     ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                        target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                        target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = ck.asm["ptx"]
     err = None
     with tempfile.TemporaryDirectory() as d:
@@ -128,14 +169,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--family", choices=("all", "score", "kd", "attn"), default="all")
     a = ap.parse_args(argv)
     bad = 0
-    print(f"{'kernel':34s} {'regs':>5s} {'spill st/ld':>12s} {'stack':>6s} {'smem':>6s}")
-    for name, kern, sig, ce, nw in [*score_configs(a.quick), *kd_configs(a.quick)]:
-        r = compile_report(kern, sig, ce, nw, a.arch)
+    print(f"{'kernel':40s} {'regs':>5s} {'spill st/ld':>12s} {'stack':>6s} {'smem':>6s}")
+    fams = {"score": score_configs, "kd": kd_configs, "attn": attn_configs}
+    todo = [c for f, gen in fams.items() if a.family in ("all", f) for c in gen(a.quick)]
+    for name, kern, sig, ce, nw, *ns in todo:
+        r = compile_report(kern, sig, ce, nw, a.arch, *ns)
         flag = "  SPILLS" if r["spill_stores"] or r["spill_loads"] else ""
         bad += bool(flag)
-        print(f"{name:34s} {r['registers']:5d} {r['spill_stores']:6d}/{r['spill_loads']:<5d} {r['stack']:6d} "
+        print(f"{name:40s} {r['registers']:5d} {r['spill_stores']:6d}/{r['spill_loads']:<5d} {r['stack']:6d} "
               f"{r['shared']:6d}{flag}")
     return 1 if bad else 0
 

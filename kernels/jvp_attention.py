@@ -241,7 +241,7 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float)
 
 # ----------------------------------------------------------------------------- backward
 @triton.jit
-def _attn_bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, H, Sq,
+def _attn_bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, sls, H, Sq,
                          DV: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, HAS_DLSE: tl.constexpr):
     # Δ = rowsum(dO ⊙ O) − dlse, into a contiguous fp32 [B, H, Sq] buffer
     pid = tl.program_id(0)
@@ -254,7 +254,7 @@ def _attn_bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, sos, sdb, sdh, sds, slb, 
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=msk, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + b * slb + h * slh + offs_m, mask=offs_m < Sq, other=0.0).to(tl.float32)
+        delta -= tl.load(DLSE + b * slb + h * slh + offs_m * sls, mask=offs_m < Sq, other=0.0).to(tl.float32)
     tl.store(DELTA + (b * H + h) * Sq + offs_m, delta, mask=offs_m < Sq)
 
 
@@ -388,7 +388,7 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     _attn_bwd_pre_kernel[(triton.cdiv(Sq, 64), H, B)](
         o, do, lse if dlse is None else dlse, delta, *_s3(o, o), *_s3(do, do),
-        *(dlse.stride()[:2] if dlse is not None else (0, 0)), H, Sq,
+        *(dlse.stride() if dlse is not None else (0, 0, 0)), H, Sq,  # any upstream strides (expanded zeros)
         DV=Dv, BDV=bdv, BM=64, HAS_DLSE=dlse is not None, num_warps=4)
     common = dict(DQK=Dqk, DV=Dv, BDQK=bdq, BDV=bdv, BM=BM, BN=BN, CAUSAL=bool(causal), DOT_PREC=_dot_prec(q),
                   num_warps=warps, num_stages=stages)

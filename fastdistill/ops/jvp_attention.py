@@ -210,8 +210,7 @@ class _DualFunction(torch.autograd.Function):
 
 
 def _dual_tangent(x: torch.Tensor) -> torch.Tensor | None:
-    if torch.compiler.is_compiling():
-        return None
+    # dynamo traces unpack_dual and _DualFunction (its jvp included), so this holds under torch.compile too
     return fwAD.unpack_dual(x).tangent
 
 

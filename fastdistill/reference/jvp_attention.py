@@ -62,6 +62,12 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float)
     Hkv, Sk = k.shape[1], k.shape[2]
     if B * Hq * Sq == 0:
         return
+    if Sk == 0:  # no key at all: every row is a row that sees no key
+        for x in (o, to, mu):
+            if x is not None:
+                x.zero_()
+        lse.fill_(float("-inf"))
+        return
     dt = _compute_dtype(q, k, v, tq, tk, tv)
     kk, vv, tkk, tvv = _kv(k, dt), _kv(v, dt), _kv(tk, dt), _kv(tv, dt)
     want_t = to is not None or mu is not None

@@ -1,0 +1,269 @@
+"""GPU tier for jvp_attention on the Triton backend: fp32/fp16/bf16, head dims 32–256 and Dqk ≠ Dv,
+sequences up to 16384, causal and not, Sq ≠ Sk (fully masked rows), GQA/MQA, strided inputs, the
+backward (dq, dk, dv), both tangent schedules (fused, two_pass), bitwise determinism, the
+torch.func.jvp path and CUDA-graph capture. Skipped with a reason without a GPU.
+
+Oracle and tolerance rule: test_jvp_attention.py (fp64 math attention; error ≤ 2·max(plain PyTorch
+in the input dtype, storage) + floor). The floor is 1e-5 of max |oracle| here, not 1e-6: Triton's
+exponentials on the GPU are ex2.approx (as in gpu/test_kd_cuda.py); fp32 is still held far below
+TF32's ~1e-3. Long sequences are checked on a subset of query rows (each row depends only on itself
+given the full k, v): the oracle runs on those rows, in fp64, on the GPU. dk and dv need every row:
+backward cases stay at S ≤ 2048.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_jvp_attention import check, oracle
+
+import fastdistill as fd
+
+pytestmark = pytest.mark.gpu
+GPU = torch.cuda.is_available()
+DEV = "cuda"
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+FLOOR = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class G:
+    Sq: int
+    Sk: int | None = None
+    D: int = 128
+    Dv: int | None = None
+    B: int = 2
+    Hq: int = 4
+    Hkv: int | None = None
+    dtype: torch.dtype = BF16
+    causal: bool = False
+    layout: str = "bshd"
+    packed: bool = False  # q, k, v slices of one [B, S, 3, H, D] buffer
+    rows: int | None = None  # check this many query rows (spread over the sequence); None: all
+    tangents: str = "qkv"  # subset of "qkv" or "none"
+    tangent_dtype: torch.dtype | None = None
+    seed: int = 0
+
+    @property
+    def sk(self):
+        return self.Sq if self.Sk is None else self.Sk
+
+    @property
+    def dv(self):
+        return self.D if self.Dv is None else self.Dv
+
+    @property
+    def hkv(self):
+        return self.Hq if self.Hkv is None else self.Hkv
+
+    @property
+    def id(self) -> str:
+        p = [f"B{self.B}", f"H{self.Hq}" + (f"kv{self.Hkv}" if self.Hkv is not None else "")]
+        p.append(f"S{self.Sq}" if self.Sk is None else f"Sq{self.Sq}-Sk{self.Sk}")
+        p.append(f"D{self.D}" + (f"v{self.Dv}" if self.Dv is not None else ""))
+        p.append(str(self.dtype).removeprefix("torch."))
+        p += ["causal"] if self.causal else []
+        p += [self.layout] if self.layout != "bshd" else []
+        p += ["packed"] if self.packed else []
+        p += [f"rows{self.rows}"] if self.rows else []
+        p += [f"t-{self.tangents}"] if self.tangents != "qkv" else []
+        p += ["to-fp32"] if self.tangent_dtype is not None else []
+        return "-".join(p)
+
+
+def bhsd(x, layout):
+    return x if x is None or layout == "bhsd" else x.transpose(1, 2)
+
+
+def inputs(c: G):
+    """(q, k, v, tq, tk, tv) on the GPU in c's layout, and the same values as [B, H, S, D] views."""
+    g = torch.Generator(device=DEV).manual_seed(c.seed)
+    rnd = lambda H, S, D: torch.randn(c.B, H, S, D, generator=g, device=DEV).to(c.dtype)
+    vals = [rnd(c.Hq, c.Sq, c.D), rnd(c.hkv, c.sk, c.D), rnd(c.hkv, c.sk, c.dv)]
+    tans = [rnd(c.Hq, c.Sq, c.D), rnd(c.hkv, c.sk, c.D), rnd(c.hkv, c.sk, c.dv)]
+    tans = [t if n in c.tangents else None for t, n in zip(tans, "qkv")]
+    if c.packed:
+        buf = torch.stack([x.transpose(1, 2) for x in vals], 2).contiguous()  # [B, S, 3, H, D]
+        prim = [buf[:, :, i] if c.layout == "bshd" else buf[:, :, i].transpose(1, 2) for i in range(3)]
+    else:
+        prim = [x.contiguous() if c.layout == "bhsd" else x.transpose(1, 2).contiguous() for x in vals]
+    tans_l = [None if t is None else (t if c.layout == "bhsd" else t.transpose(1, 2).contiguous()) for t in tans]
+    return (*prim, *tans_l), vals + tans
+
+
+def pick_rows(c: G) -> torch.Tensor | None:
+    if c.rows is None or c.rows >= c.Sq:
+        return None
+    r = torch.linspace(0, c.Sq - 1, c.rows, device=DEV).round().long()
+    if c.causal and c.Sq > c.sk:  # include the last fully masked row and the first one that sees a key
+        r = torch.cat([r, torch.tensor([c.Sq - c.sk - 1, c.Sq - c.sk], device=DEV)])
+    return torch.unique(r)
+
+
+def run(c: G, *, bwd: bool = False, seed_up: int = 1) -> dict:
+    (q, k, v, tq, tk, tv), vals = inputs(c)
+    if bwd:
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    with fd.use_backend("triton"):
+        o, to, lse, dlse = fd.jvp_attention(q, k, v, tq, tk, tv, causal=c.causal, layout=c.layout, return_lse=True,
+                                            tangent_dtype=c.tangent_dtype)
+        out = dict(o=bhsd(o, c.layout), to=bhsd(to, c.layout), lse=lse, dlse=dlse)
+        if bwd:
+            g = torch.Generator(device=DEV).manual_seed(seed_up)
+            go = torch.randn(o.shape, generator=g, device=DEV).to(o.dtype)
+            glse = torch.randn(lse.shape, generator=g, device=DEV)
+            dq, dk, dv = torch.autograd.grad([o, lse], [q, k, v], [go, glse])
+            out.update(dq=bhsd(dq, c.layout), dk=bhsd(dk, c.layout), dv=bhsd(dv, c.layout),
+                       go=bhsd(go, c.layout), glse=glse)
+    return dict(out, vals=vals)
+
+
+def compare(c: G, got: dict, bwd: bool = False) -> None:
+    rows = None if bwd else pick_rows(c)
+    q, k, v, tq, tk, tv = got["vals"]
+    if rows is not None:
+        q, tq = q[:, :, rows], None if tq is None else tq[:, :, rows]
+    kw = dict(causal=c.causal, rows=rows, Sq=c.Sq)
+    if bwd:
+        kw.update(go=got["go"], glse=got["glse"])
+    exact = oracle(q, k, v, tq, tk, tv, **kw)
+    plain = oracle(q, k, v, tq, tk, tv, dtype=c.dtype, **kw)
+    names = ["o", "lse"] + (["to", "dlse"] if c.tangents != "none" else []) + (["dq", "dk", "dv"] if bwd else [])
+    for name in names:
+        x = got[name]
+        if rows is not None:
+            x = x[:, :, rows]
+        check(name, x, exact[name], plain[name], FLOOR)
+
+
+# ----------------------------------------------------------------------------- cases
+HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+FWD = [G(1024 + 7 * i, D=d, dtype=dt, causal=bool(i % 2), rows=256, seed=i)
+       for i, (dt, d) in enumerate((dt, d) for dt in (F32, F16, BF16) for d in HEAD_DIMS)]
+FWD += [
+    G(2048, D=64, Dv=128, dtype=BF16, causal=True, rows=256),
+    G(2048, D=128, Dv=64, dtype=F16, rows=256),
+    G(1000, D=32, Dv=256, dtype=BF16, rows=200),
+    G(777, D=256, Dv=32, dtype=F32, causal=True),
+    G(1000, 3000, D=128, dtype=BF16, causal=True, rows=256),  # Sq < Sk
+    G(3000, 1000, D=64, dtype=F16, causal=True, rows=300),  # Sq > Sk: fully masked rows
+    G(3000, 1000, D=96, dtype=F32, rows=300),
+    G(1, 4096, D=128, dtype=BF16, B=4, causal=True),  # decoding step
+    G(4096, D=128, Hq=8, Hkv=2, dtype=BF16, causal=True, rows=256),  # GQA
+    G(2048, 4099, D=64, Hq=8, Hkv=1, dtype=F16, rows=256),  # MQA, odd Sk
+    G(2048, D=128, dtype=BF16, layout="bhsd", causal=True, rows=256),
+    G(2048, D=64, dtype=F16, packed=True, causal=True, rows=256),
+    G(2048, D=128, dtype=BF16, tangents="q", rows=256),  # frozen context: tk = tv = None
+    G(2048, D=128, dtype=BF16, tangents="v", causal=True, rows=256),
+    G(2048, D=128, dtype=BF16, tangent_dtype=F32, causal=True, rows=256),
+    G(2048, D=64, dtype=F16, tangents="none", rows=256),
+    G(8192, D=64, dtype=F16, Hq=8, Hkv=4, B=1, causal=True, rows=256),
+    G(16384, D=128, dtype=BF16, B=1, Hq=2, rows=256),
+    G(16384, D=128, dtype=BF16, B=1, Hq=2, causal=True, rows=256),
+]
+
+
+@pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+@pytest.mark.parametrize("case", FWD, ids=lambda c: c.id)
+def test_forward_gpu(case):
+    compare(case, run(case))
+
+
+@pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+@pytest.mark.parametrize("case", [G(2048, 4099, D=64, Hq=8, Hkv=1, dtype=F16, rows=256),
+                                  G(3000, 1000, D=128, dtype=BF16, causal=True, rows=300),
+                                  G(1000, D=256, Dv=64, dtype=F32, causal=True, rows=200)], ids=lambda c: c.id)
+def test_two_pass_gpu(case, monkeypatch):
+    monkeypatch.setenv("FASTDISTILL_ATTN_JVP", "two_pass")
+    compare(case, run(case))
+
+
+BWD = [G(1024 + 5 * i, D=d, dtype=dt, causal=bool(i % 2), seed=i)
+       for i, (dt, d) in enumerate((dt, d) for dt in (F32, F16, BF16) for d in (32, 64, 128, 256))
+       if not (d == 256 and dt == F32 and i % 2 == 0)]
+BWD += [
+    G(2048, D=128, Hq=8, Hkv=2, dtype=BF16, causal=True),
+    G(1000, 2048, D=64, Hq=8, Hkv=1, dtype=F16),
+    G(2048, 500, D=80, dtype=BF16, causal=True),  # fully masked rows
+    G(1537, D=64, Dv=128, dtype=BF16, causal=True),
+    G(1537, D=96, Dv=32, dtype=F32),
+    G(2048, D=128, dtype=F16, layout="bhsd", packed=True, causal=True),
+    G(2048, D=128, dtype=BF16, tangents="none"),
+]
+
+
+@pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+@pytest.mark.parametrize("case", BWD, ids=lambda c: c.id)
+def test_backward_gpu(case):
+    compare(case, run(case, bwd=True), bwd=True)
+
+
+# ----------------------------------------------------------------------------- determinism, transforms, graphs
+@pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+@pytest.mark.parametrize("case", [G(2048, D=128, Hq=8, Hkv=2, dtype=BF16, causal=True),
+                                  G(1537, 3001, D=64, dtype=F32), G(1024, D=256, Dv=64, dtype=F16, causal=True)],
+                         ids=lambda c: c.id)
+def test_bitwise_deterministic_gpu(case):
+    first = run(case, bwd=True)
+    bits = lambda x: x.detach().reshape(-1).view(torch.uint8)
+    for _ in range(2):
+        again = run(case, bwd=True)
+        for name in ("o", "to", "lse", "dlse", "dq", "dk", "dv"):
+            assert torch.equal(bits(first[name]), bits(again[name])), name
+
+
+@pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+def test_func_jvp_gpu():
+    c = G(2048, D=128, Hq=8, Hkv=2, dtype=BF16, causal=True, rows=256)
+    (q, k, v, tq, tk, tv), _ = inputs(c)
+    with fd.use_backend("triton"):
+        o, to = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True)
+        f = lambda q, k, v: fd.jvp_attention(q, k, v, causal=True)[0]
+        o2, to2 = torch.func.jvp(f, (q, k, v), (tq, tk, tv))
+    assert torch.equal(o, o2) and torch.equal(to, to2)
+    got = run(c)
+    assert torch.equal(got["to"], bhsd(to, c.layout))
+    compare(c, got)
+
+
+@pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+def test_cuda_graph_capture_gpu():
+    """The explicit call (forward + tangent, return_lse) captured in a CUDA graph: no host synchronisation;
+    replays on new input values give the eager results bitwise."""
+    c = G(2048, D=128, Hq=8, Hkv=2, dtype=BF16, causal=True)
+    (q, k, v, tq, tk, tv), _ = inputs(c)
+    static = [x.clone() for x in (q, k, v, tq, tk, tv)]
+    call = lambda *xs: fd.jvp_attention(*xs, causal=True, return_lse=True)
+    with fd.use_backend("triton"):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up: compile the kernels outside the capture
+                call(*static)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = call(*static)
+        for seed in (5, 6):
+            (q2, k2, v2, tq2, tk2, tv2), _ = inputs(dataclasses.replace(c, seed=seed))
+            for dst, src in zip(static, (q2, k2, v2, tq2, tk2, tv2)):
+                dst.copy_(src)
+            graph.replay()
+            ref = call(q2, k2, v2, tq2, tk2, tv2)
+            for name, a, b in zip(("o", "to", "lse", "dlse"), outs, ref):
+                assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+def test_fp32_is_not_tf32_gpu():
+    """fp32 inputs get full-precision products: the error is far below TF32's (~1e-3 of the output)."""
+    c = G(1024, D=128, dtype=F32, rows=128)
+    got = run(c)
+    q, k, v, tq, tk, tv = got["vals"]
+    rows = pick_rows(c)
+    exact = oracle(q[:, :, rows], k, v, tq[:, :, rows], tk, tv, rows=rows, Sq=c.Sq)
+    err = max((got[n][:, :, rows].double() - exact[n]).abs().max().item() / exact[n].abs().max().item()
+              for n in ("o", "to"))
+    assert err < 1e-5, f"fp32 relative error {err:.2e}: TF32 products?"

@@ -1,0 +1,471 @@
+"""fastdistill.jvp_attention's API: the three ways of calling it (explicit pairs, torch.func.jvp /
+forward-AD dual tensors, plain autograd), the MeanFlow/DMF pattern (jvp then backward, one fused
+forward), the stop-gradient contract of the tangent outputs, argument errors, torch.compile /
+opcheck, determinism. Numerics are held to the tolerance rule of test_jvp_attention.py against the
+same fp64 math-attention oracle (written there, independent of the library).
+
+Most tests run on the reference backend; those taking the ``use`` fixture also run on Triton (its
+interpreter when TRITON_INTERPRET=1) on one small case.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+
+import pytest
+import torch
+import torch._dynamo.testing
+import torch.autograd.forward_ad as fwAD
+from test_jvp_attention import F64, check, math_attention, oracle
+
+import fastdistill as fd
+
+F32 = torch.float32
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def qkv(B=2, Sq=9, Sk=13, Hq=4, Hkv=2, D=16, Dv=8, dtype=F32, seed=0, layout="bshd"):
+    """(q, k, v, tq, tk, tv), layout ``layout``; GQA and Dqk ≠ Dv by default."""
+    g = gen(seed)
+    shapes = [(B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, Dv)]
+    if layout == "bhsd":
+        shapes = [(s[0], s[2], s[1], s[3]) for s in shapes]
+    prim = [torch.randn(*s, generator=g).to(dtype) for s in shapes]
+    return (*prim, *(torch.randn(*s, generator=g).to(dtype) for s in shapes))
+
+
+def bhsd(*xs):
+    return [None if x is None else x.transpose(1, 2) for x in xs]
+
+
+def exact_and_plain(q, k, v, tq=None, tk=None, tv=None, **kw):
+    """The fp64 oracle and plain PyTorch in q's dtype for bshd inputs (results in [B, H, S, D])."""
+    args = bhsd(q, k, v, tq, tk, tv)
+    return oracle(*args, **kw), oracle(*args, dtype=q.dtype, **kw)
+
+
+# ----------------------------------------------------------------------------- the three ways of calling
+def test_explicit_func_jvp_and_dual_tensors_agree(use):
+    """The same tangents given as explicit pairs, through torch.func.jvp and as forward-AD dual tensors: the same
+    fused computation, bitwise-equal results; and all meet the tolerance rule against the oracle."""
+    q, k, v, tq, tk, tv = qkv(seed=1)
+    o, to, lse, dlse = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True, return_lse=True)
+    exact, plain = exact_and_plain(q, k, v, tq, tk, tv, causal=True)
+    for name, x in (("o", o), ("to", to), ("lse", lse), ("dlse", dlse)):
+        check(name, x if x.dim() == 3 else x.transpose(1, 2), exact[name], plain[name])
+
+    f = lambda q, k, v: fd.jvp_attention(q, k, v, causal=True, return_lse=True)
+    (o2, to2, lse2, dlse2), (t_o, t_to, t_lse, t_dlse) = torch.func.jvp(f, (q, k, v), (tq, tk, tv))
+    # the call inside the transform has a tangent, so it also returns Ȯ and μ as values; being non-differentiable
+    # (stop-gradient) their own tangents are zeros
+    for a, b in ((o2, o), (t_o, to), (lse2, lse), (t_lse, dlse), (to2, to), (dlse2, dlse)):
+        assert torch.equal(a, b)
+    assert (t_to == 0).all() and (t_dlse == 0).all()
+
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(x, t) for x, t in ((q, tq), (k, tk), (v, tv))]
+        o3, to3, lse3, dlse3 = fd.jvp_attention(*duals, causal=True, return_lse=True)
+        assert torch.equal(to3, to) and torch.equal(dlse3, dlse)  # returned as plain values too, without tangent
+        assert fwAD.unpack_dual(to3).tangent is None and fwAD.unpack_dual(dlse3).tangent is None
+        p_o, t_o3 = fwAD.unpack_dual(o3)
+        p_lse, t_lse3 = fwAD.unpack_dual(lse3)
+        for a, b in ((p_o, o), (t_o3, to), (p_lse, lse), (t_lse3, dlse)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", ["q", "kv", "v"])
+def test_partial_tangents(which):
+    """torch.func.jvp over a subset of the inputs (the others closed over) == explicit call with None tangents."""
+    q, k, v, tq, tk, tv = qkv(seed=2)
+    prim, tans = dict(q=q, k=k, v=v), dict(q=tq, k=tk, v=tv)
+    names = list(which) if which != "kv" else ["k", "v"]
+
+    def f(*xs):
+        a = dict(prim, **dict(zip(names, xs)))
+        return fd.jvp_attention(a["q"], a["k"], a["v"], causal=True)[0]
+
+    o, t = torch.func.jvp(f, tuple(prim[n] for n in names), tuple(tans[n] for n in names))
+    ref = fd.jvp_attention(q, k, v, *(tans[n] if n in names else None for n in "qkv"), causal=True)
+    assert torch.equal(o, ref[0]) and torch.equal(t, ref[1])
+
+
+def test_plain_autograd(use):
+    """No tangent: a normal attention; ``to`` and ``dlse`` are None; gradients meet the rule."""
+    q, k, v, *_ = qkv(seed=3)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = fd.jvp_attention(q, k, v)
+    assert len(out) == 2 and out[1] is None
+    o, to, lse, dlse = fd.jvp_attention(q, k, v, return_lse=True)
+    assert to is None and dlse is None and torch.equal(o, out[0])
+    go = torch.randn(o.shape, generator=gen(4))
+    glse = torch.randn(lse.shape, generator=gen(5))
+    grads = torch.autograd.grad([o, lse], [q, k, v], [go, glse])
+    exact, plain = exact_and_plain(q, k, v, go=go.transpose(1, 2), glse=glse)
+    check("o", o.transpose(1, 2), exact["o"], plain["o"])
+    for name, x in zip(("dq", "dk", "dv"), grads):
+        check(name, x.transpose(1, 2), exact[name], plain[name])
+
+
+# ----------------------------------------------------------------------------- a tiny model
+class Tiny(torch.nn.Module):
+    """Linear -> attention (q, k, v strided slices of one packed projection) -> Linear."""
+
+    def __init__(self, attn, Dm=24, H=2, D=16, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.qkv, self.out = torch.nn.Linear(Dm, 3 * H * D), torch.nn.Linear(H * D, Dm)
+        self.attn, self.H, self.D = attn, H, D
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.H, self.D).unbind(2)
+        return self.out(self.attn(q, k, v).reshape(B, S, self.H * self.D))
+
+
+def lib_attn(q, k, v):
+    return fd.jvp_attention(q, k, v, causal=True)[0]
+
+
+def math_attn(q, k, v):
+    o, _ = math_attention(*bhsd(q, k, v), causal=True, scale=1 / math.sqrt(q.shape[-1]))
+    return o.transpose(1, 2)
+
+
+def models(seed=0):
+    """(library model fp32, math model fp32, math model fp64) with the same parameters."""
+    lib = Tiny(lib_attn, seed=seed)
+    plain = Tiny(math_attn, seed=seed)
+    plain.load_state_dict(lib.state_dict())
+    exact = Tiny(math_attn, seed=seed).double()
+    exact.load_state_dict({k: v.double() for k, v in lib.state_dict().items()})
+    return lib, plain, exact
+
+
+def model_inputs(seed=6, B=2, S=11, Dm=24):
+    g = gen(seed)
+    return torch.randn(B, S, Dm, generator=g), torch.randn(B, S, Dm, generator=g), torch.randn(B, S, Dm, generator=g)
+
+
+def test_model_func_jvp_and_forward_ad(use):
+    lib, plain, exact = models()
+    x, tx, _ = model_inputs()
+    out, t = torch.func.jvp(lib, (x,), (tx,))
+    out_p, t_p = torch.func.jvp(plain, (x,), (tx,))
+    out_e, t_e = torch.func.jvp(exact, (x.double(),), (tx.double(),))
+    check("out", out, out_e, out_p)
+    check("tangent", t, t_e, t_p)
+    with fwAD.dual_level():
+        y = lib(fwAD.make_dual(x, tx))
+        out2, t2 = fwAD.unpack_dual(y)
+        assert torch.equal(out2, out) and torch.equal(t2, t)
+
+
+def count_calls(monkeypatch, backend: str) -> dict:
+    """Count the backend's attn_fwd / attn_bwd calls (the op looks them up at call time)."""
+    mod = importlib.import_module("fastdistill.kernels.jvp_attention" if backend == "triton"
+                                  else "fastdistill.reference.jvp_attention")
+    calls = {"attn_fwd": 0, "attn_bwd": 0}
+    for name in calls:
+        orig = getattr(mod, name)
+
+        def counted(*a, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(*a, **kw)
+
+        monkeypatch.setattr(mod, name, counted)
+    return calls
+
+
+def test_meanflow_pattern(use, monkeypatch):
+    """``out, dudt = torch.func.jvp(model, ...)``; the loss uses ``dudt`` detached in its target and backpropagates
+    through ``out``: parameter gradients meet the rule against the math model; ONE fused forward, one backward."""
+    lib, plain, exact = models(seed=1)
+    x, tx, target = model_inputs(seed=7)
+    calls = count_calls(monkeypatch, use)
+
+    def step(model, x, tx, target):
+        out, dudt = torch.func.jvp(model, (x,), (tx,))
+        loss = ((out - (target - 0.3 * dudt).detach()) ** 2).mean()
+        loss.backward()
+        return out, dudt, loss
+
+    out, dudt, loss = step(lib, x, tx, target)
+    assert calls == {"attn_fwd": 1, "attn_bwd": 1}, calls
+    out_p, dudt_p, loss_p = step(plain, x, tx, target)
+    out_e, dudt_e, loss_e = step(exact, x.double(), tx.double(), target.double())
+    check("out", out, out_e, out_p)
+    check("dudt", dudt, dudt_e, dudt_p)
+    check("loss", loss, loss_e, loss_p)
+    for (name, p), pp, pe in zip(lib.named_parameters(), plain.parameters(), exact.parameters()):
+        check(f"grad {name}", p.grad, pe.grad, pp.grad)
+
+
+def test_one_forward_per_call(use, monkeypatch):
+    """Explicit pairs, torch.func.jvp and dual tensors each run the backend's forward once (no second primal
+    pass); plain autograd runs forward and backward once each."""
+    q, k, v, tq, tk, tv = qkv(seed=8)
+    calls = count_calls(monkeypatch, use)
+    fd.jvp_attention(q, k, v, tq, tk, tv)
+    assert calls["attn_fwd"] == 1
+    torch.func.jvp(lambda q, k: fd.jvp_attention(q, k, v)[0], (q, k), (tq, tk))
+    assert calls["attn_fwd"] == 2
+    with fwAD.dual_level():
+        fd.jvp_attention(fwAD.make_dual(q, tq), k, fwAD.make_dual(v, tv))
+    assert calls["attn_fwd"] == 3
+    qg = q.clone().requires_grad_()
+    fd.jvp_attention(qg, k, v)[0].sum().backward()
+    assert calls == {"attn_fwd": 4, "attn_bwd": 1}, calls
+
+
+# ----------------------------------------------------------------------------- stop-gradient contract
+def test_stop_gradient_explicit(use):
+    q, k, v, tq, tk, tv = qkv(seed=9)
+    q.requires_grad_()
+    o, to, lse, dlse = fd.jvp_attention(q, k, v, tq, tk, tv, return_lse=True)
+    assert to.requires_grad  # guarded: a backward reaching it raises instead of silently giving 0
+    with pytest.raises(RuntimeError, match="stop-gradient"):
+        (o.sum() + to.sum()).backward()
+    o, to, lse, dlse = fd.jvp_attention(q, k, v, tq, tk, tv, return_lse=True)
+    with pytest.raises(RuntimeError, match="stop-gradient"):
+        (lse.sum() + dlse.sum()).backward()
+    o, to = fd.jvp_attention(q, k, v, tq, tk, tv)
+    (o.sum() + to.detach().sum()).backward()  # detached: fine
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    # nothing requires grad: plain tensors, no guard
+    _, to = fd.jvp_attention(q.detach(), k, v, tq, tk, tv)
+    assert not to.requires_grad
+
+
+def test_stop_gradient_dual_tensors(use):
+    q, k, v, tq, *_ = qkv(seed=10)
+    q.requires_grad_()
+    with fwAD.dual_level():
+        o = fd.jvp_attention(fwAD.make_dual(q, tq), k, v)[0]
+        p, t = fwAD.unpack_dual(o)
+        assert t.requires_grad
+        with pytest.raises(RuntimeError, match="stop-gradient"):
+            (p.sum() + t.sum()).backward()
+
+
+def test_func_jvp_tangent_has_no_history(use):
+    """Observed under torch.func.jvp (documented, not raising): the tangent returned by the transform carries no
+    autograd history from the attention. Attention alone: ``to.requires_grad`` is False even with q requiring grad.
+    In a model, the output tangent requires grad only through what follows the attention (``out`` Linear's weight);
+    a backward through it treats the attention's tangent as a constant: no gradient reaches the layers before."""
+    q, k, v, tq, *_ = qkv(seed=11)
+    q.requires_grad_()
+    o, to = torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (tq,))
+    assert o.requires_grad and not to.requires_grad and to.grad_fn is None
+
+    lib, _, _ = models(seed=2)
+    x, tx, _ = model_inputs(seed=12)
+    out, t = torch.func.jvp(lib, (x,), (tx,))
+    assert out.requires_grad and t.requires_grad
+    t.sum().backward()
+    none = lambda g: g is None or (g == 0).all()  # observed: zeros for qkv (reached through o), None for out.bias
+    assert none(lib.qkv.weight.grad) and none(lib.qkv.bias.grad) and none(lib.out.bias.grad)
+    # t = a_dot @ Wᵀ with a_dot (the attention tangent) constant: d(Σ t)/dW[i, j] = Σ_tokens a_dot[:, j]
+    B, S, _ = x.shape
+    q2, k2, v2 = lib.qkv(x).view(B, S, 3, 2, 16).unbind(2)
+    tq2, tk2, tv2 = (tx @ lib.qkv.weight.T).view(B, S, 3, 2, 16).unbind(2)
+    a_dot = fd.jvp_attention(q2, k2, v2, tq2, tk2, tv2, causal=True)[1].detach().reshape(B, S, -1)
+    expect = a_dot.sum((0, 1)).expand_as(lib.out.weight)
+    assert torch.allclose(lib.out.weight.grad, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_dual_and_explicit_tangents_together():
+    q, k, v, tq, tk, tv = qkv(seed=13)
+    with fwAD.dual_level():
+        with pytest.raises(ValueError, match=r"tq, tk, tv"):
+            fd.jvp_attention(fwAD.make_dual(q, tq), k, v, None, tk, None)
+    with pytest.raises(ValueError, match=r"tq, tk, tv"):
+        torch.func.jvp(lambda q: fd.jvp_attention(q, k, v, tq)[0], (q,), (tq,))
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def _bad_cases():
+    q, k, v, tq, tk, tv = qkv(B=1, Sq=4, Sk=5, Hq=4, Hkv=2, D=8, Dv=8)
+    return {
+        "k-head-dim": (dict(k=k[..., :4]), ValueError, r"^k: head dim 4"),
+        "k-batch": (dict(k=torch.cat([k, k])), ValueError, r"k, v: batch"),
+        "v-keys": (dict(v=v[:, :3]), ValueError, r"^v: \(heads, keys\)"),
+        "v-heads": (dict(v=v[:, :, :1]), ValueError, r"^v: \(heads, keys\)"),
+        "tq-shape": (dict(tq=tq[:, :3]), ValueError, r"^tq: shape"),
+        "tk-dtype": (dict(tk=tk.double()), TypeError, r"^tk: dtype float64"),
+        "tv-device": (dict(tv=tv.to("meta")), ValueError, r"^tv: device meta"),
+        "tq-not-a-tensor": (dict(tq=[1.0]), TypeError, r"^tq: expected a torch.Tensor or None"),
+        "k-dtype": (dict(k=k.half()), TypeError, r"^k: dtype float16 differs from q's float32"),
+        "v-device": (dict(v=v.to("meta")), ValueError, r"^v: device meta"),
+        "q-int": (dict(q=q.long(), k=k.long(), v=v.long()), TypeError, r"^q: expected float16"),
+        "q-3d": (dict(q=q[0]), ValueError, r"^q: expected a 4-D tensor"),
+        "q-not-a-tensor": (dict(q=q.numpy()), TypeError, r"^q: expected a torch.Tensor"),
+        "q-head-dim-strided": (dict(q=q.transpose(1, 3)), ValueError, r"^q: the head dim must be contiguous"),
+        "tv-head-dim-strided": (dict(tv=torch.randn(1, 5, 8, 2).transpose(2, 3)), ValueError, r"^tv: the head dim"),
+        "gqa-ratio": (dict(q=torch.randn(1, 4, 3, 8)), ValueError, r"^k: the number of query heads \(3\)"),
+        "head-dim-0": (dict(q=q[..., :0], k=k[..., :0]), ValueError, r"head dims must be >= 1"),
+        "dv-0": (dict(v=v[..., :0]), ValueError, r"head dims must be >= 1"),
+        "layout": (dict(layout="sbhd"), ValueError, r"^layout: expected one of"),
+        "scale-nan": (dict(scale=float("nan")), ValueError, r"^scale: expected a finite float"),
+        "scale-inf": (dict(scale=float("inf")), ValueError, r"^scale: expected a finite float"),
+        "tangent_dtype": (dict(tangent_dtype=torch.float16), ValueError, r"^tangent_dtype"),
+        "tangent_dtype-int": (dict(tangent_dtype=torch.int32), ValueError, r"^tangent_dtype"),
+    }
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_inputs(use, name):
+    q, k, v, tq, tk, tv = qkv(B=1, Sq=4, Sk=5, Hq=4, Hkv=2, D=8, Dv=8)
+    kw, exc, msg = BAD[name]
+    a = dict(q=q, k=k, v=v, tq=tq, tk=tk, tv=tv)
+    a.update({n: kw[n] for n in list(a) if n in kw})
+    opts = {n: x for n, x in kw.items() if n not in a}
+    with pytest.raises(exc, match=re.compile(msg)):
+        fd.jvp_attention(a["q"], a["k"], a["v"], a["tq"], a["tk"], a["tv"], **opts)
+
+
+def test_head_dim_512():
+    """Triton refuses head dims > 256 (the error lists every backend's reasons); the reference runs them."""
+    q, k, v, tq, tk, tv = qkv(B=1, Sq=3, Sk=4, Hq=1, Hkv=1, D=512, Dv=512, seed=14)
+    with fd.use_backend("triton"), pytest.raises(fd.BackendUnavailableError) as info:
+        fd.jvp_attention(q, k, v, tq, tk, tv)
+    msg = str(info.value)
+    assert "head dim 512 > 256" in msg and "triton:" in msg and "reference: ok" in msg, msg
+    assert any("head dim 512" in r for r in fd.available_backends("jvp_attention", q, head_dims=(512, 512))["triton"])
+    with fd.use_backend("reference"):
+        o, to = fd.jvp_attention(q, k, v, tq, tk, tv)
+    exact, plain = exact_and_plain(q, k, v, tq, tk, tv)
+    check("o", o.transpose(1, 2), exact["o"], plain["o"])
+    check("to", to.transpose(1, 2), exact["to"], plain["to"])
+
+
+def test_tangent_dtype_same_as_q_and_fp64():
+    """tangent_dtype=q.dtype is accepted (the default); fp64 inputs run on the reference backend in fp64."""
+    q, k, v, tq, tk, tv = qkv(seed=15, dtype=F64)
+    with fd.use_backend("reference"):
+        o, to, lse, dlse = fd.jvp_attention(q, k, v, tq, tk, tv, tangent_dtype=F64, return_lse=True, causal=True)
+    assert o.dtype == to.dtype == lse.dtype == dlse.dtype == F64
+    exact = oracle(*bhsd(q, k, v, tq, tk, tv), causal=True)
+    for name, x in (("o", o.transpose(1, 2)), ("to", to.transpose(1, 2)), ("lse", lse), ("dlse", dlse)):
+        fin = torch.isfinite(exact[name])
+        assert torch.allclose(x[fin], exact[name][fin], rtol=1e-12, atol=1e-12), name
+    with fd.use_backend("triton"), pytest.raises(fd.BackendUnavailableError, match="dtype float64"):
+        fd.jvp_attention(q, k, v, tq, tk, tv)
+
+
+# ----------------------------------------------------------------------------- torch.compile, opcheck
+def _compiled(fn):
+    torch._dynamo.reset()
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, fullgraph=True, backend=cnt), cnt
+
+
+def test_compile_explicit_tangents(use):
+    """fullgraph compile of an explicit call with tangents and a backward through o and lse: equal to eager;
+    the tangent outputs come back detached (documented: stop-gradient without the runtime guard)."""
+    q, k, v, tq, tk, tv = qkv(seed=16)
+
+    def f(q, k, v, tq, tk, tv):
+        o, to, lse, dlse = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True, return_lse=True)
+        return o * 2.0, to, lse, dlse
+
+    go = torch.randn(2, 9, 4, 8, generator=gen(17))
+    glse = torch.randn(2, 4, 9, generator=gen(18))
+    results = []
+    for fn in (f, _compiled(f)[0]):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, to, lse, dlse = fn(*leaves, tq, tk, tv)
+        grads = torch.autograd.grad([o, lse], leaves, [go, glse])
+        results.append((o, to, lse, dlse, *grads))
+        if fn is not f:
+            assert not to.requires_grad and not dlse.requires_grad
+    for name, a, b in zip(("o", "to", "lse", "dlse", "dq", "dk", "dv"), *results):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), name
+
+
+def test_compile_plain_attention_backward(use):
+    q, k, v, *_ = qkv(seed=19, layout="bhsd")
+
+    def f(q, k, v):
+        return fd.jvp_attention(q, k, v, layout="bhsd", scale=0.3)[0].square().sum()
+
+    compiled, cnt = _compiled(f)
+    out = []
+    for fn in (f, compiled):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        loss = fn(*leaves)
+        out.append((loss, *torch.autograd.grad(loss, leaves)))
+    assert cnt.frame_count == 1
+    for name, a, b in zip(("loss", "dq", "dk", "dv"), *out):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), name
+
+
+@pytest.mark.parametrize("variant", ["tangents-bshd", "no-tangent-bhsd", "tv-only-fp32-tangent"])
+def test_opcheck(use, variant):
+    q, k, v, tq, tk, tv = qkv(B=1, Sq=5, Sk=7, Hq=2, Hkv=1, D=8, Dv=4, seed=20)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    lay, tans, want_t, t_dtype = 0, (tq, tk, tv), True, 0
+    if variant == "no-tangent-bhsd":
+        q, k, v = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+        lay, tans, want_t = 1, (None, None, None), False
+    elif variant == "tv-only-fp32-tangent":
+        q, k, v = (x.detach().half().requires_grad_() for x in (q, k, v))
+        tans, t_dtype = (None, None, tv.half()), 1
+    args = (True, 0.3, lay, want_t, t_dtype, use)
+    torch.library.opcheck(torch.ops.fastdistill.jvp_attn_fwd.default, (q, k, v, *tans, *args))
+    with torch.no_grad():
+        o, _, lse, _ = torch.ops.fastdistill.jvp_attn_fwd(q, k, v, *tans, *args)
+    do = torch.randn(o.shape, generator=gen(21)).to(o.dtype)
+    for dlse in (None, torch.randn(lse.shape, generator=gen(22))):
+        torch.library.opcheck(torch.ops.fastdistill.jvp_attn_bwd.default,
+                              (do, q.detach(), k.detach(), v.detach(), o, lse, dlse, True, 0.3, lay, use))
+
+
+def test_compile_forward_ad():
+    """Forward-AD inside a compiled function: dynamo traces ``fwAD.unpack_dual`` and the fused
+    ``_DualFunction`` (its ``jvp`` included) into one graph; the tangent equals the eager one."""
+    q, k, v, tq, tk, tv = qkv(seed=23)
+    eager = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True)
+    assert eager[1].abs().max() > 0.1
+
+    def f(q, k, v, tq, tk, tv):
+        return torch.func.jvp(lambda q, k, v: fd.jvp_attention(q, k, v, causal=True)[0], (q, k, v), (tq, tk, tv))
+
+    compiled, cnt = _compiled(f)
+    with fd.use_backend("reference"):
+        o, t = compiled(q, k, v, tq, tk, tv)
+    assert cnt.frame_count == 1
+    assert torch.allclose(o, eager[0], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(t, eager[1], rtol=1e-5, atol=1e-5)
+
+    def g(q, k, v, tq):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(fd.jvp_attention(fwAD.make_dual(q, tq), k, v, causal=True)[0])
+
+    torch._dynamo.reset()
+    with fd.use_backend("reference"):
+        p, t = torch.compile(g, backend="aot_eager")(q, k, v, tq)
+    assert torch.allclose(p, eager[0], rtol=1e-5, atol=1e-5)
+    assert t is not None
+    assert torch.allclose(t, fd.jvp_attention(q, k, v, tq, causal=True)[1], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- determinism
+def test_deterministic(use):
+    q, k, v, tq, tk, tv = qkv(B=1, Sq=70, Sk=90, seed=24)
+    go = torch.randn(1, 70, 4, 8, generator=gen(25))
+    runs = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, to, lse, dlse = fd.jvp_attention(*leaves, tq, tk, tv, causal=True, return_lse=True)
+        runs.append((o, to, lse, dlse, *torch.autograd.grad([o, lse], leaves, [go, torch.ones_like(lse)])))
+    bits = lambda x: x.detach().reshape(-1).view(torch.uint8)
+    for name, a, b in zip(("o", "to", "lse", "dlse", "dq", "dk", "dv"), *runs):
+        assert torch.equal(bits(a), bits(b)), name
