@@ -11,9 +11,11 @@ online softmax (m, l the running max and sum, α = 2^(m_old − m_new)):
     O = Õ/l, μ = r/l, Ȯ = T̃/l − μ·O, lse = ln2·m + ln l
 
 A row that sees no key (causal with Sq > Sk, Sk = 0) keeps l = 0 and gets O = Ȯ = 0, μ = 0,
-lse = −inf. ``two_pass`` (FASTDISTILL_ATTN_JVP=two_pass) is the alternative of DESIGN.md: the
-primal pass stores O and lse, then the tangent pass recomputes P = exp(S − lse) (5 matmuls,
-no rescaling) and reads O back. Backward (FA2): Δ = rowsum(dO⊙O) − dlse, dS = P⊙(dP − Δ);
+lse = −inf. ``two_pass`` is the alternative of DESIGN.md: the primal pass stores O and lse, then the
+tangent pass recomputes P = exp(S − lse) (5 matmuls, no rescaling) and reads O back. It is the
+default above head dim 128 (where the fused pass cannot avoid spilling registers on sm_90a)
+and selectable everywhere with FASTDISTILL_ATTN_JVP=fused|two_pass.
+Backward (FA2): Δ = rowsum(dO⊙O) − dlse, dS = P⊙(dP − Δ);
 one kernel per key block accumulates dk, dv over the query blocks of every query head of its
 group (no atomics: deterministic), one kernel per query block accumulates dq.
 """
@@ -43,34 +45,117 @@ def _env_cfg(name: str) -> tuple[int, int, int, int] | None:
     return bm, bn, w, s
 
 
-def fwd_config(dqk: int, dv: int, tangent: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward. Chosen so that no configuration
-    spills on sm_90a (benchmarks/triton_codegen.py, tests/test_codegen.py); timings: attn_sweep.py."""
+# Defaults per padded head dim (bf16/fp16), from the sm_90a register report of
+# benchmarks/triton_codegen.py (none spills), not yet from timings: benchmarks/attn_sweep.py is
+# the GPU sweep that will pick them by measurement. fp32 inputs multiply in full precision on the
+# CUDA cores (input_precision="ieee"): a correctness path, small tiles, not a speed target.
+_FWD_PLAIN = {32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)}
+_FWD_TANGENT = {32: (128, 32, 8, 2), 64: (128, 32, 8, 2), 128: (64, 16, 8, 2), 256: (32, 16, 8, 1)}
+_BWD = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (16, 32, 4, 1)}
+_FP32 = (32, 32, 4, 1)
+FUSED_MAX_HEAD_DIM = 128  # above: the fused pass spills at every block shape; two_pass does not
+
+
+def _bucket(dqk: int, dv: int) -> int:
+    return max(32, triton.next_power_of_2(dqk), triton.next_power_of_2(dv))
+
+
+def fwd_config(dqk: int, dv: int, tangent: bool, fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward (``tangent``: the fused pass or the
+    tangent pass of two_pass). ``FASTDISTILL_ATTN_FWD_CONFIG`` overrides."""
     cfg = _env_cfg("FASTDISTILL_ATTN_FWD_CONFIG")
     if cfg is not None:
         return cfg
-    d = max(triton.next_power_of_2(dqk), triton.next_power_of_2(dv))
-    if not tangent:
-        return (128, 64, 8, 3) if d <= 128 else (64, 32, 4, 2)
-    return (64, 64, 4, 3) if d <= 64 else (64, 32, 4, 2) if d <= 128 else (32, 32, 4, 2)
+    if fp32:
+        return _FP32
+    padded = triton.next_power_of_2(dqk) != dqk or triton.next_power_of_2(dv) != dv
+    if tangent and padded and _bucket(dqk, dv) == 128:  # head dims 80, 96, ...: the masked head dim costs registers
+        return (32, 16, 4, 2)
+    return (_FWD_TANGENT if tangent else _FWD_PLAIN)[_bucket(dqk, dv)]
 
 
-def bwd_config(dqk: int, dv: int) -> tuple[int, int, int, int]:
+def bwd_config(dqk: int, dv: int, fp32: bool = False) -> tuple[int, int, int, int]:
     cfg = _env_cfg("FASTDISTILL_ATTN_BWD_CONFIG")
     if cfg is not None:
         return cfg
-    d = max(triton.next_power_of_2(dqk), triton.next_power_of_2(dv))
-    return (64, 64, 4, 2) if d <= 64 else (32, 64, 4, 2) if d <= 128 else (32, 32, 4, 1)
+    return _FP32 if fp32 else _BWD[_bucket(dqk, dv)]
 
 
-def jvp_mode() -> str:
-    mode = os.environ.get("FASTDISTILL_ATTN_JVP", "fused").strip() or "fused"
+def jvp_mode(dqk: int = 0, dv: int = 0) -> str:
+    """"fused" or "two_pass": ``FASTDISTILL_ATTN_JVP`` if set, else fused up to head dim 128."""
+    mode = os.environ.get("FASTDISTILL_ATTN_JVP", "").strip()
+    if not mode:
+        return "fused" if _bucket(dqk, dv) <= FUSED_MAX_HEAD_DIM else "two_pass"
     if mode not in ("fused", "two_pass"):
         raise ValueError(f"FASTDISTILL_ATTN_JVP: expected 'fused' or 'two_pass', got {mode!r}")
     return mode
 
 
 # ----------------------------------------------------------------------------- forward
+@triton.jit
+def _ld(ptrs, msk, MASK: tl.constexpr):
+    if MASK:
+        return tl.load(ptrs, mask=msk, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _fwd_step(q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+              k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
+              DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+              PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key block of the forward (see the module docstring). MASKED: the block may hold keys
+    past Sk or (causal) keys above the diagonal; unmasked blocks skip every sequence mask."""
+    cols = n0 + offs_n
+    col_ok = cols < Sk
+    kt_msk = dq_ok[:, None] & col_ok[None, :]
+    v_msk = col_ok[:, None] & dv_ok[None, :]
+    # unmasked blocks mask only a padded head dim
+    KM: tl.constexpr = MASKED or BDQK != DQK
+    VM: tl.constexpr = MASKED or BDV != DV
+    kt = _ld(k_base + cols[None, :] * sks + offs_dq[:, None], kt_msk, KM)
+    v = _ld(v_base + cols[:, None] * svs + offs_dv[None, :], v_msk, VM)
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk2
+    if MASKED:
+        ok = col_ok[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
+        s = tl.where(ok, s, float("-inf"))
+    if TANGENT:
+        if HAS_TQ or HAS_TK:  # Ṡ/s first: s and Ṡ live together, then P̃ replaces s
+            if HAS_TQ:
+                ts = tl.dot(tq, kt, input_precision=DOT_PREC)
+                if HAS_TK:
+                    tkt = _ld(tk_base + cols[None, :] * stks + offs_dq[:, None], kt_msk, KM)
+                    ts = tl.dot(q, tkt, ts, input_precision=DOT_PREC)
+            else:
+                tkt = _ld(tk_base + cols[None, :] * stks + offs_dq[:, None], kt_msk, KM)
+                ts = tl.dot(q, tkt, input_precision=DOT_PREC)
+    if PRIMAL:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    else:
+        p = tl.math.exp2(s - m_i[:, None])
+    if TANGENT:
+        if PRIMAL:
+            r_i = r_i * alpha
+            tacc = tacc * alpha[:, None]
+        if HAS_TQ or HAS_TK:
+            pts = p * (ts * scale)  # P̃⊙Ṡ in fp32; masked entries have P̃ = 0 and finite Ṡ
+            r_i += tl.sum(pts, 1)
+            tacc = tl.dot(pts.to(v.dtype), v, tacc, input_precision=DOT_PREC)
+        if HAS_TV:
+            tv = _ld(tv_base + cols[:, None] * stvs + offs_dv[None, :], v_msk, VM)
+            tacc = tl.dot(p.to(tv.dtype), tv, tacc, input_precision=DOT_PREC)
+    return m_i, l_i, acc, r_i, tacc
+
+
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, TQ, TK, TV, O, TO, LSE, MU,
@@ -81,7 +166,7 @@ def _attn_fwd_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
-    PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr,
+    PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     # PRIMAL and TANGENT: the fused pass. PRIMAL only: plain flash attention (O, lse).
     # TANGENT only: the second pass of two_pass mode (reads lse and O, writes Ȯ and μ).
@@ -93,6 +178,9 @@ def _attn_fwd_kernel(
     hk = h // G
     offs_m = pid * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)
+    if WIDE:  # S x sequence stride >= 2^31: 64-bit offsets
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     offs_dq = tl.arange(0, BDQK)
     offs_dv = tl.arange(0, BDV)
     row_ok = offs_m < Sq
@@ -100,6 +188,7 @@ def _attn_fwd_kernel(
     dv_ok = offs_dv < DV
     q_msk = row_ok[:, None] & dq_ok[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_dq[None, :], mask=q_msk, other=0.0)
+    tq = q
     if HAS_TQ:
         tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqs + offs_dq[None, :], mask=q_msk, other=0.0)
     k_base = K + b * skb + hk * skh
@@ -119,50 +208,28 @@ def _attn_fwd_kernel(
         r_i = tl.zeros([BM], tl.float32)
         tacc = tl.zeros([BM, BDV], tl.float32)
 
+    if not PRIMAL:
+        l_i = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, BDV], tl.float32)
+    if not TANGENT:
+        r_i = tl.zeros([BM], tl.float32)
+        tacc = tl.zeros([BM, BDV], tl.float32)
+    # key blocks [0, n_full) need no sequence mask, [n_full, hi) do (the tail; the causal diagonal)
     hi = Sk
+    n_full = (Sk // BN) * BN
     if CAUSAL:  # bottom-right: query i sees key j iff j <= i + Sk - Sq
         hi = tl.minimum(Sk, pid * BM + BM + Sk - Sq)
-    for n0 in range(0, hi, BN):
-        cols = n0 + offs_n
-        col_ok = cols < Sk
-        kt_msk = dq_ok[:, None] & col_ok[None, :]
-        kt = tl.load(k_base + cols[None, :] * sks + offs_dq[:, None], mask=kt_msk, other=0.0)
-        v_msk = col_ok[:, None] & dv_ok[None, :]
-        v = tl.load(v_base + cols[:, None] * svs + offs_dv[None, :], mask=v_msk, other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk2
-        ok = col_ok[None, :]
-        if CAUSAL:
-            ok = ok & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
-        s = tl.where(ok, s, float("-inf"))
-        if PRIMAL:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_use)
-            p = tl.math.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
-        else:
-            p = tl.math.exp2(s - m_i[:, None])
-        if TANGENT:
-            if PRIMAL:
-                r_i = r_i * alpha
-                tacc = tacc * alpha[:, None]
-            if HAS_TQ or HAS_TK:
-                if HAS_TQ:
-                    ts = tl.dot(tq, kt, input_precision=DOT_PREC)
-                    if HAS_TK:
-                        tkt = tl.load(tk_base + cols[None, :] * stks + offs_dq[:, None], mask=kt_msk, other=0.0)
-                        ts = tl.dot(q, tkt, ts, input_precision=DOT_PREC)
-                else:
-                    tkt = tl.load(tk_base + cols[None, :] * stks + offs_dq[:, None], mask=kt_msk, other=0.0)
-                    ts = tl.dot(q, tkt, input_precision=DOT_PREC)
-                pts = p * (ts * scale)  # P̃⊙Ṡ in fp32; masked entries have P̃ = 0 and finite Ṡ
-                r_i += tl.sum(pts, 1)
-                tacc = tl.dot(pts.to(v.dtype), v, tacc, input_precision=DOT_PREC)
-            if HAS_TV:
-                tv = tl.load(tv_base + cols[:, None] * stvs + offs_dv[None, :], mask=v_msk, other=0.0)
-                tacc = tl.dot(p.to(tv.dtype), tv, tacc, input_precision=DOT_PREC)
+        n_full = tl.minimum(n_full, tl.maximum(0, ((pid * BM + Sk - Sq + 1) // BN) * BN))
+    for n0 in range(0, n_full, BN):
+        m_i, l_i, acc, r_i, tacc = _fwd_step(
+            q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+            k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
+            DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC)
+    for n0 in range(n_full, hi, BN):
+        m_i, l_i, acc, r_i, tacc = _fwd_step(
+            q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+            k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
+            DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC)
 
     o_msk = row_ok[:, None] & dv_ok[None, :]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
@@ -194,6 +261,11 @@ def _s3(x: torch.Tensor | None, like: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _wide(*xs: torch.Tensor | None) -> bool:
+    """True when some sequence offset (S × sequence stride) needs more than 32 bits."""
+    return any(x is not None and x.shape[2] * x.stride(2) + x.shape[3] >= 2**31 for x in xs)
+
+
 def _check_grid(B: int, H: int) -> None:
     if B > MAX_GRID_YZ or H > MAX_GRID_YZ:
         raise ValueError(f"q: batch ({B}) and heads ({H}) must each be <= {MAX_GRID_YZ} for the Triton kernels")
@@ -212,7 +284,8 @@ def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal, scale, primal, tang
         H // Hkv, Sq, Sk, scale,
         DQK=Dqk, DV=Dv, BDQK=max(16, triton.next_power_of_2(Dqk)), BDV=max(16, triton.next_power_of_2(Dv)),
         BM=BM, BN=BN, CAUSAL=bool(causal), HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
-        PRIMAL=primal, TANGENT=tangent, DOT_PREC=_dot_prec(q), num_warps=warps, num_stages=stages,
+        PRIMAL=primal, TANGENT=tangent, DOT_PREC=_dot_prec(q), WIDE=_wide(q, k, v, tq, tk, tv, o, to),
+        num_warps=warps, num_stages=stages,
     )
 
 
@@ -228,26 +301,27 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float)
     if tangent and to is None:
         raise ValueError("attn_fwd: mu without to")
     Dv = v.shape[3]
-    if not tangent:
+    f32 = q.dtype == torch.float32
+    if not tangent or jvp_mode(Dqk, Dv) == "two_pass":
         _launch_fwd(q, k, v, None, None, None, o, None, lse, None, causal, scale, True, False,
-                    fwd_config(Dqk, Dv, False))
-    elif jvp_mode() == "two_pass":
-        _launch_fwd(q, k, v, None, None, None, o, None, lse, None, causal, scale, True, False,
-                    fwd_config(Dqk, Dv, False))
-        _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal, scale, False, True, fwd_config(Dqk, Dv, True))
-    else:
-        _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal, scale, True, True, fwd_config(Dqk, Dv, True))
+                    fwd_config(Dqk, Dv, False, f32))
+    if tangent:
+        fused = jvp_mode(Dqk, Dv) == "fused"
+        _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal, scale, fused, True, fwd_config(Dqk, Dv, True, f32))
 
 
 # ----------------------------------------------------------------------------- backward
 @triton.jit
 def _attn_bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, sls, H, Sq,
-                         DV: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, HAS_DLSE: tl.constexpr):
+                         DV: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, HAS_DLSE: tl.constexpr,
+                         WIDE: tl.constexpr):
     # Δ = rowsum(dO ⊙ O) − dlse, into a contiguous fp32 [B, H, Sq] buffer
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid * BM + tl.arange(0, BM)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BDV)
     msk = (offs_m < Sq)[:, None] & (offs_d < DV)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], mask=msk, other=0.0)
@@ -265,7 +339,7 @@ def _attn_bwd_dkdv_kernel(
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
     H, G, Sq, Sk, scale,
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     # one key block of one key/value head; loops over the query blocks of its G query heads:
     # dv = Σ Pᵀ dO, dk = s·Σ dSᵀ q with dS = P ⊙ (dO vᵀ − Δ). Transposed tiles: [BN, BM].
@@ -274,6 +348,9 @@ def _attn_bwd_dkdv_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_n = pid * BN + tl.arange(0, BN)
     offs_m0 = tl.arange(0, BM)
+    if WIDE:
+        offs_n = offs_n.to(tl.int64)
+        offs_m0 = offs_m0.to(tl.int64)
     offs_dq = tl.arange(0, BDQK)
     offs_dv = tl.arange(0, BDV)
     col_ok = offs_n < Sk
@@ -325,7 +402,7 @@ def _attn_bwd_dq_kernel(
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, sdqb, sdqh, sdqs,
     H, G, Sq, Sk, scale,
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     # one query block: dq = s·Σ_j dS k, dS = P ⊙ (dO vᵀ − Δ)
     pid = tl.program_id(0)
@@ -336,6 +413,9 @@ def _attn_bwd_dq_kernel(
     hk = h // G
     offs_m = pid * BM + tl.arange(0, BM)
     offs_n0 = tl.arange(0, BN)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+        offs_n0 = offs_n0.to(tl.int64)
     offs_dq = tl.arange(0, BDQK)
     offs_dv = tl.arange(0, BDV)
     row_ok = offs_m < Sq
@@ -383,15 +463,15 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
         dv.zero_()
         return
     _check_grid(B, H)
-    BM, BN, warps, stages = bwd_config(Dqk, Dv)
+    BM, BN, warps, stages = bwd_config(Dqk, Dv, q.dtype == torch.float32)
     bdq, bdv = max(16, triton.next_power_of_2(Dqk)), max(16, triton.next_power_of_2(Dv))
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     _attn_bwd_pre_kernel[(triton.cdiv(Sq, 64), H, B)](
         o, do, lse if dlse is None else dlse, delta, *_s3(o, o), *_s3(do, do),
         *(dlse.stride() if dlse is not None else (0, 0, 0)), H, Sq,  # any upstream strides (expanded zeros)
-        DV=Dv, BDV=bdv, BM=64, HAS_DLSE=dlse is not None, num_warps=4)
+        DV=Dv, BDV=bdv, BM=64, HAS_DLSE=dlse is not None, WIDE=_wide(o, do), num_warps=4)
     common = dict(DQK=Dqk, DV=Dv, BDQK=bdq, BDV=bdv, BM=BM, BN=BN, CAUSAL=bool(causal), DOT_PREC=_dot_prec(q),
-                  num_warps=warps, num_stages=stages)
+                  WIDE=_wide(q, k, v, do, dq, dk, dv), num_warps=warps, num_stages=stages)
     strides = (*_s3(q, q), *_s3(k, k), *_s3(v, v), *_s3(do, do), lse.stride(0), lse.stride(1))
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BN), Hkv, B)](
         q, k, v, do, lse, delta, dk, dv, *strides, *_s3(dk, dk), *_s3(dv, dv), H, H // Hkv, Sq, Sk, scale, **common)

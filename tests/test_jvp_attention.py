@@ -464,3 +464,25 @@ def test_two_pass_variant(backend, monkeypatch):
         for c in (Case(17, 128, Hq=4, Hkv=2, D=64, Dv=32, causal=True), Case(128, 17, D=32, dtype=F16, causal=True),
                   Case(128, D=32, tangents="v", dtype=BF16, tangent_dtype=F32)):
             run_case(c)
+
+
+def test_wide_offsets(monkeypatch):
+    """The 64-bit offset path (taken when S × sequence stride needs more than 32 bits, too large to
+    allocate here) gives the same results as the 32-bit one: forced on through the launcher's switch."""
+    if not fd._backend.interpreting():
+        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
+    from fastdistill.kernels import jvp_attention as kern
+
+    q, k, v = (torch.randn(1, n, 2, 32, generator=torch.Generator().manual_seed(i)) for i, n in enumerate((37, 45, 45)))
+    tq, tk, tv = (torch.randn_like(x) for x in (q, k, v))
+    go = torch.randn(1, 37, 2, 32)
+    runs = []
+    for wide in (False, True):
+        monkeypatch.setattr(kern, "_wide", lambda *xs, _w=wide: _w)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        with fd.use_backend("triton"):
+            o, to, lse, mu = fd.jvp_attention(*leaves, tq, tk, tv, causal=True, return_lse=True)
+            o.backward(go)
+        runs.append([o, to, lse, mu, *(x.grad for x in leaves)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
