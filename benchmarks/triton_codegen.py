@@ -131,7 +131,8 @@ def attn_configs(quick: bool = False):
             for mode, primal, tangent in modes + [("plain", True, False), ("2pass", False, True)]:
                 bm, bn, nw, ns = A.fwd_config(dqk, dv, tangent, f32)
                 ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, HAS_TQ=tangent,
-                          HAS_TK=tangent, HAS_TV=tangent, PRIMAL=primal, TANGENT=tangent, DOT_PREC=prec, WIDE=False)
+                          HAS_TK=tangent, HAS_TV=tangent, PRIMAL=primal, TANGENT=tangent, DOT_PREC=prec, WIDE=False,
+                          BASE2=not f32)
                 yield (f"attn fwd {mode:5s} {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_fwd_kernel, sig, ce, nw, ns)
             bm, bn, nw, ns = A.bwd_config(dqk, dv, f32)
             ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False)

@@ -93,6 +93,15 @@ def jvp_mode(dqk: int = 0, dv: int = 0) -> str:
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
+def _exp(x, BASE2: tl.constexpr):
+    # BASE2 (fp16/bf16): scores carry log2(e) folded into the scale, one exp2 per element; fp32 keeps
+    # natural units (one more multiply) so that large logits lose no accuracy to the extra roundings
+    if BASE2:
+        return tl.math.exp2(x)
+    return tl.exp(x)
+
+
+@triton.jit
 def _ld(ptrs, msk, MASK: tl.constexpr):
     if MASK:
         return tl.load(ptrs, mask=msk, other=0.0)
@@ -104,7 +113,7 @@ def _fwd_step(q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs
               k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
               DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
-              PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr):
+              PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, BASE2: tl.constexpr):
     """One key block of the forward (see the module docstring). MASKED: the block may hold keys
     past Sk or (causal) keys above the diagonal; unmasked blocks skip every sequence mask."""
     cols = n0 + offs_n
@@ -135,13 +144,13 @@ def _fwd_step(q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs
     if PRIMAL:
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
+        alpha = _exp(m_i - m_use, BASE2)
+        p = _exp(s - m_use[:, None], BASE2)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     else:
-        p = tl.math.exp2(s - m_i[:, None])
+        p = _exp(s - m_i[:, None], BASE2)
     if TANGENT:
         if PRIMAL:
             r_i = r_i * alpha
@@ -166,7 +175,7 @@ def _attn_fwd_kernel(
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
-    PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
+    PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr, BASE2: tl.constexpr,
 ):
     # PRIMAL and TANGENT: the fused pass. PRIMAL only: plain flash attention (O, lse).
     # TANGENT only: the second pass of two_pass mode (reads lse and O, writes Ȯ and μ).
@@ -195,7 +204,7 @@ def _attn_fwd_kernel(
     v_base = V + b * svb + hk * svh
     tk_base = TK + b * stkb + hk * stkh
     tv_base = TV + b * stvb + hk * stvh
-    qk2 = scale * 1.4426950408889634  # scores in the log2 domain
+    qk2 = scale * (1.4426950408889634 if BASE2 else 1.0)  # scores in the log2 domain (BASE2)
 
     if PRIMAL:
         m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -203,7 +212,7 @@ def _attn_fwd_kernel(
         acc = tl.zeros([BM, BDV], tl.float32)
     else:  # the tangent pass of two_pass: P = 2^(S·log2e − lse·log2e), no rescaling
         lse_in = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=float("-inf"))
-        m_i = tl.where(lse_in == float("-inf"), 0.0, lse_in * 1.4426950408889634)
+        m_i = tl.where(lse_in == float("-inf"), 0.0, lse_in * (1.4426950408889634 if BASE2 else 1.0))
     if TANGENT:
         r_i = tl.zeros([BM], tl.float32)
         tacc = tl.zeros([BM, BDV], tl.float32)
@@ -224,12 +233,12 @@ def _attn_fwd_kernel(
         m_i, l_i, acc, r_i, tacc = _fwd_step(
             q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
-            DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC)
+            DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2)
     for n0 in range(n_full, hi, BN):
         m_i, l_i, acc, r_i, tacc = _fwd_step(
             q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
-            DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC)
+            DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2)
 
     o_msk = row_ok[:, None] & dv_ok[None, :]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
@@ -238,7 +247,8 @@ def _attn_fwd_kernel(
         inv = 1.0 / tl.where(seen, l_i, 1.0)
         o = acc * inv[:, None]
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_msk)
-        lse = tl.where(seen, m_i * 0.6931471805599453 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        lse = tl.where(seen, m_i * (0.6931471805599453 if BASE2 else 1.0) + tl.log(tl.where(seen, l_i, 1.0)),
+                       float("-inf"))
         tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=row_ok)
     else:
         inv = tl.full([BM], 1.0, tl.float32)
@@ -285,6 +295,7 @@ def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal, scale, primal, tang
         DQK=Dqk, DV=Dv, BDQK=max(16, triton.next_power_of_2(Dqk)), BDV=max(16, triton.next_power_of_2(Dv)),
         BM=BM, BN=BN, CAUSAL=bool(causal), HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
         PRIMAL=primal, TANGENT=tangent, DOT_PREC=_dot_prec(q), WIDE=_wide(q, k, v, tq, tk, tv, o, to),
+        BASE2=q.dtype != torch.float32,
         num_warps=warps, num_stages=stages,
     )
 
@@ -362,7 +373,6 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_dv[None, :], mask=v_msk, other=0.0)
     dk = tl.zeros([BN, BDQK], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
-    qk2 = scale * 1.4426950408889634
     lo = 0
     if CAUSAL:  # the first query row that sees key pid·BN: i >= j − (Sk − Sq)
         lo = tl.maximum(0, pid * BN - (Sk - Sq))
@@ -380,12 +390,13 @@ def _attn_bwd_dkdv_kernel(
                          other=0.0)
             lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk2
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
             ok = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= offs_m[None, :] + (Sk - Sq))
             # rows that saw no key (lse = −inf) have no visible entry: ok is False there
-            pt = tl.where(ok, tl.math.exp2(st - lse[None, :] * 1.4426950408889634), 0.0)
+            # S − lse in natural units first (one rounding of a small number), then to base 2
+            pt = tl.where(ok, tl.math.exp2((st * scale - lse[None, :]) * 1.4426950408889634), 0.0)
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dst = pt * (dpt - delta[None, :])
@@ -425,10 +436,9 @@ def _attn_bwd_dq_kernel(
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_dq[None, :], mask=q_msk, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_dv[None, :],
                  mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    lse2 = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BM, BDQK], tl.float32)
-    qk2 = scale * 1.4426950408889634
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     hi = Sk
@@ -439,11 +449,11 @@ def _attn_bwd_dq_kernel(
         col_ok = cols < Sk
         k = tl.load(k_base + cols[:, None] * sks + offs_dq[None, :], mask=col_ok[:, None] & dq_ok[None, :], other=0.0)
         v = tl.load(v_base + cols[:, None] * svs + offs_dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         ok = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             ok = ok & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p = tl.where(ok, tl.math.exp2((s * scale - lse[:, None]) * 1.4426950408889634), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
