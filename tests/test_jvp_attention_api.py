@@ -469,3 +469,14 @@ def test_deterministic(use):
     bits = lambda x: x.detach().reshape(-1).view(torch.uint8)
     for name, a, b in zip(("o", "to", "lse", "dlse", "dq", "dk", "dv"), *runs):
         assert torch.equal(bits(a), bits(b)), name
+
+
+def test_dual_tangent_with_strided_head_dim():
+    """A forward-AD tangent with a non-contiguous head dim (e.g. an expanded one) is accepted: the user
+    does not choose the strides torch.func.jvp hands over."""
+    q, k, v, tq, tk, tv = qkv(seed=31)
+    t_exp = tq[..., :1].expand_as(tq)  # head-dim stride 0
+    with fd.use_backend("reference"):
+        o, t = torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (t_exp,))
+        o2, t2 = fd.jvp_attention(q, k, v, t_exp.contiguous())
+    assert torch.equal(o, o2) and torch.allclose(t, t2, rtol=1e-6, atol=1e-6)

@@ -308,8 +308,8 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     if dual and any(t is not None for t in (tq, tk, tv)):
         raise ValueError("tq, tk, tv: q/k/v already carry forward-AD tangents (torch.func.jvp or dual tensors); "
                          "pass the tangents one way, not both")
-    if dual:
-        tq, tk, tv = duals
+    if dual:  # forward-AD tangents are whatever the model produced: give them a contiguous head dim if needed
+        tq, tk, tv = (t if t is None or t.numel() == 0 or t.stride(-1) == 1 else t.contiguous() for t in duals)
     Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
     scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
     if not math.isfinite(scale):
