@@ -309,8 +309,6 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float)
     tangent = to is not None
     if tangent and mu is None:
         mu = torch.empty_like(lse)
-    if tangent and to is None:
-        raise ValueError("attn_fwd: mu without to")
     Dv = v.shape[3]
     f32 = q.dtype == torch.float32
     if not tangent or jvp_mode(Dqk, Dv) == "two_pass":

@@ -73,12 +73,17 @@ def _stat_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _fwd(q, k, v, tq, tk, tv, causal: bool, scale: float, layout: int, want_t: bool, t_dtype: int, backend: str):
+def _outputs(q, v, layout: int, want_t: bool, t_dtype: int):
+    """Uninitialised (o, to, lse, mu); ``to``/``mu`` are empty without tangents. Also the fake impl."""
     o = q.new_empty(_out_shape(q, v, layout))
     to = o.new_empty(o.shape, dtype=torch.float32 if t_dtype == 1 else q.dtype) if want_t else o.new_empty(0)
     B, H, S = (q.shape[0], q.shape[2], q.shape[1]) if layout == 0 else q.shape[:3]
     lse = q.new_empty((B, H, S), dtype=_stat_dtype(q))
-    mu = torch.empty_like(lse) if want_t else lse.new_empty(0)
+    return o, to, lse, torch.empty_like(lse) if want_t else lse.new_empty(0)
+
+
+def _fwd(q, k, v, tq, tk, tv, causal: bool, scale: float, layout: int, want_t: bool, t_dtype: int, backend: str):
+    o, to, lse, mu = _outputs(q, v, layout, want_t, t_dtype)
     _impl(backend).attn_fwd(_bhsd(q, layout), _bhsd(k, layout), _bhsd(v, layout), _bhsd(tq, layout),
                             _bhsd(tk, layout), _bhsd(tv, layout), _bhsd(o, layout),
                             _bhsd(to, layout) if want_t else None, lse, mu if want_t else None,
@@ -104,11 +109,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor 
 
 @_fwd_op.register_fake
 def _(q, k, v, tq, tk, tv, causal, scale, layout, want_t, t_dtype, backend):
-    o = q.new_empty(_out_shape(q, v, layout))
-    to = o.new_empty(o.shape, dtype=torch.float32 if t_dtype == 1 else q.dtype) if want_t else o.new_empty(0)
-    B, H, S = (q.shape[0], q.shape[2], q.shape[1]) if layout == 0 else q.shape[:3]
-    lse = q.new_empty((B, H, S), dtype=_stat_dtype(q))
-    return o, to, lse, torch.empty_like(lse) if want_t else lse.new_empty(0)
+    return _outputs(q, v, layout, want_t, t_dtype)
 
 
 @torch.library.custom_op("fastdistill::jvp_attn_bwd", mutates_args=())
