@@ -20,5 +20,7 @@ if ! "$VPY" -c "import triton" 2>/dev/null; then
   "$VPY" -m pip install -q "triton==3.9.0"
 fi
 "$VPY" -m pip install -q "pytest>=7" "hypothesis>=6" numpy ninja "pybind11>=2.10"
+# test-only extras: unmodified models for the SDPA drop-in and the examples (random weights, no downloads)
+"$VPY" -m pip install -q "transformers==5.24.0" "diffusers==0.42.1" matplotlib tqdm
 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
 "$VPY" -c "import torch, triton, fastdistill; print('fastdistill', fastdistill.__version__, '| torch', torch.__version__, '| triton', triton.__version__)"

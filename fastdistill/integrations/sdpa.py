@@ -1,0 +1,234 @@
+"""Drop-in JVP attention for unmodified models: serve ``torch.nn.functional.scaled_dot_product_attention``
+with fastdistill while a ``jvp_sdpa()`` block (this thread) or ``patch_sdpa()`` (every thread) is active.
+
+Inside, a call whose query, key or value carries a forward-AD tangent (``torch.func.jvp``,
+``torch.autograd.forward_ad`` dual tensors) runs ``fastdistill.jvp_attention``: one fused pass for the
+output and its tangent, a flash-style backward for the primal. Calls without a tangent go to stock
+SDPA (``plain="sdpa"``, the default) or to fastdistill's plain attention (``plain="fastdistill"``).
+
+Arguments fastdistill cannot serve exactly fall back to stock SDPA with a one-time warning naming the
+reason — never a silently different result:
+- ``attn_mask`` given (any mask: fastdistill has causal masking only);
+- ``dropout_p > 0``;
+- ``is_causal=True`` with ``L != S``: SDPA aligns its causal mask top-left, fastdistill bottom-right;
+- batch dims that broadcast between query and key/value, nested tensors, mixed or unsupported dtypes;
+- no fastdistill backend can run the inputs (e.g. head dim > 256 on the GPU kernels);
+- keyword arguments this version does not know.
+A fallback call that carries a tangent runs stock SDPA's math backend (the only SDPA backend with
+forward-mode AD), so it computes the same function as before the patch.
+
+Query/key/value with different head counts need ``enable_gqa=True``, exactly as in stock SDPA (without
+it the call goes to stock SDPA, which raises). The patch replaces the attribute of
+``torch.nn.functional``: code that bound the function itself at import time
+(``from torch.nn.functional import scaled_dot_product_attention``) is not affected.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+from fastdistill._backend import BackendUnavailableError
+from fastdistill.ops._common import check_choice
+from fastdistill.ops.jvp_attention import jvp_attention
+
+PLAIN = ("sdpa", "fastdistill")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_lock = threading.RLock()
+_tls = threading.local()
+_state = {"installed": 0, "orig": None, "global": []}  # install refcount, replaced function, patch_sdpa() stack
+_warned: set[str] = set()
+_stats: collections.Counter = collections.Counter()
+
+
+# ----------------------------------------------------------------------------- activation
+def _stack() -> list:
+    s = getattr(_tls, "stack", None)
+    if s is None:
+        s = _tls.stack = []
+    return s
+
+
+def _active_plain() -> str | None:
+    """The ``plain`` option of the innermost active activation in this thread, or None if inactive."""
+    s = _stack()
+    if s:
+        return s[-1]
+    g = _state["global"]
+    return g[-1] if g else None
+
+
+def _install() -> None:
+    with _lock:
+        if _state["installed"] == 0:
+            _state["orig"] = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = _sdpa
+        _state["installed"] += 1
+
+
+def _uninstall() -> None:
+    with _lock:
+        _state["installed"] -= 1
+        if _state["installed"]:
+            return
+        if F.scaled_dot_product_attention is _sdpa:
+            F.scaled_dot_product_attention = _state["orig"]
+        else:  # someone wrapped us since: leave theirs; ours (inactive now) only delegates to the original
+            warnings.warn("fastdistill: torch.nn.functional.scaled_dot_product_attention was replaced by other code "
+                          "after fastdistill patched it; leaving that replacement in place", stacklevel=3)
+
+
+def original_sdpa():
+    """The SDPA function fastdistill replaced (stock ``scaled_dot_product_attention`` when not installed)."""
+    with _lock:
+        return _state["orig"] if _state["installed"] else F.scaled_dot_product_attention
+
+
+@contextlib.contextmanager
+def jvp_sdpa(*, plain: str = "sdpa") -> Iterator[None]:
+    """Within the block, in this thread, ``F.scaled_dot_product_attention`` calls carrying a forward-AD tangent
+    run fastdistill's fused JVP attention (module docstring). Nests; other threads are unaffected.
+
+    Args:
+        plain: calls without a tangent go to ``"sdpa"`` (stock, default) or ``"fastdistill"`` (plain attention
+            through fastdistill's kernels).
+
+    Example::
+
+        with fastdistill.integrations.jvp_sdpa():
+            F_x, dF_dt = torch.func.jvp(lambda x, t: model(x, t), (x_t, t), (dx_dt, dt_dt))
+        loss = fastdistill.scm_tangent_loss(F_x, ...)   # F_x keeps its graph: backward as usual
+    """
+    check_choice("plain", plain, PLAIN)
+    _install()
+    _stack().append(plain)
+    try:
+        yield
+    finally:
+        _stack().pop()
+        _uninstall()
+
+
+def patch_sdpa(*, plain: str = "sdpa") -> None:
+    """Serve SDPA with fastdistill in every thread until the matching ``unpatch_sdpa()`` (calls nest; the
+    innermost ``plain`` wins). Prefer ``jvp_sdpa()``, which scopes the change to a block and a thread."""
+    check_choice("plain", plain, PLAIN)
+    with _lock:
+        _install()
+        _state["global"].append(plain)
+
+
+def unpatch_sdpa() -> None:
+    """Undo the most recent ``patch_sdpa()``; the original SDPA is back once every patch is undone."""
+    with _lock:
+        if not _state["global"]:
+            raise RuntimeError("unpatch_sdpa: SDPA is not patched (every patch_sdpa() was already undone)")
+        _state["global"].pop()
+        _uninstall()
+
+
+def sdpa_stats(reset: bool = False) -> dict[str, int]:
+    """Counts of how patched SDPA calls were served: ``"jvp"`` (fused JVP), ``"plain"`` (fastdistill, no
+    tangent), ``"stock"`` (stock SDPA by ``plain="sdpa"``), ``"fallback: <reason>"``."""
+    with _lock:
+        out = dict(_stats)
+        if reset:
+            _stats.clear()
+        return out
+
+
+# ----------------------------------------------------------------------------- the replacement
+def _count(key: str) -> None:
+    with _lock:
+        _stats[key] += 1
+
+
+def _has_tangent(x: torch.Tensor) -> bool:
+    return fwAD.unpack_dual(x).tangent is not None
+
+
+def _why_not(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> str | None:
+    if extra:
+        return f"keyword argument(s) {sorted(extra)} unknown to fastdistill"
+    if attn_mask is not None:
+        return "attn_mask is given (fastdistill serves no mask or is_causal only)"
+    if dropout_p > 0:
+        return "dropout_p > 0 (fastdistill has no attention dropout)"
+    if any(x.is_nested for x in (q, k, v)):
+        return "nested tensors"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (needs one of float16, bfloat16, float32, float64 for all)"
+    if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():
+        return f"ranks {q.dim()}/{k.dim()}/{v.dim()} (needs the same rank >= 3 for query, key, value)"
+    lead = 2 if q.dim() == 3 else 3  # [N, L, E] or [..., H, L, E]: the batch dims must match exactly
+    if q.shape[:-lead] != k.shape[:-lead] or k.shape[:-1] != v.shape[:-1]:
+        return "batch dims broadcast between query and key/value"
+    if is_causal and q.shape[-2] != k.shape[-2]:
+        return ("is_causal=True with L != S (stock SDPA aligns the causal mask top-left, fastdistill bottom-right)")
+    if q.dim() >= 4 and q.shape[-3] != k.shape[-3] and not enable_gqa:
+        return None  # stock SDPA decides (it raises): not a fastdistill limitation
+    return None
+
+
+def _heads4(x: torch.Tensor) -> torch.Tensor:
+    """[..., H, L, E] or [N, L, E] -> [B, H, L, E] (a view where strides allow)."""
+    if x.dim() == 3:
+        return x.unsqueeze(1)
+    if x.dim() == 4:
+        return x
+    return x.reshape(-1, *x.shape[-3:])
+
+
+def _stock(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra, tangent: bool):
+    fn = original_sdpa()
+    kw = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra)
+    if enable_gqa:
+        kw["enable_gqa"] = enable_gqa
+    if not tangent:
+        return fn(q, k, v, **kw)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # the only SDPA backend with forward-mode AD
+        return fn(q, k, v, **kw)
+
+
+def _fallback(reason: str, *args, tangent: bool):
+    with _lock:
+        first = reason not in _warned
+        _warned.add(reason)
+    if first:
+        warnings.warn(f"fastdistill.jvp_sdpa: this scaled_dot_product_attention call runs stock SDPA: {reason}. "
+                      "(warned once per reason)", stacklevel=4)
+    _count(f"fallback: {reason}")
+    return _stock(*args, tangent=tangent)
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **extra):
+    plain = _active_plain()
+    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra)
+    if plain is None:  # installed but not active in this thread
+        return _stock(*args, tangent=False)
+    tangent = any(isinstance(x, torch.Tensor) and _has_tangent(x) for x in (query, key, value))
+    if not tangent and plain == "sdpa":
+        _count("stock")
+        return _stock(*args, tangent=False)
+    reason = _why_not(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra)
+    if reason is not None:
+        return _fallback(reason, *args, tangent=tangent)
+    if query.dim() >= 4 and query.shape[-3] != key.shape[-3] and not enable_gqa:
+        return _stock(*args, tangent=tangent)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (_heads4(query), _heads4(key), _heads4(value)))
+    try:
+        o = jvp_attention(q, k, v, causal=bool(is_causal), scale=scale, layout="bhsd")[0]
+    except BackendUnavailableError as exc:
+        return _fallback(f"no fastdistill backend can run these inputs ({exc})", *args, tangent=tangent)
+    _count("jvp" if tangent else "plain")
+    return o.reshape(*query.shape[:-1], value.shape[-1])

@@ -1,0 +1,280 @@
+"""fastdistill.integrations.jvp_sdpa / patch_sdpa: SDPA served by fastdistill for unmodified code.
+
+Oracle: ``torch.func.jvp`` of stock SDPA restricted to its math backend (the only SDPA backend with
+forward-mode AD) in float64. Every test that expects fastdistill to serve a call also checks
+``sdpa_stats()``, so a silent fallback to stock SDPA cannot make a test pass. CPU tier: the reference
+backend serves fp64; one fp32 case runs the Triton kernels through the interpreter.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fastdistill
+from fastdistill.integrations import jvp_sdpa, patch_sdpa, sdpa_stats, unpatch_sdpa
+from fastdistill.integrations import sdpa as _sdpa_mod
+
+F64 = torch.float64
+STOCK = F.scaled_dot_product_attention  # captured at import: nothing may be patched at import time
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    sdpa_stats(reset=True)
+    _sdpa_mod._warned.clear()
+    yield
+    assert F.scaled_dot_product_attention is STOCK, "a test left SDPA patched"
+
+
+def _math_jvp(f, primals, tangents):
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(f, primals, tangents)
+
+
+def _close(a, b, tol=1e-10, what=""):
+    a, b = a.detach().double(), b.detach().double()
+    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() if b.numel() else 0.0
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def _qkv(shape_q, shape_k, dv=None, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape_v = (*shape_k[:-1], dv or shape_k[-1])
+    return [torch.randn(s, generator=g, dtype=dtype) for s in (shape_q, shape_k, shape_v, shape_q, shape_k, shape_v)]
+
+
+def test_nothing_patched_at_import():
+    import importlib
+
+    importlib.reload(fastdistill.integrations)
+    assert F.scaled_dot_product_attention is STOCK
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+
+
+CASES = {
+    # name: (q shape, k shape, dv, sdpa kwargs)
+    "bhsd": ((2, 3, 9, 16), (2, 3, 9, 16), None, {}),
+    "causal": ((2, 3, 9, 16), (2, 3, 9, 16), None, {"is_causal": True}),
+    "gqa-causal": ((2, 4, 7, 8), (2, 2, 7, 8), None, {"is_causal": True, "enable_gqa": True}),
+    "cross-Sq!=Sk": ((1, 2, 5, 8), (1, 2, 11, 8), None, {}),
+    "Dv!=Dqk+scale": ((1, 2, 6, 8), (1, 2, 6, 8), 12, {"scale": 0.3}),
+    "3d": ((3, 7, 8), (3, 5, 8), None, {}),
+    "5d": ((2, 2, 2, 5, 8), (2, 2, 2, 5, 8), None, {"is_causal": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_jvp_and_primal_grad_match_math_sdpa(name):
+    sq, sk, dv, kw = CASES[name]
+    q, k, v, tq, tk, tv = _qkv(sq, sk, dv)
+    w = torch.randn(*sq[:-1], dv or sk[-1], dtype=F64)
+    f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw)
+    results = []
+    for ctx in (None, jvp_sdpa):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        if ctx is None:
+            o, to = _math_jvp(f, (qq, kk, vv), (tq, tk, tv))
+        else:
+            with ctx():
+                o, to = torch.func.jvp(f, (qq, kk, vv), (tq, tk, tv))
+        (o * w).sum().backward()  # MeanFlow pattern: backward through the primal of the JVP pass
+        results.append((o, to, qq.grad, kk.grad, vv.grad))
+    assert sdpa_stats() == {"jvp": 1}, sdpa_stats()
+    for what, a, b in zip(("o", "to", "dq", "dk", "dv"), results[1], results[0]):
+        _close(a, b, what=f"{name} {what}")
+
+
+def test_dual_tensors_and_partial_tangents():
+    """forward_ad dual tensors; the key/value (frozen context) carry no tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v, tq, _, _ = _qkv((2, 2, 6, 8), (2, 2, 10, 8))
+    with fwAD.dual_level():
+        with jvp_sdpa():
+            o = F.scaled_dot_product_attention(fwAD.make_dual(q, tq), k, v)
+        o, to = fwAD.unpack_dual(o)
+    o_ref, to_ref = _math_jvp(lambda q: F.scaled_dot_product_attention(q, k, v), (q,), (tq,))
+    assert sdpa_stats() == {"jvp": 1}
+    _close(o, o_ref, what="o")
+    _close(to, to_ref, what="to")
+
+
+def test_triton_kernels_fp32():
+    """The GPU path's kernels (Triton, through the interpreter on the CPU) against the fp64 oracle."""
+    if not fastdistill._backend.interpreting():
+        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 (the README test command sets it)")
+    q, k, v, tq, tk, tv = _qkv((1, 2, 17, 32), (1, 1, 17, 32), dtype=torch.float32)
+    f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    with fastdistill.use_backend("triton"), jvp_sdpa():
+        o, to = torch.func.jvp(f, (q, k, v), (tq, tk, tv))
+    o_ref, to_ref = _math_jvp(f, tuple(x.double() for x in (q, k, v)), tuple(x.double() for x in (tq, tk, tv)))
+    assert sdpa_stats() == {"jvp": 1}
+    _close(o, o_ref, 1e-5, "o")
+    _close(to, to_ref, 1e-5, "to")
+
+
+def test_plain_calls():
+    q, k, v, *_ = _qkv((2, 2, 6, 8), (2, 2, 6, 8))
+    ref = STOCK(q, k, v, is_causal=True)
+    with jvp_sdpa():
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, is_causal=True), ref)
+    assert sdpa_stats(reset=True) == {"stock": 1}
+    qq = q.clone().requires_grad_()
+    with jvp_sdpa(plain="fastdistill"):
+        o = F.scaled_dot_product_attention(qq, k, v, is_causal=True)
+    o.square().sum().backward()
+    q2 = q.clone().requires_grad_()
+    STOCK(q2, k, v, is_causal=True).square().sum().backward()
+    assert sdpa_stats() == {"plain": 1}
+    _close(o, ref, what="o")
+    _close(qq.grad, q2.grad, what="dq")
+
+
+FALLBACKS = {
+    "attn_mask": ({"attn_mask": torch.rand(6, 6) > 0.3}, (6, 6)),
+    "dropout_p": ({"dropout_p": 0.5}, (6, 6)),
+    "is_causal=True with L != S": ({"is_causal": True}, (4, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(FALLBACKS))
+def test_fallbacks_warn_once_and_match_stock(name):
+    kw, (sq, sk) = FALLBACKS[name]
+    q, k, v, tq, tk, tv = _qkv((1, 2, sq, 8), (1, 2, sk, 8))
+    f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw)
+    torch.manual_seed(1)
+    o_ref, to_ref = _math_jvp(f, (q, k, v), (tq, tk, tv))
+    with jvp_sdpa():
+        with pytest.warns(UserWarning, match=name.split()[0]):
+            torch.manual_seed(1)
+            o, to = torch.func.jvp(f, (q, k, v), (tq, tk, tv))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second call must not warn again
+            torch.func.jvp(f, (q, k, v), (tq, tk, tv))
+    stats = sdpa_stats()
+    assert list(stats.values()) == [2] and next(iter(stats)).startswith("fallback: " + name.split()[0]), stats
+    assert torch.equal(o, o_ref) and torch.equal(to, to_ref)
+
+
+def test_gqa_without_enable_gqa_is_stock_behaviour():
+    q, k, v, tq, tk, tv = _qkv((1, 4, 5, 8), (1, 2, 5, 8))
+    with jvp_sdpa(), pytest.raises(RuntimeError):
+        torch.func.jvp(lambda q: F.scaled_dot_product_attention(q, k, v), (q,), (tq,))
+
+
+def test_nesting_patch_unpatch_and_errors():
+    with pytest.raises(ValueError, match="plain"):
+        with jvp_sdpa(plain="flash"):
+            pass
+    with pytest.raises(ValueError, match="plain"):
+        patch_sdpa(plain="flash")
+    with pytest.raises(RuntimeError, match="unpatch_sdpa"):
+        unpatch_sdpa()
+    q, k, v, tq, *_ = _qkv((1, 2, 5, 8), (1, 2, 5, 8))
+    f = lambda q: F.scaled_dot_product_attention(q, k, v)
+    patch_sdpa()
+    try:
+        with jvp_sdpa(plain="fastdistill"):
+            with jvp_sdpa():
+                F.scaled_dot_product_attention(q, k, v)  # innermost plain="sdpa"
+            F.scaled_dot_product_attention(q, k, v)  # plain="fastdistill"
+        torch.func.jvp(f, (q,), (tq,))  # still patched globally
+        assert F.scaled_dot_product_attention is not STOCK
+    finally:
+        unpatch_sdpa()
+    assert F.scaled_dot_product_attention is STOCK
+    assert sdpa_stats() == {"stock": 1, "plain": 1, "jvp": 1}
+    with pytest.raises(KeyError), jvp_sdpa():  # an exception inside the block still restores SDPA
+        raise KeyError("boom")
+
+
+def test_other_threads_unaffected():
+    """A jvp_sdpa() block is per thread: a thread outside it gets stock SDPA even while installed."""
+    q, k, v, tq, *_ = _qkv((1, 2, 5, 8), (1, 2, 5, 8))
+    inside, outside = threading.Barrier(2), threading.Barrier(2)
+    seen = {}
+
+    def other():
+        inside.wait()  # main thread is inside its block now
+        seen["fn_patched"] = F.scaled_dot_product_attention is not STOCK
+        try:
+            torch.func.jvp(lambda q: F.scaled_dot_product_attention(q, k, v), (q,), (tq,))
+            seen["error"] = None
+        except Exception as exc:  # stock fused SDPA has no forward AD: proves the call went to stock
+            seen["error"] = exc
+        outside.wait()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with jvp_sdpa():
+        inside.wait()
+        outside.wait()
+    t.join()
+    assert seen["fn_patched"], "the other thread should see the installed wrapper"
+    assert sdpa_stats() == {}, "the other thread's call must not be served by fastdistill"
+    if seen["error"] is not None:
+        assert "forward AD" in str(seen["error"]) or "not implemented" in str(seen["error"]).lower()
+
+
+# ----------------------------------------------------------------------------- unmodified models
+def _meanflow(f, x, tx, params):
+    """One JVP pass plus a gradient pass through its primal (plus the detached tangent)."""
+    out, tout = torch.func.jvp(f, (x,), (tx,))
+    loss = (out * torch.cos(out.detach())).sum() + (out * tout.detach()).sum()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)  # (a Llama's token embedding is unused)
+    return out, tout, grads
+
+
+def _compare_model(f, x, tx, model, n_layers, what):
+    params = [p for p in model.parameters() if p.requires_grad]
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = _meanflow(f, x, tx, params)
+    with jvp_sdpa():
+        got = _meanflow(f, x, tx, params)
+    assert sdpa_stats() == {"jvp": n_layers}, f"{what}: {sdpa_stats()}"
+    _close(got[0], ref[0], what=f"{what} output")
+    _close(got[1], ref[1], what=f"{what} tangent")
+    assert [g is None for g in got[2]] == [g is None for g in ref[2]]
+    assert sum(g is not None for g in ref[2]) > len(ref[2]) // 2
+    for i, (a, b) in enumerate(zip(got[2], ref[2])):
+        if b is not None:
+            _close(a, b, 1e-9, what=f"{what} grad of parameter {i}")
+
+
+def test_transformers_llama_decoder():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attn_implementation="sdpa")
+    model = transformers.LlamaModel(cfg).to(F64)
+    x = torch.randn(2, 9, 32, dtype=F64)
+    tx = torch.randn_like(x)
+    _compare_model(lambda e: model(inputs_embeds=e).last_hidden_state, x, tx, model, 2, "Llama")
+
+
+def test_diffusers_dit():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                                            sample_size=8, patch_size=2, num_embeds_ada_norm=10).to(F64)
+    model.eval()  # (training mode drops class labels at random)
+    x = torch.randn(2, 4, 8, 8, dtype=F64)
+    t = torch.tensor([3.0, 7.5], dtype=F64)
+    labels = torch.tensor([1, 2])
+    # the sCM pattern: the tangent is d/dt of (x_t, t) -> JVP through the time embedding as well
+    dx, dt = torch.randn_like(x), torch.ones_like(t)
+
+    def f(xt):
+        x_, t_ = xt[:, :-1].reshape(x.shape), xt[:, -1]
+        return model(x_, timestep=t_, class_labels=labels).sample
+
+    xt = torch.cat([x.flatten(1), t[:, None]], 1)
+    dxt = torch.cat([dx.flatten(1), dt[:, None]], 1)
+    _compare_model(f, xt, dxt, model, 2, "DiT")
