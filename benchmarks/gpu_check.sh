@@ -13,14 +13,15 @@
 #   04 bench   python -m fastdistill bench --family score --csv OUTDIR/h200.csv
 #   05 kd      python -m fastdistill bench --family kd --csv OUTDIR/h200.csv   (same CSV)
 #   06 attn    python -m fastdistill bench --family attn --csv OUTDIR/h200.csv (same CSV)
-#   07 sweep   python benchmarks/attn_sweep.py --csv OUTDIR/attn_sweep.csv --max-seconds <its timeout - 25>
+#   07 scm     python examples/scm_step.py --preset wan-1.3b-like --attn both --csv OUTDIR/scm_step.csv
+#   08 sweep   python benchmarks/attn_sweep.py --csv OUTDIR/attn_sweep.csv --max-seconds <its timeout - 25>
 # then a summary (OUTDIR/summary.txt, also printed last): step status, the score table, the kd
 # full-mode rows and the attn rows (notes shortened), the sweep's best config per (shape, kernel),
 # the pytest summary line. Every step has a timeout: its cap plus the seconds earlier steps left
 # unused (caps add up to the budget less 15 s, so a step never eats into a later step's cap), and
 # the whole run stays under GPU_CHECK_BUDGET_S (default 560 s). The benches write their CSV case
 # by case (the sweep row by row), so a step cut short keeps what it measured. OUTDIR ends up with
-# 12 files at most.
+# 14 files at most.
 #
 # Benchmark-only anchors as wheels (the GPU machine has no internet): liger-kernel (kd family)
 # and jvp-flash-attention (attn family). If a .whl/ directory exists in the repository root, its
@@ -106,7 +107,7 @@ nvcc --version | tail -n 2; echo ninja \$(ninja --version); $PY -m pip list 2>/d
 grep -i -E '^(torch|triton|pybind11|pytest|numpy|ninja) '"
 
 # MAX_JOBS: setup.py derives it from cores and free RAM unless it is set in the environment
-step 01_build 135 "FASTDISTILL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0a \
+step 01_build 120 "FASTDISTILL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0a \
 $PY -m pip install --no-build-isolation --no-deps -v -e ."
 
 step 02_info 15 "$PY -m fastdistill info"
@@ -122,9 +123,13 @@ step 05_kd 100 "$PY -m fastdistill bench --family kd --csv '$OUT/h200.csv'"
 # baseline at S = 16384 (~0.3 s a call, ~90 GB) dominate
 step 06_attn 105 "$PY -m fastdistill bench --family attn --csv '$OUT/h200.csv'"
 
+# the sCM example at a realistic size (~32k video tokens, Wan-1.3B widths): per-step time and peak
+# memory with stock math SDPA (expected out of memory) and with fastdistill's jvp_sdpa()
+step 07_scm 45 "$PY examples/scm_step.py --preset wan-1.3b-like --steps 3 --attn both --quiet --csv '$OUT/scm_step.csv'"
+
 # last, so it gets every second the steps before it left: it stops starting new configs 25 s
 # before its timeout
-step 07_sweep 60 "$PY benchmarks/attn_sweep.py --csv '$OUT/attn_sweep.csv' --max-seconds \$((STEP_T - 25))"
+step 08_sweep 30 "$PY benchmarks/attn_sweep.py --csv '$OUT/attn_sweep.csv' --max-seconds \$((STEP_T - 25))"
 
 {
     echo
@@ -154,12 +159,15 @@ step 07_sweep 60 "$PY benchmarks/attn_sweep.py --csv '$OUT/attn_sweep.csv' --max
         tail -n 15 "$OUT/06_attn.log" 2>/dev/null
     fi
     echo
-    echo "---- attn sweep: best config per (shape, kernel) (all rows: 07_sweep.log, attn_sweep.csv)"
-    if grep -q "== best per" "$OUT/07_sweep.log" 2>/dev/null; then
-        sed -n '/== best per/,$p' "$OUT/07_sweep.log" | grep -v '^appended'
+    echo "---- attn sweep: best config per (shape, kernel) (all rows: 08_sweep.log, attn_sweep.csv)"
+    if grep -q "== best per" "$OUT/08_sweep.log" 2>/dev/null; then
+        sed -n '/== best per/,$p' "$OUT/08_sweep.log" | grep -v '^appended'
     else
-        tail -n 15 "$OUT/07_sweep.log" 2>/dev/null
+        tail -n 15 "$OUT/08_sweep.log" 2>/dev/null
     fi
+    echo
+    echo "---- sCM step, wan-1.3b-like (07_scm.log, scm_step.csv)"
+    tail -n 4 "$OUT/07_scm.log" 2>/dev/null
     echo
     echo "---- pytest"
     grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$OUT/03_pytest.log" 2>/dev/null | tail -n 1 ||
