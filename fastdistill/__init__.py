@@ -2,6 +2,7 @@
 
 from fastdistill import coeffs
 from fastdistill._backend import BackendUnavailableError, use_backend
+from fastdistill.modules import KDLoss
 from fastdistill.ops.jvp_attention import jvp_attention
 from fastdistill.ops.kd_softmax import kd_loss
 from fastdistill.ops.score import denoise_regression_loss, scm_tangent_loss, score_distill, sid_loss
@@ -18,6 +19,7 @@ def available_backends(op: str, x, **kwargs) -> dict[str, list[str]]:
 
 __all__ = [
     "BackendUnavailableError",
+    "KDLoss",
     "available_backends",
     "coeffs",
     "denoise_regression_loss",

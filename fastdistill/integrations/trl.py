@@ -1,0 +1,52 @@
+"""TRL-compatible KD losses on fastdistill's fused kernels.
+
+``generalized_jsd_loss`` has the signature and semantics of TRL's
+``GKDTrainer.generalized_jsd_loss`` (a staticmethod), so a GKD setup switches with one line::
+
+    from trl.experimental.gkd import GKDTrainer          # (trl.GKDTrainer in older releases)
+    from fastdistill.integrations.trl import generalized_jsd_loss
+    GKDTrainer.generalized_jsd_loss = staticmethod(generalized_jsd_loss)
+
+Differences, all deliberate: ``reduction="none"`` is refused (TRL returns per-vocabulary-entry terms,
+an ``[n, V]`` tensor that the fused kernel exists to avoid; use ``fastdistill.kd_loss(...,
+reduction="none")`` for per-token losses); ``reduction="mean"`` over zero valid tokens gives 0
+where TRL gives NaN. ``KDLoss`` is the module form of ``kd_loss`` for code that wants a loss object.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdistill.modules import KDLoss
+from fastdistill.ops.kd_softmax import kd_loss
+
+__all__ = ["KDLoss", "generalized_jsd_loss"]
+
+_REDUCTIONS = ("batchmean", "sum", "mean")
+
+
+def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+                         beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
+                         num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """TRL's generalised JSD(β) with M = β·P_teacher + (1−β)·Q_student (β = 0: KL(P‖Q), β = 1: KL(Q‖P)),
+    both logits divided by ``temperature``; tokens with ``labels == -100`` are ignored.
+
+    Reductions as in TRL: ``num_items_in_batch`` given → Σ / num_items_in_batch (whatever ``reduction``
+    says; a tensor stays on its device, no host sync); ``"batchmean"`` → Σ / #valid tokens with labels
+    (at least 1), else Σ / ``student_logits.size(0)`` (the batch size for ``[B, T, V]``, as in TRL);
+    ``"sum"``; ``"mean"`` → Σ / (#valid tokens · V).
+    """
+    if reduction not in _REDUCTIONS:
+        if reduction == "none":
+            raise ValueError("reduction: 'none' returns TRL's elementwise [n, V] terms, which the fused kernel never "
+                             "materialises; use fastdistill.kd_loss(..., reduction='none') for per-token losses")
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    kw = dict(divergence="jsd", beta=beta, temperature=temperature, labels=labels, ignore_index=-100)
+    if num_items_in_batch is not None:
+        loss = kd_loss(student_logits, teacher_logits, reduction="sum", **kw)
+        if isinstance(num_items_in_batch, torch.Tensor):
+            return loss / num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+    if reduction == "batchmean" and labels is None:
+        return kd_loss(student_logits, teacher_logits, reduction="sum", **kw) / max(student_logits.size(0), 1)
+    return kd_loss(student_logits, teacher_logits, reduction=reduction, **kw)

@@ -1,0 +1,76 @@
+"""fastdistill.integrations.trl.generalized_jsd_loss against the fp64 transcription of TRL's
+GKDTrainer.generalized_jsd_loss (tests/kd_transcriptions.py), and the KDLoss module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdistill as fd
+import kd_transcriptions as T
+from fastdistill.integrations.trl import KDLoss, generalized_jsd_loss
+
+F64 = torch.float64
+
+
+def _draw(lead=(2, 5), V=37, seed=0, labels=True):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(*lead, V, generator=g, dtype=F64) * 2
+    t = torch.randn(*lead, V, generator=g, dtype=F64) * 2
+    lab = torch.randint(0, V, lead, generator=g)
+    lab[..., :2] = -100
+    return s, t, (lab if labels else None)
+
+
+def _check(kw, lead=(2, 5), labels=True, seed=0):
+    s, t, lab = _draw(lead, labels=labels, seed=seed)
+    xr, x = s.clone().requires_grad_(), s.clone().requires_grad_()
+    ref = T.trl_generalized_jsd_loss(xr, t, lab, **kw)
+    with fd.use_backend("reference"):
+        got = generalized_jsd_loss(x, t, lab, **kw)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=1e-9)  # fp32 statistics inside
+    ref.backward()
+    got.backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=2e-5, atol=1e-6 * xr.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("labels", [True, False], ids=["labels", "no-labels"])
+def test_matches_trl(beta, reduction, labels):
+    _check(dict(beta=beta, temperature=0.9, reduction=reduction), labels=labels)
+
+
+@pytest.mark.parametrize("num_items", [13, torch.tensor(13)], ids=["int", "tensor"])
+def test_num_items_in_batch(num_items):
+    _check(dict(beta=0.5, temperature=2.0, num_items_in_batch=num_items))
+
+
+def test_two_dim_logits_without_labels():
+    _check(dict(beta=0.5), lead=(7,), labels=False)
+
+
+def test_reduction_none_refused():
+    s, t, lab = _draw()
+    with pytest.raises(ValueError, match="reduction"):
+        generalized_jsd_loss(s, t, lab, reduction="none")
+    with pytest.raises(ValueError, match="reduction"):
+        generalized_jsd_loss(s, t, lab, reduction="avg")
+
+
+def test_kdloss_module():
+    s, t, lab = _draw()
+    m = KDLoss(divergence="skl", skew=0.2, temperature=1.5, t2_scale=True)
+    assert "skl" in repr(m)
+    torch.testing.assert_close(m(s, t, labels=lab),
+                               fd.kd_loss(s, t, divergence="skl", skew=0.2, temperature=1.5, t2_scale=True, labels=lab))
+    # per-call options override the stored ones
+    torch.testing.assert_close(m(s, t, temperature=1.0), fd.kd_loss(s, t, divergence="skl", skew=0.2, t2_scale=True))
+    assert KDLoss(hard_label_alpha=0.5)(s, t, labels=lab).isfinite()
+    with pytest.raises(ValueError, match="divergence"):
+        KDLoss(divergence="kl")
+    with pytest.raises(ValueError, match="temperature"):
+        KDLoss(temperature=0.0)
+    with pytest.raises(TypeError, match="labels"):
+        KDLoss(labels=lab)
