@@ -367,6 +367,15 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
     kd_scale = (1.0 - alpha) * t2 * inv_T
     Vs = tl.minimum(V, Vt)
     ar = tl.arange(0, BLOCK_V)
+    kk = tl.arange(0, KB)
+    km = kk < K
+    ids = tl.zeros([KB], tl.int64)
+    zk = tl.zeros([KB], ACC)
+    if MODE > 0:  # the student logits at the k ids, read before the loop may overwrite them (inplace_grad)
+        ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
+        ids = tl.minimum(tl.maximum(ids, 0), V - 1)
+        zk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        tl.debug_barrier()  # every thread of the CTA has read them before any store below
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + ar
         cm = cols < V
@@ -393,11 +402,7 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
                     CE, HAS_SCALE, HAS_SOFTCAP)
     if MODE > 0:
         tl.debug_barrier()  # the fix-up below overwrites elements other threads of this CTA stored
-        kk = tl.arange(0, KB)
-        km = kk < K
-        ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
-        ids = tl.minimum(tl.maximum(ids, 0), V - 1)
-        z = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        z = zk
         lpk = tl.load(t_row + kk, mask=km, other=float("-inf")).to(ACC)
         if MODE == 3:
             lqk = z * inv_T - lse_t

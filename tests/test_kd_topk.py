@@ -94,6 +94,20 @@ def test_topk_with_every_option(use, mode):
     assert torch.allclose(g, s.grad, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("mode", ["tail_bucket", "zero_tail", "renorm"])
+def test_topk_inplace_grad(use, mode):
+    """inplace_grad=True writes the gradient over the logits: the k ids' fix-up must use the logits as
+    they were (a regression: the Triton kernel re-read them after the row had been overwritten)."""
+    s, ids, lps = _case(N=4, V=300, k=17, seed=2)
+    kw = dict(teacher_topk=(ids, lps), topk_semantics=mode, divergence="fkl", temperature=1.5, accum_dtype=F64)
+    fd.kd_loss(s, **kw).backward()
+    expected = s.grad.clone()
+    x = s.detach().clone().requires_grad_()
+    buf = x * 1.0  # a non-leaf buffer the gradient may overwrite
+    fd.kd_loss(buf, inplace_grad=True, **kw).backward()
+    assert torch.allclose(x.grad, expected, rtol=1e-10, atol=1e-14)
+
+
 def test_topk_bad_args():
     s, ids, lps = _case()
     with pytest.raises(ValueError, match="exactly one"):
