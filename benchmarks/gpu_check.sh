@@ -11,7 +11,7 @@
 #   02 info    python -m fastdistill info
 #   03 pytest  python -m pytest tests -m gpu -q -rs   (junit xml: OUTDIR/pytest-junit.xml)
 #   04 bench   python -m fastdistill bench --family score --csv OUTDIR/h200.csv
-#   05 kd      python -m fastdistill bench --family kd --csv OUTDIR/h200.csv   (same CSV)
+#   05 kd      python -m fastdistill bench --family kd --family flkd --csv OUTDIR/h200.csv (same CSV)
 #   06 attn    python -m fastdistill bench --family attn --csv OUTDIR/h200.csv (same CSV)
 #   07 scm     python examples/scm_step.py --preset wan-1.3b-like --attn both --csv OUTDIR/scm_step.csv
 #   08 sweep   python benchmarks/attn_sweep.py --csv OUTDIR/attn_sweep.csv --max-seconds <its timeout - 25>
@@ -107,7 +107,7 @@ nvcc --version | tail -n 2; echo ninja \$(ninja --version); $PY -m pip list 2>/d
 grep -i -E '^(torch|triton|pybind11|pytest|numpy|ninja) '"
 
 # MAX_JOBS: setup.py derives it from cores and free RAM unless it is set in the environment
-step 01_build 120 "FASTDISTILL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0a \
+step 01_build 110 "FASTDISTILL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0a \
 $PY -m pip install --no-build-isolation --no-deps -v -e ."
 
 step 02_info 15 "$PY -m fastdistill info"
@@ -116,8 +116,9 @@ step 03_pytest 80 "$PY -m pytest tests -m gpu -q -rs --junitxml='$OUT/pytest-jun
 
 step 04_bench 40 "$PY -m fastdistill bench --family score --csv '$OUT/h200.csv'"
 
-# kd-128k and kd-152k x 6 divergences x fwd/full; ~12 torch.compile graphs of ~4 s each dominate
-step 05_kd 100 "$PY -m fastdistill bench --family kd --csv '$OUT/h200.csv'"
+# kd-128k and kd-152k x 6 divergences x fwd/full; ~12 torch.compile graphs of ~4 s each dominate;
+# then flkd-128k (fused-linear KD, fkl and jsd, forward + backward)
+step 05_kd 115 "$PY -m fastdistill bench --family kd --family flkd --csv '$OUT/h200.csv'"
 
 # attn-s4k, attn-s4k-causal, attn-s16k x fwd/full x 8 providers; Triton compiles and the math
 # baseline at S = 16384 (~0.3 s a call, ~90 GB) dominate
@@ -125,7 +126,7 @@ step 06_attn 105 "$PY -m fastdistill bench --family attn --csv '$OUT/h200.csv'"
 
 # the sCM example at a realistic size (~32k video tokens, Wan-1.3B widths): per-step time and peak
 # memory with stock math SDPA (expected out of memory) and with fastdistill's jvp_sdpa()
-step 07_scm 45 "$PY examples/scm_step.py --preset wan-1.3b-like --steps 3 --attn both --quiet --csv '$OUT/scm_step.csv'"
+step 07_scm 40 "$PY examples/scm_step.py --preset wan-1.3b-like --steps 3 --attn both --quiet --csv '$OUT/scm_step.csv'"
 
 # last, so it gets every second the steps before it left: it stops starting new configs 25 s
 # before its timeout

@@ -3,6 +3,7 @@
 from fastdistill import coeffs
 from fastdistill._backend import BackendUnavailableError, use_backend
 from fastdistill.modules import KDLoss
+from fastdistill.ops.fused_linear_kd import fused_linear_kd_loss
 from fastdistill.ops.jvp_attention import jvp_attention
 from fastdistill.ops.kd_softmax import kd_loss
 from fastdistill.ops.score import denoise_regression_loss, scm_tangent_loss, score_distill, sid_loss
@@ -23,6 +24,7 @@ __all__ = [
     "available_backends",
     "coeffs",
     "denoise_regression_loss",
+    "fused_linear_kd_loss",
     "jvp_attention",
     "kd_loss",
     "scm_tangent_loss",

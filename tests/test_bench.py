@@ -1,0 +1,26 @@
+"""The bench runner end to end on the CPU at its small shapes (the flkd family: a few seconds)."""
+
+from __future__ import annotations
+
+import csv
+
+import fastdistill
+from fastdistill.bench.runner import CSV_FIELDS, run
+
+
+def test_flkd_family_runs_and_checks_errors(tmp_path):
+    out = tmp_path / "cpu.csv"
+    with fastdistill.use_backend("reference"):  # (the Triton interpreter would time ~100x slower)
+        rows = run(["flkd"], quick=True, out_csv=str(out), device="cpu")
+    by = {(r["shape"], r["provider"]): r for r in rows}
+    for div in ("fkl", "jsd"):
+        shape = f"flkd-n96-h64-v4099/{div}"
+        for prov in ("fastdistill", "eager"):
+            r = by[(shape, prov)]
+            assert r["ms"] is not None and r["rel_err"] is not None, r
+        # fp32 logits: only the bf16 storage of the gradient (2^-8) remains; eager rounds logits to bf16 too
+        assert by[(shape, "fastdistill")]["rel_err"] < 4e-3
+        assert "skipped" in "; ".join(by[(shape, "liger")]["note"]) or by[(shape, "liger")]["ms"] is not None
+    with open(out, newline="") as f:
+        table = list(csv.reader(f))
+    assert tuple(table[0]) == CSV_FIELDS and len(table) == 1 + len(rows)
