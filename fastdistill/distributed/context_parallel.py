@@ -1,0 +1,544 @@
+"""Context-parallel JVP attention over a torch.distributed process group: ``ring`` and ``ulysses``.
+
+Each rank holds a shard of the sequence (dim S of q, k, v and their tangents) and gets the attention
+output of its own query rows, with the tangent Ȯ, lse and d lse of the global attention
+(docs/context_parallel.md).
+
+ring     K, V (and K̇, V̇) travel around the group with ``batch_isend_irecv``; the next transfer is in
+         flight while the current key block is computed. Per key block c the single-device kernel gives
+         (O_c, lse_c, Ȯ_c, μ_c) in fp32, merged as in DESIGN.md §1 "Merging shards":
+         lse = logsumexp_c lse_c, w_c = exp(lse_c − lse), O = Σ w_c O_c, μ = Σ w_c μ_c,
+         Ȯ = Σ w_c (Ȯ_c + μ_c O_c) − μ O (kept as the running sum T = Σ w_c (Ȯ_c + μ_c O_c)).
+         Backward: the flash backward of each key block with the *global* O, lse and d lse gives that
+         block's share of dq and its dk, dv (P = exp(S − lse)); dq stays, dk/dv travel with their shard
+         and arrive at its owner after one last hop.
+ulysses  all-to-all sequence -> heads, the single-device op on the full sequence with H/W heads,
+         all-to-all back; the backward all-to-alls the gradients through the single-device backward.
+
+Every rank must make the same call (same shapes, same tangents present, same options): the
+collectives have to match. Shapes are checked against the other ranks once per distinct call
+signature (one tiny all-gather).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.distributed as dist
+
+from fastdistill.ops._common import check_choice, select_backend
+from fastdistill.ops.jvp_attention import (
+    LAYOUTS,
+    OP,
+    _bhsd,
+    _bwd,
+    _check,
+    _fwd,
+    _guard,
+    _impl,
+    _NoGrad,
+    _out_shape,
+    _stat_dtype,
+    jvp_attention,
+)
+
+MODES = ("ring", "ulysses")
+SEQ_LAYOUTS = ("contiguous", "zigzag")
+
+
+# ----------------------------------------------------------------------------- process group
+def _group_info(group) -> tuple[object, int, int]:
+    """(group, world size, this rank's index in it); no initialised default group and group=None: one rank."""
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"group: expected a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is None:
+            return None, 1, 0
+        raise ValueError("group: torch.distributed is not initialised (call init_process_group first)")
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    if r < 0:
+        raise ValueError("group: this process is not a member of the given process group")
+    return group, W, r
+
+
+def _global(group, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+_AGREED: set = set()
+
+
+def _check_ranks_agree(group, W: int, device: torch.device, names: tuple[str, ...], sig: tuple[int, ...]) -> None:
+    """All ranks must pass the same shapes and options (the transfers and all-to-alls have fixed sizes).
+    Checked with one small all-gather the first time a signature is seen (a host sync: once per shape)."""
+    key = (id(group), sig)
+    if key in _AGREED:
+        return
+    mine = torch.tensor(sig, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(W)]
+    dist.all_gather(every, mine, group=group)
+    rows = torch.stack(every).cpu().tolist()
+    for j, name in enumerate(names):
+        vals = [row[j] for row in rows]
+        if len(set(vals)) > 1:
+            raise ValueError(f"{name} differs between the ranks of the group ({vals} on ranks 0..{W - 1}): "
+                             "context-parallel attention needs shards of the same length and the same options, "
+                             "tangents and shapes on every rank")
+    _AGREED.add(key)
+
+
+def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], cfg) -> list:
+    """Send ``send`` to the next rank and receive ``recv`` from the previous one (asynchronous)."""
+    ops = [dist.P2POp(dist.isend, x, cfg.send_peer, cfg.group) for x in send]
+    ops += [dist.P2POp(dist.irecv, y, cfg.recv_peer, cfg.group) for y in recv]
+    return dist.batch_isend_irecv(ops)
+
+
+def _wait(reqs: list | None) -> None:
+    for req in reqs or ():
+        req.wait()
+
+
+# ----------------------------------------------------------------------------- zigzag
+def _zigzag_world(x: torch.Tensor, dim: int, group, name: str) -> tuple[int, int, int]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim: {dim} is out of range for a {x.dim()}-D tensor")
+    _, W, r = _group_info(group)
+    return dim % x.dim(), W, r
+
+
+def zigzag_shard(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """This rank's zigzag shard of the full tensor ``x`` along ``dim``: the sequence is cut into ``2W``
+    equal chunks and rank r keeps chunks r and 2W−1−r, concatenated (causal load balancing).
+    ``x.shape[dim]`` must be a multiple of 2W. No communication."""
+    dim, W, r = _zigzag_world(x, dim, group, "x")
+    if x.shape[dim] % (2 * W):
+        raise ValueError(f"x: size {x.shape[dim]} of dim {dim} is not a multiple of 2 × world size = {2 * W}")
+    c = x.shape[dim] // (2 * W)
+    return torch.cat([x.narrow(dim, r * c, c), x.narrow(dim, (2 * W - 1 - r) * c, c)], dim)
+
+
+def zigzag_unshard(x_shard: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    """The full, naturally ordered tensor from every rank's zigzag shard (all-gather; no autograd).
+    ``x_shard.shape[dim]`` must be even and the same on every rank."""
+    dim, W, _ = _zigzag_world(x_shard, dim, group, "x_shard")
+    if x_shard.shape[dim] % 2:
+        raise ValueError(f"x_shard: size {x_shard.shape[dim]} of dim {dim} must be even (two zigzag chunks)")
+    if W == 1:
+        return x_shard.clone()
+    xs = x_shard.contiguous()
+    parts = [torch.empty_like(xs) for _ in range(W)]
+    dist.all_gather(parts, xs, group=group)
+    halves = [p.chunk(2, dim) for p in parts]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim)
+
+
+def _reorder(x: torch.Tensor, dim: int, W: int, to_natural: bool) -> torch.Tensor:
+    """Between the rank-major order of gathered zigzag shards (slot 2j holds chunk j, slot 2j+1 chunk
+    2W−1−j) and the natural order of the 2W chunks (slices and one cat: no index tensor, no host copy)."""
+    slot_chunk = [c for j in range(W) for c in (j, 2 * W - 1 - j)]
+    if to_natural:
+        order = sorted(range(2 * W), key=slot_chunk.__getitem__)  # the slot of chunk 0, 1, ...
+    else:
+        order = slot_chunk
+    parts = x.chunk(2 * W, dim)
+    return torch.cat([parts[i] for i in order], dim)
+
+
+# ----------------------------------------------------------------------------- config
+class _Cfg(NamedTuple):
+    group: object
+    W: int
+    r: int
+    send_peer: int
+    recv_peer: int
+    mode: str
+    causal: bool
+    zigzag: bool  # zigzag shards of a causal attention (non-causal attention ignores the order)
+    scale: float
+    lay: int
+    t_dtype: int
+    want_t: bool
+    backend: str
+    local: bool  # nothing to communicate: empty queries or no key anywhere (same on every rank)
+    dual: bool  # forward-AD call: ``jvp`` hands back the computed tangents
+
+
+# ----------------------------------------------------------------------------- ring
+def _plan(cfg: _Cfg, src: int, sq: int) -> tuple[slice, slice, bool] | None:
+    """Which local query rows attend to which rows of the key shard of rank ``src``, and whether the
+    block is the causal diagonal; None: nothing (a causal block entirely in the future)."""
+    full = slice(None)
+    if not cfg.causal:
+        return full, full, False
+    if src == cfg.r:
+        return full, full, True  # contiguous: the diagonal; zigzag: chunk pairs (r, r) and (2W−1−r, 2W−1−r)
+    if not cfg.zigzag:
+        return (full, full, False) if src < cfg.r else None
+    c = sq // 2
+    if src < cfg.r:  # both local chunks see the key shard's early chunk, neither its late one
+        return full, slice(0, c), False
+    return slice(c, None), full, False  # only the late local chunk sees the key shard, all of it
+
+
+def _rows(x: torch.Tensor | None, s: slice) -> torch.Tensor | None:
+    return None if x is None else x[:, :, s]
+
+
+def _block_fwd(q, k, v, tq, tk, tv, cfg: _Cfg, causal: bool, acc: torch.dtype):
+    """One key block on [B, H, S, D] views, outputs in ``acc`` (fp32, fp64 for fp64 inputs)."""
+    B, H, S, _ = q.shape
+    o = q.new_empty((B, H, S, v.shape[-1]), dtype=acc)
+    lse = q.new_empty((B, H, S), dtype=acc)
+    to = torch.empty_like(o) if cfg.want_t else None
+    mu = torch.empty_like(lse) if cfg.want_t else None
+    _impl(cfg.backend).attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal=causal, scale=cfg.scale)
+    return o, to, lse, mu
+
+
+def _lse_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    m = torch.maximum(a, b)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # both −inf: log(0 + 0) = −inf, no NaN
+    return m + torch.log(torch.exp(a - m) + torch.exp(b - m))
+
+
+def _merge(state, rows: slice, blk) -> None:
+    """Fold a block's (O_c, Ȯ_c, lse_c, μ_c) into the running (O, T, lse, μ) on query rows ``rows``."""
+    O, T, L, M = (None if x is None else x[:, :, rows] for x in state)
+    o, to, lse, mu = blk
+    new = _lse_add(L, lse)
+    ref = torch.where(torch.isfinite(new), new, 0.0)
+    a, b = torch.exp(L - ref), torch.exp(lse - ref)  # −inf rows weigh 0
+    O.mul_(a.unsqueeze(-1)).add_(o * b.unsqueeze(-1))
+    if T is not None:
+        T.mul_(a.unsqueeze(-1)).add_((to + mu.unsqueeze(-1) * o) * b.unsqueeze(-1))
+        M.mul_(a).add_(mu * b)
+    L.copy_(new)
+
+
+def _kv_buffers(xs: list[torch.Tensor], W: int):
+    """The local shard (sent first) and two receive buffers, alternated (a buffer is reused only
+    after its previous transfer was waited for)."""
+    first = [x.contiguous() for x in xs]
+    spare = [[torch.empty_like(x) for x in first] for _ in range(min(2, W - 1))]
+    return first, spare
+
+
+def _ring_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
+    lay, W, r = cfg.lay, cfg.W, cfg.r
+    acc = _stat_dtype(q)
+    qb, tqb = _bhsd(q, lay), _bhsd(tq, lay)
+    sq = qb.shape[2]
+    travel = [x for x in (k, v, tk, tv) if x is not None]
+    cur, spare = _kv_buffers(travel, W)
+    state = None
+    for i in range(W):
+        src = (r - i) % W
+        reqs = None
+        if i < W - 1:
+            nxt = spare[i % 2]
+            reqs = _exchange(cur, nxt, cfg)
+        plan = _plan(cfg, src, sq)
+        if plan is not None:
+            rows, keys, causal = plan
+            kb, vb, *rest = (_bhsd(x, lay)[:, :, keys] for x in cur)
+            tkb = rest.pop(0) if tk is not None else None
+            tvb = rest.pop(0) if tv is not None else None
+            blk = _block_fwd(_rows(qb, rows), kb, vb, _rows(tqb, rows), tkb, tvb, cfg, causal, acc)
+            if state is None:  # step 0: the own key shard, every query row
+                o, to, lse, mu = blk
+                state = (o, None if to is None else to.add_(mu.unsqueeze(-1) * o), lse, mu)
+            else:
+                _merge(state, rows, blk)
+        _wait(reqs)
+        if reqs is not None:
+            cur = nxt
+    O, T, L, M = state
+    out = q.new_empty(_out_shape(q, v, lay))
+    _bhsd(out, lay).copy_(O)
+    to = mu = None
+    if cfg.want_t:
+        to = out.new_empty(out.shape, dtype=torch.float32 if cfg.t_dtype == 1 else q.dtype)
+        _bhsd(to, lay).copy_(T.sub_(M.unsqueeze(-1) * O))
+        mu = M
+    return out, to, L, mu
+
+
+def _ring_bwd(do, q, k, v, o, lse, dlse, cfg: _Cfg):
+    lay, W, r = cfg.lay, cfg.W, cfg.r
+    acc = _stat_dtype(q)
+    qb, ob, dob = _bhsd(q, lay), _bhsd(o, lay), _bhsd(do, lay)
+    sq = qb.shape[2]
+    dq = torch.zeros(qb.shape, dtype=acc, device=q.device)
+    cur, spare = _kv_buffers([k, v], W)
+    B, Hkv, sk, _ = _bhsd(k, lay).shape
+    # the dk, dv of the key shard being visited; they travel one step behind it, then home
+    dkv = [[torch.empty((B, Hkv, sk, x.shape[-1]), dtype=acc, device=q.device) for x in (k, v)] for _ in range(2)]
+    dkv_reqs = None
+    impl = _impl(cfg.backend)
+    for i in range(W):
+        src = (r - i) % W
+        reqs = None
+        if i < W - 1:
+            nxt = spare[i % 2]
+            reqs = _exchange(cur, nxt, cfg)
+        plan = _plan(cfg, src, sq)
+        part = None
+        if plan is not None:
+            rows, keys, causal = plan
+            kb, vb = (_bhsd(x, lay)[:, :, keys] for x in cur)
+            qr = _rows(qb, rows)
+            part = torch.empty(qr.shape, dtype=acc, device=q.device)
+            dk_b = torch.empty(kb.shape, dtype=acc, device=q.device)
+            dv_b = torch.empty(vb.shape, dtype=acc, device=q.device)
+            impl.attn_bwd(_rows(dob, rows), qr, kb, vb, _rows(ob, rows), lse[:, :, rows],
+                          None if dlse is None else dlse[:, :, rows], part, dk_b, dv_b,
+                          causal=causal, scale=cfg.scale)
+            dq[:, :, rows] += part
+        _wait(dkv_reqs)  # what the previous rank accumulated for the shard we hold now
+        mine = dkv[i % 2]
+        if i == 0:
+            for x in mine:
+                x.zero_()
+        if part is not None:
+            mine[0][:, :, keys] += dk_b
+            mine[1][:, :, keys] += dv_b
+        dkv_reqs = _exchange(mine, dkv[(i + 1) % 2], cfg)
+        _wait(reqs)
+        if reqs is not None:
+            cur = nxt
+    _wait(dkv_reqs)
+    dk_own, dv_own = dkv[W % 2]
+    grads = []
+    for x, g in ((q, dq), (k, dk_own), (v, dv_own)):
+        out = torch.empty_like(x)
+        _bhsd(out, lay).copy_(g)
+        grads.append(out)
+    return grads
+
+
+# ----------------------------------------------------------------------------- ulysses
+def _a2a_one(x: torch.Tensor, cfg: _Cfg, scatter: int, gather: int) -> torch.Tensor:
+    """Split ``x`` along ``scatter`` into W parts, part j to rank j; concatenate what arrives along ``gather``."""
+    inp = torch.stack(x.chunk(cfg.W, scatter)).contiguous()
+    out = torch.empty_like(inp)
+    dist.all_to_all_single(out, inp, group=cfg.group)
+    return torch.cat(out.unbind(0), gather)
+
+
+def _a2a(xs: list[torch.Tensor | None], cfg: _Cfg, scatter: int, gather: int,
+         pack: bool = True) -> list[torch.Tensor | None]:
+    """``_a2a_one`` on several tensors, packed along the last dim into one all-to-all when they agree
+    (``pack=False``: one each, so that no result is a view of another)."""
+    present = [x for x in xs if x is not None]
+    if not present:
+        return list(xs)
+    same = all(x.shape[:-1] == present[0].shape[:-1] and x.dtype == present[0].dtype for x in present)
+    if pack and same and len(present) > 1:
+        outs = list(_a2a_one(torch.cat(present, -1), cfg, scatter, gather).split([x.shape[-1] for x in present], -1))
+    else:
+        outs = [_a2a_one(x, cfg, scatter, gather) for x in present]
+    it = iter(outs)
+    return [None if x is None else next(it) for x in xs]
+
+
+def _seq_to_heads(xs, cfg: _Cfg, sd: int, hd: int):
+    ys = _a2a(xs, cfg, hd, sd)
+    return [y if y is None or not cfg.zigzag else _reorder(y, sd, cfg.W, True) for y in ys]
+
+
+def _heads_to_seq(xs, cfg: _Cfg, sd: int, hd: int, pack: bool = True):
+    xs = [x if x is None or not cfg.zigzag else _reorder(x, sd, cfg.W, False) for x in xs]
+    return _a2a(xs, cfg, sd, hd, pack)
+
+
+def _dims(lay: int) -> tuple[int, int]:
+    return (1, 2) if lay == 0 else (2, 1)  # (sequence dim, head dim) of a 4-D tensor; [B, H, S] stats: (2, 1)
+
+
+def _ulysses_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
+    sd, hd = _dims(cfg.lay)
+    # primals and tangents in separate all-to-alls: the saved qh, kh, vh must not keep the tangents alive
+    (qh,) = _seq_to_heads([q], cfg, sd, hd)
+    kh, vh = _seq_to_heads([k, v], cfg, sd, hd)
+    (tqh,) = _seq_to_heads([tq], cfg, sd, hd)
+    tkh, tvh = _seq_to_heads([tk, tv], cfg, sd, hd)
+    oh, toh, lseh, muh = _fwd(qh, kh, vh, tqh, tkh, tvh, cfg.causal, cfg.scale, cfg.lay, cfg.want_t, cfg.t_dtype,
+                              cfg.backend)
+    if not cfg.want_t:
+        toh = muh = None
+    # the outputs must not be views of one another (forward-AD rejects tangents laid out unlike their view)
+    o, to = _heads_to_seq([oh, toh], cfg, sd, hd, pack=False)
+    lse, mu = _heads_to_seq([lseh, muh], cfg, 2, 1, pack=False)
+    return (o, to, lse, mu), (qh, kh, vh, oh, lseh)
+
+
+def _ulysses_bwd(do, dlse, saved, cfg: _Cfg):
+    sd, hd = _dims(cfg.lay)
+    qh, kh, vh, oh, lseh = saved
+    (doh,) = _seq_to_heads([do], cfg, sd, hd)
+    (dlseh,) = _seq_to_heads([dlse], cfg, 2, 1)
+    dqh, dkh, dvh = _bwd(doh, qh, kh, vh, oh, lseh, dlseh, cfg.causal, cfg.scale, cfg.lay, cfg.backend)
+    (dq,) = _heads_to_seq([dqh], cfg, sd, hd)
+    dk, dv = _heads_to_seq([dkh, dvh], cfg, sd, hd)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- autograd
+class _Saved:
+    """Carries what the backward needs from ``forward`` to ``setup_context`` (intermediates included)."""
+
+    tensors: tuple = ()
+
+
+class _ContextParallel(torch.autograd.Function):
+    """Forward: the whole context-parallel pass (tangents included, computed once); ``jvp`` hands back
+    the Ȯ and μ it computed (forward-AD); ``backward``: the primal backward of the chosen mode."""
+
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, cfg: _Cfg, box: _Saved):
+        if cfg.local:
+            o, to, lse, mu = _fwd(q, k, v, tq, tk, tv, cfg.causal, cfg.scale, cfg.lay, cfg.want_t, cfg.t_dtype,
+                                  cfg.backend)
+            box.tensors = (q, k, v, o, lse)
+        elif cfg.mode == "ring":
+            o, to, lse, mu = _ring_fwd(q, k, v, tq, tk, tv, cfg)
+            box.tensors = (q, k, v, o, lse)
+        else:
+            (o, to, lse, mu), box.tensors = _ulysses_fwd(q, k, v, tq, tk, tv, cfg)
+        if not cfg.want_t:
+            to, mu = o.new_empty(0), lse.new_empty(0)
+        return o, to, lse, mu
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _tq, _tk, _tv, cfg, box = inputs
+        o, to, lse, mu = output
+        ctx.save_for_backward(*box.tensors)
+        box.tensors = ()
+        ctx.cfg = cfg
+        ctx.o_meta = (o.shape, o.dtype)
+        ctx.tangents = (to, mu) if cfg.dual else None  # kept only where jvp will ask for them
+        ctx.anchor = next((x for x in (q, k, v) if x.requires_grad), None)
+        ctx.mark_non_differentiable(to, mu)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx, *_input_tangents):
+        to, mu = ctx.tangents
+        if ctx.anchor is not None and torch.is_grad_enabled():
+            to, mu = _NoGrad.apply(to, ctx.anchor), _NoGrad.apply(mu, ctx.anchor)
+        return to, None, mu, None
+
+    @staticmethod
+    def backward(ctx, do, _dto, dlse, _dmu):
+        cfg = ctx.cfg
+        saved = ctx.saved_tensors
+        if do is None:  # only lse reached the loss
+            shape, dtype = ctx.o_meta
+            do = saved[0].new_zeros(shape, dtype=dtype)
+        elif do.stride(-1) != 1:
+            do = do.contiguous()
+        if cfg.local:
+            dq, dk, dv = _bwd(do, *saved, dlse, cfg.causal, cfg.scale, cfg.lay, cfg.backend)
+        elif cfg.mode == "ring":
+            dq, dk, dv = _ring_bwd(do, *saved, dlse, cfg)
+        else:
+            dq, dk, dv = _ulysses_bwd(do, dlse, saved, cfg)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public
+_SIG_NAMES = ("mode", "causal", "seq_layout", "layout", "q: batch", "q: local sequence length", "q: heads",
+              "q: head dim", "k: local sequence length", "k: heads", "v: head dim", "tq (None or not)",
+              "tk (None or not)", "tv (None or not)", "dtype", "tangent_dtype")
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+@torch.compiler.disable  # point-to-point rings and all-to-alls run eagerly: a graph break, never a wrong trace
+def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None = None,
+                                   tk: torch.Tensor | None = None, tv: torch.Tensor | None = None, *, group=None,
+                                   mode: str = "ring", causal: bool = False, scale: float | None = None,
+                                   layout: str = "bshd", seq_layout: str = "contiguous", return_lse: bool = False,
+                                   tangent_dtype: torch.dtype | None = None):
+    """``jvp_attention`` with the sequence sharded over the ranks of ``group`` (context parallelism).
+
+    Each rank passes its shard of the sequence: q ``[B, Sq/W, Hq, Dqk]``, k ``[B, Sk/W, Hkv, Dqk]``,
+    v ``[B, Sk/W, Hkv, Dv]`` (``layout="bhsd"``: ``[B, H, S/W, D]``) and the tangents of the same shapes,
+    and gets ``(o, to[, lse, dlse])`` for its own query rows of the global attention, exactly as
+    ``fastdistill.jvp_attention`` on the full sequence would give them (same dtypes, same conventions:
+    ``None`` tangents are zero, ``to``/``dlse`` are ``None`` without tangents and stop-gradient,
+    rows that see no key give ``o = to = 0``, ``lse = −inf``, ``dlse = 0``). Works under plain
+    autograd (dq, dk, dv of this rank's shards, gradients through ``o`` and ``lse``), with explicit
+    tangents, and with forward-AD (``torch.func.jvp`` / dual tensors).
+
+    Args:
+        group: the context-parallel process group (``None``: the default group; with no initialised
+            default group, a single rank). Every rank of it must make the same call, with shards of
+            the same length and the same tangents present.
+        mode: ``"ring"`` (K, V rotate with point-to-point transfers overlapped with compute; any head
+            count) or ``"ulysses"`` (all-to-all sequence <-> heads; ``Hq`` and ``Hkv`` divisible by W).
+        causal: global causal self-attention (q and k shards of equal length). Non-causal attention
+            allows ``Sq ≠ Sk`` (cross-attention).
+        seq_layout: ``"contiguous"`` (rank r holds chunk r) or ``"zigzag"`` (the sequence is cut into 2W
+            chunks and rank r holds chunks r and 2W−1−r: balanced causal work; see ``zigzag_shard``).
+        scale, layout, return_lse, tangent_dtype: as in ``jvp_attention``.
+
+    Example (``torchrun --nproc-per-node 4``)::
+
+        q, k, v = (zigzag_shard(x, dim=1) for x in (q_full, k_full, v_full))
+        o, to = context_parallel_jvp_attention(q, k, v, tq, tk, tv, causal=True, seq_layout="zigzag")
+    """
+    check_choice("mode", mode, MODES)
+    check_choice("seq_layout", seq_layout, SEQ_LAYOUTS)
+    check_choice("layout", layout, LAYOUTS)
+    group, W, r = _group_info(group)
+    if W == 1:  # one rank: the single-device op (zigzag with W = 1 is the natural order)
+        return jvp_attention(q, k, v, tq, tk, tv, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
+                             tangent_dtype=tangent_dtype)
+    lay = LAYOUTS[layout]
+    duals = [fwAD.unpack_dual(x).tangent if isinstance(x, torch.Tensor) else None for x in (q, k, v)]
+    dual = any(t is not None for t in duals)
+    if dual and any(t is not None for t in (tq, tk, tv)):
+        raise ValueError("tq, tk, tv: q/k/v already carry forward-AD tangents (torch.func.jvp or dual tensors); "
+                         "pass the tangents one way, not both")
+    if dual:
+        tq, tk, tv = (t if t is None or t.numel() == 0 or t.stride(-1) == 1 else t.contiguous() for t in duals)
+    Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
+    sd = 1 if lay == 0 else 2
+    hd = 3 - sd
+    B, sq, Hq, sk, Hkv = q.shape[0], q.shape[sd], q.shape[hd], k.shape[sd], k.shape[hd]
+    causal = bool(causal)
+    if causal and sq != sk:
+        raise ValueError(f"q, k: causal context-parallel attention is global causal self-attention and needs q and k "
+                         f"shards of the same length, got {sq} query and {sk} key rows")
+    zigzag = causal and seq_layout == "zigzag"  # non-causal attention does not depend on the order
+    if zigzag and sq % 2:
+        raise ValueError(f"q, k: zigzag shards hold two equal chunks, so their length must be even, got {sq}")
+    if mode == "ulysses":
+        for name, h in (("q", Hq), ("k", Hkv)):
+            if h % W:
+                raise ValueError(f"{name}: mode='ulysses' spreads the heads over the group: {h} heads are not "
+                                 f"divisible by the group size {W} (use mode='ring')")
+    scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale}")
+    t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
+    want_t = any(t is not None for t in (tq, tk, tv))
+    sig = (MODES.index(mode), int(causal), SEQ_LAYOUTS.index(seq_layout), lay, B, sq, Hq, Dqk, sk, Hkv, Dv,
+           int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype)
+    backend = select_backend(OP, q, head_dims=(Dqk, Dv))  # every local error before the first collective
+    _check_ranks_agree(group, W, q.device, _SIG_NAMES, sig)
+    cfg = _Cfg(group, W, r, _global(group, (r + 1) % W), _global(group, (r - 1) % W), mode, causal, zigzag, scale,
+               lay, t_dtype, want_t, backend, local=B * Hq * sq == 0 or sk == 0, dual=dual)
+    o, to, lse, mu = _ContextParallel.apply(q, k, v, tq, tk, tv, cfg, _Saved())
+    if not want_t:
+        to = mu = None
+    elif not dual:
+        to, mu = _guard(to, q, k, v), _guard(mu, q, k, v)
+    return (o, to, lse, mu) if return_lse else (o, to)
