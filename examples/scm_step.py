@@ -28,6 +28,10 @@ GPU, realistic size:     python examples/scm_step.py --preset wan-1.3b-like --st
                              --attn both --csv scm_step.csv
 ``--attn math`` runs the same step with stock math SDPA (what users do today); ``--attn both`` runs
 both and reports per-step time and peak memory side by side.
+
+Context parallel over N GPUs (the video tokens split over the ranks; self-attention runs fastdistill's
+ring or Ulysses JVP attention, cross-attention stays local; gradients summed over the group):
+    torchrun --nproc-per-node N examples/scm_step.py --preset wan-1.3b-like --cp ring --bench
 """
 
 from __future__ import annotations
@@ -88,6 +92,16 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+@dataclass
+class ContextParallel:
+    """The sequence (video tokens) is split over ``group``; self-attention runs ring or Ulysses attention."""
+
+    group: object
+    mode: str  # "ring" | "ulysses"
+    rank: int
+    world: int
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, ctx_dim: int | None = None):
         super().__init__()
@@ -95,10 +109,18 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(ctx_dim or dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
+        self.cp: ContextParallel | None = None
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
         B, N, D = x.shape
-        ctx = x if ctx is None else ctx
+        if ctx is None and self.cp is not None:  # self-attention over the token shards of every rank
+            from fastdistill.distributed import context_parallel_jvp_attention
+
+            q = self.q(x).view(B, N, self.heads, -1)
+            k, v = self.kv(x).view(B, N, 2, self.heads, -1).unbind(2)
+            o = context_parallel_jvp_attention(q, k, v, group=self.cp.group, mode=self.cp.mode)[0]
+            return self.out(o.reshape(B, N, D))
+        ctx = x if ctx is None else ctx  # cross-attention: the text context is whole on every rank
         q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)
         k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(q, k, v)  # what diffusers / Wan call: nothing fastdistill-specific
@@ -144,18 +166,58 @@ class DiT(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
+    cp: ContextParallel | None = None
+
+    def set_context_parallel(self, cp: ContextParallel | None) -> None:
+        self.cp = cp
+        for blk in self.blocks:
+            blk.attn.cp = cp
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         p = self.p
         B, C, T, H, W = x.shape
         h = self.embed(x).flatten(2).transpose(1, 2)  # [B, T·H/p·W/p, hidden]
+        if self.cp is not None:  # this rank's contiguous share of the tokens
+            if h.shape[1] % self.cp.world:
+                raise ValueError(f"context parallel: {h.shape[1]} tokens do not split over {self.cp.world} ranks")
+            h = h.chunk(self.cp.world, dim=1)[self.cp.rank]
         c = self.t_mlp(timestep_embedding(t, 256).to(h.dtype))
         ctx = self.text_proj(text)
         for blk in self.blocks:
             h = blk(h, c, ctx)
         shift, scale = self.ada(F.silu(c))[:, None].chunk(2, dim=-1)
         h = self.head(self.norm(h) * (1 + scale) + shift)  # [B, N, C·p·p]
+        if self.cp is not None:
+            h = _GatherTokens.apply(h, self.cp)
         h = h.view(B, T, H // p.patch, W // p.patch, C, p.patch, p.patch)
         return h.permute(0, 4, 1, 2, 5, 3, 6).reshape(B, C, T, H, W)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather the token shards (dim 1), with forward-AD (the tangent is gathered the same way).
+
+    Every rank then computes the same loss on the whole output, so the gradient of a rank's shard is
+    its slice of that loss's gradient: the backward needs no communication."""
+
+    @staticmethod
+    def forward(x, cp):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(cp.world)]
+        dist.all_gather(parts, x.contiguous(), group=cp.group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.cp = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.chunk(ctx.cp.world, dim=1)[ctx.cp.rank], None
+
+    @staticmethod
+    def jvp(ctx, tx, _):
+        return _GatherTokens.forward(tx, ctx.cp)
 
 
 class LogVar(nn.Module):
@@ -188,7 +250,11 @@ def sample_t(B: int, cfg: SCMConfig, device, gen=None, dtype=torch.float32) -> t
 
 def scm_step(student, teacher, logvar_net, opt, x0, text, step: int, cfg: SCMConfig, attn: str = "fastdistill",
              gen=None) -> dict:
-    """One student update. ``attn``: "fastdistill" (fused JVP attention) or "math" (stock math SDPA)."""
+    """One student update. ``attn``: "fastdistill" (fused JVP attention) or "math" (stock math SDPA).
+
+    With context parallelism (``student.cp`` set; every rank passes the same x0, text and generator
+    state), each rank runs its token shard and the student's gradients are summed over the group
+    (what FSDP2 over a (dp, cp) mesh does); the loss and logvar(t) are whole on every rank already."""
     B = x0.shape[0]
     sd = cfg.sigma_d
     t = sample_t(B, cfg, x0.device, gen, torch.float64 if x0.dtype == torch.float64 else torch.float32)
@@ -214,6 +280,12 @@ def scm_step(student, teacher, logvar_net, opt, x0, text, step: int, cfg: SCMCon
                                         c=cfg.tangent_c, logvar=logvar, sample_reduction="mean")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if student.cp is not None:
+        import torch.distributed as dist
+
+        for prm in student.parameters():
+            if prm.grad is not None:
+                dist.all_reduce(prm.grad, group=student.cp.group)
     opt.step()
     return {"loss": float(loss.detach()), "r": r}
 
@@ -246,7 +318,25 @@ def data(preset: Preset, device, dtype, gen=None):
     return 0.5 * x0, text
 
 
+def init_context_parallel(args) -> ContextParallel | None:
+    """Under torchrun with ``--cp ring|ulysses``: the default process group is the context-parallel group
+    (NCCL on GPUs, gloo on the CPU), one GPU per rank."""
+    if not args.cp:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    return ContextParallel(group=None, mode=args.cp, rank=dist.get_rank(), world=dist.get_world_size())
+
+
 def run(args) -> list[dict]:
+    cp = init_context_parallel(args)
+    if cp is not None and cp.rank != 0:
+        args.quiet = True
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[args.dtype]
     preset = PRESETS[args.preset]
@@ -256,7 +346,9 @@ def run(args) -> list[dict]:
     rows = []
     for attn in (["math", "fastdistill"] if args.attn == "both" else [args.attn]):
         student, teacher, logvar_net, opt = build(preset, device, dtype, seed=args.seed)
-        gen = torch.Generator(device=device).manual_seed(args.seed)
+        student.set_context_parallel(cp)
+        teacher.set_context_parallel(cp)
+        gen = torch.Generator(device=device).manual_seed(args.seed)  # the same on every rank
         cfg = SCMConfig(warmup_steps=args.warmup)
         times, losses = [], []
         sdpa_stats(reset=True)
@@ -291,7 +383,7 @@ def run(args) -> list[dict]:
             else float("nan"),
             "final_loss": losses[-1] if losses else float("nan"), "status": status,
             "attn_calls": ";".join(f"{k}={v}" for k, v in sorted(served.items())),
-            "context_parallel": "not run (needs torchrun over several GPUs)",
+            "context_parallel": f"{cp.mode} x {cp.world}" if cp is not None else "none",
         }
         rows.append(row)
     return rows
@@ -311,15 +403,28 @@ def main(argv=None) -> int:
     ap.add_argument("--bench", action="store_true", help="print a per-step time / peak memory table")
     ap.add_argument("--csv", default=None, help="append the table rows to this CSV")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--cp", choices=["ring", "ulysses"], default=None,
+                    help="context parallel over the torchrun ranks (self-attention sharded by tokens)")
     args = ap.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.cp and args.attn != "fastdistill":
+        print("error: --cp runs fastdistill's context-parallel attention: use --attn fastdistill", file=sys.stderr)
+        return 2
     if args.preset != "toy" and not args.device.startswith("cuda"):
         print(f"error: --preset {args.preset} needs a GPU (it is ~32k tokens, 1.3B-like widths)", file=sys.stderr)
         return 2
     rows = run(args)
+    if args.cp:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:  # rank 0 reports
+            return 0
     if args.bench or args.csv:
-        keys = ["preset", "attn", "device", "dtype", "tokens", "ms_per_step", "peak_mem_gb", "status", "attn_calls"]
+        keys = ["preset", "attn", "device", "dtype", "tokens", "ms_per_step", "peak_mem_gb", "status", "attn_calls",
+                "context_parallel"]
         print(" | ".join(keys))
         for r in rows:
             print(" | ".join(str(r[k]) for k in keys))

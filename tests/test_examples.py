@@ -77,3 +77,56 @@ def _distill_llm(ex, tmp_path):
         assert abs(a - b) <= 1e-4 * abs(b), (fused["losses"], eager["losses"])
     first, last = sum(fused["losses"][:4]) / 4, sum(fused["losses"][-4:]) / 4
     assert last < 0.85 * first, fused["losses"]
+
+
+def _scm_cp_worker(rank: int, world: int, tmp: str, mode: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    with fastdistill.use_backend("reference"):
+        ex = _load("scm_step")
+        preset = ex.PRESETS["toy"]
+        student, teacher, logvar_net, opt = ex.build(preset, torch.device("cpu"), torch.float64, seed=0)
+        cp = ex.ContextParallel(group=None, mode=mode, rank=rank, world=world)
+        student.set_context_parallel(cp)
+        teacher.set_context_parallel(cp)
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for step in range(3):
+            x0, text = ex.data(preset, torch.device("cpu"), torch.float64, gen)
+            losses.append(ex.scm_step(student, teacher, logvar_net, opt, x0, text, step, ex.SCMConfig(warmup_steps=2),
+                                      gen=gen)["loss"])
+    torch.save({"losses": losses, "params": [p.detach() for p in student.parameters()]}, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)  # skip the interpreter's teardown of torch (seconds on a loaded machine)
+
+
+def test_scm_step_context_parallel_matches_one_process(tmp_path):
+    """The sCM step with the video tokens split over 2 gloo ranks (ring and Ulysses self-attention,
+    forward-AD through torch.func.jvp, gradients summed over the group) updates the student exactly as
+    one process does (float64)."""
+    import torch.multiprocessing as mp
+
+    ex = _load("scm_step")
+    preset = ex.PRESETS["toy"]
+    student, teacher, logvar_net, opt = ex.build(preset, torch.device("cpu"), torch.float64, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    ref_losses = []
+    with fastdistill.use_backend("reference"):
+        for step in range(3):
+            x0, text = ex.data(preset, torch.device("cpu"), torch.float64, gen)
+            ref_losses.append(ex.scm_step(student, teacher, logvar_net, opt, x0, text, step,
+                                          ex.SCMConfig(warmup_steps=2), gen=gen)["loss"])
+    ref = [p.detach() for p in student.parameters()]
+    for mode in ("ring", "ulysses"):
+        tmp = tmp_path / mode
+        tmp.mkdir()
+        mp.spawn(_scm_cp_worker, args=(2, str(tmp), mode), nprocs=2, join=True)
+        for rank in range(2):
+            got = torch.load(tmp / f"rank{rank}.pt")
+            assert all(abs(a - b) <= 1e-10 * max(1.0, abs(b)) for a, b in zip(got["losses"], ref_losses)), \
+                (mode, rank, got["losses"], ref_losses)
+            for i, (a, b) in enumerate(zip(got["params"], ref)):
+                assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), f"{mode}: rank {rank}, parameter {i} differs"
