@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from fastdistill.ops._common import check_choice
-from fastdistill.ops.kd_softmax import DIVERGENCES, REDUCTIONS, TOPK_SEMANTICS, KDPlan
+from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
 from fastdistill.reference.kd_softmax import bucket_div, transform
 
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_fused_linear_kd_loss", "vocab_parallel_topk"]
@@ -428,49 +428,6 @@ def _rows(name, v, lead, N, device, dtypes, kind):
     return v.reshape(N).contiguous()
 
 
-def _plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_scale, ignore_index, reduction, num_items,
-          hard_label_alpha, softcap, logit_scale, topk, accum_dtype, has_labels) -> KDPlan:
-    """kd_loss's option checks and plan (docs/kd_ops.md), for the vocab-parallel entry points."""
-    check_choice("divergence", divergence, tuple(DIVERGENCES))
-    check_choice("reduction", reduction, tuple(REDUCTIONS))
-    if accum_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"accum_dtype: expected torch.float32 or torch.float64, got {accum_dtype}")
-    for name, v in (("beta", beta), ("skew", skew), ("hard_label_alpha", hard_label_alpha)):
-        if not 0.0 <= float(v) <= 1.0:
-            raise ValueError(f"{name}: expected a value in [0.0, 1.0], got {v}")
-    for name, v in (("temperature", temperature), ("teacher_temperature", teacher_temperature),
-                    ("softcap", softcap), ("logit_scale", logit_scale)):
-        if v is not None and not float(v) > 0:
-            raise ValueError(f"{name}: expected a positive number, got {v}")
-    if topk and topk != _TOPK_RENORM and teacher_temperature not in (None, 1.0):
-        raise ValueError(f"teacher_temperature: only topk_semantics='renorm' can re-temper stored log-probs "
-                         f"(the tail mass is unknown), got {teacher_temperature}")
-    if topk == _TOPK_ZERO and divergence != "fkl":
-        raise ValueError(f"divergence: topk_semantics='zero_tail' defines forward KL only, got {divergence!r}")
-    if hard_label_alpha > 0 and not has_labels:
-        raise ValueError("labels: required when hard_label_alpha > 0 (the cross-entropy term)")
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            if num_items.device.type != "cpu" or num_items.numel() != 1:
-                raise TypeError("num_items: expected an int (a CUDA tensor would need a host synchronisation)")
-            num_items = num_items.item()
-        if not float(num_items) > 0:
-            raise ValueError(f"num_items: expected > 0, got {num_items}")
-    div = DIVERGENCES[divergence]
-    if div == 2 and beta in (0.0, 1.0):
-        div = 0 if beta == 0.0 else 1
-    if div in (3, 4) and skew == 0.0:
-        div -= 3
-    T = float(temperature)
-    Tt = float(teacher_temperature) if teacher_temperature is not None else (1.0 if topk else T)
-    return KDPlan(div=div, red=REDUCTIONS[reduction], fp64=accum_dtype == torch.float64, ignore_index=int(ignore_index),
-                  topk=topk, beta=float(beta), skew=float(skew), temperature=T, teacher_temperature=Tt,
-                  t2=T * T if t2_scale else 1.0, alpha=float(hard_label_alpha),
-                  num_items=float(num_items) if num_items is not None else 0.0,
-                  softcap=float(softcap) if softcap is not None else 0.0,
-                  logit_scale=float(logit_scale) if logit_scale is not None else 1.0)
-
-
 def _teacher_args(lead, N, device, teacher_logits, teacher_topk, topk_semantics, Vr, tname):
     """(t2 [N, V_r] or logprobs [N, k], ids [N, k] or None, topk code, k)."""
     check_choice("topk_semantics", topk_semantics, tuple(TOPK_SEMANTICS))
@@ -512,7 +469,7 @@ def _common(student, lead_of, N, Vr, teacher_logits, teacher_topk, topk_semantic
     labels2 = _rows("labels", labels, lead_of, N, device, (torch.int64, torch.int32), "int64 / int32 labels")
     mask2 = _rows("mask", mask, lead_of, N, device, (torch.bool,), "a bool mask")
     w2 = _rows("weights", weights, lead_of, N, device, _FLOAT_DTYPES, "a floating dtype")
-    p = _plan(topk=topk, has_labels=labels2 is not None, **opts)
+    p = make_plan(topk=topk, has_labels=labels2 is not None, **opts)
     sh = _Shard(group, vocab_start, Vr, device)
     return _Run(p, sh, labels2, ids, k), t2, ids, labels2, mask2, w2
 

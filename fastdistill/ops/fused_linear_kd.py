@@ -19,7 +19,7 @@ import dataclasses
 import torch
 
 from fastdistill.ops._common import check_choice, select_backend
-from fastdistill.ops.kd_softmax import _FLOAT_DTYPES, DIVERGENCES, REDUCTIONS, TOPK_SEMANTICS, KDPlan, _bwd, _fwd
+from fastdistill.ops.kd_softmax import _FLOAT_DTYPES, REDUCTIONS, TOPK_SEMANTICS, KDPlan, _bwd, _fwd, make_plan
 
 DEFAULT_MEMORY_BUDGET_MB = 2048  # chunk_size="auto": bytes of per-chunk [rows, V] temporaries
 RED_BATCHMEAN, RED_SUM, RED_MEAN, RED_NONE = 0, 1, 2, 3
@@ -454,17 +454,6 @@ def fused_linear_kd_loss(
         Vt = 0
 
     # options (as kd_loss)
-    check_choice("divergence", divergence, tuple(DIVERGENCES))
-    check_choice("reduction", reduction, tuple(REDUCTIONS))
-    if accum_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"accum_dtype: expected torch.float32 or torch.float64, got {accum_dtype}")
-    for name, v in (("beta", beta), ("skew", skew), ("hard_label_alpha", hard_label_alpha)):
-        if not 0.0 <= float(v) <= 1.0:
-            raise ValueError(f"{name}: expected a value in [0.0, 1.0], got {v}")
-    for name, v in (("temperature", temperature), ("teacher_temperature", teacher_temperature),
-                    ("softcap", softcap), ("logit_scale", logit_scale)):
-        if v is not None and not float(v) > 0:
-            raise ValueError(f"{name}: expected a positive number, got {v}")
     if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected 'auto' or an int >= 1, got {chunk_size!r}")
     if memory_budget_mb is not None:
@@ -473,17 +462,14 @@ def fused_linear_kd_loss(
         if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
                 or not memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb: expected a positive number, got {memory_budget_mb!r}")
-    div = DIVERGENCES[divergence]
-    if div == 2 and beta in (0.0, 1.0):  # JSD's endpoints are the KLs (TRL/Liger convention)
-        div = 0 if beta == 0.0 else 1
-    if div in (3, 4) and skew == 0.0:
-        div -= 3
-    if div == 1 and not topk and Vt < V:
+    labels2 = _rows("labels", labels, lead, N, dev, dtypes=(torch.int64, torch.int32), kind="int64 / int32 labels")
+    p = make_plan(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                  teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
+                  reduction=reduction, num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap,
+                  logit_scale=logit_scale, topk=topk, accum_dtype=accum_dtype, has_labels=labels2 is not None)
+    if p.div == 1 and not topk and Vt < V:
         raise ValueError(f"teacher vocabulary {Vt} < the student's {V}: reverse KL is infinite where the student "
                          "has mass and the teacher none; slice student_weight or use 'jsd'/'srkl'")
-    labels2 = _rows("labels", labels, lead, N, dev, dtypes=(torch.int64, torch.int32), kind="int64 / int32 labels")
-    if hard_label_alpha > 0 and labels2 is None:
-        raise ValueError("labels: required when hard_label_alpha > 0 (the cross-entropy term)")
     if labels2 is not None and _eager_cpu(labels2):
         bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= V))
         if bool(bad.any()):
@@ -491,22 +477,9 @@ def fused_linear_kd_loss(
                              f"got {labels2[bad][:4].tolist()}")
     mask2 = _rows("mask", mask, lead, N, dev, dtypes=(torch.bool,), kind="a bool mask")
     w2 = _rows("weights", weights, lead, N, dev, dtypes=_FLOAT_DTYPES, kind="a floating dtype")
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            if num_items.device.type != "cpu" or num_items.numel() != 1:
-                raise TypeError("num_items: expected an int (a CUDA tensor would need a host synchronisation)")
-            num_items = num_items.item()
-        if not float(num_items) > 0:
-            raise ValueError(f"num_items: expected > 0, got {num_items}")
-
-    T = float(temperature)
-    Tt = float(teacher_temperature) if teacher_temperature is not None else (1.0 if topk else T)
-    fp64 = accum_dtype == torch.float64
-    p = KDPlan(div=div, red=RED_SUM, fp64=fp64, ignore_index=int(ignore_index), topk=topk, beta=float(beta),
-               skew=float(skew), temperature=T, teacher_temperature=Tt, t2=T * T if t2_scale else 1.0,
-               alpha=float(hard_label_alpha), num_items=0.0,
-               softcap=float(softcap) if softcap is not None else 0.0,
-               logit_scale=float(logit_scale) if logit_scale is not None else 1.0)
+    num_items = p.num_items if p.num_items > 0 else None
+    fp64 = p.fp64
+    p = dataclasses.replace(p, red=RED_SUM, num_items=0.0)  # the kernels sum; this op applies the reduction
     dense = [x for x in (hs, W, th, tW) if x is not None]
     ldt = torch.float64 if fp64 or any(x.dtype == torch.float64 for x in dense) else torch.float32
     tdt = ldt if tlog is None else tlog.dtype

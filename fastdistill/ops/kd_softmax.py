@@ -53,6 +53,51 @@ class KDPlan:
         return cls(**kw)
 
 
+def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_scale, ignore_index, reduction, num_items,
+          hard_label_alpha, softcap, logit_scale, topk, accum_dtype, has_labels) -> KDPlan:
+    """Check kd_loss's options (errors name the argument) and build its plan (docs/kd_ops.md). Shared by
+    ``kd_loss``, ``fused_linear_kd_loss`` and the vocab-parallel losses. ``topk``: 0 dense teacher, else the
+    ``TOPK_SEMANTICS`` code; ``has_labels``: whether labels were given (CE mixing needs them)."""
+    check_choice("divergence", divergence, tuple(DIVERGENCES))
+    check_choice("reduction", reduction, tuple(REDUCTIONS))
+    if accum_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"accum_dtype: expected torch.float32 or torch.float64, got {accum_dtype}")
+    for name, v in (("beta", beta), ("skew", skew), ("hard_label_alpha", hard_label_alpha)):
+        if not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name}: expected a value in [0.0, 1.0], got {v}")
+    for name, v in (("temperature", temperature), ("teacher_temperature", teacher_temperature),
+                    ("softcap", softcap), ("logit_scale", logit_scale)):
+        if v is not None and not float(v) > 0:
+            raise ValueError(f"{name}: expected a positive number, got {v}")
+    if topk and topk != TOPK_SEMANTICS["renorm"] and teacher_temperature not in (None, 1.0):
+        raise ValueError(f"teacher_temperature: only topk_semantics='renorm' can re-temper stored log-probs "
+                         f"(the tail mass is unknown), got {teacher_temperature}")
+    if topk == TOPK_SEMANTICS["zero_tail"] and divergence != "fkl":
+        raise ValueError(f"divergence: topk_semantics='zero_tail' defines forward KL only, got {divergence!r}")
+    if hard_label_alpha > 0 and not has_labels:
+        raise ValueError("labels: required when hard_label_alpha > 0 (the cross-entropy term)")
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            if num_items.device.type != "cpu" or num_items.numel() != 1:
+                raise TypeError("num_items: expected an int (a CUDA tensor would need a host synchronisation)")
+            num_items = num_items.item()
+        if not float(num_items) > 0:
+            raise ValueError(f"num_items: expected > 0, got {num_items}")
+    div = DIVERGENCES[divergence]
+    if div == 2 and beta in (0.0, 1.0):
+        div = 0 if beta == 0.0 else 1
+    if div in (3, 4) and skew == 0.0:
+        div -= 3
+    T = float(temperature)
+    Tt = float(teacher_temperature) if teacher_temperature is not None else (1.0 if topk else T)
+    return KDPlan(div=div, red=REDUCTIONS[reduction], fp64=accum_dtype == torch.float64, ignore_index=int(ignore_index),
+                  topk=topk, beta=float(beta), skew=float(skew), temperature=T, teacher_temperature=Tt,
+                  t2=T * T if t2_scale else 1.0, alpha=float(hard_label_alpha),
+                  num_items=float(num_items) if num_items is not None else 0.0,
+                  softcap=float(softcap) if softcap is not None else 0.0,
+                  logit_scale=float(logit_scale) if logit_scale is not None else 1.0)
+
+
 # ----------------------------------------------------------------------------- backends
 def _why_not_triton(x: torch.Tensor, **_) -> list[str]:
     return _backend.triton_why_not(x.device)
@@ -283,38 +328,18 @@ def kd_loss(
             raise ValueError(f"teacher_topk: ids {tuple(ids.shape)} and logprobs {tuple(t.shape)} differ in shape")
         if ids.shape[-1] > s.shape[-1]:
             raise ValueError(f"teacher_topk: k = {ids.shape[-1]} exceeds the student vocabulary {s.shape[-1]}")
-        if topk != 3 and teacher_temperature not in (None, 1.0):
-            raise ValueError(f"teacher_temperature: only topk_semantics='renorm' can re-temper stored log-probs "
-                             f"(the tail mass is unknown), got {teacher_temperature}")
-        if topk == 2 and divergence != "fkl":
-            raise ValueError(f"divergence: topk_semantics='zero_tail' defines forward KL only, got {divergence!r}")
         if _eager_cpu(ids) and bool(((ids < 0) | (ids >= s.shape[-1])).any()):
             raise ValueError(f"teacher_topk ids: values must be in [0, {s.shape[-1]})")
-    check_choice("divergence", divergence, tuple(DIVERGENCES))
-    check_choice("reduction", reduction, tuple(REDUCTIONS))
-    if accum_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"accum_dtype: expected torch.float32 or torch.float64, got {accum_dtype}")
-    for name, v, lo, hi in (("beta", beta, 0.0, 1.0), ("skew", skew, 0.0, 1.0),
-                            ("hard_label_alpha", hard_label_alpha, 0.0, 1.0)):
-        if not lo <= float(v) <= hi:
-            raise ValueError(f"{name}: expected a value in [{lo}, {hi}], got {v}")
-    for name, v in (("temperature", temperature), ("teacher_temperature", teacher_temperature),
-                    ("softcap", softcap), ("logit_scale", logit_scale)):
-        if v is not None and not float(v) > 0:
-            raise ValueError(f"{name}: expected a positive number, got {v}")
     lead, V, Vt = s.shape[:-1], s.shape[-1], t.shape[-1]
     N = s.numel() // V if V else int(torch.Size(lead).numel())
-    div = DIVERGENCES[divergence]
-    if div == 2 and beta in (0.0, 1.0):  # the TRL/Liger convention: JSD's endpoints are the KLs
-        div = 0 if beta == 0.0 else 1
-    if div in (3, 4) and skew == 0.0:  # skew 0: exactly KL(P‖Q) / KL(Q‖P), with their finite gradients
-        div -= 3
-    if div == 1 and Vt < V and not topk:
+    labels2 = _rows("labels", labels, lead, N, s.device, dtypes=(torch.int64, torch.int32), kind="int64 / int32 labels")
+    p = make_plan(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                  teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
+                  reduction=reduction, num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap,
+                  logit_scale=logit_scale, topk=topk, accum_dtype=accum_dtype, has_labels=labels2 is not None)
+    if p.div == 1 and Vt < V and not topk:
         raise ValueError(f"teacher_logits: vocabulary {Vt} < the student's {V}: reverse KL is infinite where the "
                          "student has mass and the teacher none; slice the student logits or use 'jsd'/'srkl'")
-    labels2 = _rows("labels", labels, lead, N, s.device, dtypes=(torch.int64, torch.int32), kind="int64 / int32 labels")
-    if hard_label_alpha > 0 and labels2 is None:
-        raise ValueError("labels: required when hard_label_alpha > 0 (the cross-entropy term)")
     if labels2 is not None and _eager_cpu(labels2):
         bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= V))
         if bool(bad.any()):  # free on the CPU; on a GPU an out-of-range label makes its row's CE NaN
@@ -322,21 +347,6 @@ def kd_loss(
                              f"got {labels2[bad][:4].tolist()}")
     mask2 = _rows("mask", mask, lead, N, s.device, dtypes=(torch.bool,), kind="a bool mask")
     w2 = _rows("weights", weights, lead, N, s.device, dtypes=_FLOAT_DTYPES, kind="a floating dtype")
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            if num_items.device.type != "cpu" or num_items.numel() != 1:
-                raise TypeError("num_items: expected an int (a CUDA tensor would need a host synchronisation)")
-            num_items = num_items.item()
-        if not float(num_items) > 0:
-            raise ValueError(f"num_items: expected > 0, got {num_items}")
-    T = float(temperature)
-    Tt = float(teacher_temperature) if teacher_temperature is not None else (1.0 if topk else T)
-    p = KDPlan(div=div, red=REDUCTIONS[reduction], fp64=accum_dtype == torch.float64, ignore_index=int(ignore_index),
-               topk=topk, beta=float(beta), skew=float(skew), temperature=T, teacher_temperature=Tt,
-               t2=T * T if t2_scale else 1.0, alpha=float(hard_label_alpha),
-               num_items=float(num_items) if num_items is not None else 0.0,
-               softcap=float(softcap) if softcap is not None else 0.0,
-               logit_scale=float(logit_scale) if logit_scale is not None else 1.0)
     s2 = s.reshape(N, V)
     t2 = t.reshape(N, Vt)
     if s2.stride(-1) != 1:
