@@ -278,3 +278,28 @@ def test_diffusers_dit():
     xt = torch.cat([x.flatten(1), t[:, None]], 1)
     dxt = torch.cat([dx.flatten(1), dt[:, None]], 1)
     _compare_model(f, xt, dxt, model, 2, "DiT")
+
+
+def test_torch_compile_fullgraph_and_guards(monkeypatch):
+    """The patched SDPA traces into one graph (plain and under torch.func.jvp), and a graph compiled
+    inside a jvp_sdpa() block is not reused outside it (dynamo guards on the activation state)."""
+    q, k, v, tq, *_ = _qkv((1, 2, 8, 16), (1, 2, 8, 16))
+    served = []
+    real = _sdpa_mod.jvp_attention
+    monkeypatch.setattr(_sdpa_mod, "jvp_attention", lambda *a, **kw: served.append(1) or real(*a, **kw))
+    f = lambda q: F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+    g = lambda q: torch.func.jvp(f, (q,), (tq,))
+    with jvp_sdpa(plain="fastdistill"):
+        o = torch.compile(f, backend="aot_eager", fullgraph=True)(q)
+        o2, t2 = torch.compile(g, backend="aot_eager", fullgraph=True)(q)
+    o_ref, t_ref = _math_jvp(f, (q,), (tq,))
+    _close(o, o_ref, what="compiled plain")
+    _close(o2, o_ref, what="compiled jvp o")
+    _close(t2, t_ref, what="compiled jvp tangent")
+    cf = torch.compile(f, backend="eager")
+    with jvp_sdpa(plain="fastdistill"):
+        cf(q)
+    n = len(served)
+    assert n >= 3
+    cf(q)  # outside the block: stock SDPA again
+    assert len(served) == n

@@ -17,6 +17,10 @@ reason — never a silently different result:
 A fallback call that carries a tangent runs stock SDPA's math backend (the only SDPA backend with
 forward-mode AD), so it computes the same function as before the patch.
 
+Under ``torch.compile`` the patched call traces into the graph (``fullgraph=True`` works, plain and
+inside ``torch.func.jvp``); dynamo guards on the activation state, so a graph compiled inside a block
+is not reused outside it. ``sdpa_stats()`` counts eager calls only.
+
 Query/key/value with different head counts need ``enable_gqa=True``, exactly as in stock SDPA (without
 it the call goes to stock SDPA, which raises). The patch replaces the attribute of
 ``torch.nn.functional``: code that bound the function itself at import time
@@ -147,6 +151,8 @@ def sdpa_stats(reset: bool = False) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- the replacement
 def _count(key: str) -> None:
+    if torch.compiler.is_compiling():  # counted per eager call only (a compiled graph runs without Python)
+        return
     with _lock:
         _stats[key] += 1
 
