@@ -5,7 +5,10 @@ the ranks send their losses and shard gradients back, and the parent compares th
 single-process ``fastdistill.kd_loss`` (reference backend, accum fp64) on the gathered logits, and
 spot-checks them against the independent fp64 autograd oracle of tests/test_kd.py. Layouts: equal
 shards (``vocab_start=None``), uneven shards (V = 11: 6 + 5, 3 + 3 + 3 + 2), shards out of rank
-order, a rank with an empty slice, and a subgroup (``group=``).
+order, a rank with an empty slice, a subgroup (``group=``), and "mixed": rank 0 leaves ``vocab_start=None``
+while the others pass theirs. The regression cases for rank-divergent collectives (mixed layouts, the
+cached layout checked on the device) run on a group with a short timeout, so that a collective mismatch
+fails within seconds instead of hanging.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import torch
 F64 = torch.float64
 WORLDS = (2, 4)
 TOL = 1e-11
+SHORT_TIMEOUT_S = 20  # the process group of the cases marked short=True
 
 
 # ----------------------------------------------------------------------------- cases
 def bounds(world: int, V: int, mode: str) -> list[tuple[int, int]]:
     """Per rank [start, end): 'equal' (V divisible by world), 'uneven' (first ranks one wider), 'permuted'
-    (the uneven slices in reverse rank order), 'empty' (the last rank holds nothing)."""
+    (the uneven slices in reverse rank order), 'empty' (the last rank holds nothing), 'mixed' (as 'uneven';
+    rank 0 passes vocab_start=None, the others pass theirs)."""
     if mode == "empty":
         w = [1] * (world - 1) + [0]
         w[0] += V - (world - 1)
@@ -82,6 +87,8 @@ KD_CASES = dict([
     K("fkl-empty-rows", divergence="fkl", lead=(0,)),
     K("jsd-subgroup", divergence="jsd", labels=True, hard_label_alpha=0.3, layout="uneven", subgroup=True),
     K("fkl-accum-fp32", divergence="fkl", labels=True, hard_label_alpha=0.3, accum32=True, layout="uneven"),
+    K("fkl-mixed-vocab-start", divergence="fkl", labels=True, hard_label_alpha=0.2, layout="mixed", short=True),
+    K("jsd-cached-layout-mean", divergence="jsd", layout="permuted", reduction="mean", cache=True, short=True),
 ])
 
 FP32_CASES = dict([
@@ -111,6 +118,7 @@ VPTOPK_CASES = dict([
     K("vptopk-k4", kind="vptopk", k=4, temperature=1.5, layout="uneven"),
     K("vptopk-k7-wider-than-shard", kind="vptopk", k=7, layout="uneven", lead=(2, 3)),
     K("vptopk-equal", kind="vptopk", k=3),
+    K("vptopk-neginf-ties-mixed", kind="vptopk", k=6, layout="mixed", topk_neginf=True, short=True),
 ])
 
 FUSED_CASES = dict([
@@ -128,6 +136,8 @@ FUSED_CASES = dict([
       layout="uneven", logit_scale=0.8),
     K("fused-topk-renorm-mean", kind="fused", teacher="topk", topk_semantics="renorm", divergence="fkl",
       reduction="mean", mask=True, teacher_temperature=1.5),
+    K("fused-fkl-mixed-auto", kind="fused", teacher="hidden", divergence="fkl", layout="mixed", V=12, short=True),
+    K("fused-jsd-mixed-uneven-auto", kind="fused", teacher="logits", divergence="jsd", layout="mixed", short=True),
 ])
 
 ERROR_CASES = dict([
@@ -136,6 +146,8 @@ ERROR_CASES = dict([
     K("err-vocab-start-gap", kind="error", match="vocab_start", bad="gap", layout="uneven"),
     K("err-unequal-shards-without-vocab-start", kind="error", match="vocab_start.*group of size", bad="unequal",
       layout="uneven"),
+    K("err-last-rank-none-overlap", kind="error", match="vocab_start.*group of size", bad="last_none",
+      layout="uneven", short=True),
     K("err-topk-k-larger-than-V", kind="error", match="k = 12 exceeds", bad="k", V=11, layout="uneven"),
     K("err-topk-ids-out-of-range", kind="error", match="ids", bad="ids", layout="uneven"),
     K("err-vptopk-k", kind="error", match="k", bad="vptopk_k", layout="uneven"),
@@ -166,6 +178,11 @@ def build(name: str) -> dict:
             t2[2, 9], t2[4, 4:8] = -math.inf, -math.inf
         s2[0], t2[3] = -math.inf, -math.inf
         s2[4, V - 3 :], t2[4, V - 3 :] = -math.inf, -math.inf  # a rank's whole slice (world 4)
+    if c.get("topk_neginf"):  # fewer than k finite logits (ties of −inf with padding slots), an all −inf row
+        t2 = t.view(-1, V)
+        keep = torch.zeros_like(t2, dtype=torch.bool)
+        keep[0, [1, 7]], keep[2, V - 1], keep[3], keep[4, : V - 2] = True, True, True, True
+        t2.masked_fill_(~keep, -math.inf)  # row 1: all −inf; row 4: the last ranks' slices
     if c.get("inf_kl"):
         s.view(-1, V)[1, 5] = -math.inf  # the teacher has mass there: KL(P‖Q) = +inf
     kw = d["kw"]
@@ -211,7 +228,7 @@ def _case_on_rank(name: str, rank: int, world: int, group) -> dict:
     d = build(name)
     layout = c["layout"]
     a, b = bounds(world, c["V"], layout)[rank]
-    start = None if layout == "equal" else a
+    start = None if layout == "equal" or (layout == "mixed" and rank == 0) else a
     fp32 = c.get("accum32") or c.get("fp32")
     kw = dict(d["kw"], group=group, vocab_start=start, accum_dtype=torch.float32 if fp32 else F64)
     if c.get("fp32"):
@@ -223,6 +240,8 @@ def _case_on_rank(name: str, rank: int, world: int, group) -> dict:
         ids, lps = vp.vocab_parallel_topk(d["t"][..., a:b], c["k"], group=group, vocab_start=start,
                                           temperature=c.get("temperature", 1.0))
         return {"ids": ids, "lps": lps}
+    if c.get("cache"):
+        return _cached_layout_case(c, d, rank, world, a, b, kw, vp)
     old = vp.CHUNK_ELEMS
     if c.get("chunk"):
         vp.CHUNK_ELEMS = 2 * max(b - a, 1)  # two rows per chunk
@@ -259,6 +278,29 @@ def _fused_on_rank(c, d, a, b, kw, vp):
     return {"loss": loss.detach(), "dh": h.grad, "dW": W.grad, "db": bias.grad if bias is not None else None}
 
 
+def _cached_layout_case(c, d, rank, world, a, b, kw, vp):
+    """The GPU path (host check on the group's first call, then on the device) forced on CPU tensors: after
+    one rank alone changes its shard to an invalid one, every rank returns NaN (no rank raises alone, no
+    collective mismatch); a valid layout again gives the right loss and gradient."""
+    old = vp._HOST_CHECK_ALWAYS
+    vp._HOST_CHECK_ALWAYS = ()
+    vp._LAYOUTS.clear()
+    try:
+        s, t = d["s"][..., a:b], d["t"][..., a:b]
+        vp.vocab_parallel_kd_loss(s, t, **kw)  # host check: caches the group
+        bad = a + (rank == world - 1)  # the last rank shifts its shard by one: a gap
+        out = {"loss_gap": vp.vocab_parallel_kd_loss(s, t, **dict(kw, vocab_start=bad)),
+               "topk_gap": vp.vocab_parallel_topk(t, 3, group=kw["group"], vocab_start=bad),
+               "topk_k_gt_V": vp.vocab_parallel_topk(t, c["V"] + 1, group=kw["group"], vocab_start=a)}
+        x = s.clone().requires_grad_()
+        loss = vp.vocab_parallel_kd_loss(x, t, **kw)
+        loss.backward(upstream(loss))
+        return dict(out, loss=loss.detach(), grad=x.grad)
+    finally:
+        vp._HOST_CHECK_ALWAYS = old
+        vp._LAYOUTS.clear()
+
+
 def _error_case(c, d, rank, world, a, b, kw, vp):
     bad = c["bad"]
     s, t = d["s"][..., a:b], d["t"][..., a:b]
@@ -273,6 +315,9 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
         f = lambda: vp.vocab_parallel_kd_loss(s, t, **kw)
     elif bad == "unequal":
         kw["vocab_start"] = None
+        f = lambda: vp.vocab_parallel_kd_loss(s, t, **kw)
+    elif bad == "last_none":  # only the last rank (narrower) passes None: start = rank * V_r overlaps
+        kw["vocab_start"] = None if rank == world - 1 else a
         f = lambda: vp.vocab_parallel_kd_loss(s, t, **kw)
     elif bad == "k":
         ids = torch.arange(12).repeat(5, 1) % 11
@@ -311,9 +356,12 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     res = {}
+    short = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S))
     try:
         for name in ALL:
             group, r, w = None, rank, world
+            if ALL[name].get("short"):
+                group = short
             if ALL[name].get("subgroup"):  # two groups of two (world 4: {0, 2} and {1, 3}; world 2: {0, 1})
                 members = [[0, 1]] if world == 2 else [[0, 2], [1, 3]]
                 groups = [dist.new_group(m) for m in members]
@@ -462,15 +510,46 @@ def test_against_fp64_oracle(world, name):
     _assert_close(_gather(name, res, ranks, gw, "grad"), x.grad, 1e-10, "grad vs oracle")
 
 
+def _check_topk(ids, lps, u, k, what, exact_ids=True):
+    """ids / lps against log_softmax(u) (an all −inf row: −inf): the top-k values, and valid, distinct ids
+    whose log-probs are the ones returned (any of tied ids; the very ids where there are no ties)."""
+    V = u.shape[-1]
+    lsm = torch.log_softmax(u, -1)
+    lsm = torch.where(torch.isnan(lsm), -math.inf, lsm)
+    ref_lps, ref_ids = lsm.topk(k, -1)
+    assert ((ids >= 0) & (ids < V)).all(), f"{what}: ids outside [0, {V}): {ids}"
+    srt = ids.sort(-1).values
+    assert (srt[..., 1:] != srt[..., :-1]).all(), f"{what}: repeated ids: {ids}"
+    assert torch.equal(torch.isneginf(lps), torch.isneginf(ref_lps)), f"{what}: -inf pattern differs"
+    _assert_close(lps, ref_lps, 1e-13, f"{what}: logprobs")
+    _assert_close(lsm.gather(-1, ids), lps, 1e-13, f"{what}: log_softmax at the ids")
+    if exact_ids:
+        assert torch.equal(ids, ref_ids), f"{what}: ids differ"
+
+
 @pytest.mark.parametrize("name", list(VPTOPK_CASES))
 def test_vocab_parallel_topk(world, name):
     w, res = world
     c, d = ALL[name], build(name)
     u = d["t"] / c.get("temperature", 1.0)
-    lps, ids = torch.log_softmax(u, -1).topk(c["k"], -1)
     for r in range(w):
-        assert torch.equal(res[r][name]["ids"], ids), f"rank {r}: ids differ"
-        _assert_close(res[r][name]["lps"], lps, 1e-13, f"rank {r}: logprobs")
+        _check_topk(res[r][name]["ids"], res[r][name]["lps"], u, c["k"], f"rank {r}",
+                    exact_ids=not c.get("topk_neginf"))
+
+
+def test_cached_layout_checked_on_device(world):
+    """A shard changed on one rank after the group's layout was cached: NaN on every rank, nothing raised
+    (the valid call after it is checked against kd_loss by test_loss_and_grad_match_kd_loss)."""
+    w, res = world
+    name = "jsd-cached-layout-mean"
+    V = ALL[name]["V"]
+    for r in range(w):
+        out = res[r][name]
+        assert torch.isnan(out["loss_gap"]).all(), f"rank {r}: loss with a gap {out['loss_gap']}"
+        for key in ("topk_gap", "topk_k_gt_V"):
+            ids, lps = out[key]
+            assert torch.isnan(lps).all(), f"rank {r}: {key}: logprobs {lps}"
+            assert ((ids >= 0) & (ids < V)).all(), f"rank {r}: {key}: ids {ids}"
 
 
 def _fused_ref(name):

@@ -7,11 +7,15 @@ every option of docs/kd_ops.md. Semantics, communication and memory: docs/vocab_
 
 Communication per call (the rows' statistics stacked into one tensor per collective):
 1. all_reduce MAX: the per-row maxima of both models (+ the untempered student for the CE term),
-   with the shard layout ``(start, end)`` of every rank piggybacked (no extra collective);
+   with the shard layout ``(start, end, vocab_start given)`` of every rank piggybacked (no extra collective);
 2. all_reduce SUM: the sum-exps rescaled to the global maxima, forward/reverse KL's partial sums,
    the label's logit (held by one rank) and, for top-k teachers, the student's logits at the k ids;
 3. jsd / skl / srkl / tvd only: all_reduce SUM of the partial divergence and ``Σ q·g``.
 The backward needs no communication (the reduced per-row statistics are saved).
+
+Every decision that changes which collectives run, or whether a call raises after collective 1, is taken
+from the gathered layout or from values that every rank shares, never from a rank's own arguments alone.
+The fused-linear variant lives in ``vocab_parallel_fused.py`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -25,22 +29,35 @@ from fastdistill.ops._common import check_choice
 from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
 from fastdistill.reference.kd_softmax import bucket_div, transform
 
-__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_fused_linear_kd_loss", "vocab_parallel_topk"]
+# vocab_parallel_fused_linear_kd_loss: served by __getattr__ below (from vocab_parallel_fused)
+__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_fused_linear_kd_loss", "vocab_parallel_topk"]  # noqa: F822
 
 CHUNK_ELEMS = 1 << 22  # rows per chunk of the unfused loss: at most this many logits of a shard at a time
-FUSED_CHUNK_ELEMS = 1 << 25  # chunk_size="auto" of the fused-linear loss: rows × V_r logits per chunk
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NEG_INF = float("-inf")
 _FKL, _RKL = 0, 1
 _TOPK_TAIL, _TOPK_ZERO, _TOPK_RENORM = 1, 2, 3
 # st columns (per row, saved for the backward), as in fastdistill.reference.kd_softmax
 _LSE_S, _EXTRA, _LSE1, _D, _S, _CONTRIB, _CE, _VALID = range(8)
-_LAYOUTS: dict = {}  # (group, rank, start, V_r, world) -> global V, for layouts already checked on a GPU
+# Groups whose layout passed the host check, keyed on what every member shares: (the group's global ranks,
+# device type). Hit or miss is then the same on every rank; later calls check the layout on the device.
+_LAYOUTS: set = set()
+_HOST_CHECK_ALWAYS = ("cpu",)  # device types checked on the host at every call (no synchronisation there)
+_EXPORTS_FUSED = ("vocab_parallel_fused_linear_kd_loss", "FUSED_CHUNK_ELEMS")
+
+
+def __getattr__(name: str):
+    """The fused-linear variant, re-exported lazily (its module imports this one)."""
+    if name in _EXPORTS_FUSED:
+        from fastdistill.distributed import vocab_parallel_fused
+
+        return getattr(vocab_parallel_fused, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- layout of the group
 class _Shard:
-    """This rank's place in the group: rank, world, first vocab id, shard width."""
+    """This rank's place in the group: rank, world, first vocab id, shard width; the global V once checked."""
 
     def __init__(self, group, vocab_start, Vr: int, device: torch.device):
         if not (dist.is_available() and dist.is_initialized()):
@@ -58,34 +75,58 @@ class _Shard:
                 raise ValueError(f"vocab_start: expected >= 0, got {vocab_start}")
         self.start = int(vocab_start) if self.given else rank * Vr
         self.device = device
-        self.V: int | None = self.world * Vr if not self.given else None  # global vocabulary (host)
-        self.key = (id(group), rank, self.start, Vr, self.world, self.given)
+        self.V: int | None = None  # global vocabulary, from the gathered layout (None: checked on the device)
+        self.on_device = False  # the host check was skipped (cached group): _device_ok() guards the call
+        pg = group if group is not None else dist.group.WORLD
+        self.key = (tuple(dist.get_process_group_ranks(pg)), device.type)
 
-    def layout_block(self, dtype) -> torch.Tensor:
-        """[world, 2] with this rank's (start, end) in its row and −inf elsewhere (for a MAX all_reduce)."""
-        lay = torch.full((self.world, 2), _NEG_INF, dtype=dtype, device=self.device)
+    def fill_layout(self, lay: torch.Tensor) -> None:
+        """Fill ``lay`` [world, 3] with this rank's (start, end, given) in its row and −inf elsewhere (for a MAX
+        all_reduce, or an all_gather that keeps each rank's row). Scalar fills: no host-to-device copy."""
+        lay.fill_(_NEG_INF)
         lay[self.rank, 0], lay[self.rank, 1] = float(self.start), float(self.start + self.Vr)
-        return lay
+        lay[self.rank, 2] = float(self.given)
 
     def check(self, lay: torch.Tensor) -> None:
-        """Check the gathered layout (free on CPU tensors; once per layout on a GPU: one host sync)."""
-        if self.device.type != "cpu" and self.key in _LAYOUTS:
-            self.V = _LAYOUTS[self.key]
+        """Check the gathered layout [world, 3] on the host: at every call on CPU tensors (free), once per group
+        on a GPU (one host sync); later calls on a GPU set ``on_device`` instead (see ``_device_ok``). Every
+        rank sees the same ``lay`` and the same cache state, so all raise together or none does."""
+        if self.device.type not in _HOST_CHECK_ALWAYS and self.key in _LAYOUTS:
+            self.on_device = True
             return
-        rows = [(int(a), int(b)) for a, b in lay.cpu().tolist()]
-        widths = [b - a for a, b in rows]
-        if not self.given and len(set(widths)) > 1:
-            raise ValueError(f"vocab_start: None means equal shards (start = rank * V_r) over the group of size "
-                             f"{self.world}, but the ranks hold shard widths {widths}: pass each rank's vocab_start")
+        rows = lay.cpu().tolist()
+        spans = [(int(a), int(b)) for a, b, _ in rows]
         pos = 0
-        for a, b in sorted(rows):
+        for a, b in sorted(spans):
             if a != pos:
-                raise ValueError(f"vocab_start: the shards [start, end) of the group's ranks {rows} do not tile "
+                widths = [b - a for a, b in spans]
+                nones = [r for r, row in enumerate(rows) if row[2] <= 0]
+                if nones and len(set(widths)) > 1:
+                    raise ValueError(
+                        f"vocab_start: None means equal shards (start = rank * V_r) over the group of size "
+                        f"{self.world}, but the ranks hold shard widths {widths} and ranks {nones} passed None, so "
+                        f"the shards {spans} do not tile [0, V): pass each rank's vocab_start")
+                raise ValueError(f"vocab_start: the shards [start, end) of the group's ranks {spans} do not tile "
                                  f"[0, V) contiguously (a gap or an overlap at vocab id {min(a, pos)})")
             pos = b
         self.V = pos
-        if self.device.type != "cpu":
-            _LAYOUTS[self.key] = pos
+        if self.device.type not in _HOST_CHECK_ALWAYS:
+            _LAYOUTS.add(self.key)
+
+
+def _device_ok(lay: torch.Tensor, k: int = 0) -> torch.Tensor:
+    """On the device, no host sync: whether the shards of the gathered layout (rows ``(start, end, …)``)
+    tile [0, V) contiguously, in (start, end) order as the host check, and k <= V. A bool scalar tensor."""
+    a, b = lay[:, 0], lay[:, 1]
+    o = b.argsort(stable=True)
+    o = o[a[o].argsort(stable=True)]  # lexicographic (start, end)
+    a, b = a[o], b[o]
+    return (a[0] == 0) & (a[1:] == b[:-1]).all() & (b[-1] >= k)
+
+
+def _poison(ok: torch.Tensor, dtype) -> torch.Tensor:
+    """0 where ``ok``, NaN where not (added to the statistics of a call whose layout is invalid)."""
+    return torch.where(ok, 0.0, math.nan).to(dtype)
 
 
 def _rowmax(x: torch.Tensor) -> torch.Tensor:
@@ -117,12 +158,16 @@ class _Run:
         self.dense = p.topk == 0
         self.three = self.dense and p.div not in (_FKL, _RKL)
         self.checked = False
+        self.poison: torch.Tensor | None = None  # NaN when the device-side layout check fails (cached groups)
         # SUM columns: es, et, e1, A (fkl/rkl), zl, own (label), ownk, uk[k]
         self.nsum = 7 + (k if not self.dense else 0)
 
     def post_checks(self) -> None:
-        """Checks that need the global vocabulary V (all ranks raise together: V is global)."""
+        """Checks that need the global vocabulary V (all ranks raise together: V is global). Skipped when the
+        layout is checked on the device (a GPU after the group's first call): k > V poisons the loss instead."""
         V = self.sh.V
+        if V is None:
+            return
         if self.k > V:
             raise ValueError(f"teacher_topk: k = {self.k} exceeds the global vocabulary {V}")
         cpu = not torch.compiler.is_compiling()
@@ -187,14 +232,17 @@ class _Run:
         """MAX all_reduce (maxima + layout), rescale the local sums to the global maxima, SUM all_reduce.
         Returns (global maxima shifts [n, 3], global sums [n, nsum]) and V on the device."""
         sh, W = self.sh, self.sh.world
-        lay = sh.layout_block(mx.dtype)
-        flat = torch.cat([lay.reshape(-1), mx.reshape(-1)])
+        flat = torch.empty(3 * W + mx.numel(), dtype=mx.dtype, device=mx.device)
+        sh.fill_layout(flat[: 3 * W].view(W, 3))
+        flat[3 * W :] = mx.reshape(-1)
         dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=sh.group)
-        lay_g, M = flat[: 2 * W].view(W, 2), flat[2 * W :].view(mx.shape)
+        lay_g, M = flat[: 3 * W].view(W, 3), flat[3 * W :].view(mx.shape)
         if not self.checked:
             sh.check(lay_g)
             self.post_checks()
             self.checked = True
+        if sh.on_device and self.poison is None:  # the layout of this group was checked on an earlier call
+            self.poison = _poison(_device_ok(lay_g, self.k), mx.dtype)
         a, A = _safe(mx), _safe(M)
         r = torch.where(mx == _NEG_INF, torch.zeros_like(mx), torch.exp(a - A))  # local → global shift
         if self.dense and self.p.div in (_FKL, _RKL):
@@ -204,7 +252,10 @@ class _Run:
             sm[:, 3] = torch.where(r[:, i] > 0, r[:, i] * (sm[:, 3] + corr), torch.zeros_like(corr))
         sm[:, 0:3] *= r
         dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=sh.group)
-        return A, sm, lay_g[:, 1].max()
+        V = lay_g[:, 1].max()
+        if self.poison is not None:  # an invalid layout on a cached group: NaN statistics, on every rank alike
+            sm, V = sm + self.poison, V + self.poison
+        return A, sm, V
 
     # ---------------------------------------------------------------- stage B + collective 3
     def stage_b(self, zs_raw, zt_raw, lse_s, lse_t):
@@ -552,7 +603,10 @@ def vocab_parallel_topk(
     ``teacher_logits_shard``: ``[..., V_r]``. Returns ``(ids, logprobs)``, each ``[..., k]``, identical on
     every rank: the global vocab ids of the k largest logits (descending) and
     ``log_softmax(z / temperature)`` at them, normalised with the global logsumexp (fp32; fp64 for fp64
-    logits). One all_gather of each rank's local top-k, its logsumexp and its shard bounds."""
+    logits). One all_gather of each rank's local top-k, its logsumexp and its shard bounds.
+
+    Ties (``−inf`` logits included) go to any of the tied ids; the ids are always distinct global ids in
+    ``[0, V)``. A row whose logits are all ``−inf`` gets ``−inf`` log-probs."""
     z = teacher_logits_shard
     if not isinstance(z, torch.Tensor) or z.dtype not in _FLOAT_DTYPES or z.dim() < 1:
         raise TypeError(f"teacher_logits_shard: expected a floating tensor [..., V_r], got {getattr(z, 'dtype', z)}")
@@ -566,8 +620,10 @@ def vocab_parallel_topk(
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     z2 = z.reshape(N, Vr)
     kl = min(k, Vr)
+    # per row: k values, k global ids (padding: value −inf, id −1), the logsumexp; row N: (start, end, given)
     pack = torch.full((N + 1, 2 * k + 1), _NEG_INF, dtype=torch.float64, device=z.device)
-    pack[N, :2] = torch.tensor([sh.start, sh.start + Vr], dtype=torch.float64)
+    pack[:N, k : 2 * k] = -1.0
+    pack[N, 0], pack[N, 1], pack[N, 2] = float(sh.start), float(sh.start + Vr), float(sh.given)
     for sl in _chunks(N, Vr):
         u = z2[sl].to(acc) / float(temperature)
         if kl:
@@ -577,274 +633,20 @@ def vocab_parallel_topk(
     parts = [torch.empty_like(pack) for _ in range(sh.world)]
     dist.all_gather(parts, pack, group=sh.group)
     allp = torch.stack(parts, 1)  # [N + 1, W, 2k + 1]
-    sh.check(allp[N, :, :2])
-    if k > sh.V:
+    sh.check(allp[N, :, :3])
+    if sh.V is not None and k > sh.V:
         raise ValueError(f"k: {k} exceeds the global vocabulary {sh.V}")
     vals = allp[:N, :, :k].reshape(N, -1)
     gids = allp[:N, :, k : 2 * k].reshape(N, -1)
+    # real candidates first, then a stable descending sort: a padding slot never wins a tie with a real −inf
+    # logit (there are >= k real candidates when k <= V: Σ_r min(k, V_r) >= min(k, V))
+    real_first = (gids < 0).to(torch.uint8).argsort(dim=1, stable=True)
+    vals, gids = vals.gather(1, real_first), gids.gather(1, real_first)
+    top, pos = vals.sort(dim=1, descending=True, stable=True)
+    top, ids = top[:, :k], gids.gather(1, pos[:, :k]).long()
     lse = torch.logsumexp(allp[:N, :, 2 * k], 1)
-    top, pos = vals.topk(k, 1)
-    ids = gids.gather(1, pos).long()
-    lps = (top - lse[:, None]).to(acc)
-    return ids.view(*lead, k), lps.view(*lead, k)
-
-
-
-
-# ----------------------------------------------------------------------------- fused linear (lm_head shard)
-_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=torch.float32) works here (probed on first use)
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """a @ b with an ``acc`` result. Low-precision CUDA operands: fp32 output straight from the GEMM
-    (never rounded to bf16/fp16 first); otherwise both operands are upcast."""
-    lp = (torch.bfloat16, torch.float16)
-    if a.is_cuda and acc == torch.float32 and b.dtype in lp and _MM_OUT_DTYPE[0]:
-        try:
-            return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_OUT_DTYPE[0] = False
-    return a.to(acc) @ b.to(acc)
-
-
-class _Linear:
-    """Per-chunk logits of one model from its hidden states and weight shard (or a given logits shard)."""
-
-    def __init__(self, h, W, b, acc):
-        self.h, self.acc, self.b = h, acc, b
-        self.fast = h.is_cuda and acc == torch.float32 and W.dtype in (torch.bfloat16, torch.float16) \
-            and h.dtype == W.dtype
-        self.W = W if self.fast else W.to(acc)  # on the CPU (or fp32/fp64 weights): upcast once
-        self.Wt = self.W.t()
-
-    def logits(self, sl):
-        z = _mm(self.h[sl] if self.fast else self.h[sl].to(self.acc), self.Wt, self.acc)
-        return z + self.b.to(self.acc) if self.b is not None else z
-
-
-class _VocabParallelFusedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, run, cfg, h, W, b, th, tW, tb, t, ids, labels, mask, weights):
-        with torch.autocast(h.device.type, enabled=False):  # the GEMMs choose their own precision
-            return _VocabParallelFusedLinear._forward(ctx, run, cfg, h, W, b, th, tW, tb, t, ids, labels, mask,
-                                                      weights)
-
-    @staticmethod
-    def _forward(ctx, run, cfg, h, W, b, th, tW, tb, t, ids, labels, mask, weights):
-        p, sh = run.p, run.sh
-        acc = p.accum_dtype
-        N, Vr = h.shape[0], W.shape[0]
-        stu = _Linear(h, W, b, acc)
-        tea = _Linear(th, tW, tb, acc) if th is not None else None
-        need = [cfg["grad_on"] and ctx.needs_input_grad[i] for i in (2, 3, 4)]
-        eager = any(need) and p.red != 3  # gradient in the forward: no teacher recompute in the backward
-        dh = torch.zeros(h.shape, dtype=acc, device=h.device) if eager and need[0] else None
-        dW = torch.zeros(W.shape, dtype=acc, device=W.device) if eager and need[1] else None
-        db = torch.zeros(Vr, dtype=acc, device=W.device) if eager and need[2] else None
-        st = torch.empty((N, 8), dtype=acc, device=h.device)
-        uk = torch.empty((N, run.k), dtype=acc, device=h.device) if not run.dense else None
-        V = torch.ones((), dtype=acc, device=h.device)
-        for sl in _rows_chunks(N, cfg["rows"]):
-            zs = stu.logits(sl)
-            tb_ = (tea.logits(sl) if tea is not None else t[sl]) if run.dense else (ids[sl], t[sl])
-            lab = labels[sl] if labels is not None else None
-            mx, sm = run.stage_a(zs, tb_, lab)
-            A, G, V = run.collect(mx, sm)
-            part = None
-            if run.three:
-                part = run.stage_b(zs, tb_, A[:, 0] + G[:, 0].log(), A[:, 1] + G[:, 1].log())
-                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=sh.group)
-            st[sl], u = run.finish(A, G, part, None if run.dense else t[sl], lab,
-                                   mask[sl] if mask is not None else None, weights[sl] if weights is not None else None)
-            if uk is not None:
-                uk[sl] = u
-            if eager:
-                g = run.grad(zs, tb_, lab, weights[sl] if weights is not None else None, st[sl],
-                             uk[sl] if uk is not None else None, torch.ones((), dtype=acc, device=h.device))
-                _accumulate(g, stu, sl, dh, dW, db)
-        loss, factor = _reduce(p, st, V)
-        ctx.run, ctx.cfg, ctx.eager = run, cfg, eager
-        ctx.dtypes = (h.dtype, W.dtype, b.dtype if b is not None else None)
-        ctx.set_materialize_grads(False)
-        if eager:
-            grads = [x * factor if x is not None else None for x in (dh, dW, db)]
-            if grads[0] is not None and cfg["reduce_hidden_grad"]:
-                dist.all_reduce(grads[0], op=dist.ReduceOp.SUM, group=sh.group)
-            ctx.save_for_backward(*grads)
-        else:
-            ctx.save_for_backward(h, W, b, th, tW, tb, t, ids, labels, weights, st, uk, factor)
-        return st[:, _CONTRIB].clone() if p.red == 3 else loss
-
-    @staticmethod
-    def backward(ctx, go):
-        if go is None:
-            return (None,) * 13
-        with torch.autocast(go.device.type, enabled=False):
-            return _VocabParallelFusedLinear._backward(ctx, go)
-
-    @staticmethod
-    def _backward(ctx, go):
-        none = (None,) * 8
-        run, cfg = ctx.run, ctx.cfg
-        acc = run.p.accum_dtype
-        hd, Wd, bd = ctx.dtypes
-        if ctx.eager:
-            dh, dW, db = ctx.saved_tensors
-            go = go.to(acc)
-            out = [x * go if x is not None else None for x in (dh, dW, db)]
-        else:
-            h, W, b, th, tW, tb, t, ids, labels, weights, st, uk, factor = ctx.saved_tensors
-            need = ctx.needs_input_grad[2:5]
-            out = [torch.zeros(x.shape, dtype=acc, device=x.device) if x is not None and n else None
-                   for x, n in zip((h, W, b), need)]
-            stu = _Linear(h, W, b, acc)
-            tea = _Linear(th, tW, tb, acc) if th is not None else None
-            gor = go.reshape(-1).to(acc)
-            for sl in _rows_chunks(h.shape[0], cfg["rows"]):
-                zs = stu.logits(sl)
-                tb_ = (tea.logits(sl) if tea is not None else t[sl]) if run.dense else (ids[sl], t[sl])
-                rowscale = factor * (gor[sl][:, None] if gor.numel() > 1 else gor)
-                g = run.grad(zs, tb_, labels[sl] if labels is not None else None,
-                             weights[sl] if weights is not None else None, st[sl],
-                             uk[sl] if uk is not None else None, rowscale)
-                _accumulate(g, stu, sl, *out)
-            if out[0] is not None and cfg["reduce_hidden_grad"]:
-                dist.all_reduce(out[0], op=dist.ReduceOp.SUM, group=run.sh.group)
-        dh, dW, db = (x.to(d) if x is not None else None for x, d in zip(out, (hd, Wd, bd)))
-        return (None, None, dh, dW, db) + none
-
-
-def _rows_chunks(N: int, rows: int):
-    for r0 in range(0, N, rows):
-        yield slice(r0, min(N, r0 + rows))
-
-
-def _accumulate(g, stu: _Linear, sl, dh, dW, db):
-    """dh[rows] = g @ W_shard, dW_shard += gᵀ @ h[rows], db_shard += Σ_rows g (all in the accumulation dtype)."""
-    if dh is not None:
-        dh[sl] = _mm(g, stu.W, stu.acc)
-    if dW is not None:
-        dW += _mm(g.t(), stu.h[sl] if stu.fast else stu.h[sl].to(stu.acc), stu.acc)
-    if db is not None:
-        db += g.sum(0)
-
-
-def _auto_rows(sh: _Shard, N: int, Vr: int, H: int, device) -> int:
-    rows = max(1, FUSED_CHUNK_ELEMS // max(Vr, H, 1))
-    rows = 1 << (rows.bit_length() - 1)  # a power of two: the same on every rank for equal shards
-    if sh.given and sh.world > 1:  # shard widths may differ: the ranks must agree on the number of chunks
-        t = torch.tensor([float(rows)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=sh.group)
-        rows = int(t.item())  # one host sync; pass an int chunk_size to avoid it
-    return max(1, min(rows, N))
-
-
-@torch.compiler.disable  # collectives and host-side layout checks: always eager
-def vocab_parallel_fused_linear_kd_loss(
-    student_hidden: torch.Tensor,
-    student_weight_shard: torch.Tensor,
-    teacher_hidden: torch.Tensor | None = None,
-    teacher_weight_shard: torch.Tensor | None = None,
-    *,
-    teacher_logits_shard: torch.Tensor | None = None,
-    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
-    student_bias_shard: torch.Tensor | None = None,
-    teacher_bias_shard: torch.Tensor | None = None,
-    group: dist.ProcessGroup | None = None,
-    vocab_start: int | None = None,
-    chunk_size: int | str = "auto",
-    reduce_hidden_grad: bool = True,
-    divergence: str = "fkl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    temperature: float = 1.0,
-    teacher_temperature: float | None = None,
-    t2_scale: bool = False,
-    labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    mask: torch.Tensor | None = None,
-    weights: torch.Tensor | None = None,
-    reduction: str = "batchmean",
-    num_items: int | float | None = None,
-    hard_label_alpha: float = 0.0,
-    softcap: float | None = None,
-    logit_scale: float | None = None,
-    topk_semantics: str = "tail_bucket",
-    accum_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """``vocab_parallel_kd_loss`` of ``student_hidden @ student_weight_shardᵀ (+ bias)`` without the
-    ``[N, V_r]`` logits: rows are processed in chunks (logits in fp32, the loss's collectives per chunk,
-    the gradient of the chunk at once), ``dW_shard`` / ``db_shard`` accumulated in fp32.
-
-    ``student_hidden``: ``[N, H]`` or ``[B, T, H]``, the same on every rank (the input of a vocab-parallel
-    lm_head). ``student_weight_shard``: ``[V_r, H]``, this rank's rows ``[vocab_start, vocab_start + V_r)``
-    of the lm_head. The teacher is one of ``teacher_hidden`` + ``teacher_weight_shard`` (``[V_r, H_t]``,
-    sliced like the student's), ``teacher_logits_shard`` (``[..., V_r]``) or ``teacher_topk``; it gets no
-    gradient. ``reduce_hidden_grad=True`` all-reduces (SUM) the gradient of ``student_hidden`` over the
-    group, so that it is the full gradient on every rank; pass False when the caller's own autograd
-    region already does it (Megatron's ``copy_to_tensor_model_parallel_region`` before the lm_head).
-    ``chunk_size``: rows per chunk, the same on every rank (``"auto"``: a memory budget of
-    ``FUSED_CHUNK_ELEMS`` logits). Every other option is ``kd_loss``'s.
-
-    Example::
-
-        loss = vocab_parallel_fused_linear_kd_loss(h, lm_head_shard.weight, h_teacher, t_lm_head_shard.weight,
-                                                   group=tp_group, divergence="fkl", temperature=2.0)
-    """
-    h, W = student_hidden, student_weight_shard
-    for nm, v in (("student_hidden", h), ("student_weight_shard", W)):
-        if not isinstance(v, torch.Tensor) or v.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{nm}: expected a floating tensor, got {getattr(v, 'dtype', type(v).__name__)}")
-    if h.dim() < 2:
-        raise ValueError(f"student_hidden: expected shape [N, H] or [B, T, H], got {tuple(h.shape)}")
-    lead, H = h.shape[:-1], h.shape[-1]
-    if W.dim() != 2 or W.shape[1] != H:
-        raise ValueError(f"student_weight_shard: expected shape [V_r, {H}] (H of student_hidden), got {tuple(W.shape)}")
-    if W.device != h.device:
-        raise ValueError(f"student_weight_shard: expected device {h.device}, got {W.device}")
-    Vr, N = W.shape[0], int(torch.Size(lead).numel())
-    n_teachers = (teacher_hidden is not None) + (teacher_logits_shard is not None) + (teacher_topk is not None)
-    if n_teachers != 1:
-        raise ValueError("teacher_hidden / teacher_logits_shard / teacher_topk: give exactly one of them")
-    if (teacher_hidden is None) != (teacher_weight_shard is None):
-        raise ValueError("teacher_weight_shard: required with teacher_hidden (and only with it)")
-    th2 = tW = None
-    if teacher_hidden is not None:
-        th, tW = teacher_hidden, teacher_weight_shard
-        for nm, v in (("teacher_hidden", th), ("teacher_weight_shard", tW)):
-            if not isinstance(v, torch.Tensor) or v.dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"{nm}: expected a floating tensor, got {getattr(v, 'dtype', type(v).__name__)}")
-            if v.device != h.device:
-                raise ValueError(f"{nm}: expected device {h.device}, got {v.device}")
-        if th.shape[:-1] != lead:
-            raise ValueError(f"teacher_hidden: expected leading dims {tuple(lead)} (the student's), "
-                             f"got {tuple(th.shape)}")
-        if tW.dim() != 2 or tW.shape != (Vr, th.shape[-1]):
-            raise ValueError(f"teacher_weight_shard: expected shape [{Vr}, {th.shape[-1]}] (the student shard's "
-                             f"V_r, H of teacher_hidden), got {tuple(tW.shape)}")
-        th2 = th.reshape(N, th.shape[-1]).contiguous()
-    for nm, bias in (("student_bias_shard", student_bias_shard), ("teacher_bias_shard", teacher_bias_shard)):
-        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (Vr,) or bias.device != h.device):
-            raise ValueError(f"{nm}: expected a tensor of shape [{Vr}] on {h.device}, got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-    if teacher_bias_shard is not None and teacher_hidden is None:
-        raise ValueError("teacher_bias_shard: only with teacher_hidden / teacher_weight_shard")
-    run, t2, ids, labels2, mask2, w2 = _common(
-        h, lead, N, Vr, teacher_logits_shard, teacher_topk, topk_semantics, labels, mask, weights, group,
-        vocab_start, "teacher_logits_shard", divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-        teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
-        num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap, logit_scale=logit_scale,
-        accum_dtype=accum_dtype)
-    if chunk_size == "auto":
-        rows = _auto_rows(run.sh, N, Vr, H, h.device)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected 'auto' or a positive int (the same on every rank), got {chunk_size!r}")
-    else:
-        rows = chunk_size
-    cfg = {"rows": rows, "reduce_hidden_grad": bool(reduce_hidden_grad),
-           "grad_on": torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                                      for x in (h, W, student_bias_shard))}
-    h2 = h.reshape(N, H)
-    out = _VocabParallelFusedLinear.apply(run, cfg, h2, W, student_bias_shard, th2, tW, teacher_bias_shard, t2, ids,
-                                          labels2, mask2, w2)
-    return out.view(lead) if run.p.red == 3 else out
+    lps = torch.where(top == _NEG_INF, top, top - lse[:, None])  # an all −inf row: −inf, not NaN
+    if sh.on_device:  # cached group: an invalid layout (or k > V) gives NaN log-probs, on every rank alike
+        lps = lps + _poison(_device_ok(allp[N], k), lps.dtype)
+        ids = ids.clamp_min(0)
+    return ids.view(*lead, k), lps.to(acc).view(*lead, k)
