@@ -13,6 +13,11 @@ and its caught errors to a file. The parent puts the shards back together and co
 float64 cases (reference backend) must match both to 1e-10. fp32/bf16 cases (reference, and Triton
 through its interpreter when TRITON_INTERPRET=1) must stay within 2 × the single-device op's own error
 against the fp64 oracle.
+
+Regression checks for calls that differ on one rank only (a changed signature after an agreed call, an
+argument error only one rank's local checks see, a loss using lse on rank 0 only) run on groups with a
+short timeout (SHORT_TIMEOUT_S), so that a rank left waiting in a collective fails the test instead of
+hanging it (a gloo size mismatch aborts the worker: the world's fixture then errors).
 """
 
 from __future__ import annotations
@@ -47,11 +52,12 @@ class Case:
     Hkv: int = 2
     tangents: str = "qkv"  # which of tq, tk, tv are given
     call: str = "explicit"  # explicit | dual (forward_ad dual tensors) | func (torch.func.jvp)
-    loss: str = "o+lse"  # what the backward differentiates: o+lse | lse | none
+    loss: str = "o+lse"  # what the backward differentiates: o+lse | lse | none | o+lse@0 (lse on rank 0 only)
     dtype: str = "float64"
     tangent_dtype: str | None = None
     backend: str = "reference"  # triton: through Triton's interpreter (TRITON_INTERPRET=1), else skipped
     worlds: tuple = (2, 4)  # the world sizes that run it
+    short_timeout: bool = False  # run on a group of the whole world with a short timeout (a mismatch fails fast)
 
 
 B, D, DV = 2, 8, 6
@@ -68,6 +74,9 @@ CASES = [
     Case("ring-zigzag-noncausal", seq_layout="zigzag", sq=4, sk=6),
     Case("ring-lse-only-loss", causal=True, seq_layout="zigzag", loss="lse"),
     Case("ring-sk0", sq=3, sk=0),
+    # only rank 0's loss uses lse: the other ranks get dlse = None in the backward (Ulysses used to skip an all-to-all)
+    Case("ring-lse-on-rank0-only", causal=True, loss="o+lse@0", short_timeout=True),
+    Case("ulysses-lse-on-rank0-only", mode="ulysses", causal=True, Hq=4, Hkv=4, loss="o+lse@0", short_timeout=True),
     Case("ulysses-noncausal-gqa", mode="ulysses", Hq=8, Hkv=4),
     Case("ulysses-causal-contiguous-bhsd", mode="ulysses", causal=True, layout="bhsd", Hq=4, Hkv=4),
     Case("ulysses-causal-zigzag", mode="ulysses", causal=True, seq_layout="zigzag", Hq=4, Hkv=4),
@@ -86,6 +95,7 @@ CASES = [
     Case("ring-triton-bf16-fp32-tangent", causal=True, dtype="bfloat16", tangent_dtype="float32", tangents="qk",
          backend="triton", worlds=(2,)),
 ]
+SHORT_TIMEOUT_S = 20
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # also run in the 4-process world on two groups of 2 ranks (group ranks != global ranks)
 SUB_CASES = [c for c in CASES if c.name in ("ring-gqa-causal-zigzag", "ring-cross", "ulysses-causal-zigzag")]
@@ -109,6 +119,9 @@ def make_inputs(case: Case, W: int, seed: int) -> dict:
         x["t" + n] = r(*x[n].shape) if n in case.tangents else None
     x["go"] = r(*_shape(case, W, case.sq, case.Hq, DV))
     x["gl"] = r(B, case.Hq, W * case.sq)
+    if case.loss == "o+lse@0":  # contiguous shards: rank 0 holds the first sq rows; the others' lse is not in the loss
+        assert case.seq_layout == "contiguous"
+        x["gl"][:, :, case.sq:] = 0
     dt = getattr(torch, case.dtype)
     return {n: None if t is None else t.to(dt) for n, t in x.items()}
 
@@ -197,18 +210,21 @@ def _run_case(case: Case, x: dict, W: int, r: int, group=None) -> dict:
         o, to, lse, dlse = cp(q, k, v, *(loc["t" + n] for n in "qkv"), **kw)
     res = {"o": o.detach(), "to": to, "lse": lse.detach(), "dlse": dlse}
     if case.loss != "none":
-        loss = (lse * loc["gl"]).sum()
-        if case.loss == "o+lse":
-            loss = loss + (o * loc["go"]).sum()
-        loss.backward()
+        terms = []
+        if case.loss in ("lse", "o+lse") or (case.loss == "o+lse@0" and r == 0):
+            terms.append((lse * loc["gl"]).sum())
+        if case.loss in ("o+lse", "o+lse@0"):
+            terms.append((o * loc["go"]).sum())
+        sum(terms).backward()
         res.update(dq=q.grad, dk=k.grad, dv=v.grad)
     return {n: None if t is None else t.detach() for n, t in res.items()}
 
 
-def _expect_error(fn, exc) -> str:
+def _expect_error(fn) -> str:
+    """The error ``fn`` raised, as "Type: message" (any type: the test checks it), or "no error"."""
     try:
         fn()
-    except exc as e:
+    except Exception as e:
         return f"{type(e).__name__}: {e}"
     return "no error"
 
@@ -225,22 +241,26 @@ def _extras(x: dict, W: int, r: int) -> dict:
     out["zigzag_shard_ok"] = torch.equal(sh, torch.cat([c[r], c[2 * W - 1 - r]], 1))
     out["zigzag_roundtrip_ok"] = torch.equal(zigzag_unshard(sh, 1), full) and torch.equal(
         zigzag_unshard(zigzag_shard(full, -3), -3), full)
-    out["err_zigzag_size"] = _expect_error(lambda: zigzag_shard(full[:, :3], 1), ValueError)
+    out["err_zigzag_size"] = _expect_error(lambda: zigzag_shard(full[:, :3], 1))
     q = torch.randn(1, 4, W + 1, D, dtype=F64)
-    out["err_ulysses_heads"] = _expect_error(lambda: cp(q, q, q, mode="ulysses"), ValueError)
+    out["err_ulysses_heads"] = _expect_error(lambda: cp(q, q, q, mode="ulysses"))
     k = torch.randn(1, 6, W + 1, D, dtype=F64)
-    out["err_causal_lengths"] = _expect_error(lambda: cp(q, k, k, causal=True), ValueError)
+    out["err_causal_lengths"] = _expect_error(lambda: cp(q, k, k, causal=True))
     out["err_zigzag_odd"] = _expect_error(lambda: cp(q[:, :3], q[:, :3], q[:, :3], causal=True,
-                                                     seq_layout="zigzag"), ValueError)
-    out["err_mode"] = _expect_error(lambda: cp(q, q, q, mode="ringg"), ValueError)
-    out["err_group"] = _expect_error(lambda: cp(q, q, q, group=3), TypeError)
+                                                     seq_layout="zigzag"))
+    out["err_mode"] = _expect_error(lambda: cp(q, q, q, mode="ringg"))
+    out["err_group"] = _expect_error(lambda: cp(q, q, q, group=3))
+    # check=False: the same result without the agreement all-gather; a local error still raises
+    q2 = q[:, :, :2]
+    out["check_off_equal"] = torch.equal(cp(q2, q2, q2, check=False)[0], cp(q2, q2, q2)[0])
+    out["err_mode_check_off"] = _expect_error(lambda: cp(q, q, q, mode="ringg", check=False))
     # shards of different lengths on different ranks: caught by the agreement check on every rank
     qq = torch.randn(1, 4 + r, 2, D, dtype=F64)
-    out["err_ranks_differ"] = _expect_error(lambda: cp(qq, qq, qq), ValueError)
+    out["err_ranks_differ"] = _expect_error(lambda: cp(qq, qq, qq))
     # the tangent output is stop-gradient
     qg = q[:, :, :2].clone().requires_grad_()
     _, to = cp(qg, qg, qg, torch.ones_like(qg))
-    out["err_stop_gradient"] = _expect_error(lambda: to.sum().backward(), RuntimeError)
+    out["err_stop_gradient"] = _expect_error(lambda: to.sum().backward())
     # a context-parallel group of one rank equals the single-device op
     if W == 2:
         groups = [dist.new_group([0]), dist.new_group([1])]
@@ -248,6 +268,42 @@ def _extras(x: dict, W: int, r: int) -> dict:
         a = cp(*xs, *xs, group=groups[r], causal=False, return_lse=True)
         b = fd.jvp_attention(*xs, *xs, return_lse=True)
         out["group1_equal"] = all(torch.equal(u, w) for u, w in zip(a, b))
+    return out
+
+
+def _one_rank_differs(W: int, r: int, agree_group, local_group) -> dict:
+    """The last rank alone makes a different call; every rank must raise the same error, at once, and the group
+    must stay usable (no collective left pending). Each group has a short timeout: a rank left waiting in a
+    collective shows as a timeout error here instead of a hang."""
+    from fastdistill.distributed import context_parallel_jvp_attention as cp
+
+    odd = r == W - 1
+    out = {}
+    g = torch.Generator().manual_seed(r)
+    x = torch.randn(1, 4, 2, D, generator=g, dtype=F64)
+
+    def usable(group):  # an agreed call after the errors still runs (and matches on every rank)
+        try:
+            o, _ = cp(x, x, x, group=group, causal=True, seq_layout="zigzag")
+            return tuple(o.shape) == tuple(x.shape)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    # 1. a signature that changed on one rank after an agreed call (was: a per-rank cache of agreed signatures)
+    cp(x, x, x, group=agree_group)
+    y = torch.randn(1, 6 if odd else 4, 2, D, dtype=F64)
+    out["err_after_agreed_call"] = _expect_error(lambda: cp(y, y, y, group=agree_group))
+    out["usable_after_mismatch"] = usable(agree_group)
+    # 2. an argument error that only the last rank's local checks see
+    z = x[:, :3] if odd else x
+    out["err_zigzag_odd_one_rank"] = _expect_error(lambda: cp(z, z, z, group=local_group, causal=True,
+                                                              seq_layout="zigzag"))
+    h = torch.randn(1, 4, W + 1 if odd else W, D, dtype=F64)
+    out["err_ulysses_heads_one_rank"] = _expect_error(lambda: cp(h, h, h, group=local_group, mode="ulysses"))
+    out["err_causal_lengths_one_rank"] = _expect_error(lambda: cp(x, z, z, group=local_group, causal=True))
+    t = x.float() if odd else x
+    out["err_tangent_dtype_one_rank"] = _expect_error(lambda: cp(x, x, x, t, group=local_group))
+    out["usable_after_local_errors"] = usable(local_group)
     return out
 
 
@@ -270,12 +326,17 @@ def _worker(r: int, W: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=r, world_size=W,
                             timeout=datetime.timedelta(seconds=60))
     inputs = torch.load(os.path.join(tmp, "inputs.pt"))
-    res = {c.name: _guarded(_run_case, c, x, W, r) for c, x in zip(CASES, inputs["cases"])}
+    # groups of the whole world with a short timeout, for the cases where a rank used to wait in a collective
+    # that the others never entered (the same order on every rank)
+    short = [dist.new_group(list(range(W)), timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S)) for _ in range(3)]
+    res = {c.name: _guarded(_run_case, c, x, W, r, group=short[0] if c.short_timeout else None)
+           for c, x in zip(CASES, inputs["cases"])}
     if W == 4:
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         for c, x in zip(SUB_CASES, inputs["sub"]):
             res["sub:" + c.name] = _guarded(_run_case, c, x, 2, r % 2, group=pairs[r // 2])
     res["extras"] = _extras(inputs, W, r)
+    res["extras"].update(_one_rank_differs(W, r, short[1], short[2]))
     torch.save(res, os.path.join(tmp, f"rank{r}.pt"))
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -334,7 +395,7 @@ def single_device(case: Case, x: dict) -> dict:
     with fd.use_backend(case.backend):
         o, to, lse, dlse = fd.jvp_attention(q, k, v, x["tq"], x["tk"], x["tv"], causal=case.causal,
                                             layout=case.layout, return_lse=True, tangent_dtype=td)
-        loss = (lse * x["gl"]).sum() + ((o * x["go"]).sum() if case.loss == "o+lse" else 0.0)
+        loss = (lse * x["gl"]).sum() + ((o * x["go"]).sum() if case.loss in ("o+lse", "o+lse@0") else 0.0)
         loss.backward()
     out = {"o": o, "to": to, "lse": lse, "dlse": dlse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
     return {n: None if t is None else t.detach() for n, t in out.items()}
@@ -383,6 +444,7 @@ def test_zigzag_helpers(world):
     for r, rk in enumerate(ranks):
         assert rk["extras"]["zigzag_shard_ok"], f"W={W} rank {r}: zigzag_shard picked the wrong chunks"
         assert rk["extras"]["zigzag_roundtrip_ok"], f"W={W} rank {r}: zigzag_unshard(zigzag_shard(x)) != x"
+        assert rk["extras"]["check_off_equal"], f"W={W} rank {r}: check=False changed the result"
 
 
 @pytest.mark.parametrize("key, exc, words", [
@@ -394,6 +456,12 @@ def test_zigzag_helpers(world):
     ("err_group", "TypeError", "group:"),
     ("err_ranks_differ", "ValueError", "q: local sequence length differs between the ranks"),
     ("err_stop_gradient", "RuntimeError", "stop-gradient"),
+    ("err_after_agreed_call", "ValueError", "q: local sequence length differs between the ranks"),
+    ("err_zigzag_odd_one_rank", "ValueError", "q, k: zigzag shards hold two equal chunks"),
+    ("err_mode_check_off", "ValueError", "mode"),
+    ("err_ulysses_heads_one_rank", "ValueError", "q: mode='ulysses'"),
+    ("err_causal_lengths_one_rank", "ValueError", "q, k: causal"),
+    ("err_tangent_dtype_one_rank", "TypeError", "tq: dtype"),
 ])
 def test_errors(world, key, exc, words):
     W, _, ranks = world
@@ -407,3 +475,24 @@ def test_group_of_one_is_the_single_device_op(world):
     if W != 2:
         pytest.skip("checked in the 2-process world")
     assert all(rk["extras"]["group1_equal"] for rk in ranks)
+
+
+@pytest.mark.parametrize("key", ["err_zigzag_odd_one_rank", "err_ulysses_heads_one_rank",
+                                 "err_causal_lengths_one_rank", "err_tangent_dtype_one_rank"])
+def test_local_error_of_one_rank_raised_on_every_rank(world, key):
+    """Only the last rank's arguments are bad: it raises its own error, the others its message naming it."""
+    W, _, ranks = world
+    own = ranks[W - 1]["extras"][key]
+    assert "context-parallel group" not in own, f"W={W}: the failing rank's own error was rewritten: {own}"
+    for r in range(W - 1):
+        msg = ranks[r]["extras"][key]
+        assert msg.startswith(own) and f"rank {W - 1} of the context-parallel group" in msg, \
+            f"W={W} rank {r}: {key}: expected the message of rank {W - 1}, got {msg}"
+
+
+@pytest.mark.parametrize("key", ["usable_after_mismatch", "usable_after_local_errors"])
+def test_group_usable_after_the_errors(world, key):
+    """After errors raised on every rank, no collective is left pending: the next agreed call runs."""
+    W, _, ranks = world
+    for r, rk in enumerate(ranks):
+        assert rk["extras"][key] is True, f"W={W} rank {r}: {key}: {rk['extras'][key]}"

@@ -16,13 +16,15 @@ ulysses  all-to-all sequence -> heads, the single-device op on the full sequence
          all-to-all back; the backward all-to-alls the gradients through the single-device backward.
 
 Every rank must make the same call (same shapes, same tangents present, same options): the
-collectives have to match. Shapes are checked against the other ranks once per distinct call
-signature (one tiny all-gather).
+collectives have to match. Every call first all-gathers a tiny record from each rank (its call signature,
+and whether its arguments passed the local checks, with the error message if not) and decides on the
+host, so that every rank raises the same error or none does (``_agree``).
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -68,26 +70,71 @@ def _global(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
-_AGREED: set = set()
+_MSG_WORDS = 64  # room for 512 bytes of a local error message in the agreement record
+_EXC_KINDS = (ValueError, TypeError)  # kind 1, 2; anything else: 3 (a RuntimeError on the other ranks)
 
 
-def _check_ranks_agree(group, W: int, device: torch.device, names: tuple[str, ...], sig: tuple[int, ...]) -> None:
-    """All ranks must pass the same shapes and options (the transfers and all-to-alls have fixed sizes).
-    Checked with one small all-gather the first time a signature is seen (a host sync: once per shape)."""
-    key = (id(group), sig)
-    if key in _AGREED:
-        return
-    mine = torch.tensor(sig, dtype=torch.int64, device=device)
+def _agree_device(group, q) -> torch.device:
+    """Where the agreement record lives: the CPU when the group has a CPU backend (gloo, or a group made
+    with ``backend="cpu:gloo,cuda:nccl"``: a host collective, no wait for the GPU), else q's device (NCCL)."""
+    try:
+        types = [d.type for d in (group if group is not None else dist.group.WORLD)._device_types]
+    except Exception:  # a private property: when it is missing, q's device as before
+        types = []
+    if "cpu" in types:
+        return torch.device("cpu")
+    if isinstance(q, torch.Tensor) and (not types or q.device.type in types):
+        return q.device
+    if not types:
+        return torch.device("cpu")
+    mod = getattr(torch, types[0], None)  # q is no tensor (a local TypeError): the group's own device
+    return torch.device(types[0], mod.current_device()) if hasattr(mod, "current_device") else torch.device("cpu")
+
+
+def _encode(err: BaseException | None, sig: tuple[int, ...] | None, n_sig: int) -> list[int]:
+    """[failed, kind, *signature, *message]: the message as little-endian int64 words."""
+    if err is None:
+        return [0, 0, *sig, *([0] * _MSG_WORDS)]
+    kind = next((i + 1 for i, c in enumerate(_EXC_KINDS) if isinstance(err, c)), len(_EXC_KINDS) + 1)
+    msg = str(err) if kind <= len(_EXC_KINDS) else f"{type(err).__name__}: {err}"
+    raw = msg.encode("utf-8")[: 8 * _MSG_WORDS].ljust(8 * _MSG_WORDS, b"\0")
+    return [1, kind, *([0] * n_sig), *struct.unpack(f"<{_MSG_WORDS}q", raw)]
+
+
+def _decode_msg(words: list[int]) -> str:
+    return struct.pack(f"<{_MSG_WORDS}q", *words).rstrip(b"\0").decode("utf-8", "ignore")
+
+
+def _agree(group, W: int, q, err: BaseException | None, names: tuple[str, ...], sig: tuple[int, ...] | None) -> None:
+    """Every rank, every call: one all-gather of a small int64 record, then the same decision on every rank.
+
+    - a rank whose arguments failed the local checks (``err``) re-raises its own error; every other rank
+      raises the same type (a RuntimeError for other exception types) with the first failing rank's message;
+    - otherwise, if the signatures differ, a ValueError on every rank naming what differs.
+    Reading the gathered record is a host sync: free for a CPU group, one device-to-host wait per call on an
+    NCCL group (the CPU waits for the work already queued on the current stream; see docs/context_parallel.md).
+    """
+    n = len(names)
+    mine = torch.tensor(_encode(err, sig, n), dtype=torch.int64, device=_agree_device(group, q))
     every = [torch.empty_like(mine) for _ in range(W)]
     dist.all_gather(every, mine, group=group)
     rows = torch.stack(every).cpu().tolist()
+    failed = [j for j, row in enumerate(rows) if row[0]]
+    if err is not None:
+        raise err
+    if failed:
+        j = failed[0]
+        kind = rows[j][1]
+        cls = _EXC_KINDS[kind - 1] if 1 <= kind <= len(_EXC_KINDS) else RuntimeError
+        who = f"rank {j}" if len(failed) == 1 else f"ranks {failed}"
+        raise cls(f"{_decode_msg(rows[j][2 + n:])} [raised by the arguments of {who} of the context-parallel "
+                  "group; every rank raises it, none is left waiting in a collective]")
     for j, name in enumerate(names):
-        vals = [row[j] for row in rows]
+        vals = [row[2 + j] for row in rows]
         if len(set(vals)) > 1:
             raise ValueError(f"{name} differs between the ranks of the group ({vals} on ranks 0..{W - 1}): "
                              "context-parallel attention needs shards of the same length and the same options, "
                              "tangents and shapes on every rank")
-    _AGREED.add(key)
 
 
 def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], cfg) -> list:
@@ -382,6 +429,9 @@ def _ulysses_bwd(do, dlse, saved, cfg: _Cfg):
     sd, hd = _dims(cfg.lay)
     qh, kh, vh, oh, lseh = saved
     (doh,) = _seq_to_heads([do], cfg, sd, hd)
+    if dlse is None:  # this rank's loss does not use lse: zeros, so that every rank runs the same all-to-all
+        B, h, S = lseh.shape
+        dlse = lseh.new_zeros((B, h * cfg.W, S // cfg.W))
     (dlseh,) = _seq_to_heads([dlse], cfg, 2, 1)
     dqh, dkh, dvh = _bwd(doh, qh, kh, vh, oh, lseh, dlseh, cfg.causal, cfg.scale, cfg.lay, cfg.backend)
     (dq,) = _heads_to_seq([dqh], cfg, sd, hd)
@@ -465,7 +515,7 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    tk: torch.Tensor | None = None, tv: torch.Tensor | None = None, *, group=None,
                                    mode: str = "ring", causal: bool = False, scale: float | None = None,
                                    layout: str = "bshd", seq_layout: str = "contiguous", return_lse: bool = False,
-                                   tangent_dtype: torch.dtype | None = None):
+                                   tangent_dtype: torch.dtype | None = None, check: bool = True):
     """``jvp_attention`` with the sequence sharded over the ranks of ``group`` (context parallelism).
 
     Each rank passes its shard of the sequence: q ``[B, Sq/W, Hq, Dqk]``, k ``[B, Sk/W, Hkv, Dqk]``,
@@ -488,19 +538,62 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         seq_layout: ``"contiguous"`` (rank r holds chunk r) or ``"zigzag"`` (the sequence is cut into 2W
             chunks and rank r holds chunks r and 2W−1−r: balanced causal work; see ``zigzag_shard``).
         scale, layout, return_lse, tangent_dtype: as in ``jvp_attention``.
+        check: before communicating, agree over the group that every rank's arguments are valid and the
+            same (one small all-gather; on an NCCL-only group also a host sync). ``False`` skips it: an
+            argument error then raises on its rank only and ranks that disagree can hang in a
+            collective, but the call has no host sync (for training loops already known to be
+            consistent). See docs/context_parallel.md.
 
     Example (``torchrun --nproc-per-node 4``)::
 
         q, k, v = (zigzag_shard(x, dim=1) for x in (q_full, k_full, v_full))
         o, to = context_parallel_jvp_attention(q, k, v, tq, tk, tv, causal=True, seq_layout="zigzag")
     """
+    group, W, r = _group_info(group)
+    if W == 1:  # one rank: the single-device op (zigzag with W = 1 is the natural order)
+        check_choice("mode", mode, MODES)
+        check_choice("seq_layout", seq_layout, SEQ_LAYOUTS)
+        return jvp_attention(q, k, v, tq, tk, tv, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
+                             tangent_dtype=tangent_dtype)
+    # every local check before the first collective; a failure is carried to the other ranks by _agree
+    try:
+        a, err = _local_args(q, k, v, tq, tk, tv, W, mode, causal, scale, layout, seq_layout, tangent_dtype), None
+    except Exception as e:  # any local failure: the other ranks must not wait for this one
+        a, err = None, e
+    if check:
+        _agree(group, W, q, err, _SIG_NAMES, None if a is None else a.sig)
+    elif err is not None:
+        raise err
+    cfg = _Cfg(group, W, r, _global(group, (r + 1) % W), _global(group, (r - 1) % W), mode, a.causal, a.zigzag,
+               a.scale, a.lay, a.t_dtype, a.want_t, a.backend, local=a.empty, dual=a.dual)
+    tq, tk, tv = a.tangents
+    o, to, lse, mu = _ContextParallel.apply(q, k, v, tq, tk, tv, cfg, _Saved())
+    if not a.want_t:
+        to = mu = None
+    elif not a.dual:
+        to, mu = _guard(to, q, k, v), _guard(mu, q, k, v)
+    return (o, to, lse, mu) if return_lse else (o, to)
+
+
+class _Args(NamedTuple):
+    tangents: tuple
+    dual: bool
+    lay: int
+    causal: bool
+    zigzag: bool
+    scale: float
+    t_dtype: int
+    want_t: bool
+    backend: str
+    empty: bool  # nothing to communicate: empty queries or no key anywhere (same on every rank)
+    sig: tuple[int, ...]
+
+
+def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_layout, tangent_dtype) -> _Args:
+    """This rank's argument checks (no communication) and what the call needs; raises on bad arguments."""
     check_choice("mode", mode, MODES)
     check_choice("seq_layout", seq_layout, SEQ_LAYOUTS)
     check_choice("layout", layout, LAYOUTS)
-    group, W, r = _group_info(group)
-    if W == 1:  # one rank: the single-device op (zigzag with W = 1 is the natural order)
-        return jvp_attention(q, k, v, tq, tk, tv, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
-                             tangent_dtype=tangent_dtype)
     lay = LAYOUTS[layout]
     duals = [fwAD.unpack_dual(x).tangent if isinstance(x, torch.Tensor) else None for x in (q, k, v)]
     dual = any(t is not None for t in duals)
@@ -529,16 +622,8 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale}")
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
-    want_t = any(t is not None for t in (tq, tk, tv))
     sig = (MODES.index(mode), int(causal), SEQ_LAYOUTS.index(seq_layout), lay, B, sq, Hq, Dqk, sk, Hkv, Dv,
            int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype)
-    backend = select_backend(OP, q, head_dims=(Dqk, Dv))  # every local error before the first collective
-    _check_ranks_agree(group, W, q.device, _SIG_NAMES, sig)
-    cfg = _Cfg(group, W, r, _global(group, (r + 1) % W), _global(group, (r - 1) % W), mode, causal, zigzag, scale,
-               lay, t_dtype, want_t, backend, local=B * Hq * sq == 0 or sk == 0, dual=dual)
-    o, to, lse, mu = _ContextParallel.apply(q, k, v, tq, tk, tv, cfg, _Saved())
-    if not want_t:
-        to = mu = None
-    elif not dual:
-        to, mu = _guard(to, q, k, v), _guard(mu, q, k, v)
-    return (o, to, lse, mu) if return_lse else (o, to)
+    backend = select_backend(OP, q, head_dims=(Dqk, Dv))
+    return _Args((tq, tk, tv), dual, lay, causal, zigzag, scale, t_dtype, any(t is not None for t in (tq, tk, tv)),
+                 backend, B * Hq * sq == 0 or sk == 0, sig)
