@@ -241,6 +241,12 @@ def _extras(x: dict, W: int, r: int) -> dict:
     out["zigzag_shard_ok"] = torch.equal(sh, torch.cat([c[r], c[2 * W - 1 - r]], 1))
     out["zigzag_roundtrip_ok"] = torch.equal(zigzag_unshard(sh, 1), full) and torch.equal(
         zigzag_unshard(zigzag_shard(full, -3), -3), full)
+    # zigzag_unshard is differentiable: the shard's gradient sums every rank's output gradient at its chunks
+    xs = sh.clone().requires_grad_()
+    wr = torch.arange(full.numel(), dtype=F64).reshape(full.shape) * (r + 1)
+    (zigzag_unshard(xs, 1) * wr).sum().backward()
+    wsum = torch.arange(full.numel(), dtype=F64).reshape(full.shape) * sum(range(1, W + 1))
+    out["zigzag_grad_ok"] = torch.equal(xs.grad, zigzag_shard(wsum, 1))
     out["err_zigzag_size"] = _expect_error(lambda: zigzag_shard(full[:, :3], 1))
     q = torch.randn(1, 4, W + 1, D, dtype=F64)
     out["err_ulysses_heads"] = _expect_error(lambda: cp(q, q, q, mode="ulysses"))
@@ -445,6 +451,7 @@ def test_zigzag_helpers(world):
         assert rk["extras"]["zigzag_shard_ok"], f"W={W} rank {r}: zigzag_shard picked the wrong chunks"
         assert rk["extras"]["zigzag_roundtrip_ok"], f"W={W} rank {r}: zigzag_unshard(zigzag_shard(x)) != x"
         assert rk["extras"]["check_off_equal"], f"W={W} rank {r}: check=False changed the result"
+        assert rk["extras"]["zigzag_grad_ok"], f"W={W} rank {r}: gradient of zigzag_unshard"
 
 
 @pytest.mark.parametrize("key, exc, words", [

@@ -171,18 +171,46 @@ def zigzag_shard(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
 
 
 def zigzag_unshard(x_shard: torch.Tensor, dim: int, group=None) -> torch.Tensor:
-    """The full, naturally ordered tensor from every rank's zigzag shard (all-gather; no autograd).
-    ``x_shard.shape[dim]`` must be even and the same on every rank."""
+    """The full, naturally ordered tensor from every rank's zigzag shard (all-gather).
+    ``x_shard.shape[dim]`` must be even and the same on every rank.
+
+    Differentiable: the gradient of a shard is the sum over the ranks of their outputs' gradients at
+    its chunks (all_reduce, as ``torch.distributed.nn.functional.all_gather`` does), so a loss that is
+    the same on every rank must be divided by the group size. Forward-AD gathers the tangent."""
     dim, W, _ = _zigzag_world(x_shard, dim, group, "x_shard")
     if x_shard.shape[dim] % 2:
         raise ValueError(f"x_shard: size {x_shard.shape[dim]} of dim {dim} must be even (two zigzag chunks)")
     if W == 1:
         return x_shard.clone()
-    xs = x_shard.contiguous()
+    return _ZigzagGather.apply(x_shard, dim, group, W)
+
+
+def _zigzag_gather(x: torch.Tensor, dim: int, group, W: int) -> torch.Tensor:
+    xs = x.contiguous()
     parts = [torch.empty_like(xs) for _ in range(W)]
     dist.all_gather(parts, xs, group=group)
     halves = [p.chunk(2, dim) for p in parts]
     return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim)
+
+
+class _ZigzagGather(torch.autograd.Function):
+    @staticmethod
+    def forward(x, dim, group, W):
+        return _zigzag_gather(x, dim, group, W)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.dim, ctx.group, ctx.W = inputs
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return zigzag_shard(g, ctx.dim, ctx.group), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tx, *_):
+        return _zigzag_gather(tx, ctx.dim, ctx.group, ctx.W)
 
 
 def _reorder(x: torch.Tensor, dim: int, W: int, to_natural: bool) -> torch.Tensor:
