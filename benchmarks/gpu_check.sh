@@ -13,7 +13,7 @@
 #   04 bench   python -m fastdistill bench --family score --csv OUTDIR/h200.csv
 #   05 kd      python -m fastdistill bench --family kd --family flkd --csv OUTDIR/h200.csv (same CSV)
 #   06 attn    python -m fastdistill bench --family attn --csv OUTDIR/h200.csv (same CSV)
-#   07 scm     python examples/scm_step.py --preset wan-1.3b-like --attn both --csv OUTDIR/scm_step.csv
+#   07 scm     python -m fastdistill bench --family scm --csv OUTDIR/h200.csv (the sCM example's step)
 #   08 sweep   python benchmarks/attn_sweep.py --csv OUTDIR/attn_sweep.csv --max-seconds <its timeout - 25>
 # then a summary (OUTDIR/summary.txt, also printed last): step status, the score table, the kd
 # full-mode rows and the attn rows (notes shortened), the sweep's best config per (shape, kernel),
@@ -21,7 +21,7 @@
 # unused (caps add up to the budget less 15 s, so a step never eats into a later step's cap), and
 # the whole run stays under GPU_CHECK_BUDGET_S (default 560 s). The benches write their CSV case
 # by case (the sweep row by row), so a step cut short keeps what it measured. OUTDIR ends up with
-# 14 files at most.
+# 13 files at most.
 #
 # Benchmark-only anchors as wheels (the GPU machine has no internet): liger-kernel (kd family)
 # and jvp-flash-attention (attn family). If a .whl/ directory exists in the repository root, its
@@ -124,9 +124,10 @@ step 05_kd 115 "$PY -m fastdistill bench --family kd --family flkd --csv '$OUT/h
 # baseline at S = 16384 (~0.3 s a call, ~90 GB) dominate
 step 06_attn 105 "$PY -m fastdistill bench --family attn --csv '$OUT/h200.csv'"
 
-# the sCM example at a realistic size (~32k video tokens, Wan-1.3B widths): per-step time and peak
-# memory with stock math SDPA (expected out of memory) and with fastdistill's jvp_sdpa()
-step 07_scm 40 "$PY examples/scm_step.py --preset wan-1.3b-like --steps 3 --attn both --quiet --csv '$OUT/scm_step.csv'"
+# the sCM example's whole student step at a realistic size (~32k video tokens, Wan-1.3B widths):
+# per-step time and extra peak memory with fastdistill's jvp_sdpa() and with math SDPA (which may
+# run out of memory: then reported as skipped with the reason)
+step 07_scm 40 "$PY -m fastdistill bench --family scm --csv '$OUT/h200.csv'"
 
 # last, so it gets every second the steps before it left: it stops starting new configs 25 s
 # before its timeout
@@ -167,8 +168,8 @@ step 08_sweep 30 "$PY benchmarks/attn_sweep.py --csv '$OUT/attn_sweep.csv' --max
         tail -n 15 "$OUT/08_sweep.log" 2>/dev/null
     fi
     echo
-    echo "---- sCM step, wan-1.3b-like (07_scm.log, scm_step.csv)"
-    tail -n 4 "$OUT/07_scm.log" 2>/dev/null
+    echo "---- sCM step, wan-1.3b-like (07_scm.log, h200.csv)"
+    grep -E "^scm-" "$OUT/07_scm.log" 2>/dev/null | cut -c 1-170 || tail -n 4 "$OUT/07_scm.log" 2>/dev/null
     echo
     echo "---- pytest"
     grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$OUT/03_pytest.log" 2>/dev/null | tail -n 1 ||

@@ -1,7 +1,8 @@
 """``python -m fastdistill info | bench``.
 
     python -m fastdistill info      what can run here (Triton, CUDA extension, GPU), and why not
-    python -m fastdistill bench [--family score|kd|flkd|attn|all] [--quick] [--csv PATH | --no-csv] [--device cuda|cpu]
+    python -m fastdistill bench [--family score|kd|flkd|attn|scm|all] [--quick] [--csv PATH | --no-csv]
+                                [--device cuda|cpu]
 """
 
 from __future__ import annotations

@@ -24,3 +24,13 @@ def test_flkd_family_runs_and_checks_errors(tmp_path):
     with open(out, newline="") as f:
         table = list(csv.reader(f))
     assert tuple(table[0]) == CSV_FIELDS and len(table) == 1 + len(rows)
+
+
+def test_scm_family_times_both_attention_paths():
+    with fastdistill.use_backend("reference"):
+        rows = run(["scm"], quick=True, out_csv="", device="cpu")
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"fastdistill", "math-sdpa"}
+    for r in rows:
+        assert r["shape"] == "scm-toy" and r["ms"] is not None and r["ms"] > 0, r
+    assert by["fastdistill"]["speedup_vs_eager"] is not None  # relative to math-sdpa

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 # registered families: name -> module fastdistill/bench/<module>.py ("all" on the CLI: every one)
-FAMILIES = {"score": "score", "kd": "kd_softmax", "flkd": "fused_linear_kd", "attn": "jvp_attention"}
+FAMILIES = {
+    "score": "score", "kd": "kd_softmax", "flkd": "fused_linear_kd", "attn": "jvp_attention", "scm": "scm_step",
+}
 HBM_BYTES_PER_S = 4.2e12  # H200 device-to-device copy, read + write counted (ANCHORS.md)
 BF16_FLOPS_PER_S = 790e12  # H200 bf16 dense matmul (ANCHORS.md)
 CSV_FIELDS = (
