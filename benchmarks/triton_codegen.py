@@ -118,7 +118,7 @@ def attn_configs(quick: bool = False):
         for dqk, dv in dims:
             bdq, bdv = max(16, triton.next_power_of_2(dqk)), max(16, triton.next_power_of_2(dv))
             ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", TQ=f"*{dt}", TK=f"*{dt}", TV=f"*{dt}", O=f"*{dt}",
-                        TO=f"*{dt}", LSE="*fp32", MU="*fp32")
+                        TO=f"*{dt}", LSE="*fp32", MU="*fp32", LO="*fp32")
             # sequence strides are i32 at run time (Triton types ints < 2^31 as i32; the launcher
             # switches the kernel to 64-bit offsets, WIDE, beyond that); batch / head strides i64 (worst case)
             strides = {n: ("i32" if n.endswith("s") else "i64") for n in (
@@ -132,17 +132,20 @@ def attn_configs(quick: bool = False):
                 bm, bn, nw, ns = A.fwd_config(dqk, dv, tangent, f32)
                 ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, HAS_TQ=tangent,
                           HAS_TK=tangent, HAS_TV=tangent, PRIMAL=primal, TANGENT=tangent, DOT_PREC=prec, WIDE=False,
-                          BASE2=not f32)
+                          BASE2=not f32, HAS_LO=f32)  # the low word of lse: fp32 inputs (as dispatched)
                 yield (f"attn fwd {mode:5s} {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_fwd_kernel, sig, ce, nw, ns)
             bm, bn, nw, ns = A.bwd_config(dqk, dv, f32)
-            ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False)
+            ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False,
+                      HAS_LO=f32)
             bstr = {n: ("i32" if n.endswith("s") else "i64")
                     for n in "sqb sqh sqs skb skh sks svb svh svs sdb sdh sds slb slh".split()}
-            sig = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", DELTA="*fp32", DK=f"*{dt}",
+            sig = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", LO="*fp32", DELTA="*fp32",
+                       DK=f"*{dt}",
                        DV_=f"*{dt}", **bstr, sdkb="i64", sdkh="i64", sdks="i32", sdvb="i64", sdvh="i64", sdvs="i32",
                        H="i32", G="i32", Sq="i32", Sk="i32", scale="fp32")
             yield (f"attn dkdv {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_bwd_dkdv_kernel, sig, ce, nw, ns)
-            sig = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", DELTA="*fp32", DQ=f"*{dt}",
+            sig = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", LO="*fp32", DELTA="*fp32",
+                       DQ=f"*{dt}",
                        **bstr, sdqb="i64", sdqh="i64", sdqs="i32",
                        H="i32", G="i32", Sq="i32", Sk="i32", scale="fp32")
             yield (f"attn dq   {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_bwd_dq_kernel, sig, ce, nw, ns)

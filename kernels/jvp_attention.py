@@ -15,7 +15,8 @@ lse = −inf. ``two_pass`` is the alternative of DESIGN.md: the primal pass stor
 tangent pass recomputes P = exp(S − lse) (5 matmuls, no rescaling) and reads O back. It is the
 default above head dim 128 (where the fused pass cannot avoid spilling registers on sm_90a)
 and selectable everywhere with FASTDISTILL_ATTN_JVP=fused|two_pass.
-Backward (FA2): Δ = rowsum(dO⊙O) − dlse, dS = P⊙(dP − Δ);
+Backward (FA2): Δ = rowsum(dO⊙O) − dlse, dS = P⊙(dP − Δ), P = exp((S − lse) − lse_lo) where
+lse_lo, written by the forward for fp32 inputs, is the rounding error of lse = m + ln l (TwoSum);
 one kernel per key block accumulates dk, dv over the query blocks of every query head of its
 group (no atomics: deterministic), one kernel per query block accumulates dq.
 """
@@ -109,11 +110,12 @@ def _ld(ptrs, msk, MASK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
               k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
               DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
-              PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, BASE2: tl.constexpr):
+              PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, BASE2: tl.constexpr,
+              HAS_LO: tl.constexpr):
     """One key block of the forward (see the module docstring). MASKED: the block may hold keys
     past Sk or (causal) keys above the diagonal; unmasked blocks skip every sequence mask."""
     cols = n0 + offs_n
@@ -149,6 +151,8 @@ def _fwd_step(q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
+    elif HAS_LO:  # S − lse_hi first (exact near the row max), then the low word
+        p = _exp((s - m_i[:, None]) - lo_i[:, None], BASE2)
     else:
         p = _exp(s - m_i[:, None], BASE2)
     if TANGENT:
@@ -167,7 +171,7 @@ def _fwd_step(q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, TQ, TK, TV, O, TO, LSE, MU,
+    Q, K, V, TQ, TK, TV, O, TO, LSE, MU, LO,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
     stqb, stqh, stqs, stkb, stkh, stks, stvb, stvh, stvs,
     sob, soh, sos, stob, stoh, stos, slb, slh,
@@ -176,6 +180,7 @@ def _attn_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr, BASE2: tl.constexpr,
+    HAS_LO: tl.constexpr,
 ):
     # PRIMAL and TANGENT: the fused pass. PRIMAL only: plain flash attention (O, lse).
     # TANGENT only: the second pass of two_pass mode (reads lse and O, writes Ȯ and μ).
@@ -213,6 +218,9 @@ def _attn_fwd_kernel(
     else:  # the tangent pass of two_pass: P = 2^(S·log2e − lse·log2e), no rescaling
         lse_in = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=float("-inf"))
         m_i = tl.where(lse_in == float("-inf"), 0.0, lse_in * (1.4426950408889634 if BASE2 else 1.0))
+    lo_i = tl.zeros([BM], tl.float32)
+    if HAS_LO and not PRIMAL:
+        lo_i = tl.load(LO + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
     if TANGENT:
         r_i = tl.zeros([BM], tl.float32)
         tacc = tl.zeros([BM, BDV], tl.float32)
@@ -231,14 +239,14 @@ def _attn_fwd_kernel(
         n_full = tl.minimum(n_full, tl.maximum(0, ((pid * BM + Sk - Sq + 1) // BN) * BN))
     for n0 in range(0, n_full, BN):
         m_i, l_i, acc, r_i, tacc = _fwd_step(
-            q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+            q, tq, m_i, lo_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
-            DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2)
+            DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO)
     for n0 in range(n_full, hi, BN):
         m_i, l_i, acc, r_i, tacc = _fwd_step(
-            q, tq, m_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+            q, tq, m_i, lo_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
-            DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2)
+            DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO)
 
     o_msk = row_ok[:, None] & dv_ok[None, :]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
@@ -247,9 +255,14 @@ def _attn_fwd_kernel(
         inv = 1.0 / tl.where(seen, l_i, 1.0)
         o = acc * inv[:, None]
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_msk)
-        lse = tl.where(seen, m_i * (0.6931471805599453 if BASE2 else 1.0) + tl.log(tl.where(seen, l_i, 1.0)),
-                       float("-inf"))
-        tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=row_ok)
+        m_nat = m_i * (0.6931471805599453 if BASE2 else 1.0)
+        log_l = tl.log(tl.where(seen, l_i, 1.0))
+        lse = m_nat + log_l
+        tl.store(LSE + b * slb + h * slh + offs_m, tl.where(seen, lse, float("-inf")), mask=row_ok)
+        if HAS_LO:  # the rounding error of m + ln l (TwoSum): lse_hi + lo = m + ln l exactly
+            m_back = lse - log_l
+            lo = (m_nat - m_back) + (log_l - (lse - m_back))
+            tl.store(LO + b * slb + h * slh + offs_m, tl.where(seen, lo, 0.0), mask=row_ok)
     else:
         inv = tl.full([BM], 1.0, tl.float32)
         o = tl.load(o_ptrs, mask=o_msk, other=0.0).to(tl.float32)
@@ -281,27 +294,44 @@ def _check_grid(B: int, H: int) -> None:
         raise ValueError(f"q: batch ({B}) and heads ({H}) must each be <= {MAX_GRID_YZ} for the Triton kernels")
 
 
-def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal, scale, primal, tangent, cfg):
+def _lo_ok(lse_lo: torch.Tensor | None, lse: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether the low word of lse is used: fp32 inputs only (the kernels' natural-unit path), same strides
+    as lse."""
+    if lse_lo is None:
+        return False
+    if q.dtype != torch.float32:
+        raise ValueError(f"lse_lo: only for float32 inputs (q is {q.dtype})")
+    if lse_lo.shape != lse.shape or lse_lo.stride() != lse.stride() or lse_lo.dtype != torch.float32:
+        raise ValueError(f"lse_lo: expected float32 {tuple(lse.shape)} with lse's strides {lse.stride()}, got "
+                         f"{lse_lo.dtype} {tuple(lse_lo.shape)} strides {lse_lo.stride()}")
+    return True
+
+
+def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, tangent, cfg):
     B, H, Sq, Dqk = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BM, BN, warps, stages = cfg
     grid = (triton.cdiv(Sq, BM), H, B)
     _attn_fwd_kernel[grid](
         q, k, v, q if tq is None else tq, k if tk is None else tk, v if tv is None else tv,
-        o, o if to is None else to, lse, lse if mu is None else mu,
+        o, o if to is None else to, lse, lse if mu is None else mu, lse if lo is None else lo,
         *_s3(q, q), *_s3(k, k), *_s3(v, v), *_s3(tq, q), *_s3(tk, k), *_s3(tv, v),
         *_s3(o, o), *_s3(to, o), lse.stride(0), lse.stride(1),
         H // Hkv, Sq, Sk, scale,
         DQK=Dqk, DV=Dv, BDQK=max(16, triton.next_power_of_2(Dqk)), BDV=max(16, triton.next_power_of_2(Dv)),
         BM=BM, BN=BN, CAUSAL=bool(causal), HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
         PRIMAL=primal, TANGENT=tangent, DOT_PREC=_dot_prec(q), WIDE=_wide(q, k, v, tq, tk, tv, o, to),
-        BASE2=q.dtype != torch.float32,
+        BASE2=q.dtype != torch.float32, HAS_LO=lo is not None,
         num_warps=warps, num_stages=stages,
     )
 
 
-def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float) -> None:
-    """Write O, lse and (when ``to``/``mu`` are given) Ȯ, μ; see the module docstring."""
+def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
+             lse_lo: torch.Tensor | None = None) -> None:
+    """Write O, lse and (when ``to``/``mu`` are given) Ȯ, μ; see the module docstring. ``lse_lo`` (float32
+    inputs): also write the rounding error of lse = m + ln l, so that lse + lse_lo is m + ln l exactly; the
+    backward (and the tangent pass of two_pass) subtracts it after S − lse, which keeps P = exp(S − lse)
+    accurate to a few ulp at large logits, where rounding lse alone costs up to ulp(lse)/2 relative."""
     B, H, Sq, Dqk = q.shape
     if B * H * Sq == 0:
         return
@@ -311,12 +341,14 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float)
         mu = torch.empty_like(lse)
     Dv = v.shape[3]
     f32 = q.dtype == torch.float32
+    lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
     if not tangent or jvp_mode(Dqk, Dv) == "two_pass":
-        _launch_fwd(q, k, v, None, None, None, o, None, lse, None, causal, scale, True, False,
+        _launch_fwd(q, k, v, None, None, None, o, None, lse, None, lo, causal, scale, True, False,
                     fwd_config(Dqk, Dv, False, f32))
     if tangent:
         fused = jvp_mode(Dqk, Dv) == "fused"
-        _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal, scale, fused, True, fwd_config(Dqk, Dv, True, f32))
+        _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, fused, True,
+                    fwd_config(Dqk, Dv, True, f32))
 
 
 # ----------------------------------------------------------------------------- backward
@@ -343,12 +375,13 @@ def _attn_bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, sos, sdb, sdh, sds, slb, 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_,
+    Q, K, V, DO, LSE, LO, DELTA, DK, DV_,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
     H, G, Sq, Sk, scale,
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
+    HAS_LO: tl.constexpr,
 ):
     # one key block of one key/value head; loops over the query blocks of its G query heads:
     # dv = Σ Pᵀ dO, dk = s·Σ dSᵀ q with dS = P ⊙ (dO vᵀ − Δ). Transposed tiles: [BN, BM].
@@ -387,14 +420,17 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * sds + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :],
                          other=0.0)
             lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
+            lse_lo = tl.zeros([BM], tl.float32)
+            if HAS_LO:
+                lse_lo = tl.load(LO + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
             ok = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= offs_m[None, :] + (Sk - Sq))
             # rows that saw no key (lse = −inf) have no visible entry: ok is False there
-            # S − lse in natural units first (one rounding of a small number), then to base 2
-            pt = tl.where(ok, tl.math.exp2((st * scale - lse[None, :]) * 1.4426950408889634), 0.0)
+            # S − lse in natural units first (exact near the row max), then the low word of lse, then base 2
+            pt = tl.where(ok, tl.math.exp2(((st * scale - lse[None, :]) - lse_lo[None, :]) * 1.4426950408889634), 0.0)
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dst = pt * (dpt - delta[None, :])
@@ -407,11 +443,12 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, LO, DELTA, DQ,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, sdqb, sdqh, sdqs,
     H, G, Sq, Sk, scale,
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
+    HAS_LO: tl.constexpr,
 ):
     # one query block: dq = s·Σ_j dS k, dS = P ⊙ (dO vᵀ − Δ)
     pid = tl.program_id(0)
@@ -435,6 +472,9 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_dv[None, :],
                  mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
     lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
+    lse_lo = tl.zeros([BM], tl.float32)
+    if HAS_LO:
+        lse_lo = tl.load(LO + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BM, BDQK], tl.float32)
     k_base = K + b * skb + hk * skh
@@ -451,7 +491,7 @@ def _attn_bwd_dq_kernel(
         ok = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             ok = ok & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
-        p = tl.where(ok, tl.math.exp2((s * scale - lse[:, None]) * 1.4426950408889634), 0.0)
+        p = tl.where(ok, tl.math.exp2(((s * scale - lse[:, None]) - lse_lo[:, None]) * 1.4426950408889634), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -459,8 +499,10 @@ def _attn_bwd_dq_kernel(
              mask=q_msk)
 
 
-def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float) -> None:
-    """dq, dk, dv of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None)."""
+def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float,
+             lse_lo: torch.Tensor | None = None) -> None:
+    """dq, dk, dv of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None); ``lse_lo``: the
+    low word of lse from ``attn_fwd`` (float32 inputs), None to recompute P from lse alone."""
     B, H, Sq, Dqk = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if B * H == 0:
@@ -478,10 +520,13 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
         o, do, lse if dlse is None else dlse, delta, *_s3(o, o), *_s3(do, do),
         *(dlse.stride() if dlse is not None else (0, 0, 0)), H, Sq,  # any upstream strides (expanded zeros)
         DV=Dv, BDV=bdv, BM=64, HAS_DLSE=dlse is not None, WIDE=_wide(o, do), num_warps=4)
+    lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
     common = dict(DQK=Dqk, DV=Dv, BDQK=bdq, BDV=bdv, BM=BM, BN=BN, CAUSAL=bool(causal), DOT_PREC=_dot_prec(q),
-                  WIDE=_wide(q, k, v, do, dq, dk, dv), num_warps=warps, num_stages=stages)
+                  WIDE=_wide(q, k, v, do, dq, dk, dv), HAS_LO=lo is not None, num_warps=warps, num_stages=stages)
     strides = (*_s3(q, q), *_s3(k, k), *_s3(v, v), *_s3(do, do), lse.stride(0), lse.stride(1))
+    lo_arg = lse if lo is None else lo  # a valid pointer either way; read only under HAS_LO
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BN), Hkv, B)](
-        q, k, v, do, lse, delta, dk, dv, *strides, *_s3(dk, dk), *_s3(dv, dv), H, H // Hkv, Sq, Sk, scale, **common)
+        q, k, v, do, lse, lo_arg, delta, dk, dv, *strides, *_s3(dk, dk), *_s3(dv, dv), H, H // Hkv, Sq, Sk, scale,
+        **common)
     _attn_bwd_dq_kernel[(triton.cdiv(Sq, BM), H, B)](
-        q, k, v, do, lse, delta, dq, *strides, *_s3(dq, dq), H, H // Hkv, Sq, Sk, scale, **common)
+        q, k, v, do, lse, lo_arg, delta, dq, *strides, *_s3(dq, dq), H, H // Hkv, Sq, Sk, scale, **common)

@@ -6,6 +6,14 @@ Known interpreter defects (Triton 3.6–3.9): ``tl.dot`` on bf16 operands multip
 and fp32 → bf16 casts truncate instead of rounding to nearest even. Both are patched below in
 the interpreter (``create_dot`` upcasts bf16 operands, ``cast_impl`` rounds like a GPU); the
 kernels themselves are never changed for the interpreter's sake.
+
+One interpreter artefact is patched with them: ``tl.dot`` is ``np.matmul`` on the operands as they
+lie in memory, and ``tl.trans`` hands it a transposed view, for which the BLAS picks another
+small-matrix kernel with another summation order. So ``dot(k, trans(q))`` is not bitwise the
+transpose of ``dot(q, trans(k))`` (≈ 1 ulp apart on ~20% of fp32 entries). On a GPU ``tl.trans`` only
+relabels registers and an fp32 dot sums each entry over K in one order whatever the operand
+layout, which the flash backward relies on: it recomputes S and expects S − lse to be exactly
+−ln l at the row max. ``create_dot`` therefore hands the BLAS contiguous operands.
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _patch_interpreter_bf16_dot() -> None:
-    """Upcast bf16 operands of tl.dot in Triton's interpreter (see module docstring)."""
+    """Upcast bf16 operands of tl.dot in Triton's interpreter, and make them contiguous (see module
+    docstring)."""
     try:
         import numpy as np
         import triton.language as tl
@@ -71,8 +80,11 @@ def _patch_interpreter_bf16_dot() -> None:
             return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
         return t
 
+    def contiguous(t):  # the summation order must not depend on the operand's layout (module docstring)
+        return interpreter.TensorHandle(np.ascontiguousarray(t.data), t.dtype)
+
     def create_dot(self, a, b, d, *args, **kwargs):
-        return original(self, up(a), up(b), d, *args, **kwargs)
+        return original(self, contiguous(up(a)), contiguous(up(b)), d, *args, **kwargs)
 
     builder.create_dot = create_dot
     builder._fd_patched = True

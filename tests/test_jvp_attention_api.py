@@ -421,11 +421,12 @@ def test_opcheck(use, variant):
     args = (True, 0.3, lay, want_t, t_dtype, use)
     torch.library.opcheck(torch.ops.fastdistill.jvp_attn_fwd.default, (q, k, v, *tans, *args))
     with torch.no_grad():
-        o, _, lse, _ = torch.ops.fastdistill.jvp_attn_fwd(q, k, v, *tans, *args)
+        o, _, lse, _, lo = torch.ops.fastdistill.jvp_attn_fwd(q, k, v, *tans, *args)
+    assert lo.shape == (lse.shape if q.dtype == torch.float32 else (0,))  # the low word of lse: fp32 only
     do = torch.randn(o.shape, generator=gen(21)).to(o.dtype)
     for dlse in (None, torch.randn(lse.shape, generator=gen(22))):
         torch.library.opcheck(torch.ops.fastdistill.jvp_attn_bwd.default,
-                              (do, q.detach(), k.detach(), v.detach(), o, lse, dlse, True, 0.3, lay, use))
+                              (do, q.detach(), k.detach(), v.detach(), o, lse, lo, dlse, True, 0.3, lay, use))
 
 
 def test_compile_forward_ad():

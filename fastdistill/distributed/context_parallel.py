@@ -443,25 +443,25 @@ def _ulysses_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
     kh, vh = _seq_to_heads([k, v], cfg, sd, hd)
     (tqh,) = _seq_to_heads([tq], cfg, sd, hd)
     tkh, tvh = _seq_to_heads([tk, tv], cfg, sd, hd)
-    oh, toh, lseh, muh = _fwd(qh, kh, vh, tqh, tkh, tvh, cfg.causal, cfg.scale, cfg.lay, cfg.want_t, cfg.t_dtype,
+    oh, toh, lseh, muh, loh = _fwd(qh, kh, vh, tqh, tkh, tvh, cfg.causal, cfg.scale, cfg.lay, cfg.want_t, cfg.t_dtype,
                               cfg.backend)
     if not cfg.want_t:
         toh = muh = None
     # the outputs must not be views of one another (forward-AD rejects tangents laid out unlike their view)
     o, to = _heads_to_seq([oh, toh], cfg, sd, hd, pack=False)
     lse, mu = _heads_to_seq([lseh, muh], cfg, 2, 1, pack=False)
-    return (o, to, lse, mu), (qh, kh, vh, oh, lseh)
+    return (o, to, lse, mu), (qh, kh, vh, oh, lseh, loh)
 
 
 def _ulysses_bwd(do, dlse, saved, cfg: _Cfg):
     sd, hd = _dims(cfg.lay)
-    qh, kh, vh, oh, lseh = saved
+    qh, kh, vh, oh, lseh, loh = saved
     (doh,) = _seq_to_heads([do], cfg, sd, hd)
     if dlse is None:  # this rank's loss does not use lse: zeros, so that every rank runs the same all-to-all
         B, h, S = lseh.shape
         dlse = lseh.new_zeros((B, h * cfg.W, S // cfg.W))
     (dlseh,) = _seq_to_heads([dlse], cfg, 2, 1)
-    dqh, dkh, dvh = _bwd(doh, qh, kh, vh, oh, lseh, dlseh, cfg.causal, cfg.scale, cfg.lay, cfg.backend)
+    dqh, dkh, dvh = _bwd(doh, qh, kh, vh, oh, lseh, loh, dlseh, cfg.causal, cfg.scale, cfg.lay, cfg.backend)
     (dq,) = _heads_to_seq([dqh], cfg, sd, hd)
     dk, dv = _heads_to_seq([dkh, dvh], cfg, sd, hd)
     return dq, dk, dv
@@ -481,10 +481,10 @@ class _ContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, tq, tk, tv, cfg: _Cfg, box: _Saved):
         if cfg.local:
-            o, to, lse, mu = _fwd(q, k, v, tq, tk, tv, cfg.causal, cfg.scale, cfg.lay, cfg.want_t, cfg.t_dtype,
-                                  cfg.backend)
-            box.tensors = (q, k, v, o, lse)
-        elif cfg.mode == "ring":
+            o, to, lse, mu, lo = _fwd(q, k, v, tq, tk, tv, cfg.causal, cfg.scale, cfg.lay, cfg.want_t, cfg.t_dtype,
+                                      cfg.backend)
+            box.tensors = (q, k, v, o, lse, lo)
+        elif cfg.mode == "ring":  # the merged lse has no low word (lse_lo): the block backward uses lse alone
             o, to, lse, mu = _ring_fwd(q, k, v, tq, tk, tv, cfg)
             box.tensors = (q, k, v, o, lse)
         else:

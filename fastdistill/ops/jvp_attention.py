@@ -74,28 +74,34 @@ def _stat_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def _outputs(q, v, layout: int, want_t: bool, t_dtype: int):
-    """Uninitialised (o, to, lse, mu); ``to``/``mu`` are empty without tangents. Also the fake impl."""
+    """Uninitialised (o, to, lse, mu, lse_lo); ``to``/``mu`` are empty without tangents, ``lse_lo`` (the low word
+    of lse, a residual for the backward) is empty unless q is float32. Also the fake impl."""
     o = q.new_empty(_out_shape(q, v, layout))
     to = o.new_empty(o.shape, dtype=torch.float32 if t_dtype == 1 else q.dtype) if want_t else o.new_empty(0)
     B, H, S = (q.shape[0], q.shape[2], q.shape[1]) if layout == 0 else q.shape[:3]
     lse = q.new_empty((B, H, S), dtype=_stat_dtype(q))
-    return o, to, lse, torch.empty_like(lse) if want_t else lse.new_empty(0)
+    lo = torch.empty_like(lse) if q.dtype == torch.float32 else lse.new_empty(0)
+    return o, to, lse, torch.empty_like(lse) if want_t else lse.new_empty(0), lo
+
+
+def _lo(lo: torch.Tensor) -> torch.Tensor | None:
+    return lo if lo.numel() else None
 
 
 def _fwd(q, k, v, tq, tk, tv, causal: bool, scale: float, layout: int, want_t: bool, t_dtype: int, backend: str):
-    o, to, lse, mu = _outputs(q, v, layout, want_t, t_dtype)
+    o, to, lse, mu, lo = _outputs(q, v, layout, want_t, t_dtype)
     _impl(backend).attn_fwd(_bhsd(q, layout), _bhsd(k, layout), _bhsd(v, layout), _bhsd(tq, layout),
                             _bhsd(tk, layout), _bhsd(tv, layout), _bhsd(o, layout),
                             _bhsd(to, layout) if want_t else None, lse, mu if want_t else None,
-                            causal=causal, scale=scale)
-    return o, to, lse, mu
+                            causal=causal, scale=scale, lse_lo=_lo(lo))
+    return o, to, lse, mu, lo
 
 
-def _bwd(do, q, k, v, o, lse, dlse, causal: bool, scale: float, layout: int, backend: str):
+def _bwd(do, q, k, v, o, lse, lo, dlse, causal: bool, scale: float, layout: int, backend: str):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _impl(backend).attn_bwd(_bhsd(do, layout), _bhsd(q, layout), _bhsd(k, layout), _bhsd(v, layout),
                             _bhsd(o, layout), lse, dlse, _bhsd(dq, layout), _bhsd(dk, layout), _bhsd(dv, layout),
-                            causal=causal, scale=scale)
+                            causal=causal, scale=scale, lse_lo=_lo(lo))
     return dq, dk, dv
 
 
@@ -103,7 +109,7 @@ def _bwd(do, q, k, v, o, lse, dlse, causal: bool, scale: float, layout: int, bac
 @torch.library.custom_op("fastdistill::jvp_attn_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None, tk: torch.Tensor | None,
             tv: torch.Tensor | None, causal: bool, scale: float, layout: int, want_t: bool, t_dtype: int,
-            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fwd(q, k, v, tq, tk, tv, causal, scale, layout, want_t, t_dtype, backend)
 
 
@@ -114,28 +120,28 @@ def _(q, k, v, tq, tk, tv, causal, scale, layout, want_t, t_dtype, backend):
 
 @torch.library.custom_op("fastdistill::jvp_attn_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-            dlse: torch.Tensor | None, causal: bool, scale: float, layout: int,
+            lse_lo: torch.Tensor, dlse: torch.Tensor | None, causal: bool, scale: float, layout: int,
             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd(do, q, k, v, o, lse, dlse, causal, scale, layout, backend)
+    return _bwd(do, q, k, v, o, lse, lse_lo, dlse, causal, scale, layout, backend)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, dlse, causal, scale, layout, backend):
+def _(do, q, k, v, o, lse, lse_lo, dlse, causal, scale, layout, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, _tq, _tk, _tv, causal, scale, layout, _want_t, _t_dtype, backend = inputs
-    o, _to, lse, _mu = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    o, _to, lse, _mu, lo = output
+    ctx.save_for_backward(q, k, v, o, lse, lo)
     ctx.cfg = (causal, scale, layout, backend)
 
 
-def _backward(ctx, do, _dto, dlse, _dmu):
+def _backward(ctx, do, _dto, dlse, _dmu, _dlo):
     # the tangent outputs are stop-gradient: eager calls guard them (_NoGrad), compiled calls detach them
-    q, k, v, o, lse = ctx.saved_tensors
+    q, k, v, o, lse, lo = ctx.saved_tensors
     causal, scale, layout, backend = ctx.cfg
-    dq, dk, dv = _bwd_op(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, dlse, causal, scale,
+    dq, dk, dv = _bwd_op(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, lo, dlse, causal, scale,
                          layout, backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
@@ -186,12 +192,12 @@ class _DualFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, _tq, _tk, _tv, causal, scale, layout, _t_dtype, backend = inputs
-        o, to, lse, mu = output
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, to, lse, mu, lo = output
+        ctx.save_for_backward(q, k, v, o, lse, lo)
         ctx.cfg = (causal, scale, layout, backend)
         ctx.tangents = (to, mu)
         ctx.anchor = next((x for x in (q, k, v) if x.requires_grad), None)
-        ctx.mark_non_differentiable(to, mu)
+        ctx.mark_non_differentiable(to, mu, lo)
 
     @staticmethod
     def jvp(ctx, *_input_tangents):
@@ -199,13 +205,13 @@ class _DualFunction(torch.autograd.Function):
         if ctx.anchor is not None and torch.is_grad_enabled():
             to = _NoGrad.apply(to, ctx.anchor)
             mu = _NoGrad.apply(mu, ctx.anchor)
-        return to, None, mu, None
+        return to, None, mu, None, None
 
     @staticmethod
-    def backward(ctx, do, _dto, dlse, _dmu):
-        q, k, v, o, lse = ctx.saved_tensors
+    def backward(ctx, do, _dto, dlse, _dmu, _dlo):
+        q, k, v, o, lse, lo = ctx.saved_tensors
         causal, scale, layout, backend = ctx.cfg
-        dq, dk, dv = _bwd(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, dlse, causal, scale,
+        dq, dk, dv = _bwd(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, lo, dlse, causal, scale,
                           layout, backend)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
@@ -319,9 +325,9 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     want_t = any(t is not None for t in (tq, tk, tv))
     backend = select_backend(OP, q, head_dims=(Dqk, Dv))
     if dual:
-        o, to, lse, mu = _DualFunction.apply(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend)
+        o, to, lse, mu, _lo = _DualFunction.apply(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend)
     else:
-        o, to, lse, mu = _fwd_op(q, k, v, tq, tk, tv, bool(causal), scale, lay, want_t, t_dtype, backend)
+        o, to, lse, mu, _lo = _fwd_op(q, k, v, tq, tk, tv, bool(causal), scale, lay, want_t, t_dtype, backend)
         if want_t:
             to, mu = _guard(to, q, k, v), _guard(mu, q, k, v)
     if not want_t:

@@ -55,9 +55,14 @@ def _ungroup(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(B, Hkv * G, S, D)
 
 
-def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float) -> None:
+def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
+             lse_lo: torch.Tensor | None = None) -> None:
     """Write O (``o``), Ȯ (``to``, may be None: no tangent wanted), lse and μ (``mu``, may be
-    None) for ``[B, H, S, D]`` inputs into the given ``[B, H, S, ·]`` / ``[B, H, S]`` outputs."""
+    None) for ``[B, H, S, D]`` inputs into the given ``[B, H, S, ·]`` / ``[B, H, S]`` outputs.
+    ``lse_lo`` (the Triton kernels' low word of lse) is written as 0: this backend's lse is its own
+    rounding of logsumexp, and the backward recomputes P from it alone."""
+    if lse_lo is not None:
+        lse_lo.zero_()
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if B * Hq * Sq == 0:
@@ -105,10 +110,11 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float)
             mu[:, :, i0:i1] = _ungroup(muc).squeeze(-1).to(mu.dtype)
 
 
-def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float) -> None:
+def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float, lse_lo=None) -> None:
     """Gradients of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None)
     with respect to q, k, v, from the saved lse: P = exp(S − lse), dP = dO vᵀ,
-    dS = P ⊙ (dP − rowsum(dO ⊙ O) + dlse), dq = s·dS k, dk = s·dSᵀ q, dv = Pᵀ dO."""
+    dS = P ⊙ (dP − rowsum(dO ⊙ O) + dlse), dq = s·dS k, dk = s·dSᵀ q, dv = Pᵀ dO. ``lse_lo`` is ignored
+    (its forward writes 0)."""
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dt = _compute_dtype(q, k, v, do)

@@ -200,6 +200,29 @@ def test_backward_gpu(case):
     compare(case, run(case, bwd=True), bwd=True)
 
 
+@pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+@pytest.mark.parametrize("D", [64, 256])  # 256: the two_pass tangent pass reads the low word of lse too
+def test_fp32_large_logits_gpu(D):
+    """fp32 at scale × 30 (|S| ~ 100, nearly one-hot rows), causal, forward + tangent + backward, under the rule
+    (the CPU tier's test_fp32_large_logits_low_word holds the interpreted kernels to 1.25x plain here; on the
+    GPU, FMA contraction of s·scale − lse and ex2.approx enter as well, so the contract is checked)."""
+    g = torch.Generator().manual_seed(7)
+    B, S, H = 1, 1024, 2
+    q, k, v, tq, tk, tv = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64).float() for _ in range(6))
+    go, glse = torch.randn(B, H, S, D, generator=g).float(), torch.randn(B, H, S, generator=g).float()
+    scale = 30.0 / D**0.5
+    leaves = [x.to(DEV).requires_grad_() for x in (q, k, v)]
+    with fd.use_backend("triton"):
+        o, to, lse, dlse = fd.jvp_attention(*leaves, tq.to(DEV), tk.to(DEV), tv.to(DEV), causal=True, scale=scale,
+                                            layout="bhsd", return_lse=True)
+        dq, dk, dv = torch.autograd.grad([o, lse], leaves, [go.to(DEV), glse.to(DEV)])
+    kw = dict(causal=True, scale=scale, go=go.to(DEV), glse=glse.to(DEV))
+    vals = [x.to(DEV) for x in (q, k, v, tq, tk, tv)]
+    exact, plain = oracle(*vals, **kw), oracle(*vals, dtype=F32, **kw)
+    for name, x in dict(o=o, to=to, lse=lse, dlse=dlse, dq=dq, dk=dk, dv=dv).items():
+        check(name, x, exact[name], plain[name], FLOOR)
+
+
 # ----------------------------------------------------------------------------- determinism, transforms, graphs
 @pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
 @pytest.mark.parametrize("case", [G(2048, D=128, Hq=8, Hkv=2, dtype=BF16, causal=True),
