@@ -164,7 +164,8 @@ def _default_cfg(kernel: str, D: int) -> tuple:
     try:
         from fastdistill.kernels import jvp_attention as K
 
-        return K.bwd_config(D, D) if kernel == "bwd" else K.fwd_config(D, D, True)
+        arch = K.device_arch(torch.empty(0, device="cuda"))
+        return K.bwd_config(D, D, arch=arch) if kernel == "bwd" else K.fwd_config(D, D, True, arch=arch)
     except Exception:
         return ("default",) * 4
 
@@ -185,7 +186,8 @@ def run(args: argparse.Namespace, shapes: list[str], cfgs: list[tuple]) -> int:
                     try:
                         from fastdistill.kernels import jvp_attention as K
 
-                        status += " (primal pass {},{},{},{})".format(*K.fwd_config(D, D, False))
+                        arch = K.device_arch(torch.empty(0, device="cuda"))
+                        status += " (primal pass {},{},{},{})".format(*K.fwd_config(D, D, False, arch=arch))
                     except Exception:
                         pass
                 try:

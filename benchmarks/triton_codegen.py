@@ -1,10 +1,12 @@
-"""Hopper code generation of the Triton kernels, without a GPU.
+"""Code generation of the Triton kernels for Hopper (and Ampere), without a GPU.
 
 Compiles every kernel specialisation the dispatcher can pick (worst case per op and dtype:
-8 terms, a mask) ahead of time for sm_90a and reports registers, spill stores/loads and
-shared memory from ptxas. ``tests/test_codegen.py`` fails if a configuration spills.
+8 terms, a mask) ahead of time for sm_90a (``--arch 80``: sm_80, with the Ampere block
+configurations of JVP attention) and reports registers, spill stores/loads and shared memory
+from ptxas. ``tests/test_codegen.py`` fails if a gated configuration spills or needs more shared
+memory than the architecture gives one block (``SMEM_LIMIT``).
 
-    python benchmarks/triton_codegen.py [--arch 90] [--quick]
+    python benchmarks/triton_codegen.py [--arch 90|80] [--family attn] [--quick]
 """
 
 from __future__ import annotations
@@ -102,53 +104,63 @@ def kd_configs(quick: bool = False):
             yield f"kd topk  mode={mode} {dt} k=128", KD._kd_topk_kernel, sig, ce, 4
 
 
+SMEM_LIMIT = {80: 99 * 1024, 90: 227 * 1024}  # bytes per block: sm_86 / sm_89 allow 99 KiB (sm_80 163), sm_90 227
 GATED = ("bf16", "fp16")  # attention dtypes whose spills fail the run (fp32: reported only)
 ATTN_HEAD_DIMS = ((32, 32), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (128, 64), (64, 128))
 
 
-def attn_configs(quick: bool = False):
-    """Every JVP-attention kernel the dispatcher can pick: each head-dim bucket (incl. Dqk != Dv),
+def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int, int]):
+    """One JVP-attention specialisation: ``kind`` in jvp | plain | 2pass (forward modes) | dkdv | dq, with every
+    tangent present and causal masking (the worst case), at block configuration ``cfg`` =
+    (BM, BN, warps, stages). Returns (name, kernel, signature, constexprs, num_warps, num_stages)."""
+    prec = "ieee" if dt == "fp32" else "tf32"
+    f32 = dt == "fp32"
+    bdq, bdv = max(16, triton.next_power_of_2(dqk)), max(16, triton.next_power_of_2(dv))
+    bm, bn, nw, ns = cfg
+    if kind in ("jvp", "plain", "2pass"):
+        primal, tangent = {"jvp": (True, True), "plain": (True, False), "2pass": (False, True)}[kind]
+        ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", TQ=f"*{dt}", TK=f"*{dt}", TV=f"*{dt}", O=f"*{dt}",
+                    TO=f"*{dt}", LSE="*fp32", MU="*fp32", LO="*fp32")
+        # sequence strides are i32 at run time (Triton types ints < 2^31 as i32; the launcher
+        # switches the kernel to 64-bit offsets, WIDE, beyond that); batch / head strides i64 (worst case)
+        strides = {n: ("i32" if n.endswith("s") else "i64") for n in (
+            "sqb sqh sqs skb skh sks svb svh svs stqb stqh stqs stkb stkh stks stvb stvh stvs sob soh sos "
+            "stob stoh stos slb slh").split()}
+        sig = dict(ptrs, **strides, G="i32", Sq="i32", Sk="i32", scale="fp32")
+        ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, HAS_TQ=tangent,
+                  HAS_TK=tangent, HAS_TV=tangent, PRIMAL=primal, TANGENT=tangent, DOT_PREC=prec, WIDE=False,
+                  BASE2=not f32, HAS_LO=f32)  # the low word of lse: fp32 inputs (as dispatched)
+        return f"attn fwd {kind:5s} {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_fwd_kernel, sig, ce, nw, ns
+    ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False, HAS_LO=f32)
+    bstr = {n: ("i32" if n.endswith("s") else "i64")
+            for n in "sqb sqh sqs skb skh sks svb svh svs sdb sdh sds slb slh".split()}
+    common = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", LO="*fp32", DELTA="*fp32")
+    tail = dict(H="i32", G="i32", Sq="i32", Sk="i32", scale="fp32")
+    if kind == "dkdv":
+        sig = dict(common, DK=f"*{dt}", DV_=f"*{dt}", **bstr, sdkb="i64", sdkh="i64", sdks="i32", sdvb="i64",
+                   sdvh="i64", sdvs="i32", **tail)
+        return f"attn dkdv {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_bwd_dkdv_kernel, sig, ce, nw, ns
+    if kind == "dq":
+        sig = dict(common, DQ=f"*{dt}", **bstr, sdqb="i64", sdqh="i64", sdqs="i32", **tail)
+        return f"attn dq   {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_bwd_dq_kernel, sig, ce, nw, ns
+    raise ValueError(f"kind: {kind!r}")
+
+
+def attn_configs(quick: bool = False, arch: int = 90):
+    """Every JVP-attention kernel the dispatcher can pick on ``arch``: each head-dim bucket (incl. Dqk != Dv),
     forward in its modes (fused JVP where it is the default, i.e. head dim <= 128; plain; the
     two-pass tangent pass), backward, at the default block configuration, with every tangent
     present and causal masking (the worst case). fp32 configurations (full-precision products on
     the CUDA cores, a correctness path) are reported but not gated: see ``GATED``."""
     dims = ((64, 64), (128, 128)) if quick else ATTN_HEAD_DIMS
     for dt in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
-        prec = "ieee" if dt == "fp32" else "tf32"
+        f32 = dt == "fp32"
         for dqk, dv in dims:
-            bdq, bdv = max(16, triton.next_power_of_2(dqk)), max(16, triton.next_power_of_2(dv))
-            ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", TQ=f"*{dt}", TK=f"*{dt}", TV=f"*{dt}", O=f"*{dt}",
-                        TO=f"*{dt}", LSE="*fp32", MU="*fp32", LO="*fp32")
-            # sequence strides are i32 at run time (Triton types ints < 2^31 as i32; the launcher
-            # switches the kernel to 64-bit offsets, WIDE, beyond that); batch / head strides i64 (worst case)
-            strides = {n: ("i32" if n.endswith("s") else "i64") for n in (
-                "sqb sqh sqs skb skh sks svb svh svs stqb stqh stqs stkb stkh stks stvb stvh stvs sob soh sos "
-                "stob stoh stos slb slh").split()}
-            sig = dict(ptrs, **strides, G="i32", Sq="i32", Sk="i32", scale="fp32")
-            f32 = dt == "fp32"
-            fused = A.jvp_mode(dqk, dv) == "fused" if "FASTDISTILL_ATTN_JVP" not in os.environ else True
-            modes = [("jvp", True, True)] if fused else []
-            for mode, primal, tangent in modes + [("plain", True, False), ("2pass", False, True)]:
-                bm, bn, nw, ns = A.fwd_config(dqk, dv, tangent, f32)
-                ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, HAS_TQ=tangent,
-                          HAS_TK=tangent, HAS_TV=tangent, PRIMAL=primal, TANGENT=tangent, DOT_PREC=prec, WIDE=False,
-                          BASE2=not f32, HAS_LO=f32)  # the low word of lse: fp32 inputs (as dispatched)
-                yield (f"attn fwd {mode:5s} {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_fwd_kernel, sig, ce, nw, ns)
-            bm, bn, nw, ns = A.bwd_config(dqk, dv, f32)
-            ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False,
-                      HAS_LO=f32)
-            bstr = {n: ("i32" if n.endswith("s") else "i64")
-                    for n in "sqb sqh sqs skb skh sks svb svh svs sdb sdh sds slb slh".split()}
-            sig = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", LO="*fp32", DELTA="*fp32",
-                       DK=f"*{dt}",
-                       DV_=f"*{dt}", **bstr, sdkb="i64", sdkh="i64", sdks="i32", sdvb="i64", sdvh="i64", sdvs="i32",
-                       H="i32", G="i32", Sq="i32", Sk="i32", scale="fp32")
-            yield (f"attn dkdv {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_bwd_dkdv_kernel, sig, ce, nw, ns)
-            sig = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", LO="*fp32", DELTA="*fp32",
-                       DQ=f"*{dt}",
-                       **bstr, sdqb="i64", sdqh="i64", sdqs="i32",
-                       H="i32", G="i32", Sq="i32", Sk="i32", scale="fp32")
-            yield (f"attn dq   {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_bwd_dq_kernel, sig, ce, nw, ns)
+            fused = A.jvp_mode(dqk, dv, arch) == "fused" if "FASTDISTILL_ATTN_JVP" not in os.environ else True
+            for kind in (["jvp"] if fused else []) + ["plain", "2pass"]:
+                yield attn_kernel(kind, dt, dqk, dv, A.fwd_config(dqk, dv, kind != "plain", f32, arch))
+            for kind in ("dkdv", "dq"):
+                yield attn_kernel(kind, dt, dqk, dv, A.bwd_config(dqk, dv, f32, arch))
 
 
 def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90, num_stages: int = 3) -> dict:
@@ -163,7 +175,8 @@ def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90
         with open(path, "w") as f:
             f.write(ptx)
         for ptxas in _ptxas():
-            r = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.path.join(d, "k.cubin")],
+            gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # arch-specific features exist from sm_90a
+            r = subprocess.run([ptxas, f"-arch={gpu}", "-v", path, "-o", os.path.join(d, "k.cubin")],
                                capture_output=True, text=True)
             if r.returncode == 0:
                 out = r.stdout + r.stderr
@@ -191,14 +204,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--family", choices=("all", "score", "kd", "attn"), default="all")
     ap.add_argument("--gated-only", action="store_true", help="skip the reported-only fp32 attention configurations")
+    ap.add_argument("--only", default=None, help="a regular expression: compile the configurations it finds")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     a = ap.parse_args(argv)
     bad = 0
     print(f"{'kernel':40s} {'regs':>5s} {'spill st/ld':>12s} {'stack':>6s} {'smem':>6s}")
-    fams = {"score": score_configs, "kd": kd_configs, "attn": attn_configs}
+    fams = {"score": score_configs, "kd": kd_configs, "attn": lambda quick: attn_configs(quick, a.arch)}
     todo = [c for f, gen in fams.items() if a.family in ("all", f) for c in gen(a.quick)]
     if a.gated_only:
         todo = [c for c in todo if not c[0].startswith("attn") or any(f" {d} " in c[0] for d in GATED)]
+    if a.only:
+        todo = [c for c in todo if re.search(a.only, c[0])]
     _TODO[:] = todo
     with ProcessPoolExecutor(max(1, a.jobs), mp_context=multiprocessing.get_context("fork")) as ex:
         reports = ex.map(_report, [(i, a.arch) for i in range(len(todo))])
@@ -206,7 +222,9 @@ def main(argv=None) -> int:
             spills = r["spill_stores"] or r["spill_loads"]
             gated = not name.startswith("attn") or any(f" {d} " in name for d in GATED)
             flag = ("  SPILLS" if gated else "  spills (fp32, not gated)") if spills else ""
-            bad += bool(spills and gated)
+            big = r["shared"] > SMEM_LIMIT[90 if a.arch >= 90 else 80]  # a launch failure: gated for every dtype
+            flag += "  SMEM" if big else ""
+            bad += bool(spills and gated) + big
             print(f"{name:40s} {r['registers']:5d} {r['spill_stores']:6d}/{r['spill_loads']:<5d} {r['stack']:6d} "
                   f"{r['shared']:6d}{flag}", flush=True)
     return 1 if bad else 0

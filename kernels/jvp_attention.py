@@ -23,6 +23,7 @@ group (no atomics: deterministic), one kernel per query block accumulates dq.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -54,39 +55,74 @@ _FWD_PLAIN = {32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 25
 _FWD_TANGENT = {32: (128, 32, 8, 2), 64: (128, 32, 8, 2), 128: (64, 16, 8, 2), 256: (32, 16, 8, 1)}
 _BWD = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (16, 32, 4, 1)}
 _FP32 = (32, 32, 4, 1)
+_FP32_SM80_256 = (16, 16, 4, 1)  # fp32 at head dim 256 on sm_80–89: 32×32 needs 132 KiB of shared memory (> 99)
 FUSED_MAX_HEAD_DIM = 128  # above: the fused pass spills at every block shape; two_pass does not
+
+
+# Ampere / Ada (sm_80–sm_89): mma.sync keeps more accumulator state per thread than wgmma, and the Hopper
+# tables spill there. From benchmarks/attn_config_search.py --arch 80 (bf16, every tangent, causal): the
+# largest BM·BN that spills nowhere in the bucket and fits 99 KiB of shared memory (sm_86 / sm_89), one
+# entry serving both tangent schedules and one both backward kernels; the compiled grid is
+# benchmarks/results/attn_config_search_sm80.csv. Not timed: no Ampere GPU has been lent.
+_SM80_FWD_PLAIN = {32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 64, 4, 2)}
+_SM80_FWD_TANGENT = {32: (128, 64, 8, 2), 64: (128, 16, 8, 2), 128: (32, 16, 8, 2), 256: (16, 32, 8, 2)}
+_SM80_BWD = {32: (64, 64, 8, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 2)}
+SM80_FUSED_MAX_HEAD_DIM = 128
 
 
 def _bucket(dqk: int, dv: int) -> int:
     return max(32, triton.next_power_of_2(dqk), triton.next_power_of_2(dv))
 
 
-def fwd_config(dqk: int, dv: int, tangent: bool, fp32: bool = False) -> tuple[int, int, int, int]:
+def device_arch(x: torch.Tensor) -> int:
+    """Compute capability of x's device as 10·major + minor; 90 off CUDA (the interpreter compiles nothing)."""
+    if x.device.type != "cuda":
+        return 90
+    return _cc(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cc(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def fwd_config(dqk: int, dv: int, tangent: bool, fp32: bool = False, arch: int = 90) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward (``tangent``: the fused pass or the
-    tangent pass of two_pass). ``FASTDISTILL_ATTN_FWD_CONFIG`` overrides."""
+    tangent pass of two_pass) on compute capability ``arch``. ``FASTDISTILL_ATTN_FWD_CONFIG`` overrides."""
     cfg = _env_cfg("FASTDISTILL_ATTN_FWD_CONFIG")
     if cfg is not None:
         return cfg
     if fp32:
-        return _FP32
+        return _fp32_config(dqk, dv, arch)
+    if arch < 90:
+        return (_SM80_FWD_TANGENT if tangent else _SM80_FWD_PLAIN)[_bucket(dqk, dv)]
     padded = triton.next_power_of_2(dqk) != dqk or triton.next_power_of_2(dv) != dv
     if tangent and padded and _bucket(dqk, dv) == 128:  # head dims 80, 96, ...: the masked head dim costs registers
         return (32, 16, 4, 2)
     return (_FWD_TANGENT if tangent else _FWD_PLAIN)[_bucket(dqk, dv)]
 
 
-def bwd_config(dqk: int, dv: int, fp32: bool = False) -> tuple[int, int, int, int]:
+def bwd_config(dqk: int, dv: int, fp32: bool = False, arch: int = 90) -> tuple[int, int, int, int]:
     cfg = _env_cfg("FASTDISTILL_ATTN_BWD_CONFIG")
     if cfg is not None:
         return cfg
-    return _FP32 if fp32 else _BWD[_bucket(dqk, dv)]
+    if fp32:
+        return _fp32_config(dqk, dv, arch)
+    return (_SM80_BWD if arch < 90 else _BWD)[_bucket(dqk, dv)]
 
 
-def jvp_mode(dqk: int = 0, dv: int = 0) -> str:
-    """"fused" or "two_pass": ``FASTDISTILL_ATTN_JVP`` if set, else fused up to head dim 128."""
+def _fp32_config(dqk: int, dv: int, arch: int) -> tuple[int, int, int, int]:
+    return _FP32_SM80_256 if arch < 90 and _bucket(dqk, dv) == 256 else _FP32
+
+
+def jvp_mode(dqk: int = 0, dv: int = 0, arch: int = 90) -> str:
+    """"fused" or "two_pass": ``FASTDISTILL_ATTN_JVP`` if set, else fused up to head dim 128 on Hopper
+    (``FUSED_MAX_HEAD_DIM``), up to ``SM80_FUSED_MAX_HEAD_DIM`` on Ampere / Ada."""
     mode = os.environ.get("FASTDISTILL_ATTN_JVP", "").strip()
     if not mode:
-        return "fused" if _bucket(dqk, dv) <= FUSED_MAX_HEAD_DIM else "two_pass"
+        limit = FUSED_MAX_HEAD_DIM if arch >= 90 else SM80_FUSED_MAX_HEAD_DIM
+        return "fused" if _bucket(dqk, dv) <= limit else "two_pass"
     if mode not in ("fused", "two_pass"):
         raise ValueError(f"FASTDISTILL_ATTN_JVP: expected 'fused' or 'two_pass', got {mode!r}")
     return mode
@@ -342,13 +378,14 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     Dv = v.shape[3]
     f32 = q.dtype == torch.float32
     lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
-    if not tangent or jvp_mode(Dqk, Dv) == "two_pass":
+    arch = device_arch(q)
+    fused = jvp_mode(Dqk, Dv, arch) == "fused"
+    if not tangent or not fused:
         _launch_fwd(q, k, v, None, None, None, o, None, lse, None, lo, causal, scale, True, False,
-                    fwd_config(Dqk, Dv, False, f32))
+                    fwd_config(Dqk, Dv, False, f32, arch))
     if tangent:
-        fused = jvp_mode(Dqk, Dv) == "fused"
         _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, fused, True,
-                    fwd_config(Dqk, Dv, True, f32))
+                    fwd_config(Dqk, Dv, True, f32, arch))
 
 
 # ----------------------------------------------------------------------------- backward
@@ -513,7 +550,7 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
         dv.zero_()
         return
     _check_grid(B, H)
-    BM, BN, warps, stages = bwd_config(Dqk, Dv, q.dtype == torch.float32)
+    BM, BN, warps, stages = bwd_config(Dqk, Dv, q.dtype == torch.float32, device_arch(q))
     bdq, bdv = max(16, triton.next_power_of_2(Dqk)), max(16, triton.next_power_of_2(Dv))
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     _attn_bwd_pre_kernel[(triton.cdiv(Sq, 64), H, B)](
