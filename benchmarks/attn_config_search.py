@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
+from fastdistill.kernels import jvp_attention as A  # noqa: E402
 from triton_codegen import SMEM_LIMIT as SMEM  # noqa: E402
 from triton_codegen import attn_kernel, compile_report  # noqa: E402
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default=None)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     a = ap.parse_args(argv)
-    limit = SMEM[90 if a.arch >= 90 else 80]
+    limit = SMEM[80 if A._small_smem(a.arch) else 90]
     jobs = []
     for kind in a.kinds.split(","):
         g = GRID[kind]

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
             spills = r["spill_stores"] or r["spill_loads"]
             gated = not name.startswith("attn") or any(f" {d} " in name for d in GATED)
             flag = ("  SPILLS" if gated else "  spills (fp32, not gated)") if spills else ""
-            big = r["shared"] > SMEM_LIMIT[90 if a.arch >= 90 else 80]  # a launch failure: gated for every dtype
+            big = r["shared"] > SMEM_LIMIT[80 if A._small_smem(a.arch) else 90]  # a launch failure: gated, every dtype
             flag += "  SMEM" if big else ""
             bad += bool(spills and gated) + big
             print(f"{name:40s} {r['registers']:5d} {r['spill_stores']:6d}/{r['spill_loads']:<5d} {r['stack']:6d} "

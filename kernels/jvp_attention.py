@@ -59,10 +59,11 @@ _FP32_SM80_256 = (16, 16, 4, 1)  # fp32 at head dim 256 on sm_80–89: 32×32 ne
 FUSED_MAX_HEAD_DIM = 128  # above: the fused pass spills at every block shape; two_pass does not
 
 
-# Ampere / Ada (sm_80–sm_89): mma.sync keeps more accumulator state per thread than wgmma, and the Hopper
-# tables spill there. From benchmarks/attn_config_search.py --arch 80 (bf16, every tangent, causal): the
-# largest BM·BN that spills nowhere in the bucket and fits 99 KiB of shared memory (sm_86 / sm_89), one
-# entry serving both tangent schedules and one both backward kernels; the compiled grid is
+# Ampere / Ada (sm_80–sm_89) and consumer Blackwell (sm_120, also mma.sync and 99 KiB): mma.sync keeps
+# more accumulator state per thread than wgmma, and the Hopper tables spill there. From
+# benchmarks/attn_config_search.py --arch 80 (bf16, every tangent, causal): the largest BM·BN that spills
+# nowhere in the bucket and fits 99 KiB of shared memory (sm_86 / sm_89), one entry serving both tangent
+# schedules and one both backward kernels; the compiled grid is
 # benchmarks/results/attn_config_search_sm80.csv. Not timed: no Ampere GPU has been lent.
 _SM80_FWD_PLAIN = {32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 64, 4, 2)}
 _SM80_FWD_TANGENT = {32: (128, 64, 8, 2), 64: (128, 16, 8, 2), 128: (32, 16, 8, 2), 256: (16, 32, 8, 2)}
@@ -72,6 +73,12 @@ SM80_FUSED_MAX_HEAD_DIM = 128
 
 def _bucket(dqk: int, dv: int) -> int:
     return max(32, triton.next_power_of_2(dqk), triton.next_power_of_2(dv))
+
+
+def _small_smem(arch: int) -> bool:
+    """The Ampere tables (mma.sync, <= 99 KiB of shared memory per block) serve sm_80–89 and consumer
+    Blackwell (sm_120: no wgmma, 99 KiB); the Hopper tables sm_90–sm_10x (227 KiB)."""
+    return arch < 90 or arch >= 110
 
 
 def device_arch(x: torch.Tensor) -> int:
@@ -95,7 +102,7 @@ def fwd_config(dqk: int, dv: int, tangent: bool, fp32: bool = False, arch: int =
         return cfg
     if fp32:
         return _fp32_config(dqk, dv, arch)
-    if arch < 90:
+    if _small_smem(arch):
         return (_SM80_FWD_TANGENT if tangent else _SM80_FWD_PLAIN)[_bucket(dqk, dv)]
     padded = triton.next_power_of_2(dqk) != dqk or triton.next_power_of_2(dv) != dv
     if tangent and padded and _bucket(dqk, dv) == 128:  # head dims 80, 96, ...: the masked head dim costs registers
@@ -109,19 +116,19 @@ def bwd_config(dqk: int, dv: int, fp32: bool = False, arch: int = 90) -> tuple[i
         return cfg
     if fp32:
         return _fp32_config(dqk, dv, arch)
-    return (_SM80_BWD if arch < 90 else _BWD)[_bucket(dqk, dv)]
+    return (_SM80_BWD if _small_smem(arch) else _BWD)[_bucket(dqk, dv)]
 
 
 def _fp32_config(dqk: int, dv: int, arch: int) -> tuple[int, int, int, int]:
-    return _FP32_SM80_256 if arch < 90 and _bucket(dqk, dv) == 256 else _FP32
+    return _FP32_SM80_256 if _small_smem(arch) and _bucket(dqk, dv) == 256 else _FP32
 
 
 def jvp_mode(dqk: int = 0, dv: int = 0, arch: int = 90) -> str:
     """"fused" or "two_pass": ``FASTDISTILL_ATTN_JVP`` if set, else fused up to head dim 128 on Hopper
-    (``FUSED_MAX_HEAD_DIM``), up to ``SM80_FUSED_MAX_HEAD_DIM`` on Ampere / Ada."""
+    (``FUSED_MAX_HEAD_DIM``), up to ``SM80_FUSED_MAX_HEAD_DIM`` with the Ampere tables (``_small_smem``)."""
     mode = os.environ.get("FASTDISTILL_ATTN_JVP", "").strip()
     if not mode:
-        limit = FUSED_MAX_HEAD_DIM if arch >= 90 else SM80_FUSED_MAX_HEAD_DIM
+        limit = SM80_FUSED_MAX_HEAD_DIM if _small_smem(arch) else FUSED_MAX_HEAD_DIM
         return "fused" if _bucket(dqk, dv) <= limit else "two_pass"
     if mode not in ("fused", "two_pass"):
         raise ValueError(f"FASTDISTILL_ATTN_JVP: expected 'fused' or 'two_pass', got {mode!r}")
@@ -379,8 +386,8 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     f32 = q.dtype == torch.float32
     lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
     arch = device_arch(q)
-    fused = jvp_mode(Dqk, Dv, arch) == "fused"
-    if not tangent or not fused:
+    fused = tangent and jvp_mode(Dqk, Dv, arch) == "fused"  # FASTDISTILL_ATTN_JVP is read only with tangents
+    if not fused:
         _launch_fwd(q, k, v, None, None, None, o, None, lse, None, lo, causal, scale, True, False,
                     fwd_config(Dqk, Dv, False, f32, arch))
     if tangent:

@@ -466,6 +466,20 @@ def test_two_pass_variant(backend, monkeypatch):
             run_case(c)
 
 
+def test_schedule_variable_read_only_with_tangents(backend, monkeypatch):
+    """FASTDISTILL_ATTN_JVP chooses the tangent schedule: a bad value is an error naming it when there is a
+    tangent, and plain attention (nothing to schedule) ignores it."""
+    if backend != "triton":
+        pytest.skip("FASTDISTILL_ATTN_JVP selects a Triton schedule")
+    monkeypatch.setenv("FASTDISTILL_ATTN_JVP", "fastest")
+    q, k, v = (torch.randn(1, 17, 2, 32, generator=gen(i)) for i in range(3))
+    with fd.use_backend("triton"):
+        o, to = fd.jvp_attention(q, k, v)
+        assert to is None and torch.isfinite(o).all()
+        with pytest.raises(ValueError, match="FASTDISTILL_ATTN_JVP"):
+            fd.jvp_attention(q, k, v, tv=torch.randn_like(v))
+
+
 @pytest.mark.parametrize("mode", ["fused", "two_pass"])
 def test_fp32_large_logits_low_word(backend, monkeypatch, mode):
     """fp32, scale × 30 (|S| up to ~100): the kernels recompute P = exp(S − lse) in the backward (and in the
