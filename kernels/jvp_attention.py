@@ -337,6 +337,12 @@ def _check_grid(B: int, H: int) -> None:
         raise ValueError(f"q: batch ({B}) and heads ({H}) must each be <= {MAX_GRID_YZ} for the Triton kernels")
 
 
+def _check_rows(name: str, x: torch.Tensor | None) -> None:
+    """The kernels address per-row statistics [B, H, S] with a sequence stride of 1."""
+    if x is not None and x.dim() == 3 and x.shape[2] > 1 and x.stride(2) != 1:
+        raise ValueError(f"{name}: the Triton kernels need a sequence stride of 1, got strides {x.stride()}")
+
+
 def _lo_ok(lse_lo: torch.Tensor | None, lse: torch.Tensor, q: torch.Tensor) -> bool:
     """Whether the low word of lse is used: fp32 inputs only (the kernels' natural-unit path), same strides
     as lse."""
@@ -379,6 +385,8 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     if B * H * Sq == 0:
         return
     _check_grid(B, H)
+    for name, x in (("lse", lse), ("mu", mu), ("lse_lo", lse_lo)):
+        _check_rows(name, x)
     tangent = to is not None
     if tangent and mu is None:
         mu = torch.empty_like(lse)
@@ -557,6 +565,8 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
         dv.zero_()
         return
     _check_grid(B, H)
+    for name, x in (("lse", lse), ("lse_lo", lse_lo)):  # dlse may have any strides (read with its own)
+        _check_rows(name, x)
     BM, BN, warps, stages = bwd_config(Dqk, Dv, q.dtype == torch.float32, device_arch(q))
     bdq, bdv = max(16, triton.next_power_of_2(Dqk)), max(16, triton.next_power_of_2(Dv))
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)

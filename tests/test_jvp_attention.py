@@ -466,6 +466,23 @@ def test_two_pass_variant(backend, monkeypatch):
             run_case(c)
 
 
+def test_kernel_rows_need_unit_sequence_stride(backend):
+    """The kernel entry points address lse / mu with a sequence stride of 1: a transposed buffer is an error
+    naming it, never a silently wrong lse (the op layer always allocates them contiguous)."""
+    if backend != "triton":
+        pytest.skip("a Triton kernel-level contract")
+    from fastdistill.kernels import jvp_attention as kern
+
+    q, k, v = (torch.randn(1, 2, 17, 32, generator=gen(i)) for i in range(3))  # [B, H, S, D]
+    o = torch.empty_like(q)
+    lse = torch.empty(1, 17, 2).transpose(1, 2)  # [B, H, S] with a sequence stride of 2
+    with pytest.raises(ValueError, match="lse: the Triton kernels need a sequence stride of 1"):
+        kern.attn_fwd(q, k, v, None, None, None, o, None, lse, None, causal=False, scale=0.2)
+    with pytest.raises(ValueError, match="lse: the Triton kernels need a sequence stride of 1"):
+        kern.attn_bwd(torch.randn_like(o), q, k, v, o, lse, None, torch.empty_like(q), torch.empty_like(k),
+                      torch.empty_like(v), causal=False, scale=0.2)
+
+
 def test_schedule_variable_read_only_with_tangents(backend, monkeypatch):
     """FASTDISTILL_ATTN_JVP chooses the tangent schedule: a bad value is an error naming it when there is a
     tangent, and plain attention (nothing to schedule) ignores it."""
