@@ -58,6 +58,12 @@ class Case:
     backend: str = "reference"  # triton: through Triton's interpreter (TRITON_INTERPRET=1), else skipped
     worlds: tuple = (2, 4)  # the world sizes that run it
     short_timeout: bool = False  # run on a group of the whole world with a short timeout (a mismatch fails fast)
+    logits: float = 1.0  # softmax scale multiplier (30: nearly one-hot rows)
+    rel_single: float = 2.0  # lower precision: error at most rel_single × the single-device op's (+ 1e-6)
+
+    @property
+    def scale(self) -> float:
+        return self.logits * D ** -0.5
 
 
 B, D, DV = 2, 8, 6
@@ -94,6 +100,10 @@ CASES = [
          backend="triton", worlds=(2,)),
     Case("ring-triton-bf16-fp32-tangent", causal=True, dtype="bfloat16", tangent_dtype="float32", tangents="qk",
          backend="triton", worlds=(2,)),
+    # fp32 at logit scale × 30: the ring merges the blocks' lse in fp64 and hands the block backward the merged
+    # lse's low word (docs/jvp_attention.md), so it is held to the single-device op's accuracy, not 2× it
+    Case("ring-triton-fp32-logits-x30", causal=True, seq_layout="zigzag", sq=8, dtype="float32", logits=30.0,
+         rel_single=1.25, backend="triton", worlds=(2,)),
 ]
 SHORT_TIMEOUT_S = 20
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -137,7 +147,7 @@ def oracle(case: Case, x: dict) -> dict:
     q, k, v = (_bhsd(x[n], case).clone().requires_grad_() for n in "qkv")
     tq, tk, tv = (torch.zeros_like(p) if x["t" + n] is None else _bhsd(x["t" + n], case)
                   for n, p in zip("qkv", (q, k, v)))
-    scale = D ** -0.5
+    scale = case.scale
 
     def attn(q, k, v):
         G = q.shape[1] // k.shape[1]
@@ -190,7 +200,8 @@ def _run_case(case: Case, x: dict, W: int, r: int, group=None) -> dict:
     loc["gl"] = _shard(x["gl"], 2, W, r, zz, group)
     q, k, v = (loc[n].clone().requires_grad_() for n in "qkv")
     kw = dict(mode=case.mode, causal=case.causal, seq_layout=case.seq_layout, layout=case.layout, return_lse=True,
-              group=group, tangent_dtype=None if case.tangent_dtype is None else getattr(torch, case.tangent_dtype))
+              group=group, scale=case.scale,
+              tangent_dtype=None if case.tangent_dtype is None else getattr(torch, case.tangent_dtype))
     if case.call == "func":
         def f(q, k, v):
             o, _, lse, _ = cp(q, k, v, **kw)
@@ -399,7 +410,7 @@ def single_device(case: Case, x: dict) -> dict:
     q, k, v = (x[n].clone().requires_grad_() for n in "qkv")
     td = None if case.tangent_dtype is None else getattr(torch, case.tangent_dtype)
     with fd.use_backend(case.backend):
-        o, to, lse, dlse = fd.jvp_attention(q, k, v, x["tq"], x["tk"], x["tv"], causal=case.causal,
+        o, to, lse, dlse = fd.jvp_attention(q, k, v, x["tq"], x["tk"], x["tv"], causal=case.causal, scale=case.scale,
                                             layout=case.layout, return_lse=True, tangent_dtype=td)
         loss = (lse * x["gl"]).sum() + ((o * x["go"]).sum() if case.loss in ("o+lse", "o+lse@0") else 0.0)
         loss.backward()
@@ -436,8 +447,9 @@ def _compare(case: Case, x: dict, got: list, W: int, where: str = "") -> None:
             e1 = _err(full, single[name])
             assert e1 <= TOL, f"{where}: {name} differs from single-device jvp_attention by {e1:.3g}"
         else:
-            tol = 2 * _err(single[name].to(F64), want[name]) + 1e-6
-            assert e <= tol, f"{where}: {name} error {e:.3g} vs the fp64 oracle exceeds 2 × single-device ({tol:.3g})"
+            tol = case.rel_single * _err(single[name].to(F64), want[name]) + 1e-6
+            assert e <= tol, f"{where}: {name} error {e:.3g} vs the fp64 oracle exceeds {case.rel_single} × " \
+                             f"single-device ({tol:.3g})"
 
 
 def test_no_tangent_gives_none(world):

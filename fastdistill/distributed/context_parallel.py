@@ -266,14 +266,17 @@ def _rows(x: torch.Tensor | None, s: slice) -> torch.Tensor | None:
 
 
 def _block_fwd(q, k, v, tq, tk, tv, cfg: _Cfg, causal: bool, acc: torch.dtype):
-    """One key block on [B, H, S, D] views, outputs in ``acc`` (fp32, fp64 for fp64 inputs)."""
+    """One key block on [B, H, S, D] views, outputs in ``acc`` (fp32, fp64 for fp64 inputs). fp32 inputs also
+    get the low word of the block's lse (``lse_lo``, docs/jvp_attention.md); the 4th item is then
+    ``lse + lse_lo`` in fp64, else None."""
     B, H, S, _ = q.shape
     o = q.new_empty((B, H, S, v.shape[-1]), dtype=acc)
     lse = q.new_empty((B, H, S), dtype=acc)
     to = torch.empty_like(o) if cfg.want_t else None
     mu = torch.empty_like(lse) if cfg.want_t else None
-    _impl(cfg.backend).attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal=causal, scale=cfg.scale)
-    return o, to, lse, mu
+    lo = torch.empty_like(lse) if q.dtype == torch.float32 else None
+    _impl(cfg.backend).attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal=causal, scale=cfg.scale, lse_lo=lo)
+    return o, to, lse, mu, None if lo is None else lse.double() + lo.double()
 
 
 def _lse_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -283,17 +286,23 @@ def _lse_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _merge(state, rows: slice, blk) -> None:
-    """Fold a block's (O_c, Ȯ_c, lse_c, μ_c) into the running (O, T, lse, μ) on query rows ``rows``."""
-    O, T, L, M = (None if x is None else x[:, :, rows] for x in state)
-    o, to, lse, mu = blk
-    new = _lse_add(L, lse)
+    """Fold a block's (O_c, Ȯ_c, lse_c, μ_c, lse_c in fp64 | None) into the running (O, T, lse, μ, lse in fp64 |
+    None) on query rows ``rows``. fp32 inputs merge in fp64 (the state's O, T, μ and the fp64 lse): at large
+    logits the weights exp(lse_c − lse) and the sum T − μ·O lose ~ulp(|lse|) and ~ulp(|μ·O|) in fp32."""
+    O, T, L, M, L64 = (None if x is None else x[:, :, rows] for x in state)
+    o, to, lse, mu, lse64 = blk
+    Lw, lw = (L, lse) if L64 is None else (L64, lse64)
+    new = _lse_add(Lw, lw)
     ref = torch.where(torch.isfinite(new), new, 0.0)
-    a, b = torch.exp(L - ref), torch.exp(lse - ref)  # −inf rows weigh 0
-    O.mul_(a.unsqueeze(-1)).add_(o * b.unsqueeze(-1))
+    a, b = torch.exp(Lw - ref), torch.exp(lw - ref)  # −inf rows weigh 0
+    dt = O.dtype
+    O.mul_(a.unsqueeze(-1)).add_(o.to(dt) * b.unsqueeze(-1))
     if T is not None:
-        T.mul_(a.unsqueeze(-1)).add_((to + mu.unsqueeze(-1) * o) * b.unsqueeze(-1))
-        M.mul_(a).add_(mu * b)
+        T.mul_(a.unsqueeze(-1)).add_((to.to(dt) + mu.to(dt).unsqueeze(-1) * o.to(dt)) * b.unsqueeze(-1))
+        M.mul_(a).add_(mu.to(dt) * b)
     L.copy_(new)
+    if L64 is not None:
+        L64.copy_(new)
 
 
 def _kv_buffers(xs: list[torch.Tensor], W: int):
@@ -326,25 +335,31 @@ def _ring_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
             tvb = rest.pop(0) if tv is not None else None
             blk = _block_fwd(_rows(qb, rows), kb, vb, _rows(tqb, rows), tkb, tvb, cfg, causal, acc)
             if state is None:  # step 0: the own key shard, every query row
-                o, to, lse, mu = blk
-                state = (o, None if to is None else to.add_(mu.unsqueeze(-1) * o), lse, mu)
+                o, to, lse, mu, lse64 = blk
+                if lse64 is not None:  # fp32 inputs: the running state in fp64 (see _merge)
+                    o, to, mu = (None if x is None else x.double() for x in (o, to, mu))
+                state = (o, None if to is None else to.add_(mu.unsqueeze(-1) * o), lse, mu, lse64)
             else:
                 _merge(state, rows, blk)
         _wait(reqs)
         if reqs is not None:
             cur = nxt
-    O, T, L, M = state
+    O, T, L, M, L64 = state
+    lo = None
+    if L64 is not None:  # the merged lse's low word: fp64 lse − its fp32 rounding (0 on rows that see no key)
+        L.copy_(L64)
+        lo = torch.where(torch.isfinite(L64), L64 - L.double(), 0.0).float()
     out = q.new_empty(_out_shape(q, v, lay))
     _bhsd(out, lay).copy_(O)
     to = mu = None
     if cfg.want_t:
         to = out.new_empty(out.shape, dtype=torch.float32 if cfg.t_dtype == 1 else q.dtype)
         _bhsd(to, lay).copy_(T.sub_(M.unsqueeze(-1) * O))
-        mu = M
-    return out, to, L, mu
+        mu = M.to(L.dtype)
+    return out, to, L, mu, lo
 
 
-def _ring_bwd(do, q, k, v, o, lse, dlse, cfg: _Cfg):
+def _ring_bwd(do, q, k, v, o, lse, lo, dlse, cfg: _Cfg):
     lay, W, r = cfg.lay, cfg.W, cfg.r
     acc = _stat_dtype(q)
     qb, ob, dob = _bhsd(q, lay), _bhsd(o, lay), _bhsd(do, lay)
@@ -373,7 +388,7 @@ def _ring_bwd(do, q, k, v, o, lse, dlse, cfg: _Cfg):
             dv_b = torch.empty(vb.shape, dtype=acc, device=q.device)
             impl.attn_bwd(_rows(dob, rows), qr, kb, vb, _rows(ob, rows), lse[:, :, rows],
                           None if dlse is None else dlse[:, :, rows], part, dk_b, dv_b,
-                          causal=causal, scale=cfg.scale)
+                          causal=causal, scale=cfg.scale, lse_lo=None if lo is None else lo[:, :, rows])
             dq[:, :, rows] += part
         _wait(dkv_reqs)  # what the previous rank accumulated for the shard we hold now
         mine = dkv[i % 2]
@@ -484,9 +499,9 @@ class _ContextParallel(torch.autograd.Function):
             o, to, lse, mu, lo = _fwd(q, k, v, tq, tk, tv, cfg.causal, cfg.scale, cfg.lay, cfg.want_t, cfg.t_dtype,
                                       cfg.backend)
             box.tensors = (q, k, v, o, lse, lo)
-        elif cfg.mode == "ring":  # the merged lse has no low word (lse_lo): the block backward uses lse alone
-            o, to, lse, mu = _ring_fwd(q, k, v, tq, tk, tv, cfg)
-            box.tensors = (q, k, v, o, lse)
+        elif cfg.mode == "ring":  # lo: the merged lse's low word (fp32 inputs), for the block backward
+            o, to, lse, mu, lo = _ring_fwd(q, k, v, tq, tk, tv, cfg)
+            box.tensors = (q, k, v, o, lse, lo)
         else:
             (o, to, lse, mu), box.tensors = _ulysses_fwd(q, k, v, tq, tk, tv, cfg)
         if not cfg.want_t:
