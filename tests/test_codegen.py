@@ -4,7 +4,7 @@ time for sm_90a without register spills (fp32 attention, a correctness path, is 
 script but not gated). JVP attention has its own block configurations for Ampere / Ada (mma.sync
 keeps more accumulator state in registers than wgmma): those are gated for sm_80, shared memory
 included (≤ 99 KiB, what sm_86 / sm_89 allow). On sm_80 the kd top-k gradient kernel spills 4 bytes
-(ptxas trades one register for occupancy at 32 warps); reported by the script, not gated.
+(8 warps, 32 registers: a ptxas choice, cause not investigated); reported by the script, not gated.
 Runs ``benchmarks/triton_codegen.py`` in a subprocess (it needs real JIT functions, so
 TRITON_INTERPRET is removed from its environment); the same script prints the full report."""
 
