@@ -22,11 +22,31 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import fastdistill
 from fastdistill import _backend
 
 INTERPRET = _backend.interpreting()
+
+# Property tests (hypothesis). "ci", the default: derandomised (the same examples on every run, so a CI
+# failure reproduces), no example database, no deadline (the interpreter is slow and uneven).
+# FD_HYPOTHESIS_PROFILE=explore draws fresh random examples, FD_HYPOTHESIS_EXAMPLES=N sets how many.
+_EXAMPLES = int(os.environ.get("FD_HYPOTHESIS_EXAMPLES", "0")) or None
+_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, suppress_health_check=_SLOW,
+                          print_blob=True, **({"max_examples": _EXAMPLES} if _EXAMPLES else {}))
+settings.register_profile("explore", deadline=None, database=None, suppress_health_check=_SLOW, print_blob=True,
+                          max_examples=_EXAMPLES or 200)
+settings.load_profile(os.environ.get("FD_HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(n: int) -> settings:
+    """``@examples(n)`` on a property test: n examples under the "ci" profile (sized for the CPU suite's time),
+    the profile's count when FD_HYPOTHESIS_EXAMPLES is set or under "explore"."""
+    if _EXAMPLES or settings.default.max_examples != settings.get_profile("ci").max_examples:
+        return settings()
+    return settings(max_examples=n)
 
 
 def cpu_backends() -> list:
