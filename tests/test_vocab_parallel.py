@@ -138,6 +138,8 @@ FUSED_CASES = dict([
       reduction="mean", mask=True, teacher_temperature=1.5),
     K("fused-fkl-mixed-auto", kind="fused", teacher="hidden", divergence="fkl", layout="mixed", V=12, short=True),
     K("fused-jsd-mixed-uneven-auto", kind="fused", teacher="logits", divergence="jsd", layout="mixed", short=True),
+    K("fused-jsd-auto-cached", kind="fused", teacher="hidden", divergence="jsd", layout="uneven", V=41,
+      cache_auto=True, short=True),
 ])
 
 ERROR_CASES = dict([
@@ -260,6 +262,8 @@ def _case_on_rank(name: str, rank: int, world: int, group) -> dict:
 
 
 def _fused_on_rank(c, d, a, b, kw, vp):
+    if c.get("cache_auto"):
+        return _fused_auto_cached(c, d, a, b, kw, vp)
     h = d["h"].clone().requires_grad_()
     W = d["W"][a:b].clone().requires_grad_()
     bias = d["b"][a:b].clone().requires_grad_() if d["b"] is not None else None
@@ -276,6 +280,36 @@ def _fused_on_rank(c, d, a, b, kw, vp):
         reduce_hidden_grad=c.get("reduce_hidden_grad", True), **tkw, **kw)
     loss.backward(upstream(loss))
     return {"loss": loss.detach(), "dh": h.grad, "dW": W.grad, "db": bias.grad if bias is not None else None}
+
+
+def _fused_auto_cached(c, d, a, b, kw, vp):
+    """chunk_size="auto" on the GPU path (forced on CPU tensors): the ranks' shard widths give different local
+    rows (budget 40 logits: 1 vs 2 rows at widths 21 / 20, 2 vs 4 at 11 / 10), so they must agree. The first call
+    runs the all_reduce MIN, the second reuses its rows without it. Records the MIN all_reduces of each call."""
+    import torch.distributed as dist
+
+    from fastdistill.distributed import vocab_parallel_fused as vpf
+
+    old = vp._HOST_CHECK_ALWAYS, vpf.FUSED_CHUNK_ELEMS, dist.all_reduce
+    mins = [0, 0]
+    call = [0]
+
+    def counting(t, op=dist.ReduceOp.SUM, **kw_):
+        mins[call[0]] += op == dist.ReduceOp.MIN
+        return old[2](t, op=op, **kw_)
+
+    vp._HOST_CHECK_ALWAYS, vpf.FUSED_CHUNK_ELEMS, dist.all_reduce = (), 40, counting
+    vp._LAYOUTS.clear()
+    vpf._AUTO_ROWS.clear()
+    try:
+        first = _fused_on_rank(dict(c, cache_auto=False), d, a, b, kw, vp)
+        call[0] = 1
+        out = _fused_on_rank(dict(c, cache_auto=False), d, a, b, kw, vp)
+        return dict(out, first=first, mins=mins, rows=list(vpf._AUTO_ROWS.values()))
+    finally:
+        vp._HOST_CHECK_ALWAYS, vpf.FUSED_CHUNK_ELEMS, dist.all_reduce = old
+        vp._LAYOUTS.clear()
+        vpf._AUTO_ROWS.clear()
 
 
 def _cached_layout_case(c, d, rank, world, a, b, kw, vp):
@@ -587,6 +621,20 @@ def test_fused_linear(world, name):
     _assert_close(_cat0(name, res, w, "dW"), dW, TOL, "dW")
     if db is not None:
         _assert_close(_cat0(name, res, w, "db"), db, TOL, "db")
+
+
+def test_fused_auto_rows_agreed_once(world):
+    """GPU path of chunk_size="auto": one all_reduce MIN at the group's first call, none at the second (no host
+    sync), the smallest rows over the group, and the same loss and gradients at both calls."""
+    w, res = world
+    name = "fused-jsd-auto-cached"
+    expect_rows = 1 if w == 2 else 2  # min over the ranks of pow2(40 // max(V_r, H))
+    for r in range(w):
+        got = res[r][name]
+        assert got["mins"] == [1, 0], f"rank {r}: MIN all_reduces per call {got['mins']}, expected [1, 0]"
+        assert got["rows"] == [expect_rows], f"rank {r}: cached rows {got['rows']}"
+        for key in ("loss", "dh", "dW"):
+            assert torch.equal(got["first"][key], got[key]), f"rank {r}: {key} differs between the two calls"
 
 
 def _cat0(name, res, w, key):

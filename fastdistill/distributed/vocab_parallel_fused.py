@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+import fastdistill.distributed.vocab_parallel as _vp
 from fastdistill.distributed.vocab_parallel import _CONTRIB, _FLOAT_DTYPES, _common, _reduce, _Shard
 
 __all__ = ["vocab_parallel_fused_linear_kd_loss"]
 
 FUSED_CHUNK_ELEMS = 1 << 25  # chunk_size="auto": rows × max(V_r, H) logits per chunk
 _LOWP = (torch.bfloat16, torch.float16)
+_AUTO_ROWS: dict = {}  # (group ranks, device type, H) -> the rows of chunk_size="auto" agreed on a GPU group
 _MM_OUT_FP32: dict = {}  # (device, dtype) -> whether torch.mm(..., out_dtype=torch.float32) runs there
 
 
@@ -167,14 +169,23 @@ def _accumulate(g, stu: _Linear, sl, dh, dW, db):
 
 def _auto_rows(sh: _Shard, N: int, Vr: int, H: int, device) -> int:
     """Rows per chunk for chunk_size="auto": a power of two of about FUSED_CHUNK_ELEMS logits, the smallest
-    over the group. The ranks' widths may differ, and no rank knows the others' before a collective, so the
-    all_reduce MIN runs whenever world > 1 (one host sync; an int chunk_size avoids it)."""
+    over the group. The ranks' widths may differ and no rank knows the others' before a collective, so
+    the ranks agree with an all_reduce MIN: at every call on CPU tensors (no synchronisation there), on a
+    GPU at the group's first call for this hidden size only (one host sync), whose rows later calls reuse.
+    The cache key (the group's ranks, device type, H) is the same on every rank, so hit or miss is too."""
     rows = max(1, FUSED_CHUNK_ELEMS // max(Vr, H, 1))
     rows = 1 << (rows.bit_length() - 1)
     if sh.world > 1:
-        t = torch.full((1,), rows, dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=sh.group)
-        rows = int(t.item())
+        cache = sh.device.type not in _vp._HOST_CHECK_ALWAYS
+        key = sh.key + (H,)
+        if cache and key in _AUTO_ROWS:
+            rows = _AUTO_ROWS[key]
+        else:
+            t = torch.full((1,), rows, dtype=torch.int64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=sh.group)
+            rows = int(t.item())
+            if cache:
+                _AUTO_ROWS[key] = rows
     return max(1, min(rows, N))
 
 
@@ -223,7 +234,8 @@ def vocab_parallel_fused_linear_kd_loss(
     group, so that it is the full gradient on every rank; pass False when the caller's own autograd
     region already does it (Megatron's ``copy_to_tensor_model_parallel_region`` before the lm_head).
     ``chunk_size``: rows per chunk, the same on every rank (``"auto"``: a memory budget of
-    ``FUSED_CHUNK_ELEMS`` logits). Every other option is ``kd_loss``'s.
+    ``FUSED_CHUNK_ELEMS`` logits, agreed over the group; on a GPU at the group's first call for this H,
+    reused after: no host sync in the steady state). Every other option is ``kd_loss``'s.
 
     Example::
 
