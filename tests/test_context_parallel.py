@@ -321,6 +321,20 @@ def _one_rank_differs(W: int, r: int, agree_group, local_group) -> dict:
     t = x.float() if odd else x
     out["err_tangent_dtype_one_rank"] = _expect_error(lambda: cp(x, x, x, t, group=local_group))
     out["usable_after_local_errors"] = usable(local_group)
+    # 3. zigzag_unshard: a shard of odd length (a local error), of another length or dtype on the last rank only
+    from fastdistill.distributed import zigzag_unshard
+
+    u = torch.zeros(2, 5 if odd else 4, 3, dtype=F64)
+    out["err_unshard_odd_one_rank"] = _expect_error(lambda: zigzag_unshard(u, 1, group=local_group))
+    u = torch.zeros(2, 6 if odd else 4, 3, dtype=F64)
+    out["err_unshard_len_one_rank"] = _expect_error(lambda: zigzag_unshard(u, 1, group=local_group))
+    u = torch.zeros(2, 4, 3, dtype=torch.float32 if odd else F64)
+    out["err_unshard_dtype_one_rank"] = _expect_error(lambda: zigzag_unshard(u, 1, group=local_group))
+    u = torch.zeros(2, 4, 6, dtype=F64)
+    out["err_unshard_dim_one_rank"] = _expect_error(lambda: zigzag_unshard(u, 2 if odd else 1, group=local_group))
+    out["unshard_usable"] = tuple(zigzag_unshard(u, 1, group=local_group).shape) == (2, 4 * W, 6)
+    out["unshard_check_off_equal"] = torch.equal(zigzag_unshard(x, 1, group=local_group, check=False),
+                                                 zigzag_unshard(x, 1, group=local_group))
     return out
 
 
@@ -464,6 +478,8 @@ def test_zigzag_helpers(world):
         assert rk["extras"]["zigzag_roundtrip_ok"], f"W={W} rank {r}: zigzag_unshard(zigzag_shard(x)) != x"
         assert rk["extras"]["check_off_equal"], f"W={W} rank {r}: check=False changed the result"
         assert rk["extras"]["zigzag_grad_ok"], f"W={W} rank {r}: gradient of zigzag_unshard"
+        assert rk["extras"]["unshard_usable"] is True, f"W={W} rank {r}: zigzag_unshard after the errors"
+        assert rk["extras"]["unshard_check_off_equal"], f"W={W} rank {r}: zigzag_unshard check=False"
 
 
 @pytest.mark.parametrize("key, exc, words", [
@@ -481,6 +497,10 @@ def test_zigzag_helpers(world):
     ("err_ulysses_heads_one_rank", "ValueError", "q: mode='ulysses'"),
     ("err_causal_lengths_one_rank", "ValueError", "q, k: causal"),
     ("err_tangent_dtype_one_rank", "TypeError", "tq: dtype"),
+    ("err_unshard_odd_one_rank", "ValueError", "x_shard: size 5 of dim 1 must be even"),
+    ("err_unshard_len_one_rank", "ValueError", "x_shard.shape[1] differs between the ranks"),
+    ("err_unshard_dtype_one_rank", "ValueError", "x_shard.dtype differs between the ranks"),
+    ("err_unshard_dim_one_rank", "ValueError", "dim differs between the ranks"),
 ])
 def test_errors(world, key, exc, words):
     W, _, ranks = world
@@ -497,7 +517,8 @@ def test_group_of_one_is_the_single_device_op(world):
 
 
 @pytest.mark.parametrize("key", ["err_zigzag_odd_one_rank", "err_ulysses_heads_one_rank",
-                                 "err_causal_lengths_one_rank", "err_tangent_dtype_one_rank"])
+                                 "err_causal_lengths_one_rank", "err_tangent_dtype_one_rank",
+                                 "err_unshard_odd_one_rank"])
 def test_local_error_of_one_rank_raised_on_every_rank(world, key):
     """Only the last rank's arguments are bad: it raises its own error, the others its message naming it."""
     W, _, ranks = world

@@ -70,6 +70,8 @@ def _global(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
+_NEED_CP = ("context-parallel attention needs shards of the same length and the same options, tangents and shapes "
+            "on every rank")
 _MSG_WORDS = 64  # room for 512 bytes of a local error message in the agreement record
 _EXC_KINDS = (ValueError, TypeError)  # kind 1, 2; anything else: 3 (a RuntimeError on the other ranks)
 
@@ -105,7 +107,8 @@ def _decode_msg(words: list[int]) -> str:
     return struct.pack(f"<{_MSG_WORDS}q", *words).rstrip(b"\0").decode("utf-8", "ignore")
 
 
-def _agree(group, W: int, q, err: BaseException | None, names: tuple[str, ...], sig: tuple[int, ...] | None) -> None:
+def _agree(group, W: int, q, err: BaseException | None, names: tuple[str, ...], sig: tuple[int, ...] | None,
+           need: str = _NEED_CP) -> None:
     """Every rank, every call: one all-gather of a small int64 record, then the same decision on every rank.
 
     - a rank whose arguments failed the local checks (``err``) re-raises its own error; every other rank
@@ -132,9 +135,7 @@ def _agree(group, W: int, q, err: BaseException | None, names: tuple[str, ...], 
     for j, name in enumerate(names):
         vals = [row[2 + j] for row in rows]
         if len(set(vals)) > 1:
-            raise ValueError(f"{name} differs between the ranks of the group ({vals} on ranks 0..{W - 1}): "
-                             "context-parallel attention needs shards of the same length and the same options, "
-                             "tangents and shapes on every rank")
+            raise ValueError(f"{name} differs between the ranks of the group ({vals} on ranks 0..{W - 1}): {need}")
 
 
 def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], cfg) -> list:
@@ -170,19 +171,47 @@ def zigzag_shard(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
     return torch.cat([x.narrow(dim, r * c, c), x.narrow(dim, (2 * W - 1 - r) * c, c)], dim)
 
 
-def zigzag_unshard(x_shard: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+_GATHER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+                  torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_UNSHARD_DIMS = 8  # the shape entries zigzag_unshard's agreement record carries (more dims: their product)
+_UNSHARD_NAMES = ("x_shard.dim()", "dim", "x_shard.dtype") + tuple(
+    f"x_shard.shape[{i}]" for i in range(_UNSHARD_DIMS))
+
+
+def zigzag_unshard(x_shard: torch.Tensor, dim: int, group=None, *, check: bool = True) -> torch.Tensor:
     """The full, naturally ordered tensor from every rank's zigzag shard (all-gather).
-    ``x_shard.shape[dim]`` must be even and the same on every rank.
+    ``x_shard.shape[dim]`` must be even, and shape, dtype and ``dim`` the same on every rank.
+
+    ``check=True`` agrees on that over the group first (one small all-gather; on an NCCL-only group also a
+    host sync, as in ``context_parallel_jvp_attention``): a bad argument on one rank raises on every rank,
+    none is left waiting in the gather. ``check=False`` skips it (no host sync; ranks that disagree can
+    then hang or gather garbage).
 
     Differentiable: the gradient of a shard is the sum over the ranks of their outputs' gradients at
     its chunks (all_reduce, as ``torch.distributed.nn.functional.all_gather`` does), so a loss that is
     the same on every rank must be divided by the group size. Forward-AD gathers the tangent."""
-    dim, W, _ = _zigzag_world(x_shard, dim, group, "x_shard")
-    if x_shard.shape[dim] % 2:
-        raise ValueError(f"x_shard: size {x_shard.shape[dim]} of dim {dim} must be even (two zigzag chunks)")
-    if W == 1:
-        return x_shard.clone()
-    return _ZigzagGather.apply(x_shard, dim, group, W)
+    _, W, _ = _group_info(group)
+    try:
+        d, W, _ = _zigzag_world(x_shard, dim, group, "x_shard")
+        if x_shard.shape[d] % 2:
+            raise ValueError(f"x_shard: size {x_shard.shape[d]} of dim {d} must be even (two zigzag chunks)")
+        err = None
+    except Exception as e:  # any local failure: the other ranks must not wait for this one
+        err = e
+    if W == 1 or not check:
+        if err is not None:
+            raise err
+        return x_shard.clone() if W == 1 else _ZigzagGather.apply(x_shard, d, group, W)
+    sig = None
+    if err is None:
+        shape = list(x_shard.shape[:_UNSHARD_DIMS]) + [-1] * (_UNSHARD_DIMS - x_shard.dim())
+        if x_shard.dim() > _UNSHARD_DIMS:
+            shape[-1] = math.prod(x_shard.shape[_UNSHARD_DIMS - 1 :])
+        dt = _GATHER_DTYPES.index(x_shard.dtype) if x_shard.dtype in _GATHER_DTYPES else -1
+        sig = (x_shard.dim(), d, dt, *shape)
+    _agree(group, W, x_shard, err, _UNSHARD_NAMES, sig, need="zigzag_unshard needs the same shard shape, dtype "
+           "and dim on every rank")
+    return _ZigzagGather.apply(x_shard, d, group, W)
 
 
 def _zigzag_gather(x: torch.Tensor, dim: int, group, W: int) -> torch.Tensor:
