@@ -153,6 +153,9 @@ constexpr float NEG_INF = -__builtin_huge_valf();
 // max(D, 0) for a divergence that may round below 0; NaN stays NaN (fmaxf would drop it)
 __device__ __forceinline__ float clamp0(float d) { return d < 0.0f ? 0.0f : d; }
 __device__ __forceinline__ float safe(float m) { return m == NEG_INF ? 0.0f : m; }  // Triton's _safe
+// A running divergence sum moved to a new max (Triton's _rescale): 0 where the factor underflowed to 0. The
+// sum can be +inf in its old frame (mass × an infinite log-ratio) while that mass is 0 in the row's frame.
+__device__ __forceinline__ float rescale(float acc, float r) { return r > 0.0f ? acc * r : 0.0f; }
 
 struct Prm {
   float inv_T, inv_Tt, alpha, t2, scale, softcap, beta, skew;
@@ -241,8 +244,8 @@ __device__ __forceinline__ Online merge(const Online& a, const Online& b, bool c
   const float at = __expf(a.mt - safe(r.mt)), bt = __expf(b.mt - safe(r.mt));
   r.ls = a.ls * as + b.ls * bs;
   r.lt = a.lt * at + b.lt * bt;
-  if constexpr (SDIV == DIV_FKL) r.acc = a.acc * at + b.acc * bt;
-  else if constexpr (SDIV == DIV_RKL) r.acc = a.acc * as + b.acc * bs;
+  if constexpr (SDIV == DIV_FKL) r.acc = rescale(a.acc, at) + rescale(b.acc, bt);
+  else if constexpr (SDIV == DIV_RKL) r.acc = rescale(a.acc, as) + rescale(b.acc, bs);
   else r.acc = 0.0f;
   r.m1 = a.m1, r.l1 = a.l1;
   if (ce_sep) {
@@ -320,8 +323,8 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
     }
     o.ls = o.ls * rs + sum_s;
     o.lt = o.lt * rt + sum_t;
-    if constexpr (SDIV == DIV_FKL) o.acc = o.acc * rt + sum_a;
-    else if constexpr (SDIV == DIV_RKL) o.acc = o.acc * rs + sum_a;
+    if constexpr (SDIV == DIV_FKL) o.acc = rescale(o.acc, rt) + sum_a;
+    else if constexpr (SDIV == DIV_RKL) o.acc = rescale(o.acc, rs) + sum_a;
     if (ce_sep) {
       const float m1_new = fmaxf(o.m1, bz);
       float sum_1 = 0.0f;

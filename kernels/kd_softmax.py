@@ -76,6 +76,13 @@ def _safe(m):
 
 
 @triton.jit
+def _rescale(acc, r):
+    """A running divergence sum moved to a new max: 0 where the factor underflowed to 0. The sum can be +inf in
+    its old frame (mass × an infinite log-ratio) while that mass is 0 in the row's frame: not inf · 0 = NaN."""
+    return tl.where(r > 0, acc * r, 0.0)
+
+
+@triton.jit
 def _row_valid(row, lab_ptr, mask_ptr, ignore_index, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr):
     ok = row >= 0
     if HAS_LABELS:
@@ -164,9 +171,9 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
         l_s = l_s * rs + tl.sum(es, 0)
         l_t = l_t * rt + tl.sum(et, 0)
         if DIV == 0:
-            acc = acc * rt + tl.sum(tl.where(et > 0, et * (ut - us), 0.0), 0)
+            acc = _rescale(acc, rt) + tl.sum(tl.where(et > 0, et * (ut - us), 0.0), 0)
         elif DIV == 1:
-            acc = acc * rs + tl.sum(tl.where(es > 0, es * (us - ut), 0.0), 0)
+            acc = _rescale(acc, rs) + tl.sum(tl.where(es > 0, es * (us - ut), 0.0), 0)
         if CE_SEP:
             m1_new = tl.maximum(m_1, tl.max(z, 0))
             l_1 = l_1 * tl.exp(m_1 - _safe(m1_new)) + tl.sum(tl.exp(z - _safe(m1_new)), 0)

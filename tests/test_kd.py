@@ -344,6 +344,34 @@ def test_kd_fkl_infinite_where_student_has_no_mass(use):
         assert torch.isposinf(loss).any()
 
 
+def underflow_rows(div: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 rows of V = 4097 (three blocks of the Triton kernels' 2048, several CUDA threads): column 0 is −inf
+    on the side that weights nothing (the student for fkl, the teacher for rkl) while the weighting side is 0
+    there; a logit of 120 at columns 4096 and 2048 makes that side's mass at column 0 e^−120, which is 0 in
+    fp32. Relative to the running max of the first block it is 1, times an infinite log-ratio."""
+    V = 4097
+    a, b = torch.zeros(2, V), torch.zeros(2, V)
+    a[:, 0] = -math.inf
+    b[0, V - 1], b[1, 2048] = 120.0, 120.0
+    return (a, b) if div == "fkl" else (b, a)
+
+
+@pytest.mark.parametrize("div", ["fkl", "rkl"])
+def test_kd_underflowed_mass_at_an_infinite_log_ratio(use, div):
+    """Online rescaling: a block sum that is +inf (finite mass × infinite log-ratio in the block's frame) times
+    a rescale factor that underflows to 0 must give the fp32 reference's value (the mass is 0 in the row's
+    frame), not inf · 0 = NaN."""
+    s, t = underflow_rows(div)
+    x = s.clone().requires_grad_()
+    loss = fd.kd_loss(x, t, divergence=div, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    with fd.use_backend("reference"):
+        ref = fd.kd_loss(s, t, divergence=div, reduction="none")
+    assert torch.isfinite(ref).all(), ref
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all(), (loss, x.grad.isnan().sum())
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
 @pytest.mark.parametrize("div", list(DIVS))
 def test_kd_teacher_equals_student(use, div, dtype):
