@@ -77,9 +77,10 @@ def _arch_flags():
             raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot parse {a!r}")
         num = f"{m.group(1)}{m.group(2)}{m.group(3)}"
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        names.append(f"sm_{num}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
-        names.append(f"sm_{num}")
+            names.append(f"compute_{num}")
     return flags, ",".join(names)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -95,16 +96,38 @@ def extension_error() -> str | None:
     return _EXT_ERR
 
 
+def arch_runs(arch: str, major: int, minor: int) -> bool | None:
+    """Whether code built for ``arch`` (``sm_90a``, ``sm_80``, ``compute_90``: machine code or PTX, as in the
+    extension's ``CUDA_ARCHS``) runs on a GPU of compute capability ``major.minor``; None if unparsable.
+    Machine code runs on its major version at the same or a higher minor (``a``: that exact GPU only); PTX
+    is compiled by the driver for any GPU at least as new (``a``: that exact GPU; ``f``: its family)."""
+    m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", arch.strip())
+    if m is None:
+        return None
+    kind, a_major, a_minor, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+    if suffix == "a":
+        return (a_major, a_minor) == (major, minor)
+    if kind == "sm" or suffix == "f":
+        return a_major == major and a_minor <= minor
+    return (a_major, a_minor) <= (major, minor)
+
+
 def cuda_why_not(device: torch.device) -> list[str]:
     reasons = []
     if device.type != "cuda":
         reasons.append(f"tensors are on {device.type}, the CUDA extension needs CUDA tensors")
-    if extension() is None:
+    ext = extension()
+    if ext is None:
         reasons.append(str(_EXT_ERR))
     elif device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        archs = [a for a in str(getattr(ext, "CUDA_ARCHS", "")).split(",") if a.strip()]
+        runs = [arch_runs(a, major, minor) for a in archs]
         if major < 8:
             reasons.append(f"GPU compute capability {major}.x < 8.0 is not supported")
+        elif runs and None not in runs and not any(runs):
+            reasons.append(f"fastdistill._C was built for {','.join(archs)}, which does not run on this GPU (compute "
+                           f"capability {major}.{minor}): rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\"")
     return reasons
 
 

@@ -433,6 +433,41 @@ def test_cuda_why_not_reasons():
     assert fastdistill.available_backends("scm_tangent_loss", x, term_dtypes=(torch.float32,))["reference"] == []
 
 
+@pytest.mark.parametrize("arch, cap, runs", [
+    ("sm_80", (8, 0), True), ("sm_80", (8, 6), True), ("sm_80", (8, 9), True), ("sm_86", (8, 0), False),
+    ("sm_80", (9, 0), False), ("sm_90a", (9, 0), True), ("sm_90a", (10, 0), False), ("sm_90", (12, 0), False),
+    ("compute_90", (10, 0), True), ("compute_90", (8, 9), False), ("compute_90a", (10, 0), False),
+    ("sm_100f", (10, 3), True), ("sm_100f", (12, 0), False), ("sm_120", (12, 0), True), ("unknown", (9, 0), None),
+])
+def test_arch_runs(arch, cap, runs):
+    """Which builds of the extension run on which GPU (machine code within a major version, PTX forward)."""
+    from fastdistill._backend import arch_runs
+
+    assert arch_runs(arch, *cap) is runs
+
+
+@pytest.mark.parametrize("archs, cap, refused", [
+    ("sm_80,sm_90a", (9, 0), False), ("sm_80,sm_90a", (8, 9), False), ("sm_80,sm_90a", (10, 0), True),
+    ("sm_80,sm_90a", (12, 0), True), ("sm_80", (9, 0), True), ("sm_90a,compute_90a", (10, 0), True),
+    ("sm_90a,compute_90", (10, 0), False), ("unknown", (10, 0), False),
+])
+def test_cuda_backend_refused_on_a_gpu_the_build_does_not_cover(monkeypatch, archs, cap, refused):
+    """The default build (sm_80, sm_90a) on a Blackwell GPU: the dispatcher must not pick the CUDA backend
+    (every launch would fail with "no kernel image"); it says why and names the rebuild."""
+    from fastdistill import _backend
+
+    class Ext:
+        CUDA_ARCHS = archs
+
+    monkeypatch.setattr(_backend, "extension", lambda: Ext)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: cap)
+    why = _backend.cuda_why_not(torch.device("cuda"))
+    hit = [r for r in why if "does not run on this GPU" in r]
+    assert bool(hit) is refused, why
+    if refused:
+        assert f"TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}\"" in hit[0], hit
+
+
 def test_kd_cuda_why_not_reasons():
     x = torch.zeros(2, 4, dtype=torch.bfloat16)
     why = fastdistill.available_backends("kd_loss", x, teacher_dtype=torch.float32)["cuda"]
