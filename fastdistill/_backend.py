@@ -10,6 +10,7 @@ it cannot run, the error lists every backend's reasons. There is no silent fallb
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import re
@@ -129,6 +130,62 @@ def cuda_why_not(device: torch.device) -> list[str]:
             reasons.append(f"fastdistill._C was built for {','.join(archs)}, which does not run on this GPU (compute "
                            f"capability {major}.{minor}): rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\"")
     return reasons
+
+
+# ----------------------------------------------------------------------------- small device constants
+_GRAPH_CONSTANTS: dict = {}  # constants read by a captured CUDA graph: never evicted (the graph keeps reading them)
+
+
+class _Constant:
+    """A cached device constant: the tensor, the event after its upload, the CUDA streams cleared to read it."""
+
+    __slots__ = ("tensor", "ready", "streams")
+
+    def __init__(self, tensor: torch.Tensor, ready, streams: set):
+        self.tensor, self.ready, self.streams = tensor, ready, streams
+
+
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device`` for a kernel to read (per-call scalars: temperatures, coefficients),
+    cached, and never a host synchronisation: a plain host-to-device copy waits for the stream, so a miss on a
+    GPU uploads from pinned memory asynchronously, or, during CUDA-graph capture, fills the tensor with one
+    small kernel per value (capturable). Another stream that reads a cached tensor first waits for its upload
+    (an event, on the device) and is recorded on it, so the memory is not reused under that stream's kernels
+    after eviction. A constant read during capture stays cached for good (the graph keeps reading it).
+    Under torch.compile: a constant of the graph. Read-only by contract."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    device = torch.device(device)
+    key = (values, device, dtype)
+    if device.type != "cuda":
+        return _constant_cached(*key).tensor
+    c = _GRAPH_CONSTANTS.get(key) or _constant_cached(*key)
+    if torch.cuda.is_current_stream_capturing():
+        _GRAPH_CONSTANTS[key] = c  # torch.cuda.graph synchronises before capture: the upload is complete
+    else:
+        cur = torch.cuda.current_stream(device)
+        if cur.cuda_stream not in c.streams:
+            if c.ready is not None:
+                cur.wait_event(c.ready)
+            c.tensor.record_stream(cur)
+            c.streams.add(cur.cuda_stream)
+    return c.tensor
+
+
+@functools.lru_cache(maxsize=256)
+def _constant_cached(values: tuple, device: torch.device, dtype: torch.dtype) -> _Constant:
+    if device.type != "cuda":
+        return _Constant(torch.tensor(values, dtype=dtype, device=device), None, set())
+    stream = torch.cuda.current_stream(device)
+    if torch.cuda.is_current_stream_capturing():
+        t = torch.empty(len(values), dtype=dtype, device=device)
+        for i, v in enumerate(values):
+            t[i].fill_(v)
+        return _Constant(t, None, {stream.cuda_stream})
+    t = torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(stream)
+    return _Constant(t, ready, {stream.cuda_stream})
 
 
 # ----------------------------------------------------------------------------- dispatch

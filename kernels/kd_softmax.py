@@ -15,8 +15,6 @@ Per-row state (fp32, [N, 8]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid.
 
 from __future__ import annotations
 
-import functools
-
 import triton
 import triton.language as tl
 
@@ -440,22 +438,9 @@ def params(p, device, dtype):
     """[inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew] as a cached device tensor."""
     vals = (1.0 / p.temperature, 1.0 / p.teacher_temperature, p.alpha, p.t2, p.logit_scale,
             p.softcap if p.softcap > 0 else 1.0, p.beta, p.skew)
-    return _const(vals, device, dtype)
+    from fastdistill._backend import device_constant
 
-
-@functools.lru_cache(maxsize=64)
-def _cached(vals, device, dtype):
-    import torch
-
-    return torch.tensor(vals, dtype=dtype, device=device)
-
-
-def _const(vals, device, dtype):
-    import torch
-
-    if torch.compiler.is_compiling():
-        return torch.tensor(vals, dtype=dtype, device=device)
-    return _cached(vals, device, dtype)
+    return device_constant(vals, device, dtype)
 
 
 def kd_fwd(p, s, t, labels, mask, weights):

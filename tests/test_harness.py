@@ -44,3 +44,18 @@ def test_interpreter_bf16_cast_rounds_to_nearest():
     y = torch.empty(1024, dtype=torch.bfloat16)
     _cast_kernel[(1,)](x, y, N=1024)
     assert torch.equal(y, x.to(torch.bfloat16))
+
+
+def test_device_constant_cached_and_traceable():
+    """Per-call scalars (temperatures, float coefficients) become cached device constants: the same values give
+    the same tensor, other values or dtypes another; under torch.compile they are constants of the graph.
+    (Uploads without a host sync and CUDA-graph capture: the GPU tier, tests/gpu/test_score_gpu.py.)"""
+    from fastdistill._backend import device_constant
+
+    a = device_constant((1.0, 2.5), torch.device("cpu"), torch.float32)
+    assert device_constant((1.0, 2.5), "cpu", torch.float32) is a and a.tolist() == [1.0, 2.5]
+    b = device_constant((1.0, 2.5), "cpu", torch.float64)
+    assert b is not a and b.dtype == torch.float64
+    assert device_constant((1.0, 2.75), "cpu", torch.float32).tolist() == [1.0, 2.75]
+    f = torch.compile(lambda x, v: x * device_constant((v,), x.device, x.dtype), fullgraph=True, backend="eager")
+    assert f(torch.ones(2), 3.0).tolist() == [3.0, 3.0]

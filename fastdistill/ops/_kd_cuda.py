@@ -12,10 +12,9 @@ pointers and the current stream.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from fastdistill._backend import device_constant
 from fastdistill.ops._cuda_common import DTYPE_CODE, ext, ptr, require_cuda
 
 NSTATE = 8
@@ -50,14 +49,7 @@ def params(p, device) -> torch.Tensor:
     (the values and layout of ``kernels/kd_softmax.params``)."""
     vals = (1.0 / p.temperature, 1.0 / p.teacher_temperature, p.alpha, p.t2, p.logit_scale,
             p.softcap if p.softcap > 0 else 1.0, p.beta, p.skew)
-    if torch.compiler.is_compiling():
-        return torch.tensor(vals, dtype=torch.float32, device=device)
-    return _cached(vals, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached(vals, device):
-    return torch.tensor(vals, dtype=torch.float32, device=device)
+    return device_constant(vals, device, torch.float32)
 
 
 def _labels(labels: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:

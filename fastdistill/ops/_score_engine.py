@@ -6,7 +6,6 @@ autograd wiring (eager ``autograd.Function`` and ``torch.library`` custom ops fo
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -109,11 +108,6 @@ def mask_2d(mask, x: torch.Tensor, B: int, M: int) -> torch.Tensor | None:
 
 
 # ----------------------------------------------------------------------------- coefficients
-@functools.lru_cache(maxsize=256)
-def _const_coef(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
 def _coef_block(name: str, c, k: int, B: int, device) -> torch.Tensor | tuple[float, ...]:
     """Validate a coefficient argument for k terms: a tuple of floats, or a [1|B, k] tensor."""
     if isinstance(c, torch.Tensor):
@@ -152,11 +146,7 @@ def pack_coef(rows: list[Row], K: int, B: int, device, acc: torch.dtype) -> torc
             else:
                 for c, v in zip(cols, block):
                     flat[r * (K + 1) + c] += v
-    if torch.compiler.is_compiling():  # a graph constant; the cache is for eager calls
-        const = torch.tensor(flat, dtype=acc, device=device)
-    else:
-        const = _const_coef(tuple(flat), device, acc)
-    const = const.view(1, 2, K + 1)
+    const = _backend.device_constant(tuple(flat), device, acc).view(1, 2, K + 1)
     if not tensors:
         return const
     Bc = max(b.shape[0] for _, _, b in tensors)

@@ -133,3 +133,42 @@ def test_compile_inductor_gpu():
     ref = _dmd(x2, f, c, u, xt, [1.0, -3.0, 2.0], [3.0, -2.0, 0.5]) * 3
     (gr,) = torch.autograd.grad(ref, x2)
     assert torch.allclose(out, ref, rtol=1e-5) and torch.equal(gx, gr)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_coefficients_no_host_sync_and_capture(backend):
+    """Coefficients given as floats become cached device constants. New values (a CFG or time schedule) are
+    uploaded without a host synchronisation (forward + backward under set_sync_debug_mode("error")), and values
+    first seen during CUDA-graph capture are filled on the device there; the replay matches eager."""
+    x, (f, c, u, xt), _ = _inputs(2, (4, 8, 32, 32), torch.bfloat16, seed=5)
+    _skip_unavailable(backend, x)
+
+    def step(xs, k):
+        xs.grad = None
+        with fd.use_backend(backend):
+            loss = _dmd(xs, f, c, u, xt, [1.0, -3.0 - k, 2.0 + k], [3.0, -2.0 - k, 0.5])
+            loss.backward()
+        return loss
+
+    xs = x.detach().clone().requires_grad_()
+    step(xs, 0.0)  # compile / load
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 4):
+            step(xs, 0.125 * i)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(xs, 0.0)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(xs, 0.8125)  # values never seen before: a miss during capture
+    f.mul_(1.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    xe = x.detach().clone().requires_grad_()
+    ref = step(xe, 0.8125)
+    assert torch.equal(static_loss, ref.detach()) and torch.equal(xs.grad, xe.grad)
