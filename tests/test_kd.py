@@ -414,6 +414,19 @@ def test_kd_inplace_grad(use, div):
     assert_rel(storage, x1.grad, 1e-13, "logits storage holds the gradient")
 
 
+def test_kd_inplace_grad_refuses_a_teacher_overlapping_other_rows(use):
+    """inplace_grad=True with a teacher that is another window of the student's buffer (rows shifted by one,
+    or a column slice) would race (one row's gradient overwrites teacher logits another row reads): an error
+    naming the argument. The very same tensor as teacher is per-row safe, and a disjoint window is allowed."""
+    buf = torch.randn(5, 64, dtype=F64)
+    for s, t in ((buf[:-1], buf[1:]), (buf[:, :40], buf[:, 24:])):
+        with pytest.raises(ValueError, match="inplace_grad: teacher_logits"):
+            fd.kd_loss(s, t, inplace_grad=True)
+    x = buf.clone()
+    assert fd.kd_loss(x, x, inplace_grad=True).abs().item() < 1e-12  # the same view: allowed (loss 0)
+    fd.kd_loss(buf[:2], buf[3:], inplace_grad=True)  # disjoint rows of one buffer: allowed
+
+
 # ----------------------------------------------------------------------------- low precision
 def store_err(exact: torch.Tensor, dtype: torch.dtype) -> float:
     """Error of merely storing the exact gradient in `dtype`: a floor no implementation can beat."""

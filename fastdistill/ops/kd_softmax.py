@@ -228,6 +228,21 @@ torch.library.register_autograd("fastdistill::kd_fwd", _backward, setup_context=
 
 
 # ----------------------------------------------------------------------------- public API
+def _overlap_elsewhere(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` shares memory with ``a`` other than as the very same view (same start, shape, strides)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype:
+        return False
+
+    def span(x):
+        last = sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))
+        return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def _eager_cpu(t: torch.Tensor) -> bool:
     """Value checks are free on CPU tensors in eager mode (no device sync, no graph break)."""
     return t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling()
@@ -355,6 +370,11 @@ def kd_loss(
         t2 = t2.contiguous()
     ids2 = ids.reshape(N, Vt).contiguous() if ids is not None else None
     mask_u8 = mask2.view(torch.uint8) if mask2 is not None else None
+    if inplace_grad and not torch.compiler.is_compiling() and any(
+            x is not None and _overlap_elsewhere(s2, x) for x in (t2, w2)):
+        raise ValueError("inplace_grad: teacher_logits (or weights) share memory with student_logits other than as "
+                         "the same view: the gradient written over one student row would overwrite values that "
+                         "another row still reads; pass inplace_grad=False or a separate teacher tensor")
     backend = select_backend("kd_loss", s, fp64=p.fp64, teacher_dtype=t.dtype, topk=bool(topk))
     if torch.compiler.is_compiling():
         ip, fp = p.pack()
