@@ -290,3 +290,53 @@ def test_fp16_gradient_overflow_marks_sample_bad(use):
     assert st["bad"].tolist() == [True, False]
     assert torch.isfinite(x.grad).all() and torch.all(x.grad[0] == 0)
     assert x.grad[1].tolist() == [4.0, 8.0, 12.0, 16.0]
+
+
+# ----------------------------------------------------------------------------- strided arguments
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous view (every other element of a wider buffer)."""
+    wide = torch.zeros(*t.shape, 2, dtype=t.dtype)
+    wide[..., 0] = t.detach()
+    v = wide[..., 0]
+    assert not v.is_contiguous() or t.numel() <= 1
+    return v
+
+
+@pytest.mark.parametrize("op", ["score", "scm", "denoise", "sid"])
+def test_strided_arguments_equal_contiguous(use, op):
+    """Every tensor argument (inputs, terms, [B, K] coefficients, per-sample weight / logvar /
+    x-coefficient vectors, masks) gives the same loss and gradient as a non-contiguous view as it
+    does contiguous: a per-sample vector read as if dense would weight the wrong samples."""
+    B, S = 3, (2, 5)
+    x0, (f, c, xt), g = make(B, S, 3, seed=4)
+    w = torch.rand(B, generator=g, dtype=F64) + 0.5
+    lv = torch.randn(B, generator=g, dtype=F64) * 0.3
+    co = torch.randn(B, 3, generator=g, dtype=F64)
+    nco = torch.randn(B, 2, generator=g, dtype=F64)
+    mask = torch.rand(B, *S, generator=g) > 0.3
+
+    def call(s):
+        t = _strided if s else (lambda v: v)
+        x = t(x0).requires_grad_()
+        lvar = t(lv).requires_grad_()
+        terms = [t(f), t(c), t(xt)]
+        if op == "score":
+            out = fd.score_distill(x, terms, t(co), norm_terms=terms[1:], norm_coeffs=t(nco),
+                                   sample_weight=t(w), mask=t(mask), reduction="none", accum_dtype=F64)
+        elif op == "scm":
+            out = fd.scm_tangent_loss(x, terms, t(co), f_coeff=t(w), weight=t(w * 2), logvar=lvar,
+                                      reduction="none", accum_dtype=F64)
+        elif op == "denoise":
+            out = fd.denoise_regression_loss(x, terms, t(co), pred_coeff=t(w), weight=t(w * 2), mask=t(mask),
+                                             reduction="none", accum_dtype=F64)
+        else:
+            out = fd.sid_loss(x, (terms[:2], t(co[:, :2])), (terms[1:], t(co[:, 1:])), mask=t(mask),
+                              reduction="none", accum_dtype=F64)
+        out.backward(torch.linspace(0.5, 2.0, B, dtype=out.dtype))
+        return out.detach(), x.grad, lvar.grad
+
+    dense, strided = call(False), call(True)
+    for a, b in zip(dense, strided):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b), (a, b)

@@ -79,7 +79,8 @@ def check_tensor(name: str, t, like: torch.Tensor | None = None, *, shape_of: st
 
 
 def per_sample(name: str, v, B: int, device) -> torch.Tensor | None:
-    """A per-sample vector argument: None, or a tensor of shape [B] (or [B, 1, ...]) on the device."""
+    """A per-sample vector argument: None, or a tensor of shape [B] (or [B, 1, ...]) on the device,
+    returned dense: the kernels index it as ``v[b]`` with unit stride."""
     if v is None:
         return None
     if not isinstance(v, torch.Tensor):
@@ -90,7 +91,7 @@ def per_sample(name: str, v, B: int, device) -> torch.Tensor | None:
         raise ValueError(f"{name}: expected shape [{B}] (one value per sample), got {tuple(v.shape)}")
     if not v.is_floating_point():
         raise TypeError(f"{name}: expected a floating dtype, got {v.dtype}")
-    return v.reshape(B)
+    return v.reshape(B).contiguous()
 
 
 def mask_2d(mask, x: torch.Tensor, B: int, M: int) -> torch.Tensor | None:
