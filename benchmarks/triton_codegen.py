@@ -31,6 +31,7 @@ from fastdistill.kernels import kd_softmax as KD
 from fastdistill.kernels import score as S
 
 FMAX = {"fp32": 3.4028234663852886e38, "bf16": 3.3895313892515355e38, "fp16": 65504.0}  # torch.finfo(...).max
+TDT = {"fp16": 0, "bf16": 1, "fp32": 2}  # kernels/score.py dtype codes (0x5555: the same code for all 8 terms)
 
 
 def _ptxas() -> str:
@@ -54,13 +55,14 @@ def score_configs(quick: bool = False):
                       "mask_ptr": "*u8"}
             sig = dict(common, part_ptr="*fp32", M="i32", n_iter="i32", NB="i32", huber_c="fp32", alpha="fp32")
             ce = {"OP": op, "K": K, "USE1": use, "USE2": use if op <= S.OP_SID else 0, "HAS_MASK": op != S.OP_SCM,
-                  "PHI_HUBER": op == S.OP_SCORE, "NORM_ON_LOSS": False, "BLOCK": S.BLOCK, "ACC": tl.float32}
+                  "PHI_HUBER": op == S.OP_SCORE, "NORM_ON_LOSS": False, "TNEED": use if op == S.OP_SID else 0,
+                  "TDT": TDT[dt] * 0x5555, "GMAX": FMAX[dt], "BLOCK": S.BLOCK, "ACC": tl.float32}
             yield f"stats op={op} {dt} K={K}", S._score_stats_kernel, sig, ce, S.NUM_WARPS
             sig = dict(common, state_ptr="*fp32", go_ptr="*fp32", go_sb="i32", gx_ptr=f"*{dt}",
                        gterms=(f"*{dt}",) * K, M="i32", n_iter="i32", huber_c="fp32", alpha="fp32")
             ce = {"OP": op, "K": K, "USE1": use, "USE2": use if op == S.OP_SID else 0, "HAS_MASK": op != S.OP_SCM,
-                  "PHI_HUBER": op == S.OP_SCORE, "TO_NUM": True, "GMAX": FMAX[dt], "TMAX": FMAX[dt], "WRITE_X": True,
-                  "TGRAD": use if op == S.OP_SID else 0, "BLOCK": S.BLOCK, "ACC": tl.float32}
+                  "PHI_HUBER": op == S.OP_SCORE, "TO_NUM": True, "GMAX": FMAX[dt], "TDT": TDT[dt] * 0x5555,
+                  "WRITE_X": True, "TGRAD": use if op == S.OP_SID else 0, "BLOCK": S.BLOCK, "ACC": tl.float32}
             yield f"grad  op={op} {dt} K={K}", S._score_grad_kernel, sig, ce, S.NUM_WARPS
     for op in (S.OP_SCORE, S.OP_SID, S.OP_SCM, S.OP_DENOISE):
         sig = {"part_ptr": "*fp32", "sums_ptr": "*fp32", "weight_ptr": "*fp32", "logvar_ptr": "*fp32",

@@ -29,8 +29,8 @@ void fd_score_blocking(int64_t M, int* n_iter, int* nb);
 cudaError_t fd_score_fwd(int op, int dtype, const void* x, const void* const* terms, int K, const float* coef,
                          int64_t coef_sb, const uint8_t* mask, const float* weight, const float* logvar,
                          float* part, float* sums, float* state, float* loss_i, float* loss, int64_t B, int64_t M,
-                         unsigned use1, unsigned use2, int flags, int norm, int red, float huber_c, float alpha,
-                         float scale, float clamp, float eps, float c, cudaStream_t stream);
+                         unsigned use1, unsigned use2, unsigned tneed, int flags, int norm, int red, float huber_c,
+                         float alpha, float scale, float clamp, float eps, float c, cudaStream_t stream);
 cudaError_t fd_score_bwd(int op, int dtype, const void* x, const void* const* terms, int K, const float* coef,
                          int64_t coef_sb, const uint8_t* mask, const float* state, const float* grad_out,
                          int64_t go_sb, void* gx, void* const* gterms, unsigned tgrad, int64_t B, int64_t M,
@@ -110,9 +110,9 @@ std::pair<int, int> score_blocking(int64_t M) {
 void score_fwd(int op, int dtype, std::uintptr_t x, const std::vector<std::uintptr_t>& terms, std::uintptr_t coef,
                int64_t coef_sb, std::uintptr_t mask, std::uintptr_t weight, std::uintptr_t logvar, std::uintptr_t part,
                std::uintptr_t sums, std::uintptr_t state, std::uintptr_t loss_i, std::uintptr_t loss, int64_t B,
-               int64_t M, unsigned use1, unsigned use2, bool phi_huber, bool norm_on_loss, int norm, int red,
-               bool sample_mean, bool rms, bool to_num, double huber_c, double alpha, double scale, double clamp,
-               double eps, double c, std::uintptr_t stream) {
+               int64_t M, unsigned use1, unsigned use2, unsigned tneed, bool phi_huber, bool norm_on_loss, int norm,
+               int red, bool sample_mean, bool rms, bool to_num, double huber_c, double alpha, double scale,
+               double clamp, double eps, double c, std::uintptr_t stream) {
   const int K = check_common(op, dtype, x, terms, coef, coef_sb, B, M, use1, use2, mask != 0, mask);
   if (norm < 0 || norm > 2) bad_arg("norm: expected 0 (none), 1 (per sample) or 2 (global), got " + std::to_string(norm));
   if (red < 0 || red > 3) bad_arg("red: expected 0 (mean), 1 (sum), 2 (batchmean) or 3 (none), got " + std::to_string(red));
@@ -134,7 +134,7 @@ void score_fwd(int op, int dtype, std::uintptr_t x, const std::vector<std::uintp
                        coef_sb, reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<const float*>(weight),
                        reinterpret_cast<const float*>(logvar), reinterpret_cast<float*>(part),
                        reinterpret_cast<float*>(sums), reinterpret_cast<float*>(state), reinterpret_cast<float*>(loss_i),
-                       reinterpret_cast<float*>(loss), B, M, use1, use2, flags, norm, red, (float)huber_c,
+                       reinterpret_cast<float*>(loss), B, M, use1, use2, tneed, flags, norm, red, (float)huber_c,
                        (float)alpha, (float)scale, (float)clamp, (float)eps, (float)c,
                        reinterpret_cast<cudaStream_t>(stream));
   }
@@ -282,11 +282,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("score_fwd", &score_fwd, py::arg("op"), py::arg("dtype"), py::arg("x"), py::arg("terms"), py::arg("coef"),
         py::arg("coef_sb"), py::arg("mask"), py::arg("weight"), py::arg("logvar"), py::arg("part"), py::arg("sums"),
         py::arg("state"), py::arg("loss_i"), py::arg("loss"), py::arg("B"), py::arg("M"), py::arg("use1"),
-        py::arg("use2"), py::arg("phi_huber"), py::arg("norm_on_loss"), py::arg("norm"), py::arg("red"),
+        py::arg("use2"), py::arg("tneed"), py::arg("phi_huber"), py::arg("norm_on_loss"), py::arg("norm"), py::arg("red"),
         py::arg("sample_mean"), py::arg("rms"), py::arg("to_num"), py::arg("huber_c"), py::arg("alpha"),
         py::arg("scale"), py::arg("clamp"), py::arg("eps"), py::arg("c"), py::arg("stream"),
         "Passes 1-2 of a score op on [B, M] inputs (x and the K <= 8 terms of one dtype: 0 float32, 1 float16, "
-        "2 bfloat16; coef float32 [Bc, 2, K+1]; mask uint8 [B, M] or 0; weight/logvar float32 [B] or 0). Writes "
+        "2 bfloat16; coef float32 [Bc, 2, K+1]; mask uint8 [B, M] or 0; weight/logvar float32 [B] or 0; tneed: sid's "
+        "terms whose gradients will be asked for, a bitmask). Writes "
         "part [B, NB, 5], sums [B, 5] (scratch) and state [B, 4], loss_i [B], loss [1] (float32).");
   m.def("score_bwd", &score_bwd, py::arg("op"), py::arg("dtype"), py::arg("x"), py::arg("terms"), py::arg("coef"),
         py::arg("coef_sb"), py::arg("mask"), py::arg("state"), py::arg("grad_out"), py::arg("go_sb"), py::arg("gx"),

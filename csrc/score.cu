@@ -201,11 +201,12 @@ struct Coefs {
 };
 
 // c1 = x·A[0] + Σ_k A[k+1]·T_k and c2 likewise with row 2, element-wise, terms in index order
-// (the Triton order); a term outside both use masks is not read. Vectorised path: x and every
+// (the Triton order); a term outside both use masks is not read. X1 false: c1 has no x column
+// (SCORE's d), so a non-finite x cannot make it NaN through 0·inf. Vectorised path: x and every
 // used term are loaded before any use (4 registers each), so a thread keeps up to K+1 independent
 // 16-byte requests in flight. Scalar path: term by term (VEC independent loads each), which keeps
 // the register count low; the per-element arithmetic is the same in both paths.
-template <typename T, bool VECTOR, bool TWO, bool NEED_X>
+template <typename T, bool VECTOR, bool TWO, bool NEED_X, bool X1 = true>
 __device__ __forceinline__ void combos(const ElemArgs& a, int64_t base, int64_t chunk, const Coefs& cf,
                                        unsigned use1, unsigned use2, float (&xv)[DT<T>::kVec],
                                        float (&c1)[DT<T>::kVec], float (&c2)[DT<T>::kVec]) {
@@ -221,7 +222,7 @@ __device__ __forceinline__ void combos(const ElemArgs& a, int64_t base, int64_t 
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       xv[j] = NEED_X ? fx.get(j) : 0.0f;
-      float s1 = xv[j] * cf.a[0], s2 = xv[j] * cf.bb[0];
+      float s1 = X1 ? xv[j] * cf.a[0] : 0.0f, s2 = xv[j] * cf.bb[0];
 #pragma unroll
       for (int k = 0; k < MAXK; ++k) {
         if (k < a.K) {
@@ -236,7 +237,7 @@ __device__ __forceinline__ void combos(const ElemArgs& a, int64_t base, int64_t 
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       xv[j] = NEED_X ? fx.get(j) : 0.0f;
-      c1[j] = xv[j] * cf.a[0];
+      c1[j] = X1 ? xv[j] * cf.a[0] : 0.0f;
       c2[j] = xv[j] * cf.bb[0];
     }
 #pragma unroll
@@ -283,9 +284,10 @@ __device__ float block_sum(float v, float* buf) {
 // Per op (c1, c2 the combinations, m the mask, ψ the loss integrand; see kernels/score.py):
 //   SCORE    c1 = d, c2 = ref           s0 Σ|x − ref|, s1 Σ m·ψ(d), s2 Σ m, s3 #non-finite, s4 max m|φ(d)|
 //   SID      c1 = f_r, c2 = f_f         s0 Σ|f_r − y|, s1 Σ m(f_r−f_f)((f_r−y) − α(f_r−f_f)), s2, s3,
-//                                       s4 max m·max(|f_r−y|, |f_r−f_f|)
-//   SCM      c1 = g                     s0 Σ g², s3
-//   DENOISE  c1 = d                     s0 Σ m d², s2 Σ m, s3, s4 max m|d|
+//                                       s4 max m·|∂/∂y|, m·|∂/∂T_k| (k in tgrad: the terms' gradients asked for)
+//   SCM      c1 = g                     s0 Σ g², s3, s4 max |g|
+//   DENOISE  c1 = d                     s0 Σ m d², s2 Σ m, s3, s4 max m|a0·d|
+// s4 is the largest gradient element over the per-sample factor gco (x and the terms share a dtype).
 template <typename T, int OP, bool VECTOR>
 __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_stats_kernel(const ElemArgs a) {
   constexpr int VEC = DT<T>::kVec, NT = BLOCK / VEC, NW = NT / 32;
@@ -307,7 +309,7 @@ __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_stat
     const int64_t chunk = start + (int64_t)it * BLOCK;
     if (chunk >= a.M) break;  // uniform: the rest of this block's range is past the sample
     float xv[VEC], c1[VEC], c2[VEC], m[VEC];
-    combos<T, VECTOR, TWO, true>(a, base, chunk, cf, a.use1, use2, xv, c1, c2);
+    combos<T, VECTOR, TWO, true, OP != OP_SCORE>(a, base, chunk, cf, a.use1, use2, xv, c1, c2);
     load_mask<T, VECTOR>(a.mask + (has_mask ? base : 0), has_mask, chunk, a.M, m);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -330,13 +332,19 @@ __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_stat
         s0 += fabsf(e);
         s1 += m[j] * diff * (e - alpha * diff);
         s2 += m[j];
-        s4 = maxp(s4, m[j] * maxp(fabsf(e), fabsf(diff)));
+        const float dfr = e + (1.0f - 2.0f * alpha) * diff, dff = 2.0f * alpha * diff - e;
+        float big = fabsf(cf.a[0] * dfr + cf.bb[0] * dff - diff);
+#pragma unroll
+        for (int k = 0; k < MAXK; ++k)
+          if (k < a.K && ((a.tgrad >> k) & 1u)) big = maxp(big, fabsf(cf.a[k + 1] * dfr + cf.bb[k + 1] * dff));
+        s4 = maxp(s4, m[j] * big);
       } else if constexpr (OP == OP_SCM) {
         s0 += c1[j] * c1[j];
+        s4 = maxp(s4, fabsf(c1[j]));
       } else {
         s0 += m[j] * c1[j] * c1[j];
         s2 += m[j];
-        s4 = maxp(s4, m[j] * fabsf(c1[j]));
+        s4 = maxp(s4, m[j] * fabsf(cf.a[0] * c1[j]));
       }
     }
   }
@@ -366,6 +374,7 @@ __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_stat
 // κ = scale × {1/N_valid, 1, 1/B, 1} (SCORE/SID, by reduction), β = {1/B, 1, —, 1} (SCM/DENOISE).
 // SCORE:   w = 1 | max(mean|x − ref|, clamp)+eps | global; gco = κh/w; L = gco·s1 (norm_on loss) or gco·s1/w
 // SID:     w = max(mean|f_r−y|, clamp)+eps; gco = κ/w; L = gco·s1
+// SID:     the gradient bound s4 covers y and the terms whose gradients are asked for (tgrad)
 // SCM:     n = ‖g‖ (or /√M); inv = 1/(n+c); A = s0·inv² (/M); ℓ = β(h e^{−lv} A + lv);
 //          gco = −2β h e^{−lv} inv (/M); dℓ/dlv = β(1 − h e^{−lv} A)
 // DENOISE: inv = 1 or 1/Σm (0 if none valid); ℓ = βh·s0·inv; gco = 2βh·inv
@@ -433,13 +442,11 @@ __global__ void __launch_bounds__(FIN_THREADS) score_finalize_kernel(const FinAr
       w = maxp(__fdiv_rn(v0, Mf), a.clamp) + a.eps;
       gco = __fdiv_rn(kappa, w);
       loss = gco * v1;
-      // largest gradient element: |∂/∂f| ≤ (2 + 2|α|)·max(|f_r − y|, |f_r − f_f|)·gco
-      bad = v3 > 0.0f || !(finite(w) && w > 0.0f) || !fits(v4 * gco * (2.0f + 2.0f * fabsf(a.alpha)), a.gmax);
+      bad = v3 > 0.0f || !(finite(w) && w > 0.0f) || !fits(v4 * gco, a.gmax);
     } else if (op == OP_SCM) {
       const float nrm = (a.flags & F_RMS) ? __fsqrt_rn(__fdiv_rn(v0, Mf)) : __fsqrt_rn(v0);
       w = nrm + a.c;
       const float inv = w > 0.0f ? __fdiv_rn(1.0f, w) : 0.0f;
-      bad = v3 > 0.0f || !finite(v0) || !finite(h);
       float A = v0 * inv * inv;
       if (sample_mean) A = __fdiv_rn(A, Mf);
       float lv = 0.0f, wexp = h;
@@ -447,11 +454,17 @@ __global__ void __launch_bounds__(FIN_THREADS) score_finalize_kernel(const FinAr
         lv = a.logvar[b];
         wexp = h * (float)exp(-(double)lv);  // exact-ish e^{−lv} whatever the fast-math flags
       }
-      if (!to_num_ && bad) A = 0.0f;
       gco = -2.0f * beta * wexp * inv;
       if (sample_mean) gco = __fdiv_rn(gco, Mf);
-      loss = beta * (wexp * A + lv);
-      if (a.flags & F_LOGVAR) dlv = beta * (1.0f - wexp * A);
+      bad = v3 > 0.0f || !finite(v0) || !finite(h) || !finite(lv) || !finite(wexp) || !fits(v4 * gco, a.gmax);
+      float wa = wexp * A;
+      const bool lv_ok = finite(lv);
+      if (!to_num_) {  // a bad sample keeps only its logvar term (none if logvar is not finite)
+        if (bad) wa = 0.0f;
+        if (!lv_ok) lv = 0.0f;
+      }
+      loss = beta * (wa + lv);
+      if (a.flags & F_LOGVAR) dlv = (to_num_ || lv_ok) ? beta * (1.0f - wa) : 0.0f;
     } else {
       const float inv = sample_mean ? (v2 > 0.0f ? __fdiv_rn(1.0f, v2) : 0.0f) : 1.0f;
       loss = beta * h * v0 * inv;
@@ -615,13 +628,14 @@ ElemArgs elem_args(const void* x, const void* const* terms, int K, const float* 
 cudaError_t fd_score_fwd(int op, int dtype, const void* x, const void* const* terms, int K, const float* coef,
                          int64_t coef_sb, const uint8_t* mask, const float* weight, const float* logvar,
                          float* part, float* sums, float* state, float* loss_i, float* loss, int64_t B, int64_t M,
-                         unsigned use1, unsigned use2, int flags, int norm, int red, float huber_c, float alpha,
-                         float scale, float clamp, float eps, float c, cudaStream_t stream) {
+                         unsigned use1, unsigned use2, unsigned tneed, int flags, int norm, int red, float huber_c,
+                         float alpha, float scale, float clamp, float eps, float c, cudaStream_t stream) {
   using namespace fd_score;
   if (B <= 0 || M <= 0) return cudaSuccess;
   if (K < 0 || K > MAXK) return cudaErrorInvalidValue;
   ElemArgs a = elem_args(x, terms, K, coef, coef_sb, mask, M, use1, flags, huber_c, alpha);
   a.use2 = op <= OP_SID ? use2 : 0u;
+  a.tgrad = op == OP_SID ? tneed : 0u;  // stats: the term gradients whose overflow marks a sample bad
   a.part = part;
   const cudaError_t err = dispatch_elem<false>(dtype, op, a, B, stream);
   if (err != cudaSuccess) return err;

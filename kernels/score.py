@@ -14,9 +14,14 @@ Every op is the same three-launch pipeline over ``[B, M]`` views of its inputs:
 Per-op meaning of the combinations and statistics (s0..s4 per sample):
   SCORE    c1 = d, c2 = ref            s0 Σ|x − ref|, s1 Σ m·ψ(d), s2 Σ m, s3 #non-finite, s4 max m|φ(d)|
   SID      c1 = f_r, c2 = f_f          s0 Σ|f_r − y|, s1 Σ m (f_r−f_f)((f_r−y) − α(f_r−f_f)), s2, s3,
-                                       s4 max m·max(|f_r−y|, |f_r−f_f|)
-  SCM      c1 = g                      s0 Σ g², s3
-  DENOISE  c1 = d                      s0 Σ m d², s2 Σ m, s3, s4 max m|d|
+                                       s4 max m·|∂/∂y|, m·|∂/∂T_k|·(y's range / T_k's range) (needed k)
+  SCM      c1 = g                      s0 Σ g², s3, s4 max |g|
+  DENOISE  c1 = d                      s0 Σ m d², s2 Σ m, s3, s4 max m|a0·d|
+s4 is the largest gradient element over the per-sample gradient factor: the finalize flags a sample
+whose s4·gco exceeds the gradient dtype's range (nan="zero_sample").
+
+Term dtypes reach the kernels as TDT, two bits per term (``dtype_codes``): the range of each
+term's gradient dtype, within the accumulation dtype.
 """
 
 from __future__ import annotations
@@ -30,14 +35,20 @@ NSTATE = 4  # per-sample state: gradient factor, normaliser, bad flag, d loss / 
 BLOCK = 1024
 NUM_WARPS = 8  # 4 elements per thread: a 16-byte load for fp32, no spills at K = 8 (benchmarks/triton_codegen.py)
 MAX_BLOCKS_PER_SAMPLE = 1024
+# TDT codes 0..3: fp16, bf16, fp32, fp64, whose largest finite values (torch.finfo(...).max) the
+# kernels spell out in constexpr conditionals (a jit function reads no global tuple)
 
 
 @triton.jit
 def _combos(x, terms, coef_ptr, base, offs, inb, K: tl.constexpr, USE1: tl.constexpr,
-            USE2: tl.constexpr, TWO: tl.constexpr, ACC: tl.constexpr):
+            USE2: tl.constexpr, TWO: tl.constexpr, ACC: tl.constexpr, X1: tl.constexpr = True):
     """c1 = A[0,0] x + Σ_k A[0,k+1] T_k and (if TWO) c2 likewise with row 1; terms outside a
-    row's USE bitmask are not read for it (and not at all if neither row uses them)."""
-    c1 = x * tl.load(coef_ptr).to(ACC)
+    row's USE bitmask are not read for it (and not at all if neither row uses them). X1 false:
+    c1 has no x column (SCORE's d), so a non-finite x cannot make it NaN through 0·inf."""
+    if X1:
+        c1 = x * tl.load(coef_ptr).to(ACC)
+    else:
+        c1 = tl.zeros_like(x)
     c2 = x * tl.load(coef_ptr + (K + 1)).to(ACC)
     for k in tl.static_range(K):
         if ((USE1 | USE2) >> k) & 1:
@@ -63,10 +74,25 @@ def _nonfinite(v):
 
 
 @triton.jit
+def _in_x_range(v, GMAX: tl.constexpr, CODE: tl.constexpr):
+    """v · GMAX / (the range of dtype code CODE): a gradient element of a term measured in x's range."""
+    if CODE == 0:
+        r = v * (GMAX / 65504.0)
+    elif CODE == 1:
+        r = v * (GMAX / 3.3895313892515355e38)
+    elif CODE == 2:
+        r = v * (GMAX / 3.4028234663852886e38)
+    else:
+        r = v * (GMAX / 1.7976931348623157e308)
+    return r
+
+
+@triton.jit
 def _score_stats_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, part_ptr, M, n_iter, NB,
                         huber_c, alpha,
                         OP: tl.constexpr, K: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
                         HAS_MASK: tl.constexpr, PHI_HUBER: tl.constexpr, NORM_ON_LOSS: tl.constexpr,
+                        TNEED: tl.constexpr, TDT: tl.constexpr, GMAX: tl.constexpr,
                         BLOCK: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
@@ -84,7 +110,7 @@ def _score_stats_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, part_ptr, M, 
         offs = start + it * BLOCK + ar
         inb = offs < M
         x = tl.load(x_ptr + base + offs, mask=inb, other=0.0).to(ACC)
-        c1, c2 = _combos(x, terms, coef_ptr, base, offs, inb, K, USE1, USE2, TWO, ACC)
+        c1, c2 = _combos(x, terms, coef_ptr, base, offs, inb, K, USE1, USE2, TWO, ACC, OP != 0)
         if HAS_MASK:
             m = tl.load(mask_ptr + base + offs, mask=inb, other=0).to(ACC)
         else:
@@ -112,13 +138,22 @@ def _score_stats_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, part_ptr, M, 
             s0 += tl.abs(e)
             s1 += m * diff * (e - alpha * diff)
             s2 += m
-            s4 = tl.maximum(s4, m * tl.maximum(tl.abs(e), tl.abs(diff)), propagate_nan=tl.PropagateNan.ALL)
+            dfr = e + (1.0 - 2.0 * alpha) * diff
+            dff = 2.0 * alpha * diff - e
+            big = tl.abs(tl.load(coef_ptr).to(ACC) * dfr + tl.load(coef_ptr + (K + 1)).to(ACC) * dff - diff)
+            for k in tl.static_range(K):
+                if (TNEED >> k) & 1:
+                    gk = tl.load(coef_ptr + 1 + k).to(ACC) * dfr + tl.load(coef_ptr + (K + 2) + k).to(ACC) * dff
+                    gk = _in_x_range(tl.abs(gk), GMAX, (TDT >> (2 * k)) & 3)
+                    big = tl.maximum(big, gk, propagate_nan=tl.PropagateNan.ALL)
+            s4 = tl.maximum(s4, m * big, propagate_nan=tl.PropagateNan.ALL)
         elif OP == 2:  # SCM: c1 = g
             s0 += c1 * c1
+            s4 = tl.maximum(s4, tl.abs(c1), propagate_nan=tl.PropagateNan.ALL)
         else:  # DENOISE: c1 = d
             s0 += m * c1 * c1
             s2 += m
-            s4 = tl.maximum(s4, m * tl.abs(c1), propagate_nan=tl.PropagateNan.ALL)
+            s4 = tl.maximum(s4, m * tl.abs(tl.load(coef_ptr).to(ACC) * c1), propagate_nan=tl.PropagateNan.ALL)
     out = part_ptr + (b * NB + blk) * 5
     tl.store(out + 0, tl.sum(s0, 0))
     tl.store(out + 1, tl.sum(s1, 0))
@@ -223,7 +258,7 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
             w = tl.maximum(v0 / Mf, clamp, propagate_nan=tl.PropagateNan.ALL) + eps
             gco = kappa / w
             loss = gco * v1
-            bad = (v3 > 0) | ~(_finite(w) & (w > 0)) | ~_fits(v4 * gco * (2.0 + 2.0 * tl.abs(alpha)), gmax)
+            bad = (v3 > 0) | ~(_finite(w) & (w > 0)) | ~_fits(v4 * gco, gmax)
         elif OP == 2:
             if RMS:
                 nrm = tl.sqrt(v0 / Mf)
@@ -231,7 +266,6 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
                 nrm = tl.sqrt(v0)
             w = nrm + c
             inv = tl.where(w > 0, 1.0 / tl.where(w > 0, w, 1.0), 0.0)
-            bad = (v3 > 0) | ~_finite(v0) | ~_finite(h)
             a = v0 * inv * inv
             if SAMPLE_MEAN:
                 a = a / Mf
@@ -241,14 +275,20 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
             else:
                 lv = tl.full([], 0.0, ACC)
                 wexp = h
-            if not TO_NUM:
-                a = tl.where(bad, 0.0, a)
             gco = -2.0 * beta * wexp * inv
             if SAMPLE_MEAN:
                 gco = gco / Mf
-            loss = beta * (wexp * a + lv)
+            bad = (v3 > 0) | ~_finite(v0) | ~_finite(h) | ~_finite(lv) | ~_finite(wexp) | ~_fits(v4 * gco, gmax)
+            wa = wexp * a
+            lv_ok = _finite(lv)
+            if not TO_NUM:  # a bad sample keeps only its logvar term (none if logvar is not finite)
+                wa = tl.where(bad, 0.0, wa)
+                lv = tl.where(lv_ok, lv, 0.0)
+            loss = beta * (wa + lv)
             if HAS_LOGVAR:
-                dlv = beta * (1.0 - wexp * a)
+                dlv = beta * (1.0 - wa)
+                if not TO_NUM:
+                    dlv = tl.where(lv_ok, dlv, 0.0)
         else:
             w = tl.full([], 1.0, ACC)
             if SAMPLE_MEAN:
@@ -284,11 +324,25 @@ def _to_num(v, VMAX: tl.constexpr):
 
 
 @triton.jit
+def _to_num_code(v, CODE: tl.constexpr):
+    """nan_to_num into the range of dtype code CODE (fp16, bf16, fp32, fp64)."""
+    if CODE == 0:
+        r = _to_num(v, 65504.0)
+    elif CODE == 1:
+        r = _to_num(v, 3.3895313892515355e38)
+    elif CODE == 2:
+        r = _to_num(v, 3.4028234663852886e38)
+    else:
+        r = _to_num(v, 1.7976931348623157e308)
+    return r
+
+
+@triton.jit
 def _score_grad_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, state_ptr, go_ptr, go_sb, gx_ptr, gterms,
                        M, n_iter, huber_c, alpha,
                        OP: tl.constexpr, K: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
                        HAS_MASK: tl.constexpr, PHI_HUBER: tl.constexpr, TO_NUM: tl.constexpr,
-                       GMAX: tl.constexpr, TMAX: tl.constexpr, WRITE_X: tl.constexpr, TGRAD: tl.constexpr,
+                       GMAX: tl.constexpr, TDT: tl.constexpr, WRITE_X: tl.constexpr, TGRAD: tl.constexpr,
                        BLOCK: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
@@ -326,8 +380,8 @@ def _score_grad_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, state_ptr, go_
             for k in tl.static_range(K):
                 if (TGRAD >> k) & 1:
                     gt = m * (tl.load(coef_ptr + 1 + k).to(ACC) * dfr + tl.load(coef_ptr + (K + 2) + k).to(ACC) * dff)
-                    if TO_NUM:
-                        gt = _to_num(gt, TMAX)
+                    if TO_NUM:  # in term k's own dtype range (within ACC)
+                        gt = _to_num_code(gt, (TDT >> (2 * k)) & 3)
                     else:
                         gt = tl.where(bad, 0.0, gt)
                     tl.store(gterms[k] + base + offs, gt.to(gterms[k].dtype.element_ty), mask=inb)
@@ -352,6 +406,16 @@ def grad_max(dtype, acc) -> float:
     import torch
 
     return float(min(torch.finfo(dtype).max, torch.finfo(acc).max))
+
+
+def dtype_codes(terms, acc) -> int:
+    """TDT: two bits per term, the code (0 fp16, 1 bf16, 2 fp32, 3 fp64) of its gradient dtype's
+    range within ``acc``."""
+    import torch
+
+    codes = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+    cap = codes[acc] if acc in (torch.float32, torch.float64) else 3
+    return sum(min(codes[t.dtype], cap) << (2 * k) for k, t in enumerate(terms))
 
 
 def _blocking(M: int) -> tuple[int, int]:
@@ -382,6 +446,7 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
         p.huber_c, p.alpha,
         OP=p.op, K=len(terms), USE1=p.use1, USE2=p.use2 if p.op <= OP_SID else 0,
         HAS_MASK=mask is not None, PHI_HUBER=p.phi_huber, NORM_ON_LOSS=p.norm_on_loss,
+        TNEED=p.tneed if p.op == OP_SID else 0, TDT=dtype_codes(terms, acc), GMAX=grad_max(x.dtype, acc),
         BLOCK=BLOCK, ACC=ACC, num_warps=NUM_WARPS,
     )
     _score_finalize_kernel[(1,)](
@@ -404,7 +469,6 @@ def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
     gx = torch.empty_like(x) if need_x else None
     gterms = [torch.empty_like(t) if need else None for t, need in zip(terms, need_terms)]
     tgrad = sum(1 << k for k, need in enumerate(need_terms) if need)
-    tmax = min([torch.finfo(t.dtype).max for t, need in zip(terms, need_terms) if need] or [1.0])
     ACC = _TL_ACC[str(p.accum_dtype).removeprefix("torch.")]
     _score_grad_kernel[(B, NB)](
         x, tuple(terms), coef, coef.stride(0) if coef.shape[0] > 1 else 0, mask if mask is not None else x,
@@ -412,7 +476,7 @@ def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
         tuple(g if g is not None else x for g in gterms), M, n_iter, p.huber_c, p.alpha,
         OP=p.op, K=len(terms), USE1=p.use1, USE2=p.use2 if p.op == OP_SID else 0,
         HAS_MASK=mask is not None, PHI_HUBER=p.phi_huber, TO_NUM=p.to_num,
-        GMAX=float(torch.finfo(x.dtype).max), TMAX=float(tmax), WRITE_X=need_x, TGRAD=tgrad,
+        GMAX=float(torch.finfo(x.dtype).max), TDT=dtype_codes(terms, p.accum_dtype), WRITE_X=need_x, TGRAD=tgrad,
         BLOCK=BLOCK, ACC=ACC, num_warps=NUM_WARPS,
     )
     return gx, gterms

@@ -302,11 +302,19 @@ def test_emulated_raise_policy(cuda_on_cpu):
         G.run_case(case, "cuda", "cpu")
 
 
+def test_emulated_overflow_pins(cuda_on_cpu):
+    """The zero_sample overflow rule and the non-finite logvar / x cases of test_score_edge.py, on the
+    CUDA kernels."""
+    from test_score_edge import overflow_pins
+
+    overflow_pins("cuda")
+
+
 def test_emulated_argument_errors(emulated_ext):
     kw = dict(op=0, dtype=2, x=16, terms=[16], coef=16, coef_sb=0, mask=0, weight=0, logvar=0, part=16, sums=16,
-              state=16, loss_i=16, loss=16, B=1, M=8, use1=1, use2=0, phi_huber=False, norm_on_loss=False, norm=1,
-              red=0, sample_mean=False, rms=False, to_num=False, huber_c=1e-3, alpha=0.0, scale=1.0, clamp=0.0,
-              eps=0.0, c=0.0, stream=0)
+              state=16, loss_i=16, loss=16, B=1, M=8, use1=1, use2=0, tneed=0, phi_huber=False, norm_on_loss=False,
+              norm=1, red=0, sample_mean=False, rms=False, to_num=False, huber_c=1e-3, alpha=0.0, scale=1.0,
+              clamp=0.0, eps=0.0, c=0.0, stream=0)
     for bad, match in ((dict(terms=[16] * 9), "at most 8 term tensors"), (dict(op=4), "op: expected"),
                        (dict(dtype=3), "dtype: expected"), (dict(use1=2), "bitmasks name a term index"),
                        (dict(x=0), "x: expected a device pointer"), (dict(red=7), "red: expected")):

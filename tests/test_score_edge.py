@@ -340,3 +340,94 @@ def test_strided_arguments_equal_contiguous(use, op):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.equal(a, b), (a, b)
+
+
+# ----------------------------------------------------------------------------- gradient overflow (zero_sample)
+F16 = torch.float16
+
+
+def _run(op, *args, **kw):
+    """(loss_i, bad, {name: grad}) of one call with reduction="sum"; every input that requires grad
+    gets its gradient (the terms of sid included)."""
+    loss, st = op(*args, reduction="sum", return_stats=True, **kw)
+    loss.backward()
+    leaves = [a for a in list(args) + list(kw.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+    for a in args:
+        if isinstance(a, tuple):
+            leaves += [t for t in a[0] if t.requires_grad]
+    return st["loss_per_sample"], st["bad"], leaves
+
+
+def overflow_pins(backend):
+    """Pinned cases of the zero_sample overflow rule (a sample is bad exactly when an element of a gradient
+    that is asked for would overflow its dtype) and of non-finite logvar / x values; returns nothing, asserts.
+    Shared with the emulated CUDA kernels (tests/test_csrc_build.py)."""
+    z = torch.zeros(1, 4, dtype=F16)
+    with fastdistill_backend(backend):
+        # sid: f_real = 400·a, ∂/∂a = 400·∂/∂f_r = 80000 > fp16 max while y's gradient is -100
+        for a_grad in (True, False):
+            y, a = z.clone().requires_grad_(), (z + 0.5).requires_grad_(a_grad)
+            loss_i, bad, leaves = _run(fd.sid_loss, y, ([a], [400.0]), z.clone(), alpha=0.0, w_clamp=1.0, scale=100.0)
+            assert bad.tolist() == [a_grad], a_grad
+            for t in leaves:
+                assert torch.isfinite(t.grad).all() and (not a_grad or torch.all(t.grad == 0))
+            if not a_grad:
+                assert y.grad.tolist() == [[-100.0] * 4]
+        # scm: |∂ℓ/∂F| = 2·e^{−logvar}·|ĝ|: e^12 overflows fp16, e^5 does not
+        for lv0, want_bad in ((-12.0, True), (-5.0, False)):
+            F = torch.linspace(-1, 1, 8, dtype=F16).reshape(1, 8).requires_grad_()
+            lv = torch.tensor([lv0], requires_grad=True)
+            loss_i, bad, _ = _run(fd.scm_tangent_loss, F, [torch.linspace(2, -1, 8, dtype=F16).reshape(1, 8)], [1.0],
+                                  logvar=lv)
+            assert bad.tolist() == [want_bad] and torch.isfinite(F.grad).all(), lv0
+            if want_bad:  # a bad sample keeps only its logvar term
+                assert loss_i.tolist() == [lv0] and torch.all(F.grad == 0) and lv.grad.tolist() == [1.0]
+        # scm: a non-finite logvar makes the sample bad, with no loss and no gradient at all
+        for lv0 in (float("nan"), float("inf"), -float("inf")):
+            F = torch.linspace(-1, 1, 8, dtype=F16).reshape(1, 8).requires_grad_()
+            lv = torch.tensor([lv0], requires_grad=True)
+            loss_i, bad, _ = _run(fd.scm_tangent_loss, F, [z.new_ones(1, 8)], [1.0], logvar=lv)
+            assert bad.tolist() == [True] and loss_i.tolist() == [0.0], lv0
+            assert torch.all(F.grad == 0) and lv.grad.tolist() == [0.0], lv0
+        # denoise: the bound includes pred_coeff. d = 0.01·100 = 1, ∂/∂pred = 2·5e4·0.01·1 = 1000 fits;
+        # d = 1000·0.5 = 500, ∂/∂pred = 2·50·1000·500 = 5e7 does not
+        for p0, pc, w, want_bad in ((100.0, 0.01, 5e4, False), (0.5, 1000.0, 50.0, True)):
+            pred = (z + p0).requires_grad_()
+            loss_i, bad, _ = _run(fd.denoise_regression_loss, pred, [z.clone()], [1.0], pred_coeff=torch.tensor([pc]),
+                                  weight=torch.tensor([w]), sample_reduction="sum")
+            assert bad.tolist() == [want_bad] and torch.isfinite(pred.grad).all(), (p0, pc)
+            if not want_bad:
+                assert pred.grad.tolist() == [[1000.0] * 4] and loss_i.tolist() == [2e5]
+        # score_distill without a normaliser does not read x: an inf in x flags the sample, and to_num
+        # keeps its (x-independent) loss and gradient
+        t = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+        for policy in ("zero_sample", "to_num"):
+            x = torch.tensor([[float("inf"), 0.0, 1.0, 2.0]], requires_grad=True)
+            loss_i, bad, _ = _run(fd.score_distill, x, [t], [1.0], norm=None, nan=policy)
+            assert bad.tolist() == [True], policy
+            want = (0.0, [[0.0] * 4]) if policy == "zero_sample" else (0.5 * float((t * t).sum()), t.tolist())
+            assert loss_i.tolist() == [want[0]] and x.grad.tolist() == want[1], policy
+
+
+def fastdistill_backend(backend):
+    return fd.use_backend(backend)
+
+
+def test_zero_sample_overflow_pins(use):
+    overflow_pins(use)
+
+
+def test_gradient_ranges_per_term_dtype(use):
+    """Term gradients are judged (zero_sample) and clamped (to_num) in their own dtype's range, not in the
+    narrowest range among the terms: an fp32 term's gradient of 80000 is kept beside fp16 ones."""
+    y = torch.zeros(1, 4, dtype=F16, requires_grad=True)
+    a = torch.full((1, 4), 0.5, requires_grad=True)  # fp32
+    b = torch.zeros(1, 4, dtype=F16, requires_grad=True)
+    for policy in ("zero_sample", "to_num"):
+        for t in (y, a, b):
+            t.grad = None
+        _, bad, _ = _run(fd.sid_loss, y, ([a, b], [400.0, 1.0]), torch.zeros(1, 4, dtype=F16), alpha=0.0,
+                         w_clamp=1.0, scale=100.0, nan=policy)
+        assert bad.tolist() == [False], policy
+        assert a.grad.tolist() == [[80000.0] * 4] and y.grad.tolist() == [[-100.0] * 4], policy
+        assert b.grad.tolist() == [[200.0] * 4], policy

@@ -28,6 +28,7 @@ class Plan:
     op: int
     use1: int = 0  # bitmask of terms read by combination 1
     use2: int = 0  # ... by combination 2
+    tneed: int = 0  # SID: bitmask of the terms whose gradients will be asked for (their overflow marks a sample bad)
     phi_huber: bool = False
     norm_on_loss: bool = False
     norm: int = 0  # SCORE: 0 none, 1 per sample, 2 global
@@ -48,7 +49,7 @@ class Plan:
     def accum_dtype(self) -> torch.dtype:
         return torch.float64 if self.fp64 else torch.float32
 
-    _INTS = ("op", "use1", "use2", "phi_huber", "norm_on_loss", "norm", "red", "sample_mean", "rms",
+    _INTS = ("op", "use1", "use2", "tneed", "phi_huber", "norm_on_loss", "norm", "red", "sample_mean", "rms",
              "to_num", "raise_", "fp64")
     _FLOATS = ("huber_c", "alpha", "scale", "clamp", "eps", "c")
 

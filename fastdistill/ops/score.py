@@ -156,7 +156,9 @@ def sid_loss(
         raise ValueError("f_real / f_fake: y itself cannot be a term; pass it only as y")
     terms, rows, uses = unify_terms([("f_real", rt, rc), ("f_fake", ft, fc)], y, B)
     coef = pack_coef(rows, len(terms), B, y.device, accum_dtype)
-    p = Plan(op=OP_SID, use1=uses[0], use2=uses[1], red=_RED[reduction], fp64=accum_dtype == torch.float64,
+    tneed = sum(1 << k for k, t in enumerate(terms) if t.requires_grad)
+    p = Plan(op=OP_SID, use1=uses[0], use2=uses[1], tneed=tneed, red=_RED[reduction],
+             fp64=accum_dtype == torch.float64,
              alpha=float(alpha), scale=float(scale), clamp=float(w_clamp), eps=float(w_eps), **_nan_flags(nan))
     return run(p, y, terms, coef, mask_2d(mask, y, B, M), None, None, return_stats)
 

@@ -24,7 +24,9 @@ def _combos(p, x, terms, coef, sl, acc, rows):
     xs = x[:, sl].to(acc)
     out = []
     for r in rows:
-        c = coef[:, r, 0:1].to(acc) * xs
+        # score_distill's d has no x column (its coefficient is 0 by construction): a non-finite x
+        # must not turn d into NaN through 0·inf (it still marks the sample bad, through s3)
+        c = torch.zeros_like(xs) if p.op == OP_SCORE and r == 0 else coef[:, r, 0:1].to(acc) * xs
         use = p.use1 if r == 0 else p.use2
         for k, t in enumerate(terms):
             if (use >> k) & 1:
@@ -47,12 +49,22 @@ def _nan_to_num(v, dtype):
     return torch.nan_to_num(v, nan=0.0, posinf=big, neginf=-big).clamp(-big, big)
 
 
+def _range(dtype, acc) -> float:
+    """The largest finite gradient element of a tensor of ``dtype``, within the accumulation dtype."""
+    return min(torch.finfo(dtype).max, torch.finfo(acc).max)
+
+
 def score_fwd(p, x, terms, coef, mask, weight, logvar):
     B, M = x.shape
     acc = p.accum_dtype
     dev = x.device
     s = torch.zeros(5, B, dtype=acc, device=dev)
     two = p.op in (OP_SCORE, OP_SID)
+    gmax = _range(x.dtype, acc)
+    a0, b0 = coef[:, 0, 0:1].to(acc), coef[:, 1, 0:1].to(acc)
+    # SID: the terms whose gradients are asked for, with the ratio of x's gradient range to theirs
+    # (s4 is measured in x's range, so one comparison with gmax covers every gradient)
+    tneed = [(k, gmax / _range(t.dtype, acc)) for k, t in enumerate(terms) if (p.tneed >> k) & 1]
     for sl in _chunks(B, M):
         xs, cs = _combos(p, x, terms, coef, sl, acc, (0, 1) if two else (0,))
         c1 = cs[0]
@@ -75,14 +87,22 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
             s[0] += e.abs().sum(1)
             s[1] += (m * diff * (e - p.alpha * diff)).sum(1)
             s[2] += m.sum(1)
-            s[4] = torch.maximum(s[4], (m * torch.maximum(e.abs(), diff.abs())).amax(1))
+            # the largest gradient element over gco: y's, and each needed term's (scaled to y's range)
+            dfr = e + (1.0 - 2.0 * p.alpha) * diff
+            dff = 2.0 * p.alpha * diff - e
+            big = (a0 * dfr + b0 * dff - diff).abs()
+            for k, ratio in tneed:
+                gk = (coef[:, 0, k + 1 : k + 2].to(acc) * dfr + coef[:, 1, k + 1 : k + 2].to(acc) * dff).abs()
+                big = torch.maximum(big, gk * ratio)
+            s[4] = torch.maximum(s[4], (m * big).amax(1))
         elif p.op == OP_SCM:
             s[0] += (c1 * c1).sum(1)
+            s[4] = torch.maximum(s[4], c1.abs().amax(1))
         else:
             s[0] += (m * c1 * c1).sum(1)
             s[2] += m.sum(1)
-            s[4] = torch.maximum(s[4], (m * c1.abs()).amax(1))
-    return _finalize(p, s, B, M, weight, logvar, min(torch.finfo(x.dtype).max, torch.finfo(acc).max))
+            s[4] = torch.maximum(s[4], (m * (a0 * c1).abs()).amax(1))
+    return _finalize(p, s, B, M, weight, logvar, gmax)
 
 
 def _finalize(p, s, B, M, weight, logvar, gmax):
@@ -121,21 +141,25 @@ def _finalize(p, s, B, M, weight, logvar, gmax):
         w = torch.clamp(v0 / M, min=p.clamp) + p.eps
         gco = kappa / w
         loss = gco * v1
-        bad = (v3 > 0) | ~(fin(w) & (w > 0)) | ~fits(v4 * gco * (2 + 2 * abs(p.alpha)))
+        bad = (v3 > 0) | ~(fin(w) & (w > 0)) | ~fits(v4 * gco)
     elif p.op == OP_SCM:
         nrm = torch.sqrt(v0 / M) if p.rms else torch.sqrt(v0)
         w = nrm + p.c
         inv = torch.where(w > 0, 1.0 / w, torch.zeros_like(w))
-        bad = (v3 > 0) | ~fin(v0) | ~fin(h)
         a = v0 * inv * inv / (M if p.sample_mean else 1)
         lv = logvar.to(acc) if logvar is not None else torch.zeros_like(v0)
         wexp = h * torch.exp(-lv)
-        if not p.to_num:
-            a = torch.where(bad, torch.zeros_like(a), a)
         gco = -2.0 * beta * wexp * inv / (M if p.sample_mean else 1)
-        loss = beta * (wexp * a + lv)
+        bad = (v3 > 0) | ~fin(v0) | ~fin(h) | ~fin(lv) | ~fin(wexp) | ~fits(v4 * gco)
+        wa = wexp * a
+        if not p.to_num:  # a bad sample keeps only its logvar term (none if logvar itself is not finite)
+            wa = torch.where(bad, torch.zeros_like(wa), wa)
+            lv = torch.where(fin(lv), lv, torch.zeros_like(lv))
+        loss = beta * (wa + lv)
         if logvar is not None:
-            dlv = beta * (1.0 - wexp * a)
+            dlv = beta * (1.0 - wa)
+            if not p.to_num:
+                dlv = torch.where(fin(logvar.to(acc)), dlv, torch.zeros_like(dlv))
     else:
         w = torch.ones_like(v0)
         inv = torch.where(v2 > 0, 1.0 / v2.clamp_min(1), torch.zeros_like(v2)) if p.sample_mean else w
