@@ -5,9 +5,7 @@ db. Every test with ``use`` runs under each CPU backend (reference; Triton when 
 from __future__ import annotations
 
 import math
-import os
 import re
-import socket
 
 import pytest
 import torch
@@ -490,12 +488,12 @@ def test_flkd_bad_inputs(name):
 
 
 # ----------------------------------------------------------------------------- FSDP2 (CPU, gloo)
-def _fsdp_worker(rank: int, world: int, port: int) -> None:
+def _fsdp_worker(rank: int, world: int, rendezvous: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to race for with other tests' process groups
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         with fd.use_backend("reference"):
             for reduction in ("batchmean", "none"):
@@ -556,16 +554,10 @@ def _fsdp_case(rank, world, reduction, fully_shard):
         fused_linear_kd_loss(x, model.head.lm_head.weight, ht, Wt)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_flkd_fsdp2_gloo():
+def test_flkd_fsdp2_gloo(tmp_path):
     """Two CPU processes (gloo): FSDP2-sharded lm_head, the op called inside the module's forward."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     pytest.importorskip("torch.distributed.fsdp").fully_shard  # noqa: B018
-    torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port()), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_fsdp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
