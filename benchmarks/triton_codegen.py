@@ -102,7 +102,7 @@ def kd_configs(quick: bool = False):
             sig = dict(s_ptr=f"*{dt}", ids_ptr="*i64", lps_ptr="*fp32", w_ptr="*fp32", st_ptr="*fp32",
                        prm_ptr="*fp32", V="i32", K="i32", s_stride="i64", ids_stride="i64", lps_stride="i64")
             ce = dict(DIV=KD.DIV_JSD if mode != 2 else KD.DIV_FKL, MODE=mode, HAS_W=True, HAS_SCALE=True,
-                      HAS_SOFTCAP=True, KB=128, ACC=tl.float32)
+                      HAS_SOFTCAP=True, KB=128, TB=KD._tail_block(128), ACC=tl.float32)
             yield f"kd topk  mode={mode} {dt} k=128", KD._kd_topk_kernel, sig, ce, 4
 
 

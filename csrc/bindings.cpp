@@ -303,7 +303,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"),
         "Forward passes of kd_loss on student s [N, V] and teacher t [N, Vt] logits of one dtype (0 float32, "
         "1 float16, 2 bfloat16; unit column stride, row strides s_stride / t_stride in elements). labels int32 / "
-        "int64 [N] (labels_i64) or 0, mask uint8 [N] or 0, weights float32 [N] or 0, prm float32 [8] "
+        "int64 [N] (labels_i64) or 0, mask uint8 [N] or 0, weights float32 [N] or 0, prm float32 [10] "
         "(inv_T, inv_Tt, alpha, t2, logit_scale, softcap or 1, beta, skew). div: 0 fkl .. 5 tvd; red: 0 batchmean, "
         "1 sum, 2 mean, 3 none; ce: the alpha*CE term; ce_sep: T != 1 (a separate untempered lse); softcap: "
         "apply prm[5]; num_items > 0 replaces the valid-row count. Writes st [N, 8], loss [1], factor [1] (float32).");

@@ -13,8 +13,8 @@
 //   4. kd_grad_kernel    grid (N): the gradient w.r.t. the raw student logits, written in the
 //      student dtype (into the logits themselves for inplace_grad).
 // Per-row state (fp32, [N, 8]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid. The float
-// parameters come from a device fp32 tensor [8]: inv_T, inv_Tt, alpha, t2, logit_scale, softcap
-// (1 when off), beta, skew (kernels/kd_softmax.params()).
+// parameters come from a device fp32 tensor [10]: inv_T, inv_Tt, alpha, t2, logit_scale, softcap
+// (1 when off), beta, skew, 1 − beta, 1 − skew (KDPlan.kernel_params()).
 //
 // Online softmax: each thread keeps its own running (max, sum-exp) over the elements it owns and
 // rescales once per loop iteration (UNR·VEC elements), like Triton's once per BLOCK_V; the
@@ -66,7 +66,7 @@ struct KdArgs {
   const void* labels;   // int32 / int64 [N] (F_LABELS, F_LAB64) or null
   const uint8_t* mask;  // [N] or null
   const float* w;       // [N] or null
-  const float* prm;     // [8]
+  const float* prm;     // [10]
   float* st;            // [N, 8]
   const float* factor;  // grad: [1]
   const float* go;      // grad: upstream gradient [1] or [N] ...
@@ -149,6 +149,7 @@ __device__ __forceinline__ void store_tile(T* row, int chunk, int lim, const flo
 
 // ----------------------------------------------------------------------------- math helpers
 constexpr float NEG_INF = -__builtin_huge_valf();
+constexpr float POS_INF = __builtin_huge_valf();
 
 // max(D, 0) for a divergence that may round below 0; NaN stays NaN (fmaxf would drop it)
 __device__ __forceinline__ float clamp0(float d) { return d < 0.0f ? 0.0f : d; }
@@ -157,13 +158,22 @@ __device__ __forceinline__ float safe(float m) { return m == NEG_INF ? 0.0f : m;
 // sum can be +inf in its old frame (mass × an infinite log-ratio) while that mass is 0 in the row's frame.
 __device__ __forceinline__ float rescale(float acc, float r) { return r > 0.0f ? acc * r : 0.0f; }
 
+// omb, oms: 1 − beta, 1 − skew formed on the host in float64 (beta within fp32 rounding of 1 would give 0 here)
 struct Prm {
-  float inv_T, inv_Tt, alpha, t2, scale, softcap, beta, skew;
+  float inv_T, inv_Tt, alpha, t2, scale, softcap, beta, skew, omb, oms;
   __device__ void load(const float* p) {
     inv_T = __ldg(p + 0), inv_Tt = __ldg(p + 1), alpha = __ldg(p + 2), t2 = __ldg(p + 3);
     scale = __ldg(p + 4), softcap = __ldg(p + 5), beta = __ldg(p + 6), skew = __ldg(p + 7);
+    omb = __ldg(p + 8), oms = __ldg(p + 9);
   }
 };
+
+// loss × the row's weight; weight 0 adds exactly nothing, like a masked row (not 0·inf = NaN)
+__device__ __forceinline__ float weighted(float loss, const float* w, int64_t row, bool has_w) {
+  if (!has_w) return loss;
+  const float wr = __ldg(w + row);
+  return wr == 0.0f ? 0.0f : loss * wr;
+}
 
 // Triton's _tanh: the odd series through x^11 for |x| < 0.1 (no cancellation), else
 // (1 − e^{−2|x|}) / (1 + e^{−2|x|}) with the sign of x.
@@ -192,19 +202,20 @@ __device__ __forceinline__ float logmix(float a, float la, float b, float lb) {
 
 // Per-element divergence contribution d and g = ∂D/∂q of the 3-pass divergences (Triton's _div_terms).
 template <int DIV>
-__device__ __forceinline__ void div_terms(float lq, float lp, float beta, float skew, float& d, float& g, float& q) {
+__device__ __forceinline__ void div_terms(float lq, float lp, const Prm& pr, float& d, float& g, float& q) {
+  const float beta = pr.beta, skew = pr.skew, omb = pr.omb, oms = pr.oms;
   q = __expf(lq);
   const float p = __expf(lp);
   if constexpr (DIV == DIV_JSD) {  // M = βP + (1−β)Q
-    const float lm = logmix(beta, lp, 1.0f - beta, lq);
-    d = beta * (p > 0.0f ? p * (lp - lm) : 0.0f) + (1.0f - beta) * (q > 0.0f ? q * (lq - lm) : 0.0f);
-    g = (1.0f - beta) * (q > 0.0f ? lq - lm : 0.0f);
+    const float lm = logmix(beta, lp, omb, lq);
+    d = beta * (p > 0.0f ? p * (lp - lm) : 0.0f) + omb * (q > 0.0f ? q * (lq - lm) : 0.0f);
+    g = omb * (q > 0.0f ? lq - lm : 0.0f);
   } else if constexpr (DIV == DIV_SKL) {  // KL(P ‖ λP + (1−λ)Q)
-    const float lm = logmix(skew, lp, 1.0f - skew, lq);
+    const float lm = logmix(skew, lp, oms, lq);
     d = p > 0.0f ? p * (lp - lm) : 0.0f;
-    g = -(1.0f - skew) * (p > 0.0f ? __expf(lp - lm) : 0.0f);
+    g = -oms * (p > 0.0f ? __expf(lp - lm) : 0.0f);
   } else if constexpr (DIV == DIV_SRKL) {  // KL(Q ‖ (1−λ)P + λQ)
-    const float lm = logmix(1.0f - skew, lp, skew, lq);
+    const float lm = logmix(oms, lp, skew, lq);
     d = q > 0.0f ? q * (lq - lm) : 0.0f;
     g = q > 0.0f ? (lq - lm) + 1.0f - skew * __expf(lq - lm) : 0.0f;
   } else {  // TVD
@@ -364,7 +375,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
   if constexpr (SDIV == DIV_FKL) D = clamp0(__fdiv_rn(o.acc, o.lt) + lse_s - lse_t);
   else if constexpr (SDIV == DIV_RKL) D = clamp0(__fdiv_rn(o.acc, o.ls) + lse_t - lse_s);
   float loss = (p.alpha < 1.0f ? (1.0f - p.alpha) * p.t2 * D : 0.0f) + p.alpha * ce;  // α = 1: no KD term
-  if (a.flags & F_W) loss = loss * __ldg(a.w + row);
+  loss = weighted(loss, a.w, row, a.flags & F_W);
   float* st = a.st + row * NSTATE;
   st[0] = lse_s, st[1] = lse_t, st[2] = lse_1, st[3] = D;
   st[4] = 0.0f, st[5] = ok ? loss : 0.0f, st[6] = ce, st[7] = ok ? 1.0f : 0.0f;
@@ -401,7 +412,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_div_kernel
           const float z = transform(fs[u].get(j), p, softcap);
           const float zt = col < Vs ? transform(ft[u].get(j), p, softcap) : NEG_INF;
           float d, g, q;
-          div_terms<DIV>(z * p.inv_T - lse_s, zt * p.inv_Tt - lse_t, p.beta, p.skew, d, g, q);
+          div_terms<DIV>(z * p.inv_T - lse_s, zt * p.inv_Tt - lse_t, p, d, g, q);
           sums[0] += d;
           sums[1] += q * g;
         }
@@ -412,7 +423,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_div_kernel
   const float D = clamp0(sums[0]);
   const bool ok = st[7] > 0.0f;
   float loss = (p.alpha < 1.0f ? (1.0f - p.alpha) * p.t2 * D : 0.0f) + p.alpha * st[6];
-  if (a.flags & F_W) loss = loss * __ldg(a.w + row);
+  loss = weighted(loss, a.w, row, a.flags & F_W);
   st[3] = D;
   st[4] = sums[1];
   st[5] = ok ? loss : 0.0f;
@@ -495,10 +506,10 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
           du = __expf(lq) - __expf(lp);
         } else if constexpr (DIV == DIV_RKL) {
           const float q = __expf(lq);
-          du = q > 0.0f ? q * (lq - lp - D) : 0.0f;
+          du = (q > 0.0f && D != POS_INF) ? q * (lq - lp - D) : 0.0f;  // D = +inf: no finite gradient, 0
         } else {
           float d, g, q;
-          div_terms<DIV>(lq, lp, p.beta, p.skew, d, g, q);
+          div_terms<DIV>(lq, lp, p, d, g, q);
           du = q * (g - S);
         }
         float v = kd_scale * du;
@@ -611,7 +622,7 @@ KdArgs kd_args(const void* s, const void* t, const void* labels, bool labels_i64
 
 // dtype: 0 float32, 1 float16, 2 bfloat16 (student and teacher alike). div: 0 fkl, 1 rkl, 2 jsd,
 // 3 skl, 4 srkl, 5 tvd. red: 0 batchmean, 1 sum, 2 mean, 3 none. labels int32 / int64 [N] or null,
-// mask uint8 [N] or null, weights fp32 [N] or null, prm fp32 [8]. Writes st [N, 8], loss [1],
+// mask uint8 [N] or null, weights fp32 [N] or null, prm fp32 [10]. Writes st [N, 8], loss [1],
 // factor [1] (fp32). ce: the α·CE term (needs labels); ce_sep: its untempered lse separately (T != 1).
 cudaError_t fd_kd_fwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
                       const uint8_t* mask, const float* weights, const float* prm, float* st, float* loss,

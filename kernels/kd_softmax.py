@@ -21,6 +21,9 @@ import triton.language as tl
 DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
 NSTATE = 8
 MAX_BLOCK_V = 2048
+# tail_bucket: below this student tail mass 1 − Σ q_ids (fp32: ≳ k·6e-8 absolute error), the tail is summed
+# over the columns off the ids instead (a second read of the row, for confident rows only)
+TAIL_EXACT = tl.constexpr(1.0 / 64)
 
 
 @triton.jit
@@ -54,6 +57,13 @@ def _params(prm_ptr):
     would be fp32, too coarse for the fp64 parity mode)."""
     return (tl.load(prm_ptr + 0), tl.load(prm_ptr + 1), tl.load(prm_ptr + 2), tl.load(prm_ptr + 3),
             tl.load(prm_ptr + 4), tl.load(prm_ptr + 5), tl.load(prm_ptr + 6), tl.load(prm_ptr + 7))
+
+
+@triton.jit
+def _mix_weights(prm_ptr):
+    """(1 − beta, 1 − skew), formed on the host in float64: within fp32 rounding of 1, beta itself
+    rounds to 1 and 1 − beta in the kernel would be 0 (a NaN divergence)."""
+    return tl.load(prm_ptr + 8), tl.load(prm_ptr + 9)
 
 
 @triton.jit
@@ -98,33 +108,51 @@ def _logmix(a, la, b, lb):
 
 
 @triton.jit
-def _div_terms(lq, lp, beta, skew, DIV: tl.constexpr):
-    """Per-element divergence contribution and g = ∂D/∂q (any divergence; the dense fkl / rkl
-    paths use their closed forms instead, top-k buckets use this for all)."""
+def _div_terms(lq, lp, beta, skew, omb, oms, DIV: tl.constexpr):
+    """Per-element divergence contribution d and q·g with g = ∂D/∂q, and q (any divergence; the
+    dense fkl / rkl paths use their closed forms instead, top-k buckets use this for all). q·g is
+    0 where q = 0, except forward KL's −p (the limit of q·(−p/q), where D is +inf). omb, oms:
+    1 − beta, 1 − skew (see _mix_weights)."""
     q = tl.exp(lq)
     p = tl.exp(lp)
     if DIV == 0:  # forward KL
         d = tl.where(p > 0, p * (lp - lq), 0.0)
-        g = tl.where(p > 0, -tl.exp(lp - lq), 0.0)
+        qg = -p
     elif DIV == 1:  # reverse KL
         d = tl.where(q > 0, q * (lq - lp), 0.0)
-        g = tl.where(q > 0, lq - lp + 1.0, 0.0)
+        qg = tl.where(q > 0, q * (lq - lp + 1.0), 0.0)
     elif DIV == 2:  # JSD(β), M = βP + (1−β)Q
-        lm = _logmix(beta, lp, 1.0 - beta, lq)
-        d = beta * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - beta) * tl.where(q > 0, q * (lq - lm), 0.0)
-        g = (1.0 - beta) * tl.where(q > 0, lq - lm, 0.0)
+        lm = _logmix(beta, lp, omb, lq)
+        d = beta * tl.where(p > 0, p * (lp - lm), 0.0) + omb * tl.where(q > 0, q * (lq - lm), 0.0)
+        qg = omb * tl.where(q > 0, q * (lq - lm), 0.0)
     elif DIV == 3:  # skew KL: KL(P ‖ λP + (1−λ)Q)
-        lm = _logmix(skew, lp, 1.0 - skew, lq)
+        lm = _logmix(skew, lp, oms, lq)
         d = tl.where(p > 0, p * (lp - lm), 0.0)
-        g = -(1.0 - skew) * tl.where(p > 0, tl.exp(lp - lm), 0.0)
+        qg = -oms * tl.where((p > 0) & (q > 0), q * tl.exp(lp - lm), 0.0)
     elif DIV == 4:  # skew reverse KL: KL(Q ‖ (1−λ)P + λQ)
-        lm = _logmix(1.0 - skew, lp, skew, lq)
+        lm = _logmix(oms, lp, skew, lq)
         d = tl.where(q > 0, q * (lq - lm), 0.0)
-        g = tl.where(q > 0, (lq - lm) + 1.0 - skew * tl.exp(lq - lm), 0.0)
+        qg = tl.where(q > 0, q * ((lq - lm) + 1.0 - skew * tl.exp(lq - lm)), 0.0)
     else:  # TVD
         d = 0.5 * tl.abs(p - q)
-        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
-    return d, g, q
+        qg = q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    return d, qg, q
+
+
+@triton.jit
+def _kd_du(qg, q, S):
+    """∂D/∂u = q·g − q·S over a softmax (S = Σ q·g); 0 where S = +inf: a reverse-type divergence that
+    is +inf (p = 0 where q > 0) has no finite gradient (docs/kd_ops.md, "Non-finite inputs")."""
+    return tl.where(S == float("inf"), 0.0, qg - q * S)
+
+
+@triton.jit
+def _weighted(loss, w_ptr, row, HAS_W: tl.constexpr, ACC: tl.constexpr):
+    """loss × the row's weight; weight 0 adds exactly nothing, like a masked row (not 0·inf = NaN)."""
+    if HAS_W:
+        w = tl.load(w_ptr + row).to(ACC)
+        loss = tl.where(w == 0, 0.0, loss * w)
+    return loss
 
 
 @triton.jit
@@ -199,9 +227,7 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
         D = _clamp0(acc / l_t + lse_s - lse_t)
     elif DIV == 1:
         D = _clamp0(acc / l_s + lse_t - lse_s)
-    loss = _mix(D, ce, alpha, t2)
-    if HAS_W:
-        loss = loss * tl.load(w_ptr + row).to(ACC)
+    loss = _weighted(_mix(D, ce, alpha, t2), w_ptr, row, HAS_W, ACC)
     st = st_ptr + row * 8
     tl.store(st + 0, lse_s)
     tl.store(st + 1, lse_t)
@@ -219,6 +245,7 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
                    BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
+    omb, oms = _mix_weights(prm_ptr)
     s_row = s_ptr + row.to(tl.int64) * s_stride
     t_row = t_ptr + row.to(tl.int64) * t_stride
     st = st_ptr + row * 8
@@ -232,14 +259,12 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
         cols = v0 + ar
         z = _logits(s_row, cols, cols < V, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
         zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-        d, g, q = _div_terms(z * inv_T - lse_s, zt * inv_Tt - lse_t, beta, skew, DIV)
+        d, qg, q = _div_terms(z * inv_T - lse_s, zt * inv_Tt - lse_t, beta, skew, omb, oms, DIV)
         dsum += tl.where(cols < V, d, 0.0)
-        ssum += tl.where(cols < V, q * g, 0.0)
+        ssum += tl.where(cols < V, qg, 0.0)
     D = _clamp0(tl.sum(dsum, 0))
     ok = tl.load(st + 7) > 0
-    loss = _mix(D, tl.load(st + 6), alpha, t2)
-    if HAS_W:
-        loss = loss * tl.load(w_ptr + row).to(ACC)
+    loss = _weighted(_mix(D, tl.load(st + 6), alpha, t2), w_ptr, row, HAS_W, ACC)
     tl.store(st + 3, D)
     tl.store(st + 4, tl.sum(ssum, 0))
     tl.store(st + 5, tl.where(ok, loss, 0.0))
@@ -248,11 +273,14 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
 @triton.jit
 def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_stride, ids_stride, lps_stride,
                     DIV: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, ACC: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, TB: tl.constexpr, ACC: tl.constexpr):
     """Top-k teacher (MODE 1 tail bucket, 2 zero tail, 3 renormalised): the divergence over the
-    buckets from the k gathered student logits and the stored teacher log-probs."""
+    buckets from the k gathered student logits and the stored teacher log-probs.
+    State slot 1 receives: MODE 1 what the off-id gradient needs of the tail bucket (forward KL
+    log(p_tail / q_tail), else g_tail), MODE 2 Σ p, MODE 3 the student's lse over the k ids."""
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
+    omb, oms = _mix_weights(prm_ptr)
     st = st_ptr + row * 8
     lse_s = tl.load(st + 0)
     kk = tl.arange(0, KB)
@@ -260,7 +288,8 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
     ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
     good = tl.sum(tl.where(km & ((ids < 0) | (ids >= V)), 1, 0), 0) == 0
     ids = tl.minimum(tl.maximum(ids, 0), V - 1)  # never an out-of-row read; a bad row's loss is NaN
-    uk = _logits(s_ptr + row.to(tl.int64) * s_stride, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+    s_row = s_ptr + row.to(tl.int64) * s_stride
+    uk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
     uk = uk * inv_T
     lpk = tl.load(lps_ptr + row.to(tl.int64) * lps_stride + kk, mask=km, other=float("-inf")).to(ACC)
     extra = tl.zeros([1], ACC).sum(0)
@@ -271,30 +300,45 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
         lpk = lpk * inv_Tt
         mp = _safe(tl.max(lpk, 0))
         lpk = lpk - (mp + tl.log(tl.sum(tl.exp(lpk - mp), 0)))
-        d, g, q = _div_terms(lqk, lpk, beta, skew, DIV)
-        D = tl.sum(tl.where(km, d, 0.0), 0)
-        S = tl.sum(tl.where(km, q * g, 0.0), 0)
+        d, qg, q = _div_terms(lqk, lpk, beta, skew, omb, oms, DIV)
+        D = _clamp0(tl.sum(tl.where(km, d, 0.0), 0))
+        S = tl.sum(tl.where(km, qg, 0.0), 0)
         extra = lse_k
     else:
         lqk = uk - lse_s
-        d, g, q = _div_terms(lqk, lpk, beta, skew, DIV)
+        d, qg, q = _div_terms(lqk, lpk, beta, skew, omb, oms, DIV)
         D = tl.sum(tl.where(km, d, 0.0), 0)
-        S = tl.sum(tl.where(km, q * g, 0.0), 0)
-        if MODE == 2:
+        S = tl.sum(tl.where(km, qg, 0.0), 0)
+        if MODE == 2:  # the documented formula, not a divergence when Σ p < 1: not clamped at 0
             extra = tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0)
             S = S * 0.0
         else:
-            q_t = tl.maximum(1.0 - tl.sum(tl.where(km, q, 0.0), 0), 0.0)
+            q_t = 1.0 - tl.sum(tl.where(km, q, 0.0), 0)
+            if q_t < TAIL_EXACT:  # 1 − Σ q has lost its digits: sum the columns off the ids instead
+                tail = tl.zeros([TB], ACC)
+                tc = tl.arange(0, TB)
+                for v0 in range(0, V, TB):
+                    cols = v0 + tc
+                    hit = tl.sum(tl.where((cols[:, None] == ids[None, :]) & km[None, :], 1, 0), 1) > 0
+                    z = _logits(s_row, cols, (cols < V) & ~hit, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+                    tail += tl.exp(z * inv_T - lse_s)
+                q_t = tl.sum(tail, 0)
+            q_t = tl.maximum(q_t, 0.0)
             p_t = tl.maximum(1.0 - tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0), 0.0)
-            d_t, g_t, _ = _div_terms(tl.log(q_t), tl.log(p_t), beta, skew, DIV)
+            lq_t = tl.log(q_t)
+            lp_t = tl.log(p_t)
+            d_t, qg_t, _ = _div_terms(lq_t, lp_t, beta, skew, omb, oms, DIV)
             D += d_t
-            S += q_t * g_t
-            extra = g_t
-    D = tl.where(good, _clamp0(D), float("nan"))
+            S += qg_t
+            if DIV == 0:
+                extra = tl.where(p_t > 0, lp_t - lq_t, float("-inf"))
+            else:
+                extra = tl.where(q_t > 0, qg_t / tl.where(q_t > 0, q_t, 1.0), 0.0)
+        if MODE != 2:
+            D = _clamp0(D)
+    D = tl.where(good, D, float("nan"))
     ok = tl.load(st + 7) > 0
-    loss = _mix(D, tl.load(st + 6), alpha, t2)
-    if HAS_W:
-        loss = loss * tl.load(w_ptr + row).to(ACC)
+    loss = _weighted(_mix(D, tl.load(st + 6), alpha, t2), w_ptr, row, HAS_W, ACC)
     tl.store(st + 1, extra)
     tl.store(st + 3, D)
     tl.store(st + 4, S)
@@ -353,12 +397,13 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
     overwritten with their exact values."""
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
+    omb, oms = _mix_weights(prm_ptr)
     s_row = s_ptr + row.to(tl.int64) * s_stride
     t_row = t_ptr + row.to(tl.int64) * t_stride
     o_row = out_ptr + row.to(tl.int64) * o_stride
     st = st_ptr + row * 8
     lse_s = tl.load(st + 0)
-    lse_t = tl.load(st + 1)  # top-k: g_tail (1), Σ p (2), lse over the k ids (3)
+    lse_t = tl.load(st + 1)  # top-k: the tail term (1, see _kd_topk_kernel), Σ p (2), lse over the k ids (3)
     lse_1 = tl.load(st + 2)
     D = tl.load(st + 3)
     S = tl.load(st + 4)
@@ -386,8 +431,13 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
         cm = cols < V
         z = _logits(s_row, cols, cm, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
         lq = z * inv_T - lse_s
-        if MODE == 1:
-            du = tl.exp(lq) * (lse_t - S)
+        if MODE == 1:  # off the ids: q_j·g_tail (forward KL: −p_tail·q_j/q_tail = −e^{log q_j + log(p_t/q_t)})
+            q = tl.exp(lq)
+            if DIV == 0:
+                qg = tl.where(q > 0, -tl.exp(lq + lse_t), 0.0)
+            else:
+                qg = tl.where(q > 0, q * lse_t, 0.0)
+            du = _kd_du(qg, q, S)
         elif MODE == 2:
             du = tl.exp(lq) * lse_t
         elif MODE == 3:
@@ -397,12 +447,12 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
             lp = zt * inv_Tt - lse_t
             if DIV == 0:
                 du = tl.exp(lq) - tl.exp(lp)
-            elif DIV == 1:
+            elif DIV == 1:  # 0 on a row whose D is +inf (p = 0 where q > 0): no finite gradient
                 q = tl.exp(lq)
-                du = tl.where(q > 0, q * (lq - lp - D), 0.0)
+                du = tl.where(D == float("inf"), 0.0, tl.where(q > 0, q * (lq - lp - D), 0.0))
             else:
-                _, g, q = _div_terms(lq, lp, beta, skew, DIV)
-                du = q * (g - S)
+                _, qg, q = _div_terms(lq, lp, beta, skew, omb, oms, DIV)
+                du = _kd_du(qg, q, S)
         _grad_store(o_row, du, z, cols, cm, label, lse_1, coeff, kd_scale, alpha, logit_scale, softcap, ok,
                     CE, HAS_SCALE, HAS_SOFTCAP)
     if MODE > 0:
@@ -414,13 +464,13 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
             lpk = lpk * inv_Tt
             mp = _safe(tl.max(lpk, 0))
             lpk = lpk - (mp + tl.log(tl.sum(tl.exp(lpk - mp), 0)))
-            _, g, q = _div_terms(lqk, lpk, beta, skew, DIV)
-            du = q * (g - S)
+            _, qg, q = _div_terms(lqk, lpk, beta, skew, omb, oms, DIV)
+            du = _kd_du(qg, q, S)
         elif MODE == 2:
             du = tl.exp(z * inv_T - lse_s) * lse_t - tl.exp(lpk)
         else:
-            _, g, q = _div_terms(z * inv_T - lse_s, lpk, beta, skew, DIV)
-            du = q * (g - S)
+            _, qg, q = _div_terms(z * inv_T - lse_s, lpk, beta, skew, omb, oms, DIV)
+            du = _kd_du(qg, q, S)
         _grad_store(o_row, du, z, ids, km, label, lse_1, coeff, kd_scale, alpha, logit_scale, softcap, ok,
                     CE, HAS_SCALE, HAS_SOFTCAP)
 
@@ -434,10 +484,14 @@ def _cfg(V: int) -> tuple[int, int]:
     return block, max(4, block // 256)  # 8 elements per thread: one 16-byte load of bf16 (see triton_codegen.py)
 
 
+def _tail_block(K: int) -> int:
+    """Columns per step of the exact tail sum: a [TB, KB] id comparison of ~8k elements."""
+    return max(16, 8192 // triton.next_power_of_2(K))
+
+
 def params(p, device, dtype):
-    """[inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew] as a cached device tensor."""
-    vals = (1.0 / p.temperature, 1.0 / p.teacher_temperature, p.alpha, p.t2, p.logit_scale,
-            p.softcap if p.softcap > 0 else 1.0, p.beta, p.skew)
+    """The plan's kernel_params() as a cached device tensor in ``dtype``."""
+    vals = p.kernel_params()
     from fastdistill._backend import device_constant
 
     return device_constant(vals, device, dtype)
@@ -473,7 +527,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
         _kd_topk_kernel[(N,)](
             s, ids, lps, weights if weights is not None else dummy, st, prm, V, K, s.stride(0), ids.stride(0),
             lps.stride(0), DIV=p.div, MODE=p.topk, HAS_W=weights is not None, KB=triton.next_power_of_2(K),
-            num_warps=4, **flags,
+            TB=_tail_block(K), num_warps=4, **flags,
         )
     elif p.div > DIV_RKL:
         _kd_div_kernel[(N,)](

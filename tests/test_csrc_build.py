@@ -361,6 +361,14 @@ def test_emulated_kd_underflowed_mass_at_an_infinite_log_ratio(kd_cuda_on_cpu, d
     check_underflow_rows(div)
 
 
+def test_emulated_kd_nonfinite_dense_rows(kd_cuda_on_cpu):
+    """Infinite reverse KL (zero KD gradient), a weight-0 row with an infinite divergence, beta / skew within
+    fp32 rounding of 1: tests/test_kd.py's check, on the CUDA kernels."""
+    from test_kd import check_nonfinite_dense_rows
+
+    check_nonfinite_dense_rows()
+
+
 def test_emulated_kd_state_matches_reference(kd_cuda_on_cpu):
     """The per-row state [N, 8] itself (lse_s, lse_t, lse_s1, D, S, contrib, ce, valid) and the
     factor, for a 2-pass and a 3-pass divergence with every row kind (invalid by label / −inf, an

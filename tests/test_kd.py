@@ -64,14 +64,10 @@ def oracle_kd(student, teacher, *, divergence="fkl", beta=0.5, skew=0.1, tempera
     """docs/kd_ops.md, term by term. Returns (loss, x) with x the grad-enabled student leaf.
     ``compute_dtype`` other than fp64 gives "plain PyTorch in that dtype" for the tolerance rule."""
     x = student.detach().to(compute_dtype).requires_grad_()
-    lead, V = x.shape[:-1], x.shape[-1]
+    V = x.shape[-1]
     zs = x.reshape(-1, V)
     zt = teacher.detach().to(compute_dtype).reshape(-1, teacher.shape[-1])
-    N, Vt = zs.shape[0], zt.shape[-1]
-    if Vt > V:  # extra teacher columns dropped before its softmax
-        zt = zt[:, :V]
-    elif Vt < V:  # teacher padded with −inf: p = 0 on the student's extra columns
-        zt = torch.cat([zt, zt.new_full((N, V - Vt), -math.inf)], 1)
+    N = zs.shape[0]
 
     def transform(z):
         if logit_scale is not None:
@@ -80,7 +76,9 @@ def oracle_kd(student, teacher, *, divergence="fkl", beta=0.5, skew=0.1, tempera
             z = softcap * torch.tanh(z / softcap)
         return z
 
-    zs, zt = transform(zs), transform(zt)
+    zs, zt = transform(zs), transform(zt[:, :V])  # extra teacher columns dropped before its softmax
+    if zt.shape[1] < V:  # the transformed teacher padded with −inf: p = 0 on the student's extra columns
+        zt = torch.cat([zt, zt.new_full((N, V - zt.shape[1]), -math.inf)], 1)
     valid = ~(torch.isneginf(zs).all(-1) | torch.isneginf(zt).all(-1))
     if labels is not None:
         valid &= labels.reshape(-1) != ignore_index
@@ -118,20 +116,28 @@ def oracle_kd(student, teacher, *, divergence="fkl", beta=0.5, skew=0.1, tempera
     c = T * T if t2_scale else 1.0
     loss = (1 - a) * c * D if a < 1 else torch.zeros_like(D)
     if a > 0:  # CE on the transformed, untempered student logits
-        lab = torch.where(valid, labels.reshape(-1), torch.zeros_like(labels.reshape(-1)))
+        lab = torch.where(valid, labels.reshape(-1), torch.zeros_like(labels.reshape(-1))).long()
         ce = torch.logsumexp(zs, -1) - zs.gather(1, lab[:, None]).squeeze(1)
         loss = loss + a * ce
+    return oracle_reduce(loss, valid, x, weights=weights, reduction=reduction, num_items=num_items), x
+
+
+def oracle_reduce(loss, valid, x, *, weights, reduction, num_items):
+    """docs/kd_ops.md's per-row weights (weight 0: exactly nothing, also for an infinite ℓ), validity and
+    reduction of the per-row losses ``loss`` [N] of the student leaf ``x`` [*lead, V]."""
+    lead, V = x.shape[:-1], x.shape[-1]
+    zero = torch.zeros((), dtype=loss.dtype)
     if weights is not None:
-        loss = weights.reshape(-1).to(compute_dtype) * loss
+        w = weights.reshape(-1).to(loss.dtype)
+        loss = torch.where(w == 0, zero, w * loss)
     loss = torch.where(valid, loss, zero)
     if reduction == "none":
-        return loss.reshape(lead), x
+        return loss.reshape(lead)
     n = int(valid.sum()) if num_items is None else num_items
     s = loss.sum()
     if reduction == "sum":
-        return s, x
-    denom = n if reduction == "batchmean" else n * V
-    return (s / denom if n > 0 else s * 0), x
+        return s
+    return s / (n if reduction == "batchmean" else n * V) if n > 0 else s * 0
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -375,6 +381,62 @@ def check_underflow_rows(div: str) -> None:
     assert torch.isfinite(ref).all(), ref
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all(), (loss, x.grad.isnan().sum())
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def check_nonfinite_dense_rows() -> None:
+    """Dense teachers with the current backend (fp32): no NaN where docs/kd_ops.md defines the result.
+    1. Reverse KL (and srkl with skew 0, jsd with beta 1) where the teacher is −inf at a column the student
+       has mass on: that row's loss is +inf and its KD gradient 0 (no finite gradient); other rows unchanged.
+    2. A row with weight 0 adds exactly nothing, even where its divergence is +inf (forward KL, student −inf
+       where the teacher has mass): the same loss and gradient as with the row masked out.
+    3. beta / skew within fp32 rounding of 1 but not 1 (jsd, skl, srkl) with a zero on either side: the
+       finite mixture divergence of the fp64 reference, not NaN (1 − beta is formed on the host)."""
+    inf = float("inf")
+    s = torch.tensor([[1.0, 0.5, 0.0, 0.2], [0.3, -0.4, 0.8, 0.1]])
+    t = torch.tensor([[0.3, 0.1, 0.9, -0.2], [0.5, 0.5, -0.1, 0.2]])
+    t_inf = t.clone()
+    t_inf[0, 0] = -inf  # p = 0 at the student's most likely column
+    for kw in (dict(divergence="rkl"), dict(divergence="srkl", skew=0.0), dict(divergence="jsd", beta=1.0)):
+        x = s.clone().requires_grad_()
+        loss = fd.kd_loss(x, t_inf, reduction="none", **kw)
+        loss.backward(torch.ones_like(loss))
+        assert torch.isposinf(loss[0]) and torch.isfinite(loss[1]), (kw, loss)
+        assert torch.all(x.grad[0] == 0) and torch.isfinite(x.grad).all(), (kw, x.grad)
+        x1 = s[1:].clone().requires_grad_()
+        ref = fd.kd_loss(x1, t[1:], reduction="none", **kw)
+        ref.backward(torch.ones_like(ref))
+        torch.testing.assert_close(loss[1:], ref.detach(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(x.grad[1:], x1.grad, rtol=1e-6, atol=0)
+    s_inf = s.clone()
+    s_inf[0, 2] = -inf  # q = 0 where the teacher has its most mass: forward KL +inf
+    w = torch.tensor([0.0, 1.5])
+    res = []
+    for extra in (dict(weights=w), dict(weights=w, mask=torch.tensor([False, True]))):
+        x = s_inf.clone().requires_grad_()
+        loss = fd.kd_loss(x, t, divergence="fkl", reduction="sum", **extra)
+        loss.backward()
+        res.append((loss.detach(), x.grad))
+    assert torch.isfinite(res[0][0]), res[0][0]
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1]), res
+    for kw in (dict(divergence="jsd", beta=1 - 1e-9), dict(divergence="skl", skew=1 - 1e-9),
+               dict(divergence="srkl", skew=1 - 1e-9)):
+        for side in ("teacher", "student"):
+            ss, tt = s.clone(), t.clone()
+            (tt if side == "teacher" else ss)[0, 2] = -inf
+            x = ss.clone().requires_grad_()
+            loss = fd.kd_loss(x, tt, reduction="none", **kw)
+            loss.backward(torch.ones_like(loss))
+            x64 = ss.double().requires_grad_()
+            with fd.use_backend("reference"):
+                ref = fd.kd_loss(x64, tt.double(), reduction="none", accum_dtype=F64, **kw)
+            ref.backward(torch.ones_like(ref))
+            assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all(), (kw, side, loss, x.grad)
+            torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_kd_nonfinite_dense_rows(use):
+    check_nonfinite_dense_rows()
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)

@@ -81,6 +81,8 @@ KD_CASES = dict([
     K("srkl-neginf", divergence="srkl", skew=0.3, neginf=True, reduction="none"),
     K("rkl-neginf", divergence="rkl", neginf=True, reduction="none"),
     K("fkl-inf-true-kl", divergence="fkl", inf_kl=True, reduction="none"),
+    K("fkl-inf-weight0-sum", divergence="fkl", inf_kl=True, weights=True, zero_weight=True, reduction="sum"),
+    K("rkl-inf-zero-grad", divergence="rkl", inf_rkl=True, reduction="none", layout="uneven"),
     K("fkl-all-ignored", divergence="fkl", all_ignored=True, hard_label_alpha=0.2),
     K("jsd-all-masked-mean", divergence="jsd", all_masked=True, reduction="mean"),
     K("tvd-all-ignored-num-items", divergence="tvd", all_ignored=True, num_items=8, hard_label_alpha=0.5),
@@ -112,6 +114,9 @@ TOPK_CASES = dict([
     K("topk-renorm-srkl", kind="topk", topk_semantics="renorm", divergence="srkl", skew=0.3, layout="uneven",
       weights=True, reduction="sum"),
     K("topk-tail-skl-empty-shard", kind="topk", topk_semantics="tail_bucket", divergence="skl", layout="empty", V=6),
+    K("topk-tail-fkl-confident", kind="topk", topk_semantics="tail_bucket", divergence="fkl", confident=True,
+      layout="uneven"),
+    K("topk-tail-rkl-confident", kind="topk", topk_semantics="tail_bucket", divergence="rkl", confident=True),
 ])
 
 VPTOPK_CASES = dict([
@@ -187,6 +192,10 @@ def build(name: str) -> dict:
         t2.masked_fill_(~keep, -math.inf)  # row 1: all −inf; row 4: the last ranks' slices
     if c.get("inf_kl"):
         s.view(-1, V)[1, 5] = -math.inf  # the teacher has mass there: KL(P‖Q) = +inf
+    if c.get("inf_rkl"):  # p = 0 where the student has its most mass: KL(Q‖P) = +inf, zero KD gradient
+        t.view(-1, V)[1, int(s.view(-1, V)[1].argmax())] = -math.inf
+    if c.get("confident"):  # one id 45 above the rest: 1 − Σ q_ids cancels even in fp64 (q_tail ~ e^-45)
+        s.view(-1, V)[2, int(t.view(-1, V)[2].argmax())] += 45.0
     kw = d["kw"]
     ignore = kw.get("ignore_index", -100)
     if c.get("labels") or c.get("all_ignored") or c.get("hard_label_alpha"):
@@ -201,6 +210,8 @@ def build(name: str) -> dict:
         kw["mask"] = torch.zeros(lead, dtype=torch.bool) if c.get("all_masked") else m
     if c.get("weights"):
         kw["weights"] = torch.rand(lead, generator=g, dtype=F64) + 0.5
+        if c.get("zero_weight"):  # the row whose divergence is +inf adds exactly nothing
+            kw["weights"].view(-1)[1] = 0.0
     d["s"], d["t"] = s, t
     if c["kind"] == "topk" or c.get("teacher") == "topk":
         lps, ids = torch.log_softmax(t, -1).topk(4, -1)

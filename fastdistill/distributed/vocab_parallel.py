@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from fastdistill.ops._common import check_choice
 from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
-from fastdistill.reference.kd_softmax import bucket_div, transform
+from fastdistill.reference.kd_softmax import _kd_du, _tail_state, bucket_div, transform
 
 # vocab_parallel_fused_linear_kd_loss: served by __getattr__ below (from vocab_parallel_fused)
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_fused_linear_kd_loss", "vocab_parallel_topk"]  # noqa: F822
@@ -159,7 +159,8 @@ class _Run:
         self.three = self.dense and p.div not in (_FKL, _RKL)
         self.checked = False
         self.poison: torch.Tensor | None = None  # NaN when the device-side layout check fails (cached groups)
-        # SUM columns: es, et, e1, A (fkl/rkl), zl, own (label), ownk, uk[k]
+        # SUM columns: es, et, e1, A (dense fkl/rkl; top-k: the student's sum-exp off the ids), zl, own (label),
+        # ownk, uk[k]
         self.nsum = 7 + (k if not self.dense else 0)
 
     def post_checks(self) -> None:
@@ -224,6 +225,10 @@ class _Run:
             if sh.Vr:
                 uk = us.gather(1, loc.clamp(0, sh.Vr - 1))
                 sm[:, 7:] = torch.where(own, uk, torch.zeros_like(uk))
+                if p.topk == _TOPK_TAIL:  # the tail mass summed off the ids, never 1 − Σ q (it cancels)
+                    idx = torch.where(own, loc, torch.full_like(loc, sh.Vr))  # other ranks' ids: a spare column
+                    hit = qs.new_zeros((n, sh.Vr + 1), dtype=torch.bool).scatter_(1, idx, True)[:, : sh.Vr]
+                    sm[:, 3] = torch.where(hit, torch.zeros_like(qs), qs).sum(1)
             sm[:, 6] = own.to(acc).sum(1)
         return mx, sm
 
@@ -250,6 +255,8 @@ class _Run:
             i, o = (1, 0) if self.p.div == _FKL else (0, 1)
             corr = sm[:, i] * ((a[:, i] - A[:, i]) - (a[:, o] - A[:, o]))
             sm[:, 3] = torch.where(r[:, i] > 0, r[:, i] * (sm[:, 3] + corr), torch.zeros_like(corr))
+        elif not self.dense:
+            sm[:, 3] *= r[:, 0]  # the off-id sum-exp, in the student's frame
         sm[:, 0:3] *= r
         dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=sh.group)
         V = lay_g[:, 1].max()
@@ -266,8 +273,8 @@ class _Run:
         us = z / p.temperature if p.temperature != 1.0 else z
         ut = transform(p, zt_raw.to(acc)) / p.teacher_temperature
         lq, lp = us - _safe(lse_s)[:, None], ut - _safe(lse_t)[:, None]
-        D, g = bucket_div(p, lq, lp)
-        return torch.stack([D, (lq.exp() * g).sum(1)], 1)
+        D, qg = bucket_div(p, lq, lp)
+        return torch.stack([D, qg.sum(1)], 1)
 
     # ---------------------------------------------------------------- per-row loss
     def finish(self, A, G, part, lps, lab, mask, w):
@@ -292,7 +299,8 @@ class _Run:
             extra = lse_t
         else:
             uk = G[:, 7:]
-            D, S, extra = _topk_rows(p, uk, lse_s, lps.to(G.dtype))
+            lq_tail = G[:, 3].log() - es.log()
+            D, S, extra = _topk_rows(p, uk, lse_s, lps.to(G.dtype), lq_tail)
             D = torch.where(G[:, 6] == uk.shape[1], D, torch.full_like(D, math.nan))  # an id no rank holds
         if lab is not None:
             ok &= lab != p.ignore_index
@@ -304,11 +312,14 @@ class _Run:
             st[:, _LSE1] = lse1
             ce = torch.where(G[:, 5] == 1, lse1 - G[:, 4], torch.full_like(es, math.nan))  # label out of range
             ce = torch.where(lab == p.ignore_index, torch.zeros_like(ce), ce)
-        D = torch.where(ok, D, torch.zeros_like(D)).clamp_min(0)
+        D = torch.where(ok, D, torch.zeros_like(D))
+        if p.topk != _TOPK_ZERO:  # true divergences, below 0 only by rounding; zero_tail's formula is not one
+            D = D.clamp_min(0)
         kd = (1 - p.alpha) * p.t2 * D if p.alpha < 1 else torch.zeros_like(D)
         loss = kd + p.alpha * ce
-        if w is not None:
-            loss = loss * w.to(loss.dtype)
+        if w is not None:  # weight 0 adds exactly nothing, like a masked row (not 0·inf = NaN)
+            wr = w.to(loss.dtype)
+            loss = torch.where(wr == 0, torch.zeros_like(loss), loss * wr)
         st[:, _LSE_S], st[:, _EXTRA], st[:, _D], st[:, _S] = lse_s, extra, D, S
         st[:, _CONTRIB] = torch.where(ok, loss, torch.zeros_like(loss))
         st[:, _CE], st[:, _VALID] = ce, ok.to(st.dtype)
@@ -325,17 +336,18 @@ class _Run:
         lq = us - st[:, _LSE_S : _LSE_S + 1]
         q = lq.exp()
         if not self.dense:
-            du = _topk_du(p, sh, q, st, uk, teacher[0], teacher[1].to(acc))
+            du = _topk_du(p, sh, lq, q, st, uk, teacher[0], teacher[1].to(acc))
         else:
             ut = transform(p, teacher.to(acc)) / p.teacher_temperature
             lp = ut - st[:, _EXTRA : _EXTRA + 1]
             if p.div == _FKL:
                 du = q - lp.exp()
-            elif p.div == _RKL:
-                du = torch.where(q > 0, q * (lq - lp - st[:, _D : _D + 1]), torch.zeros_like(q))
+            elif p.div == _RKL:  # 0 on a row whose D is +inf (no finite gradient)
+                D = st[:, _D : _D + 1]
+                du = torch.where((q > 0) & (D != math.inf), q * (lq - lp - D), torch.zeros_like(q))
             else:
-                _, g = bucket_div(p, lq, lp)
-                du = q * (g - st[:, _S : _S + 1])
+                _, qg = bucket_div(p, lq, lp)
+                du = _kd_du(qg, q, st[:, _S : _S + 1])
         gz = (1 - p.alpha) * p.t2 / p.temperature * du
         if self.ce:
             gz = gz + p.alpha * (z - st[:, _LSE1 : _LSE1 + 1]).exp()
@@ -355,26 +367,26 @@ class _Run:
         return gz
 
 
-def _topk_rows(p: KDPlan, uk, lse_s, lps):
-    """(D, S, extra) per row of a top-k teacher from the student's tempered logits at the ids (docs/kd_ops.md):
-    extra is g_tail (tail_bucket), Σ p (zero_tail) or the student's logsumexp over the k (renorm)."""
+def _topk_rows(p: KDPlan, uk, lse_s, lps, lq_tail):
+    """(D, S, extra) per row of a top-k teacher from the student's tempered logits at the ids and its log tail
+    mass (docs/kd_ops.md): extra is the tail term of the reference's state (tail_bucket), Σ p (zero_tail) or
+    the student's logsumexp over the k (renorm)."""
     if p.topk == _TOPK_RENORM:
         lse_k = torch.logsumexp(uk, 1)
         lq, lp = uk - lse_k[:, None], torch.log_softmax(lps / p.teacher_temperature, 1)
-        D, g = bucket_div(p, lq, lp)
-        return D, (lq.exp() * g).sum(1), lse_k
+        D, qg = bucket_div(p, lq, lp)
+        return D, qg.sum(1), lse_k
     lqk = uk - _safe(lse_s)[:, None]
     if p.topk == _TOPK_ZERO:
         return _xlogy(lps.exp(), lps - lqk).sum(1), torch.zeros_like(lse_s), lps.exp().sum(1)
-    q_tail = (1 - lqk.exp().sum(1)).clamp_min(0)
     p_tail = (1 - lps.exp().sum(1)).clamp_min(0)
-    lq = torch.cat([lqk, q_tail.log()[:, None]], 1)
+    lq = torch.cat([lqk, lq_tail[:, None]], 1)
     lp = torch.cat([lps, p_tail.log()[:, None]], 1)
-    D, g = bucket_div(p, lq, lp)
-    return D, (lq.exp() * g).sum(1), g[:, -1]
+    D, qg = bucket_div(p, lq, lp)
+    return D, qg.sum(1), _tail_state(p, lq_tail, lp[:, -1])
 
 
-def _topk_du(p: KDPlan, sh: _Shard, q, st, uk, ids, lps):
+def _topk_du(p: KDPlan, sh: _Shard, lq, q, st, uk, ids, lps):
     """∂D/∂u_s on the shard's columns for a top-k teacher: a dense part, and the values at the ids this
     rank holds (written through a padded buffer whose last column absorbs the ids of other ranks)."""
     n, Vr = q.shape
@@ -389,14 +401,18 @@ def _topk_du(p: KDPlan, sh: _Shard, q, st, uk, ids, lps):
         return buf[:, :Vr]
     if p.topk == _TOPK_RENORM:
         lqk = uk - extra
-        _, g = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
+        _, qg = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
         buf.zero_()
-        buf.scatter_(1, idx, lqk.exp() * (g - S))
+        buf.scatter_(1, idx, _kd_du(qg, lqk.exp(), S))
         return buf[:, :Vr]
+    if p.div == _FKL:  # off the ids: q_j·g_tail = −p_tail·q_j/q_tail (extra = log(p_tail/q_tail))
+        qg = torch.where(q > 0, -torch.exp(lq + extra), torch.zeros_like(q))
+    else:
+        qg = torch.where(q > 0, q * extra, torch.zeros_like(q))
+    buf[:, :Vr] = _kd_du(qg, q, S)
     lqk = uk - _safe(st[:, _LSE_S : _LSE_S + 1])
-    _, g = bucket_div(p, lqk, lps)  # g at the ids (elementwise in (q_b, p_b))
-    buf[:, :Vr] = q * (extra - S)
-    buf.scatter_(1, idx, lqk.exp() * (g - S))
+    _, qgk = bucket_div(p, lqk, lps)  # the id buckets (elementwise in (q_b, p_b))
+    buf.scatter_(1, idx, _kd_du(qgk, lqk.exp(), S))
     return buf[:, :Vr]
 
 

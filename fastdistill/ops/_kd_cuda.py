@@ -45,11 +45,8 @@ def _check(p, s: torch.Tensor, t: torch.Tensor) -> int:
 
 
 def params(p, device) -> torch.Tensor:
-    """[inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew] as a cached float32 device tensor
-    (the values and layout of ``kernels/kd_softmax.params``)."""
-    vals = (1.0 / p.temperature, 1.0 / p.teacher_temperature, p.alpha, p.t2, p.logit_scale,
-            p.softcap if p.softcap > 0 else 1.0, p.beta, p.skew)
-    return device_constant(vals, device, torch.float32)
+    """The plan's kernel_params() as a cached float32 device tensor."""
+    return device_constant(p.kernel_params(), device, torch.float32)
 
 
 def _labels(labels: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:

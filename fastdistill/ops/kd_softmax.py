@@ -38,6 +38,14 @@ class KDPlan:
     def accum_dtype(self) -> torch.dtype:
         return torch.float64 if self.fp64 else torch.float32
 
+    def kernel_params(self) -> tuple[float, ...]:
+        """The kernels' float parameters (Triton and CUDA read this layout): inv_T, inv_Tt, alpha, t2,
+        logit_scale, softcap (1 when off), beta, skew, 1 − beta, 1 − skew. The last two are formed here
+        in float64: within fp32 rounding of 1, beta itself rounds to 1 and 1 − beta in a kernel would be
+        0 (a NaN divergence where the reference is finite)."""
+        return (1.0 / self.temperature, 1.0 / self.teacher_temperature, self.alpha, self.t2, self.logit_scale,
+                self.softcap if self.softcap > 0 else 1.0, self.beta, self.skew, 1.0 - self.beta, 1.0 - self.skew)
+
     _NI = 5  # the first five fields are integers
 
     def pack(self) -> tuple[list[int], list[float]]:

@@ -55,42 +55,55 @@ def _logmix(a, la, b, lb):
 
 
 def _row_div(p, lq, lp):
-    """(D, g) per element for the 3-pass divergences, from log q and log p."""
+    """(D per row, q·g per element) for the 3-pass divergences, from log q and log p, where
+    g = ∂D/∂q; q·g is 0 where q = 0 (its limit: these g are finite or grow like log q there)."""
     q, pp = lq.exp(), lp.exp()
+    zero = torch.zeros_like(lq)
     if p.div == DIV_JSD:
         lm = _logmix(p.beta, lp, 1 - p.beta, lq)
         D = p.beta * _xlogy(pp, lp - lm).sum(1) + (1 - p.beta) * _xlogy(q, lq - lm).sum(1)
-        g = (1 - p.beta) * torch.where(q > 0, lq - lm, torch.zeros_like(lq))
+        g = (1 - p.beta) * torch.where(q > 0, lq - lm, zero)
     elif p.div == DIV_SKL:
         lm = _logmix(p.skew, lp, 1 - p.skew, lq)
         D = _xlogy(pp, lp - lm).sum(1)
-        g = -(1 - p.skew) * torch.where(pp > 0, torch.exp(lp - lm), torch.zeros_like(lp))
+        g = -(1 - p.skew) * torch.where(pp > 0, torch.exp(lp - lm), zero)
     elif p.div == DIV_SRKL:
         lm = _logmix(1 - p.skew, lp, p.skew, lq)
         D = _xlogy(q, lq - lm).sum(1)
-        g = torch.where(q > 0, (lq - lm) + 1 - p.skew * torch.exp(lq - lm), torch.zeros_like(lq))
+        g = torch.where(q > 0, (lq - lm) + 1 - p.skew * torch.exp(lq - lm), zero)
     else:  # TVD
         D = 0.5 * (pp - q).abs().sum(1)
         g = 0.5 * torch.sign(q - pp)
-    return D, g
+    return D, torch.where(q > 0, q * g, zero)
 
 
 TOPK_TAIL, TOPK_ZERO, TOPK_RENORM = 1, 2, 3  # plan.topk (0: dense teacher)
 
 
 def bucket_div(p, lq, lp):
-    """(D per row, g per element) of the plan's divergence over buckets with log-probs lq, lp."""
+    """(D per row, q·g per element) of the plan's divergence over buckets with log-probs lq, lp.
+    Forward KL: q·g = −p, also where q = 0 (the limit of q·(−p/q); the divergence is +inf there)."""
     if p.div == DIV_FKL:
-        return _xlogy(lp.exp(), lp - lq).sum(1), torch.where(lp.exp() > 0, -torch.exp(lp - lq), torch.zeros_like(lp))
+        pp = lp.exp()
+        return _xlogy(pp, lp - lq).sum(1), -pp
     if p.div == DIV_RKL:
         q = lq.exp()
-        return _xlogy(q, lq - lp).sum(1), torch.where(q > 0, lq - lp + 1, torch.zeros_like(lq))
+        return _xlogy(q, lq - lp).sum(1), torch.where(q > 0, q * (lq - lp + 1), torch.zeros_like(lq))
     return _row_div(p, lq, lp)
+
+
+def _kd_du(qg, q, S):
+    """∂D/∂u = q·g − q·S over a softmax, with S = Σ q·g; 0 where S = +inf: a reverse-type divergence
+    that is +inf (p = 0 where q > 0) has no finite gradient (docs/kd_ops.md, "Non-finite inputs")."""
+    du = qg - q * S
+    return torch.where(S == float("inf"), torch.zeros_like(du), du)
 
 
 def _topk_buckets(p, us, lse_s, ids, lps):
     """Per-row (lq, lp) over the buckets of the top-k semantics, and the row's extra scalar
-    (tail: none; zero_tail: Σ p; renorm: logsumexp of the student over the k ids)."""
+    (tail: none; zero_tail: Σ p; renorm: logsumexp of the student over the k ids). The student's
+    tail mass is summed over the columns off the ids (never 1 − Σ q, which rounds to 0 for a
+    confident student)."""
     uk = us.gather(1, ids)
     if p.topk == TOPK_RENORM:
         lse_k = torch.logsumexp(uk, 1)
@@ -98,9 +111,9 @@ def _topk_buckets(p, us, lse_s, ids, lps):
     lqk, lpk = uk - lse_s[:, None], lps
     if p.topk == TOPK_ZERO:
         return lqk, lpk, lpk.exp().sum(1)
-    q_tail = (1 - lqk.exp().sum(1)).clamp_min(0)
+    lq_tail = torch.logsumexp(us.scatter(1, ids, float("-inf")), 1) - lse_s
     p_tail = (1 - lpk.exp().sum(1)).clamp_min(0)
-    return torch.cat([lqk, q_tail.log()[:, None]], 1), torch.cat([lpk, p_tail.log()[:, None]], 1), None
+    return torch.cat([lqk, lq_tail[:, None]], 1), torch.cat([lpk, p_tail.log()[:, None]], 1), None
 
 
 def kd_fwd(p, s, t, labels, mask, weights):
@@ -120,9 +133,9 @@ def kd_fwd(p, s, t, labels, mask, weights):
                 S = torch.zeros_like(D)
                 lse_t = extra
             else:
-                D, g = bucket_div(p, lq, lp)
-                S = (lq.exp() * g).sum(1)
-                lse_t = extra if p.topk == TOPK_RENORM else g[:, -1]
+                D, qg = bucket_div(p, lq, lp)
+                S = qg.sum(1)
+                lse_t = extra if p.topk == TOPK_RENORM else _tail_state(p, lq[:, -1], lp[:, -1])
         else:
             zt = _teacher(p, t, sl, V, acc)
             ut = zt / p.teacher_temperature
@@ -135,8 +148,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
         elif p.div == DIV_RKL:
             D, S = _xlogy(lq.exp(), lq - lp).sum(1), torch.zeros_like(lse_s)
         else:
-            D, g = _row_div(p, lq, lp)
-            S = (lq.exp() * g).sum(1)
+            D, qg = _row_div(p, lq, lp)
+            S = qg.sum(1)
         # an all −inf row is invalid; a NaN / +inf logit keeps the row valid so that the NaN shows
         ok = (lse_s != float("-inf")) & ((lse_t != float("-inf")) if not p.topk else True)
         if labels is not None:
@@ -150,13 +163,15 @@ def kd_fwd(p, s, t, labels, mask, weights):
             good = (lab >= 0) & (lab < V)
             zl = z.gather(1, lab.clamp(0, V - 1)[:, None])[:, 0]
             ce = torch.where(good, lse1 - zl, torch.full_like(lse1, float("nan")))
-        D = D.clamp_min(0)
+        if p.topk != TOPK_ZERO:  # true divergences, below 0 only by rounding; zero_tail's formula is not one
+            D = D.clamp_min(0)
         if p.topk:
             D = torch.where(good, D, torch.full_like(D, float("nan")))
         kd = (1 - p.alpha) * p.t2 * D if p.alpha < 1 else torch.zeros_like(D)  # α = 1: no KD term at all
         loss = kd + p.alpha * ce
-        if weights is not None:
-            loss = loss * weights[sl].to(acc)
+        if weights is not None:  # weight 0 adds exactly nothing, like a masked row (not 0·inf = NaN)
+            w = weights[sl].to(acc)
+            loss = torch.where(w == 0, torch.zeros_like(loss), loss * w)
         contrib = torch.where(ok, loss, torch.zeros_like(loss))
         st[sl] = torch.stack([lse_s, lse_t, lse1, D, S, contrib, ce, ok.to(acc)], 1)
     return _reduce(p, st, N, V)
@@ -192,14 +207,15 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
         elif p.div == DIV_FKL:
             zt = _teacher(p, t, sl, V, acc)
             du = q - (zt / p.teacher_temperature - row[:, 1:2]).exp()
-        elif p.div == DIV_RKL:
+        elif p.div == DIV_RKL:  # q(log q − log p − D); 0 on a row whose D is +inf (no finite gradient)
             zt = _teacher(p, t, sl, V, acc)
             lp = zt / p.teacher_temperature - row[:, 1:2]
-            du = torch.where(q > 0, q * (lq - lp - row[:, 3:4]), torch.zeros_like(q))
+            D = row[:, 3:4]
+            du = torch.where((q > 0) & (D != float("inf")), q * (lq - lp - D), torch.zeros_like(q))
         else:
             zt = _teacher(p, t, sl, V, acc)
-            _, g = _row_div(p, lq, zt / p.teacher_temperature - row[:, 1:2])
-            du = q * (g - row[:, 4:5])
+            _, qg = _row_div(p, lq, zt / p.teacher_temperature - row[:, 1:2])
+            du = _kd_du(qg, q, row[:, 4:5])
         gz = (1 - p.alpha) * p.t2 / p.temperature * du
         if labels is not None and p.alpha > 0:
             q1 = (z - row[:, 2:3]).exp()
@@ -220,17 +236,30 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     return out
 
 
+def _tail_state(p, lq_t, lp_t):
+    """What the off-id columns' gradient needs of the tail bucket, kept in state slot 1: forward KL
+    log(p_tail/q_tail) (q_j·g_tail = −e^{log q_j + that}: finite whatever q_tail), else g_tail."""
+    if p.div == DIV_FKL:
+        return torch.where(lp_t == float("-inf"), lp_t, lp_t - lq_t)
+    _, qg = bucket_div(p, lq_t[:, None], lp_t[:, None])
+    lq = lq_t[:, None]
+    return torch.where(lq > float("-inf"), qg / lq.exp(), torch.zeros_like(qg))[:, 0]
+
+
 def _topk_du(p, us, row, ids, lps, q):
     """∂D/∂u_s over the full row for a top-k teacher (docs/kd_ops.md, "Top-k teachers")."""
     S = row[:, 4:5]
-    qk = q.gather(1, ids)
     if p.topk == TOPK_ZERO:
         du = row[:, 1:2] * q
         return du.scatter_add(1, ids, -lps.exp())
     if p.topk == TOPK_RENORM:
         lqk = us.gather(1, ids) - row[:, 1:2]
-        _, g = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
-        return torch.zeros_like(q).scatter(1, ids, lqk.exp() * (g - S))
-    _, g = bucket_div(p, (qk.clamp_min(0)).log(), lps)  # g at the ids (elementwise in (q_b, p_b))
-    du = q * (row[:, 1:2] - S)
-    return du.scatter(1, ids, qk * (g - S))
+        _, qg = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
+        return torch.zeros_like(q).scatter(1, ids, _kd_du(qg, lqk.exp(), S))
+    lq = us - row[:, 0:1]
+    if p.div == DIV_FKL:  # off the ids: q_j·g_tail = −p_tail·q_j/q_tail
+        qg = torch.where(q > 0, -torch.exp(lq + row[:, 1:2]), torch.zeros_like(q))
+    else:
+        qg = torch.where(q > 0, q * row[:, 1:2], torch.zeros_like(q))
+    _, qgk = bucket_div(p, lq.gather(1, ids), lps)  # the id buckets (elementwise in (q_b, p_b))
+    return _kd_du(qg, q, S).scatter(1, ids, _kd_du(qgk, q.gather(1, ids), S))
