@@ -12,7 +12,8 @@
 //   3. kd_reduce_kernel  one CTA: the valid-row count and the reduced loss, fixed order.
 //   4. kd_grad_kernel    grid (N): the gradient w.r.t. the raw student logits, written in the
 //      student dtype (into the logits themselves for inplace_grad).
-// Per-row state (fp32, [N, 8]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid. The float
+// Per-row state (fp32, [N, 10]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo (the
+// logsumexps as hi + lo, log-probs formed as (u − hi) − lo: Triton's _lse2). The float
 // parameters come from a device fp32 tensor [10]: inv_T, inv_Tt, alpha, t2, logit_scale, softcap
 // (1 when off), beta, skew, 1 − beta, 1 − skew (KDPlan.kernel_params()).
 //
@@ -41,7 +42,7 @@ using namespace fd;
 
 constexpr int DIV_FKL = 0, DIV_RKL = 1, DIV_JSD = 2, DIV_SKL = 3, DIV_SRKL = 4, DIV_TVD = 5;
 constexpr int SDIV_NONE = 2;  // the stats pass of the 3-pass divergences: no running divergence sum
-constexpr int NSTATE = 8;
+constexpr int NSTATE = 10;
 constexpr int MAX_THREADS = 256;  // per row CTA; fewer (a power of two >= 32) for short rows
 // CTAs of 256 threads per SM: 4 (<= 64 registers) on the 16-byte path, 3 (<= 80) on the scalar path
 template <bool VECTOR>
@@ -67,7 +68,7 @@ struct KdArgs {
   const uint8_t* mask;  // [N] or null
   const float* w;       // [N] or null
   const float* prm;     // [10]
-  float* st;            // [N, 8]
+  float* st;            // [N, 10]
   const float* factor;  // grad: [1]
   const float* go;      // grad: upstream gradient [1] or [N] ...
   int64_t go_stride;    // ... with stride 0 or 1
@@ -280,6 +281,15 @@ __device__ __forceinline__ Online shfl_xor(const Online& a, int o) {
 
 // log with full precision whatever the fast-math flags (once per row)
 __device__ __forceinline__ float log_row(float l) { return (float)log((double)l); }
+// m + log l as hi + lo exactly (TwoSum: additions only, unaffected by fast-math contraction); lo = 0 where hi is
+// not finite. Log-probs (u − hi) − lo keep the accuracy of log_softmax's (u − m) − log l.
+__device__ __forceinline__ void lse2(float m, float l, float& hi, float& lo) {
+  const float ms = safe(m), ll = log_row(l);
+  hi = ms + ll;
+  const float bb = hi - ms;
+  lo = (ms - (hi - bb)) + (ll - bb);
+  if (!(fabsf(lo) < POS_INF)) lo = 0.0f;
+}
 
 __device__ __forceinline__ int64_t load_label(const KdArgs& a, int64_t row) {
   if (a.flags & F_LAB64) return __ldg(static_cast<const long long*>(a.labels) + row);
@@ -355,7 +365,9 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
   if (threadIdx.x != 0) return;
   for (int w = 1; w < (int)(blockDim.x >> 5); ++w) o = merge<SDIV>(o, red[w], ce_sep);
 
-  const float lse_s = o.ms + log_row(o.ls), lse_t = o.mt + log_row(o.lt);
+  float lse_s, lse_t, lo_s, lo_t;
+  lse2(o.ms, o.ls, lse_s, lo_s);
+  lse2(o.mt, o.lt, lse_t, lo_t);
   const float lse_1 = ce_sep ? o.m1 + log_row(o.l1) : lse_s;
   bool ok = true;
   int64_t label = 0;
@@ -372,13 +384,14 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
     else ce = __int_as_float(0x7fc00000);  // NaN: an out-of-range label
   }
   float D = 0.0f;
-  if constexpr (SDIV == DIV_FKL) D = clamp0(__fdiv_rn(o.acc, o.lt) + lse_s - lse_t);
-  else if constexpr (SDIV == DIV_RKL) D = clamp0(__fdiv_rn(o.acc, o.ls) + lse_t - lse_s);
+  if constexpr (SDIV == DIV_FKL) D = clamp0(__fdiv_rn(o.acc, o.lt) + ((lse_s - lse_t) + (lo_s - lo_t)));
+  else if constexpr (SDIV == DIV_RKL) D = clamp0(__fdiv_rn(o.acc, o.ls) + ((lse_t - lse_s) + (lo_t - lo_s)));
   float loss = (p.alpha < 1.0f ? (1.0f - p.alpha) * p.t2 * D : 0.0f) + p.alpha * ce;  // α = 1: no KD term
   loss = weighted(loss, a.w, row, a.flags & F_W);
   float* st = a.st + row * NSTATE;
   st[0] = lse_s, st[1] = lse_t, st[2] = lse_1, st[3] = D;
   st[4] = 0.0f, st[5] = ok ? loss : 0.0f, st[6] = ce, st[7] = ok ? 1.0f : 0.0f;
+  st[8] = lo_s, st[9] = lo_t;
 }
 
 // ----------------------------------------------------------------------------- pass 2: divergence
@@ -392,7 +405,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_div_kernel
   const T* s_row = static_cast<const T*>(a.s) + row * a.s_stride;
   const T* t_row = static_cast<const T*>(a.t) + row * a.t_stride;
   float* st = a.st + row * NSTATE;
-  const float lse_s = st[0], lse_t = st[1];
+  const float lse_s = st[0], lse_t = st[1], lo_s = st[8], lo_t = st[9];
   const int V = a.V, Vs = a.V < a.Vt ? a.V : a.Vt, tile = (int)blockDim.x * VEC;
   const bool softcap = a.flags & F_SOFTCAP;
   float sums[2] = {0.0f, 0.0f};  // Σ d, Σ q·g
@@ -412,7 +425,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_div_kernel
           const float z = transform(fs[u].get(j), p, softcap);
           const float zt = col < Vs ? transform(ft[u].get(j), p, softcap) : NEG_INF;
           float d, g, q;
-          div_terms<DIV>(z * p.inv_T - lse_s, zt * p.inv_Tt - lse_t, p, d, g, q);
+          div_terms<DIV>((z * p.inv_T - lse_s) - lo_s, (zt * p.inv_Tt - lse_t) - lo_t, p, d, g, q);
           sums[0] += d;
           sums[1] += q * g;
         }
@@ -479,6 +492,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
   const T* s_row = static_cast<const T*>(a.s) + row * a.s_stride;
   const T* t_row = static_cast<const T*>(a.t) + row * a.t_stride;
   const float lse_s = __ldg(st + 0), lse_t = __ldg(st + 1), lse_1 = __ldg(st + 2), D = __ldg(st + 3);
+  const float lo_s = __ldg(st + 8), lo_t = __ldg(st + 9);
   const float S = __ldg(st + 4);
   float coeff = __ldg(a.factor) * __ldg(a.go + row * a.go_stride);
   if (a.flags & F_W) coeff = coeff * __ldg(a.w + row);
@@ -500,7 +514,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
         const int col = col_of<T, VECTOR>(c0 + u * tile, j);
         const float z = transform(fs[u].get(j), p, softcap);
         const float zt = col < Vs ? transform(ft[u].get(j), p, softcap) : NEG_INF;
-        const float lq = z * p.inv_T - lse_s, lp = zt * p.inv_Tt - lse_t;
+        const float lq = (z * p.inv_T - lse_s) - lo_s, lp = (zt * p.inv_Tt - lse_t) - lo_t;
         float du;
         if constexpr (DIV == DIV_FKL) {
           du = __expf(lq) - __expf(lp);
@@ -622,7 +636,7 @@ KdArgs kd_args(const void* s, const void* t, const void* labels, bool labels_i64
 
 // dtype: 0 float32, 1 float16, 2 bfloat16 (student and teacher alike). div: 0 fkl, 1 rkl, 2 jsd,
 // 3 skl, 4 srkl, 5 tvd. red: 0 batchmean, 1 sum, 2 mean, 3 none. labels int32 / int64 [N] or null,
-// mask uint8 [N] or null, weights fp32 [N] or null, prm fp32 [10]. Writes st [N, 8], loss [1],
+// mask uint8 [N] or null, weights fp32 [N] or null, prm fp32 [10]. Writes st [N, 10], loss [1],
 // factor [1] (fp32). ce: the α·CE term (needs labels); ce_sep: its untempered lse separately (T != 1).
 cudaError_t fd_kd_fwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
                       const uint8_t* mask, const float* weights, const float* prm, float* st, float* loss,

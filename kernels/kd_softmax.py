@@ -10,7 +10,9 @@ in blocks of BLOCK_V with online max / sum-exp for student and teacher together.
   _kd_reduce_kernel  one program: the valid-row count and the reduced loss (fixed order).
   _kd_grad_kernel    backward: the gradient w.r.t. the raw student logits, written directly
                      (into the logits buffer itself when inplace_grad).
-Per-row state (fp32, [N, 8]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid.
+Per-row state (fp32, [N, 10]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo.
+The logsumexps are kept as hi + lo (``_lse2``) and log-probs formed as (u − hi) − lo: as accurate as
+log_softmax's (u − m) − log l, where u − hi alone would carry ulp(m) in every log-prob.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import triton
 import triton.language as tl
 
 DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
-NSTATE = 8
+NSTATE = 10
 MAX_BLOCK_V = 2048
 # tail_bucket: below this student tail mass 1 − Σ q_ids (fp32: ≳ k·6e-8 absolute error), the tail is summed
 # over the columns off the ids instead (a second read of the row, for confident rows only)
@@ -88,6 +90,23 @@ def _rescale(acc, r):
     """A running divergence sum moved to a new max: 0 where the factor underflowed to 0. The sum can be +inf in
     its old frame (mass × an infinite log-ratio) while that mass is 0 in the row's frame: not inf · 0 = NaN."""
     return tl.where(r > 0, acc * r, 0.0)
+
+
+@triton.jit
+def _lse2(m, l):
+    """m + log l as hi + lo exactly (TwoSum); lo = 0 where hi is not finite (an all −inf row)."""
+    ms = _safe(m)
+    ll = tl.log(l)
+    hi = ms + ll
+    bb = hi - ms
+    lo = (ms - (hi - bb)) + (ll - bb)
+    return hi, tl.where(tl.abs(lo) < float("inf"), lo, 0.0)
+
+
+@triton.jit
+def _logp(z, inv_T, hi, lo):
+    """Log-probabilities (z/T − hi) − lo of logits z given the row's logsumexp hi + lo (_lse2)."""
+    return (z * inv_T - hi) - lo
 
 
 @triton.jit
@@ -208,8 +227,8 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
             zl += tl.sum(tl.where(cols == label, z, 0.0), 0)
         m_s = ms_new
         m_t = mt_new
-    lse_s = m_s + tl.log(l_s)
-    lse_t = m_t + tl.log(l_t)
+    lse_s, lo_s = _lse2(m_s, l_s)
+    lse_t, lo_t = _lse2(m_t, l_t)
     if CE_SEP:
         lse_1 = m_1 + tl.log(l_1)
     else:
@@ -224,11 +243,13 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
         ce = tl.where((label >= 0) & (label < V), lse_1 - zl, float("nan"))
     D = zero
     if DIV == 0:
-        D = _clamp0(acc / l_t + lse_s - lse_t)
+        D = _clamp0(acc / l_t + ((lse_s - lse_t) + (lo_s - lo_t)))
     elif DIV == 1:
-        D = _clamp0(acc / l_s + lse_t - lse_s)
+        D = _clamp0(acc / l_s + ((lse_t - lse_s) + (lo_t - lo_s)))
     loss = _weighted(_mix(D, ce, alpha, t2), w_ptr, row, HAS_W, ACC)
-    st = st_ptr + row * 8
+    st = st_ptr + row * 10
+    tl.store(st + 8, lo_s)
+    tl.store(st + 9, lo_t)
     tl.store(st + 0, lse_s)
     tl.store(st + 1, lse_t)
     tl.store(st + 2, lse_1)
@@ -244,13 +265,15 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
                    DIV: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0)
-    inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
+    inv_T, inv_Tt, _, _, logit_scale, softcap, beta, skew = _params(prm_ptr)  # alpha, t2: after the loop
     omb, oms = _mix_weights(prm_ptr)
     s_row = s_ptr + row.to(tl.int64) * s_stride
     t_row = t_ptr + row.to(tl.int64) * t_stride
-    st = st_ptr + row * 8
+    st = st_ptr + row * 10
     lse_s = tl.load(st + 0)
     lse_t = tl.load(st + 1)
+    lo_s = tl.load(st + 8)
+    lo_t = tl.load(st + 9)
     Vs = tl.minimum(V, Vt)
     ar = tl.arange(0, BLOCK_V)
     dsum = tl.zeros([BLOCK_V], ACC)
@@ -259,12 +282,13 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
         cols = v0 + ar
         z = _logits(s_row, cols, cols < V, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
         zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-        d, qg, q = _div_terms(z * inv_T - lse_s, zt * inv_Tt - lse_t, beta, skew, omb, oms, DIV)
+        d, qg, q = _div_terms(_logp(z, inv_T, lse_s, lo_s), _logp(zt, inv_Tt, lse_t, lo_t), beta, skew, omb, oms, DIV)
         dsum += tl.where(cols < V, d, 0.0)
         ssum += tl.where(cols < V, qg, 0.0)
     D = _clamp0(tl.sum(dsum, 0))
     ok = tl.load(st + 7) > 0
-    loss = _weighted(_mix(D, tl.load(st + 6), alpha, t2), w_ptr, row, HAS_W, ACC)
+    # alpha, t2 read here, not held in registers across the loop (the jsd kernel spilled 4 bytes on sm_90a)
+    loss = _weighted(_mix(D, tl.load(st + 6), tl.load(prm_ptr + 2), tl.load(prm_ptr + 3)), w_ptr, row, HAS_W, ACC)
     tl.store(st + 3, D)
     tl.store(st + 4, tl.sum(ssum, 0))
     tl.store(st + 5, tl.where(ok, loss, 0.0))
@@ -281,8 +305,9 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
     omb, oms = _mix_weights(prm_ptr)
-    st = st_ptr + row * 8
+    st = st_ptr + row * 10
     lse_s = tl.load(st + 0)
+    lo_s = tl.load(st + 8)
     kk = tl.arange(0, KB)
     km = kk < K
     ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
@@ -305,7 +330,7 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
         S = tl.sum(tl.where(km, qg, 0.0), 0)
         extra = lse_k
     else:
-        lqk = uk - lse_s
+        lqk = (uk - lse_s) - lo_s
         d, qg, q = _div_terms(lqk, lpk, beta, skew, omb, oms, DIV)
         D = tl.sum(tl.where(km, d, 0.0), 0)
         S = tl.sum(tl.where(km, qg, 0.0), 0)
@@ -321,7 +346,7 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
                     cols = v0 + tc
                     hit = tl.sum(tl.where((cols[:, None] == ids[None, :]) & km[None, :], 1, 0), 1) > 0
                     z = _logits(s_row, cols, (cols < V) & ~hit, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-                    tail += tl.exp(z * inv_T - lse_s)
+                    tail += tl.exp(_logp(z, inv_T, lse_s, lo_s))
                 q_t = tl.sum(tail, 0)
             q_t = tl.maximum(q_t, 0.0)
             p_t = tl.maximum(1.0 - tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0), 0.0)
@@ -354,8 +379,8 @@ def _kd_reduce_kernel(st_ptr, loss_ptr, factor_ptr, N, V, num_items, RED: tl.con
     for r0 in range(0, N, BLOCK_R):
         rows = r0 + ar
         rm = rows < N
-        cs += tl.load(st_ptr + rows * 8 + 5, mask=rm, other=0.0)
-        vs += tl.load(st_ptr + rows * 8 + 7, mask=rm, other=0.0)
+        cs += tl.load(st_ptr + rows * 10 + 5, mask=rm, other=0.0)
+        vs += tl.load(st_ptr + rows * 10 + 7, mask=rm, other=0.0)
     n = tl.sum(vs, 0)
     if num_items > 0:
         n = n * 0.0 + num_items
@@ -401,13 +426,21 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
     s_row = s_ptr + row.to(tl.int64) * s_stride
     t_row = t_ptr + row.to(tl.int64) * t_stride
     o_row = out_ptr + row.to(tl.int64) * o_stride
-    st = st_ptr + row * 8
+    st = st_ptr + row * 10
     lse_s = tl.load(st + 0)
+    lo_s = tl.load(st + 8)
     lse_t = tl.load(st + 1)  # top-k: the tail term (1, see _kd_topk_kernel), Σ p (2), lse over the k ids (3)
     lse_1 = tl.load(st + 2)
     D = tl.load(st + 3)
     S = tl.load(st + 4)
     ok = tl.load(st + 7) > 0
+    if MODE == 1:  # the off-id row constants with lo folded in (see the loop)
+        e_lo = tl.exp(-lo_s)
+        s_lo = S * e_lo
+        if DIV == 0:
+            t_lo = lse_t - lo_s
+        else:
+            t_lo = lse_t * e_lo
     coeff = tl.load(factor_ptr).to(ACC) * tl.load(go_ptr + row * go_stride).to(ACC)
     if HAS_W:
         coeff = coeff * tl.load(w_ptr + row).to(ACC)
@@ -430,21 +463,23 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
         cols = v0 + ar
         cm = cols < V
         z = _logits(s_row, cols, cm, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-        lq = z * inv_T - lse_s
         if MODE == 1:  # off the ids: q_j·g_tail (forward KL: −p_tail·q_j/q_tail = −e^{log q_j + log(p_t/q_t)})
+            # q_j = e^{u − hi}·e^{−lo}: lo goes into the row constants (no per-element op, and no spill on sm_90a)
+            lq = z * inv_T - lse_s
             q = tl.exp(lq)
             if DIV == 0:
-                qg = tl.where(q > 0, -tl.exp(lq + lse_t), 0.0)
+                qg = tl.where(q > 0, -tl.exp(lq + t_lo), 0.0)
             else:
-                qg = tl.where(q > 0, q * lse_t, 0.0)
-            du = _kd_du(qg, q, S)
+                qg = tl.where(q > 0, q * t_lo, 0.0)
+            du = _kd_du(qg, q, s_lo)
         elif MODE == 2:
-            du = tl.exp(lq) * lse_t
+            du = tl.exp(_logp(z, inv_T, lse_s, lo_s)) * lse_t
         elif MODE == 3:
             du = tl.zeros([BLOCK_V], ACC)
         else:
             zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-            lp = zt * inv_Tt - lse_t
+            lq = _logp(z, inv_T, lse_s, lo_s)
+            lp = _logp(zt, inv_Tt, lse_t, tl.load(st + 9))
             if DIV == 0:
                 du = tl.exp(lq) - tl.exp(lp)
             elif DIV == 1:  # 0 on a row whose D is +inf (p = 0 where q > 0): no finite gradient
@@ -457,6 +492,7 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
                     CE, HAS_SCALE, HAS_SOFTCAP)
     if MODE > 0:
         tl.debug_barrier()  # the fix-up below overwrites elements other threads of this CTA stored
+        lo_s = tl.load(st + 8)  # read again: not held in a register across the loop (sm_90a spills otherwise)
         z = zk
         lpk = tl.load(t_row + kk, mask=km, other=float("-inf")).to(ACC)
         if MODE == 3:
@@ -467,9 +503,9 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
             _, qg, q = _div_terms(lqk, lpk, beta, skew, omb, oms, DIV)
             du = _kd_du(qg, q, S)
         elif MODE == 2:
-            du = tl.exp(z * inv_T - lse_s) * lse_t - tl.exp(lpk)
+            du = tl.exp(_logp(z, inv_T, lse_s, lo_s)) * lse_t - tl.exp(lpk)
         else:
-            _, qg, q = _div_terms(z * inv_T - lse_s, lpk, beta, skew, omb, oms, DIV)
+            _, qg, q = _div_terms(_logp(z, inv_T, lse_s, lo_s), lpk, beta, skew, omb, oms, DIV)
             du = _kd_du(qg, q, S)
         _grad_store(o_row, du, z, ids, km, label, lse_1, coeff, kd_scale, alpha, logit_scale, softcap, ok,
                     CE, HAS_SCALE, HAS_SOFTCAP)
@@ -498,7 +534,7 @@ def params(p, device, dtype):
 
 
 def kd_fwd(p, s, t, labels, mask, weights):
-    """(loss [1], contrib [N], state [N, 8], factor [1]) — see fastdistill.reference.kd_softmax.
+    """(loss [1], contrib [N], state [N, 10], factor [1]) — see fastdistill.reference.kd_softmax.
     ``t``: teacher logits [N, Vt], or (ids, logprobs) [N, k] each for a top-k teacher (p.topk)."""
     import torch
 

@@ -3,8 +3,10 @@ worst case 8 terms and a mask; kd; JVP attention in bf16/fp16 per head-dim bucke
 time for sm_90a without register spills (fp32 attention, a correctness path, is reported by the
 script but not gated). JVP attention has its own block configurations for Ampere / Ada (mma.sync
 keeps more accumulator state in registers than wgmma): those are gated for sm_80, shared memory
-included (≤ 99 KiB, what sm_86 / sm_89 allow). On sm_80 the kd top-k gradient kernel spills 4 bytes
-(8 warps, 32 registers: a ptxas choice, cause not investigated); reported by the script, not gated.
+included (≤ 99 KiB, what sm_86 / sm_89 allow). On sm_80 the kd jsd divergence kernel and the fp32 top-k
+gradient kernels spill 4 bytes (ptxas settles on 64 / 40 registers with a 4-byte spill; without a register
+limit in the PTX, so a ptxas occupancy choice); reported by the script, not gated. sm_90a had the same
+4-byte spills for the kd top-k gradient until the row constants stopped being held across its loop.
 Runs ``benchmarks/triton_codegen.py`` in a subprocess (it needs real JIT functions, so
 TRITON_INTERPRET is removed from its environment); the same script prints the full report."""
 

@@ -32,10 +32,11 @@ def _div(name, p, q, beta=0.5, lam=0.1):
 
 def _oracle_D(mode, name, z, ids, lps, T, Tt=1.0):
     if mode == "tail_bucket":
-        qk = torch.softmax(z / T, -1).gather(1, ids)
+        q = torch.softmax(z / T, -1)
         p = lps.exp()
         P = torch.cat([p, (1 - p.sum(-1, keepdim=True)).clamp_min(0)], 1)
-        Q = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], 1)
+        # the student's tail summed over the columns off the ids (= 1 − Σ q_ids without its cancellation)
+        Q = torch.cat([q.gather(1, ids), q.scatter(1, ids, 0.0).sum(-1, keepdim=True)], 1)
         return _div(name, P, Q)
     if mode == "zero_tail":
         return (lps.exp() * (lps - torch.log_softmax(z / T, -1).gather(1, ids))).sum(-1)

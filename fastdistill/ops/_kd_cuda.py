@@ -17,7 +17,7 @@ import torch
 from fastdistill._backend import device_constant
 from fastdistill.ops._cuda_common import DTYPE_CODE, ext, ptr, require_cuda
 
-NSTATE = 8
+NSTATE = 10  # the layout of fastdistill.reference.kd_softmax / csrc/kd_softmax.cu
 DIV_RKL = 1
 
 
@@ -66,7 +66,7 @@ def _stream(dev: torch.device) -> int:
 
 
 def kd_fwd(p, s, t, labels, mask, weights):
-    """(loss [1], contrib [N], state [N, 8], factor [1]), float32 — see fastdistill.reference.kd_softmax."""
+    """(loss [1], contrib [N], state [N, 10], factor [1]), float32 — see fastdistill.reference.kd_softmax."""
     dtype = _check(p, s, t)
     mod = ext()
     N, V = s.shape

@@ -202,7 +202,7 @@ def _(s, t, ids, labels, mask, weights, ip, fp, backend):
     p = KDPlan.unpack(ip, fp)
     acc = p.accum_dtype
     N = s.shape[0]
-    return s.new_empty((N,) if p.red == 3 else (), dtype=acc), s.new_empty((N, 8), dtype=acc), \
+    return s.new_empty((N,) if p.red == 3 else (), dtype=acc), s.new_empty((N, 10), dtype=acc), \
         s.new_empty((1,), dtype=acc)
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
-NSTATE = 8  # lse_s, lse_t, lse_s1 (untempered), D, S = Σ q·g, contrib, ce, valid
+NSTATE = 10  # lse_s, lse_t, lse_s1 (untempered), D, S = Σ q·g, contrib, ce, valid, lse_s_lo, lse_t_lo
 CHUNK_ELEMS = 1 << 22
 
 
@@ -37,6 +37,25 @@ def _teacher(p, t, sl, V, acc):
     if zt.shape[1] < V:
         zt = torch.cat([zt, zt.new_full((zt.shape[0], V - zt.shape[1]), float("-inf"))], 1)
     return zt
+
+
+def lse_split(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row logsumexp as hi + lo = m + log Σ e^{u − m} exactly (TwoSum; lo = 0 on an all −inf row). Log-probs are
+    then (u − hi) − lo: u − hi is exact near the row max, so they keep the accuracy of log_softmax's (u − m) − log l
+    (hi alone is rounded at |m|: an error of ulp(m) in every log-prob, which a close teacher's divergence amplifies)."""
+    m = u.amax(1) if u.shape[1] else u.new_full((u.shape[0],), float("-inf"))
+    ms = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    ll = torch.log(torch.exp(u - ms[:, None]).sum(1))
+    hi = ms + ll
+    bb = hi - ms
+    lo = (ms - (hi - bb)) + (ll - bb)
+    hi = torch.where(torch.isfinite(m), hi, m + ll)  # −inf (empty / all −inf row), or NaN / +inf as the inputs
+    return hi, torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+
+
+def log_probs(u, hi, lo):
+    """(u − hi) − lo for [n, V] logits and per-row hi, lo (lse_split)."""
+    return (u - hi[:, None]) - lo[:, None]
 
 
 def _xlogy(w, a):
@@ -99,7 +118,7 @@ def _kd_du(qg, q, S):
     return torch.where(S == float("inf"), torch.zeros_like(du), du)
 
 
-def _topk_buckets(p, us, lse_s, ids, lps):
+def _topk_buckets(p, us, lse_s, lo_s, ids, lps):
     """Per-row (lq, lp) over the buckets of the top-k semantics, and the row's extra scalar
     (tail: none; zero_tail: Σ p; renorm: logsumexp of the student over the k ids). The student's
     tail mass is summed over the columns off the ids (never 1 − Σ q, which rounds to 0 for a
@@ -108,10 +127,10 @@ def _topk_buckets(p, us, lse_s, ids, lps):
     if p.topk == TOPK_RENORM:
         lse_k = torch.logsumexp(uk, 1)
         return uk - lse_k[:, None], torch.log_softmax(lps / p.teacher_temperature, 1), lse_k
-    lqk, lpk = uk - lse_s[:, None], lps
+    lqk, lpk = log_probs(uk, lse_s, lo_s), lps
     if p.topk == TOPK_ZERO:
         return lqk, lpk, lpk.exp().sum(1)
-    lq_tail = torch.logsumexp(us.scatter(1, ids, float("-inf")), 1) - lse_s
+    lq_tail = (torch.logsumexp(us.scatter(1, ids, float("-inf")), 1) - lse_s) - lo_s
     p_tail = (1 - lpk.exp().sum(1)).clamp_min(0)
     return torch.cat([lqk, lq_tail[:, None]], 1), torch.cat([lpk, p_tail.log()[:, None]], 1), None
 
@@ -123,11 +142,12 @@ def kd_fwd(p, s, t, labels, mask, weights):
     for sl in _chunks(N, V):
         z = transform(p, s[sl].to(acc))
         us = z / p.temperature
-        lse_s = torch.logsumexp(us, 1)
+        lse_s, lo_s = lse_split(us)
+        lo_t = torch.zeros_like(lo_s)
         if p.topk:
             ids, lps = t[0][sl].long(), t[1][sl].to(acc)
             good = ((ids >= 0) & (ids < V)).all(1)  # a bad id never reads out of the row; its row's loss is NaN
-            lq, lp, extra = _topk_buckets(p, us, lse_s, ids.clamp(0, V - 1), lps)
+            lq, lp, extra = _topk_buckets(p, us, lse_s, lo_s, ids.clamp(0, V - 1), lps)
             if p.topk == TOPK_ZERO:
                 D = _xlogy(lp.exp(), lp - lq).sum(1)
                 S = torch.zeros_like(D)
@@ -139,8 +159,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
         else:
             zt = _teacher(p, t, sl, V, acc)
             ut = zt / p.teacher_temperature
-            lse_t = torch.logsumexp(ut, 1)
-            lq, lp = us - lse_s[:, None], ut - lse_t[:, None]
+            lse_t, lo_t = lse_split(ut)
+            lq, lp = log_probs(us, lse_s, lo_s), log_probs(ut, lse_t, lo_t)
         if p.topk:
             pass
         elif p.div == DIV_FKL:
@@ -173,7 +193,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
             w = weights[sl].to(acc)
             loss = torch.where(w == 0, torch.zeros_like(loss), loss * w)
         contrib = torch.where(ok, loss, torch.zeros_like(loss))
-        st[sl] = torch.stack([lse_s, lse_t, lse1, D, S, contrib, ce, ok.to(acc)], 1)
+        st[sl] = torch.stack([lse_s, lse_t, lse1, D, S, contrib, ce, ok.to(acc), lo_s, lo_t], 1)
     return _reduce(p, st, N, V)
 
 
@@ -200,21 +220,21 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
         z = transform(p, z_raw)
         us = z / p.temperature
         row = st[sl]
-        lq = us - row[:, 0:1]
+        lq = (us - row[:, 0:1]) - row[:, 8:9]
         q = lq.exp()
         if p.topk:
             du = _topk_du(p, us, row, t[0][sl].long().clamp(0, V - 1), t[1][sl].to(acc), q)
         elif p.div == DIV_FKL:
             zt = _teacher(p, t, sl, V, acc)
-            du = q - (zt / p.teacher_temperature - row[:, 1:2]).exp()
+            du = q - ((zt / p.teacher_temperature - row[:, 1:2]) - row[:, 9:10]).exp()
         elif p.div == DIV_RKL:  # q(log q − log p − D); 0 on a row whose D is +inf (no finite gradient)
             zt = _teacher(p, t, sl, V, acc)
-            lp = zt / p.teacher_temperature - row[:, 1:2]
+            lp = (zt / p.teacher_temperature - row[:, 1:2]) - row[:, 9:10]
             D = row[:, 3:4]
             du = torch.where((q > 0) & (D != float("inf")), q * (lq - lp - D), torch.zeros_like(q))
         else:
             zt = _teacher(p, t, sl, V, acc)
-            _, qg = _row_div(p, lq, zt / p.teacher_temperature - row[:, 1:2])
+            _, qg = _row_div(p, lq, (zt / p.teacher_temperature - row[:, 1:2]) - row[:, 9:10])
             du = _kd_du(qg, q, row[:, 4:5])
         gz = (1 - p.alpha) * p.t2 / p.temperature * du
         if labels is not None and p.alpha > 0:
@@ -256,7 +276,7 @@ def _topk_du(p, us, row, ids, lps, q):
         lqk = us.gather(1, ids) - row[:, 1:2]
         _, qg = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
         return torch.zeros_like(q).scatter(1, ids, _kd_du(qg, lqk.exp(), S))
-    lq = us - row[:, 0:1]
+    lq = (us - row[:, 0:1]) - row[:, 8:9]
     if p.div == DIV_FKL:  # off the ids: q_j·g_tail = −p_tail·q_j/q_tail
         qg = torch.where(q > 0, -torch.exp(lq + row[:, 1:2]), torch.zeros_like(q))
     else:
