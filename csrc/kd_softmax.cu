@@ -188,6 +188,13 @@ __device__ __forceinline__ float tanh_fd(float x) {
   return x < 0.0f ? -big : big;
 }
 
+// 1 − tanh²(x) = 4e/(1 + e)², e = e^{−2|x|} (Triton's _sech2): no cancellation where tanh saturates, as
+// 1 − th² from the rounded capped logit would have (eps/(1 − th²) relative).
+__device__ __forceinline__ float sech2(float x) {
+  const float e = __expf(-2.0f * fabsf(x));
+  return __fdividef(4.0f * e, (1.0f + e) * (1.0f + e));
+}
+
 // logit_scale (always applied: 1 when off, which is exact), then softcap (Triton's _logits).
 __device__ __forceinline__ float transform(float z, const Prm& p, bool softcap) {
   z = z * p.scale;
@@ -195,10 +202,13 @@ __device__ __forceinline__ float transform(float z, const Prm& p, bool softcap) 
   return z;
 }
 
-// log(a·e^la + b·e^lb) (a, b ≥ 0)
-__device__ __forceinline__ float logmix(float a, float la, float b, float lb) {
+// (la − lm, lb − lm) with lm = log(a·e^la + b·e^lb) (a, b > 0), formed without lm itself (Triton's _mixdiffs):
+// lm rounded at |lm| would add ~ulp of a log-prob to every term of a divergence that is a small difference.
+__device__ __forceinline__ void mixdiffs(float a, float la, float b, float lb, float& dla, float& dlb) {
   const float mx = safe(fmaxf(la, lb));
-  return mx + __logf(a * __expf(la - mx) + b * __expf(lb - mx));
+  const float da = la - mx, db = lb - mx;
+  const float r = __logf(a * __expf(da) + b * __expf(db));
+  dla = da - r, dlb = db - r;
 }
 
 // Per-element divergence contribution d and g = ∂D/∂q of the 3-pass divergences (Triton's _div_terms).
@@ -208,17 +218,20 @@ __device__ __forceinline__ void div_terms(float lq, float lp, const Prm& pr, flo
   q = __expf(lq);
   const float p = __expf(lp);
   if constexpr (DIV == DIV_JSD) {  // M = βP + (1−β)Q
-    const float lm = logmix(beta, lp, omb, lq);
-    d = beta * (p > 0.0f ? p * (lp - lm) : 0.0f) + omb * (q > 0.0f ? q * (lq - lm) : 0.0f);
-    g = omb * (q > 0.0f ? lq - lm : 0.0f);
+    float dp, dq;
+    mixdiffs(beta, lp, omb, lq, dp, dq);
+    d = beta * (p > 0.0f ? p * dp : 0.0f) + omb * (q > 0.0f ? q * dq : 0.0f);
+    g = omb * (q > 0.0f ? dq : 0.0f);
   } else if constexpr (DIV == DIV_SKL) {  // KL(P ‖ λP + (1−λ)Q)
-    const float lm = logmix(skew, lp, oms, lq);
-    d = p > 0.0f ? p * (lp - lm) : 0.0f;
-    g = -oms * (p > 0.0f ? __expf(lp - lm) : 0.0f);
+    float dp, dq;
+    mixdiffs(skew, lp, oms, lq, dp, dq);
+    d = p > 0.0f ? p * dp : 0.0f;
+    g = -oms * (p > 0.0f ? __expf(dp) : 0.0f);
   } else if constexpr (DIV == DIV_SRKL) {  // KL(Q ‖ (1−λ)P + λQ)
-    const float lm = logmix(oms, lp, skew, lq);
-    d = q > 0.0f ? q * (lq - lm) : 0.0f;
-    g = q > 0.0f ? (lq - lm) + 1.0f - skew * __expf(lq - lm) : 0.0f;
+    float dp, dq;
+    mixdiffs(oms, lp, skew, lq, dp, dq);
+    d = q > 0.0f ? q * dq : 0.0f;
+    g = q > 0.0f ? dq + 1.0f - skew * __expf(dq) : 0.0f;
   } else {  // TVD
     d = 0.5f * fabsf(p - q);
     g = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
@@ -512,6 +525,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const int col = col_of<T, VECTOR>(c0 + u * tile, j);
+        const float zr = fs[u].get(j) * p.scale;  // the uncapped (scaled) logit, for the softcap chain rule
         const float z = transform(fs[u].get(j), p, softcap);
         const float zt = col < Vs ? transform(ft[u].get(j), p, softcap) : NEG_INF;
         const float lq = (z * p.inv_T - lse_s) - lo_s, lp = (zt * p.inv_Tt - lse_t) - lo_t;
@@ -529,10 +543,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
         float v = kd_scale * du;
         if (ce) v += p.alpha * (__expf(z - lse_1) - ((int64_t)col == label ? 1.0f : 0.0f));
         v = v * coeff;
-        if (softcap) {
-          const float th = __fdividef(z, p.softcap);
-          v = v * (1.0f - th * th);
-        }
+        if (softcap) v = v * sech2(__fdividef(zr, p.softcap));
         gz[j] = v * p.scale;
       }
       store_tile<T, VECTOR>(o_row, c0 + u * tile, V, gz);

@@ -43,6 +43,31 @@ def _tanh(x):
 
 
 @triton.jit
+def _sech2(x):
+    """1 − tanh²(x) = 4e/(1 + e)², e = e^{−2|x|}: no cancellation where tanh saturates (1 − th² from a rounded
+    th loses eps/(1 − th²) relative there)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def _logits_d(ptr, cols, cm, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              ACC: tl.constexpr):
+    """(the transformed logits, d transformed / d raw): the chain rule of logit_scale and softcap, the latter from
+    the uncapped value (see _sech2)."""
+    z = tl.load(ptr + cols, mask=cm, other=0.0).to(ACC)
+    dz = tl.full(z.shape, 1.0, ACC)
+    if HAS_SCALE:
+        z = z * logit_scale
+        dz = dz * logit_scale
+    if HAS_SOFTCAP:
+        y = z / softcap
+        z = softcap * _tanh(y)
+        dz = dz * _sech2(y)
+    return tl.where(cm, z, float("-inf")), dz
+
+
+@triton.jit
 def _logits(ptr, cols, cm, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             ACC: tl.constexpr):
     z = tl.load(ptr + cols, mask=cm, other=0.0).to(ACC)
@@ -120,10 +145,14 @@ def _row_valid(row, lab_ptr, mask_ptr, ignore_index, HAS_LABELS: tl.constexpr, H
 
 
 @triton.jit
-def _logmix(a, la, b, lb):
-    """log(a·e^la + b·e^lb) (a, b ≥ 0)."""
+def _mixdiffs(a, la, b, lb):
+    """(la − lm, lb − lm) with lm = log(a·e^la + b·e^lb) (a, b > 0), formed without lm itself: lm rounded at
+    |lm| (~ulp of a log-prob) would add that error to every term of a divergence that is a small difference."""
     mx = _safe(tl.maximum(la, lb))
-    return mx + tl.log(a * tl.exp(la - mx) + b * tl.exp(lb - mx))
+    da = la - mx
+    db = lb - mx
+    r = tl.log(a * tl.exp(da) + b * tl.exp(db))
+    return da - r, db - r
 
 
 @triton.jit
@@ -141,17 +170,17 @@ def _div_terms(lq, lp, beta, skew, omb, oms, DIV: tl.constexpr):
         d = tl.where(q > 0, q * (lq - lp), 0.0)
         qg = tl.where(q > 0, q * (lq - lp + 1.0), 0.0)
     elif DIV == 2:  # JSD(β), M = βP + (1−β)Q
-        lm = _logmix(beta, lp, omb, lq)
-        d = beta * tl.where(p > 0, p * (lp - lm), 0.0) + omb * tl.where(q > 0, q * (lq - lm), 0.0)
-        qg = omb * tl.where(q > 0, q * (lq - lm), 0.0)
+        dp, dq = _mixdiffs(beta, lp, omb, lq)
+        d = beta * tl.where(p > 0, p * dp, 0.0) + omb * tl.where(q > 0, q * dq, 0.0)
+        qg = omb * tl.where(q > 0, q * dq, 0.0)
     elif DIV == 3:  # skew KL: KL(P ‖ λP + (1−λ)Q)
-        lm = _logmix(skew, lp, oms, lq)
-        d = tl.where(p > 0, p * (lp - lm), 0.0)
-        qg = -oms * tl.where((p > 0) & (q > 0), q * tl.exp(lp - lm), 0.0)
+        dp, _ = _mixdiffs(skew, lp, oms, lq)
+        d = tl.where(p > 0, p * dp, 0.0)
+        qg = -oms * tl.where((p > 0) & (q > 0), q * tl.exp(dp), 0.0)
     elif DIV == 4:  # skew reverse KL: KL(Q ‖ (1−λ)P + λQ)
-        lm = _logmix(oms, lp, skew, lq)
-        d = tl.where(q > 0, q * (lq - lm), 0.0)
-        qg = tl.where(q > 0, q * ((lq - lm) + 1.0 - skew * tl.exp(lq - lm)), 0.0)
+        _, dq = _mixdiffs(oms, lp, skew, lq)
+        d = tl.where(q > 0, q * dq, 0.0)
+        qg = tl.where(q > 0, q * (dq + 1.0 - skew * tl.exp(dq)), 0.0)
     else:  # TVD
         d = 0.5 * tl.abs(p - q)
         qg = q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
@@ -395,18 +424,15 @@ def _kd_reduce_kernel(st_ptr, loss_ptr, factor_ptr, N, V, num_items, RED: tl.con
 
 
 @triton.jit
-def _grad_store(o_row, du, z, cols, cm, label, lse_1, coeff, kd_scale, alpha, logit_scale, softcap, ok,
-                CE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """dL/dz from dD/du: KD scale, CE mixing, the row factor, the softcap / logit_scale chain rule."""
+def _grad_store(o_row, du, z, dz, cols, cm, label, lse_1, coeff, kd_scale, alpha, ok,
+                CE: tl.constexpr, CHAIN: tl.constexpr):
+    """dL/dz from dD/du: KD scale, CE mixing, the row factor, the softcap / logit_scale chain rule dz."""
     gz = kd_scale * du
     if CE:
         gz += alpha * (tl.exp(z - lse_1) - tl.where(cols == label, 1.0, 0.0))
     gz = gz * coeff
-    if HAS_SOFTCAP:
-        th = z / softcap
-        gz = gz * (1.0 - th * th)
-    if HAS_SCALE:
-        gz = gz * logit_scale
+    if CHAIN:
+        gz = gz * dz
     gz = tl.where(ok, gz, 0.0)
     tl.store(o_row + cols, gz.to(o_row.dtype.element_ty), mask=cm)
 
@@ -454,15 +480,16 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
     km = kk < K
     ids = tl.zeros([KB], tl.int64)
     zk = tl.zeros([KB], ACC)
+    dzk = tl.zeros([KB], ACC)
     if MODE > 0:  # the student logits at the k ids, read before the loop may overwrite them (inplace_grad)
         ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
         ids = tl.minimum(tl.maximum(ids, 0), V - 1)
-        zk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        zk, dzk = _logits_d(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
         tl.debug_barrier()  # every thread of the CTA has read them before any store below
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + ar
         cm = cols < V
-        z = _logits(s_row, cols, cm, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        z, dz = _logits_d(s_row, cols, cm, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
         if MODE == 1:  # off the ids: q_j·g_tail (forward KL: −p_tail·q_j/q_tail = −e^{log q_j + log(p_t/q_t)})
             # q_j = e^{u − hi}·e^{−lo}: lo goes into the row constants (no per-element op, and no spill on sm_90a)
             lq = z * inv_T - lse_s
@@ -488,8 +515,7 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
             else:
                 _, qg, q = _div_terms(lq, lp, beta, skew, omb, oms, DIV)
                 du = _kd_du(qg, q, S)
-        _grad_store(o_row, du, z, cols, cm, label, lse_1, coeff, kd_scale, alpha, logit_scale, softcap, ok,
-                    CE, HAS_SCALE, HAS_SOFTCAP)
+        _grad_store(o_row, du, z, dz, cols, cm, label, lse_1, coeff, kd_scale, alpha, ok, CE, HAS_SCALE or HAS_SOFTCAP)
     if MODE > 0:
         tl.debug_barrier()  # the fix-up below overwrites elements other threads of this CTA stored
         lo_s = tl.load(st + 8)  # read again: not held in a register across the loop (sm_90a spills otherwise)
@@ -507,8 +533,7 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
         else:
             _, qg, q = _div_terms(_logp(z, inv_T, lse_s, lo_s), lpk, beta, skew, omb, oms, DIV)
             du = _kd_du(qg, q, S)
-        _grad_store(o_row, du, z, ids, km, label, lse_1, coeff, kd_scale, alpha, logit_scale, softcap, ok,
-                    CE, HAS_SCALE, HAS_SOFTCAP)
+        _grad_store(o_row, du, z, dzk, ids, km, label, lse_1, coeff, kd_scale, alpha, ok, CE, HAS_SCALE or HAS_SOFTCAP)
 
 
 # ----------------------------------------------------------------------------- launchers

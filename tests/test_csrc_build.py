@@ -369,6 +369,12 @@ def test_emulated_kd_nonfinite_dense_rows(kd_cuda_on_cpu):
     check_nonfinite_dense_rows()
 
 
+def test_emulated_kd_softcap_saturated_gradient(kd_cuda_on_cpu):
+    from test_kd import check_softcap_saturated
+
+    check_softcap_saturated()
+
+
 def test_emulated_kd_state_matches_reference(kd_cuda_on_cpu):
     """The per-row state [N, 10] itself (lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo) and the
     factor, for a 2-pass and a 3-pass divergence with every row kind (invalid by label / −inf, an

@@ -562,3 +562,51 @@ def test_kd_bad_inputs(use, name):
     teacher = kw.pop("teacher_logits", t)
     with pytest.raises((ValueError, TypeError), match=re.compile(arg)):
         fd.kd_loss(student, teacher, accum_dtype=F64, **kw)
+
+
+def test_kd_softcap_saturated_gradient(use):
+    check_softcap_saturated()
+
+
+def check_softcap_saturated() -> None:
+    """softcap's chain rule where tanh saturates, with the current backend: 1 − tanh²(z/c) from the uncapped
+    logit (4e/(1 + e)²). Formed from the rounded capped logit it was 1 − th² with th = 1.0 in fp32: a zero
+    gradient (100% error) for logits ≥ ~9·softcap, and eps/(1 − th²) relative error before that."""
+    g = gen(21)
+    s = torch.randn(3, 64, generator=g, dtype=F64) * 2
+    s[:, :8] = torch.linspace(-60, 60, 8, dtype=F64)  # y = z / 5 up to ±12: sech² ~ 1.5e-10
+    t = torch.randn(3, 64, generator=g, dtype=F64) * 2
+    x = s.float().requires_grad_()
+    fd.kd_loss(x, t.float(), divergence="fkl", softcap=5.0, logit_scale=1.3, reduction="sum").backward()
+    x64 = s.float().double().requires_grad_()
+    with fd.use_backend("reference"):
+        fd.kd_loss(x64, t.float().double(), divergence="fkl", softcap=5.0, logit_scale=1.3, reduction="sum",
+                   accum_dtype=F64).backward()
+    rel = ((x.grad.double() - x64.grad).abs() / x64.grad.abs().clamp_min(1e-300))[:, :8]
+    assert (x64.grad[:, :8] != 0).all() and rel.max() <= 1e-4, rel.max()
+
+
+@pytest.mark.parametrize("div", ["jsd", "skl", "srkl"])
+def test_kd_mixture_divergences_close_teacher_accuracy(use, div):
+    """fp32, a teacher close to the student (small divergences, sums of terms that nearly cancel) at logits ~20:
+    the tolerance rule against fp64 (at most 2x plain PyTorch's error in fp32, plus 1e-6). The mixture's
+    log-ratios are formed without rounding log M at |log M| (_mixdiffs)."""
+    g = gen(22)
+    s = torch.randn(6, 2000, generator=g, dtype=F64) * 3 + 20
+    t = s + 0.1 * torch.randn(6, 2000, generator=g, dtype=F64)
+    s32, t32 = s.float(), t.float()
+    kw = dict(divergence=div, beta=0.3, skew=0.2, reduction="none")
+    with fd.use_backend("reference"):
+        ref = fd.kd_loss(s32.double(), t32.double(), accum_dtype=F64, **kw)
+    got = fd.kd_loss(s32, t32, **kw)
+    lq, lp = torch.log_softmax(s32, -1), torch.log_softmax(t32, -1)
+    q, p = lq.exp(), lp.exp()
+    if div == "jsd":
+        m = torch.log(0.3 * p + 0.7 * q)
+        plain = 0.3 * (p * (lp - m)).sum(-1) + 0.7 * (q * (lq - m)).sum(-1)
+    elif div == "skl":
+        plain = (p * (lp - torch.log(0.2 * p + 0.8 * q))).sum(-1)
+    else:
+        plain = (q * (lq - torch.log(0.8 * p + 0.2 * q))).sum(-1)
+    err = lambda a: ((a.double() - ref).abs() / ref.abs()).max().item()  # noqa: E731
+    assert err(got) <= 2 * err(plain) + 1e-6, (err(got), err(plain))

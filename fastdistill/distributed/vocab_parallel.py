@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from fastdistill.ops._common import check_choice
 from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
-from fastdistill.reference.kd_softmax import _kd_du, _tail_state, bucket_div, transform
+from fastdistill.reference.kd_softmax import _kd_du, _tail_state, bucket_div, chain, transform
 
 # vocab_parallel_fused_linear_kd_loss: served by __getattr__ below (from vocab_parallel_fused)
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_fused_linear_kd_loss", "vocab_parallel_topk"]  # noqa: F822
@@ -359,12 +359,7 @@ class _Run:
             gz = gz * w.to(acc)[:, None]
         valid = st[:, _VALID : _VALID + 1]
         gz = torch.where(valid > 0, gz * (valid * rowscale), torch.zeros_like(gz))
-        if p.softcap > 0:
-            th = z / p.softcap
-            gz = gz * (1 - th * th)
-        if p.logit_scale != 1.0:
-            gz = gz * p.logit_scale
-        return gz
+        return chain(p, zs_raw.to(acc), gz)
 
 
 def _topk_rows(p: KDPlan, uk, lse_s, lps, lq_tail):

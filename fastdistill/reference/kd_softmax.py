@@ -7,8 +7,6 @@ gradient itself. Statistics are kept per row in the plan's accumulation dtype.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
@@ -29,6 +27,19 @@ def transform(p, z: torch.Tensor) -> torch.Tensor:
     if p.softcap > 0:
         z = p.softcap * torch.tanh(z / p.softcap)
     return z
+
+
+def chain(p, z_raw: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g (a gradient w.r.t. the transformed logits) times d transform / d raw: logit_scale, and softcap's
+    1 − tanh²(y) = 4e/(1 + e)², e = e^{−2|y|}, from the uncapped y (1 − th² from the rounded capped logit loses
+    eps/(1 − th²) relative where tanh saturates)."""
+    if p.logit_scale != 1.0:
+        g = g * p.logit_scale
+    if p.softcap > 0:
+        y = (z_raw * p.logit_scale if p.logit_scale != 1.0 else z_raw) / p.softcap
+        e = torch.exp(-2.0 * y.abs())
+        g = g * (4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return g
 
 
 def _teacher(p, t, sl, V, acc):
@@ -63,14 +74,14 @@ def _xlogy(w, a):
     return torch.where(w > 0, w * a, torch.zeros_like(a))
 
 
-def _logmix(a, la, b, lb):
-    """log(a·e^la + b·e^lb) for weights a, b ≥ 0, in log space."""
-    terms = []
-    if a > 0:
-        terms.append(la + math.log(a))
-    if b > 0:
-        terms.append(lb + math.log(b))
-    return torch.logaddexp(*terms) if len(terms) == 2 else terms[0]
+def _mixdiffs(a, la, b, lb):
+    """(la − lm, lb − lm) with lm = log(a·e^la + b·e^lb), a, b > 0, formed without lm itself: lm rounded at
+    |lm| (~ulp of a log-prob) would add that error to every term of a divergence that is a small difference."""
+    mx = torch.maximum(la, lb)
+    mx = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
+    da, db = la - mx, lb - mx
+    r = torch.log(a * torch.exp(da) + b * torch.exp(db))
+    return da - r, db - r
 
 
 def _row_div(p, lq, lp):
@@ -79,17 +90,17 @@ def _row_div(p, lq, lp):
     q, pp = lq.exp(), lp.exp()
     zero = torch.zeros_like(lq)
     if p.div == DIV_JSD:
-        lm = _logmix(p.beta, lp, 1 - p.beta, lq)
-        D = p.beta * _xlogy(pp, lp - lm).sum(1) + (1 - p.beta) * _xlogy(q, lq - lm).sum(1)
-        g = (1 - p.beta) * torch.where(q > 0, lq - lm, zero)
+        dp, dq = _mixdiffs(p.beta, lp, 1 - p.beta, lq)
+        D = p.beta * _xlogy(pp, dp).sum(1) + (1 - p.beta) * _xlogy(q, dq).sum(1)
+        g = (1 - p.beta) * torch.where(q > 0, dq, zero)
     elif p.div == DIV_SKL:
-        lm = _logmix(p.skew, lp, 1 - p.skew, lq)
-        D = _xlogy(pp, lp - lm).sum(1)
-        g = -(1 - p.skew) * torch.where(pp > 0, torch.exp(lp - lm), zero)
+        dp, _ = _mixdiffs(p.skew, lp, 1 - p.skew, lq)
+        D = _xlogy(pp, dp).sum(1)
+        g = -(1 - p.skew) * torch.where(pp > 0, torch.exp(dp), zero)
     elif p.div == DIV_SRKL:
-        lm = _logmix(1 - p.skew, lp, p.skew, lq)
-        D = _xlogy(q, lq - lm).sum(1)
-        g = torch.where(q > 0, (lq - lm) + 1 - p.skew * torch.exp(lq - lm), zero)
+        _, dq = _mixdiffs(1 - p.skew, lp, p.skew, lq)
+        D = _xlogy(q, dq).sum(1)
+        g = torch.where(q > 0, dq + 1 - p.skew * torch.exp(dq), zero)
     else:  # TVD
         D = 0.5 * (pp - q).abs().sum(1)
         g = 0.5 * torch.sign(q - pp)
@@ -247,12 +258,7 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
             gz = gz * weights[sl].to(acc)[:, None]
         rowf = row[:, 7:8] * factor.to(acc) * (go[sl][:, None] if go.numel() > 1 else go)
         gz = torch.where(row[:, 7:8] > 0, gz * rowf, torch.zeros_like(gz))
-        if p.softcap > 0:
-            th = z / p.softcap
-            gz = gz * (1 - th * th)
-        if p.logit_scale != 1.0:
-            gz = gz * p.logit_scale
-        out[sl] = gz.to(out.dtype)
+        out[sl] = chain(p, z_raw, gz).to(out.dtype)
     return out
 
 
