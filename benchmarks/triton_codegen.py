@@ -56,7 +56,8 @@ def score_configs(quick: bool = False):
             sig = dict(common, part_ptr="*fp32", M="i32", n_iter="i32", NB="i32", huber_c="fp32", alpha="fp32")
             ce = {"OP": op, "K": K, "USE1": use, "USE2": use if op <= S.OP_SID else 0, "HAS_MASK": op != S.OP_SCM,
                   "PHI_HUBER": op == S.OP_SCORE, "NORM_ON_LOSS": False, "TNEED": use if op == S.OP_SID else 0,
-                  "TDT": TDT[dt] * 0x5555, "GMAX": FMAX[dt], "BLOCK": S.BLOCK, "ACC": tl.float32}
+                  "TDT": TDT[dt] * 0x5555, "UNIT": FMAX["fp16"], "XR": FMAX["fp16"] / FMAX[dt], "BLOCK": S.BLOCK,
+                  "ACC": tl.float32}
             yield f"stats op={op} {dt} K={K}", S._score_stats_kernel, sig, ce, S.NUM_WARPS
             sig = dict(common, state_ptr="*fp32", go_ptr="*fp32", go_sb="i32", gx_ptr=f"*{dt}",
                        gterms=(f"*{dt}",) * K, M="i32", n_iter="i32", huber_c="fp32", alpha="fp32")

@@ -74,16 +74,17 @@ def _nonfinite(v):
 
 
 @triton.jit
-def _in_x_range(v, GMAX: tl.constexpr, CODE: tl.constexpr):
-    """v · GMAX / (the range of dtype code CODE): a gradient element of a term measured in x's range."""
+def _in_unit(v, UNIT: tl.constexpr, CODE: tl.constexpr):
+    """v · UNIT / (the range of dtype code CODE) (≤ v: UNIT is the narrowest range in play): a term's gradient
+    element measured in the common unit of s4."""
     if CODE == 0:
-        r = v * (GMAX / 65504.0)
+        r = v * (UNIT / 65504.0)
     elif CODE == 1:
-        r = v * (GMAX / 3.3895313892515355e38)
+        r = v * (UNIT / 3.3895313892515355e38)
     elif CODE == 2:
-        r = v * (GMAX / 3.4028234663852886e38)
+        r = v * (UNIT / 3.4028234663852886e38)
     else:
-        r = v * (GMAX / 1.7976931348623157e308)
+        r = v * (UNIT / 1.7976931348623157e308)
     return r
 
 
@@ -92,7 +93,7 @@ def _score_stats_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, part_ptr, M, 
                         huber_c, alpha,
                         OP: tl.constexpr, K: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
                         HAS_MASK: tl.constexpr, PHI_HUBER: tl.constexpr, NORM_ON_LOSS: tl.constexpr,
-                        TNEED: tl.constexpr, TDT: tl.constexpr, GMAX: tl.constexpr,
+                        TNEED: tl.constexpr, TDT: tl.constexpr, UNIT: tl.constexpr, XR: tl.constexpr,
                         BLOCK: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
@@ -141,10 +142,12 @@ def _score_stats_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, part_ptr, M, 
             dfr = e + (1.0 - 2.0 * alpha) * diff
             dff = 2.0 * alpha * diff - e
             big = tl.abs(tl.load(coef_ptr).to(ACC) * dfr + tl.load(coef_ptr + (K + 1)).to(ACC) * dff - diff)
+            if XR != 1.0:  # x's gradient in the unit (the narrowest range among the gradients asked for)
+                big = big * XR
             for k in tl.static_range(K):
                 if (TNEED >> k) & 1:
                     gk = tl.load(coef_ptr + 1 + k).to(ACC) * dfr + tl.load(coef_ptr + (K + 2) + k).to(ACC) * dff
-                    gk = _in_x_range(tl.abs(gk), GMAX, (TDT >> (2 * k)) & 3)
+                    gk = _in_unit(tl.abs(gk), UNIT, (TDT >> (2 * k)) & 3)
                     big = tl.maximum(big, gk, propagate_nan=tl.PropagateNan.ALL)
             s4 = tl.maximum(s4, m * big, propagate_nan=tl.PropagateNan.ALL)
         elif OP == 2:  # SCM: c1 = g
@@ -441,17 +444,21 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
     loss = torch.empty((1,), dtype=acc, device=x.device)
     ACC = _TL_ACC[str(acc).removeprefix("torch.")]
     coef_sb = coef.stride(0) if coef.shape[0] > 1 else 0
+    # s4's unit: the narrowest range among the gradients asked for (x's, and SID's terms that require grad)
+    tneed = p.tneed if p.op == OP_SID else 0
+    tdt = dtype_codes(terms, acc)
+    unit = min([grad_max(x.dtype, acc)] + [grad_max(t.dtype, acc) for k, t in enumerate(terms) if (tneed >> k) & 1])
     _score_stats_kernel[(B, NB)](
         x, tuple(terms), coef, coef_sb, mask if mask is not None else x, part, M, n_iter, NB,
         p.huber_c, p.alpha,
         OP=p.op, K=len(terms), USE1=p.use1, USE2=p.use2 if p.op <= OP_SID else 0,
         HAS_MASK=mask is not None, PHI_HUBER=p.phi_huber, NORM_ON_LOSS=p.norm_on_loss,
-        TNEED=p.tneed if p.op == OP_SID else 0, TDT=dtype_codes(terms, acc), GMAX=grad_max(x.dtype, acc),
+        TNEED=tneed, TDT=tdt, UNIT=unit, XR=unit / grad_max(x.dtype, acc),
         BLOCK=BLOCK, ACC=ACC, num_warps=NUM_WARPS,
     )
     _score_finalize_kernel[(1,)](
         part, sums, weight if weight is not None else x, logvar if logvar is not None else x,
-        state, loss_i, loss, B, M, NB, p.scale, p.clamp, p.eps, p.c, p.alpha, grad_max(x.dtype, acc),
+        state, loss_i, loss, B, M, NB, p.scale, p.clamp, p.eps, p.c, p.alpha, unit,
         OP=p.op, NORM=p.norm, NORM_ON_LOSS=p.norm_on_loss, RED=p.red, SAMPLE_MEAN=p.sample_mean,
         RMS=p.rms, TO_NUM=p.to_num, HAS_WEIGHT=weight is not None, HAS_LOGVAR=logvar is not None,
         NBP=triton.next_power_of_2(NB), ACC=ACC, num_warps=4,
@@ -476,7 +483,7 @@ def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
         tuple(g if g is not None else x for g in gterms), M, n_iter, p.huber_c, p.alpha,
         OP=p.op, K=len(terms), USE1=p.use1, USE2=p.use2 if p.op == OP_SID else 0,
         HAS_MASK=mask is not None, PHI_HUBER=p.phi_huber, TO_NUM=p.to_num,
-        GMAX=float(torch.finfo(x.dtype).max), TDT=dtype_codes(terms, p.accum_dtype), WRITE_X=need_x, TGRAD=tgrad,
+        GMAX=grad_max(x.dtype, p.accum_dtype), TDT=dtype_codes(terms, p.accum_dtype), WRITE_X=need_x, TGRAD=tgrad,
         BLOCK=BLOCK, ACC=ACC, num_warps=NUM_WARPS,
     )
     return gx, gterms

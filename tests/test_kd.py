@@ -610,3 +610,16 @@ def test_kd_mixture_divergences_close_teacher_accuracy(use, div):
         plain = (q * (lq - torch.log(0.8 * p + 0.2 * q))).sum(-1)
     err = lambda a: ((a.double() - ref).abs() / ref.abs()).max().item()  # noqa: E731
     assert err(got) <= 2 * err(plain) + 1e-6, (err(got), err(plain))
+
+
+@pytest.mark.parametrize("N", [0, 3], ids=["empty", "rows"])
+def test_kd_custom_op_opcheck(use, N):
+    """The torch.compile custom op: its registered fake (state [N, 10]) matches the real outputs, the empty
+    batch's shortcut included (torch.library.opcheck)."""
+    from fastdistill.ops.kd_softmax import KDPlan
+
+    g = gen(23)
+    s, t = torch.randn(N, 37, generator=g), torch.randn(N, 37, generator=g)
+    ip, fp = KDPlan(div=2, beta=0.3).pack()
+    torch.library.opcheck(torch.ops.fastdistill.kd_fwd.default, (s, t, None, None, None, None, ip, fp, use),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -431,3 +431,27 @@ def test_gradient_ranges_per_term_dtype(use):
         assert bad.tolist() == [False], policy
         assert a.grad.tolist() == [[80000.0] * 4] and y.grad.tolist() == [[-100.0] * 4], policy
         assert b.grad.tolist() == [[200.0] * 4], policy
+
+
+def test_narrow_term_dtype_judged_in_its_own_range(use):
+    """sid_loss with fp32 y and fp16 terms that require grad: a term gradient that fits fp16 after the gradient
+    factor does not flag the sample (the ratio of ranges applied before the factor overflowed to inf); fp64
+    terms under fp32 accumulation with to_num clamp within fp32 (no overflow error)."""
+    y = torch.zeros(1, 4, requires_grad=True)
+    fr = torch.full((1, 4), 60000.0, dtype=F16, requires_grad=True)
+    ff = torch.zeros(1, 4, dtype=F16, requires_grad=True)
+    loss, st = fd.sid_loss(y, fr, ff, return_stats=True)
+    loss.backward()
+    assert st["bad"].tolist() == [False]
+    y64, fr64, ff64 = (t.detach().double().requires_grad_() for t in (y, fr, ff))
+    with fd.use_backend("reference"):
+        fd.sid_loss(y64, fr64, ff64, accum_dtype=F64).backward()
+    for a, b in ((y.grad, y64.grad), (fr.grad, fr64.grad), (ff.grad, ff64.grad)):
+        assert_rel(a, b, 2e-3)
+    yb = torch.randn(2, 4, requires_grad=True)
+    t64 = torch.randn(2, 4, dtype=F64, requires_grad=True)
+    t64.data[0, 0] = float("inf")
+    out = fd.sid_loss(yb, t64, torch.zeros(2, 4, dtype=F64), nan="to_num")
+    out.backward()
+    assert torch.isfinite(t64.grad).all() and torch.isfinite(yb.grad).all()
+    assert t64.grad.abs().max() <= torch.finfo(torch.float32).max

@@ -157,7 +157,7 @@ def _fwd(p, backend, s, t, labels, mask, weights):
     if N == 0 or s.shape[1] == 0:
         z = torch.zeros(1, dtype=p.accum_dtype, device=s.device)
         return z, torch.zeros(N, dtype=p.accum_dtype, device=s.device), \
-            torch.zeros(N, 8, dtype=p.accum_dtype, device=s.device), z.clone()
+            torch.zeros(N, 10, dtype=p.accum_dtype, device=s.device), z.clone()
     return _impl(backend).kd_fwd(p, s, t, labels, mask, weights)
 
 

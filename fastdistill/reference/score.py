@@ -44,8 +44,9 @@ def _phi(p, d):
 
 
 def _nan_to_num(v, dtype):
-    """torch.nan_to_num in the output dtype: NaN → 0, and anything beyond its range → ±max."""
-    big = torch.finfo(dtype).max
+    """torch.nan_to_num in the output dtype, within the accumulation dtype of ``v``: NaN → 0, and anything
+    beyond that range → ±max."""
+    big = min(torch.finfo(dtype).max, torch.finfo(v.dtype).max)
     return torch.nan_to_num(v, nan=0.0, posinf=big, neginf=-big).clamp(-big, big)
 
 
@@ -60,11 +61,13 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
     dev = x.device
     s = torch.zeros(5, B, dtype=acc, device=dev)
     two = p.op in (OP_SCORE, OP_SID)
-    gmax = _range(x.dtype, acc)
     a0, b0 = coef[:, 0, 0:1].to(acc), coef[:, 1, 0:1].to(acc)
-    # SID: the terms whose gradients are asked for, with the ratio of x's gradient range to theirs
-    # (s4 is measured in x's range, so one comparison with gmax covers every gradient)
-    tneed = [(k, gmax / _range(t.dtype, acc)) for k, t in enumerate(terms) if (p.tneed >> k) & 1]
+    # s4 is measured in the narrowest range among the gradients asked for (x's, and SID's terms that require
+    # grad): each gradient scaled by unit / its own range (≤ 1, never overflows), one comparison with unit
+    need = [k for k in range(len(terms)) if p.op == OP_SID and (p.tneed >> k) & 1]
+    unit = min([_range(x.dtype, acc)] + [_range(terms[k].dtype, acc) for k in need])
+    xr = unit / _range(x.dtype, acc)
+    tneed = [(k, unit / _range(terms[k].dtype, acc)) for k in need]
     for sl in _chunks(B, M):
         xs, cs = _combos(p, x, terms, coef, sl, acc, (0, 1) if two else (0,))
         c1 = cs[0]
@@ -90,7 +93,7 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
             # the largest gradient element over gco: y's, and each needed term's (scaled to y's range)
             dfr = e + (1.0 - 2.0 * p.alpha) * diff
             dff = 2.0 * p.alpha * diff - e
-            big = (a0 * dfr + b0 * dff - diff).abs()
+            big = (a0 * dfr + b0 * dff - diff).abs() * xr
             for k, ratio in tneed:
                 gk = (coef[:, 0, k + 1 : k + 2].to(acc) * dfr + coef[:, 1, k + 1 : k + 2].to(acc) * dff).abs()
                 big = torch.maximum(big, gk * ratio)
@@ -102,7 +105,7 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
             s[0] += (m * c1 * c1).sum(1)
             s[2] += m.sum(1)
             s[4] = torch.maximum(s[4], (m * (a0 * c1).abs()).amax(1))
-    return _finalize(p, s, B, M, weight, logvar, gmax)
+    return _finalize(p, s, B, M, weight, logvar, unit)
 
 
 def _finalize(p, s, B, M, weight, logvar, gmax):
