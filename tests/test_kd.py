@@ -68,15 +68,8 @@ def oracle_kd(student, teacher, *, divergence="fkl", beta=0.5, skew=0.1, tempera
     zs = x.reshape(-1, V)
     zt = teacher.detach().to(compute_dtype).reshape(-1, teacher.shape[-1])
     N = zs.shape[0]
-
-    def transform(z):
-        if logit_scale is not None:
-            z = logit_scale * z
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        return z
-
-    zs, zt = transform(zs), transform(zt[:, :V])  # extra teacher columns dropped before its softmax
+    # extra teacher columns dropped before its softmax
+    zs, zt = oracle_transform(zs, logit_scale, softcap), oracle_transform(zt[:, :V], logit_scale, softcap)
     if zt.shape[1] < V:  # the transformed teacher padded with −inf: p = 0 on the student's extra columns
         zt = torch.cat([zt, zt.new_full((N, V - zt.shape[1]), -math.inf)], 1)
     valid = ~(torch.isneginf(zs).all(-1) | torch.isneginf(zt).all(-1))
@@ -120,6 +113,15 @@ def oracle_kd(student, teacher, *, divergence="fkl", beta=0.5, skew=0.1, tempera
         ce = torch.logsumexp(zs, -1) - zs.gather(1, lab[:, None]).squeeze(1)
         loss = loss + a * ce
     return oracle_reduce(loss, valid, x, weights=weights, reduction=reduction, num_items=num_items), x
+
+
+def oracle_transform(z, logit_scale, softcap):
+    """docs/kd_ops.md's logit transforms: logit_scale, then softcap (both models)."""
+    if logit_scale is not None:
+        z = logit_scale * z
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
 
 
 def oracle_reduce(loss, valid, x, *, weights, reduction, num_items):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import assume, example, given, note
 from hypothesis import strategies as st
-from test_kd import _kl, _log, assert_finite_rel, oracle_reduce, rel_err, store_err, upstream_for
+from test_kd import _kl, _log, assert_finite_rel, oracle_reduce, oracle_transform, rel_err, store_err, upstream_for
 
 import fastdistill as fd
 from conftest import INTERPRET, cpu_backends, examples
@@ -87,18 +87,10 @@ def oracle(student, teacher=None, topk=None, *, topk_semantics="tail_bucket", di
     x = student.detach().to(cd).requires_grad_()
     V = x.shape[-1]
     N = x.numel() // V
-
-    def transform(z):
-        if logit_scale is not None:
-            z = logit_scale * z
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        return z
-
-    z = transform(x.reshape(N, V))
+    z = oracle_transform(x.reshape(N, V), logit_scale, softcap)
     valid = ~torch.isneginf(z).all(-1)
     if topk is None:
-        zt = transform(teacher.detach().reshape(N, teacher.shape[-1])[:, :V].to(cd))
+        zt = oracle_transform(teacher.detach().reshape(N, teacher.shape[-1])[:, :V].to(cd), logit_scale, softcap)
         if zt.shape[1] < V:
             zt = torch.cat([zt, zt.new_full((N, V - zt.shape[1]), -INF)], 1)
         valid &= ~torch.isneginf(zt).all(-1)
