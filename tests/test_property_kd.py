@@ -605,7 +605,9 @@ def test_vocab_permutation(backend, case, data):
     l2, g2 = run_op(other, backend, accum_dtype=F64, upstream=upstream_for(l1))
     unit = loss_unit(case)
     _tight(l2, l1, 1e-9, 1e-10 * unit, "loss")
-    _tight(g2, g1[..., perm], 2 * _eps(case.dtype), 2 * _ulp0(case.dtype), "grad")
+    # plus the fp64 summation-order error of the row sums (S = Σ q·g, terms of order 1 per unit of loss): visible
+    # where the whole gradient is rounding-level (found: tvd with p ≈ q, |grad| ~ 1e-17)
+    _tight(g2, g1[..., perm], 2 * _eps(case.dtype), 2 * _ulp0(case.dtype) + 8 * _eps(F64) * unit, "grad")
 
 
 @BACKENDS
@@ -714,11 +716,16 @@ def test_endpoints_are_kl(backend, case, beta, which):
 def test_no_nan_and_nonnegative(backend, case):
     """Finite inputs (and −inf cells / rows placed so that no divergence is +inf, see the strategies), large
     logits included: no NaN in the loss or the gradient, a finite gradient, and loss >= −1e-6 (true divergences;
-    zero_tail with a renormalised teacher is one too)."""
+    zero_tail is one only where the stored teacher mass is 1: an id set to p = 0 after renormalising leaves
+    Σ p < 1, where its documented formula may be negative, test_zero_tail_matches_documented_formula)."""
     assume(expected_error(case) is None and tail_resolved(case))
     loss, grad = run_op(case, backend)
     assert not torch.isnan(loss).any(), loss
     assert torch.isfinite(grad).all(), grad
+    if case.topk is not None and case.kw["topk_semantics"] == "zero_tail":
+        mass = case.topk[1].double().exp().sum(-1)
+        if bool((mass < 1 - 1e-5).any()):
+            return
     assert (loss >= -1e-6).all(), loss
 
 
@@ -881,6 +888,8 @@ def test_infinite_reverse_kl_topk_gradient_has_no_nan(backend, case):
     u = zs[r].double() * (kw.get("logit_scale") or 1.0) / kw["temperature"]
     assume(kw["topk_semantics"] == "renorm" or float(torch.softmax(u, -1)[idr[j]]) >= 1e-6)
     lps.reshape(N, -1)[r, j] = -INF
+    # renorm over k ids that are all −inf has no teacher distribution at all (undefined, not +inf)
+    assume(kw["topk_semantics"] != "renorm" or not torch.isneginf(lps.reshape(N, -1)[r]).all())
     loss, grad = run_op(Case(case.values, None, (ids, lps), kw, case.inplace, case.pad), backend)
     assert torch.isposinf(loss.reshape(-1)[r]), loss
     assert not torch.isnan(grad).any(), f"NaN gradient: {grad}"
@@ -912,7 +921,7 @@ def test_tail_bucket_confident_student(backend, dtype, V, k, gap, p_tail, div, s
     assert not torch.isnan(grad).any(), grad
     # the gradient q − p at the confident id is a difference of two numbers near 1: a few fp32 ulps of 1 absolute
     # (the dense path and plain PyTorch alike), plus the rounding of the stored gradient
-    atol = 4 * torch.finfo(torch.float32).eps
+    atol = 4 * torch.finfo(torch.float32).eps * (1 + abs(float(ref)))  # terms of order 1 and of the divergence
     err = (grad.double() - xr.grad).abs().max().item()
     assert rel_err(loss, ref.detach()) <= 1e-3
     assert err <= (1e-3 + torch.finfo(dtype).eps) * xr.grad.abs().max().item() + atol, err
