@@ -347,7 +347,9 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
     uk = uk * inv_T
     lpk = tl.load(lps_ptr + row.to(tl.int64) * lps_stride + kk, mask=km, other=float("-inf")).to(ACC)
     extra = tl.zeros([1], ACC).sum(0)
+    t_live = True  # renorm: a row whose k teacher log-probs are all −inf has no teacher (invalid, as a dense one)
     if MODE == 3:
+        t_live = tl.max(lpk, 0) > float("-inf")
         mk = _safe(tl.max(uk, 0))
         lse_k = mk + tl.log(tl.sum(tl.exp(uk - mk), 0))
         lqk = uk - lse_k
@@ -391,8 +393,9 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
         if MODE != 2:
             D = _clamp0(D)
     D = tl.where(good, D, float("nan"))
-    ok = tl.load(st + 7) > 0
+    ok = (tl.load(st + 7) > 0) & t_live
     loss = _weighted(_mix(D, tl.load(st + 6), alpha, t2), w_ptr, row, HAS_W, ACC)
+    tl.store(st + 7, ok.to(ACC))
     tl.store(st + 1, extra)
     tl.store(st + 3, D)
     tl.store(st + 4, S)

@@ -3,6 +3,8 @@ autograd oracles written from the three documented semantics; plus torch.compile
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,3 +183,23 @@ def test_kd_skew_zero_is_plain_kl(use, div, base):
     b = fd.kd_loss(s, t, divergence=base, accum_dtype=F64)
     (gb,) = torch.autograd.grad(b, s)
     assert torch.equal(a, b) and torch.equal(ga, gb) and torch.isfinite(ga).all()
+
+
+@pytest.mark.parametrize("div", ["fkl", "jsd", "rkl"])
+def test_topk_renorm_row_without_teacher_is_invalid(use, div):
+    """renorm: a row whose k teacher log-probs are all −inf has no teacher distribution; like a dense teacher row of
+    −inf logits it is invalid: it adds nothing, gets a zero gradient and is not counted by batchmean (the loss equals
+    the call with that row masked out). It gave 0 (fkl) or NaN (jsd) before."""
+    s, ids, lps = _case(N=4, V=50, k=5, seed=3)
+    lps = lps.clone()
+    lps[1] = -math.inf
+    out = []
+    for mask in (None, torch.tensor([True, False, True, True])):
+        x = s.detach().clone().requires_grad_()
+        loss = fd.kd_loss(x, teacher_topk=(ids, lps), topk_semantics="renorm", divergence=div, mask=mask,
+                          accum_dtype=F64)
+        loss.backward()
+        out.append((loss.detach(), x.grad))
+    assert torch.isfinite(out[0][0]) and torch.all(out[0][1][1] == 0), out[0]
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-12, atol=0)

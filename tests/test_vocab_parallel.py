@@ -117,6 +117,8 @@ TOPK_CASES = dict([
     K("topk-tail-fkl-confident", kind="topk", topk_semantics="tail_bucket", divergence="fkl", confident=True,
       layout="uneven"),
     K("topk-tail-rkl-confident", kind="topk", topk_semantics="tail_bucket", divergence="rkl", confident=True),
+    K("topk-renorm-jsd-dead-row", kind="topk", topk_semantics="renorm", divergence="jsd", renorm_dead=True,
+      layout="uneven"),
 ])
 
 VPTOPK_CASES = dict([
@@ -215,6 +217,8 @@ def build(name: str) -> dict:
     d["s"], d["t"] = s, t
     if c["kind"] == "topk" or c.get("teacher") == "topk":
         lps, ids = torch.log_softmax(t, -1).topk(4, -1)
+        if c.get("renorm_dead"):  # a row without teacher mass at its k ids: invalid under renorm
+            lps.view(-1, 4)[2] = -math.inf
         d["topk"] = (ids.int() if c.get("ids32") else ids, lps)
     if c["kind"] == "fused":
         H, Ht = 6, 5

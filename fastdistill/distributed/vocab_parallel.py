@@ -302,6 +302,8 @@ class _Run:
             lq_tail = G[:, 3].log() - es.log()
             D, S, extra = _topk_rows(p, uk, lse_s, lps.to(G.dtype), lq_tail)
             D = torch.where(G[:, 6] == uk.shape[1], D, torch.full_like(D, math.nan))  # an id no rank holds
+            if p.topk == _TOPK_RENORM:  # k teacher log-probs all −inf: no teacher distribution (row invalid)
+                ok &= lps.amax(1) > _NEG_INF
         if lab is not None:
             ok &= lab != p.ignore_index
         if mask is not None:
