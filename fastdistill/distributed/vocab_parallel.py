@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from fastdistill.ops._common import check_choice
 from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
-from fastdistill.reference.kd_softmax import _kd_du, _tail_state, bucket_div, chain, transform
+from fastdistill.reference.kd_softmax import bucket_div, chain, kd_du, tail_qg, tail_state, transform
 
 # vocab_parallel_fused_linear_kd_loss: served by __getattr__ below (from vocab_parallel_fused)
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_fused_linear_kd_loss", "vocab_parallel_topk"]  # noqa: F822
@@ -349,7 +349,7 @@ class _Run:
                 du = torch.where((q > 0) & (D != math.inf), q * (lq - lp - D), torch.zeros_like(q))
             else:
                 _, qg = bucket_div(p, lq, lp)
-                du = _kd_du(qg, q, st[:, _S : _S + 1])
+                du = kd_du(qg, q, st[:, _S : _S + 1])
         gz = (1 - p.alpha) * p.t2 / p.temperature * du
         if self.ce:
             gz = gz + p.alpha * (z - st[:, _LSE1 : _LSE1 + 1]).exp()
@@ -380,7 +380,7 @@ def _topk_rows(p: KDPlan, uk, lse_s, lps, lq_tail):
     lq = torch.cat([lqk, lq_tail[:, None]], 1)
     lp = torch.cat([lps, p_tail.log()[:, None]], 1)
     D, qg = bucket_div(p, lq, lp)
-    return D, qg.sum(1), _tail_state(p, lq_tail, lp[:, -1])
+    return D, qg.sum(1), tail_state(p, lq_tail, lp[:, -1])
 
 
 def _topk_du(p: KDPlan, sh: _Shard, lq, q, st, uk, ids, lps):
@@ -400,16 +400,12 @@ def _topk_du(p: KDPlan, sh: _Shard, lq, q, st, uk, ids, lps):
         lqk = uk - extra
         _, qg = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
         buf.zero_()
-        buf.scatter_(1, idx, _kd_du(qg, lqk.exp(), S))
+        buf.scatter_(1, idx, kd_du(qg, lqk.exp(), S))
         return buf[:, :Vr]
-    if p.div == _FKL:  # off the ids: q_j·g_tail = −p_tail·q_j/q_tail (extra = log(p_tail/q_tail))
-        qg = torch.where(q > 0, -torch.exp(lq + extra), torch.zeros_like(q))
-    else:
-        qg = torch.where(q > 0, q * extra, torch.zeros_like(q))
-    buf[:, :Vr] = _kd_du(qg, q, S)
+    buf[:, :Vr] = kd_du(tail_qg(p, lq, q, extra), q, S)  # off the ids
     lqk = uk - _safe(st[:, _LSE_S : _LSE_S + 1])
     _, qgk = bucket_div(p, lqk, lps)  # the id buckets (elementwise in (q_b, p_b))
-    buf.scatter_(1, idx, _kd_du(qgk, lqk.exp(), S))
+    buf.scatter_(1, idx, kd_du(qgk, lqk.exp(), S))
     return buf[:, :Vr]
 
 

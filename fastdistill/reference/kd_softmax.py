@@ -122,7 +122,7 @@ def bucket_div(p, lq, lp):
     return _row_div(p, lq, lp)
 
 
-def _kd_du(qg, q, S):
+def kd_du(qg, q, S):
     """∂D/∂u = q·g − q·S over a softmax, with S = Σ q·g; 0 where S = +inf: a reverse-type divergence
     that is +inf (p = 0 where q > 0) has no finite gradient (docs/kd_ops.md, "Non-finite inputs")."""
     du = qg - q * S
@@ -166,7 +166,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
             else:
                 D, qg = bucket_div(p, lq, lp)
                 S = qg.sum(1)
-                lse_t = extra if p.topk == TOPK_RENORM else _tail_state(p, lq[:, -1], lp[:, -1])
+                lse_t = extra if p.topk == TOPK_RENORM else tail_state(p, lq[:, -1], lp[:, -1])
         else:
             zt = _teacher(p, t, sl, V, acc)
             ut = zt / p.teacher_temperature
@@ -248,7 +248,7 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
         else:
             zt = _teacher(p, t, sl, V, acc)
             _, qg = _row_div(p, lq, (zt / p.teacher_temperature - row[:, 1:2]) - row[:, 9:10])
-            du = _kd_du(qg, q, row[:, 4:5])
+            du = kd_du(qg, q, row[:, 4:5])
         gz = (1 - p.alpha) * p.t2 / p.temperature * du
         if labels is not None and p.alpha > 0:
             q1 = (z - row[:, 2:3]).exp()
@@ -264,7 +264,7 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     return out
 
 
-def _tail_state(p, lq_t, lp_t):
+def tail_state(p, lq_t, lp_t):
     """What the off-id columns' gradient needs of the tail bucket, kept in state slot 1: forward KL
     log(p_tail/q_tail) (q_j·g_tail = −e^{log q_j + that}: finite whatever q_tail), else g_tail."""
     if p.div == DIV_FKL:
@@ -272,6 +272,14 @@ def _tail_state(p, lq_t, lp_t):
     _, qg = bucket_div(p, lq_t[:, None], lp_t[:, None])
     lq = lq_t[:, None]
     return torch.where(lq > float("-inf"), qg / lq.exp(), torch.zeros_like(qg))[:, 0]
+
+
+def tail_qg(p, lq, q, extra):
+    """q_j·g_tail on the columns off the ids from the tail state ``extra`` (tail_state): forward KL
+    −p_tail·q_j/q_tail = −e^{log q_j + log(p_tail/q_tail)}, finite whatever q_tail; 0 where q_j = 0."""
+    if p.div == DIV_FKL:
+        return torch.where(q > 0, -torch.exp(lq + extra), torch.zeros_like(q))
+    return torch.where(q > 0, q * extra, torch.zeros_like(q))
 
 
 def _topk_du(p, us, row, ids, lps, q):
@@ -283,11 +291,8 @@ def _topk_du(p, us, row, ids, lps, q):
     if p.topk == TOPK_RENORM:
         lqk = us.gather(1, ids) - row[:, 1:2]
         _, qg = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
-        return torch.zeros_like(q).scatter(1, ids, _kd_du(qg, lqk.exp(), S))
+        return torch.zeros_like(q).scatter(1, ids, kd_du(qg, lqk.exp(), S))
     lq = (us - row[:, 0:1]) - row[:, 8:9]
-    if p.div == DIV_FKL:  # off the ids: q_j·g_tail = −p_tail·q_j/q_tail
-        qg = torch.where(q > 0, -torch.exp(lq + row[:, 1:2]), torch.zeros_like(q))
-    else:
-        qg = torch.where(q > 0, q * row[:, 1:2], torch.zeros_like(q))
+    qg = tail_qg(p, lq, q, row[:, 1:2])
     _, qgk = bucket_div(p, lq.gather(1, ids), lps)  # the id buckets (elementwise in (q_b, p_b))
-    return _kd_du(qg, q, S).scatter(1, ids, _kd_du(qgk, q.gather(1, ids), S))
+    return kd_du(qg, q, S).scatter(1, ids, kd_du(qgk, q.gather(1, ids), S))
