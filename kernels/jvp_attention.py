@@ -6,9 +6,19 @@ online softmax (m, l the running max and sum, α = 2^(m_old − m_new)):
 
     P̃ = 2^(s·log2e·qkᵀ − m)            l ← α·l + Σ_j P̃
     Õ ← α·Õ + P̃ v                        (primal accumulator)
-    Ṡ = s·(q̇ kᵀ + q k̇ᵀ)                 r ← α·r + Σ_j P̃⊙Ṡ          (fp32)
-    T̃ ← α·T̃ + (P̃⊙Ṡ) v + P̃ v̇            (ONE tangent accumulator: both terms share α)
-    O = Õ/l, μ = r/l, Ȯ = T̃/l − μ·O, lse = ln2·m + ln l
+    Ṡ = s·(q̇ kᵀ + q k̇ᵀ)                 r ← α·r + Σ_j P̃⊙(Ṡ − c)    (fp32)
+    T̃ ← α·T̃ + (P̃⊙(Ṡ − c)) v + P̃ v̇      (ONE tangent accumulator: both terms share α)
+    O = Õ/l, μ = c + r/l, Ȯ = T̃/l − (r/l)·O, lse = ln2·m + ln l
+
+Any shift c gives the same result in exact arithmetic; c = a/l, with a = Ṡ of the row's arg-max
+key so far (P̃ = 1 there), is that key's weight times its Ṡ. Each block re-bases r and T̃ on its
+new c first (r += (c_old − c_new)·l, T̃ += (c_old − c_new)·Õ). Unshifted, the epilogue
+T̃/l − μ·O cancels two terms of size |Ṡ|·|v| where one key carries (almost) all of a row's
+weight (a single context token; the first row of causal attention; an attention sink): with
+c ≈ μ there, that key's term P̃⊙(Ṡ − c) is ≈ (1 − P)·Ṡ (exactly 0 for one key) and the
+cancellation is gone; elsewhere |c| ≤ P·|Ṡ| keeps μ = c + r/l as accurate as Σ P̃⊙Ṡ / l. The
+tangent pass of two_pass keeps c = 0 (it has no Õ to re-base with, and forming c before its
+loop spills registers on sm_90a): the one-key cancellation stays there.
 
 A row that sees no key (causal with Sq > Sk, Sk = 0) keeps l = 0 and gets O = Ȯ = 0, μ = 0,
 lse = −inf. ``two_pass`` is the alternative of DESIGN.md: the primal pass stores O and lse, then the
@@ -106,7 +116,8 @@ def fwd_config(dqk: int, dv: int, tangent: bool, fp32: bool = False, arch: int =
         return (_SM80_FWD_TANGENT if tangent else _SM80_FWD_PLAIN)[_bucket(dqk, dv)]
     padded = triton.next_power_of_2(dqk) != dqk or triton.next_power_of_2(dv) != dv
     if tangent and padded and _bucket(dqk, dv) == 128:  # head dims 80, 96, ...: the masked head dim costs registers
-        return (32, 16, 4, 2)
+        # (8 warps: with 4 the shifted tangent accumulator spills 8 bytes on sm_90a)
+        return (32, 16, 8, 2)
     return (_FWD_TANGENT if tangent else _FWD_PLAIN)[_bucket(dqk, dv)]
 
 
@@ -153,7 +164,7 @@ def _ld(ptrs, msk, MASK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
               k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
               DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
@@ -186,12 +197,29 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq
             else:
                 tkt = _ld(tk_base + cols[None, :] * stks + offs_dq[:, None], kt_msk, KM)
                 ts = tl.dot(q, tkt, input_precision=DOT_PREC)
+    SHIFT: tl.constexpr = PRIMAL and TANGENT and (HAS_TQ or HAS_TK)
     if PRIMAL:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_blk = tl.max(s, 1)
+        m_new = tl.maximum(m_i, m_blk)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = _exp(m_i - m_use, BASE2)
+        if SHIFT:  # Ṡ at the block's max from s before P̃ replaces it (s, Ṡ and P̃ never live together)
+            ts = ts * scale
+            a_blk = tl.max(tl.where(s == m_blk[:, None], ts, float("-inf")), 1)
         p = _exp(s - m_use[:, None], BASE2)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_new = l_i * alpha + tl.sum(p, 1)
+        if TANGENT:
+            if SHIFT:  # c = a/l, a = Ṡ of the row's arg-max key (c_i: the c of the previous block, a = c·l):
+                # re-base r, T̃ on the new c, then rescale
+                a_new = tl.where(m_blk > m_i, a_blk, c_i * l_i)
+                c_use = tl.where(l_new > 0.0, a_new / l_new, 0.0)
+                dc = c_i - c_use
+                r_i = (r_i + dc * l_i) * alpha
+                tacc = (tacc + dc[:, None] * acc) * alpha[:, None]
+                c_i = c_use
+            else:
+                tacc = tacc * alpha[:, None]
+        l_i = l_new
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     elif HAS_LO:  # S − lse_hi first (exact near the row max), then the low word
@@ -199,17 +227,17 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq
     else:
         p = _exp(s - m_i[:, None], BASE2)
     if TANGENT:
-        if PRIMAL:
-            r_i = r_i * alpha
-            tacc = tacc * alpha[:, None]
         if HAS_TQ or HAS_TK:
-            pts = p * (ts * scale)  # P̃⊙Ṡ in fp32; masked entries have P̃ = 0 and finite Ṡ
+            if not SHIFT:  # two_pass: c = 0
+                ts = ts * scale
+                c_use = c_i
+            pts = p * (ts - c_use[:, None])  # P̃⊙(Ṡ − c) in fp32; masked entries have P̃ = 0 and finite Ṡ
             r_i += tl.sum(pts, 1)
             tacc = tl.dot(pts.to(v.dtype), v, tacc, input_precision=DOT_PREC)
         if HAS_TV:
             tv = _ld(tv_base + cols[:, None] * stvs + offs_dv[None, :], v_msk, VM)
             tacc = tl.dot(p.to(tv.dtype), tv, tacc, input_precision=DOT_PREC)
-    return m_i, l_i, acc, r_i, tacc
+    return m_i, l_i, acc, r_i, c_i, tacc
 
 
 @triton.jit
@@ -264,6 +292,7 @@ def _attn_fwd_kernel(
     lo_i = tl.zeros([BM], tl.float32)
     if HAS_LO and not PRIMAL:
         lo_i = tl.load(LO + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
+    c_i = tl.zeros([BM], tl.float32)  # the tangent shift c of the fused pass (0 in two_pass)
     if TANGENT:
         r_i = tl.zeros([BM], tl.float32)
         tacc = tl.zeros([BM, BDV], tl.float32)
@@ -281,13 +310,13 @@ def _attn_fwd_kernel(
         hi = tl.minimum(Sk, pid * BM + BM + Sk - Sq)
         n_full = tl.minimum(n_full, tl.maximum(0, ((pid * BM + Sk - Sq + 1) // BN) * BN))
     for n0 in range(0, n_full, BN):
-        m_i, l_i, acc, r_i, tacc = _fwd_step(
-            q, tq, m_i, lo_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+        m_i, l_i, acc, r_i, c_i, tacc = _fwd_step(
+            q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
             DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO)
     for n0 in range(n_full, hi, BN):
-        m_i, l_i, acc, r_i, tacc = _fwd_step(
-            q, tq, m_i, lo_i, l_i, acc, r_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+        m_i, l_i, acc, r_i, c_i, tacc = _fwd_step(
+            q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
             DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO)
 
@@ -310,8 +339,9 @@ def _attn_fwd_kernel(
         inv = tl.full([BM], 1.0, tl.float32)
         o = tl.load(o_ptrs, mask=o_msk, other=0.0).to(tl.float32)
     if TANGENT:
-        mu = r_i * inv
-        to = tacc * inv[:, None] - mu[:, None] * o
+        dmu = r_i * inv  # μ − c
+        to = tacc * inv[:, None] - dmu[:, None] * o
+        mu = c_i + dmu  # 0 for a row that sees no key (c = 0, r = 0)
         tl.store(TO + b * stob + h * stoh + offs_m[:, None] * stos + offs_dv[None, :], to.to(TO.dtype.element_ty),
                  mask=o_msk)
         tl.store(MU + b * slb + h * slh + offs_m, mu, mask=row_ok)

@@ -99,9 +99,14 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
             muc = torch.zeros_like(l_)
             toc = torch.zeros_like(oc)
         else:
-            pts = p * (ts * scale)
-            muc = pts.sum(-1, keepdim=True)
-            toc = torch.matmul(pts, vv) - muc * oc
+            # shifted by c = P·Ṡ of each row's arg-max key (as the Triton kernels): where one key dominates,
+            # Ȯ = Σ P(Ṡ − c)v − (μ − c)·O does not cancel |Ṡ||v|-sized terms
+            ts = ts * scale
+            arg = s.argmax(-1, keepdim=True)
+            c = p.gather(-1, arg) * ts.gather(-1, arg)
+            pts = p * (ts - c)
+            toc = torch.matmul(pts, vv) - pts.sum(-1, keepdim=True) * oc
+            muc = (p * ts).sum(-1, keepdim=True)  # unshifted: c + Σ P(Ṡ − c) carries ulp(c) where μ is small
         if tvv is not None:
             toc = toc + torch.matmul(p, tvv)
         if to is not None:
