@@ -66,7 +66,8 @@ def oracle_kd(student, teacher, *, divergence="fkl", beta=0.5, skew=0.1, tempera
     x = student.detach().to(compute_dtype).requires_grad_()
     V = x.shape[-1]
     zs = x.reshape(-1, V)
-    zt = teacher.detach().to(compute_dtype).reshape(-1, teacher.shape[-1])
+    # a teacher that requires grad keeps its graph (the fused-linear tests' rounding floor differentiates it)
+    zt = (teacher if teacher.requires_grad else teacher.detach()).to(compute_dtype).reshape(-1, teacher.shape[-1])
     N = zs.shape[0]
     # extra teacher columns dropped before its softmax
     zs, zt = oracle_transform(zs, logit_scale, softcap), oracle_transform(zt[:, :V], logit_scale, softcap)
