@@ -260,6 +260,12 @@ struct Online {
   float ms, ls, mt, lt, acc, m1, l1;
 };
 
+// fkl / rkl running sums Σ w·(d_w − d_o), d = u − m in each model's frame: moving the weighting model's frame
+// from mw to mw2 and the other's from mo to mo2 changes every term by −δ, δ = (mw2 − mw) − (mo2 − mo)
+__device__ __forceinline__ float frame_shift(float mw, float mw2, float mo, float mo2) {
+  return (safe(mw2) - safe(mw)) - (safe(mo2) - safe(mo));
+}
+
 template <int SDIV>
 __device__ __forceinline__ Online merge(const Online& a, const Online& b, bool ce_sep) {
   Online r;
@@ -269,8 +275,12 @@ __device__ __forceinline__ Online merge(const Online& a, const Online& b, bool c
   const float at = __expf(a.mt - safe(r.mt)), bt = __expf(b.mt - safe(r.mt));
   r.ls = a.ls * as + b.ls * bs;
   r.lt = a.lt * at + b.lt * bt;
-  if constexpr (SDIV == DIV_FKL) r.acc = rescale(a.acc, at) + rescale(b.acc, bt);
-  else if constexpr (SDIV == DIV_RKL) r.acc = rescale(a.acc, as) + rescale(b.acc, bs);
+  if constexpr (SDIV == DIV_FKL)
+    r.acc = rescale(a.acc - frame_shift(a.mt, r.mt, a.ms, r.ms) * a.lt, at) +
+            rescale(b.acc - frame_shift(b.mt, r.mt, b.ms, r.ms) * b.lt, bt);
+  else if constexpr (SDIV == DIV_RKL)
+    r.acc = rescale(a.acc - frame_shift(a.ms, r.ms, a.mt, r.mt) * a.ls, as) +
+            rescale(b.acc - frame_shift(b.ms, r.ms, b.mt, r.mt) * b.ls, bs);
   else r.acc = 0.0f;
   r.m1 = a.m1, r.l1 = a.l1;
   if (ce_sep) {
@@ -352,13 +362,18 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
       const float es = __expf(us - safe(ms_new)), et = __expf(ut[k] - safe(mt_new));
       sum_s += es;
       sum_t += et;
-      if constexpr (SDIV == DIV_FKL) sum_a += et > 0.0f ? et * (ut[k] - us) : 0.0f;
-      else if constexpr (SDIV == DIV_RKL) sum_a += es > 0.0f ? es * (us - ut[k]) : 0.0f;
+      // each model's log-ratio in its own max frame: u_t − u_s would carry the models' logit offset (ulp of it)
+      const float d = (ut[k] - safe(mt_new)) - (us - safe(ms_new));
+      if constexpr (SDIV == DIV_FKL) sum_a += et > 0.0f ? et * d : 0.0f;
+      else if constexpr (SDIV == DIV_RKL) sum_a += es > 0.0f ? es * -d : 0.0f;
     }
+    // the old sum re-based on the new frames (weighted by the old l), then rescaled
+    if constexpr (SDIV == DIV_FKL)
+      o.acc = rescale(o.acc - frame_shift(o.mt, mt_new, o.ms, ms_new) * o.lt, rt) + sum_a;
+    else if constexpr (SDIV == DIV_RKL)
+      o.acc = rescale(o.acc - frame_shift(o.ms, ms_new, o.mt, mt_new) * o.ls, rs) + sum_a;
     o.ls = o.ls * rs + sum_s;
     o.lt = o.lt * rt + sum_t;
-    if constexpr (SDIV == DIV_FKL) o.acc = rescale(o.acc, rt) + sum_a;
-    else if constexpr (SDIV == DIV_RKL) o.acc = rescale(o.acc, rs) + sum_a;
     if (ce_sep) {
       const float m1_new = fmaxf(o.m1, bz);
       float sum_1 = 0.0f;
@@ -397,8 +412,9 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
     else ce = __int_as_float(0x7fc00000);  // NaN: an out-of-range label
   }
   float D = 0.0f;
-  if constexpr (SDIV == DIV_FKL) D = clamp0(__fdiv_rn(o.acc, o.lt) + ((lse_s - lse_t) + (lo_s - lo_t)));
-  else if constexpr (SDIV == DIV_RKL) D = clamp0(__fdiv_rn(o.acc, o.ls) + ((lse_t - lse_s) + (lo_t - lo_s)));
+  // Σ p (log p − log q) = A/l_t + (m_t − m_s) − lse_t + lse_s = A/l_t + ln(l_s / l_t): free of the offset too
+  if constexpr (SDIV == DIV_FKL) D = clamp0(__fdiv_rn(o.acc, o.lt) + log_row(__fdiv_rn(o.ls, o.lt)));
+  else if constexpr (SDIV == DIV_RKL) D = clamp0(__fdiv_rn(o.acc, o.ls) + log_row(__fdiv_rn(o.lt, o.ls)));
   float loss = (p.alpha < 1.0f ? (1.0f - p.alpha) * p.t2 * D : 0.0f) + p.alpha * ce;  // α = 1: no KD term
   loss = weighted(loss, a.w, row, a.flags & F_W);
   float* st = a.st + row * NSTATE;

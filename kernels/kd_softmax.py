@@ -3,8 +3,9 @@ in blocks of BLOCK_V with online max / sum-exp for student and teacher together.
 
   _kd_stats_kernel   pass 1: lse of both models (and the untempered student lse for CE), the
                      label logit, and for fkl / rkl the divergence itself through the rescaled
-                     running sums Σ e^{u_t − m_t}(u_t − u_s) (fkl) or Σ e^{u_s − m_s}(u_s − u_t) (rkl):
-                     Σ p (log p − log q) = A/l_t + lse_s − lse_t.
+                     running sums A = Σ e^{u_t − m_t}((u_t − m_t) − (u_s − m_s)) (fkl; rkl with the
+                     roles swapped), re-based when the maxima move: Σ p (log p − log q) = A/l_t + ln(l_s / l_t), free of
+                     the two models' logit offset.
   _kd_div_kernel     pass 2 (jsd / skl / srkl / tvd): with both lse known, the divergence and the
                      row sum S = Σ q·g that the softmax Jacobian of their gradient needs.
   _kd_reduce_kernel  one program: the valid-row count and the reduced loss (fixed order).
@@ -242,12 +243,19 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
         et = tl.exp(ut - _safe(mt_new))
         rs = tl.exp(m_s - _safe(ms_new))
         rt = tl.exp(m_t - _safe(mt_new))
+        # fkl / rkl: Σ w·(d_w − d_o) with d = u − m in each model's own frame (never u_t − u_s: that carries the
+        # two models' logit offset, ulp(offset) in every term); moving frames re-bases the old sum by
+        # δ = (m_w,new − m_w,old) − (m_o,new − m_o,old) times its old weight (l before this block), then rescales
+        if DIV == 0:
+            dlt = (_safe(mt_new) - _safe(m_t)) - (_safe(ms_new) - _safe(m_s))
+            d = (ut - _safe(mt_new)) - (us - _safe(ms_new))
+            acc = _rescale(acc - dlt * l_t, rt) + tl.sum(tl.where(et > 0, et * d, 0.0), 0)
+        elif DIV == 1:
+            dlt = (_safe(ms_new) - _safe(m_s)) - (_safe(mt_new) - _safe(m_t))
+            d = (us - _safe(ms_new)) - (ut - _safe(mt_new))
+            acc = _rescale(acc - dlt * l_s, rs) + tl.sum(tl.where(es > 0, es * d, 0.0), 0)
         l_s = l_s * rs + tl.sum(es, 0)
         l_t = l_t * rt + tl.sum(et, 0)
-        if DIV == 0:
-            acc = _rescale(acc, rt) + tl.sum(tl.where(et > 0, et * (ut - us), 0.0), 0)
-        elif DIV == 1:
-            acc = _rescale(acc, rs) + tl.sum(tl.where(es > 0, es * (us - ut), 0.0), 0)
         if CE_SEP:
             m1_new = tl.maximum(m_1, tl.max(z, 0))
             l_1 = l_1 * tl.exp(m_1 - _safe(m1_new)) + tl.sum(tl.exp(z - _safe(m1_new)), 0)
@@ -271,10 +279,11 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
     if CE:
         ce = tl.where((label >= 0) & (label < V), lse_1 - zl, float("nan"))
     D = zero
+    # Σ p (log p − log q) = A/l_t + (m_t − m_s) − lse_t + lse_s = A/l_t + ln(l_s / l_t): no offset either
     if DIV == 0:
-        D = _clamp0(acc / l_t + ((lse_s - lse_t) + (lo_s - lo_t)))
+        D = _clamp0(acc / l_t + tl.log(l_s / l_t))
     elif DIV == 1:
-        D = _clamp0(acc / l_s + ((lse_t - lse_s) + (lo_t - lo_s)))
+        D = _clamp0(acc / l_s + tl.log(l_t / l_s))
     loss = _weighted(_mix(D, ce, alpha, t2), w_ptr, row, HAS_W, ACC)
     st = st_ptr + row * 10
     tl.store(st + 8, lo_s)

@@ -369,6 +369,15 @@ def test_emulated_kd_nonfinite_dense_rows(kd_cuda_on_cpu):
     check_nonfinite_dense_rows()
 
 
+@pytest.mark.parametrize("div", ["fkl", "rkl"])
+def test_emulated_kd_teacher_offset_accuracy(kd_cuda_on_cpu, div):
+    """fkl / rkl with a teacher offset by +30 logits from a close student: the per-thread sums and the warp merges
+    keep each model's own max frame (tests/test_kd.py, the same rows and rule)."""
+    from test_kd import check_teacher_offset
+
+    check_teacher_offset(div, lambda s, t: fastdistill.kd_loss(s, t, divergence=div, reduction="none"))
+
+
 def test_emulated_kd_softcap_saturated_gradient(kd_cuda_on_cpu):
     from test_kd import check_softcap_saturated
 

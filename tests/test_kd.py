@@ -615,6 +615,36 @@ def test_kd_mixture_divergences_close_teacher_accuracy(use, div):
     assert err(got) <= 2 * err(plain) + 1e-6, (err(got), err(plain))
 
 
+def teacher_offset_case(div: str):
+    """fp32 student logits with a column ramp (the row max moves block after block), a teacher close to the student
+    but offset by +30 logits: (student, teacher, fp64 reference loss per row, plain PyTorch's loss per row)."""
+    g = gen(24)
+    s = torch.randn(4, 5000, generator=g, dtype=F64) * 2 + torch.linspace(0, 6, 5000, dtype=F64)
+    t = s + 30 + 0.05 * torch.randn(4, 5000, generator=g, dtype=F64)
+    s32, t32 = s.float(), t.float()
+    with fd.use_backend("reference"):
+        ref = fd.kd_loss(s32.double(), t32.double(), divergence=div, reduction="none", accum_dtype=F64)
+    lq, lp = torch.log_softmax(s32, -1), torch.log_softmax(t32, -1)
+    plain = (lp.exp() * (lp - lq)).sum(-1) if div == "fkl" else (lq.exp() * (lq - lp)).sum(-1)
+    return s32, t32, ref, plain
+
+
+def check_teacher_offset(div: str, got_of) -> None:
+    """The tolerance rule (2x plain PyTorch + 1e-6) for the loss of ``got_of(student, teacher)``."""
+    s32, t32, ref, plain = teacher_offset_case(div)
+    err = lambda a: ((a.double() - ref).abs() / ref.abs()).max().item()  # noqa: E731
+    got = got_of(s32, t32)
+    assert err(got) <= 2 * err(plain) + 1e-6, (err(got), err(plain))
+
+
+@pytest.mark.parametrize("div", ["fkl", "rkl"])
+def test_kd_fkl_rkl_teacher_offset_accuracy(use, div):
+    """A teacher whose logits are offset from the student's (+30) and close to it otherwise (D ~ 1e-3): the
+    closed-form fkl / rkl sums are kept in each model's own max frame, so the offset never enters a term (as
+    u_t − u_s it cost ~ulp(30) per term: 11x plain PyTorch's error at an offset of 20, worse as D shrinks)."""
+    check_teacher_offset(div, lambda s, t: fd.kd_loss(s, t, divergence=div, reduction="none"))
+
+
 @pytest.mark.parametrize("N", [0, 3], ids=["empty", "rows"])
 def test_kd_custom_op_opcheck(use, N):
     """The torch.compile custom op: its registered fake (state [N, 10]) matches the real outputs, the empty

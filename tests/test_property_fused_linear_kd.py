@@ -710,20 +710,16 @@ FOUND = {
                                          h_layout="permuted", scale=0.3, shift=-15.0, need=(False, True, False),
                                          teacher_grad=True, chunk=8, reduction="none", softcap=5.0,
                                          weights=(F64, 0.3, False), up=-0.6),
-    # dense fkl (Triton; CUDA has the same closed form): D = A/l_t + (lse_s − lse_t), A = Σ e^{u_t − m_t}(u_t − u_s),
-    # cancels terms of the size of the teacher–student logit offset (here 20: teacher logits ~19.6, student ~−0.5,
-    # D = 0.053): ~u·|offset| absolute, 4.9e-6 relative, 11x plain PyTorch (log-softmax first). A strict xfail
-    # until the running sums are shifted by m_t − m_s (kernels/kd_softmax.py, _kd_stats_kernel)
+    # dense fkl (Triton; CUDA had the same closed form): D = A/l_t + (lse_s − lse_t), A = Σ e^{u_t − m_t}(u_t − u_s),
+    # cancelled terms of the size of the teacher–student logit offset (here 20: teacher logits ~19.6, student ~−0.5,
+    # D = 0.053): ~u·|offset| absolute, 4.9e-6 relative, 11x plain PyTorch (log-softmax first)
     "fkl-teacher-offset-loss-triton": found(backend="triton", lead=(1,), Hs=1, Ht=1, V=2, Vt=2, bias=False,
                                             tbias=False, teacher="logits", neg_inf_cols=True, shift=20.0,
                                             need=(False, False, False), chunk=1),
 }
-_XFAIL = {"fkl-teacher-offset-loss-triton": "known: the dense fkl / rkl closed form cancels the teacher-student "
-                                            "logit offset (see FOUND)"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_XFAIL[n]))
-                                  if n in _XFAIL else n for n in FOUND])
+@pytest.mark.parametrize("name", list(FOUND))
 def test_found_examples(name):
     """Examples the properties above found (library issues, see the comments in FOUND): the differential check."""
     c = FOUND[name]
