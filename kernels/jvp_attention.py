@@ -16,9 +16,9 @@ new c first (r += (c_old − c_new)·l, T̃ += (c_old − c_new)·Õ). Unshifted
 T̃/l − μ·O cancels two terms of size |Ṡ|·|v| where one key carries (almost) all of a row's
 weight (a single context token; the first row of causal attention; an attention sink): with
 c ≈ μ there, that key's term P̃⊙(Ṡ − c) is ≈ (1 − P)·Ṡ (exactly 0 for one key) and the
-cancellation is gone; elsewhere |c| ≤ P·|Ṡ| keeps μ = c + r/l as accurate as Σ P̃⊙Ṡ / l. The
-tangent pass of two_pass keeps c = 0 (it has no Õ to re-base with, and forming c before its
-loop spills registers on sm_90a): the one-key cancellation stays there.
+cancellation is gone; elsewhere |c| ≤ P·|Ṡ| keeps μ = c + r/l as accurate as Σ P̃⊙Ṡ / l. In
+two_pass, P is final in the tangent pass (nothing to re-base): the primal pass records each row's
+arg-max key, and _arg_shift_kernel forms c = P·Ṡ of that key with row-wise dots in between.
 
 A row that sees no key (causal with Sq > Sk, Sk = 0) keeps l = 0 and gets O = Ȯ = 0, μ = 0,
 lse = −inf. ``two_pass`` is the alternative of DESIGN.md: the primal pass stores O and lse, then the
@@ -76,7 +76,9 @@ FUSED_MAX_HEAD_DIM = 128  # above: the fused pass spills at every block shape; t
 # schedules and one both backward kernels; the compiled grid is
 # benchmarks/results/attn_config_search_sm80.csv. Not timed: no Ampere GPU has been lent.
 _SM80_FWD_PLAIN = {32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 64, 4, 2)}
-_SM80_FWD_TANGENT = {32: (128, 64, 8, 2), 64: (128, 16, 8, 2), 128: (32, 16, 8, 2), 256: (16, 32, 8, 2)}
+# Head dim 256 (two_pass only): 16×16 since the tangent pass carries the shift c (16×32 spilled 12 bytes; the csv
+# predates the shift).
+_SM80_FWD_TANGENT = {32: (128, 64, 8, 2), 64: (128, 16, 8, 2), 128: (32, 16, 8, 2), 256: (16, 16, 8, 2)}
 _SM80_BWD = {32: (64, 64, 8, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 2)}
 SM80_FUSED_MAX_HEAD_DIM = 128
 
@@ -169,7 +171,7 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, of
               DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
               PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, BASE2: tl.constexpr,
-              HAS_LO: tl.constexpr):
+              HAS_LO: tl.constexpr, ARG: tl.constexpr):
     """One key block of the forward (see the module docstring). MASKED: the block may hold keys
     past Sk or (causal) keys above the diagonal; unmasked blocks skip every sequence mask."""
     cols = n0 + offs_n
@@ -206,6 +208,9 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, of
         if SHIFT:  # Ṡ at the block's max from s before P̃ replaces it (s, Ṡ and P̃ never live together)
             ts = ts * scale
             a_blk = tl.max(tl.where(s == m_blk[:, None], ts, float("-inf")), 1)
+        if ARG:  # the first key at the block's max, where it raises the row's (as a float: exact below 2^24)
+            k_blk = tl.min(tl.where(s == m_blk[:, None], cols[None, :], Sk), 1)
+            c_i = tl.where(m_blk > m_i, k_blk.to(tl.float32), c_i)
         p = _exp(s - m_use[:, None], BASE2)
         l_new = l_i * alpha + tl.sum(p, 1)
         if TANGENT:
@@ -228,7 +233,7 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, of
         p = _exp(s - m_i[:, None], BASE2)
     if TANGENT:
         if HAS_TQ or HAS_TK:
-            if not SHIFT:  # two_pass: c = 0
+            if not SHIFT:  # two_pass: c from _arg_shift_kernel (0 where the kernel is used without it)
                 ts = ts * scale
                 c_use = c_i
             pts = p * (ts - c_use[:, None])  # P̃⊙(Ṡ − c) in fp32; masked entries have P̃ = 0 and finite Ṡ
@@ -251,10 +256,11 @@ def _attn_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr, BASE2: tl.constexpr,
-    HAS_LO: tl.constexpr,
+    HAS_LO: tl.constexpr, ARG: tl.constexpr,
 ):
-    # PRIMAL and TANGENT: the fused pass. PRIMAL only: plain flash attention (O, lse).
-    # TANGENT only: the second pass of two_pass mode (reads lse and O, writes Ȯ and μ).
+    # PRIMAL and TANGENT: the fused pass. PRIMAL only: plain flash attention (O, lse); ARG: also each row's
+    # arg-max key index, into MU (the primal pass of two_pass). TANGENT only: the second pass of two_pass (reads
+    # lse, O and the shift c that _arg_shift_kernel left in MU; writes Ȯ and μ).
     pid = tl.program_id(0)
     if CAUSAL:  # heavy (late) query blocks first
         pid = tl.num_programs(0) - 1 - pid
@@ -292,7 +298,9 @@ def _attn_fwd_kernel(
     lo_i = tl.zeros([BM], tl.float32)
     if HAS_LO and not PRIMAL:
         lo_i = tl.load(LO + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
-    c_i = tl.zeros([BM], tl.float32)  # the tangent shift c of the fused pass (0 in two_pass)
+    c_i = tl.zeros([BM], tl.float32)  # the tangent shift c (ARG: the running arg-max key's index)
+    if TANGENT and not PRIMAL and (HAS_TQ or HAS_TK):  # two_pass: c from _arg_shift_kernel
+        c_i = tl.load(MU + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
     if TANGENT:
         r_i = tl.zeros([BM], tl.float32)
         tacc = tl.zeros([BM, BDV], tl.float32)
@@ -313,12 +321,14 @@ def _attn_fwd_kernel(
         m_i, l_i, acc, r_i, c_i, tacc = _fwd_step(
             q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
-            DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO)
+            DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO,
+            ARG)
     for n0 in range(n_full, hi, BN):
         m_i, l_i, acc, r_i, c_i, tacc = _fwd_step(
             q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
-            DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO)
+            DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO,
+            ARG)
 
     o_msk = row_ok[:, None] & dv_ok[None, :]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
@@ -335,6 +345,8 @@ def _attn_fwd_kernel(
             m_back = lse - log_l
             lo = (m_nat - m_back) + (log_l - (lse - m_back))
             tl.store(LO + b * slb + h * slh + offs_m, tl.where(seen, lo, 0.0), mask=row_ok)
+        if ARG:
+            tl.store(MU + b * slb + h * slh + offs_m, c_i, mask=row_ok)
     else:
         inv = tl.full([BM], 1.0, tl.float32)
         o = tl.load(o_ptrs, mask=o_msk, other=0.0).to(tl.float32)
@@ -400,8 +412,57 @@ def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, 
         DQK=Dqk, DV=Dv, BDQK=max(16, triton.next_power_of_2(Dqk)), BDV=max(16, triton.next_power_of_2(Dv)),
         BM=BM, BN=BN, CAUSAL=bool(causal), HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
         PRIMAL=primal, TANGENT=tangent, DOT_PREC=_dot_prec(q), WIDE=_wide(q, k, v, tq, tk, tv, o, to),
-        BASE2=q.dtype != torch.float32, HAS_LO=lo is not None,
+        BASE2=q.dtype != torch.float32, HAS_LO=lo is not None, ARG=primal and not tangent and mu is not None,
         num_warps=warps, num_stages=stages,
+    )
+
+
+@triton.jit
+def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, sqb, sqh, sqs, skb, skh, sks, stqb, stqh, stqs, stkb, stkh, stks,
+                      slb, slh, G, Sq, scale, DQK: tl.constexpr, BDQK: tl.constexpr, BM: tl.constexpr,
+                      HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_LO: tl.constexpr, WIDE: tl.constexpr):
+    """two_pass, between its passes: MU holds each row's arg-max key j (the primal pass, ARG); replace it with the
+    tangent shift c = P_j·Ṡ_j = exp(s·q·k_j − lse)·s·(q̇·k_j + q·k̇_j), row-wise dots in fp32 (0 for a row that
+    sees no key). A kernel of its own: formed in the tangent pass's prologue it spills registers."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // G
+    offs_m = pid * BM + tl.arange(0, BM)
+    if WIDE:
+        offs_m = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, BDQK)
+    lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < Sq, other=float("-inf"))
+    ok = (offs_m < Sq) & (lse != float("-inf"))
+    key = tl.load(MU + b * slb + h * slh + offs_m, mask=ok, other=0.0).to(offs_m.dtype)
+    msk = ok[:, None] & (offs_d < DQK)[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    kj = tl.load(K + b * skb + hk * skh + key[:, None] * sks + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    sd = tl.zeros([BM], tl.float32)
+    if HAS_TQ:
+        tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqs + offs_d[None, :], mask=msk, other=0.0)
+        sd += tl.sum(tq.to(tl.float32) * kj, 1)
+    if HAS_TK:
+        tkj = tl.load(TK + b * stkb + hk * stkh + key[:, None] * stks + offs_d[None, :], mask=msk, other=0.0)
+        sd += tl.sum(q * tkj.to(tl.float32), 1)
+    ls = tl.sum(q * kj, 1) * scale - tl.where(ok, lse, 0.0)  # ln P_j
+    if HAS_LO:
+        ls -= tl.load(LO + b * slb + h * slh + offs_m, mask=ok, other=0.0)
+    c = tl.where(ok, tl.exp(tl.minimum(ls, 0.0)) * (sd * scale), 0.0)
+    tl.store(MU + b * slb + h * slh + offs_m, c, mask=offs_m < Sq)
+
+
+ARG_SHIFT_BM, ARG_SHIFT_WARPS = 32, 4
+
+
+def _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale):
+    B, H, Sq, Dqk = q.shape
+    BM = ARG_SHIFT_BM
+    _arg_shift_kernel[(triton.cdiv(Sq, BM), H, B)](
+        q, k, q if tq is None else tq, k if tk is None else tk, lse, lse if lo is None else lo, mu,
+        *_s3(q, q), *_s3(k, k), *_s3(tq, q), *_s3(tk, k), lse.stride(0), lse.stride(1), H // k.shape[1], Sq, scale,
+        DQK=Dqk, BDQK=max(16, triton.next_power_of_2(Dqk)), BM=BM, HAS_TQ=tq is not None, HAS_TK=tk is not None,
+        HAS_LO=lo is not None, WIDE=_wide(q, k, tq, tk), num_warps=ARG_SHIFT_WARPS,
     )
 
 
@@ -425,9 +486,12 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
     arch = device_arch(q)
     fused = tangent and jvp_mode(Dqk, Dv, arch) == "fused"  # FASTDISTILL_ATTN_JVP is read only with tangents
-    if not fused:
-        _launch_fwd(q, k, v, None, None, None, o, None, lse, None, lo, causal, scale, True, False,
+    if not fused:  # two_pass; with Ṡ, the primal pass leaves each row's arg-max key in mu for the shift c
+        shift = tangent and (tq is not None or tk is not None)
+        _launch_fwd(q, k, v, None, None, None, o, None, lse, mu if shift else None, lo, causal, scale, True, False,
                     fwd_config(Dqk, Dv, False, f32, arch))
+        if shift:
+            _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale)
     if tangent:
         _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, fused, True,
                     fwd_config(Dqk, Dv, True, f32, arch))
