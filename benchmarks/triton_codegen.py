@@ -139,7 +139,7 @@ def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int,
         sig = dict(Q=f"*{dt}", K=f"*{dt}", TQ=f"*{dt}", TK=f"*{dt}", LSE="*fp32", LO="*fp32", MU="*fp32",
                    **{n: ("i32" if n.endswith("s") else "i64")
                       for n in "sqb sqh sqs skb skh sks stqb stqh stqs stkb stkh stks slb slh".split()},
-                   G="i32", Sq="i32", scale="fp32")
+                   G="i32", Sq="i32", Sk="i32", scale="fp32")
         ce = dict(DQK=dqk, BDQK=bdq, BM=A.ARG_SHIFT_BM, HAS_TQ=True, HAS_TK=True, HAS_LO=f32, WIDE=False)
         return f"attn shift {dt} D{dqk}", A._arg_shift_kernel, sig, ce, A.ARG_SHIFT_WARPS, 3
     ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False, HAS_LO=f32)

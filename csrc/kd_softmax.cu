@@ -5,8 +5,9 @@
 //
 //   1. kd_stats_kernel   grid (N): lse of both models (and the untempered student lse for CE when
 //      T != 1), the label logit, validity, and for fkl / rkl the divergence itself through the
-//      rescaled running sums A = Σ e^{u_t − m_t}(u_t − u_s) (fkl) or Σ e^{u_s − m_s}(u_s − u_t) (rkl):
-//      D = A/l_t + lse_s − lse_t (fkl), A/l_s + lse_t − lse_s (rkl).
+//      rescaled running sums A = Σ e^{u_t − m_t}((u_t − m_t) − (u_s − m_s)) (fkl; rkl with the roles
+//      swapped), each log-ratio in its model's own max frame and re-based when a max moves (frame_shift):
+//      D = A/l_t + ln(l_s / l_t) (fkl), A/l_s + ln(l_t / l_s) (rkl), free of the models' logit offset.
 //   2. kd_div_kernel     grid (N), jsd / skl / srkl / tvd only: with both lse known, D and the row
 //      sum S = Σ q·g that the softmax Jacobian of their gradient needs.
 //   3. kd_reduce_kernel  one CTA: the valid-row count and the reduced loss, fixed order.

@@ -264,7 +264,7 @@ def _attn_fwd_kernel(
     pid = tl.program_id(0)
     if CAUSAL:  # heavy (late) query blocks first
         pid = tl.num_programs(0) - 1 - pid
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # h × head stride can pass 2^31 while each is below it
     b = tl.program_id(2).to(tl.int64)
     hk = h // G
     offs_m = pid * BM + tl.arange(0, BM)
@@ -419,13 +419,13 @@ def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, 
 
 @triton.jit
 def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, sqb, sqh, sqs, skb, skh, sks, stqb, stqh, stqs, stkb, stkh, stks,
-                      slb, slh, G, Sq, scale, DQK: tl.constexpr, BDQK: tl.constexpr, BM: tl.constexpr,
+                      slb, slh, G, Sq, Sk, scale, DQK: tl.constexpr, BDQK: tl.constexpr, BM: tl.constexpr,
                       HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_LO: tl.constexpr, WIDE: tl.constexpr):
     """two_pass, between its passes: MU holds each row's arg-max key j (the primal pass, ARG); replace it with the
     tangent shift c = P_j·Ṡ_j = exp(s·q·k_j − lse)·s·(q̇·k_j + q·k̇_j), row-wise dots in fp32 (0 for a row that
     sees no key). A kernel of its own: formed in the tangent pass's prologue it spills registers."""
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # h × head stride can pass 2^31 while each is below it
     b = tl.program_id(2).to(tl.int64)
     hk = h // G
     offs_m = pid * BM + tl.arange(0, BM)
@@ -434,7 +434,9 @@ def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, sqb, sqh, sqs, skb, skh, sks, s
     offs_d = tl.arange(0, BDQK)
     lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < Sq, other=float("-inf"))
     ok = (offs_m < Sq) & (lse != float("-inf"))
-    key = tl.load(MU + b * slb + h * slh + offs_m, mask=ok, other=0.0).to(offs_m.dtype)
+    # the index as recorded (a float: past 2^24 keys it may round, even to Sk; any key is exact, only c's accuracy
+    # depends on it)
+    key = tl.minimum(tl.load(MU + b * slb + h * slh + offs_m, mask=ok, other=0.0).to(offs_m.dtype), Sk - 1)
     msk = ok[:, None] & (offs_d < DQK)[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
     kj = tl.load(K + b * skb + hk * skh + key[:, None] * sks + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
@@ -460,7 +462,8 @@ def _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale):
     BM = ARG_SHIFT_BM
     _arg_shift_kernel[(triton.cdiv(Sq, BM), H, B)](
         q, k, q if tq is None else tq, k if tk is None else tk, lse, lse if lo is None else lo, mu,
-        *_s3(q, q), *_s3(k, k), *_s3(tq, q), *_s3(tk, k), lse.stride(0), lse.stride(1), H // k.shape[1], Sq, scale,
+        *_s3(q, q), *_s3(k, k), *_s3(tq, q), *_s3(tk, k), lse.stride(0), lse.stride(1), H // k.shape[1], Sq,
+        k.shape[2], scale,
         DQK=Dqk, BDQK=max(16, triton.next_power_of_2(Dqk)), BM=BM, HAS_TQ=tq is not None, HAS_TK=tk is not None,
         HAS_LO=lo is not None, WIDE=_wide(q, k, tq, tk), num_warps=ARG_SHIFT_WARPS,
     )
@@ -481,6 +484,8 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     tangent = to is not None
     if tangent and mu is None:
         mu = torch.empty_like(lse)
+    if mu is not None and mu.stride() != lse.stride():  # the kernels address both with lse's strides
+        raise ValueError(f"mu: expected lse's strides {lse.stride()}, got {mu.stride()}")
     Dv = v.shape[3]
     f32 = q.dtype == torch.float32
     lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
@@ -504,7 +509,7 @@ def _attn_bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, sos, sdb, sdh, sds, slb, 
                          WIDE: tl.constexpr):
     # Δ = rowsum(dO ⊙ O) − dlse, into a contiguous fp32 [B, H, Sq] buffer
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # h × head stride can pass 2^31 while each is below it
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid * BM + tl.arange(0, BM)
     if WIDE:
@@ -533,6 +538,7 @@ def _attn_bwd_dkdv_kernel(
     # dv = Σ Pᵀ dO, dk = s·Σ dSᵀ q with dS = P ⊙ (dO vᵀ − Δ). Transposed tiles: [BN, BM].
     pid = tl.program_id(0)
     hk = tl.program_id(1)
+    hk64 = hk.to(tl.int64)  # hk × head stride can pass 2^31 while each is below it
     b = tl.program_id(2).to(tl.int64)
     offs_n = pid * BN + tl.arange(0, BN)
     offs_m0 = tl.arange(0, BM)
@@ -546,8 +552,8 @@ def _attn_bwd_dkdv_kernel(
     dv_ok = offs_dv < DV
     k_msk = col_ok[:, None] & dq_ok[None, :]
     v_msk = col_ok[:, None] & dv_ok[None, :]
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_dq[None, :], mask=k_msk, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_dv[None, :], mask=v_msk, other=0.0)
+    k = tl.load(K + b * skb + hk64 * skh + offs_n[:, None] * sks + offs_dq[None, :], mask=k_msk, other=0.0)
+    v = tl.load(V + b * svb + hk64 * svh + offs_n[:, None] * svs + offs_dv[None, :], mask=v_msk, other=0.0)
     dk = tl.zeros([BN, BDQK], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
     lo = 0
@@ -555,9 +561,12 @@ def _attn_bwd_dkdv_kernel(
         lo = tl.maximum(0, pid * BN - (Sk - Sq))
         lo = (lo // BM) * BM
     for g in range(0, G):
-        h = hk * G + g
+        h = (hk * G + g).to(tl.int64)
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdb + h * sdh
+        lse_base = LSE + b * slb + h * slh  # per query head: hoisted out of the query-block loop
+        lo_base = LO + b * slb + h * slh
+        delta_base = DELTA + (b * H + h) * Sq
         for m0 in range(lo, Sq, BM):
             offs_m = m0 + offs_m0
             row_ok = offs_m < Sq
@@ -565,11 +574,11 @@ def _attn_bwd_dkdv_kernel(
                         other=0.0)
             do = tl.load(do_base + offs_m[:, None] * sds + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :],
                          other=0.0)
-            lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
             lse_lo = tl.zeros([BM], tl.float32)
             if HAS_LO:
-                lse_lo = tl.load(LO + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
+                lse_lo = tl.load(lo_base + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
             ok = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
@@ -581,9 +590,9 @@ def _attn_bwd_dkdv_kernel(
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dst = pt * (dpt - delta[None, :])
             dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_dq[None, :]
+    dk_ptrs = DK + b * sdkb + hk64 * sdkh + offs_n[:, None] * sdks + offs_dq[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=k_msk)
-    tl.store(DV_ + b * sdvb + hk * sdvh + offs_n[:, None] * sdvs + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+    tl.store(DV_ + b * sdvb + hk64 * sdvh + offs_n[:, None] * sdvs + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
              mask=v_msk)
 
 
@@ -600,7 +609,7 @@ def _attn_bwd_dq_kernel(
     pid = tl.program_id(0)
     if CAUSAL:
         pid = tl.num_programs(0) - 1 - pid
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # h × head stride can pass 2^31 while each is below it
     b = tl.program_id(2).to(tl.int64)
     hk = h // G
     offs_m = pid * BM + tl.arange(0, BM)

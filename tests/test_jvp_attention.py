@@ -530,6 +530,35 @@ def test_fp32_large_logits_low_word(backend, monkeypatch, mode):
             assert err <= 1.25 * err_plain + 1e-7, f"seed {seed} {name}: {err:.3e} vs plain fp32 {err_plain:.3e}"
 
 
+@pytest.mark.parametrize("mode", ["fused", "two_pass"])
+def test_head_offsets_past_2_31(monkeypatch, mode):
+    """A head stride below 2^31 elements whose multiple by the head index is not (q's heads 1.5·2^30 apart, head 2
+    at 3·2^30): the head offsets are 64-bit (they were int32 products; the interpreter read outside q, a segfault).
+    A lazily allocated 6.4 GB storage of which a few pages are touched; results equal the contiguous call's."""
+    if not fd._backend.interpreting():
+        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTDISTILL_ATTN_JVP", mode)
+    S, D, H, hs = 8, 16, 3, 3 * 2**29
+    try:
+        big = torch.empty(2 * hs + S * D, dtype=F16)
+    except RuntimeError as exc:  # no virtual memory for the lazy allocation
+        pytest.skip(f"cannot reserve the strided storage: {exc}")
+    q = big.as_strided((1, H, S, D), (H * hs, hs, D, 1))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        q.copy_(torch.randn(1, H, S, D, generator=g).to(F16))
+    k, v, tq, tk, go = (torch.randn(1, H, S, D, generator=g).to(F16) for _ in range(5))
+    outs = []
+    for qx in (q, q.contiguous()):
+        leaves = [x.detach().requires_grad_() for x in (qx, k, v)]
+        with fd.use_backend("triton"):
+            o, to, lse, mu = fd.jvp_attention(*leaves, tq, tk, None, layout="bhsd", return_lse=True)
+            grads = torch.autograd.grad(o, leaves, go)
+        outs.append([o, to, lse, mu, *grads])
+    for name, a, b in zip(("o", "to", "lse", "dlse", "dq", "dk", "dv"), *outs):
+        assert torch.equal(a, b), name
+
+
 def test_wide_offsets(monkeypatch):
     """The 64-bit offset path (taken when S × sequence stride needs more than 32 bits, too large to
     allocate here) gives the same results as the 32-bit one: forced on through the launcher's switch."""
