@@ -651,7 +651,10 @@ def differential(c: Case):
     w_loss, w_grads, _ = written(c, T, exact=True)
     assert_finite_rel(ref[0], w_loss, TOL, "kd_loss (fp64) vs the written-out oracle: loss")
     for k, g in w_grads.items():
-        assert_rel(ref[1][k], g, TOL, f"kd_loss (fp64) vs the written-out oracle: d{k}")
+        # two fp64 evaluations of a gradient that can be a cancelling remainder of O(1) terms (tail_bucket rkl, a
+        # confident student: dh ~ 1e-8, the two differ by 1e-15): TOL relative plus 1e-12 absolute (~5e3 fp64 units)
+        floor = 1e-12 / max(float(g.abs().max()), 1e-5) if g.numel() else 0.0
+        assert_rel(ref[1][k], g, TOL + floor, f"kd_loss (fp64) vs the written-out oracle: d{k}")
 
 
 @given(c=cases(backends=("reference",)))
@@ -842,7 +845,9 @@ def test_neg_inf_rows_equal_masked_rows(c):
                   mask=keep.reshape((c.N,) if flat else c.lead))
     a = run(c, T)
     b = run(c, masked, mask=(0.0, flat), t_layout="contiguous")
-    assert_same(c, a, b, "all −inf teacher rows vs masked rows")
+    # the −inf path's dh carries one more rounding in its dtype (the n0 / n rescale): one more unit allowed
+    extra = {"hs": torch.finfo(c.dtype).eps if c.dtype != F64 else 0.0}
+    assert_same(c, a, b, "all −inf teacher rows vs masked rows", extra)
 
 
 ALL_IGNORED = ("labels", "mask", "neg_inf_teacher", "zero_weights", "empty")
