@@ -484,7 +484,8 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     tangent = to is not None
     if tangent and mu is None:
         mu = torch.empty_like(lse)
-    if mu is not None and mu.stride() != lse.stride():  # the kernels address both with lse's strides
+    if mu is not None and any(n > 1 and a != b for n, a, b in zip(lse.shape, mu.stride(), lse.stride())):
+        # the kernels address both with lse's strides (a dimension of size 1 is never stepped)
         raise ValueError(f"mu: expected lse's strides {lse.stride()}, got {mu.stride()}")
     Dv = v.shape[3]
     f32 = q.dtype == torch.float32

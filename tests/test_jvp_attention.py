@@ -579,3 +579,18 @@ def test_wide_offsets(monkeypatch):
         runs.append([o, to, lse, mu, *(x.grad for x in leaves)])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_mu_buffer_strides_checked():
+    """The Triton forward addresses mu with lse's strides: a mu whose head stride differs is refused by name (a
+    size-1 dimension's stride is never stepped and may differ)."""
+    if not fd._backend.interpreting():
+        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1")
+    from fastdistill.kernels import jvp_attention as kern
+
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    o, to, lse = torch.empty_like(q), torch.empty_like(q), torch.empty(1, 2, 5)
+    with pytest.raises(ValueError, match="mu: expected lse's strides"):
+        kern.attn_fwd(q, k, v, q, None, None, o, to, lse, torch.empty(1, 2, 8)[:, :, :5], causal=False, scale=0.25)
+    kern.attn_fwd(q, k, v, q, None, None, o, to, lse, torch.empty(3, 2, 5)[:1], causal=False, scale=0.25)
+    assert torch.isfinite(o).all() and torch.isfinite(to).all()
