@@ -278,6 +278,20 @@ def _extras(x: dict, W: int, r: int) -> dict:
     qg = q[:, :, :2].clone().requires_grad_()
     _, to = cp(qg, qg, qg, torch.ones_like(qg))
     out["err_stop_gradient"] = _expect_error(lambda: to.sum().backward())
+    # ... also under torch.func.jvp (functorch's second context sees no requires-grad input) and with dual
+    # tensors, while a loss on the primal (and the detached tangent) runs
+    o, to = torch.func.jvp(lambda x: cp(x, x, x)[0], (qg,), (torch.ones_like(qg),))
+    out["err_stop_gradient_func"] = _expect_error(lambda: (o.sum() + to.sum()).backward())
+    o, to = torch.func.jvp(lambda x: cp(x, x, x)[0], (qg,), (torch.ones_like(qg),))
+    out["func_primal_backward"] = _expect_error(lambda: (o.sum() + to.detach().sum()).backward())
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        o, to = fwAD.unpack_dual(cp(fwAD.make_dual(qg, torch.ones_like(qg)), qg, qg)[0])
+        out["err_stop_gradient_dual"] = _expect_error(lambda: (o.sum() + to.sum()).backward())
+    # a double backward through the op raises (its backward has no derivative) instead of a silent constant
+    g, = torch.autograd.grad(cp(qg, qg, qg)[0].square().sum(), qg, create_graph=True)
+    out["err_double_backward"] = _expect_error(lambda: (g.square().sum() + qg.sum()).backward())
     # a context-parallel group of one rank equals the single-device op
     if W == 2:
         groups = [dist.new_group([0]), dist.new_group([1])]
@@ -491,6 +505,10 @@ def test_zigzag_helpers(world):
     ("err_group", "TypeError", "group:"),
     ("err_ranks_differ", "ValueError", "q: local sequence length differs between the ranks"),
     ("err_stop_gradient", "RuntimeError", "stop-gradient"),
+    ("err_stop_gradient_func", "RuntimeError", "stop-gradient"),
+    ("err_stop_gradient_dual", "RuntimeError", "stop-gradient"),
+    ("func_primal_backward", "no error", ""),
+    ("err_double_backward", "RuntimeError", "double backward is not supported"),
     ("err_after_agreed_call", "ValueError", "q: local sequence length differs between the ranks"),
     ("err_zigzag_odd_one_rank", "ValueError", "q, k: zigzag shards hold two equal chunks"),
     ("err_mode_check_off", "ValueError", "mode"),

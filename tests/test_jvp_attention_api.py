@@ -252,30 +252,82 @@ def test_stop_gradient_dual_tensors(use):
             (p.sum() + t.sum()).backward()
 
 
-def test_func_jvp_tangent_has_no_history(use):
-    """Observed under torch.func.jvp (documented, not raising): the tangent returned by the transform carries no
-    autograd history from the attention. Attention alone: ``to.requires_grad`` is False even with q requiring grad.
-    In a model, the output tangent requires grad only through what follows the attention (``out`` Linear's weight);
-    a backward through it treats the attention's tangent as a constant: no gradient reaches the layers before."""
+def test_stop_gradient_func_jvp(use):
+    """Under torch.func.jvp the tangent output is guarded as with dual tensors: it requires grad when q does,
+    and a backward that reaches it raises, for the attention alone, through a model's later layers, and
+    under torch.func.grad (before: functorch's second context saw no requires-grad input, the tangent came
+    back as a constant and such a loss silently lost the term). Through the primal, gradients equal plain
+    autograd's (the MeanFlow pattern)."""
     q, k, v, tq, *_ = qkv(seed=11)
     q.requires_grad_()
     o, to = torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (tq,))
-    assert o.requires_grad and not to.requires_grad and to.grad_fn is None
+    assert o.requires_grad and to.requires_grad
+    with pytest.raises(RuntimeError, match="stop-gradient"):
+        (o.sum() + to.square().sum()).backward()
+    o, to = torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (tq,))
+    (o.sum() + to.detach().sum()).backward()
+    q2 = q.detach().clone().requires_grad_()
+    fd.jvp_attention(q2, k, v)[0].sum().backward()
+    assert torch.allclose(q.grad, q2.grad, rtol=1e-6, atol=1e-6)
 
     lib, _, _ = models(seed=2)
     x, tx, _ = model_inputs(seed=12)
     out, t = torch.func.jvp(lib, (x,), (tx,))
     assert out.requires_grad and t.requires_grad
-    t.sum().backward()
-    none = lambda g: g is None or (g == 0).all()  # observed: zeros for qkv (reached through o), None for out.bias
-    assert none(lib.qkv.weight.grad) and none(lib.qkv.bias.grad) and none(lib.out.bias.grad)
-    # t = a_dot @ Wᵀ with a_dot (the attention tangent) constant: d(Σ t)/dW[i, j] = Σ_tokens a_dot[:, j]
-    B, S, _ = x.shape
-    q2, k2, v2 = lib.qkv(x).view(B, S, 3, 2, 16).unbind(2)
-    tq2, tk2, tv2 = (tx @ lib.qkv.weight.T).view(B, S, 3, 2, 16).unbind(2)
-    a_dot = fd.jvp_attention(q2, k2, v2, tq2, tk2, tv2, causal=True)[1].detach().reshape(B, S, -1)
-    expect = a_dot.sum((0, 1)).expand_as(lib.out.weight)
-    assert torch.allclose(lib.out.weight.grad, expect, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="stop-gradient"):
+        t.sum().backward()
+
+    # torch.func.grad: the reference backend composes; the kernels (plain tensors only) refuse it by name
+    for which, expect in ((1, "stop-gradient"), (0, None)):
+        fn = torch.func.grad(lambda q: torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (tq,))[which]
+                             .sum())
+        if use != "reference":
+            with pytest.raises(NotImplementedError, match="torch.func.grad / vjp / jacrev around the triton"):
+                fn(q.detach())
+        elif expect:
+            with pytest.raises(RuntimeError, match=expect):
+                fn(q.detach())
+        else:
+            assert torch.allclose(fn(q.detach()), q2.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_nested_transforms_refused(use):
+    """One forward-mode level only: jvp of jvp (the fused jvp rule would hand the inner tangent to the outer
+    level: a silently zero second derivative before) and vmap with jvp raise NotImplementedError naming the
+    limit; vmap without a tangent and grad of jvp work (above)."""
+    q, k, v, tq, *_ = qkv(seed=24)
+    att = lambda q: fd.jvp_attention(q, k, v)[0]
+    with pytest.raises(NotImplementedError, match="nested forward-mode"):
+        torch.func.jvp(lambda q: torch.func.jvp(att, (q,), (tq,))[1], (q,), (tq,))
+    with pytest.raises(NotImplementedError, match="nested forward-mode"):
+        torch.func.jacfwd(lambda q: torch.func.jvp(att, (q,), (tq,))[1])(q)
+    with pytest.raises(NotImplementedError, match="vmap together with"):
+        torch.func.vmap(lambda q, t: torch.func.jvp(att, (q,), (t,)))(q[None], tq[None])
+    got = torch.func.vmap(att)(q[None])
+    assert torch.allclose(got[0], att(q), rtol=1e-6, atol=1e-6)
+
+
+def test_double_backward_raises(use):
+    """A gradient taken with create_graph=True and differentiated again raises on every backend and every way in
+    (before: the kernels' gradient had no graph, the reference's one with its saved lse constant: a gradient
+    penalty silently vanished or came out wrong); create_graph=True alone, not differentiated again, works."""
+    q0, k, v, tq, *_ = qkv(seed=25)
+    calls = {
+        "plain": lambda q: fd.jvp_attention(q, k, v)[0],
+        "explicit": lambda q: fd.jvp_attention(q, k, v, tq)[0],
+        "func.jvp": lambda q: torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (tq,))[0],
+    }
+    for name, f in calls.items():
+        q = q0.clone().requires_grad_()
+        o = f(q)
+        g, = torch.autograd.grad(o.square().sum(), q, create_graph=True)
+        q2 = q0.clone().requires_grad_()
+        g2, = torch.autograd.grad(f(q2).square().sum(), q2)
+        assert torch.equal(g.detach(), g2), name
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            (o.sum() + g.square().sum()).backward()
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            torch.autograd.grad(g.square().sum(), q)
 
 
 def test_dual_and_explicit_tangents_together():

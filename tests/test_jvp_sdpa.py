@@ -303,3 +303,110 @@ def test_torch_compile_fullgraph_and_guards(monkeypatch):
     assert n >= 3
     cf(q)  # outside the block: stock SDPA again
     assert len(served) == n
+
+
+# ----------------------------------------------------------------------------- transforms, autocast, wrappers
+def test_nested_transforms_fall_back_to_math_sdpa():
+    """jvp of jvp, jacfwd, vmap with jvp: beyond the fused path's one tangent level, so stock math SDPA serves them
+    (before: the outer jvp got the inner tangent, a silently zero second derivative; vmap with jvp raised)."""
+    q, k, v, tq, tk, _ = _qkv((1, 2, 4, 8), (1, 2, 5, 8), seed=3)
+    qs, ts = torch.randn(3, 1, 2, 4, 8, dtype=F64), torch.randn(3, 1, 2, 4, 8, dtype=F64)
+    att = lambda q: F.scaled_dot_product_attention(q, k, v)
+    cases = {
+        "jvp(jvp)": (lambda: torch.func.jvp(lambda q: torch.func.jvp(att, (q,), (tq,))[1], (q,), (tk[:, :, :4],)),
+                     "nested forward-mode"),
+        "jacfwd(jvp)": (lambda: torch.func.jacfwd(lambda q: torch.func.jvp(att, (q,), (tq,))[1])(q),
+                        "nested forward-mode"),
+        "vmap(jvp)": (lambda: torch.func.vmap(lambda q, t: torch.func.jvp(att, (q,), (t,)))(qs, ts), "vmap together"),
+        "jvp(vmap)": (lambda: torch.func.jvp(torch.func.vmap(att), (qs,), (ts,)), "vmap together"),
+    }
+    for name, (fn, words) in cases.items():
+        with sdpa_kernel(SDPBackend.MATH):
+            ref = fn()
+        sdpa_stats(reset=True)
+        with jvp_sdpa(), warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            got = fn()
+        stats = sdpa_stats()
+        assert list(stats) and all(key.startswith("fallback: ") and words in key for key in stats), (name, stats)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
+            _close(a, b, 1e-12, what=name)
+        assert max(x.abs().max() for x in (ref if isinstance(ref, tuple) else (ref,))) > 0.01, name
+
+
+def test_loss_through_the_tangent_raises():
+    """A loss that reaches the JVP tangent (not detached) raises under torch.func.jvp, as the contract says
+    (before: the tangent came back as a constant and the term's gradient was silently dropped)."""
+    q0, k, v, tq, *_ = _qkv((1, 2, 5, 8), (1, 2, 5, 8), seed=4)
+    q = q0.clone().requires_grad_()
+    with jvp_sdpa():
+        o, to = torch.func.jvp(lambda q: F.scaled_dot_product_attention(q, k, v), (q,), (tq,))
+    assert sdpa_stats() == {"jvp": 1} and to.requires_grad
+    with pytest.raises(RuntimeError, match="stop-gradient"):
+        (o.sum() + to.square().sum()).backward()
+
+
+def test_double_backward_raises():
+    """create_graph=True and a second backward through fastdistill's attention raise on every backend (before: the
+    reference backward gave a graph with its saved statistics constant, the kernels none: a penalty on the gradient
+    was silently dropped)."""
+    q0, k, v, tq, *_ = _qkv((1, 2, 5, 8), (1, 2, 5, 8), seed=5)
+    for plain, tangent in (("fastdistill", False), ("sdpa", True)):
+        q = q0.clone().requires_grad_()
+        with jvp_sdpa(plain=plain):
+            f = lambda q: F.scaled_dot_product_attention(q, k, v)
+            o = torch.func.jvp(f, (q,), (tq,))[0] if tangent else f(q)
+        g, = torch.autograd.grad(o.square().sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            (o.sum() + 10 * g.square().sum()).backward()
+    assert sdpa_stats() == {"plain": 1, "jvp": 1}
+
+
+@pytest.mark.parametrize("plain", ["sdpa", "fastdistill"])
+def test_autocast_runs_in_the_autocast_dtype(plain):
+    """Under torch.autocast stock SDPA computes in the autocast dtype; so does the patched call (before: fp32)."""
+    q, k, v, tq, *_ = _qkv((1, 2, 6, 16), (1, 2, 6, 16), dtype=torch.float32, seed=6)
+    att = lambda q: F.scaled_dot_product_attention(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_o, ref_t = _math_jvp(att, (q,), (tq,))
+        ref_plain = att(q)
+        with jvp_sdpa(plain=plain):
+            o, to = torch.func.jvp(att, (q,), (tq,))
+            p = att(q)
+    assert (o.dtype, to.dtype, p.dtype) == (ref_o.dtype, ref_t.dtype, ref_plain.dtype) == (torch.bfloat16,) * 3
+    assert sdpa_stats() == ({"jvp": 1, "plain": 1} if plain == "fastdistill" else {"jvp": 1, "stock": 1})
+    # the same bf16 inputs: within bf16 rounding of the math result
+    _close(o, ref_o, 1e-2, what="o")
+    _close(to, ref_t, 2e-2, what="to")
+
+
+def test_zero_heads_and_empty_head_dims_fall_back():
+    for sq, sk, dv in (((1, 0, 5, 8), (1, 0, 5, 8), 8), ((1, 2, 5, 8), (1, 2, 5, 8), 0)):
+        q, k, v, tq, *_ = _qkv(sq, sk, dv or None, seed=7)
+        if dv == 0:
+            v = torch.randn(*sk[:-1], 0, dtype=F64)
+        f = lambda q: F.scaled_dot_product_attention(q, k, v)
+        ref = _math_jvp(f, (q,), (tq,))
+        with jvp_sdpa(), warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            got = torch.func.jvp(f, (q,), (tq,))
+        assert [x.shape for x in got] == [x.shape for x in ref]
+    assert sdpa_stats() == {"fallback: zero heads or an empty head dim": 2}
+
+
+def test_wrapper_installed_over_the_patch_does_not_recurse():
+    """Other code wraps SDPA inside a block (its wrapper calling ours); after the block its wrapper stays (warned)
+    and reaches stock SDPA (before: ours delegated back to that wrapper, a RecursionError)."""
+    q, k, v, *_ = _qkv((1, 1, 4, 8), (1, 1, 4, 8), seed=8)
+    try:
+        with pytest.warns(UserWarning, match="replaced by other code"):
+            with jvp_sdpa():
+                inner = F.scaled_dot_product_attention
+                F.scaled_dot_product_attention = lambda *a, **kw: inner(*a, **kw)
+        out = F.scaled_dot_product_attention(q, k, v)
+        _close(out, STOCK(q, k, v), 0.0, what="after the block")
+        with jvp_sdpa():  # installed again over that wrapper: stock-served calls reach the builtin once
+            out = F.scaled_dot_product_attention(q, k, v)
+        _close(out, STOCK(q, k, v), 0.0, what="nested install")
+    finally:
+        F.scaled_dot_product_attention = STOCK

@@ -31,10 +31,12 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
-from fastdistill.ops._common import check_choice, select_backend
+from fastdistill.ops._common import check_choice, first_order, select_backend
 from fastdistill.ops.jvp_attention import (
+    _STOP_GRAD,
     LAYOUTS,
     OP,
+    TransformLimitError,
     _bhsd,
     _bwd,
     _check,
@@ -44,7 +46,9 @@ from fastdistill.ops.jvp_attention import (
     _NoGrad,
     _out_shape,
     _stat_dtype,
+    autograd_levels,
     jvp_attention,
+    transform_limit,
 )
 
 MODES = ("ring", "ulysses")
@@ -232,6 +236,7 @@ class _ZigzagGather(torch.autograd.Function):
         _, ctx.dim, ctx.group, ctx.W = inputs
 
     @staticmethod
+    @first_order("context_parallel_jvp_attention")
     def backward(ctx, g):
         g = g.contiguous().clone()
         dist.all_reduce(g, group=ctx.group)
@@ -517,6 +522,9 @@ class _Saved:
 
     tensors: tuple = ()
 
+    def __init__(self, levels: int = 0):
+        self.levels, self.contexts = levels, 0  # as jvp_attention's _Box: the stop-gradient guard's bookkeeping
+
 
 class _ContextParallel(torch.autograd.Function):
     """Forward: the whole context-parallel pass (tangents included, computed once); ``jvp`` hands back
@@ -541,24 +549,29 @@ class _ContextParallel(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, k, v, _tq, _tk, _tv, cfg, box = inputs
         o, to, lse, mu = output
-        ctx.save_for_backward(*box.tensors)
-        box.tensors = ()
+        ctx.save_for_backward(*box.tensors)  # every context (functorch makes one per grad / jvp level)
         ctx.cfg = cfg
         ctx.o_meta = (o.shape, o.dtype)
         ctx.tangents = (to, mu) if cfg.dual else None  # kept only where jvp will ask for them
-        ctx.anchor = next((x for x in (q, k, v) if x.requires_grad), None)
-        ctx.mark_non_differentiable(to, mu)
+        box.contexts += 1
+        guard = box.levels and box.contexts <= box.levels and not torch.compiler.is_compiling()
+        ctx.anchor = None if box.levels else next((x for x in (q, k, v) if x.requires_grad), None)
+        if not guard:
+            ctx.mark_non_differentiable(to, mu)
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def jvp(ctx, *_input_tangents):
         to, mu = ctx.tangents
-        if ctx.anchor is not None and torch.is_grad_enabled():
+        if ctx.anchor is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             to, mu = _NoGrad.apply(to, ctx.anchor), _NoGrad.apply(mu, ctx.anchor)
         return to, None, mu, None
 
     @staticmethod
-    def backward(ctx, do, _dto, dlse, _dmu):
+    @first_order("context_parallel_jvp_attention")
+    def backward(ctx, do, dto, dlse, dmu):
+        if dto is not None or dmu is not None:
+            raise RuntimeError(_STOP_GRAD)
         cfg = ctx.cfg
         saved = ctx.saved_tensors
         if do is None:  # only lse reached the loss
@@ -639,7 +652,7 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     cfg = _Cfg(group, W, r, _global(group, (r + 1) % W), _global(group, (r - 1) % W), mode, a.causal, a.zigzag,
                a.scale, a.lay, a.t_dtype, a.want_t, a.backend, local=a.empty, dual=a.dual)
     tq, tk, tv = a.tangents
-    o, to, lse, mu = _ContextParallel.apply(q, k, v, tq, tk, tv, cfg, _Saved())
+    o, to, lse, mu = _ContextParallel.apply(q, k, v, tq, tk, tv, cfg, _Saved(autograd_levels() if a.dual else 0))
     if not a.want_t:
         to = mu = None
     elif not a.dual:
@@ -667,6 +680,9 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
     check_choice("seq_layout", seq_layout, SEQ_LAYOUTS)
     check_choice("layout", layout, LAYOUTS)
     lay = LAYOUTS[layout]
+    limit = transform_limit()
+    if limit is not None:
+        raise TransformLimitError(f"context_parallel_jvp_attention: {limit}")
     duals = [fwAD.unpack_dual(x).tangent if isinstance(x, torch.Tensor) else None for x in (q, k, v)]
     dual = any(t is not None for t in duals)
     if dual and any(t is not None for t in (tq, tk, tv)):
@@ -697,5 +713,8 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
     sig = (MODES.index(mode), int(causal), SEQ_LAYOUTS.index(seq_layout), lay, B, sq, Hq, Dqk, sk, Hkv, Dv,
            int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype)
     backend = select_backend(OP, q, head_dims=(Dqk, Dv))
+    limit = transform_limit(backend)
+    if limit is not None:
+        raise TransformLimitError(f"context_parallel_jvp_attention: {limit}")
     return _Args((tq, tk, tv), dual, lay, causal, zigzag, scale, t_dtype, any(t is not None for t in (tq, tk, tv)),
                  backend, B * Hq * sq == 0 or sk == 0, sig)

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from fastdistill.ops._common import check_choice
+from fastdistill.ops._common import check_choice, first_order
 from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
 from fastdistill.reference.kd_softmax import bucket_div, chain, kd_du, tail_qg, tail_state, transform
 
@@ -456,6 +456,7 @@ class _VocabParallelKD(torch.autograd.Function):
         return st[:, _CONTRIB].clone() if run.p.red == 3 else loss
 
     @staticmethod
+    @first_order("vocab_parallel_kd_loss")
     def backward(ctx, g):
         if g is None:
             return (None,) * 7

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import fastdistill.distributed.vocab_parallel as _vp
 from fastdistill.distributed.vocab_parallel import _CONTRIB, _FLOAT_DTYPES, _common, _reduce, _Shard
+from fastdistill.ops._common import first_order
 
 __all__ = ["vocab_parallel_fused_linear_kd_loss"]
 
@@ -70,6 +71,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, run, cfg, h, W, b, th, tW, tb, t, ids, labels, mask, weights):
         p, sh = run.p, run.sh
+        ctx.fd_anchors = (h, W, b)  # a second derivative's dependencies (the eager path saves gradients only)
         acc = p.accum_dtype
         N, Vr = h.shape[0], W.shape[0]
         stu = _Linear(h, W, b, acc)
@@ -114,6 +116,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
         return st[:, _CONTRIB].clone() if p.red == 3 else loss
 
     @staticmethod
+    @first_order("vocab_parallel_fused_linear_kd_loss")
     def backward(ctx, go):
         if go is None:
             return (None,) * 13

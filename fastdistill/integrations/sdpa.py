@@ -12,10 +12,19 @@ reason — never a silently different result:
 - ``dropout_p > 0``;
 - ``is_causal=True`` with ``L != S``: SDPA aligns its causal mask top-left, fastdistill bottom-right;
 - batch dims that broadcast between query and key/value, nested tensors, mixed or unsupported dtypes;
+- zero heads or an empty head dim;
 - no fastdistill backend can run the inputs (e.g. head dim > 256 on the GPU kernels);
+- torch.func transforms beyond one forward-mode level (``jvp`` of ``jvp``, ``jacfwd``, ``vmap`` with
+  ``jvp``), or ``torch.func.grad`` around the kernel backends;
 - keyword arguments this version does not know.
 A fallback call that carries a tangent runs stock SDPA's math backend (the only SDPA backend with
 forward-mode AD), so it computes the same function as before the patch.
+
+Under ``torch.autocast`` a served call runs in the autocast dtype, as stock SDPA does (it is on
+autocast's lower-precision list). The tangent output is stop-gradient (``jvp_attention``'s contract):
+a loss that reaches it raises, as does a double backward through a served call. If other code wraps
+SDPA over the patch, calls that come back through its wrapper while fastdistill delegates reach the
+builtin SDPA (no recursion).
 
 Under ``torch.compile`` the patched call traces into the graph (``fullgraph=True`` works, plain and
 inside ``torch.func.jvp``); dynamo guards on the activation state, so a graph compiled inside a block
@@ -41,10 +50,11 @@ import torch.nn.functional as F
 
 from fastdistill._backend import BackendUnavailableError
 from fastdistill.ops._common import check_choice
-from fastdistill.ops.jvp_attention import jvp_attention
+from fastdistill.ops.jvp_attention import TransformLimitError, jvp_attention, transform_limit
 
 PLAIN = ("sdpa", "fastdistill")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOW_OR_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # what autocast casts (never float64)
 
 _lock = threading.RLock()
 _tls = threading.local()
@@ -177,6 +187,8 @@ def _why_not(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> str
     lead = 2 if q.dim() == 3 else 3  # [N, L, E] or [..., H, L, E]: the batch dims must match exactly
     if q.shape[:-lead] != k.shape[:-lead] or k.shape[:-1] != v.shape[:-1]:
         return "batch dims broadcast between query and key/value"
+    if (q.dim() >= 4 and 0 in (q.shape[-3], k.shape[-3])) or q.shape[-1] == 0 or v.shape[-1] == 0:
+        return "zero heads or an empty head dim"
     if is_causal and q.shape[-2] != k.shape[-2]:
         return ("is_causal=True with L != S (stock SDPA aligns the causal mask top-left, fastdistill bottom-right)")
     if q.dim() >= 4 and q.shape[-3] != k.shape[-3] and not enable_gqa:
@@ -198,12 +210,30 @@ def _stock(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra, t
     kw = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra)
     if enable_gqa:
         kw["enable_gqa"] = enable_gqa
-    if not tangent:
-        return fn(q, k, v, **kw)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    # Other code may have wrapped SDPA after fastdistill (its wrapper calling ours): a call that comes back
+    # to _sdpa while we delegate goes to the builtin instead of recursing.
+    outer = getattr(_tls, "in_stock", False)
+    _tls.in_stock = True
+    try:
+        if not tangent:
+            return fn(q, k, v, **kw)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH):  # the only SDPA backend with forward-mode AD
-        return fn(q, k, v, **kw)
+        with sdpa_kernel(SDPBackend.MATH):  # the only SDPA backend with forward-mode AD
+            return fn(q, k, v, **kw)
+    finally:
+        _tls.in_stock = outer
+
+
+def _autocast_on(dev: str) -> bool:
+    return dev in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(dev)
+
+
+def _builtin_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra):
+    kw = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra)
+    if enable_gqa:
+        kw["enable_gqa"] = enable_gqa
+    return torch._C._nn.scaled_dot_product_attention(q, k, v, **kw)  # what F.scaled_dot_product_attention is
 
 
 def _fallback(reason: str, *args, tangent: bool):
@@ -220,12 +250,21 @@ def _fallback(reason: str, *args, tangent: bool):
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **extra):
     plain = _active_plain()
     args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra)
+    if getattr(_tls, "in_stock", False):  # a wrapper installed over ours called back while we delegate to it
+        return _builtin_sdpa(*args)
     if plain is None:  # installed but not active in this thread
         return _stock(*args, tangent=False)
+    limit = transform_limit()
+    if limit is not None:  # nested forward-mode / vmap with jvp: stock math SDPA has the rules
+        return _fallback(limit, *args, tangent=True)
     tangent = any(isinstance(x, torch.Tensor) and _has_tangent(x) for x in (query, key, value))
     if not tangent and plain == "sdpa":
         _count("stock")
         return _stock(*args, tangent=False)
+    dev = query.device.type
+    if _autocast_on(dev) and all(isinstance(x, torch.Tensor) for x in (query, key, value)):
+        dt = torch.get_autocast_dtype(dev)  # as stock SDPA (on autocast's lower-precision list): in its dtype
+        query, key, value = (x.to(dt) if x.dtype in _LOW_OR_FP32 else x for x in (query, key, value))
     reason = _why_not(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra)
     if reason is not None:
         return _fallback(reason, *args, tangent=tangent)
@@ -233,8 +272,11 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         return _stock(*args, tangent=tangent)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (_heads4(query), _heads4(key), _heads4(value)))
     try:
-        o = jvp_attention(q, k, v, causal=bool(is_causal), scale=scale, layout="bhsd")[0]
+        with torch.autocast(dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext():
+            o = jvp_attention(q, k, v, causal=bool(is_causal), scale=scale, layout="bhsd")[0]
     except BackendUnavailableError as exc:
         return _fallback(f"no fastdistill backend can run these inputs ({exc})", *args, tangent=tangent)
+    except TransformLimitError as exc:  # e.g. torch.func.grad around the kernel backends
+        return _fallback(str(exc).removeprefix("jvp_attention: "), *args, tangent=tangent)
     _count("jvp" if tangent else "plain")
     return o.reshape(*query.shape[:-1], value.shape[-1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastdistill import _backend
@@ -23,3 +25,58 @@ def select_backend(name: str, x: torch.Tensor, **extra) -> str:
     """The backend for op ``name`` on tensors like ``x``; ``extra`` goes to each ``why_not``.
     Under torch.compile the choice is fixed when the graph is traced."""
     return _select(name, x.device, x.dtype, _backend.forced_backend(), tuple(sorted(extra.items())))
+
+
+class _SecondOrder(torch.autograd.Function):
+    """Identity on a gradient, differentiable with respect to the op's inputs (``anchors``) so that a
+    second backward toward them reaches it; its backward raises."""
+
+    @staticmethod
+    def forward(msg, g, *anchors):
+        return g.view_as(g)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # the functorch-compatible form: torch.func.grad runs create_graph
+        ctx.msg = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.msg)
+
+
+def first_order(op: str):
+    """Decorator for the backward of an op whose backward kernels have no derivative of their own.
+
+    A plain backward runs as is. With ``create_graph=True`` (grad mode on inside the backward) the gradients
+    are computed without a graph and returned as tensors that depend, for autograd, on everything the true
+    derivative depends on (the saved tensors, the incoming gradients and ``ctx.fd_anchors``, the inputs the
+    op did not save) through a node whose backward raises: a double backward that reaches this op (a
+    gradient penalty, a Hessian-vector product) fails loudly instead of treating the gradient as a
+    constant, on every backend (the reference backward is plain PyTorch and would otherwise build a graph
+    that holds its saved statistics constant: a silently wrong second derivative)."""
+    msg = (f"{op}: double backward is not supported (a gradient computed with create_graph=True through "
+           f"this op was differentiated again); its backward kernels have no derivative")
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def backward(ctx, *grads):
+            if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return fn(ctx, *grads)
+            with torch.no_grad():
+                out = fn(ctx, *grads)
+            anchors = tuple(t for t in (*ctx.saved_tensors, *grads, *getattr(ctx, "fd_anchors", ()))
+                            if isinstance(t, torch.Tensor) and t.requires_grad)
+            if not anchors:  # nothing the gradient depends on requires grad: it is a constant indeed
+                return out
+            def wrap(g):
+                if isinstance(g, (tuple, list)):
+                    return type(g)(wrap(x) for x in g)
+                if isinstance(g, torch.Tensor) and (g.is_floating_point() or g.is_complex()):
+                    return _SecondOrder.apply(msg, g, *anchors)
+                return g
+
+            return wrap(out)
+
+        return backward
+
+    return deco

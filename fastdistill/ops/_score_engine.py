@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdistill import _backend
-from fastdistill.ops._common import select_backend
+from fastdistill.ops._common import first_order, select_backend
 from fastdistill.reference import score as _ref
 
 OP_SCORE, OP_SID, OP_SCM, OP_DENOISE = 0, 1, 2, 3
@@ -276,6 +276,7 @@ class _ScoreFunction(torch.autograd.Function):
         t2 = [_flat(t, B, M) for t in terms]
         loss, loss_i, state = _fwd(p, backend, x2, t2, coef, mask, weight, logvar)
         ctx.p, ctx.backend, ctx.shape = p, backend, x.shape
+        ctx.fd_anchors = (x, logvar, *terms)  # a second derivative's dependencies (logvar is not saved)
         ctx.term_shapes = [t.shape for t in terms]
         ctx.save_for_backward(x2, coef, mask, state, *t2)
         ctx.mark_non_differentiable(loss_i, state)
@@ -284,6 +285,7 @@ class _ScoreFunction(torch.autograd.Function):
         return out, loss_i, state
 
     @staticmethod
+    @first_order("score ops")
     def backward(ctx, g_out, _g_loss_i, _g_state):
         x2, coef, mask, state, *t2 = ctx.saved_tensors
         need_x = ctx.needs_input_grad[2]
@@ -348,11 +350,13 @@ def _setup_context(ctx, inputs, output):
     _, _, state = output
     ctx.save_for_backward(x, coef, mask, state, *terms)
     ctx.ip, ctx.fp, ctx.backend = ip, fp, backend
+    ctx.fd_anchors = (logvar,)
     ctx.need_terms = [t.requires_grad and ip[0] == OP_SID for t in terms]
     ctx.need_x = x.requires_grad
     ctx.need_lv = logvar is not None and logvar.requires_grad
 
 
+@first_order("score ops")
 def _backward(ctx, g_out, _g_loss_i, _g_state):
     x, coef, mask, state, *terms = ctx.saved_tensors
     grads = _score_bwd_op(x, terms, coef, mask, state, g_out, ctx.ip, ctx.fp, ctx.need_x, ctx.need_terms,

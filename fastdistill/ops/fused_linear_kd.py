@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from fastdistill.ops._common import check_choice, select_backend
+from fastdistill.ops._common import check_choice, first_order, select_backend
 from fastdistill.ops.kd_softmax import _FLOAT_DTYPES, REDUCTIONS, TOPK_SEMANTICS, KDPlan, _bwd, _fwd, make_plan
 
 DEFAULT_MEMORY_BUDGET_MB = 2048  # chunk_size="auto": bytes of per-chunk [rows, V] temporaries
@@ -223,6 +223,7 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg, *tensors):
         ctx.cfg = cfg
+        ctx.fd_anchors = tensors[:3]  # h, W, b: what a second derivative would depend on (not all saved)
         if cfg.red == RED_NONE:
             contrib, *_ = _sweep(cfg, *tensors, grad=False)
             ctx.save_for_backward(*tensors)
@@ -232,6 +233,7 @@ class _FusedLinearKD(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order("fused_linear_kd_loss")
     def backward(ctx, go):
         cfg = ctx.cfg
         rest = (None,) * 9  # teacher (never differentiated), labels, mask, weights

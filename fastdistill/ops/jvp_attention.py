@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from fastdistill import _backend
-from fastdistill.ops._common import check_choice, select_backend
+from fastdistill.ops._common import check_choice, first_order, select_backend
 from fastdistill.reference import jvp_attention as _ref
 
 OP = "jvp_attention"
@@ -137,6 +137,7 @@ def _setup_context(ctx, inputs, output):
     ctx.cfg = (causal, scale, layout, backend)
 
 
+@first_order(OP)
 def _backward(ctx, do, _dto, dlse, _dmu, _dlo):
     # the tangent outputs are stop-gradient: eager calls guard them (_NoGrad), compiled calls detach them
     q, k, v, o, lse, lo = ctx.saved_tensors
@@ -180,40 +181,109 @@ def _guard(t: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
     return _NoGrad.apply(t, anchor)
 
 
+class _Box:
+    """Shared by the contexts of one ``_DualFunction`` call. With dual tensors there is one context (plain
+    autograd and forward-AD at once): the tangent outputs are non-differentiable there, and ``jvp`` guards
+    the tangents it hands back with ``_NoGrad`` (anchored on an input that requires grad). Under torch.func
+    transforms functorch makes one context for plain autograd and one per level (innermost first), the
+    Jvp level's last (``jvp`` gets it). There every context but the last keeps Ȯ and μ differentiable, with
+    a backward that raises, and the last marks them non-differentiable for its level: so a loss that
+    reaches the tangent fails loudly in every case (as a constant it would silently lose the term)."""
+
+    __slots__ = ("levels", "contexts")
+
+    def __init__(self, levels: int):
+        self.levels = levels  # functorch grad/jvp levels (0: forward_ad dual tensors)
+        self.contexts = 0
+
+
 class _DualFunction(torch.autograd.Function):
     """Forward-AD entry: q, k, v carry tangents (dual tensors or torch.func.jvp); their tangent
     tensors come in explicitly as tq, tk, tv, so the forward runs the fused pass once and
     ``jvp`` hands back the Ȯ and μ it computed (no second primal forward)."""
 
     @staticmethod
-    def forward(q, k, v, tq, tk, tv, causal, scale, layout, t_dtype, backend):
+    def forward(q, k, v, tq, tk, tv, causal, scale, layout, t_dtype, backend, box):
         return _fwd(q, k, v, tq, tk, tv, causal, scale, layout, True, t_dtype, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _tq, _tk, _tv, causal, scale, layout, _t_dtype, backend = inputs
+        q, k, v, _tq, _tk, _tv, causal, scale, layout, _t_dtype, backend, box = inputs
         o, to, lse, mu, lo = output
         ctx.save_for_backward(q, k, v, o, lse, lo)
         ctx.cfg = (causal, scale, layout, backend)
         ctx.tangents = (to, mu)
-        ctx.anchor = next((x for x in (q, k, v) if x.requires_grad), None)
-        ctx.mark_non_differentiable(to, mu, lo)
+        box.contexts += 1
+        guard = box.levels and box.contexts <= box.levels and not torch.compiler.is_compiling()
+        ctx.anchor = None if box.levels else next((x for x in (q, k, v) if x.requires_grad), None)
+        ctx.mark_non_differentiable(*((lo,) if guard else (to, mu, lo)))
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def jvp(ctx, *_input_tangents):
         to, mu = ctx.tangents
-        if ctx.anchor is not None and torch.is_grad_enabled():
-            to = _NoGrad.apply(to, ctx.anchor)
-            mu = _NoGrad.apply(mu, ctx.anchor)
+        if ctx.anchor is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            to, mu = _NoGrad.apply(to, ctx.anchor), _NoGrad.apply(mu, ctx.anchor)
         return to, None, mu, None, None
 
     @staticmethod
-    def backward(ctx, do, _dto, dlse, _dmu, _dlo):
+    @first_order(OP)
+    def backward(ctx, do, dto, dlse, dmu, _dlo):
+        if dto is not None or dmu is not None:
+            raise RuntimeError(_STOP_GRAD)
         q, k, v, o, lse, lo = ctx.saved_tensors
         causal, scale, layout, backend = ctx.cfg
+        if do is None:  # only lse reached the loss
+            do = torch.zeros_like(o)
         dq, dk, dv = _bwd(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, lo, dlse, causal, scale,
                           layout, backend)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+class TransformLimitError(NotImplementedError):
+    """The functorch transforms active around a call are beyond what jvp_attention computes (``transform_limit``)."""
+
+
+def _interpreters() -> list:
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # a torch without functorch's Python interpreters: nothing to detect
+        return []
+    return [i.key() for i in retrieve_all_functorch_interpreters()]
+
+
+def autograd_levels() -> int:
+    """The number of torch.func grad / jvp levels active (0 with forward_ad dual tensors and plain autograd)."""
+    if torch.compiler.is_compiling():  # dynamo runs the transforms itself (the tangents come back detached)
+        return 0
+    from torch._C._functorch import TransformType
+
+    return sum(k in (TransformType.Grad, TransformType.Jvp) for k in _interpreters())
+
+
+def transform_limit(backend: str | None = None) -> str | None:
+    """Why jvp_attention cannot serve the functorch transforms active now, or None.
+
+    It computes one tangent of one forward-mode level exactly: nested forward-mode levels (``jvp`` of
+    ``jvp``, ``jacfwd``, ``hessian``) would see the inner tangent where the outer one belongs, and ``vmap``
+    together with a forward-mode level has no batching rule. ``torch.func.grad`` / ``vjp`` levels compose
+    on the reference backend only (the kernels take plain tensors; ``backend`` given: checked too).
+    ``torch.autograd`` (``.backward()``) is not a functorch level and always composes. Not checked while
+    compiling (dynamo runs the transforms itself)."""
+    if torch.compiler.is_compiling():
+        return None
+    from torch._C._functorch import TransformType
+
+    keys = _interpreters()
+    n_jvp = keys.count(TransformType.Jvp)
+    if n_jvp > 1:
+        return f"{n_jvp} nested forward-mode transforms (jvp of jvp, jacfwd, hessian): one tangent level only"
+    if n_jvp and TransformType.Vmap in keys:
+        return "vmap together with a forward-mode transform (jvp/jacfwd): no batching rule"
+    if backend not in (None, "reference") and TransformType.Grad in keys:
+        return (f"torch.func.grad / vjp / jacrev around the {backend} kernels (they take plain tensors): "
+                "use torch.autograd (.backward(), torch.autograd.grad) or the reference backend")
+    return None
 
 
 def _dual_tangent(x: torch.Tensor) -> torch.Tensor | None:
@@ -310,6 +380,9 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     """
     check_choice("layout", layout, LAYOUTS)
     lay = LAYOUTS[layout]
+    limit = transform_limit()
+    if limit is not None:
+        raise TransformLimitError(f"jvp_attention: {limit}")
     duals = [_dual_tangent(x) if isinstance(x, torch.Tensor) else None for x in (q, k, v)]
     dual = any(t is not None for t in duals)
     if dual and any(t is not None for t in (tq, tk, tv)):
@@ -324,8 +397,12 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     want_t = any(t is not None for t in (tq, tk, tv))
     backend = select_backend(OP, q, head_dims=(Dqk, Dv))
+    limit = transform_limit(backend)
+    if limit is not None:
+        raise TransformLimitError(f"jvp_attention: {limit}")
     if dual:
-        o, to, lse, mu, _lo = _DualFunction.apply(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend)
+        o, to, lse, mu, _lo = _DualFunction.apply(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend,
+                                                     _Box(autograd_levels()))
     else:
         o, to, lse, mu, _lo = _fwd_op(q, k, v, tq, tk, tv, bool(causal), scale, lay, want_t, t_dtype, backend)
         if want_t:

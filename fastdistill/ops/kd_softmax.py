@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from fastdistill import _backend
-from fastdistill.ops._common import check_choice, select_backend
+from fastdistill.ops._common import check_choice, first_order, select_backend
 from fastdistill.reference import kd_softmax as _ref
 
 DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
@@ -179,6 +179,7 @@ class _KDFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order("kd_loss")
     def backward(ctx, g):
         s, t, ids, labels, weights, st, factor = ctx.saved_tensors
         if g is None:
@@ -226,6 +227,7 @@ def _setup_context(ctx, inputs, output):
     ctx.ip, ctx.fp, ctx.backend = ip, fp, backend
 
 
+@first_order("kd_loss")
 def _backward(ctx, g, _g_st, _g_factor):
     s, t, ids, labels, weights, st, factor = ctx.saved_tensors
     gs = _kd_bwd_op(s, t, ids, labels, weights, st, factor, g, ctx.ip, ctx.fp, ctx.backend)
