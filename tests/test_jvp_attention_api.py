@@ -279,7 +279,7 @@ def test_stop_gradient_func_jvp(use):
 
     # torch.func.grad: the reference backend composes; the kernels (plain tensors only) refuse it by name
     for which, expect in ((1, "stop-gradient"), (0, None)):
-        fn = torch.func.grad(lambda q: torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (tq,))[which]
+        fn = torch.func.grad(lambda q, i=which: torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (tq,))[i]
                              .sum())
         if use != "reference":
             with pytest.raises(NotImplementedError, match="torch.func.grad / vjp / jacrev around the triton"):

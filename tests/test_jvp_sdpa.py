@@ -385,7 +385,7 @@ def test_zero_heads_and_empty_head_dims_fall_back():
         q, k, v, tq, *_ = _qkv(sq, sk, dv or None, seed=7)
         if dv == 0:
             v = torch.randn(*sk[:-1], 0, dtype=F64)
-        f = lambda q: F.scaled_dot_product_attention(q, k, v)
+        f = lambda q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)
         ref = _math_jvp(f, (q,), (tq,))
         with jvp_sdpa(), warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
