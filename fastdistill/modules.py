@@ -28,7 +28,12 @@ class KDLoss(torch.nn.Module):
             if k in self.options:
                 raise TypeError(f"{k}: a per-batch argument; pass it when calling the loss, not to KDLoss()")
         probe = torch.zeros(1, 2)
-        kd_loss(probe, probe, labels=torch.zeros(1, dtype=torch.long), **self.options)
+        opts = dict(self.options)
+        if "topk_semantics" in opts:  # a top-k loss: probe it with a top-k teacher (its own option checks)
+            kd_loss(probe, teacher_topk=(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1)),
+                    labels=torch.zeros(1, dtype=torch.long), **opts)
+        else:
+            kd_loss(probe, probe, labels=torch.zeros(1, dtype=torch.long), **opts)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None, **kwargs):
         return kd_loss(student_logits, teacher_logits, **{**self.options, **kwargs})

@@ -390,6 +390,7 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
                 q_t = tl.sum(tail, 0)
             q_t = tl.maximum(q_t, 0.0)
             p_t = tl.maximum(1.0 - tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0), 0.0)
+            p_t = tl.where(K >= V, 0.0, p_t)  # the (unique) ids cover the vocabulary: no tail, only rounding
             lq_t = tl.log(q_t)
             lp_t = tl.log(p_t)
             d_t, qg_t, _ = _div_terms(lq_t, lp_t, beta, skew, omb, oms, DIV)

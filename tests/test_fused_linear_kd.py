@@ -237,6 +237,20 @@ def test_flkd_backward_twice_and_upstream(use, reduction):
     assert x.grad.dtype == w.grad.dtype == torch.float64  # inputs fp64, accumulation fp32
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_flkd_double_backward_raises(use, reduction):
+    """A gradient taken with create_graph=True and differentiated again raises (before: the scalar reductions'
+    saved gradient was a constant, silently dropped when another term was present; reduction="none" recomputed
+    under grad mode and overwrote a recorded tensor: a wrong Hessian-vector product)."""
+    c, g = make_case(seed=16)
+    x, w = (c[k].clone().requires_grad_() for k in ("hs", "W"))
+    loss = fused_linear_kd_loss(x, w, teacher_hidden=c["ht"], teacher_weight=c["Wt"], divergence="jsd",
+                                reduction=reduction, chunk_size=3)
+    gx, = torch.autograd.grad(loss.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="fused_linear_kd_loss: double backward is not supported"):
+        (gx.square().sum() + w.sum()).backward()
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_flkd_checkpoint(use, reduction):
     """torch.utils.checkpoint (use_reentrant=False): the forward is recomputed in backward, same gradients."""

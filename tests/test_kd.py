@@ -497,6 +497,40 @@ def test_kd_inplace_grad_refuses_a_teacher_overlapping_other_rows(use):
     fd.kd_loss(buf[:2], buf[3:], inplace_grad=True)  # disjoint rows of one buffer: allowed
 
 
+def test_kd_inplace_grad_misuse_raises(use):
+    """inplace_grad=True overwrites the logits with their gradient; a later reader of the logits (another op that
+    saved them, a second backward with retain_graph) gets autograd's in-place error on every backend (before:
+    the kernels wrote through a pointer, autograd never knew, and those readers silently used the gradient)."""
+    s, t, _ = make((4,), 33, seed=12)
+    x = s.clone().requires_grad_()
+    z = x * 1.0
+    loss = fd.kd_loss(z, t, inplace_grad=True, accum_dtype=F64) + (z ** 2).sum() * 1e-3
+    x2 = s.clone().requires_grad_()
+    z2 = x2 * 1.0
+    ref = fd.kd_loss(z2, t, accum_dtype=F64) + (z2 ** 2).sum() * 1e-3
+    ref.backward()
+    try:  # the engine may run the other reader first (correct) or after the overwrite (an error)
+        loss.backward()
+        assert_rel(x.grad, x2.grad, 1e-13, "grad")
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e)
+    z = s.clone().requires_grad_() * 1.0
+    loss = fd.kd_loss(z, t, inplace_grad=True, accum_dtype=F64)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_kd_double_backward_raises(use):
+    """create_graph=True, then a second backward through kd_loss: an error on every backend (before: the reference
+    gave a wrong Hessian-vector product, its saved statistics held constant; the kernels a constant gradient)."""
+    s, t, _ = make((4,), 33, seed=13)
+    x = s.clone().requires_grad_()
+    g, = torch.autograd.grad(fd.kd_loss(x, t, divergence="jsd", accum_dtype=F64), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="kd_loss: double backward is not supported"):
+        (g ** 2).sum().backward()
+
+
 # ----------------------------------------------------------------------------- low precision
 def store_err(exact: torch.Tensor, dtype: torch.dtype) -> float:
     """Error of merely storing the exact gradient in `dtype`: a floor no implementation can beat."""
@@ -550,6 +584,14 @@ def _bad_cases():
         "alpha-without-labels": (dict(hard_label_alpha=0.5), "labels|hard_label_alpha"),
         "rkl-smaller-teacher-vocab": (dict(divergence="rkl", teacher_logits=t[:, :30]), "rkl|teacher|vocab"),
         "no-teacher": (dict(teacher_logits=None), "teacher"),
+        "temperature-inf": (dict(temperature=math.inf), "temperature"),
+        "logit-scale-inf": (dict(logit_scale=math.inf), "logit_scale"),
+        "softcap-nan": (dict(softcap=math.nan), "softcap"),
+        "num-items-with-sum": (dict(reduction="sum", num_items=8), "num_items"),
+        "num-items-with-none": (dict(reduction="none", num_items=8), "num_items"),
+        "num-items-bool": (dict(num_items=True), "num_items"),
+        "inplace-expanded-student": (dict(student_logits=s[:1].expand(5, 37), inplace_grad=True), "inplace_grad"),
+        "inplace-leaf-student": (dict(student_logits=s.clone().requires_grad_(), inplace_grad=True), "inplace_grad"),
     }
 
 

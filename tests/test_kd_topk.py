@@ -36,7 +36,10 @@ def _oracle_D(mode, name, z, ids, lps, T, Tt=1.0):
     if mode == "tail_bucket":
         q = torch.softmax(z / T, -1)
         p = lps.exp()
-        P = torch.cat([p, (1 - p.sum(-1, keepdim=True)).clamp_min(0)], 1)
+        tail = (1 - p.sum(-1, keepdim=True)).clamp_min(0)
+        if ids.shape[1] == z.shape[1]:  # documented: ids covering the vocabulary leave no tail (1 − Σp is rounding)
+            tail = torch.zeros_like(tail)
+        P = torch.cat([p, tail], 1)
         # the student's tail summed over the columns off the ids (= 1 − Σ q_ids without its cancellation)
         Q = torch.cat([q.gather(1, ids), q.scatter(1, ids, 0.0).sum(-1, keepdim=True)], 1)
         return _div(name, P, Q)
@@ -129,6 +132,48 @@ def test_topk_bad_args():
         fd.kd_loss(s, teacher_topk=(ids.double(), lps))
     with pytest.raises(ValueError, match="topk_semantics: expected one of"):
         fd.kd_loss(s, teacher_topk=(ids, lps), topk_semantics="tail")
+    with pytest.raises(ValueError, match="teacher_topk: k = 0"):
+        fd.kd_loss(s, teacher_topk=(ids[:, :0], lps[:, :0]))
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_topk_ids_covering_the_vocabulary(use, div):
+    """k = V (the ids cover the vocabulary): the tail bucket has no columns and is dropped; the loss is the dense
+    divergence, finite (before: p_tail = 1 − Σp, rounding noise of either sign, against the student's exact zero
+    tail made forward KL +inf on some rows)."""
+    N, V = 6, 40
+    g = torch.Generator().manual_seed(31)
+    s = torch.randn(N, V, generator=g, dtype=F64).requires_grad_()
+    lps, ids = torch.log_softmax(2 * torch.randn(N, V, generator=g, dtype=F64), -1).topk(V, -1)
+    assert ((1 - lps.exp().sum(-1)) > 0).any(), "the construction must leave rounding noise in 1 − Σp"
+    loss = fd.kd_loss(s, teacher_topk=(ids, lps), divergence=div, reduction="none", accum_dtype=F64)
+    p = torch.zeros(N, V, dtype=F64).scatter(1, ids, lps.exp())
+    s2 = s.detach().clone().requires_grad_()
+    ref = _div(div, p, torch.softmax(s2, -1))
+    assert torch.isfinite(loss).all()
+    assert torch.allclose(loss, ref, rtol=1e-10, atol=1e-12), (loss, ref)
+    w = torch.randn(N, generator=g, dtype=F64)
+    (loss * w).sum().backward()
+    (ref * w).sum().backward()
+    assert torch.allclose(s.grad, s2.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_topk_bad_id_row_is_nan_with_labels():
+    """A row with an out-of-range id gives NaN (documented) also with labels and hard_label_alpha on the reference
+    (its label check reused the id check's variable: a finite loss from clamped ids). Reached through
+    torch.compile, where the eager CPU ValueError is skipped (as on a GPU)."""
+    N, V, k = 3, 20, 4
+    g = torch.Generator().manual_seed(32)
+    s = torch.randn(N, V, generator=g)
+    ids = torch.randn(N, V, generator=g).topk(k, -1).indices
+    ids[1, 0] = V + 5
+    lps = torch.log_softmax(torch.randn(N, k, generator=g), -1)
+    f = lambda x: fd.kd_loss(x, teacher_topk=(ids, lps), reduction="none", labels=torch.tensor([1, 2, 3]),
+                             hard_label_alpha=0.5)
+    with fd.use_backend("reference"):
+        torch._dynamo.reset()
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(s)
+    assert out[1].isnan() and torch.isfinite(out[[0, 2]]).all(), out
 
 
 @pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])

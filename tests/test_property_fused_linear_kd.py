@@ -313,7 +313,8 @@ def kd_options(c: Case, T: dict, *, oracle: bool = False, transformed: bool = Fa
     """kd_loss's options; ``transformed``: without softcap / logit_scale (applied by ``_transform`` already)."""
     kw = dict(divergence=c.divergence, beta=c.beta, skew=c.skew, temperature=c.temperature,
               teacher_temperature=c.teacher_temperature, t2_scale=c.t2_scale, reduction=c.reduction,
-              num_items=c.num_items, hard_label_alpha=c.alpha)
+              num_items=c.num_items if c.reduction in ("batchmean", "mean") else None,  # (else it raises)
+              hard_label_alpha=c.alpha)
     if not transformed:
         kw.update(softcap=c.softcap, logit_scale=c.logit_scale)
     if c.labels:

@@ -120,6 +120,8 @@ def oracle(student, teacher=None, topk=None, *, topk_semantics="tail_bucket", di
                 lse_off = torch.logsumexp(torch.where(none, zero, u_off), -1, keepdim=True)
                 lq_tail = torch.where(none, -INF, lse_off) - torch.logsumexp(us, -1, keepdim=True)
                 p_tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp_min(0)
+                if ids.shape[1] == us.shape[1]:  # ids covering the vocabulary: no tail bucket (docs/kd_ops.md)
+                    p_tail = torch.zeros_like(p_tail)
                 lq, lp = torch.cat([lq, lq_tail], 1), torch.cat([lp, _log(p_tail)], 1)
     if topk is not None and topk_semantics == "zero_tail":
         D = _kl(lp.exp(), lp, lq)
@@ -193,6 +195,8 @@ def run_op(case: Case, backend: str, upstream=None, *, accum_dtype=None, **overr
     x = buf.requires_grad_()
     z = x * 1.0 if case.inplace else x
     kw = dict(case.kw, **override)
+    if kw.get("reduction", "batchmean") in ("sum", "none"):
+        kw.pop("num_items", None)  # it divides batchmean / mean only (kd_loss raises where it would be ignored)
     if accum_dtype is not None:
         kw["accum_dtype"] = accum_dtype
     with fd.use_backend(backend):
@@ -362,8 +366,10 @@ def topk_cases(draw, dtypes=DTYPES, semantics=SEMANTICS, positive_weights=False,
     else:
         ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
     pk = torch.softmax(tl, -1).gather(1, ids)
-    if sem == "tail_bucket" and (rkl_like or k == V):
-        mass = draw(st.floats(0.02, 0.98))  # p_tail > 0: rkl finite; k == V: q_tail is rounding noise
+    if sem == "tail_bucket" and k == V:
+        mass = 1.0  # ids covering the vocabulary: a whole distribution, no tail bucket (1 − Σp is rounding only)
+    elif sem == "tail_bucket" and rkl_like:
+        mass = draw(st.floats(0.02, 0.98))  # p_tail > 0: rkl finite
     else:
         mass = draw(st.one_of(st.just(1.0), st.floats(0.02, 0.98)))
     if sem == "zero_tail":

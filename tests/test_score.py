@@ -337,6 +337,22 @@ def test_denoise_regression_loss_fp64(use, shape, case):
     assert_rel(pred.grad, pr.grad, 1e-11, "dpred")
 
 
+@pytest.mark.parametrize("op", ["denoise", "sid"])
+def test_score_double_backward_raises(use, op):
+    """Second derivatives of the score ops are not computed: differentiating a create_graph=True gradient again
+    raises (before: the reference backend silently left the result unchanged, the kernels' gradient was a
+    constant; denoise_regression_loss and sid_loss have non-zero second derivatives)."""
+    B, S = SHAPES["B3-4x5x7"]
+    pred, terms, g = make(B, S, 3, seed=17)
+    if op == "denoise":
+        loss = fd.denoise_regression_loss(pred, terms, torch.randn(B, 3, generator=g, dtype=F64), accum_dtype=F64)
+    else:
+        loss = fd.sid_loss(pred, terms[0], terms[1], alpha=1.2, accum_dtype=F64)
+    gp, = torch.autograd.grad(loss, pred, create_graph=True)
+    with pytest.raises(RuntimeError, match="score ops: double backward is not supported"):
+        gp.square().sum().backward()
+
+
 def test_decoupled_dmd_two_noisy_inputs(use):
     """Decoupled DMD (paper Eq. 8 in x0 space): four predictions at two independently noised
     inputs x_a (distribution matching, t_a) and x_b (CFG augmentation, t_b), eps-parameterised:

@@ -74,3 +74,9 @@ def test_kdloss_module():
         KDLoss(temperature=0.0)
     with pytest.raises(TypeError, match="labels"):
         KDLoss(labels=lab)
+    # top-k options are probed with a top-k teacher at construction (before: they raised on the first call)
+    with pytest.raises(ValueError, match="zero_tail' defines forward KL only"):
+        KDLoss(divergence="rkl", topk_semantics="zero_tail")
+    with pytest.raises(ValueError, match="teacher_temperature: only topk_semantics='renorm'"):
+        KDLoss(teacher_temperature=2.0, topk_semantics="tail_bucket")
+    KDLoss(teacher_temperature=2.0, topk_semantics="renorm")

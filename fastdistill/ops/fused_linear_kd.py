@@ -444,6 +444,8 @@ def fused_linear_kd_loss(
         k = ids.shape[-1]
         if k > V:
             raise ValueError(f"teacher_topk: k = {k} exceeds the student vocabulary {V}")
+        if k < 1:
+            raise ValueError("teacher_topk: k = 0 (no teacher ids); give at least one id per row")
         topk = TOPK_SEMANTICS[topk_semantics]
         if topk != 3 and teacher_temperature not in (None, 1.0):
             raise ValueError(f"teacher_temperature: only topk_semantics='renorm' can re-temper stored log-probs "

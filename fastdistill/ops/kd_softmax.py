@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -75,8 +76,8 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
             raise ValueError(f"{name}: expected a value in [0.0, 1.0], got {v}")
     for name, v in (("temperature", temperature), ("teacher_temperature", teacher_temperature),
                     ("softcap", softcap), ("logit_scale", logit_scale)):
-        if v is not None and not float(v) > 0:
-            raise ValueError(f"{name}: expected a positive number, got {v}")
+        if v is not None and not (float(v) > 0 and math.isfinite(float(v))):
+            raise ValueError(f"{name}: expected a positive finite number, got {v}")
     if topk and topk != TOPK_SEMANTICS["renorm"] and teacher_temperature not in (None, 1.0):
         raise ValueError(f"teacher_temperature: only topk_semantics='renorm' can re-temper stored log-probs "
                          f"(the tail mass is unknown), got {teacher_temperature}")
@@ -85,6 +86,11 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
     if hard_label_alpha > 0 and not has_labels:
         raise ValueError("labels: required when hard_label_alpha > 0 (the cross-entropy term)")
     if num_items is not None:
+        if reduction not in ("batchmean", "mean"):
+            raise ValueError(f"num_items: divides the 'batchmean' / 'mean' reductions; with reduction={reduction!r} "
+                             "it would be ignored")
+        if isinstance(num_items, bool) or (isinstance(num_items, torch.Tensor) and num_items.dtype == torch.bool):
+            raise TypeError(f"num_items: expected a number of items, got {num_items!r}")
         if isinstance(num_items, torch.Tensor):
             if num_items.device.type != "cpu" or num_items.numel() != 1:
                 raise TypeError("num_items: expected an int (a CUDA tensor would need a host synchronisation)")
@@ -186,6 +192,8 @@ class _KDFunction(torch.autograd.Function):
             return (None,) * 9
         out = s if ctx.inplace else torch.empty_like(s)
         gs = _bwd(ctx.p, ctx.backend, s, _teacher(ctx.p, t, ids), labels, weights, st, factor, g, out)
+        if ctx.inplace and ctx.backend != "reference":  # a kernel wrote through a pointer: tell autograd, so that
+            torch.autograd.graph.increment_version(s)  # another reader of the logits (or a 2nd backward) raises
         return None, None, None, gs, None, None, None, None, None
 
 
@@ -353,6 +361,8 @@ def kd_loss(
             raise ValueError(f"teacher_topk: ids {tuple(ids.shape)} and logprobs {tuple(t.shape)} differ in shape")
         if ids.shape[-1] > s.shape[-1]:
             raise ValueError(f"teacher_topk: k = {ids.shape[-1]} exceeds the student vocabulary {s.shape[-1]}")
+        if ids.shape[-1] < 1:
+            raise ValueError("teacher_topk: k = 0 (no teacher ids); give at least one id per row")
         if _eager_cpu(ids) and bool(((ids < 0) | (ids >= s.shape[-1])).any()):
             raise ValueError(f"teacher_topk ids: values must be in [0, {s.shape[-1]})")
     lead, V, Vt = s.shape[:-1], s.shape[-1], t.shape[-1]
@@ -380,6 +390,14 @@ def kd_loss(
         t2 = t2.contiguous()
     ids2 = ids.reshape(N, Vt).contiguous() if ids is not None else None
     mask_u8 = mask2.view(torch.uint8) if mask2 is not None else None
+    if inplace_grad and not torch.compiler.is_compiling():
+        if s.is_leaf and s.requires_grad:
+            raise ValueError("inplace_grad: student_logits is a leaf that requires grad: its gradient would overwrite "
+                             "the tensor itself (and alias its .grad); pass inplace_grad=False")
+        if s2.numel() and s2.shape[0] > 1 and s2.stride(0) < V and s2.data_ptr() == s.data_ptr():
+            raise ValueError(f"inplace_grad: the rows of student_logits overlap in memory (row stride "
+                             f"{s2.stride(0)} < V = {V}, e.g. an expanded tensor): one gradient row would overwrite "
+                             "another's logits; pass inplace_grad=False")
     if inplace_grad and not torch.compiler.is_compiling() and any(
             x is not None and _overlap_elsewhere(s2, x) for x in (t2, w2)):
         raise ValueError("inplace_grad: teacher_logits (or weights) share memory with student_logits other than as "

@@ -143,6 +143,8 @@ def _topk_buckets(p, us, lse_s, lo_s, ids, lps):
         return lqk, lpk, lpk.exp().sum(1)
     lq_tail = (torch.logsumexp(us.scatter(1, ids, float("-inf")), 1) - lse_s) - lo_s
     p_tail = (1 - lpk.exp().sum(1)).clamp_min(0)
+    if ids.shape[1] >= us.shape[1]:  # the ids (unique) cover the vocabulary: no tail, 1 − Σ p is rounding only
+        p_tail = torch.zeros_like(p_tail)
     return torch.cat([lqk, lq_tail[:, None]], 1), torch.cat([lpk, p_tail.log()[:, None]], 1), None
 
 
@@ -193,9 +195,9 @@ def kd_fwd(p, s, t, labels, mask, weights):
         ce = torch.zeros_like(lse1)
         if labels is not None and p.alpha > 0:
             lab = labels[sl]
-            good = (lab >= 0) & (lab < V)
+            lab_ok = (lab >= 0) & (lab < V)
             zl = z.gather(1, lab.clamp(0, V - 1)[:, None])[:, 0]
-            ce = torch.where(good, lse1 - zl, torch.full_like(lse1, float("nan")))
+            ce = torch.where(lab_ok, lse1 - zl, torch.full_like(lse1, float("nan")))
         if p.topk != TOPK_ZERO:  # true divergences, below 0 only by rounding; zero_tail's formula is not one
             D = D.clamp_min(0)
         if p.topk:
