@@ -53,14 +53,14 @@ def score_configs(quick: bool = False):
             use = (1 << K) - 1
             common = {"x_ptr": f"*{dt}", "terms": (f"*{dt}",) * K, "coef_ptr": "*fp32", "coef_sb": "i32",
                       "mask_ptr": "*u8"}
-            sig = dict(common, part_ptr="*fp32", M="i32", n_iter="i32", NB="i32", huber_c="fp32", alpha="fp32")
+            sig = dict(common, part_ptr="*fp32", M="i32", n_iter="i32", NB="i32", prm_ptr="*fp32")
             ce = {"OP": op, "K": K, "USE1": use, "USE2": use if op <= S.OP_SID else 0, "HAS_MASK": op != S.OP_SCM,
                   "PHI_HUBER": op == S.OP_SCORE, "NORM_ON_LOSS": False, "TNEED": use if op == S.OP_SID else 0,
                   "TDT": TDT[dt] * 0x5555, "UNIT": FMAX["fp16"], "XR": FMAX["fp16"] / FMAX[dt], "BLOCK": S.BLOCK,
                   "ACC": tl.float32}
             yield f"stats op={op} {dt} K={K}", S._score_stats_kernel, sig, ce, S.NUM_WARPS
             sig = dict(common, state_ptr="*fp32", go_ptr="*fp32", go_sb="i32", gx_ptr=f"*{dt}",
-                       gterms=(f"*{dt}",) * K, M="i32", n_iter="i32", huber_c="fp32", alpha="fp32")
+                       gterms=(f"*{dt}",) * K, M="i32", n_iter="i32", prm_ptr="*fp32")
             ce = {"OP": op, "K": K, "USE1": use, "USE2": use if op == S.OP_SID else 0, "HAS_MASK": op != S.OP_SCM,
                   "PHI_HUBER": op == S.OP_SCORE, "TO_NUM": True, "GMAX": FMAX[dt], "TDT": TDT[dt] * 0x5555,
                   "WRITE_X": True, "TGRAD": use if op == S.OP_SID else 0, "BLOCK": S.BLOCK, "ACC": tl.float32}
@@ -68,7 +68,7 @@ def score_configs(quick: bool = False):
     for op in (S.OP_SCORE, S.OP_SID, S.OP_SCM, S.OP_DENOISE):
         sig = {"part_ptr": "*fp32", "sums_ptr": "*fp32", "weight_ptr": "*fp32", "logvar_ptr": "*fp32",
                "state_ptr": "*fp32", "loss_i_ptr": "*fp32", "loss_ptr": "*fp32", "B": "i32", "M": "i32", "NB": "i32",
-               "scale": "fp32", "clamp": "fp32", "eps": "fp32", "c": "fp32", "alpha": "fp32", "gmax": "fp32"}
+               "prm_ptr": "*fp32"}
         ce = {"OP": op, "NORM": 1, "NORM_ON_LOSS": False, "RED": 0, "SAMPLE_MEAN": True, "RMS": False,
               "TO_NUM": False, "HAS_WEIGHT": True, "HAS_LOGVAR": op == S.OP_SCM,
               "NBP": S.MAX_BLOCKS_PER_SAMPLE, "ACC": tl.float32}

@@ -183,7 +183,11 @@ __device__ __forceinline__ float to_num(float v, float vmax) {
   return fminf(fmaxf(v, -vmax), vmax);
 }
 __device__ __forceinline__ float phi(float d, float cc, bool huber) {
-  return huber ? d * rsqrtf(d * d + cc) : d;  // d / sqrt(d² + c²); d² = inf gives 0 (or NaN for d = ±inf)
+  if (!huber) return d;
+  const float dd = d * d;  // d / sqrt(d² + c²); where d² overflows (|d| > ~1.8e19): ±1/sqrt(1 + (c/d)²)
+  if (dd < INFINITY) return d * rsqrtf(dd + cc);
+  const float a = fabsf(d);
+  return copysignf(rsqrtf(1.0f + (cc / a) / a), d);  // (NaN for d = ±inf, as before: a bad sample)
 }
 
 // The per-sample coefficient rows A[b,0,:] (a) and A[b,1,:] (bb), column 0 = x, k+1 = term k.
@@ -318,8 +322,8 @@ __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_stat
         const float d = c1[j], ph = phi(d, cc, huber);
         float psi;
         if (on_loss) {  // ψ = sqrt(d²+c²) − c, written without cancellation; or ½d²
-          const float s = d * d + cc;  // sqrt(s) = s·rsqrt(s)
-          psi = huber ? __fdividef(d * d, s * rsqrtf(s) + hc) : 0.5f * d * d;
+          const float s = d * d + cc;  // sqrt(s) = s·rsqrt(s); |d| − c where d² overflows
+          psi = huber ? (d * d < INFINITY ? __fdividef(d * d, s * rsqrtf(s) + hc) : fabsf(d) - hc) : 0.5f * d * d;
         } else {  // the ½(φ/w)² surrogate: ½φ² here, 1/w² in the finalize
           psi = 0.5f * ph * ph;
         }
@@ -473,7 +477,7 @@ __global__ void __launch_bounds__(FIN_THREADS) score_finalize_kernel(const FinAr
     }
     if (to_num_) {
       loss = to_num(loss, 0x1.fffffep+127f);
-      dlv = (dlv != dlv) ? 0.0f : dlv;
+      dlv = to_num(dlv, 0x1.fffffep+127f);  // NaN -> 0, ±inf -> ±max (torch.nan_to_num)
     } else if (bad) {
       if (op != OP_SCM) loss = 0.0f;
       gco = 0.0f;

@@ -62,10 +62,20 @@ def _combos(x, terms, coef_ptr, base, offs, inb, K: tl.constexpr, USE1: tl.const
 
 @triton.jit
 def _phi(d, huber_c, PHI_HUBER: tl.constexpr):
-    if PHI_HUBER:
-        return d / tl.sqrt(d * d + huber_c * huber_c)
+    if PHI_HUBER:  # where d² overflows (|d| > ~1.8e19 in fp32): d / (|d|·sqrt(1 + (c/d)²)), not d / sqrt(inf) = 0
+        dd = d * d
+        a = tl.abs(d)
+        r = huber_c / tl.where(dd < float("inf"), 1.0, a)
+        return tl.where(dd < float("inf"), d / tl.sqrt(dd + huber_c * huber_c), d / (a * tl.sqrt(1.0 + r * r)))
     else:
         return d
+
+
+@triton.jit
+def _psi_huber(d, huber_c):
+    """ψ = sqrt(d²+c²) − c, written without cancellation (d²/(sqrt(d²+c²)+c)); |d| − c where d² overflows."""
+    dd = d * d
+    return tl.where(dd < float("inf"), dd / (tl.sqrt(dd + huber_c * huber_c) + huber_c), tl.abs(d) - huber_c)
 
 
 @triton.jit
@@ -89,12 +99,12 @@ def _in_unit(v, UNIT: tl.constexpr, CODE: tl.constexpr):
 
 
 @triton.jit
-def _score_stats_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, part_ptr, M, n_iter, NB,
-                        huber_c, alpha,
+def _score_stats_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, part_ptr, M, n_iter, NB, prm_ptr,
                         OP: tl.constexpr, K: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
                         HAS_MASK: tl.constexpr, PHI_HUBER: tl.constexpr, NORM_ON_LOSS: tl.constexpr,
                         TNEED: tl.constexpr, TDT: tl.constexpr, UNIT: tl.constexpr, XR: tl.constexpr,
                         BLOCK: tl.constexpr, ACC: tl.constexpr):
+    huber_c, alpha = tl.load(prm_ptr + 0), tl.load(prm_ptr + 1)  # in ACC (float arguments would be fp32)
     b = tl.program_id(0)
     blk = tl.program_id(1)
     base = b.to(tl.int64) * M
@@ -124,8 +134,8 @@ def _score_stats_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, part_ptr, M, 
             s0 += tl.abs(x - c2)
             ph = _phi(c1, huber_c, PHI_HUBER)
             if NORM_ON_LOSS:
-                if PHI_HUBER:  # ψ = sqrt(d²+c²) − c, written without cancellation
-                    psi = c1 * c1 / (tl.sqrt(c1 * c1 + huber_c * huber_c) + huber_c)
+                if PHI_HUBER:
+                    psi = _psi_huber(c1, huber_c)
                 else:
                     psi = 0.5 * c1 * c1
             else:
@@ -185,13 +195,15 @@ def _finite(v):
 
 @triton.jit
 def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr, loss_i_ptr, loss_ptr,
-                           B, M, NB, scale, clamp, eps, c, alpha, gmax,
+                           B, M, NB, prm_ptr,
                            OP: tl.constexpr, NORM: tl.constexpr, NORM_ON_LOSS: tl.constexpr,
                            RED: tl.constexpr, SAMPLE_MEAN: tl.constexpr, RMS: tl.constexpr,
                            TO_NUM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_LOGVAR: tl.constexpr,
                            NBP: tl.constexpr, ACC: tl.constexpr):
     """RED: 0 mean (SCORE/SID: ÷ valid elements; SCM/DENOISE: ÷ B), 1 sum, 2 batchmean (÷ B), 3 none.
     NORM (SCORE): 0 none, 1 per sample, 2 global."""
+    scale, clamp = tl.load(prm_ptr + 2), tl.load(prm_ptr + 3)
+    eps, c, gmax = tl.load(prm_ptr + 4), tl.load(prm_ptr + 5), tl.load(prm_ptr + 6)
     FMAX: tl.constexpr = 3.4028234663852886e38
     blocks = tl.arange(0, NBP)
     bm = blocks < NB
@@ -221,7 +233,7 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
         elif RED == 2:
             kappa = scale / Bf
         else:
-            kappa = tl.full([], scale, ACC)
+            kappa = scale
     else:
         if RED == 0:
             beta = 1.0 / Bf
@@ -304,7 +316,11 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
         if TO_NUM:
             loss = tl.where(loss != loss, 0.0, loss)
             loss = tl.minimum(tl.maximum(loss, -FMAX), FMAX)
-            dlv = tl.where(dlv != dlv, 0.0, dlv)
+            dlv = tl.where(dlv != dlv, 0.0, dlv)  # and ±inf -> ±max of the accumulation dtype (torch.nan_to_num)
+            if ACC == tl.float64:
+                dlv = tl.minimum(tl.maximum(dlv, -1.7976931348623157e308), 1.7976931348623157e308)
+            else:
+                dlv = tl.minimum(tl.maximum(dlv, -FMAX), FMAX)
         elif OP != 2:
             loss = tl.where(bad, 0.0, loss)
             gco = tl.where(bad, 0.0, gco)
@@ -342,11 +358,12 @@ def _to_num_code(v, CODE: tl.constexpr):
 
 @triton.jit
 def _score_grad_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, state_ptr, go_ptr, go_sb, gx_ptr, gterms,
-                       M, n_iter, huber_c, alpha,
+                       M, n_iter, prm_ptr,
                        OP: tl.constexpr, K: tl.constexpr, USE1: tl.constexpr, USE2: tl.constexpr,
                        HAS_MASK: tl.constexpr, PHI_HUBER: tl.constexpr, TO_NUM: tl.constexpr,
                        GMAX: tl.constexpr, TDT: tl.constexpr, WRITE_X: tl.constexpr, TGRAD: tl.constexpr,
                        BLOCK: tl.constexpr, ACC: tl.constexpr):
+    huber_c, alpha = tl.load(prm_ptr + 0), tl.load(prm_ptr + 1)
     b = tl.program_id(0)
     blk = tl.program_id(1)
     base = b.to(tl.int64) * M
@@ -428,6 +445,16 @@ def _blocking(M: int) -> tuple[int, int]:
     return n_iter, triton.cdiv(nblk, n_iter)
 
 
+def _params(p, unit: float, device, acc):
+    """The plan's float parameters (huber_c, alpha, scale, clamp, eps, c, the gradient range) as a cached device
+    tensor in the accumulation dtype: kernel float arguments are fp32, too coarse for accum_dtype=float64 (1.2
+    became 1.2000000477; the fp64 range's bound became inf)."""
+    from fastdistill._backend import device_constant
+
+    return device_constant((float(p.huber_c), float(p.alpha), float(p.scale), float(p.clamp), float(p.eps),
+                            float(p.c), float(unit)), device, acc)
+
+
 def score_fwd(p, x, terms, coef, mask, weight, logvar):
     """Passes 1 and 2. ``p`` is the op's static plan (fastdistill.ops.score.Plan); tensors are
     ``[B, M]`` contiguous views. Returns (loss [1], loss_i [B], state [B, 4]) in the plan's
@@ -448,9 +475,9 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
     tneed = p.tneed if p.op == OP_SID else 0
     tdt = dtype_codes(terms, acc)
     unit = min([grad_max(x.dtype, acc)] + [grad_max(t.dtype, acc) for k, t in enumerate(terms) if (tneed >> k) & 1])
+    prm = _params(p, unit, x.device, acc)
     _score_stats_kernel[(B, NB)](
-        x, tuple(terms), coef, coef_sb, mask if mask is not None else x, part, M, n_iter, NB,
-        p.huber_c, p.alpha,
+        x, tuple(terms), coef, coef_sb, mask if mask is not None else x, part, M, n_iter, NB, prm,
         OP=p.op, K=len(terms), USE1=p.use1, USE2=p.use2 if p.op <= OP_SID else 0,
         HAS_MASK=mask is not None, PHI_HUBER=p.phi_huber, NORM_ON_LOSS=p.norm_on_loss,
         TNEED=tneed, TDT=tdt, UNIT=unit, XR=unit / grad_max(x.dtype, acc),
@@ -458,7 +485,7 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
     )
     _score_finalize_kernel[(1,)](
         part, sums, weight if weight is not None else x, logvar if logvar is not None else x,
-        state, loss_i, loss, B, M, NB, p.scale, p.clamp, p.eps, p.c, p.alpha, unit,
+        state, loss_i, loss, B, M, NB, prm,
         OP=p.op, NORM=p.norm, NORM_ON_LOSS=p.norm_on_loss, RED=p.red, SAMPLE_MEAN=p.sample_mean,
         RMS=p.rms, TO_NUM=p.to_num, HAS_WEIGHT=weight is not None, HAS_LOGVAR=logvar is not None,
         NBP=triton.next_power_of_2(NB), ACC=ACC, num_warps=4,
@@ -480,7 +507,8 @@ def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
     _score_grad_kernel[(B, NB)](
         x, tuple(terms), coef, coef.stride(0) if coef.shape[0] > 1 else 0, mask if mask is not None else x,
         state, grad_out, 1 if grad_out.numel() > 1 else 0, gx if gx is not None else x,
-        tuple(g if g is not None else x for g in gterms), M, n_iter, p.huber_c, p.alpha,
+        tuple(g if g is not None else x for g in gterms), M, n_iter,
+        _params(p, 0.0, x.device, p.accum_dtype),  # (the gradient range is the GMAX constexpr here)
         OP=p.op, K=len(terms), USE1=p.use1, USE2=p.use2 if p.op == OP_SID else 0,
         HAS_MASK=mask is not None, PHI_HUBER=p.phi_huber, TO_NUM=p.to_num,
         GMAX=grad_max(x.dtype, p.accum_dtype), TDT=dtype_codes(terms, p.accum_dtype), WRITE_X=need_x, TGRAD=tgrad,

@@ -133,6 +133,11 @@ def _args():
     (lambda a: a.update(x=torch.tensor(1.0)), r"x: expected a tensor of shape \[B, ...\]"),
     (lambda a: a.update(terms=a["terms"][0]), r"terms: expected a list of tensors"),
     (lambda a: a.update(accum_dtype=torch.float16), r"accum_dtype"),
+    (lambda a: a.update(coeffs="ab"), r"terms coefficients: expected a sequence of 2 floats"),
+    (lambda a: a.update(coeffs=[1.0, float("nan")]), r"terms coefficients: expected finite"),
+    (lambda a: a.update(scale=torch.ones(2)), r"scale: expected a float .*per-sample values"),
+    (lambda a: a.update(phi="pseudo_huber", huber_c=float("nan")), r"huber_c: expected a finite number"),
+    (lambda a: a.update(norm_clamp=float("inf")), r"norm_clamp: expected a finite number"),
 ])
 def test_score_distill_bad_args(mutate, match):
     x, f, c = _args()
@@ -156,6 +161,18 @@ def test_other_ops_bad_args():
         fd.denoise_regression_loss(x, [f], [1.0], reduction="batchmean")
     with pytest.raises(ValueError, match="pred_coeff: expected shape"):
         fd.denoise_regression_loss(x, [f], [1.0], pred_coeff=torch.ones(3))
+    # float options: errors name them (before: a bare float() error, or a NaN accepted silently)
+    with pytest.raises(TypeError, match="alpha: expected a float"):
+        fd.sid_loss(x, f, c, alpha=torch.ones(2))
+    with pytest.raises(TypeError, match="weight: expected a float, got list"):
+        fd.scm_tangent_loss(x, [f], [1.0], weight=[1.0, 2.0])
+    with pytest.raises(ValueError, match="c: expected a finite number"):
+        fd.scm_tangent_loss(x, [f], [1.0], c=float("nan"))
+    with pytest.raises(TypeError, match="f_coeff: expected a float or a per-sample tensor"):
+        fd.scm_tangent_loss(x, [f], [1.0], f_coeff="1")
+    with pytest.raises(ValueError, match="w_clamp: expected a finite number"):
+        fd.sid_loss(x, f, c, w_clamp=float("nan"))
+    fd.sid_loss(x, f, c, alpha=torch.tensor(1.2))  # a 0-d CPU tensor is a number (no host sync)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -389,6 +406,26 @@ def overflow_pins(backend):
             loss_i, bad, _ = _run(fd.scm_tangent_loss, F, [z.new_ones(1, 8)], [1.0], logvar=lv)
             assert bad.tolist() == [True] and loss_i.tolist() == [0.0], lv0
             assert torch.all(F.grad == 0) and lv.grad.tolist() == [0.0], lv0
+        # scm, nan="to_num": e^{−logvar} overflows fp32 at logvar = −100; the logvar gradient is clamped to
+        # −max like the loss (torch.nan_to_num), not −inf
+        F = torch.linspace(-1, 1, 8).reshape(1, 8).expand(2, 8).clone().requires_grad_()
+        lv = torch.tensor([0.0, -100.0], requires_grad=True)
+        fd.scm_tangent_loss(F, [torch.linspace(2, -1, 8).expand(2, 8)], [1.0], logvar=lv, nan="to_num",
+                            reduction="sum").backward()
+        fmax = torch.finfo(torch.float32).max
+        assert lv.grad[1].item() == -fmax and torch.isfinite(lv.grad).all(), lv.grad
+        # pseudo-Huber at a finite |d| > 1.8e19: d² overflows fp32; φ = d/sqrt(d²+c²) -> ±1 and ψ -> |d| − c
+        # (before: φ = 0 and, with norm_on="loss", ψ = inf/inf = NaN, not flagged: a NaN loss)
+        fake = torch.zeros(2, 8)
+        fake[0, 0] = 1e20
+        for norm_on in ("loss", "grad"):
+            x = torch.zeros(2, 8, requires_grad=True)
+            loss_i, bad, _ = _run(fd.score_distill, x, [fake, torch.ones(2, 8)], [1.0, -1.0],
+                                  norm_coeffs=[0.0, 1.0], phi="pseudo_huber", norm_on=norm_on)
+            assert bad.tolist() == [False, False] and torch.isfinite(loss_i).all(), (norm_on, loss_i)
+            assert x.grad[0, 0].item() == 1.0 and torch.isfinite(x.grad).all(), (norm_on, x.grad[0])
+            if norm_on == "loss":
+                assert abs(loss_i[0].item() / 1e20 - 1) < 1e-6, loss_i
         # denoise: the bound includes pred_coeff. d = 0.01·100 = 1, ∂/∂pred = 2·5e4·0.01·1 = 1000 fits;
         # d = 1000·0.5 = 500, ∂/∂pred = 2·50·1000·500 = 5e7 does not
         for p0, pc, w, want_bad in ((100.0, 0.01, 5e4, False), (0.5, 1000.0, 50.0, True)):
@@ -455,3 +492,44 @@ def test_narrow_term_dtype_judged_in_its_own_range(use):
     out.backward()
     assert torch.isfinite(t64.grad).all() and torch.isfinite(yb.grad).all()
     assert t64.grad.abs().max() <= torch.finfo(torch.float32).max
+
+
+# ----------------------------------------------------------------------------- fp64 parameters
+def test_float_parameters_reach_the_kernels_in_the_accumulation_dtype(monkeypatch):
+    """Triton types a Python float kernel argument as fp32 (1.2 -> 1.2000000477, the fp64 range -> inf): the
+    compiled kernels of accum_dtype=float64 would lose the parity they promise (the interpreter keeps fp64, so
+    only the launch arguments can show it on a CPU). Every float parameter goes in a tensor of the accumulation
+    dtype, exactly."""
+    from triton.runtime.jit import mangle_type
+
+    from fastdistill.kernels import score as S
+
+    assert mangle_type(1.2) == "fp32"  # the premise
+    seen = []
+
+    class Spy:
+        def __init__(self, k):
+            self.k = k
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(args)
+                return self.k[grid](*args, **kw)
+
+            return launch
+
+    for name in ("_score_stats_kernel", "_score_finalize_kernel", "_score_grad_kernel"):
+        monkeypatch.setattr(S, name, Spy(getattr(S, name)))
+    x, (f, r), _ = make(3, (4, 5), 2, seed=40)
+    with fd.use_backend("triton"):
+        fd.sid_loss(x, f, r, alpha=1.2, accum_dtype=F64).backward()
+        fd.scm_tangent_loss(x, [f, r], [1.0, 1.0], weight=1 / 0.3, c=0.1, accum_dtype=F64)
+        fd.score_distill(x, [f, r], [1.0, -1.0], norm_coeffs=[1.0, 0.0], phi="pseudo_huber", huber_c=0.37,
+                         accum_dtype=F64)
+    assert len(seen) >= 7
+    for args in seen:
+        assert not any(isinstance(a, float) for a in args), [a for a in args if isinstance(a, float)]
+        prm = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == F64 and a.numel() == 7]
+        assert prm, "the parameter tensor"
+    vals = {v for args in seen for a in args if isinstance(a, torch.Tensor) and a.numel() == 7 for v in a.tolist()}
+    assert {1.2, 1 / 0.3, 0.1, 0.37} <= vals, vals

@@ -6,6 +6,7 @@ autograd wiring (eager ``autograd.Function`` and ``torch.library`` custom ops fo
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -123,9 +124,13 @@ def _coef_block(name: str, c, k: int, B: int, device) -> torch.Tensor | tuple[fl
             return c
         raise ValueError(f"{name}: expected shape [{k}] or [{B}, {k}] ({k} terms, {B} samples), got {tuple(c.shape)}")
     try:
+        if isinstance(c, (str, bytes)):
+            raise TypeError
         vals = tuple(float(v) for v in c)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a sequence of {k} floats or a tensor, got {type(c).__name__}") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"{name}: expected finite coefficients, got {vals}")
     if len(vals) != k:
         raise ValueError(f"{name}: expected {k} coefficients (one per term), got {len(vals)}")
     return vals
@@ -199,7 +204,15 @@ def x_coef(name: str, v, B: int, device) -> tuple:
             return ((0,), v.reshape(1, 1))
         v = per_sample(name, v, B, device)
         return ((0,), v.reshape(B, 1))
-    return ((0,), (float(v),))
+    try:
+        if isinstance(v, (str, bytes)):
+            raise TypeError
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a float or a per-sample tensor, got {type(v).__name__}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name}: expected a finite number, got {f}")
+    return ((0,), (f,))
 
 
 # ----------------------------------------------------------------------------- backends

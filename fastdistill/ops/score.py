@@ -7,6 +7,8 @@ Every parameterisation and CFG form is passed as per-sample coefficients of full
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -100,7 +102,7 @@ def score_distill(
         groups.append(("norm_terms", terms if norm_terms is None else norm_terms, norm_coeffs))
     elif norm_coeffs is not None or norm_terms is not None:
         raise ValueError("norm_coeffs / norm_terms: given, but norm=None")
-    if huber_c <= 0 and phi == "pseudo_huber":
+    if _real("huber_c", huber_c) <= 0 and phi == "pseudo_huber":
         raise ValueError(f"huber_c: expected > 0, got {huber_c}")
     all_terms, rows, uses = unify_terms(groups, x, B)
     if len(all_terms) == 0:
@@ -110,8 +112,9 @@ def score_distill(
     coef = pack_coef([rows[0], rows[1] if norm is not None else []], len(all_terms), B, x.device, acc)
     p = Plan(op=OP_SCORE, use1=uses[0], use2=uses[1] if norm is not None else 0, phi_huber=phi == "pseudo_huber",
              norm_on_loss=norm_on == "loss", norm={None: 0, "mean_abs": 1, "mean_abs_global": 2}[norm],
-             red=_RED[reduction], fp64=acc == torch.float64, huber_c=float(huber_c), scale=float(scale),
-             clamp=float(norm_clamp), eps=float(norm_eps), **_nan_flags(nan))
+             red=_RED[reduction], fp64=acc == torch.float64, huber_c=_real("huber_c", huber_c),
+             scale=_real("scale", scale),
+             clamp=_real("norm_clamp", norm_clamp), eps=_real("norm_eps", norm_eps), **_nan_flags(nan))
     weight = per_sample("sample_weight", sample_weight, B, x.device)
     return run(p, x, all_terms, coef, mask_2d(mask, x, B, M), weight, None, return_stats)
 
@@ -159,7 +162,8 @@ def sid_loss(
     tneed = sum(1 << k for k, t in enumerate(terms) if t.requires_grad)
     p = Plan(op=OP_SID, use1=uses[0], use2=uses[1], tneed=tneed, red=_RED[reduction],
              fp64=accum_dtype == torch.float64,
-             alpha=float(alpha), scale=float(scale), clamp=float(w_clamp), eps=float(w_eps), **_nan_flags(nan))
+             alpha=_real("alpha", alpha), scale=_real("scale", scale), clamp=_real("w_clamp", w_clamp),
+             eps=_real("w_eps", w_eps), **_nan_flags(nan))
     return run(p, y, terms, coef, mask_2d(mask, y, B, M), None, None, return_stats)
 
 
@@ -192,14 +196,14 @@ def scm_tangent_loss(
     check_choice("norm", norm, ("l2", "rms"))
     check_choice("sample_reduction", sample_reduction, ("sum", "mean"))
     check_choice("reduction", reduction, tuple(_RED_BATCH))
-    if c < 0:
+    if _real("c", c) < 0:
         raise ValueError(f"c: expected >= 0, got {c}")
     all_terms, rows, uses = unify_terms([("terms", terms, coeffs)], F, B)
     row0 = rows[0] + [x_coef("f_coeff", f_coeff, B, F.device)]
     coef = pack_coef([row0, []], len(all_terms), B, F.device, accum_dtype)
     scale, wvec = _weight_arg(weight, B, F.device)
     p = Plan(op=OP_SCM, use1=uses[0], red=_RED_BATCH[reduction], sample_mean=sample_reduction == "mean",
-             rms=norm == "rms", fp64=accum_dtype == torch.float64, c=float(c), scale=scale, **_nan_flags(nan))
+             rms=norm == "rms", fp64=accum_dtype == torch.float64, c=_real("c", c), scale=scale, **_nan_flags(nan))
     lv = per_sample("logvar", logvar, B, F.device)
     return run(p, F, all_terms, coef, None, wvec, lv, return_stats)
 
@@ -234,9 +238,24 @@ def denoise_regression_loss(
     return run(p, pred, all_terms, coef, mask_2d(mask, pred, B, M), wvec, None, return_stats)
 
 
+def _real(name: str, v) -> float:
+    """A float option: a real number (or a 0-d CPU tensor: no host synchronisation), finite; errors name it."""
+    if isinstance(v, torch.Tensor):
+        if v.dim() or v.device.type != "cpu":
+            raise TypeError(f"{name}: expected a float (or a 0-d CPU tensor), got a tensor of shape {tuple(v.shape)} "
+                            f"on {v.device}" + (" (per-sample values: weight / sample_weight)" if v.dim() else ""))
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {v}")
+    return v
+
+
 def _weight_arg(weight, B: int, device) -> tuple[float, torch.Tensor | None]:
     if weight is None:
         return 1.0, None
     if isinstance(weight, torch.Tensor):
         return 1.0, per_sample("weight", weight, B, device)
-    return float(weight), None
+    return _real("weight", weight), None

@@ -8,6 +8,8 @@ the element dimension is processed in column chunks so that no temporary larger 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 OP_SCORE, OP_SID, OP_SCM, OP_DENOISE = 0, 1, 2, 3
@@ -40,7 +42,18 @@ def _nonfinite(*vs):
 
 
 def _phi(p, d):
-    return d / torch.sqrt(d * d + p.huber_c**2) if p.phi_huber else d
+    if not p.phi_huber:
+        return d
+    dd = d * d  # where d² overflows: d / (|d|·sqrt(1 + (c/d)²)), not d / sqrt(inf) = 0
+    ok = dd < math.inf
+    a = torch.where(ok, torch.ones_like(d), d.abs())
+    return torch.where(ok, d / torch.sqrt(dd + p.huber_c**2), d / (a * torch.sqrt(1 + (p.huber_c / a) ** 2)))
+
+
+def _psi_huber(p, d):
+    """ψ = sqrt(d²+c²) − c without cancellation; |d| − c where d² overflows."""
+    dd = d * d
+    return torch.where(dd < math.inf, dd / (torch.sqrt(dd + p.huber_c**2) + p.huber_c), d.abs() - p.huber_c)
 
 
 def _nan_to_num(v, dtype):
@@ -77,7 +90,7 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
             d, ref = cs
             ph = _phi(p, d)
             if p.norm_on_loss:
-                psi = d * d / (torch.sqrt(d * d + p.huber_c**2) + p.huber_c) if p.phi_huber else 0.5 * d * d
+                psi = _psi_huber(p, d) if p.phi_huber else 0.5 * d * d
             else:
                 psi = 0.5 * ph * ph
             s[0] += (xs - ref).abs().sum(1)
