@@ -42,6 +42,17 @@ def test_matches_trl(beta, reduction, labels):
     _check(dict(beta=beta, temperature=0.9, reduction=reduction), labels=labels)
 
 
+def test_labels_are_a_mask_as_in_trl():
+    """TRL reads labels only as ``labels != -100``: a label of -1 (or >= V) counts its token (before: a
+    ValueError on the CPU, a NaN row on a GPU)."""
+    s, t, lab = _draw(seed=3)
+    lab[1, 3], lab[0, 4] = -1, 10 ** 6
+    ref = T.trl_generalized_jsd_loss(s, t, lab, beta=0.5)
+    with fd.use_backend("reference"):
+        got = generalized_jsd_loss(s, t, lab, beta=0.5)
+    torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("num_items", [13, torch.tensor(13)], ids=["int", "tensor"])
 def test_num_items_in_batch(num_items):
     _check(dict(beta=0.5, temperature=2.0, num_items_in_batch=num_items))

@@ -10,7 +10,12 @@
 Differences, all deliberate: ``reduction="none"`` is refused (TRL returns per-vocabulary-entry terms,
 an ``[n, V]`` tensor that the fused kernel exists to avoid; use ``fastdistill.kd_loss(...,
 reduction="none")`` for per-token losses); ``reduction="mean"`` over zero valid tokens gives 0
-where TRL gives NaN. ``KDLoss`` is the module form of ``kd_loss`` for code that wants a loss object.
+where TRL gives NaN; the teacher is a constant (no gradient reaches ``teacher_logits``: TRL's
+function differentiates through both, which matters only if the teacher shares trainable weights
+with the student); the loss is fp32 for bf16/fp16 logits (TRL's is in the logits' dtype); a teacher
+vocabulary larger or smaller than the student's is sliced / −inf-padded as in ``kd_loss`` (TRL raises).
+As in TRL, ``labels`` only mark the tokens to ignore (``-100``): any other value, even outside the
+vocabulary, counts the token. ``KDLoss`` is the module form of ``kd_loss`` for code that wants a loss object.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
             raise ValueError("reduction: 'none' returns TRL's elementwise [n, V] terms, which the fused kernel never "
                              "materialises; use fastdistill.kd_loss(..., reduction='none') for per-token losses")
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-    kw = dict(divergence="jsd", beta=beta, temperature=temperature, labels=labels, ignore_index=-100)
+    # TRL uses labels as a mask only (labels != -100): the value of a counted label is never read
+    mask = labels != -100 if labels is not None else None
+    kw = dict(divergence="jsd", beta=beta, temperature=temperature, mask=mask)
     if num_items_in_batch is not None:
         loss = kd_loss(student_logits, teacher_logits, reduction="sum", **kw)
         if isinstance(num_items_in_batch, torch.Tensor):
