@@ -324,6 +324,8 @@ def _one_rank_differs(W: int, r: int, agree_group, local_group) -> dict:
     cp(x, x, x, group=agree_group)
     y = torch.randn(1, 6 if odd else 4, 2, D, dtype=F64)
     out["err_after_agreed_call"] = _expect_error(lambda: cp(y, y, y, group=agree_group))
+    # ... or a scale that differs on one rank (ulysses would mix the scales across heads silently)
+    out["err_scale_one_rank"] = _expect_error(lambda: cp(x, x, x, group=agree_group, scale=0.3 if odd else 0.25))
     out["usable_after_mismatch"] = usable(agree_group)
     # 2. an argument error that only the last rank's local checks see
     z = x[:, :3] if odd else x
@@ -510,6 +512,7 @@ def test_zigzag_helpers(world):
     ("func_primal_backward", "no error", ""),
     ("err_double_backward", "RuntimeError", "double backward is not supported"),
     ("err_after_agreed_call", "ValueError", "q: local sequence length differs between the ranks"),
+    ("err_scale_one_rank", "ValueError", "scale differs between the ranks"),
     ("err_zigzag_odd_one_rank", "ValueError", "q, k: zigzag shards hold two equal chunks"),
     ("err_mode_check_off", "ValueError", "mode"),
     ("err_ulysses_heads_one_rank", "ValueError", "q: mode='ulysses'"),

@@ -139,6 +139,8 @@ def _agree(group, W: int, q, err: BaseException | None, names: tuple[str, ...], 
     for j, name in enumerate(names):
         vals = [row[2 + j] for row in rows]
         if len(set(vals)) > 1:
+            if name == "scale":  # carried as the float64's bits
+                vals = [struct.unpack("<d", struct.pack("<q", v))[0] for v in vals]
             raise ValueError(f"{name} differs between the ranks of the group ({vals} on ranks 0..{W - 1}): {need}")
 
 
@@ -591,7 +593,7 @@ class _ContextParallel(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public
 _SIG_NAMES = ("mode", "causal", "seq_layout", "layout", "q: batch", "q: local sequence length", "q: heads",
               "q: head dim", "k: local sequence length", "k: heads", "v: head dim", "tq (None or not)",
-              "tk (None or not)", "tv (None or not)", "dtype", "tangent_dtype")
+              "tk (None or not)", "tv (None or not)", "dtype", "tangent_dtype", "scale")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
@@ -711,7 +713,8 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
         raise ValueError(f"scale: expected a finite float, got {scale}")
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     sig = (MODES.index(mode), int(causal), SEQ_LAYOUTS.index(seq_layout), lay, B, sq, Hq, Dqk, sk, Hkv, Dv,
-           int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype)
+           int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype,
+           struct.unpack("<q", struct.pack("<d", scale))[0])  # the scale's bits: ranks must use the very same
     backend = select_backend(OP, q, head_dims=(Dqk, Dv))
     limit = transform_limit(backend)
     if limit is not None:
