@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from fastdistill.ops._common import check_choice, first_order
 from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
-from fastdistill.reference.kd_softmax import bucket_div, chain, kd_du, tail_qg, tail_state, transform
+from fastdistill.reference.kd_softmax import bucket_div, chain, kd_du, lse_split, tail_qg, tail_state, transform
 
 # vocab_parallel_fused_linear_kd_loss: served by __getattr__ below (from vocab_parallel_fused)
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_fused_linear_kd_loss", "vocab_parallel_topk"]  # noqa: F822
@@ -37,8 +37,13 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NEG_INF = float("-inf")
 _FKL, _RKL = 0, 1
 _TOPK_TAIL, _TOPK_ZERO, _TOPK_RENORM = 1, 2, 3
-# st columns (per row, saved for the backward), as in fastdistill.reference.kd_softmax
-_LSE_S, _EXTRA, _LSE1, _D, _S, _CONTRIB, _CE, _VALID = range(8)
+# st columns (per row, saved for the backward), as in fastdistill.reference.kd_softmax: the student's logsumexp
+# (hi word), the extra scalar (dense: the teacher's logsumexp, hi word; top-k: tail_state / Σ p / the student's
+# logsumexp over the k ids), lse of the untempered student, D, S = Σ q·g, contrib, ce, valid, and the low words of
+# the student's logsumexp and of the extra column where it is a logsumexp (dense, renorm; else 0); the global
+# shifts and sum-exps of the student and (dense) the teacher, from which dense fkl / rkl form their probabilities
+_LSE_S, _EXTRA, _LSE1, _D, _S, _CONTRIB, _CE, _VALID, _LO_S, _LO_X, _M_S, _E_S, _M_T, _E_T = range(14)
+NSTATE = 14
 # Groups whose layout passed the host check, keyed on what every member shares: (the group's global ranks,
 # device type). Hit or miss is then the same on every rank; later calls check the layout on the device.
 _LAYOUTS: set = set()
@@ -140,6 +145,34 @@ def _safe(m: torch.Tensor) -> torch.Tensor:
 
 def _xlogy(w, a):
     return torch.where(w > 0, w * a, torch.zeros_like(a))
+
+
+def _split(A: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row logsumexp from its global shift A (finite) and the sum-exp s relative to it, as hi + lo =
+    A + log s exactly (TwoSum, as ``lse_split``); lo = 0 where that is not finite (s = 0: an all −inf row).
+    Log-probs are then (u − hi) − lo: hi alone is rounded at |A| (an error of ulp(A) in every log-prob, which
+    the cancellation q − p of a teacher close to the student magnifies)."""
+    ls = s.log()
+    hi = A + ls
+    bb = hi - A
+    lo = (A - (hi - bb)) + (ls - bb)
+    return hi, torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+
+
+def _logratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(a / b) for sum-exps a, b >= 0: log1p((a − b) / b) where they are within 2x (a − b exact: a teacher close
+    to the student, where log a − log b would add two roundings to a small D), else log a − log b (log1p of a
+    quotient near −1 would lose the digits)."""
+    near = (a <= 2 * b) & (b <= 2 * a)
+    return torch.where(near, torch.log1p((a - b) / b), a.log() - b.log())
+
+
+def _logp(u: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, safe: bool = False) -> torch.Tensor:
+    """(u − hi) − lo for [n, m] logits and per-row hi, lo ([n] or [n, 1]); ``safe``: hi = −inf (an all −inf
+    row) shifts by 0."""
+    if hi.dim() == 1:
+        hi, lo = hi[:, None], lo[:, None]
+    return (u - (_safe(hi) if safe else hi)) - lo
 
 
 def _chunks(N: int, Vr: int, elems: int = 0):
@@ -265,42 +298,46 @@ class _Run:
         return A, sm, V
 
     # ---------------------------------------------------------------- stage B + collective 3
-    def stage_b(self, zs_raw, zt_raw, lse_s, lse_t):
-        """Partial divergence and Σ q·g over the shard's columns (jsd / skl / srkl / tvd)."""
+    def stage_b(self, zs_raw, zt_raw, A, G):
+        """Partial divergence and Σ q·g over the shard's columns (jsd / skl / srkl / tvd), from the global shifts
+        A and sums G of ``collect`` (the log-probs as the backward forms them: (u − hi) − lo)."""
         p = self.p
         acc = p.accum_dtype
         z = transform(p, zs_raw.to(acc))
         us = z / p.temperature if p.temperature != 1.0 else z
         ut = transform(p, zt_raw.to(acc)) / p.teacher_temperature
-        lq, lp = us - _safe(lse_s)[:, None], ut - _safe(lse_t)[:, None]
+        lq = _logp(us, *_split(A[:, 0], G[:, 0]), safe=True)
+        lp = _logp(ut, *_split(A[:, 1], G[:, 1]), safe=True)
         D, qg = bucket_div(p, lq, lp)
         return torch.stack([D, qg.sum(1)], 1)
 
     # ---------------------------------------------------------------- per-row loss
-    def finish(self, A, G, part, lps, lab, mask, w):
-        """Global per-row statistics st [n, 8] (lse_s, extra, lse1, D, S, contrib, ce, valid) and the
-        student's tempered logits at the top-k ids uk [n, k] (top-k teachers; else None)."""
+    def finish(self, A, G, part, lps, lab, mask, w, V):
+        """Global per-row statistics st [n, NSTATE] (lse_s, extra, lse1, D, S, contrib, ce, valid, lo_s, lo_x,
+        m_s, e_s, m_t, e_t) and the student's tempered logits at the top-k ids uk [n, k] (top-k teachers; else
+        None). ``V``: the global vocabulary (a tensor, from ``collect``)."""
         p = self.p
         n = G.shape[0]
-        st = G.new_zeros((n, 8))
+        st = G.new_zeros((n, NSTATE))
         es, et = G[:, 0], G[:, 1]
-        lse_s = A[:, 0] + es.log()
+        lse_s, lo_s = _split(A[:, 0], es)
         ok = lse_s != _NEG_INF
         uk = None
+        lo_x = torch.zeros_like(lo_s)
         if self.dense:
-            lse_t = A[:, 1] + et.log()
+            lse_t, lo_x = _split(A[:, 1], et)
             ok &= lse_t != _NEG_INF
             if p.div == _FKL:
-                D, S = G[:, 3] / et - et.log() + es.log(), torch.zeros_like(es)
+                D, S = G[:, 3] / et + _logratio(es, et), torch.zeros_like(es)
             elif p.div == _RKL:
-                D, S = G[:, 3] / es - es.log() + et.log(), torch.zeros_like(es)
+                D, S = G[:, 3] / es + _logratio(et, es), torch.zeros_like(es)
             else:
                 D, S = part[:, 0], part[:, 1]
             extra = lse_t
         else:
             uk = G[:, 7:]
             lq_tail = G[:, 3].log() - es.log()
-            D, S, extra = _topk_rows(p, uk, lse_s, lps.to(G.dtype), lq_tail)
+            D, S, extra, lo_x = _topk_rows(p, uk, lse_s, lo_s, lps.to(G.dtype), lq_tail, V)
             D = torch.where(G[:, 6] == uk.shape[1], D, torch.full_like(D, math.nan))  # an id no rank holds
             if p.topk == _TOPK_RENORM:  # k teacher log-probs all −inf: no teacher distribution (row invalid)
                 ok &= lps.amax(1) > _NEG_INF
@@ -323,6 +360,10 @@ class _Run:
             wr = w.to(loss.dtype)
             loss = torch.where(wr == 0, torch.zeros_like(loss), loss * wr)
         st[:, _LSE_S], st[:, _EXTRA], st[:, _D], st[:, _S] = lse_s, extra, D, S
+        st[:, _LO_S], st[:, _LO_X] = lo_s, lo_x
+        st[:, _M_S], st[:, _E_S] = A[:, 0], es
+        if self.dense:
+            st[:, _M_T], st[:, _E_T] = A[:, 1], et
         st[:, _CONTRIB] = torch.where(ok, loss, torch.zeros_like(loss))
         st[:, _CE], st[:, _VALID] = ce, ok.to(st.dtype)
         return st, uk
@@ -335,21 +376,29 @@ class _Run:
         acc = p.accum_dtype
         z = transform(p, zs_raw.to(acc))
         us = z / p.temperature if p.temperature != 1.0 else z
-        lq = us - st[:, _LSE_S : _LSE_S + 1]
-        q = lq.exp()
+
+        def col(i):
+            return st[:, i : i + 1]
+
         if not self.dense:
-            du = _topk_du(p, sh, lq, q, st, uk, teacher[0], teacher[1].to(acc))
+            lq = _logp(us, col(_LSE_S), col(_LO_S))
+            du = _topk_du(p, sh, lq, lq.exp(), st, uk, teacher[0], teacher[1].to(acc))
         else:
             ut = transform(p, teacher.to(acc)) / p.teacher_temperature
-            lp = ut - st[:, _EXTRA : _EXTRA + 1]
-            if p.div == _FKL:
-                du = q - lp.exp()
-            elif p.div == _RKL:  # 0 on a row whose D is +inf (no finite gradient)
-                D = st[:, _D : _D + 1]
-                du = torch.where((q > 0) & (D != math.inf), q * (lq - lp - D), torch.zeros_like(q))
+            if p.div in (_FKL, _RKL):
+                # q, p as softmax forms them, e^{u − m} / Σ e^{u − m}: exp of a log-prob (rounded at |log q|) loses
+                # eps·|log q| relative, which the cancellation q − p of a teacher close to the student magnifies
+                q = torch.exp(us - col(_M_S)) / col(_E_S)
+                if p.div == _FKL:
+                    du = q - torch.exp(ut - col(_M_T)) / col(_E_T)
+                else:  # 0 on a row whose D is +inf (no finite gradient)
+                    lq, lp = _logp(us, col(_LSE_S), col(_LO_S)), _logp(ut, col(_EXTRA), col(_LO_X))
+                    D = col(_D)
+                    du = torch.where((q > 0) & (D != math.inf), q * (lq - lp - D), torch.zeros_like(q))
             else:
+                lq, lp = _logp(us, col(_LSE_S), col(_LO_S)), _logp(ut, col(_EXTRA), col(_LO_X))
                 _, qg = bucket_div(p, lq, lp)
-                du = kd_du(qg, q, st[:, _S : _S + 1])
+                du = kd_du(qg, lq.exp(), col(_S))
         gz = (1 - p.alpha) * p.t2 / p.temperature * du
         if self.ce:
             gz = gz + p.alpha * (z - st[:, _LSE1 : _LSE1 + 1]).exp()
@@ -364,23 +413,26 @@ class _Run:
         return chain(p, zs_raw.to(acc), gz)
 
 
-def _topk_rows(p: KDPlan, uk, lse_s, lps, lq_tail):
-    """(D, S, extra) per row of a top-k teacher from the student's tempered logits at the ids and its log tail
-    mass (docs/kd_ops.md): extra is the tail term of the reference's state (tail_bucket), Σ p (zero_tail) or
-    the student's logsumexp over the k (renorm)."""
+def _topk_rows(p: KDPlan, uk, lse_s, lo_s, lps, lq_tail, V):
+    """(D, S, extra, lo_x) per row of a top-k teacher from the student's tempered logits at the ids and its log
+    tail mass (docs/kd_ops.md): extra is the tail term of the reference's state (tail_bucket), Σ p (zero_tail)
+    or the student's logsumexp over the k (renorm; lo_x its low word, else 0). tail_bucket with k == V (the
+    ids, unique per row, cover the vocabulary): no tail bucket, p_tail = 0 (not 1 − Σ p, rounding noise)."""
+    zero = torch.zeros_like(lse_s)
     if p.topk == _TOPK_RENORM:
-        lse_k = torch.logsumexp(uk, 1)
-        lq, lp = uk - lse_k[:, None], torch.log_softmax(lps / p.teacher_temperature, 1)
+        lse_k, lo_k = lse_split(uk)
+        lq, lp = _logp(uk, lse_k, lo_k), torch.log_softmax(lps / p.teacher_temperature, 1)
         D, qg = bucket_div(p, lq, lp)
-        return D, qg.sum(1), lse_k
-    lqk = uk - _safe(lse_s)[:, None]
+        return D, qg.sum(1), lse_k, lo_k
+    lqk = _logp(uk, lse_s, lo_s, safe=True)
     if p.topk == _TOPK_ZERO:
-        return _xlogy(lps.exp(), lps - lqk).sum(1), torch.zeros_like(lse_s), lps.exp().sum(1)
+        return _xlogy(lps.exp(), lps - lqk).sum(1), zero, lps.exp().sum(1), zero
     p_tail = (1 - lps.exp().sum(1)).clamp_min(0)
+    p_tail = torch.where(V == uk.shape[1], zero, p_tail)  # on the device: V is a tensor (no host sync)
     lq = torch.cat([lqk, lq_tail[:, None]], 1)
     lp = torch.cat([lps, p_tail.log()[:, None]], 1)
     D, qg = bucket_div(p, lq, lp)
-    return D, qg.sum(1), tail_state(p, lq_tail, lp[:, -1])
+    return D, qg.sum(1), tail_state(p, lq_tail, lp[:, -1]), zero
 
 
 def _topk_du(p: KDPlan, sh: _Shard, lq, q, st, uk, ids, lps):
@@ -397,13 +449,13 @@ def _topk_du(p: KDPlan, sh: _Shard, lq, q, st, uk, ids, lps):
         buf.scatter_add_(1, idx, -lps.exp())
         return buf[:, :Vr]
     if p.topk == _TOPK_RENORM:
-        lqk = uk - extra
+        lqk = _logp(uk, extra, st[:, _LO_X : _LO_X + 1])
         _, qg = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
         buf.zero_()
         buf.scatter_(1, idx, kd_du(qg, lqk.exp(), S))
         return buf[:, :Vr]
     buf[:, :Vr] = kd_du(tail_qg(p, lq, q, extra), q, S)  # off the ids
-    lqk = uk - _safe(st[:, _LSE_S : _LSE_S + 1])
+    lqk = _logp(uk, st[:, _LSE_S : _LSE_S + 1], st[:, _LO_S : _LO_S + 1], safe=True)
     _, qgk = bucket_div(p, lqk, lps)  # the id buckets (elementwise in (q_b, p_b))
     buf.scatter_(1, idx, kd_du(qgk, lqk.exp(), S))
     return buf[:, :Vr]
@@ -437,11 +489,10 @@ def _forward(run: _Run, s, t, ids, labels, mask, weights):
     part = None
     if run.three:
         part = torch.empty((N, 2), dtype=acc, device=s.device)
-        lse_s, lse_t = A[:, 0] + G[:, 0].log(), A[:, 1] + G[:, 1].log()
         for sl in _chunks(N, Vr):
-            part[sl] = run.stage_b(s[sl], t[sl], lse_s[sl], lse_t[sl])
+            part[sl] = run.stage_b(s[sl], t[sl], A[sl], G[sl])
         dist.all_reduce(part, op=dist.ReduceOp.SUM, group=run.sh.group)
-    st, uk = run.finish(A, G, part, None if run.dense else t, labels, mask, weights)
+    st, uk = run.finish(A, G, part, None if run.dense else t, labels, mask, weights, V)
     return st, uk, V
 
 
@@ -639,7 +690,11 @@ def vocab_parallel_topk(
         if kl:
             v, i = u.topk(kl, 1)
             pack[sl, :kl], pack[sl, k : k + kl] = v.double(), (i + sh.start).double()
-        pack[sl, 2 * k] = torch.logsumexp(u, 1).double() if Vr else _NEG_INF
+        if Vr:  # hi + lo in fp64: the local logsumexp as accurate as log_softmax's (u − m) − log l
+            hi, lo = lse_split(u)
+            pack[sl, 2 * k] = hi.double() + lo.double()
+        else:
+            pack[sl, 2 * k] = _NEG_INF
     parts = [torch.empty_like(pack) for _ in range(sh.world)]
     dist.all_gather(parts, pack, group=sh.group)
     allp = torch.stack(parts, 1)  # [N + 1, W, 2k + 1]

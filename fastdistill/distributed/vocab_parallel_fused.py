@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import fastdistill.distributed.vocab_parallel as _vp
-from fastdistill.distributed.vocab_parallel import _CONTRIB, _FLOAT_DTYPES, _common, _reduce, _Shard
+from fastdistill.distributed.vocab_parallel import _CONTRIB, _FLOAT_DTYPES, NSTATE, _common, _reduce, _Shard
 from fastdistill.ops._common import first_order
 
 __all__ = ["vocab_parallel_fused_linear_kd_loss"]
@@ -81,7 +81,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
         dh = torch.zeros(h.shape, dtype=acc, device=h.device) if eager and need[0] else None
         dW = torch.zeros(W.shape, dtype=acc, device=W.device) if eager and need[1] else None
         db = torch.zeros(Vr, dtype=acc, device=W.device) if eager and need[2] else None
-        st = torch.empty((N, 8), dtype=acc, device=h.device)
+        st = torch.empty((N, NSTATE), dtype=acc, device=h.device)
         uk = torch.empty((N, run.k), dtype=acc, device=h.device) if not run.dense else None
         V = torch.ones((), dtype=acc, device=h.device)
         for sl in _rows_chunks(N, cfg["rows"]):
@@ -92,10 +92,11 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
             A, G, V = run.collect(mx, sm)
             part = None
             if run.three:
-                part = run.stage_b(zs, tb_, A[:, 0] + G[:, 0].log(), A[:, 1] + G[:, 1].log())
+                part = run.stage_b(zs, tb_, A, G)
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=sh.group)
             st[sl], u = run.finish(A, G, part, None if run.dense else t[sl], lab,
-                                   mask[sl] if mask is not None else None, weights[sl] if weights is not None else None)
+                                   mask[sl] if mask is not None else None, weights[sl] if weights is not None else None,
+                                   V)
             if uk is not None:
                 uk[sl] = u
             if eager:
