@@ -119,6 +119,13 @@ def _rescale(acc, r):
 
 
 @triton.jit
+def _renorm_teacher(lp, km):
+    """log_softmax over the k stored (tempered) teacher log-probs, as (lp − m) − log l (exact near the max)."""
+    mp = _safe(tl.max(tl.where(km, lp, float("-inf")), 0))
+    return (lp - mp) - tl.log(tl.sum(tl.where(km, tl.exp(lp - mp), 0.0), 0))
+
+
+@triton.jit
 def _lse2(m, l):
     """m + log l as hi + lo exactly (TwoSum); lo = 0 where hi is not finite (an all −inf row)."""
     ms = _safe(m)
@@ -359,12 +366,11 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
     t_live = True  # renorm: a row whose k teacher log-probs are all −inf has no teacher (invalid, as a dense one)
     if MODE == 3:
         t_live = tl.max(lpk, 0) > float("-inf")
-        mk = _safe(tl.max(uk, 0))
-        lse_k = mk + tl.log(tl.sum(tl.exp(uk - mk), 0))
-        lqk = uk - lse_k
-        lpk = lpk * inv_Tt
-        mp = _safe(tl.max(lpk, 0))
-        lpk = lpk - (mp + tl.log(tl.sum(tl.exp(lpk - mp), 0)))
+        mk = tl.max(tl.where(km, uk, float("-inf")), 0)
+        lse_k, lo_k = _lse2(mk, tl.sum(tl.where(km, tl.exp(uk - _safe(mk)), 0.0), 0))
+        lqk = (uk - lse_k) - lo_k  # hi + lo: hi alone is rounded at |m| (ulp(m) off in every log-prob)
+        tl.store(st + 9, lo_k)
+        lpk = _renorm_teacher(lpk * inv_Tt, km)
         d, qg, q = _div_terms(lqk, lpk, beta, skew, omb, oms, DIV)
         D = _clamp0(tl.sum(tl.where(km, d, 0.0), 0))
         S = tl.sum(tl.where(km, qg, 0.0), 0)
@@ -535,10 +541,8 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
         z = zk
         lpk = tl.load(t_row + kk, mask=km, other=float("-inf")).to(ACC)
         if MODE == 3:
-            lqk = z * inv_T - lse_t
-            lpk = lpk * inv_Tt
-            mp = _safe(tl.max(lpk, 0))
-            lpk = lpk - (mp + tl.log(tl.sum(tl.exp(lpk - mp), 0)))
+            lqk = (z * inv_T - lse_t) - tl.load(st + 9)
+            lpk = _renorm_teacher(lpk * inv_Tt, km)
             _, qg, q = _div_terms(lqk, lpk, beta, skew, omb, oms, DIV)
             du = _kd_du(qg, q, S)
         elif MODE == 2:

@@ -248,3 +248,43 @@ def test_topk_renorm_row_without_teacher_is_invalid(use, div):
     assert torch.isfinite(out[0][0]) and torch.all(out[0][1][1] == 0), out[0]
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-12, atol=0)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-12, atol=0)
+
+
+_TVD_LIMIT = pytest.mark.xfail(strict=True, reason="known precision limit: fp32 TVD forms p and q from log-probs "
+                               "(one more rounding at |log q| than softmax), and |p - q| cancels for a close teacher: "
+                               "2-4x plain fp32's loss error (docs/kd_ops.md, Numerics)")
+
+
+@pytest.mark.parametrize("div", ["fkl", "rkl"])
+@pytest.mark.parametrize("offset", [0.0, 60.0, 300.0])
+def test_topk_renorm_fp32_close_teacher_large_logits(use, div, offset):
+    _check_renorm_close_teacher(div, offset)
+
+
+@_TVD_LIMIT
+def test_tvd_fp32_close_teacher_limit(use):
+    """The documented limit, pinned where it shows on both backends (offset 60; at 0 and 300 these draws pass)."""
+    _check_renorm_close_teacher("tvd", 60.0)
+
+
+def _check_renorm_close_teacher(div, offset):
+    """renorm in fp32 with a teacher close to the student at logits ~offset: the tolerance rule (at most 2x the error
+    of plain PyTorch's formula in fp32, as a relative L2 error over the per-row losses and the gradient). The
+    student's logsumexp over the k ids is kept as hi + lo (before: hi alone, rounded at |m|, 3-70x plain's error)."""
+    g = torch.Generator().manual_seed(int(offset) + 7)
+    N, V, k = 16, 1000, 50
+    s = (torch.randn(N, V, generator=g, dtype=F64) * 2 + offset).float()
+    t = s.double() + 0.05 * torch.randn(N, V, generator=g, dtype=F64)
+    lps, ids = torch.log_softmax(t, -1).topk(k, -1)
+    lps = lps.float()
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    exact_x, plain_x = s.double().requires_grad_(), s.clone().requires_grad_()
+    exact = _oracle_D("renorm", div, exact_x, ids, lps.double(), 1.0)
+    plain = _oracle_D("renorm", div, plain_x, ids, lps, 1.0)
+    exact.sum().backward()
+    plain.sum().backward()
+    x = s.clone().requires_grad_()
+    loss = fd.kd_loss(x, teacher_topk=(ids, lps), topk_semantics="renorm", divergence=div, reduction="none")
+    loss.sum().backward()
+    assert rel(loss, exact.detach()) <= 2 * rel(plain, exact.detach()) + 1e-7, (rel(loss, exact), rel(plain, exact))
+    assert rel(x.grad, exact_x.grad) <= 2 * rel(plain_x.grad, exact_x.grad) + 1e-7

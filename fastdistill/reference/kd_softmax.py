@@ -135,9 +135,9 @@ def _topk_buckets(p, us, lse_s, lo_s, ids, lps):
     tail mass is summed over the columns off the ids (never 1 − Σ q, which rounds to 0 for a
     confident student)."""
     uk = us.gather(1, ids)
-    if p.topk == TOPK_RENORM:
-        lse_k = torch.logsumexp(uk, 1)
-        return uk - lse_k[:, None], torch.log_softmax(lps / p.teacher_temperature, 1), lse_k
+    if p.topk == TOPK_RENORM:  # the student's logsumexp over the k ids as hi + lo (hi alone: ulp(m) off)
+        lse_k, lo_k = lse_split(uk)
+        return (uk - lse_k[:, None]) - lo_k[:, None], torch.log_softmax(lps / p.teacher_temperature, 1), (lse_k, lo_k)
     lqk, lpk = log_probs(uk, lse_s, lo_s), lps
     if p.topk == TOPK_ZERO:
         return lqk, lpk, lpk.exp().sum(1)
@@ -168,7 +168,10 @@ def kd_fwd(p, s, t, labels, mask, weights):
             else:
                 D, qg = bucket_div(p, lq, lp)
                 S = qg.sum(1)
-                lse_t = extra if p.topk == TOPK_RENORM else tail_state(p, lq[:, -1], lp[:, -1])
+                if p.topk == TOPK_RENORM:
+                    lse_t, lo_t = extra
+                else:
+                    lse_t = tail_state(p, lq[:, -1], lp[:, -1])
         else:
             zt = _teacher(p, t, sl, V, acc)
             ut = zt / p.teacher_temperature
@@ -291,7 +294,7 @@ def _topk_du(p, us, row, ids, lps, q):
         du = row[:, 1:2] * q
         return du.scatter_add(1, ids, -lps.exp())
     if p.topk == TOPK_RENORM:
-        lqk = us.gather(1, ids) - row[:, 1:2]
+        lqk = (us.gather(1, ids) - row[:, 1:2]) - row[:, 9:10]
         _, qg = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
         return torch.zeros_like(q).scatter(1, ids, kd_du(qg, lqk.exp(), S))
     lq = (us - row[:, 0:1]) - row[:, 8:9]
