@@ -9,8 +9,8 @@ it cannot run, the error lists every backend's reasons. There is no silent fallb
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import functools
 import os
 import platform
 import re
@@ -133,7 +133,10 @@ def cuda_why_not(device: torch.device) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- small device constants
+_EAGER_MAX = 256
+_EAGER_CONSTANTS: collections.OrderedDict = collections.OrderedDict()  # uploaded outside capture (an LRU)
 _GRAPH_CONSTANTS: dict = {}  # constants read by a captured CUDA graph: never evicted (the graph keeps reading them)
+_CONSTANTS_LOCK = threading.Lock()
 
 
 class _Constant:
@@ -148,21 +151,36 @@ class _Constant:
 def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``torch.tensor(values)`` on ``device`` for a kernel to read (per-call scalars: temperatures, coefficients),
     cached, and never a host synchronisation: a plain host-to-device copy waits for the stream, so a miss on a
-    GPU uploads from pinned memory asynchronously, or, during CUDA-graph capture, fills the tensor with one
-    small kernel per value (capturable). Another stream that reads a cached tensor first waits for its upload
-    (an event, on the device) and is recorded on it, so the memory is not reused under that stream's kernels
-    after eviction. A constant read during capture stays cached for good (the graph keeps reading it).
-    Under torch.compile: a constant of the graph. Read-only by contract."""
+    GPU uploads from pinned memory asynchronously. Another stream that reads a cached tensor first waits for its
+    upload (an event, on the device) and is recorded on it, so the memory is not reused under that stream's
+    kernels after eviction. During CUDA-graph capture a constant uploaded before is reused (torch.cuda.graph
+    synchronises first) and a new one is filled by kernels of the graph itself (one per value: capturable);
+    either stays cached for good (the graph keeps reading it). A graph-filled constant holds its values only
+    once the graph has run, so eager calls never read one: they upload their own. Under torch.compile: a
+    constant of the graph. Read-only by contract."""
     if torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=device)
     device = torch.device(device)
     key = (values, device, dtype)
-    if device.type != "cuda":
-        return _constant_cached(*key).tensor
-    c = _GRAPH_CONSTANTS.get(key) or _constant_cached(*key)
-    if torch.cuda.is_current_stream_capturing():
-        _GRAPH_CONSTANTS[key] = c  # torch.cuda.graph synchronises before capture: the upload is complete
-    else:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        with _CONSTANTS_LOCK:
+            c = _GRAPH_CONSTANTS.get(key) or _EAGER_CONSTANTS.get(key)
+            if c is None:
+                t = torch.empty(len(values), dtype=dtype, device=device)
+                for i, v in enumerate(values):
+                    t[i].fill_(v)
+                c = _Constant(t, None, set())
+            _GRAPH_CONSTANTS[key] = c
+        return c.tensor
+    with _CONSTANTS_LOCK:
+        c = _EAGER_CONSTANTS.get(key)
+        if c is None:
+            c = _EAGER_CONSTANTS[key] = _upload(values, device, dtype)
+            if len(_EAGER_CONSTANTS) > _EAGER_MAX:
+                _EAGER_CONSTANTS.popitem(last=False)
+        else:
+            _EAGER_CONSTANTS.move_to_end(key)
+    if device.type == "cuda":
         cur = torch.cuda.current_stream(device)
         if cur.cuda_stream not in c.streams:
             if c.ready is not None:
@@ -172,16 +190,10 @@ def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> 
     return c.tensor
 
 
-@functools.lru_cache(maxsize=256)
-def _constant_cached(values: tuple, device: torch.device, dtype: torch.dtype) -> _Constant:
+def _upload(values: tuple, device: torch.device, dtype: torch.dtype) -> _Constant:
     if device.type != "cuda":
         return _Constant(torch.tensor(values, dtype=dtype, device=device), None, set())
     stream = torch.cuda.current_stream(device)
-    if torch.cuda.is_current_stream_capturing():
-        t = torch.empty(len(values), dtype=dtype, device=device)
-        for i, v in enumerate(values):
-            t[i].fill_(v)
-        return _Constant(t, None, {stream.cuda_stream})
     t = torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record(stream)

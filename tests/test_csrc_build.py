@@ -455,6 +455,10 @@ def test_cuda_why_not_reasons():
     why = fastdistill.available_backends("sid_loss", x, term_dtypes=(torch.bfloat16,) * 8)["cuda"]
     assert not any("term" in r for r in why), why
     assert fastdistill.available_backends("scm_tangent_loss", x, term_dtypes=(torch.float32,))["reference"] == []
+    # a pseudo-Huber constant whose square is subnormal in fp32: flushed to 0 by the build's fast math
+    why = fastdistill.available_backends("score_distill", x, huber_c=1e-20)["cuda"]
+    assert any("huber_c = 1e-20" in r and "flushes to 0" in r for r in why), why
+    assert not any("huber_c" in r for r in fastdistill.available_backends("score_distill", x, huber_c=1e-3)["cuda"])
 
 
 @pytest.mark.parametrize("arch, cap, runs", [

@@ -217,16 +217,25 @@ def x_coef(name: str, v, B: int, device) -> tuple:
 
 # ----------------------------------------------------------------------------- backends
 # ``term_dtypes``: the dtypes of the (deduplicated) term tensors, when known.
-def _why_not_reference(x: torch.Tensor, fp64: bool = False, term_dtypes: Sequence[torch.dtype] = ()) -> list[str]:
+def _why_not_reference(x: torch.Tensor, **_) -> list[str]:
     return []
 
 
-def _why_not_triton(x: torch.Tensor, fp64: bool = False, term_dtypes: Sequence[torch.dtype] = ()) -> list[str]:
+def _why_not_triton(x: torch.Tensor, **_) -> list[str]:
     return _backend.triton_why_not(x.device)
 
 
-def _why_not_cuda(x: torch.Tensor, fp64: bool = False, term_dtypes: Sequence[torch.dtype] = ()) -> list[str]:
+# below this, c² is subnormal in fp32: the CUDA build's --use_fast_math flushes it to 0 (d = 0 gives 0·rsqrt(0))
+_CUDA_MIN_HUBER_C = 1.0842021724855044e-19  # sqrt(FLT_MIN)
+
+
+def _why_not_cuda(x: torch.Tensor, fp64: bool = False, term_dtypes: Sequence[torch.dtype] = (),
+                  huber_c: float = 1.0) -> list[str]:
+    """``huber_c``: the pseudo-Huber constant when that φ is used (else 1)."""
     r = _backend.cuda_why_not(x.device)
+    if huber_c < _CUDA_MIN_HUBER_C:
+        r.append(f"huber_c = {huber_c:.3g} < {_CUDA_MIN_HUBER_C:.3g}: c² flushes to 0 under the CUDA build's fast "
+                 "math (use triton or reference)")
     if fp64:
         r.append("accum_dtype=float64 is not supported by the CUDA kernels (use triton or reference)")
     if x.dtype == torch.float64:
@@ -387,7 +396,8 @@ torch.library.register_autograd("fastdistill::score_fwd", _backward, setup_conte
 def run(p: Plan, x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor, mask, weight, logvar,
         return_stats: bool):
     name = OP_NAMES[p.op]
-    backend = select_backend(name, x, fp64=p.fp64, term_dtypes=tuple(t.dtype for t in terms))
+    backend = select_backend(name, x, fp64=p.fp64, term_dtypes=tuple(t.dtype for t in terms),
+                             huber_c=p.huber_c if p.op == OP_SCORE and p.phi_huber else 1.0)
     if torch.compiler.is_compiling():
         if p.raise_:
             raise ValueError(f"{name}: nan='raise' needs a host synchronisation and cannot run under torch.compile; "

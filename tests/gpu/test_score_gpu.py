@@ -166,9 +166,17 @@ def test_float_coefficients_no_host_sync_and_capture(backend):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_loss = step(xs, 0.8125)  # values never seen before: a miss during capture
+    # an eager call with those values before any replay: it must not read the graph's constant (filled only
+    # when the graph runs) but upload its own
+    xb = x.detach().clone().requires_grad_()
+    before = step(xb, 0.8125).detach().clone()
+    f0 = f.clone()
     f.mul_(1.5)
     graph.replay()
     torch.cuda.synchronize()
     xe = x.detach().clone().requires_grad_()
     ref = step(xe, 0.8125)
     assert torch.equal(static_loss, ref.detach()) and torch.equal(xs.grad, xe.grad)
+    f.copy_(f0)
+    xb2 = x.detach().clone().requires_grad_()
+    assert torch.equal(before, step(xb2, 0.8125).detach()) and torch.equal(xb.grad, xb2.grad)
