@@ -34,3 +34,33 @@ def test_scm_family_times_both_attention_paths():
     for r in rows:
         assert r["shape"] == "scm-toy" and r["ms"] is not None and r["ms"] > 0, r
     assert by["fastdistill"]["speedup_vs_eager"] is not None  # relative to math-sdpa
+
+
+def test_interrupted_case_keeps_the_rows_measured(tmp_path, monkeypatch, capsys):
+    """A run cut short by SIGINT (gpu_check.sh's ``timeout -s INT``) keeps the rows of the providers measured so far:
+    the case is appended with the rest marked skipped, then the interrupt propagates (before: the whole case was
+    lost, its rows being written only once every provider had run)."""
+    import types
+
+    import pytest
+
+    from fastdistill.bench import runner
+
+    calls = []
+
+    def slow():  # its second call (the memory measurement after the warm-up): the time limit hits
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    case = runner.Case(shape="toy", mode="fwd", providers={"eager": lambda: None, "fastdistill": slow})
+    monkeypatch.setitem(runner.FAMILIES, "toy", "toy_family_for_test")
+    monkeypatch.setattr(runner.importlib, "import_module",
+                        lambda name: types.SimpleNamespace(cases=lambda device, quick: [case, case]))
+    out = tmp_path / "rows.csv"
+    with pytest.raises(KeyboardInterrupt):
+        run(["toy"], quick=True, out_csv=str(out), device="cpu")
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == ["eager", "fastdistill"]
+    assert rows[0]["ms"] and not rows[1]["ms"] and "interrupted" in rows[1]["note"]

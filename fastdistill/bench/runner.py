@@ -112,8 +112,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn: Callable[[], object], device: str, quick: bool) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms."""
+SLOW_CALL_S = 0.5  # a call at least this long (a whole training step) is timed over SLOW_REPS calls, not do_bench
+SLOW_REPS = 3
+
+
+def _time(fn: Callable[[], object], device: str, quick: bool, call_s: float = 0.0) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms. ``call_s``: the wall time of one call measured before (after the warm-up); at
+    SLOW_CALL_S or more, do_bench (which makes 8+ calls: its estimate, warm-up and repeats) is replaced by
+    SLOW_REPS calls timed with CUDA events (median, min, max)."""
+    if device.startswith("cuda") and call_s >= SLOW_CALL_S:
+        ms = []
+        for _ in range(SLOW_REPS):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ms.append(a.elapsed_time(b))
+        return statistics.median(ms), min(ms), max(ms)
     if device.startswith("cuda"):
         from triton.testing import do_bench
 
@@ -164,8 +180,12 @@ def _measure(case: Case, name: str, fn: Callable[[], object], device: str, quick
         first = time.perf_counter() - t0
         if first > 1.0:
             r["note"].append(f"first call {first:.1f}s")
+        t0 = time.perf_counter()
         r["extra_peak_mb"] = _extra_peak_mb(fn, case.reset, device)
-        r["ms"], r["ms_p20"], r["ms_p80"] = _time(fn, device, quick)
+        call_s = time.perf_counter() - t0
+        if call_s >= SLOW_CALL_S and device.startswith("cuda"):
+            r["note"].append(f"{SLOW_REPS} timed calls (one takes {call_s:.1f}s)")
+        r["ms"], r["ms_p20"], r["ms_p80"] = _time(fn, device, quick, call_s)
     except Exception as exc:
         r["note"].append(f"skipped: {_reason(exc)}")
         r["ms"] = r["ms_p20"] = r["ms_p80"] = r["extra_peak_mb"] = None
@@ -180,16 +200,25 @@ def _measure(case: Case, name: str, fn: Callable[[], object], device: str, quick
     return r
 
 
-def run_case(case: Case, device: str, quick: bool) -> list[dict]:
+def run_case(case: Case, device: str, quick: bool) -> tuple[list[dict], bool]:
+    """The case's rows, and whether it was interrupted (KeyboardInterrupt: SIGINT, e.g. a ``timeout -s INT``):
+    then the providers measured so far keep their rows and the others are marked skipped."""
     rows = []
     names = list(dict.fromkeys([*(case.order or []), *case.providers, *case.skipped]))
+    interrupted = False
     for name in names:
-        if name in case.skipped or name not in case.providers:
-            why = case.skipped.get(name, "no provider for this case")
+        if interrupted or name in case.skipped or name not in case.providers:
+            why = "interrupted (time limit)" if interrupted else case.skipped.get(name, "no provider for this case")
             rows.append({"provider": name, "ms": None, "ms_p20": None, "ms_p80": None, "extra_peak_mb": None,
                          "rel_err": None, "note": ([case.note] if case.note else []) + [f"skipped: {why}"]})
         else:
-            rows.append(_measure(case, name, case.providers[name], device, quick))
+            try:
+                rows.append(_measure(case, name, case.providers[name], device, quick))
+            except KeyboardInterrupt:
+                interrupted = True
+                rows.append({"provider": name, "ms": None, "ms_p20": None, "ms_p80": None, "extra_peak_mb": None,
+                             "rel_err": None, "note": ([case.note] if case.note else [])
+                             + ["skipped: interrupted (time limit)"]})
     base = next((r["ms"] for r in rows if r["provider"] == case.baseline), None)
     on_gpu = device.startswith("cuda")
     for r in rows:
@@ -209,7 +238,7 @@ def run_case(case: Case, device: str, quick: bool) -> list[dict]:
             r["floor_frac"] = floor_ms / ms
         if base:
             r["speedup_vs_eager"] = base / ms
-    return rows
+    return rows, interrupted
 
 
 # ----------------------------------------------------------------------------- output
@@ -292,11 +321,14 @@ def run(families: list[str] | None = None, quick: bool = False, out_csv: str | N
         print_table(fam, [], on_gpu)
         # rows are printed and appended case by case: a run cut short (a timeout) keeps what it measured
         for case in mod.cases(device, quick):
-            rows = run_case(case, device, quick)
+            rows, interrupted = run_case(case, device, quick)
             print_table(fam, rows, on_gpu, header=False)
             if out_csv:
                 append_csv(out_csv, fam, rows, env, on_gpu)
             all_rows.extend({**env, "family": fam, **r} for r in rows)
+            if interrupted:  # the rows measured so far are kept; the run stops here
+                print(f"\ninterrupted: appended {len(all_rows)} rows to {out_csv or '(no CSV)'}")
+                raise KeyboardInterrupt
     if out_csv:
         print(f"\nappended {len(all_rows)} rows to {out_csv}")
     return all_rows

@@ -9,8 +9,10 @@ velocity predictions ``pred_real_cond``, ``pred_real_uncond``, ``pred_fake`` and
     g   = (X_f - X_r) / mean_j |x - X_r|     (per sample),   L = ½·mean((x - sg(x - g))²)
 
 Providers: ``fastdistill-{triton,cuda,reference}`` (``score_distill`` with a forced backend),
-``eager-dmd2`` (transcription of DMD2's code), ``eager-fastvideo`` (FastVideo legacy
-``_dmd_forward`` numerics), ``compile-dmd2`` (``torch.compile`` of ``eager-dmd2``).
+``eager-fp32`` (the same objective in plain PyTorch, bf16 in and every op in fp32: ANCHORS.md's
+eager baseline and the speed-up column's), ``eager-dmd2`` (transcription of DMD2's code: float64
+conversion, bf16 CFG), ``eager-fastvideo`` (FastVideo legacy ``_dmd_forward`` numerics),
+``compile-fp32`` (``torch.compile`` of ``eager-fp32``, as ANCHORS.md's compiled row).
 
 Error column: max_j |g_j - g64_j| / max_j |g64_j| on ``x.grad`` ("full"), or the relative
 error of the loss value ("fwd"), against the same objective evaluated by the eager code on
@@ -30,8 +32,8 @@ GUIDANCE = 5.0  # std CFG scale, u + s(c - u) (rCM's Wan setting)
 STANDARD = {"dmd-wan": (1, 16, 21, 60, 104), "dmd-wan-b8": (8, 16, 21, 60, 104), "dmd-sd": (32, 4, 64, 64)}
 SMALL = {"dmd-video-small": (2, 4, 8, 16, 16), "dmd-image-small": (4, 4, 32, 32)}
 MODES = ("fwd", "full")
-ORDER = ["fastdistill-triton", "fastdistill-cuda", "fastdistill-reference", "eager-dmd2", "eager-fastvideo",
-         "compile-dmd2"]
+ORDER = ["fastdistill-triton", "fastdistill-cuda", "fastdistill-reference", "eager-fp32", "eager-dmd2",
+         "eager-fastvideo", "compile-fp32"]
 
 
 def _up(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -62,6 +64,20 @@ def dmd2_loss(x, x_t, real_cond, real_uncond, fake, sigma, guidance: float = GUI
     return 0.5 * F.mse_loss(_up(x, x), _up((x - grad).detach(), x), reduction="mean")
 
 
+def eager_fp32_loss(x, x_t, real_cond, real_uncond, fake, sigma, guidance: float = GUIDANCE):
+    """The DMD2 generator loss as ANCHORS.md measured its eager baseline: bf16 in, every op in fp32 (the
+    speed-up baseline; ``eager-dmd2`` keeps DMD2's own float64 conversion and bf16 CFG)."""
+    with torch.no_grad():
+        f = lambda t: _up(t, x)  # noqa: E731
+        real = f(real_uncond) + guidance * (f(real_cond) - f(real_uncond))
+        s = _bcast(f(sigma), x)
+        p_real = f(x) - (f(x_t) - s * real)
+        p_fake = f(x) - (f(x_t) - s * f(fake))
+        grad = (p_real - p_fake) / torch.abs(p_real).mean(dim=list(range(1, x.dim())), keepdim=True)
+        grad = torch.nan_to_num(grad)
+    return 0.5 * F.mse_loss(f(x), (f(x) - grad).detach(), reduction="mean")
+
+
 def fastvideo_loss(x, x_t, real_cond, real_uncond, fake, sigma, guidance: float = GUIDANCE):
     """FastVideo legacy ``DistillationPipeline._dmd_forward`` numerics, std CFG s written as offset s - 1.
 
@@ -86,10 +102,10 @@ def fastvideo_loss(x, x_t, real_cond, real_uncond, fake, sigma, guidance: float 
 _COMPILED = None
 
 
-def _compiled_dmd2():
+def _compiled_fp32():
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = torch.compile(dmd2_loss, dynamic=False)
+        _COMPILED = torch.compile(eager_fp32_loss, dynamic=False)
     return _COMPILED
 
 
@@ -203,9 +219,10 @@ def cases(device: str, quick: bool) -> list[Case]:
         fd, skipped = _fastdistill_providers(t)
         losses = {
             **fd,
+            "eager-fp32": lambda args=args: eager_fp32_loss(*args),
             "eager-dmd2": lambda args=args: dmd2_loss(*args),
             "eager-fastvideo": lambda args=args: fastvideo_loss(*args),
-            "compile-dmd2": lambda args=args: _compiled_dmd2()(*args),
+            "compile-fp32": lambda args=args: _compiled_fp32()(*args),
         }
         n, esize = x.numel(), x.element_size()
         for mode in MODES:
@@ -224,5 +241,5 @@ def cases(device: str, quick: bool) -> list[Case]:
 
             case_note = "; ".join(filter(None, [note, "rel_err of the loss value" if mode == "fwd" else ""]))
             out.append(Case(shape=shape_name, mode=mode, providers=providers, bytes=nbytes, error=error,
-                            skipped=skipped, reset=reset, baseline="eager-dmd2", order=ORDER, note=case_note))
+                            skipped=skipped, reset=reset, baseline="eager-fp32", order=ORDER, note=case_note))
     return out
