@@ -698,3 +698,34 @@ def test_kd_custom_op_opcheck(use, N):
     ip, fp = KDPlan(div=2, beta=0.3).pack()
     torch.library.opcheck(torch.ops.fastdistill.kd_fwd.default, (s, t, None, None, None, None, ip, fp, use),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+try:  # a kernel applying kernels/kd_softmax.py's _tanh elementwise (module level: Triton resolves globals)
+    import triton as _triton
+    import triton.language as tl
+
+    from fastdistill.kernels.kd_softmax import _tanh as _kd_tanh
+
+    @_triton.jit
+    def _tanh_probe(x_ptr, y_ptr, N: tl.constexpr):
+        r = tl.arange(0, N)
+        tl.store(y_ptr + r, _kd_tanh(tl.load(x_ptr + r)))
+except ImportError:  # no Triton: the test below is skipped
+    _tanh_probe = None
+
+
+@pytest.mark.skipif(not interpreting(), reason="runs the Triton helper through the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+def test_kd_tanh_helper_accuracy(dtype):
+    """softcap's tanh (kernels/kd_softmax.py _tanh, mirrored by csrc tanh_fd): its odd series serves |x| < 0.3 in
+    fp32 (where 1 − e^{−2|x|} would amplify the GPU's approximate exp up to 4.5x) within 1.5 ulp, and |x| < 0.1 in
+    fp64; the exp branch beyond. Against torch.tanh in float64 over [−3, 3] (the interpreter's exp is
+    exact, so this checks the series and the switch-over, not the GPU's exp)."""
+    x = torch.linspace(-3, 3, 4096, dtype=dtype)
+    y = torch.empty_like(x)
+    _tanh_probe[(1,)](x, y, N=4096)
+    exact = torch.tanh(x.double())
+    ulp = torch.finfo(dtype).eps
+    rel = ((y.double() - exact).abs() / exact.abs().clamp_min(1e-300)).max().item()
+    # fp64 (parity mode): the exp branch just above 0.1 costs ~14 ulp (1 − e cancels), 3e-15: far inside parity
+    assert rel <= (1.5 * ulp if dtype == torch.float32 else 32 * ulp), rel / ulp
