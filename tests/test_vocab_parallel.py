@@ -193,6 +193,7 @@ ERROR_CASES = dict([
       layout="uneven", short=True),
     K("err-topk-k-larger-than-V", kind="error", match="k = 12 exceeds", bad="k", V=11, layout="uneven"),
     K("err-topk-ids-out-of-range", kind="error", match="ids", bad="ids", layout="uneven"),
+    K("err-topk-k-zero", kind="error", match="teacher_topk: k = 0", bad="k0", layout="uneven"),
     K("err-vptopk-k", kind="error", match="k", bad="vptopk_k", layout="uneven"),
     K("err-not-a-member", kind="error", match="group", bad="group"),
     K("err-fused-teacher-weight", kind="error", match="teacher_weight_shard", bad="fused_tw"),
@@ -420,6 +421,9 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
     elif bad == "k":
         ids = torch.arange(12).repeat(5, 1) % 11
         f = lambda: vp.vocab_parallel_kd_loss(s, teacher_topk=(ids, torch.full((5, 12), -3.0, dtype=F64)), **kw)
+    elif bad == "k0":
+        f = lambda: vp.vocab_parallel_kd_loss(s, teacher_topk=(torch.zeros(5, 0, dtype=torch.long),
+                                                               torch.zeros(5, 0, dtype=F64)), **kw)
     elif bad == "ids":
         lps, ids = d["t"].topk(4, -1)
         ids[1, 2] = 11

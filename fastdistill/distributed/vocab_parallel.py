@@ -571,6 +571,8 @@ def _teacher_args(lead, N, device, teacher_logits, teacher_topk, topk_semantics,
     if ids.shape != lps.shape:
         raise ValueError(f"teacher_topk: ids {tuple(ids.shape)} and logprobs {tuple(lps.shape)} differ in shape")
     k = ids.shape[-1]
+    if k < 1:
+        raise ValueError("teacher_topk: k = 0 (no teacher ids); give at least one id per row")
     return lps.reshape(N, k).contiguous(), ids.reshape(N, k).contiguous(), TOPK_SEMANTICS[topk_semantics], k
 
 
