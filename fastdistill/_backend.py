@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import platform
 import re
@@ -130,6 +131,23 @@ def cuda_why_not(device: torch.device) -> list[str]:
             reasons.append(f"fastdistill._C was built for {','.join(archs)}, which does not run on this GPU (compute "
                            f"capability {major}.{minor}): rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\"")
     return reasons
+
+
+# ----------------------------------------------------------------------------- launch on the tensors' GPU
+def on_tensor_device(fn: Callable) -> Callable:
+    """Decorator for a kernel launcher: run it with the current CUDA device set to that of its first tensor
+    argument (Triton launches on the current device; tensors on cuda:1 while cuda:0 is current would make it read
+    the wrong device's memory). A no-op for CPU tensors and when the device already matches."""
+
+    @functools.wraps(fn)
+    def launch(*args, **kwargs):
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if x is None or x.device.type != "cuda" or x.device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(x.device):
+            return fn(*args, **kwargs)
+
+    return launch
 
 
 # ----------------------------------------------------------------------------- small device constants

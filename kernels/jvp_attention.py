@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdistill._backend import on_tensor_device
+
 LOG2E = 1.4426950408889634
 MAX_GRID_YZ = 65535
 
@@ -469,6 +471,7 @@ def _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale):
     )
 
 
+@on_tensor_device
 def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
              lse_lo: torch.Tensor | None = None) -> None:
     """Write O, lse and (when ``to``/``mu`` are given) Ȯ, μ; see the module docstring. ``lse_lo`` (float32
@@ -655,6 +658,7 @@ def _attn_bwd_dq_kernel(
              mask=q_msk)
 
 
+@on_tensor_device
 def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float,
              lse_lo: torch.Tensor | None = None) -> None:
     """dq, dk, dv of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None); ``lse_lo``: the

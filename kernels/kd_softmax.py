@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastdistill._backend import on_tensor_device
+
 DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
 NSTATE = 10
 MAX_BLOCK_V = 2048
@@ -579,6 +581,7 @@ def params(p, device, dtype):
     return device_constant(vals, device, dtype)
 
 
+@on_tensor_device
 def kd_fwd(p, s, t, labels, mask, weights):
     """(loss [1], contrib [N], state [N, 10], factor [1]) — see fastdistill.reference.kd_softmax.
     ``t``: teacher logits [N, Vt], or (ids, logprobs) [N, k] each for a top-k teacher (p.topk)."""
@@ -621,6 +624,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
     return loss, st[:, 5], st, factor
 
 
+@on_tensor_device
 def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     N, V = s.shape
     ACC = _TL_ACC[str(p.accum_dtype).removeprefix("torch.")]

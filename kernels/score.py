@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastdistill._backend import on_tensor_device
+
 OP_SCORE, OP_SID, OP_SCM, OP_DENOISE = 0, 1, 2, 3
 NSTAT = 5
 NSTATE = 4  # per-sample state: gradient factor, normaliser, bad flag, d loss / d logvar
@@ -455,6 +457,7 @@ def _params(p, unit: float, device, acc):
                             float(p.c), float(unit)), device, acc)
 
 
+@on_tensor_device
 def score_fwd(p, x, terms, coef, mask, weight, logvar):
     """Passes 1 and 2. ``p`` is the op's static plan (fastdistill.ops.score.Plan); tensors are
     ``[B, M]`` contiguous views. Returns (loss [1], loss_i [B], state [B, 4]) in the plan's
@@ -493,6 +496,7 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
     return loss, loss_i, state
 
 
+@on_tensor_device
 def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
     """Pass 3: the gradients. ``grad_out`` is [1] (scalar loss) or [B] (reduction "none").
     Returns (grad_x or None, [grad_term_k or None])."""

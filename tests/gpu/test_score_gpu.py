@@ -180,3 +180,25 @@ def test_float_coefficients_no_host_sync_and_capture(backend):
     f.copy_(f0)
     xb2 = x.detach().clone().requires_grad_()
     assert torch.equal(before, step(xb2, 0.8125).detach()) and torch.equal(xb.grad, xb2.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tensors_on_another_gpu_than_the_current_one():
+    """Every Triton launcher runs on its tensors' GPU (Triton launches on the current device): kd_loss, a score op and
+    jvp_attention on cuda:1 while cuda:0 is current equal the same calls made with cuda:1 current."""
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(3)
+    s, t = (torch.randn(4, 1000, generator=g).to("cuda:1") for _ in range(2))
+    x, f, r = (torch.randn(2, 3, 64, generator=g).to("cuda:1") for _ in range(3))
+    q, k, v = (torch.randn(1, 64, 2, 32, generator=g).to("cuda:1", torch.bfloat16) for _ in range(3))
+
+    def calls():
+        with fd.use_backend("triton"):
+            return (fd.kd_loss(s, t, divergence="jsd"), fd.sid_loss(x, f, r),
+                    fd.jvp_attention(q, k, v, q, k, v)[1])
+
+    got = calls()
+    with torch.cuda.device(1):
+        ref = calls()
+    for a, b in zip(got, ref):
+        assert a.device == b.device == torch.device("cuda:1") and torch.equal(a, b)
