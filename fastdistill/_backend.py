@@ -153,7 +153,7 @@ def on_tensor_device(fn: Callable) -> Callable:
 # ----------------------------------------------------------------------------- small device constants
 _EAGER_MAX = 256
 _EAGER_CONSTANTS: collections.OrderedDict = collections.OrderedDict()  # uploaded outside capture (an LRU)
-_GRAPH_CONSTANTS: dict = {}  # constants read by a captured CUDA graph: never evicted (the graph keeps reading them)
+_GRAPH_CONSTANTS: list = []  # constants read by captured CUDA graphs: never freed (the graphs keep reading them)
 _CONSTANTS_LOCK = threading.Lock()
 
 
@@ -173,22 +173,22 @@ def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> 
     upload (an event, on the device) and is recorded on it, so the memory is not reused under that stream's
     kernels after eviction. During CUDA-graph capture a constant uploaded before is reused (torch.cuda.graph
     synchronises first) and a new one is filled by kernels of the graph itself (one per value: capturable);
-    either stays cached for good (the graph keeps reading it). A graph-filled constant holds its values only
-    once the graph has run, so eager calls never read one: they upload their own. Under torch.compile: a
-    constant of the graph. Read-only by contract."""
+    either is kept for good (the graph keeps reading it). A graph-filled constant holds its values only once
+    its graph has run, so nothing else reads one: eager calls upload their own, another capture fills its own.
+    Under torch.compile: a constant of the graph. Read-only by contract."""
     if torch.compiler.is_compiling():
         return torch.tensor(values, dtype=dtype, device=device)
     device = torch.device(device)
     key = (values, device, dtype)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         with _CONSTANTS_LOCK:
-            c = _GRAPH_CONSTANTS.get(key) or _EAGER_CONSTANTS.get(key)
-            if c is None:
+            c = _EAGER_CONSTANTS.get(key)
+            if c is None:  # filled by this graph's own kernels: valid in its replays only, so never shared
                 t = torch.empty(len(values), dtype=dtype, device=device)
                 for i, v in enumerate(values):
                     t[i].fill_(v)
                 c = _Constant(t, None, set())
-            _GRAPH_CONSTANTS[key] = c
+            _GRAPH_CONSTANTS.append(c)
         return c.tensor
     with _CONSTANTS_LOCK:
         c = _EAGER_CONSTANTS.get(key)

@@ -251,6 +251,23 @@ def test_flkd_double_backward_raises(use, reduction):
         (gx.square().sum() + w.sum()).backward()
 
 
+def test_flkd_keeps_no_hidden_state_alive(use):
+    """The scalar reductions save only the gradients: the hidden states are freed once the caller drops them, before
+    and after backward, while the loss lives (the double-backward guard once held them as anchors)."""
+    import weakref
+
+    c, g = make_case(seed=17)
+    x = c["hs"].clone().requires_grad_()
+    h = x * 1.0  # the hidden states, a non-leaf as a model produces them
+    wh = weakref.ref(h)
+    loss = fused_linear_kd_loss(h, c["W"].clone().requires_grad_(), teacher_hidden=c["ht"], teacher_weight=c["Wt"],
+                                divergence="jsd", chunk_size=3)
+    del h
+    assert wh() is None, "the hidden states outlive the forward"
+    loss.backward()
+    assert wh() is None and x.grad is not None
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_flkd_checkpoint(use, reduction):
     """torch.utils.checkpoint (use_reentrant=False): the forward is recomputed in backward, same gradients."""

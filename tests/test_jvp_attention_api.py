@@ -330,6 +330,34 @@ def test_double_backward_raises(use):
             torch.autograd.grad(g.square().sum(), q)
 
 
+def test_no_reference_cycle(use):
+    """A step's tensors are freed when the step's references go, without the garbage collector, under
+    torch.func.jvp and with dual tensors (the stop-gradient guard once kept the tangents on a context whose node
+    they point to: a cycle that leaked q, k, v, o and the tangents every call, even through gc.collect())."""
+    import gc
+    import weakref
+
+    import torch.autograd.forward_ad as fwAD
+
+    def step(how):
+        q, k, v, tq, *_ = (x.requires_grad_(i < 3) for i, x in enumerate(qkv(seed=26)))
+        if how == "func":
+            o, to = torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (tq,))
+        else:
+            with fwAD.dual_level():
+                o, to = fwAD.unpack_dual(fd.jvp_attention(fwAD.make_dual(q, tq), k, v)[0])
+        (o.sum() + to.detach().sum()).backward()
+        return weakref.ref(k), weakref.ref(to)
+
+    gc.disable()
+    try:
+        for how in ("func", "dual"):
+            wk, wt = step(how)
+            assert wk() is None and wt() is None, how
+    finally:
+        gc.enable()
+
+
 def test_dual_and_explicit_tangents_together():
     q, k, v, tq, tk, tv = qkv(seed=13)
     with fwAD.dual_level():

@@ -531,6 +531,23 @@ def test_kd_double_backward_raises(use):
         (g ** 2).sum().backward()
 
 
+def test_kd_create_graph_inside_checkpoint(use):
+    """create_graph=True through kd_loss inside a non-reentrant torch.utils.checkpoint: the first backward works
+    (the double-backward guard unpacks the saved tensors once: checkpointing allows one unpack per backward), a
+    second one raises."""
+    from torch.utils.checkpoint import checkpoint
+
+    s, t, _ = make((4,), 33, seed=14)
+    x = s.clone().requires_grad_()
+    loss = checkpoint(lambda z: fd.kd_loss(z * 1.0, t, divergence="jsd", accum_dtype=F64), x, use_reentrant=False)
+    g, = torch.autograd.grad(loss, x, create_graph=True)
+    x2 = s.clone().requires_grad_()
+    assert_rel(g.detach(), torch.autograd.grad(fd.kd_loss(x2, t, divergence="jsd", accum_dtype=F64), x2)[0], 1e-13,
+               "first-order gradient")
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        (g ** 2).sum().backward()
+
+
 # ----------------------------------------------------------------------------- low precision
 def store_err(exact: torch.Tensor, dtype: torch.dtype) -> float:
     """Error of merely storing the exact gradient in `dtype`: a floor no implementation can beat."""

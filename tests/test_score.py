@@ -337,6 +337,21 @@ def test_denoise_regression_loss_fp64(use, shape, case):
     assert_rel(pred.grad, pr.grad, 1e-11, "dpred")
 
 
+def test_score_ops_keep_no_inputs_after_backward(use):
+    """After backward, the loss graph (e.g. kept for logging) holds neither x nor the terms (the double-backward
+    guard once held them as anchors; the saved tensors are freed by backward as usual)."""
+    import weakref
+
+    B, S = SHAPES["B3-4x5x7"]
+    pred, terms, g = make(B, S, 2, seed=18)
+    x = pred * 1.0
+    wx, wt = weakref.ref(x), weakref.ref(terms[0])
+    loss = fd.score_distill(x, terms, [1.0, -1.0], norm=None, accum_dtype=F64)
+    loss.backward()
+    del x, terms
+    assert wx() is None and wt() is None and loss.grad_fn is not None
+
+
 @pytest.mark.parametrize("op", ["denoise", "sid"])
 def test_score_double_backward_raises(use, op):
     """Second derivatives of the score ops are not computed: differentiating a create_graph=True gradient again

@@ -554,9 +554,11 @@ class _ContextParallel(torch.autograd.Function):
         ctx.save_for_backward(*box.tensors)  # every context (functorch makes one per grad / jvp level)
         ctx.cfg = cfg
         ctx.o_meta = (o.shape, o.dtype)
-        ctx.tangents = (to, mu) if cfg.dual else None  # kept only where jvp will ask for them
         box.contexts += 1
         guard = box.levels and box.contexts <= box.levels and not torch.compiler.is_compiling()
+        # kept only where jvp will ask for them (in a guard context they are this node's differentiable outputs:
+        # node -> ctx -> tangent -> node, a cycle the garbage collector cannot break)
+        ctx.tangents = (to, mu) if cfg.dual and not guard else None
         ctx.anchor = None if box.levels else next((x for x in (q, k, v) if x.requires_grad), None)
         if not guard:
             ctx.mark_non_differentiable(to, mu)

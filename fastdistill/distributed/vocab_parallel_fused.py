@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import fastdistill.distributed.vocab_parallel as _vp
 from fastdistill.distributed.vocab_parallel import _CONTRIB, _FLOAT_DTYPES, NSTATE, _common, _reduce, _Shard
-from fastdistill.ops._common import first_order
+from fastdistill.ops._common import first_order, graph_anchor
 
 __all__ = ["vocab_parallel_fused_linear_kd_loss"]
 
@@ -71,7 +71,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, run, cfg, h, W, b, th, tW, tb, t, ids, labels, mask, weights):
         p, sh = run.p, run.sh
-        ctx.fd_anchors = (h, W, b)  # a second derivative's dependencies (the eager path saves gradients only)
+        ctx.fd_anchors = cfg["anchors"]  # stand-ins for h, W, b (first_order; the eager path saves gradients only)
         acc = p.accum_dtype
         N, Vr = h.shape[0], W.shape[0]
         stu = _Linear(h, W, b, acc)
@@ -300,6 +300,7 @@ def vocab_parallel_fused_linear_kd_loss(
            "grad_on": torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                       for x in (h, W, student_bias_shard))}
     h2 = h.reshape(N, H)
+    cfg["anchors"] = tuple(a for a in map(graph_anchor, (h2, W, student_bias_shard)) if a is not None)
     out = _VocabParallelFusedLinear.apply(run, cfg, h2, W, student_bias_shard, th2, tW, teacher_bias_shard, t2, ids,
                                           labels2, mask2, w2)
     return out.view(lead) if run.p.red == 3 else out

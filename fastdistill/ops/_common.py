@@ -44,16 +44,47 @@ class _SecondOrder(torch.autograd.Function):
         raise RuntimeError(ctx.msg)
 
 
+class _ReadOnce:
+    """The backward's context with ``saved_tensors`` unpacked once (non-reentrant checkpointing allows one unpack
+    per backward); every other attribute is the context's."""
+
+    def __init__(self, ctx):
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "_saved", None)
+
+    @property
+    def saved_tensors(self):
+        if self._saved is None:
+            object.__setattr__(self, "_saved", tuple(self._ctx.saved_tensors))
+        return self._saved
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._ctx, name, value)
+
+
+def graph_anchor(x: torch.Tensor | None) -> torch.Tensor | None:
+    """A one-element tensor that depends on ``x`` in the autograd graph but holds none of its storage: an anchor
+    for ``first_order`` (``ctx.fd_anchors``) of an input the op does not save. Call it outside the Function (grad
+    mode on); None where x needs no gradient."""
+    if x is None or not (x.requires_grad and torch.is_grad_enabled()) or x.numel() == 0:
+        return None
+    return x.reshape(-1)[:1] * 0.0  # (its graph: mul by a scalar, slice, reshape: none saves x)
+
+
 def first_order(op: str):
     """Decorator for the backward of an op whose backward kernels have no derivative of their own.
 
     A plain backward runs as is. With ``create_graph=True`` (grad mode on inside the backward) the gradients
     are computed without a graph and returned as tensors that depend, for autograd, on everything the true
-    derivative depends on (the saved tensors, the incoming gradients and ``ctx.fd_anchors``, the inputs the
-    op did not save) through a node whose backward raises: a double backward that reaches this op (a
-    gradient penalty, a Hessian-vector product) fails loudly instead of treating the gradient as a
-    constant, on every backend (the reference backward is plain PyTorch and would otherwise build a graph
-    that holds its saved statistics constant: a silently wrong second derivative)."""
+    derivative depends on (the saved tensors, the incoming gradients and ``ctx.fd_anchors``: small tensors
+    standing for the inputs the op did not save, see ``graph_anchor``) through a node whose backward raises: a
+    double backward that reaches this op (a gradient penalty, a Hessian-vector product) fails loudly instead of
+    treating the gradient as a constant, on every backend (the reference backward is plain PyTorch and would
+    otherwise build a graph that holds its saved statistics constant: a silently wrong second derivative).
+    The saved tensors are unpacked once (``_ReadOnce``)."""
     msg = (f"{op}: double backward is not supported (a gradient computed with create_graph=True through "
            f"this op was differentiated again); its backward kernels have no derivative")
 
@@ -62,9 +93,10 @@ def first_order(op: str):
         def backward(ctx, *grads):
             if not torch.is_grad_enabled() or torch.compiler.is_compiling():
                 return fn(ctx, *grads)
+            once = _ReadOnce(ctx)
             with torch.no_grad():
-                out = fn(ctx, *grads)
-            anchors = tuple(t for t in (*ctx.saved_tensors, *grads, *getattr(ctx, "fd_anchors", ()))
+                out = fn(once, *grads)
+            anchors = tuple(t for t in (*once.saved_tensors, *grads, *getattr(ctx, "fd_anchors", ()))
                             if isinstance(t, torch.Tensor) and t.requires_grad)
             if not anchors:  # nothing the gradient depends on requires grad: it is a constant indeed
                 return out

@@ -298,7 +298,7 @@ class _ScoreFunction(torch.autograd.Function):
         t2 = [_flat(t, B, M) for t in terms]
         loss, loss_i, state = _fwd(p, backend, x2, t2, coef, mask, weight, logvar)
         ctx.p, ctx.backend, ctx.shape = p, backend, x.shape
-        ctx.fd_anchors = (x, logvar, *terms)  # a second derivative's dependencies (logvar is not saved)
+        ctx.fd_anchors = (logvar,)  # first_order: a second derivative depends on it too (not saved; [B], small)
         ctx.term_shapes = [t.shape for t in terms]
         ctx.save_for_backward(x2, coef, mask, state, *t2)
         ctx.mark_non_differentiable(loss_i, state)

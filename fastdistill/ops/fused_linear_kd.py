@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from fastdistill.ops._common import check_choice, first_order, select_backend
+from fastdistill.ops._common import check_choice, first_order, graph_anchor, select_backend
 from fastdistill.ops.kd_softmax import _FLOAT_DTYPES, REDUCTIONS, TOPK_SEMANTICS, KDPlan, _bwd, _fwd, make_plan
 
 DEFAULT_MEMORY_BUDGET_MB = 2048  # chunk_size="auto": bytes of per-chunk [rows, V] temporaries
@@ -221,9 +221,9 @@ def _scalar(cfg: _Cfg, tensors, grad: bool):
 
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg, *tensors):
+    def forward(ctx, cfg, anchors, *tensors):
         ctx.cfg = cfg
-        ctx.fd_anchors = tensors[:3]  # h, W, b: what a second derivative would depend on (not all saved)
+        ctx.fd_anchors = anchors  # stand-ins for h, W, b (first_order; the scalar path saves gradients only)
         if cfg.red == RED_NONE:
             contrib, *_ = _sweep(cfg, *tensors, grad=False)
             ctx.save_for_backward(*tensors)
@@ -245,9 +245,9 @@ class _FusedLinearKD(torch.autograd.Function):
             W, b = tensors[1], tensors[2]
             dW = dW_acc.to(W.dtype) if dW_acc is not None else None
             db = db_acc.to(b.dtype) if db_acc is not None else None
-            return None, dh, dW, db, *rest
+            return None, None, dh, dW, db, *rest
         dh, dW, db = ctx.saved_tensors
-        return (None, dh * go if dh is not None else None, dW * go if dW is not None else None,
+        return (None, None, dh * go if dh is not None else None, dW * go if dW is not None else None,
                 db * go if db is not None else None, *rest)
 
 
@@ -260,7 +260,8 @@ def _run(cfg: _Cfg, tensors: tuple, grad: bool):
 
 def _run_eager(cfg: _Cfg, tensors: tuple, grad: bool):
     if grad:
-        return _FusedLinearKD.apply(cfg, *tensors)
+        anchors = tuple(a for a in map(graph_anchor, tensors[:3]) if a is not None)
+        return _FusedLinearKD.apply(cfg, anchors, *tensors)
     with torch.no_grad():
         if cfg.red == RED_NONE:
             return _sweep(cfg, *tensors, grad=False)[0]

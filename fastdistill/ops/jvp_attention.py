@@ -212,9 +212,11 @@ class _DualFunction(torch.autograd.Function):
         o, to, lse, mu, lo = output
         ctx.save_for_backward(q, k, v, o, lse, lo)
         ctx.cfg = (causal, scale, layout, backend)
-        ctx.tangents = (to, mu)
         box.contexts += 1
         guard = box.levels and box.contexts <= box.levels and not torch.compiler.is_compiling()
+        # only the context whose jvp runs keeps the tangents: in a guard context they are differentiable outputs
+        # of this very node (node -> ctx -> tangent -> node: a cycle the garbage collector cannot break)
+        ctx.tangents = None if guard else (to, mu)
         ctx.anchor = None if box.levels else next((x for x in (q, k, v) if x.requires_grad), None)
         ctx.mark_non_differentiable(*((lo,) if guard else (to, mu, lo)))
         ctx.set_materialize_grads(False)

@@ -8,7 +8,6 @@ Every parameterisation and CFG form is passed as per-sample coefficients of full
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -239,18 +238,23 @@ def denoise_regression_loss(
 
 
 def _real(name: str, v) -> float:
-    """A float option: a real number (or a 0-d CPU tensor: no host synchronisation), finite; errors name it."""
+    """A float option: a number (int, float, numpy scalar or 0-d array, Decimal, ...) or a one-element CPU tensor
+    (no host synchronisation), finite; errors name it."""
     if isinstance(v, torch.Tensor):
-        if v.dim() or v.device.type != "cpu":
-            raise TypeError(f"{name}: expected a float (or a 0-d CPU tensor), got a tensor of shape {tuple(v.shape)} "
-                            f"on {v.device}" + (" (per-sample values: weight / sample_weight)" if v.dim() else ""))
+        if v.numel() != 1 or v.device.type != "cpu":
+            raise TypeError(f"{name}: expected a float (or a one-element CPU tensor), got a tensor of shape "
+                            f"{tuple(v.shape)} on {v.device}" + (" (per-sample values: weight / sample_weight)"
+                                                                  if v.numel() > 1 else ""))
         v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if isinstance(v, (str, bytes, bool)):
         raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name}: expected a finite number, got {v}")
-    return v
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name}: expected a finite number, got {f}")
+    return f
 
 
 def _weight_arg(weight, B: int, device) -> tuple[float, torch.Tensor | None]:
