@@ -144,8 +144,10 @@ step 08_scm 40 "$PY -m fastdistill bench --family scm --csv '$OUT/h200.csv'"
 step 09_sweep 25 "$PY benchmarks/attn_sweep.py --csv '$OUT/attn_sweep.csv' --max-seconds \$((STEP_T - 25))"
 
 pytest_line() {
-    grep -E '(passed|failed|error|skipped|deselected|no tests ran|Interrupted)' "$OUT/03_pytest.log" 2>/dev/null |
-        tail -n 1 || echo "(no pytest summary line; see 03_pytest.log)"
+    local line
+    line=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran|Interrupted)' "$OUT/03_pytest.log" \
+        2>/dev/null | tail -n 1)
+    echo "${line:-(no pytest summary line; see 03_pytest.log)}"
 }
 
 {
