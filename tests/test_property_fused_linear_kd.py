@@ -676,7 +676,10 @@ def differential(c: Case):
             if g is not None and tols[1][k] < math.inf:
                 assert_rel(g, other[1][k], tols[1][k], f"triton vs reference d{k}")
     w_loss, w_grads, _ = written(c, T, exact=True)
-    assert_finite_rel(ref[0], w_loss, TOL, "kd_loss (fp64) vs the written-out oracle: loss")
+    # D is a cancelling remainder of O(1) terms where the two models nearly agree (softcap saturating both: D = 0
+    # exactly, kd_loss's clamp gives 0, the written oracle -1.4e-15): TOL relative plus 1e-12 absolute, as below
+    lfloor = 1e-12 / max(float(w_loss.abs().max()), 1e-5) if w_loss.numel() else 0.0
+    assert_finite_rel(ref[0], w_loss, TOL + lfloor, "kd_loss (fp64) vs the written-out oracle: loss")
     for k, g in w_grads.items():
         # two fp64 evaluations of a gradient that can be a cancelling remainder of O(1) terms (tail_bucket rkl, a
         # confident student: dh ~ 1e-8, the two differ by 1e-15): TOL relative plus 1e-12 absolute (~5e3 fp64 units)
@@ -717,6 +720,11 @@ def found(**kw) -> Case:
 
 
 FOUND = {
+    # fp64, softcap 1.5 saturating both models (logits shifted by −15): D = 0 exactly; kd_loss clamps its rounding
+    # remainder to 0, the written-out oracle leaves −1.4e-15 (a 1e-12 absolute floor between the two fp64 oracles)
+    "fkl-saturated-softcap-fp64-oracles": found(backend="triton", lead=(1,), Hs=1, Ht=1, V=6, Vt=6, dtype=F64,
+                                                w_dtype=F64, b_dtype=F64, t_dtype=F64, accum=F64, shift=-15.0,
+                                                chunk="auto", temperature=2.0, t2_scale=True, softcap=1.5),
     # fkl with D ~ 4e-3 from terms ~0.08 (two classes, T = 3.7): the one-pass form's ln(l_s / l_t) rounds each
     # sum-exp (as plain log_softmax rounds each log l); plain fp32 was lucky on this draw (the floor now counts
     # the normalisers' roundings)
