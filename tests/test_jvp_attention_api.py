@@ -305,6 +305,11 @@ def test_nested_transforms_refused(use):
         torch.func.vmap(lambda q, t: torch.func.jvp(att, (q,), (t,)))(q[None], tq[None])
     got = torch.func.vmap(att)(q[None])
     assert torch.allclose(got[0], att(q), rtol=1e-6, atol=1e-6)
+    # torch.func.grad around a call without forward-AD tangents (plain, explicit pairs): a custom op without
+    # functorch rules, refused by name (was PyTorch's "must override the setup_context staticmethod")
+    for f in (lambda q: att(q).sum(), lambda q: fd.jvp_attention(q, k, v, tq)[0].sum()):
+        with pytest.raises(NotImplementedError, match="torch.func.grad / vjp / jacrev around"):
+            torch.func.grad(f)(q)
 
 
 def test_double_backward_raises(use):

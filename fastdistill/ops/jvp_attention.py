@@ -263,15 +263,16 @@ def autograd_levels() -> int:
     return sum(k in (TransformType.Grad, TransformType.Jvp) for k in _interpreters())
 
 
-def transform_limit(backend: str | None = None) -> str | None:
+def transform_limit(backend: str | None = None, dual: bool = True) -> str | None:
     """Why jvp_attention cannot serve the functorch transforms active now, or None.
 
     It computes one tangent of one forward-mode level exactly: nested forward-mode levels (``jvp`` of
     ``jvp``, ``jacfwd``, ``hessian``) would see the inner tangent where the outer one belongs, and ``vmap``
     together with a forward-mode level has no batching rule. ``torch.func.grad`` / ``vjp`` levels compose
-    on the reference backend only (the kernels take plain tensors; ``backend`` given: checked too).
-    ``torch.autograd`` (``.backward()``) is not a functorch level and always composes. Not checked while
-    compiling (dynamo runs the transforms itself)."""
+    only with a forward-AD call (``dual``: tangents read off q, k, v) on the reference backend: the kernels
+    take plain tensors, and the plain / explicit-pair path is a custom op without functorch rules (``backend``
+    given: checked too). ``torch.autograd`` (``.backward()``) is not a functorch level and always composes.
+    Not checked while compiling (dynamo runs the transforms itself)."""
     if torch.compiler.is_compiling():
         return None
     from torch._C._functorch import TransformType
@@ -285,6 +286,9 @@ def transform_limit(backend: str | None = None) -> str | None:
     if backend not in (None, "reference") and TransformType.Grad in keys:
         return (f"torch.func.grad / vjp / jacrev around the {backend} kernels (they take plain tensors): "
                 "use torch.autograd (.backward(), torch.autograd.grad) or the reference backend")
+    if backend is not None and not dual and TransformType.Grad in keys:
+        return ("torch.func.grad / vjp / jacrev around a call without forward-AD tangents (a custom op without "
+                "functorch rules): use torch.autograd (.backward(), torch.autograd.grad)")
     return None
 
 
@@ -399,7 +403,7 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     want_t = any(t is not None for t in (tq, tk, tv))
     backend = select_backend(OP, q, head_dims=(Dqk, Dv))
-    limit = transform_limit(backend)
+    limit = transform_limit(backend, dual)
     if limit is not None:
         raise TransformLimitError(f"jvp_attention: {limit}")
     if dual:
