@@ -558,7 +558,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
           div_terms<DIV>(lq, lp, p, d, g, q);
           du = q * (g - S);
         }
-        float v = kd_scale * du;
+        float v = kd_scale != 0.0f ? kd_scale * du : 0.0f;  // alpha = 1: no KD term at all (not 0·NaN)
         if (ce) v += p.alpha * (__expf(z - lse_1) - ((int64_t)col == label ? 1.0f : 0.0f));
         v = v * coeff;
         if (softcap) v = v * sech2(__fdividef(zr, p.softcap));

@@ -452,7 +452,7 @@ def _kd_reduce_kernel(st_ptr, loss_ptr, factor_ptr, N, V, num_items, RED: tl.con
 def _grad_store(o_row, du, z, dz, cols, cm, label, lse_1, coeff, kd_scale, alpha, ok,
                 CE: tl.constexpr, CHAIN: tl.constexpr):
     """dL/dz from dD/du: KD scale, CE mixing, the row factor, the softcap / logit_scale chain rule dz."""
-    gz = kd_scale * du
+    gz = tl.where(kd_scale != 0.0, kd_scale * du, 0.0)  # hard_label_alpha = 1: no KD term at all (not 0·NaN)
     if CE:
         gz += alpha * (tl.exp(z - lse_1) - tl.where(cols == label, 1.0, 0.0))
     gz = gz * coeff

@@ -868,6 +868,8 @@ def test_infinite_forward_kl_dense(backend, case):
 @example(case=_ex([[1.0, 0.5, 0.0, 0.2, -0.3, 0.1]], topk=([[2, 0]], [[0.5, 0.2]]), topk_semantics="tail_bucket"),
          kill_tail=False)
 @given(case=topk_cases(variants=FKL_VARIANTS, positive_weights=True), kill_tail=st.booleans())
+@example(case=_ex([[0.3, 0.2, 1.0], [0.5, 0.1, -0.2]], topk=([[1], [0]], [[1.0], [1.0]]), divergence="fkl",
+                  topk_semantics="renorm", labels=torch.tensor([0, 2]), hard_label_alpha=1.0), kill_tail=False)
 def test_infinite_forward_kl_topk(backend, case, kill_tail):
     """As test_infinite_forward_kl_dense for top-k teachers: q = 0 at an id with p > 0, or (tail_bucket) q_tail = 0
     with p_tail > 0. The loss is +inf as it should be, but the gradient comes out NaN on the whole row (both

@@ -399,7 +399,8 @@ class _Run:
                 lq, lp = _logp(us, col(_LSE_S), col(_LO_S)), _logp(ut, col(_EXTRA), col(_LO_X))
                 _, qg = bucket_div(p, lq, lp)
                 du = kd_du(qg, lq.exp(), col(_S))
-        gz = (1 - p.alpha) * p.t2 / p.temperature * du
+        # α = 1: no KD term at all (not 0·NaN where D is +inf)
+        gz = (1 - p.alpha) * p.t2 / p.temperature * du if p.alpha < 1 else torch.zeros_like(du)
         if self.ce:
             gz = gz + p.alpha * (z - st[:, _LSE1 : _LSE1 + 1]).exp()
             loc = lab - sh.start

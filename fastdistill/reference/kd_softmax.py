@@ -254,7 +254,8 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
             zt = _teacher(p, t, sl, V, acc)
             _, qg = _row_div(p, lq, (zt / p.teacher_temperature - row[:, 1:2]) - row[:, 9:10])
             du = kd_du(qg, q, row[:, 4:5])
-        gz = (1 - p.alpha) * p.t2 / p.temperature * du
+        # α = 1: no KD term at all (not 0·NaN where D is +inf)
+        gz = (1 - p.alpha) * p.t2 / p.temperature * du if p.alpha < 1 else torch.zeros_like(du)
         if labels is not None and p.alpha > 0:
             q1 = (z - row[:, 2:3]).exp()
             onehot = torch.zeros_like(q1)
