@@ -234,10 +234,47 @@ __device__ __forceinline__ void div_terms(float lq, float lp, const Prm& pr, flo
     mixdiffs(oms, lp, skew, lq, dp, dq);
     d = q > 0.0f ? q * dq : 0.0f;
     g = q > 0.0f ? dq + 1.0f - skew * __expf(dq) : 0.0f;
-  } else {  // TVD
+  } else {  // TVD: tvd_terms instead (no cancellation for a close teacher)
     d = 0.5f * fabsf(p - q);
     g = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
   }
+}
+
+// a − b as s + e exactly (TwoSum of a and −b; the _rn intrinsics are never contracted into an fma)
+__device__ __forceinline__ void two_diff(float a, float b, float& s, float& e) {
+  s = __fsub_rn(a, b);
+  const float bb = __fsub_rn(s, a);
+  e = __fsub_rn(__fsub_rn(a, __fsub_rn(s, bb)), __fadd_rn(b, bb));
+}
+
+// log p − log q for log p = (a − ha) − la, log q = (b − hb) − lb (Triton's _log_ratio), to about an ulp of itself:
+// a − b and ha − hb kept exactly, so their difference is exact where a close teacher makes them cancel; where it is
+// ≥ 1 in size, or not finite, the plain difference of the log-probs.
+__device__ __forceinline__ float log_ratio(float a, float ha, float la, float b, float hb, float lb) {
+  float s, e, c, f;
+  two_diff(a, b, s, e);
+  two_diff(ha, hb, c, f);
+  const float naive = ((a - ha) - la) - ((b - hb) - lb);
+  return fabsf(naive) < 1.0f ? (s - c) + ((e - f) - (la - lb)) : naive;
+}
+
+// q − p (Triton's _q_minus_p): −q·(e^dl − 1) with q = e^{b − hb}·e^{−lb} where |dl| < 1/2 (a close teacher:
+// e^{log q} − e^{log p} would cancel, magnifying each log-prob's rounding; expm1f is not among the fast-math
+// substitutions), else e^{log q} − e^{log p}.
+__device__ __forceinline__ float q_minus_p(float a, float ha, float la, float b, float hb, float lb) {
+  const float dl = log_ratio(a, ha, la, b, hb, lb);
+  if (fabsf(dl) < 0.5f) return -(__expf(b - hb) * __expf(-lb)) * expm1f(dl);
+  return __expf((b - hb) - lb) - __expf((a - ha) - la);
+}
+
+// TVD's d, g and q (Triton's _tvd_terms): |p − q| = q·|e^dl − 1| where |dl| < 1/2, q = e^{b − hb}·e^{−lb}.
+__device__ __forceinline__ void tvd_terms(float a, float ha, float la, float b, float hb, float lb, float& d, float& g,
+                                          float& q) {
+  const float dl = log_ratio(a, ha, la, b, hb, lb);
+  q = __expf(b - hb) * __expf(-lb);
+  const float p = __expf((a - ha) - la);
+  d = 0.5f * (fabsf(dl) < 0.5f ? q * fabsf(expm1f(dl)) : fabsf(p - q));
+  g = dl < 0.0f ? 0.5f : (dl > 0.0f ? -0.5f : 0.0f);  // q − p has the sign of −dl
 }
 
 // Sums of NV per-thread values over the block: shuffle tree, then thread 0 adds the warps in
@@ -306,13 +343,13 @@ __device__ __forceinline__ Online shfl_xor(const Online& a, int o) {
 
 // log with full precision whatever the fast-math flags (once per row)
 __device__ __forceinline__ float log_row(float l) { return (float)log((double)l); }
-// m + log l as hi + lo exactly (TwoSum: additions only, unaffected by fast-math contraction); lo = 0 where hi is
-// not finite. Log-probs (u − hi) − lo keep the accuracy of log_softmax's (u − m) − log l.
+// m + log l as hi + lo, formed in double (once per row; full precision whatever the fast-math flags): log l
+// rounded to float would be off by ulp(log l) ~ eps·log V, a shift of every log-prob that the divergence of a
+// close teacher magnifies (Triton's _lse2). lo = 0 where hi is not finite. Log-probs are (u − hi) − lo.
 __device__ __forceinline__ void lse2(float m, float l, float& hi, float& lo) {
-  const float ms = safe(m), ll = log_row(l);
-  hi = ms + ll;
-  const float bb = hi - ms;
-  lo = (ms - (hi - bb)) + (ll - bb);
+  const double hd = (double)safe(m) + log((double)l);
+  hi = (float)hd;
+  lo = (float)(hd - (double)hi);
   if (!(fabsf(lo) < POS_INF)) lo = 0.0f;
 }
 
@@ -456,7 +493,10 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_div_kernel
           const float z = transform(fs[u].get(j), p, softcap);
           const float zt = col < Vs ? transform(ft[u].get(j), p, softcap) : NEG_INF;
           float d, g, q;
-          div_terms<DIV>((z * p.inv_T - lse_s) - lo_s, (zt * p.inv_Tt - lse_t) - lo_t, p, d, g, q);
+          if constexpr (DIV == DIV_TVD)
+            tvd_terms(zt * p.inv_Tt, lse_t, lo_t, z * p.inv_T, lse_s, lo_s, d, g, q);
+          else
+            div_terms<DIV>((z * p.inv_T - lse_s) - lo_s, (zt * p.inv_Tt - lse_t) - lo_t, p, d, g, q);
           sums[0] += d;
           sums[1] += q * g;
         }
@@ -549,13 +589,16 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
         const float lq = (z * p.inv_T - lse_s) - lo_s, lp = (zt * p.inv_Tt - lse_t) - lo_t;
         float du;
         if constexpr (DIV == DIV_FKL) {
-          du = __expf(lq) - __expf(lp);
+          du = q_minus_p(zt * p.inv_Tt, lse_t, lo_t, z * p.inv_T, lse_s, lo_s);
         } else if constexpr (DIV == DIV_RKL) {
           const float q = __expf(lq);
           du = (q > 0.0f && D != POS_INF) ? q * (lq - lp - D) : 0.0f;  // D = +inf: no finite gradient, 0
         } else {
           float d, g, q;
-          div_terms<DIV>(lq, lp, p, d, g, q);
+          if constexpr (DIV == DIV_TVD)
+            tvd_terms(zt * p.inv_Tt, lse_t, lo_t, z * p.inv_T, lse_s, lo_s, d, g, q);
+          else
+            div_terms<DIV>(lq, lp, p, d, g, q);
           du = q * (g - S);
         }
         float v = kd_scale != 0.0f ? kd_scale * du : 0.0f;  // alpha = 1: no KD term at all (not 0·NaN)

@@ -126,19 +126,84 @@ def _rescale(acc, r):
 
 @triton.jit
 def _renorm_teacher(lp, km):
-    """log_softmax over the k stored (tempered) teacher log-probs, as (lp − m) − log l (exact near the max)."""
-    mp = _safe(tl.max(tl.where(km, lp, float("-inf")), 0))
-    return (lp - mp) - tl.log(tl.sum(tl.where(km, tl.exp(lp - mp), 0.0), 0))
+    """The logsumexp of the k stored (tempered) teacher log-probs as hi + lo (_lse2): renormalised, they are
+    (lp − hi) − lo."""
+    mp = tl.max(tl.where(km, lp, float("-inf")), 0)
+    return _lse2(mp, tl.sum(tl.where(km, tl.exp(lp - _safe(mp)), 0.0), 0))
+
+
+@triton.jit
+def _two_diff(a, b):
+    """a − b as s + e exactly (TwoSum of a and −b; additions only)."""
+    s = a - b
+    bb = s - a
+    return s, (a - (s - bb)) - (b + bb)
+
+
+@triton.jit
+def _log_ratio(a, ha, la, b, hb, lb):
+    """log p − log q for log p = (a − ha) − la, log q = (b − hb) − lb, to about an ulp of the difference itself:
+    a − b and ha − hb kept exactly, so (a − b) − (ha − hb) is exact where they nearly cancel (a teacher close to
+    the student). The difference of the two rounded log-probs is ~ulp(log q) off there, which TVD's
+    |p − q| = q·|e^{log p − log q} − 1| magnifies. Where it is ≥ 1 in size, or not finite, the plain difference."""
+    s, e = _two_diff(a, b)
+    c, f = _two_diff(ha, hb)
+    naive = ((a - ha) - la) - ((b - hb) - lb)
+    fine = (s - c) + ((e - f) - (la - lb))
+    return tl.where(tl.abs(naive) < 1.0, fine, naive)
+
+
+@triton.jit
+def _tvd_terms(a, ha, la, b, hb, lb, DIV: tl.constexpr):
+    """For TVD (the one divergence that forms p − q; placeholders otherwise, unused): _log_ratio of
+    log p = (a − ha) − la and log q = (b − hb) − lb, and q = e^{b − hb}·e^{−lb} (e^{log q} would carry the rounding
+    of log q at |log q|, eps·|log q| relative, into the gradient q·(±1/2 − S))."""
+    if DIV == 5:
+        return _log_ratio(a, ha, la, b, hb, lb), tl.exp(b - hb) * tl.exp(-lb)
+    else:
+        return b, b
+
+
+@triton.jit
+def _q_minus_p(a, ha, la, b, hb, lb):
+    """q − p for log p = (a − ha) − la, log q = (b − hb) − lb: −q·(e^{dl} − 1), dl from _log_ratio and
+    q = e^{b − hb}·e^{−lb}, where |dl| < 1/2 (a close teacher: e^{log q} − e^{log p} would cancel, magnifying the
+    ~eps·|log q| rounding of each log-prob), else e^{log q} − e^{log p}."""
+    dl = _log_ratio(a, ha, la, b, hb, lb)
+    small = tl.abs(dl) < 0.5
+    q = tl.exp(b - hb) * tl.exp(-lb)
+    return tl.where(small, -q * _expm1_small(tl.where(small, dl, 0.0)), q - tl.exp((a - ha) - la))
+
+
+@triton.jit
+def _expm1_small(x):
+    """e^x − 1 for |x| ≤ 1/2, no cancellation: Taylor in Horner form, truncated below the dtype's rounding
+    (x^10/10! ≤ 3e-10 relative in fp32; x^17/17! ≤ 4e-20 in fp64)."""
+    r = tl.zeros_like(x) + 1.0
+    if x.dtype == tl.float64:
+        for j in tl.static_range(0, 15):
+            r = 1.0 + r * x * (1.0 / (16 - j))
+    else:
+        for j in tl.static_range(0, 8):
+            r = 1.0 + r * x * (1.0 / (9 - j))
+    return x * r
 
 
 @triton.jit
 def _lse2(m, l):
-    """m + log l as hi + lo exactly (TwoSum); lo = 0 where hi is not finite (an all −inf row)."""
+    """m + log l as hi + lo; lo = 0 where hi is not finite (an all −inf row). fp32: formed in fp64 (once per row):
+    log l rounded in fp32 would be off by ulp(log l) ~ eps·log V, a shift of every log-prob that the divergence
+    of a close teacher magnifies (softmax's common error is only 1/l's rounding, eps). fp64: TwoSum."""
     ms = _safe(m)
-    ll = tl.log(l)
-    hi = ms + ll
-    bb = hi - ms
-    lo = (ms - (hi - bb)) + (ll - bb)
+    if l.dtype == tl.float64:
+        ll = tl.log(l)
+        hi = ms + ll
+        bb = hi - ms
+        lo = (ms - (hi - bb)) + (ll - bb)
+    else:
+        hd = ms.to(tl.float64) + tl.log(l.to(tl.float64))
+        hi = hd.to(tl.float32)
+        lo = (hd - hi.to(tl.float64)).to(tl.float32)
     return hi, tl.where(tl.abs(lo) < float("inf"), lo, 0.0)
 
 
@@ -170,11 +235,11 @@ def _mixdiffs(a, la, b, lb):
 
 
 @triton.jit
-def _div_terms(lq, lp, beta, skew, omb, oms, DIV: tl.constexpr):
+def _div_terms(lq, lp, dl, qt, beta, skew, omb, oms, DIV: tl.constexpr):
     """Per-element divergence contribution d and q·g with g = ∂D/∂q, and q (any divergence; the
     dense fkl / rkl paths use their closed forms instead, top-k buckets use this for all). q·g is
     0 where q = 0, except forward KL's −p (the limit of q·(−p/q), where D is +inf). omb, oms:
-    1 − beta, 1 − skew (see _mix_weights)."""
+    1 − beta, 1 − skew (see _mix_weights). dl, qt: log p − log q and q from _tvd_terms (TVD only)."""
     q = tl.exp(lq)
     p = tl.exp(lp)
     if DIV == 0:  # forward KL
@@ -195,9 +260,11 @@ def _div_terms(lq, lp, beta, skew, omb, oms, DIV: tl.constexpr):
         _, dq = _mixdiffs(oms, lp, skew, lq)
         d = tl.where(q > 0, q * dq, 0.0)
         qg = tl.where(q > 0, q * (dq + 1.0 - skew * tl.exp(dq)), 0.0)
-    else:  # TVD
-        d = 0.5 * tl.abs(p - q)
-        qg = q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    else:  # TVD: |p − q| = q·|e^{dl} − 1| where |dl| < 1/2 (no cancellation); q − p has the sign of −dl
+        q = qt
+        small = tl.abs(dl) < 0.5
+        d = 0.5 * tl.where(small, q * tl.abs(_expm1_small(tl.where(small, dl, 0.0))), tl.abs(p - q))
+        qg = q * tl.where(dl < 0, 0.5, tl.where(dl > 0, -0.5, 0.0))
     return d, qg, q
 
 
@@ -333,7 +400,10 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
         cols = v0 + ar
         z = _logits(s_row, cols, cols < V, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
         zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-        d, qg, q = _div_terms(_logp(z, inv_T, lse_s, lo_s), _logp(zt, inv_Tt, lse_t, lo_t), beta, skew, omb, oms, DIV)
+        us = z * inv_T
+        ut = zt * inv_Tt
+        dl, qt = _tvd_terms(ut, lse_t, lo_t, us, lse_s, lo_s, DIV)
+        d, qg, q = _div_terms((us - lse_s) - lo_s, (ut - lse_t) - lo_t, dl, qt, beta, skew, omb, oms, DIV)
         dsum += tl.where(cols < V, d, 0.0)
         ssum += tl.where(cols < V, qg, 0.0)
     D = _clamp0(tl.sum(dsum, 0))
@@ -376,14 +446,17 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
         lse_k, lo_k = _lse2(mk, tl.sum(tl.where(km, tl.exp(uk - _safe(mk)), 0.0), 0))
         lqk = (uk - lse_k) - lo_k  # hi + lo: hi alone is rounded at |m| (ulp(m) off in every log-prob)
         tl.store(st + 9, lo_k)
-        lpk = _renorm_teacher(lpk * inv_Tt, km)
-        d, qg, q = _div_terms(lqk, lpk, beta, skew, omb, oms, DIV)
+        ut = lpk * inv_Tt
+        hi_t, lo_t = _renorm_teacher(ut, km)
+        dl, qt = _tvd_terms(ut, hi_t, lo_t, uk, lse_k, lo_k, DIV)
+        d, qg, q = _div_terms(lqk, (ut - hi_t) - lo_t, dl, qt, beta, skew, omb, oms, DIV)
         D = _clamp0(tl.sum(tl.where(km, d, 0.0), 0))
         S = tl.sum(tl.where(km, qg, 0.0), 0)
         extra = lse_k
     else:
         lqk = (uk - lse_s) - lo_s
-        d, qg, q = _div_terms(lqk, lpk, beta, skew, omb, oms, DIV)
+        dl, qt = _tvd_terms(lpk, 0.0, 0.0, uk, lse_s, lo_s, DIV)
+        d, qg, q = _div_terms(lqk, lpk, dl, qt, beta, skew, omb, oms, DIV)
         D = tl.sum(tl.where(km, d, 0.0), 0)
         S = tl.sum(tl.where(km, qg, 0.0), 0)
         if MODE == 2:  # the documented formula, not a divergence when Σ p < 1: not clamped at 0
@@ -405,7 +478,7 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
             p_t = tl.where(K >= V, 0.0, p_t)  # the (unique) ids cover the vocabulary: no tail, only rounding
             lq_t = tl.log(q_t)
             lp_t = tl.log(p_t)
-            d_t, qg_t, _ = _div_terms(lq_t, lp_t, beta, skew, omb, oms, DIV)
+            d_t, qg_t, _ = _div_terms(lq_t, lp_t, lp_t - lq_t, tl.exp(lq_t), beta, skew, omb, oms, DIV)
             D += d_t
             S += qg_t
             if DIV == 0:
@@ -530,15 +603,17 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
             du = tl.zeros([BLOCK_V], ACC)
         else:
             zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+            lo_t = tl.load(st + 9)
             lq = _logp(z, inv_T, lse_s, lo_s)
-            lp = _logp(zt, inv_Tt, lse_t, tl.load(st + 9))
+            lp = _logp(zt, inv_Tt, lse_t, lo_t)
             if DIV == 0:
-                du = tl.exp(lq) - tl.exp(lp)
+                du = _q_minus_p(zt * inv_Tt, lse_t, lo_t, z * inv_T, lse_s, lo_s)
             elif DIV == 1:  # 0 on a row whose D is +inf (p = 0 where q > 0): no finite gradient
                 q = tl.exp(lq)
                 du = tl.where(D == float("inf"), 0.0, tl.where(q > 0, q * (lq - lp - D), 0.0))
             else:
-                _, qg, q = _div_terms(lq, lp, beta, skew, omb, oms, DIV)
+                dl, qt = _tvd_terms(zt * inv_Tt, lse_t, lo_t, z * inv_T, lse_s, lo_s, DIV)
+                _, qg, q = _div_terms(lq, lp, dl, qt, beta, skew, omb, oms, DIV)
                 du = _kd_du(qg, q, S)
         _grad_store(o_row, du, z, dz, cols, cm, label, lse_1, coeff, kd_scale, alpha, ok, CE, HAS_SCALE or HAS_SOFTCAP)
     if MODE > 0:
@@ -547,14 +622,19 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
         z = zk
         lpk = tl.load(t_row + kk, mask=km, other=float("-inf")).to(ACC)
         if MODE == 3:
-            lqk = (z * inv_T - lse_t) - tl.load(st + 9)
-            lpk = _renorm_teacher(lpk * inv_Tt, km)
-            _, qg, q = _div_terms(lqk, lpk, beta, skew, omb, oms, DIV)
+            lo_k = tl.load(st + 9)
+            uk = z * inv_T
+            lqk = (uk - lse_t) - lo_k
+            ut = lpk * inv_Tt
+            hi_t, lo_t = _renorm_teacher(ut, km)
+            dl, qt = _tvd_terms(ut, hi_t, lo_t, uk, lse_t, lo_k, DIV)
+            _, qg, q = _div_terms(lqk, (ut - hi_t) - lo_t, dl, qt, beta, skew, omb, oms, DIV)
             du = _kd_du(qg, q, S)
         elif MODE == 2:
             du = tl.exp(_logp(z, inv_T, lse_s, lo_s)) * lse_t - tl.exp(lpk)
         else:
-            _, qg, q = _div_terms(_logp(z, inv_T, lse_s, lo_s), lpk, beta, skew, omb, oms, DIV)
+            dl, qt = _tvd_terms(lpk, 0.0, 0.0, z * inv_T, lse_s, lo_s, DIV)
+            _, qg, q = _div_terms(_logp(z, inv_T, lse_s, lo_s), lpk, dl, qt, beta, skew, omb, oms, DIV)
             du = _kd_du(qg, q, S)
         _grad_store(o_row, du, z, dzk, ids, km, label, lse_1, coeff, kd_scale, alpha, ok, CE, HAS_SCALE or HAS_SOFTCAP)
 

@@ -170,6 +170,8 @@ inline T __shfl_xor_sync(unsigned, T v, int o) {  // every lane of the warp take
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
@@ -509,3 +511,15 @@ def test_kd_cuda_why_not_reasons():
     assert any("tensors are on cpu" in r for r in why), why
     with fastdistill.use_backend("cuda"), pytest.raises(fastdistill.BackendUnavailableError, match="student's dtype"):
         fastdistill.kd_loss(x, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd", "skl", "srkl", "tvd"])
+def test_emulated_kd_close_teacher(kd_cuda_on_cpu, div):
+    """fp32 with a teacher close to the student: loss and gradient within the tolerance rule through the CUDA
+    kernels' code (tests/test_kd_close_teacher.py; the emulation's exp / log are the host's, so this checks the
+    kernels' formulas — TwoSum log-ratio, expm1 forms, the double logsumexp — not the GPU's fast-math)."""
+    from test_kd_close_teacher import check_close_teacher, close_teacher_case
+
+    s, t = close_teacher_case("dense", 60.0)
+    with fastdistill.use_backend("cuda"):
+        check_close_teacher("dense", div, s, t, lambda x: fastdistill.kd_loss(x, t, divergence=div, reduction="none"))

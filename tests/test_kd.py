@@ -721,14 +721,20 @@ try:  # a kernel applying kernels/kd_softmax.py's _tanh elementwise (module leve
     import triton as _triton
     import triton.language as tl
 
+    from fastdistill.kernels.kd_softmax import _expm1_small as _kd_expm1
     from fastdistill.kernels.kd_softmax import _tanh as _kd_tanh
 
     @_triton.jit
     def _tanh_probe(x_ptr, y_ptr, N: tl.constexpr):
         r = tl.arange(0, N)
         tl.store(y_ptr + r, _kd_tanh(tl.load(x_ptr + r)))
-except ImportError:  # no Triton: the test below is skipped
-    _tanh_probe = None
+
+    @_triton.jit
+    def _expm1_probe(x_ptr, y_ptr, N: tl.constexpr):
+        r = tl.arange(0, N)
+        tl.store(y_ptr + r, _kd_expm1(tl.load(x_ptr + r)))
+except ImportError:  # no Triton: the tests below are skipped
+    _tanh_probe = _expm1_probe = None
 
 
 @pytest.mark.skipif(not interpreting(), reason="runs the Triton helper through the interpreter")
@@ -746,3 +752,18 @@ def test_kd_tanh_helper_accuracy(dtype):
     rel = ((y.double() - exact).abs() / exact.abs().clamp_min(1e-300)).max().item()
     # fp64 (parity mode): the exp branch just above 0.1 costs ~14 ulp (1 − e cancels), 3e-15: far inside parity
     assert rel <= (1.5 * ulp if dtype == torch.float32 else 32 * ulp), rel / ulp
+
+
+@pytest.mark.skipif(not interpreting(), reason="runs the Triton helper through the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["fp32", "fp64"])
+def test_kd_expm1_helper_accuracy(dtype):
+    """e^x − 1 for |x| ≤ 1/2 (kernels/kd_softmax.py _expm1_small: TVD's |p − q| = q·|e^dl − 1| and forward KL's
+    gradient q − p for a close teacher): Taylor in Horner form, within 2 ulp relative of torch.expm1 in float64,
+    down to the tiny arguments where e^x − 1 itself would have lost every digit."""
+    x = torch.cat([torch.linspace(-0.5, 0.5, 4093, dtype=F64), torch.tensor([1e-30, -3e-12, 7e-8], dtype=F64)])
+    x = x.to(dtype)
+    y = torch.empty_like(x)
+    _expm1_probe[(1,)](x, y, N=4096)
+    exact = torch.expm1(x.double())
+    rel = ((y.double() - exact).abs() / exact.abs().clamp_min(1e-300)).max().item()
+    assert rel <= 2 * torch.finfo(dtype).eps, rel / torch.finfo(dtype).eps

@@ -250,21 +250,10 @@ def test_topk_renorm_row_without_teacher_is_invalid(use, div):
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-12, atol=0)
 
 
-_TVD_LIMIT = pytest.mark.xfail(strict=True, reason="known precision limit: fp32 TVD forms p and q from log-probs "
-                               "(one more rounding at |log q| than softmax), and |p - q| cancels for a close teacher: "
-                               "2-4x plain fp32's loss error (docs/kd_ops.md, Numerics)")
-
-
 @pytest.mark.parametrize("div", ["fkl", "rkl"])
 @pytest.mark.parametrize("offset", [0.0, 60.0, 300.0])
 def test_topk_renorm_fp32_close_teacher_large_logits(use, div, offset):
     _check_renorm_close_teacher(div, offset)
-
-
-@_TVD_LIMIT
-def test_tvd_fp32_close_teacher_limit(use):
-    """The documented limit, pinned where it shows on both backends (offset 60; at 0 and 300 these draws pass)."""
-    _check_renorm_close_teacher("tvd", 60.0)
 
 
 def _check_renorm_close_teacher(div, offset):

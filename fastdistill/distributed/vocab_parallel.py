@@ -27,7 +27,18 @@ import torch.distributed as dist
 
 from fastdistill.ops._common import check_choice, first_order
 from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
-from fastdistill.reference.kd_softmax import bucket_div, chain, kd_du, lse_split, tail_qg, tail_state, transform
+from fastdistill.reference.kd_softmax import (
+    bucket_div,
+    chain,
+    hi_lo,
+    kd_du,
+    lse_split,
+    q_minus_p,
+    tail_qg,
+    tail_state,
+    transform,
+    tvd_terms,
+)
 
 # vocab_parallel_fused_linear_kd_loss: served by __getattr__ below (from vocab_parallel_fused)
 __all__ = ["vocab_parallel_kd_loss", "vocab_parallel_fused_linear_kd_loss", "vocab_parallel_topk"]  # noqa: F822
@@ -149,14 +160,10 @@ def _xlogy(w, a):
 
 def _split(A: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A row logsumexp from its global shift A (finite) and the sum-exp s relative to it, as hi + lo =
-    A + log s exactly (TwoSum, as ``lse_split``); lo = 0 where that is not finite (s = 0: an all −inf row).
+    A + log s (``hi_lo``, as ``lse_split``); lo = 0 where that is not finite (s = 0: an all −inf row).
     Log-probs are then (u − hi) − lo: hi alone is rounded at |A| (an error of ulp(A) in every log-prob, which
     the cancellation q − p of a teacher close to the student magnifies)."""
-    ls = s.log()
-    hi = A + ls
-    bb = hi - A
-    lo = (A - (hi - bb)) + (ls - bb)
-    return hi, torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    return hi_lo(A, s)
 
 
 def _logratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -306,9 +313,10 @@ class _Run:
         z = transform(p, zs_raw.to(acc))
         us = z / p.temperature if p.temperature != 1.0 else z
         ut = transform(p, zt_raw.to(acc)) / p.teacher_temperature
-        lq = _logp(us, *_split(A[:, 0], G[:, 0]), safe=True)
-        lp = _logp(ut, *_split(A[:, 1], G[:, 1]), safe=True)
-        D, qg = bucket_div(p, lq, lp)
+        (hs, ls), (ht, lt) = _split(A[:, 0], G[:, 0]), _split(A[:, 1], G[:, 1])
+        lq, lp = _logp(us, hs, ls, safe=True), _logp(ut, ht, lt, safe=True)
+        tvd = tvd_terms(p, ut, _safe(ht)[:, None], lt[:, None], us, _safe(hs)[:, None], ls[:, None])
+        D, qg = bucket_div(p, lq, lp, tvd)
         return torch.stack([D, qg.sum(1)], 1)
 
     # ---------------------------------------------------------------- per-row loss
@@ -385,20 +393,20 @@ class _Run:
             du = _topk_du(p, sh, lq, lq.exp(), st, uk, teacher[0], teacher[1].to(acc))
         else:
             ut = transform(p, teacher.to(acc)) / p.teacher_temperature
-            if p.div in (_FKL, _RKL):
-                # q, p as softmax forms them, e^{u − m} / Σ e^{u − m}: exp of a log-prob (rounded at |log q|) loses
-                # eps·|log q| relative, which the cancellation q − p of a teacher close to the student magnifies
+            if p.div == _FKL:  # q − p without the cancellation of a teacher close to the student
+                du = q_minus_p(ut, col(_EXTRA), col(_LO_X), us, col(_LSE_S), col(_LO_S))
+            elif p.div == _RKL:
+                # q as softmax forms it, e^{u − m} / Σ e^{u − m}: exp of a log-prob (rounded at |log q|) loses
+                # eps·|log q| relative
                 q = torch.exp(us - col(_M_S)) / col(_E_S)
-                if p.div == _FKL:
-                    du = q - torch.exp(ut - col(_M_T)) / col(_E_T)
-                else:  # 0 on a row whose D is +inf (no finite gradient)
-                    lq, lp = _logp(us, col(_LSE_S), col(_LO_S)), _logp(ut, col(_EXTRA), col(_LO_X))
-                    D = col(_D)
-                    du = torch.where((q > 0) & (D != math.inf), q * (lq - lp - D), torch.zeros_like(q))
+                lq, lp = _logp(us, col(_LSE_S), col(_LO_S)), _logp(ut, col(_EXTRA), col(_LO_X))
+                D = col(_D)  # 0 on a row whose D is +inf (no finite gradient)
+                du = torch.where((q > 0) & (D != math.inf), q * (lq - lp - D), torch.zeros_like(q))
             else:
                 lq, lp = _logp(us, col(_LSE_S), col(_LO_S)), _logp(ut, col(_EXTRA), col(_LO_X))
-                _, qg = bucket_div(p, lq, lp)
-                du = kd_du(qg, lq.exp(), col(_S))
+                tvd = tvd_terms(p, ut, col(_EXTRA), col(_LO_X), us, col(_LSE_S), col(_LO_S))
+                _, qg = bucket_div(p, lq, lp, tvd)
+                du = kd_du(qg, lq.exp() if tvd is None else tvd[1], col(_S))
         # α = 1: no KD term at all (not 0·NaN where D is +inf)
         gz = (1 - p.alpha) * p.t2 / p.temperature * du if p.alpha < 1 else torch.zeros_like(du)
         if self.ce:
@@ -422,8 +430,10 @@ def _topk_rows(p: KDPlan, uk, lse_s, lo_s, lps, lq_tail, V):
     zero = torch.zeros_like(lse_s)
     if p.topk == _TOPK_RENORM:
         lse_k, lo_k = lse_split(uk)
-        lq, lp = _logp(uk, lse_k, lo_k), torch.log_softmax(lps / p.teacher_temperature, 1)
-        D, qg = bucket_div(p, lq, lp)
+        ut = lps / p.teacher_temperature
+        hi_t, lo_t = lse_split(ut)
+        lq, lp = _logp(uk, lse_k, lo_k), _logp(ut, hi_t, lo_t)
+        D, qg = bucket_div(p, lq, lp, tvd_terms(p, ut, hi_t[:, None], lo_t[:, None], uk, lse_k[:, None], lo_k[:, None]))
         return D, qg.sum(1), lse_k, lo_k
     lqk = _logp(uk, lse_s, lo_s, safe=True)
     if p.topk == _TOPK_ZERO:
@@ -432,7 +442,10 @@ def _topk_rows(p: KDPlan, uk, lse_s, lo_s, lps, lq_tail, V):
     p_tail = torch.where(V == uk.shape[1], zero, p_tail)  # on the device: V is a tensor (no host sync)
     lq = torch.cat([lqk, lq_tail[:, None]], 1)
     lp = torch.cat([lps, p_tail.log()[:, None]], 1)
-    D, qg = bucket_div(p, lq, lp)
+    tvd = tvd_terms(p, lps, 0.0, 0.0, uk, _safe(lse_s)[:, None], lo_s[:, None])
+    if tvd is not None:  # the tail bucket: its log-probs as they are
+        tvd = torch.cat([tvd[0], lp[:, -1:] - lq[:, -1:]], 1), torch.cat([tvd[1], lq[:, -1:].exp()], 1)
+    D, qg = bucket_div(p, lq, lp, tvd)
     return D, qg.sum(1), tail_state(p, lq_tail, lp[:, -1]), zero
 
 
@@ -450,15 +463,21 @@ def _topk_du(p: KDPlan, sh: _Shard, lq, q, st, uk, ids, lps):
         buf.scatter_add_(1, idx, -lps.exp())
         return buf[:, :Vr]
     if p.topk == _TOPK_RENORM:
-        lqk = _logp(uk, extra, st[:, _LO_X : _LO_X + 1])
-        _, qg = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
+        lo_k = st[:, _LO_X : _LO_X + 1]
+        lqk = _logp(uk, extra, lo_k)
+        ut = lps / p.teacher_temperature
+        hi_t, lo_t = lse_split(ut)
+        tvd = tvd_terms(p, ut, hi_t[:, None], lo_t[:, None], uk, extra, lo_k)
+        _, qg = bucket_div(p, lqk, _logp(ut, hi_t, lo_t), tvd)
         buf.zero_()
-        buf.scatter_(1, idx, kd_du(qg, lqk.exp(), S))
+        buf.scatter_(1, idx, kd_du(qg, lqk.exp() if tvd is None else tvd[1], S))
         return buf[:, :Vr]
     buf[:, :Vr] = kd_du(tail_qg(p, lq, q, extra), q, S)  # off the ids
-    lqk = _logp(uk, st[:, _LSE_S : _LSE_S + 1], st[:, _LO_S : _LO_S + 1], safe=True)
-    _, qgk = bucket_div(p, lqk, lps)  # the id buckets (elementwise in (q_b, p_b))
-    buf.scatter_(1, idx, kd_du(qgk, lqk.exp(), S))
+    hs, ls = st[:, _LSE_S : _LSE_S + 1], st[:, _LO_S : _LO_S + 1]
+    lqk = _logp(uk, hs, ls, safe=True)
+    tvd = tvd_terms(p, lps, 0.0, 0.0, uk, _safe(hs), ls)
+    _, qgk = bucket_div(p, lqk, lps, tvd)  # the id buckets (elementwise in (q_b, p_b))
+    buf.scatter_(1, idx, kd_du(qgk, lqk.exp() if tvd is None else tvd[1], S))
     return buf[:, :Vr]
 
 

@@ -56,17 +56,52 @@ def lse_split(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (hi alone is rounded at |m|: an error of ulp(m) in every log-prob, which a close teacher's divergence amplifies)."""
     m = u.amax(1) if u.shape[1] else u.new_full((u.shape[0],), float("-inf"))
     ms = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    ll = torch.log(torch.exp(u - ms[:, None]).sum(1))
-    hi = ms + ll
-    bb = hi - ms
-    lo = (ms - (hi - bb)) + (ll - bb)
-    hi = torch.where(torch.isfinite(m), hi, m + ll)  # −inf (empty / all −inf row), or NaN / +inf as the inputs
+    l = torch.exp(u - ms[:, None]).sum(1)
+    hi, lo = hi_lo(ms, l)
+    hi = torch.where(torch.isfinite(m), hi, m + torch.log(l))  # −inf (empty / all −inf row), or NaN / +inf
+    return hi, lo
+
+
+def hi_lo(ms: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ms + log l (ms finite, l ≥ 0 a sum-exp relative to it) as hi + lo; lo = 0 where that is not finite. Below
+    float64 the sum is formed in float64 (once per row): log l rounded in the working dtype would be off by
+    ulp(log l) ~ eps·log V, a shift of every log-prob that a divergence of a close teacher magnifies (the
+    common part of softmax's error is only 1/l's rounding, eps). In float64, TwoSum of ms and log l."""
+    if ms.dtype == torch.float64:
+        ll = torch.log(l)
+        hi = ms + ll
+        bb = hi - ms
+        lo = (ms - (hi - bb)) + (ll - bb)
+    else:
+        hd = ms.double() + torch.log(l.double())
+        hi = hd.to(ms.dtype)
+        lo = (hd - hi.double()).to(ms.dtype)
     return hi, torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
 
 
 def log_probs(u, hi, lo):
     """(u − hi) − lo for [n, V] logits and per-row hi, lo (lse_split)."""
     return (u - hi[:, None]) - lo[:, None]
+
+
+def log_ratio(a, ha, la, b, hb, lb):
+    """log p − log q for log p = (a − ha) − la and log q = (b − hb) − lb (hi + lo logsumexps), to about an ulp of the
+    difference itself: a − b and ha − hb kept exactly (TwoSum), then (a − b) − (ha − hb) is exact where the two
+    nearly cancel (a teacher close to the student). The difference of the two rounded log-probs is off by
+    ~ulp(log q) there, which TVD's |p − q| = q·|e^{log p − log q} − 1| magnifies. Where it is ≥ 1 in size (or not
+    finite: a −inf log-prob) the plain difference is kept."""
+    s, e = _two_diff(a, b)
+    c, f = _two_diff(ha, hb)
+    naive = ((a - ha) - la) - ((b - hb) - lb)
+    fine = (s - c) + ((e - f) - (la - lb))
+    return torch.where(naive.abs() < 1, fine, naive)
+
+
+def _two_diff(a, b):
+    """a − b as s + e exactly (TwoSum of a and −b)."""
+    s = a - b
+    bb = s - a
+    return s, (a - (s - bb)) - (b + bb)
 
 
 def _xlogy(w, a):
@@ -84,9 +119,10 @@ def _mixdiffs(a, la, b, lb):
     return da - r, db - r
 
 
-def _row_div(p, lq, lp):
+def _row_div(p, lq, lp, tvd=None):
     """(D per row, q·g per element) for the 3-pass divergences, from log q and log p, where
-    g = ∂D/∂q; q·g is 0 where q = 0 (its limit: these g are finite or grow like log q there)."""
+    g = ∂D/∂q; q·g is 0 where q = 0 (its limit: these g are finite or grow like log q there).
+    ``tvd``: (log p − log q, q) as ``tvd_terms`` forms them (TVD only; default lp − lq, e^{lq})."""
     q, pp = lq.exp(), lp.exp()
     zero = torch.zeros_like(lq)
     if p.div == DIV_JSD:
@@ -101,16 +137,17 @@ def _row_div(p, lq, lp):
         _, dq = _mixdiffs(1 - p.skew, lp, p.skew, lq)
         D = _xlogy(q, dq).sum(1)
         g = torch.where(q > 0, dq + 1 - p.skew * torch.exp(dq), zero)
-    else:  # TVD
-        D = 0.5 * (pp - q).abs().sum(1)
-        g = 0.5 * torch.sign(q - pp)
+    else:  # TVD: |p − q| = q·|e^{dl} − 1| where |dl| < 1/2 (no cancellation), the sign of q − p that of −dl
+        dl, q = (lp - lq, q) if tvd is None else tvd
+        D = 0.5 * torch.where(dl.abs() < 0.5, q * torch.expm1(dl).abs(), (pp - q).abs()).sum(1)
+        g = torch.where(dl < 0, 0.5, torch.where(dl > 0, -0.5, 0.0)).to(lq.dtype)
     return D, torch.where(q > 0, q * g, zero)
 
 
 TOPK_TAIL, TOPK_ZERO, TOPK_RENORM = 1, 2, 3  # plan.topk (0: dense teacher)
 
 
-def bucket_div(p, lq, lp):
+def bucket_div(p, lq, lp, tvd=None):
     """(D per row, q·g per element) of the plan's divergence over buckets with log-probs lq, lp.
     Forward KL: q·g = −p, also where q = 0 (the limit of q·(−p/q); the divergence is +inf there)."""
     if p.div == DIV_FKL:
@@ -119,7 +156,26 @@ def bucket_div(p, lq, lp):
     if p.div == DIV_RKL:
         q = lq.exp()
         return _xlogy(q, lq - lp).sum(1), torch.where(q > 0, q * (lq - lp + 1), torch.zeros_like(lq))
-    return _row_div(p, lq, lp)
+    return _row_div(p, lq, lp, tvd)
+
+
+def q_minus_p(a, ha, la, b, hb, lb):
+    """q − p for log p = (a − ha) − la, log q = (b − hb) − lb (hi + lo logsumexps): −q·(e^{dl} − 1) with dl from
+    ``log_ratio`` and q = e^{b − hb}·e^{−lb} where |dl| < 1/2 (a teacher close to the student: e^{log q} − e^{log p}
+    would cancel, magnifying the ~eps·|log q| rounding of each log-prob), else e^{log q} − e^{log p}."""
+    dl = log_ratio(a, ha, la, b, hb, lb)
+    small = dl.abs() < 0.5
+    near = -(torch.exp(b - hb) * torch.exp(-lb)) * torch.expm1(torch.where(small, dl, torch.zeros_like(dl)))
+    return torch.where(small, near, torch.exp((b - hb) - lb) - torch.exp((a - ha) - la))
+
+
+def tvd_terms(p, a, ha, la, b, hb, lb):
+    """Where the plan's divergence is TVD (the only one that forms p − q; else None): ``log_ratio`` of
+    log p = (a − ha) − la and log q = (b − hb) − lb, and q = e^{b − hb}·e^{−lb} (e^{log q} would carry the
+    rounding of log q at |log q|, eps·|log q| relative: the gradient q·(±1/2 − S) shows it)."""
+    if p.div != DIV_TVD:
+        return None
+    return log_ratio(a, ha, la, b, hb, lb), torch.exp(b - hb) * torch.exp(-lb)
 
 
 def kd_du(qg, q, S):
@@ -137,15 +193,22 @@ def _topk_buckets(p, us, lse_s, lo_s, ids, lps):
     uk = us.gather(1, ids)
     if p.topk == TOPK_RENORM:  # the student's logsumexp over the k ids as hi + lo (hi alone: ulp(m) off)
         lse_k, lo_k = lse_split(uk)
-        return (uk - lse_k[:, None]) - lo_k[:, None], torch.log_softmax(lps / p.teacher_temperature, 1), (lse_k, lo_k)
+        ut = lps / p.teacher_temperature
+        hi_t, lo_t = lse_split(ut)
+        tvd = tvd_terms(p, ut, hi_t[:, None], lo_t[:, None], uk, lse_k[:, None], lo_k[:, None])
+        return log_probs(uk, lse_k, lo_k), log_probs(ut, hi_t, lo_t), (lse_k, lo_k), tvd
     lqk, lpk = log_probs(uk, lse_s, lo_s), lps
     if p.topk == TOPK_ZERO:
-        return lqk, lpk, lpk.exp().sum(1)
+        return lqk, lpk, lpk.exp().sum(1), None
     lq_tail = (torch.logsumexp(us.scatter(1, ids, float("-inf")), 1) - lse_s) - lo_s
     p_tail = (1 - lpk.exp().sum(1)).clamp_min(0)
     if ids.shape[1] >= us.shape[1]:  # the ids (unique) cover the vocabulary: no tail, 1 − Σ p is rounding only
         p_tail = torch.zeros_like(p_tail)
-    return torch.cat([lqk, lq_tail[:, None]], 1), torch.cat([lpk, p_tail.log()[:, None]], 1), None
+    lq, lp = torch.cat([lqk, lq_tail[:, None]], 1), torch.cat([lpk, p_tail.log()[:, None]], 1)
+    tvd = tvd_terms(p, lpk, 0.0, 0.0, uk, lse_s[:, None], lo_s[:, None])
+    if tvd is not None:  # the tail bucket: its log-probs as they are
+        tvd = torch.cat([tvd[0], lp[:, -1:] - lq[:, -1:]], 1), torch.cat([tvd[1], lq[:, -1:].exp()], 1)
+    return lq, lp, None, tvd
 
 
 def kd_fwd(p, s, t, labels, mask, weights):
@@ -160,13 +223,13 @@ def kd_fwd(p, s, t, labels, mask, weights):
         if p.topk:
             ids, lps = t[0][sl].long(), t[1][sl].to(acc)
             good = ((ids >= 0) & (ids < V)).all(1)  # a bad id never reads out of the row; its row's loss is NaN
-            lq, lp, extra = _topk_buckets(p, us, lse_s, lo_s, ids.clamp(0, V - 1), lps)
+            lq, lp, extra, tvd = _topk_buckets(p, us, lse_s, lo_s, ids.clamp(0, V - 1), lps)
             if p.topk == TOPK_ZERO:
                 D = _xlogy(lp.exp(), lp - lq).sum(1)
                 S = torch.zeros_like(D)
                 lse_t = extra
             else:
-                D, qg = bucket_div(p, lq, lp)
+                D, qg = bucket_div(p, lq, lp, tvd)
                 S = qg.sum(1)
                 if p.topk == TOPK_RENORM:
                     lse_t, lo_t = extra
@@ -184,7 +247,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
         elif p.div == DIV_RKL:
             D, S = _xlogy(lq.exp(), lq - lp).sum(1), torch.zeros_like(lse_s)
         else:
-            D, qg = _row_div(p, lq, lp)
+            tvd = tvd_terms(p, ut, lse_t[:, None], lo_t[:, None], us, lse_s[:, None], lo_s[:, None])
+            D, qg = _row_div(p, lq, lp, tvd)
             S = qg.sum(1)
         # an all −inf row is invalid; a NaN / +inf logit keeps the row valid so that the NaN shows
         ok = (lse_s != float("-inf")) & ((lse_t != float("-inf")) if not p.topk else True)
@@ -243,17 +307,19 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
         if p.topk:
             du = _topk_du(p, us, row, t[0][sl].long().clamp(0, V - 1), t[1][sl].to(acc), q)
         elif p.div == DIV_FKL:
-            zt = _teacher(p, t, sl, V, acc)
-            du = q - ((zt / p.teacher_temperature - row[:, 1:2]) - row[:, 9:10]).exp()
+            ut = _teacher(p, t, sl, V, acc) / p.teacher_temperature
+            du = q_minus_p(ut, row[:, 1:2], row[:, 9:10], us, row[:, 0:1], row[:, 8:9])
         elif p.div == DIV_RKL:  # q(log q − log p − D); 0 on a row whose D is +inf (no finite gradient)
             zt = _teacher(p, t, sl, V, acc)
             lp = (zt / p.teacher_temperature - row[:, 1:2]) - row[:, 9:10]
             D = row[:, 3:4]
             du = torch.where((q > 0) & (D != float("inf")), q * (lq - lp - D), torch.zeros_like(q))
         else:
-            zt = _teacher(p, t, sl, V, acc)
-            _, qg = _row_div(p, lq, (zt / p.teacher_temperature - row[:, 1:2]) - row[:, 9:10])
-            du = kd_du(qg, q, row[:, 4:5])
+            ut = _teacher(p, t, sl, V, acc) / p.teacher_temperature
+            lp = (ut - row[:, 1:2]) - row[:, 9:10]
+            tvd = tvd_terms(p, ut, row[:, 1:2], row[:, 9:10], us, row[:, 0:1], row[:, 8:9])
+            _, qg = _row_div(p, lq, lp, tvd)
+            du = kd_du(qg, q if tvd is None else tvd[1], row[:, 4:5])
         # α = 1: no KD term at all (not 0·NaN where D is +inf)
         gz = (1 - p.alpha) * p.t2 / p.temperature * du if p.alpha < 1 else torch.zeros_like(du)
         if labels is not None and p.alpha > 0:
@@ -295,10 +361,16 @@ def _topk_du(p, us, row, ids, lps, q):
         du = row[:, 1:2] * q
         return du.scatter_add(1, ids, -lps.exp())
     if p.topk == TOPK_RENORM:
-        lqk = (us.gather(1, ids) - row[:, 1:2]) - row[:, 9:10]
-        _, qg = bucket_div(p, lqk, torch.log_softmax(lps / p.teacher_temperature, 1))
-        return torch.zeros_like(q).scatter(1, ids, kd_du(qg, lqk.exp(), S))
+        uk = us.gather(1, ids)
+        lqk = (uk - row[:, 1:2]) - row[:, 9:10]
+        ut = lps / p.teacher_temperature
+        hi_t, lo_t = lse_split(ut)
+        hi_t, lo_t = hi_t[:, None], lo_t[:, None]
+        tvd = tvd_terms(p, ut, hi_t, lo_t, uk, row[:, 1:2], row[:, 9:10])
+        _, qg = bucket_div(p, lqk, log_probs(ut, hi_t[:, 0], lo_t[:, 0]), tvd)
+        return torch.zeros_like(q).scatter(1, ids, kd_du(qg, lqk.exp() if tvd is None else tvd[1], S))
     lq = (us - row[:, 0:1]) - row[:, 8:9]
     qg = tail_qg(p, lq, q, row[:, 1:2])
-    _, qgk = bucket_div(p, lq.gather(1, ids), lps)  # the id buckets (elementwise in (q_b, p_b))
-    return kd_du(qg, q, S).scatter(1, ids, kd_du(qgk, q.gather(1, ids), S))
+    tvd = tvd_terms(p, lps, 0.0, 0.0, us.gather(1, ids), row[:, 0:1], row[:, 8:9])
+    _, qgk = bucket_div(p, lq.gather(1, ids), lps, tvd)  # the id buckets (elementwise in (q_b, p_b))
+    return kd_du(qg, q, S).scatter(1, ids, kd_du(qgk, q.gather(1, ids) if tvd is None else tvd[1], S))
