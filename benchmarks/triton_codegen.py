@@ -12,6 +12,7 @@ memory than the architecture gives one block (``SMEM_LIMIT``).
 from __future__ import annotations
 
 import argparse
+import inspect
 import multiprocessing
 import os
 import re
@@ -178,8 +179,10 @@ def attn_configs(quick: bool = False, arch: int = 90):
 def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90, num_stages: int = 3) -> dict:
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
-    ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                        target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    # the kernel's launch options from its module (kernels/kd_softmax.py: LAUNCH_OPTS, no fp fusion), as launched
+    extra = getattr(inspect.getmodule(kernel.fn), "LAUNCH_OPTS", {}).get(kernel.fn.__name__, {})
+    ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                        options={"num_warps": num_warps, "num_stages": num_stages, **extra})
     ptx = ck.asm["ptx"]
     err = None
     with tempfile.TemporaryDirectory() as d:

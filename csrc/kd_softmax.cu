@@ -214,6 +214,9 @@ __device__ __forceinline__ void mixdiffs(float a, float la, float b, float lb, f
 }
 
 // Per-element divergence contribution d and g = ∂D/∂q of the 3-pass divergences (Triton's _div_terms).
+// w·a with 0 where w == 0 (0·log 0 = 0); NaN where w is NaN, so that a NaN input shows in the loss (Triton's _xlogy)
+__device__ __forceinline__ float xlogy(float w, float a) { return w > 0.0f ? w * a : (w != w ? w : 0.0f); }
+
 template <int DIV>
 __device__ __forceinline__ void div_terms(float lq, float lp, const Prm& pr, float& d, float& g, float& q) {
   const float beta = pr.beta, skew = pr.skew, omb = pr.omb, oms = pr.oms;
@@ -222,17 +225,17 @@ __device__ __forceinline__ void div_terms(float lq, float lp, const Prm& pr, flo
   if constexpr (DIV == DIV_JSD) {  // M = βP + (1−β)Q
     float dp, dq;
     mixdiffs(beta, lp, omb, lq, dp, dq);
-    d = beta * (p > 0.0f ? p * dp : 0.0f) + omb * (q > 0.0f ? q * dq : 0.0f);
+    d = beta * xlogy(p, dp) + omb * xlogy(q, dq);
     g = omb * (q > 0.0f ? dq : 0.0f);
   } else if constexpr (DIV == DIV_SKL) {  // KL(P ‖ λP + (1−λ)Q)
     float dp, dq;
     mixdiffs(skew, lp, oms, lq, dp, dq);
-    d = p > 0.0f ? p * dp : 0.0f;
+    d = xlogy(p, dp);
     g = -oms * (p > 0.0f ? __expf(dp) : 0.0f);
   } else if constexpr (DIV == DIV_SRKL) {  // KL(Q ‖ (1−λ)P + λQ)
     float dp, dq;
     mixdiffs(oms, lp, skew, lq, dp, dq);
-    d = q > 0.0f ? q * dq : 0.0f;
+    d = xlogy(q, dq);
     g = q > 0.0f ? dq + 1.0f - skew * __expf(dq) : 0.0f;
   } else {  // TVD: tvd_terms instead (no cancellation for a close teacher)
     d = 0.5f * fabsf(p - q);
@@ -255,7 +258,8 @@ __device__ __forceinline__ float log_ratio(float a, float ha, float la, float b,
   two_diff(a, b, s, e);
   two_diff(ha, hb, c, f);
   const float naive = ((a - ha) - la) - ((b - hb) - lb);
-  return fabsf(naive) < 1.0f ? (s - c) + ((e - f) - (la - lb)) : naive;
+  const float fine = (s - c) + ((e - f) - (la - lb));
+  return fabsf(naive) < 1.0f && fabsf(fine) < POS_INF ? fine : naive;  // a − b overflowing: inf − inf
 }
 
 // q − p (Triton's _q_minus_p): −q·(e^dl − 1) with q = e^{b − hb}·e^{−lb} where |dl| < 1/2 (a close teacher:
@@ -347,9 +351,9 @@ __device__ __forceinline__ float log_row(float l) { return (float)log((double)l)
 // rounded to float would be off by ulp(log l) ~ eps·log V, a shift of every log-prob that the divergence of a
 // close teacher magnifies (Triton's _lse2). lo = 0 where hi is not finite. Log-probs are (u − hi) − lo.
 __device__ __forceinline__ void lse2(float m, float l, float& hi, float& lo) {
-  const double hd = (double)safe(m) + log((double)l);
-  hi = (float)hd;
-  lo = (float)(hd - (double)hi);
+  const double ms = (double)safe(m), ll = log((double)l);
+  hi = (float)(ms + ll);
+  lo = (float)((ms - (double)hi) + ll);  // ms − hi exact (hd − hi would carry hd's rounding at |ms|·2⁻⁵³)
   if (!(fabsf(lo) < POS_INF)) lo = 0.0f;
 }
 
@@ -553,7 +557,8 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
   const int V = a.V, Vs = a.V < a.Vt ? a.V : a.Vt, tile = (int)blockDim.x * VEC;
   T* o_row = static_cast<T*>(a.out) + row * a.o_stride;
   const float* st = a.st + row * NSTATE;
-  if (!(__ldg(st + 7) > 0.0f)) {  // invalid row: zeros (what the masked formula gives), nothing read
+  // invalid row, or weight 0 (a zero gradient like a masked row, whatever the row holds): zeros, nothing read
+  if (!(__ldg(st + 7) > 0.0f) || ((a.flags & F_W) && __ldg(a.w + row) == 0.0f)) {
     const float zero[VEC] = {};
     for (int c0 = 0; c0 < V; c0 += tile) store_tile<T, VECTOR>(o_row, c0, V, zero);
     return;

@@ -25,6 +25,12 @@ from fastdistill._backend import on_tensor_device
 
 DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
 NSTATE = 10
+# The kernels that form an exact log-ratio (_log_ratio's TwoSum of tempered logits zt·inv_Tt, z·inv_T) are launched
+# without fp fusion: a product that the compiler contracts into the TwoSum's subtraction (an fma) leaves its error
+# term off by the product's rounding. They are memory bound (no fma-heavy loops). The stats kernel keeps fusion
+# (without it, its forward-KL variant spills on sm_90a). LAUNCH_OPTS: by kernel name, for benchmarks/triton_codegen.py.
+NO_FP_FUSION = {"enable_fp_fusion": False}
+LAUNCH_OPTS = {name: NO_FP_FUSION for name in ("_kd_div_kernel", "_kd_topk_kernel", "_kd_grad_kernel")}
 MAX_BLOCK_V = 2048
 # tail_bucket: below this student tail mass 1 − Σ q_ids (fp32: ≳ k·6e-8 absolute error), the tail is summed
 # over the columns off the ids instead (a second read of the row, for confident rows only)
@@ -150,7 +156,7 @@ def _log_ratio(a, ha, la, b, hb, lb):
     c, f = _two_diff(ha, hb)
     naive = ((a - ha) - la) - ((b - hb) - lb)
     fine = (s - c) + ((e - f) - (la - lb))
-    return tl.where(tl.abs(naive) < 1.0, fine, naive)
+    return tl.where((tl.abs(naive) < 1.0) & (tl.abs(fine) < float("inf")), fine, naive)  # a − b overflowing: NaN
 
 
 @triton.jit
@@ -200,10 +206,10 @@ def _lse2(m, l):
         hi = ms + ll
         bb = hi - ms
         lo = (ms - (hi - bb)) + (ll - bb)
-    else:
-        hd = ms.to(tl.float64) + tl.log(l.to(tl.float64))
-        hi = hd.to(tl.float32)
-        lo = (hd - hi.to(tl.float64)).to(tl.float32)
+    else:  # lo = (ms − hi) + log l with ms − hi exact (hd − hi would carry hd's rounding at |ms|·2⁻⁵³)
+        ll = tl.log(l.to(tl.float64))
+        hi = (ms.to(tl.float64) + ll).to(tl.float32)
+        lo = ((ms.to(tl.float64) - hi.to(tl.float64)) + ll).to(tl.float32)
     return hi, tl.where(tl.abs(lo) < float("inf"), lo, 0.0)
 
 
@@ -235,6 +241,12 @@ def _mixdiffs(a, la, b, lb):
 
 
 @triton.jit
+def _xlogy(w, a):
+    """w·a with 0 where w == 0 (0·log 0 = 0, 0·(−inf) = 0); NaN where w is NaN (a NaN input shows in the loss)."""
+    return tl.where(w > 0, w * a, tl.where(w != w, w, 0.0))
+
+
+@triton.jit
 def _div_terms(lq, lp, dl, qt, beta, skew, omb, oms, DIV: tl.constexpr):
     """Per-element divergence contribution d and q·g with g = ∂D/∂q, and q (any divergence; the
     dense fkl / rkl paths use their closed forms instead, top-k buckets use this for all). q·g is
@@ -243,22 +255,22 @@ def _div_terms(lq, lp, dl, qt, beta, skew, omb, oms, DIV: tl.constexpr):
     q = tl.exp(lq)
     p = tl.exp(lp)
     if DIV == 0:  # forward KL
-        d = tl.where(p > 0, p * (lp - lq), 0.0)
+        d = _xlogy(p, lp - lq)
         qg = -p
     elif DIV == 1:  # reverse KL
-        d = tl.where(q > 0, q * (lq - lp), 0.0)
+        d = _xlogy(q, lq - lp)
         qg = tl.where(q > 0, q * (lq - lp + 1.0), 0.0)
     elif DIV == 2:  # JSD(β), M = βP + (1−β)Q
         dp, dq = _mixdiffs(beta, lp, omb, lq)
-        d = beta * tl.where(p > 0, p * dp, 0.0) + omb * tl.where(q > 0, q * dq, 0.0)
+        d = beta * _xlogy(p, dp) + omb * _xlogy(q, dq)
         qg = omb * tl.where(q > 0, q * dq, 0.0)
     elif DIV == 3:  # skew KL: KL(P ‖ λP + (1−λ)Q)
         dp, _ = _mixdiffs(skew, lp, oms, lq)
-        d = tl.where(p > 0, p * dp, 0.0)
+        d = _xlogy(p, dp)
         qg = -oms * tl.where((p > 0) & (q > 0), q * tl.exp(dp), 0.0)
     elif DIV == 4:  # skew reverse KL: KL(Q ‖ (1−λ)P + λQ)
         _, dq = _mixdiffs(oms, lp, skew, lq)
-        d = tl.where(q > 0, q * dq, 0.0)
+        d = _xlogy(q, dq)
         qg = tl.where(q > 0, q * (dq + 1.0 - skew * tl.exp(dq)), 0.0)
     else:  # TVD: |p − q| = q·|e^{dl} − 1| where |dl| < 1/2 (no cancellation); q − p has the sign of −dl
         q = qt
@@ -566,8 +578,10 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
         else:
             t_lo = lse_t * e_lo
     coeff = tl.load(factor_ptr).to(ACC) * tl.load(go_ptr + row * go_stride).to(ACC)
-    if HAS_W:
-        coeff = coeff * tl.load(w_ptr + row).to(ACC)
+    if HAS_W:  # weight 0: a zero gradient, like a masked row, whatever the row holds (not 0·NaN)
+        w = tl.load(w_ptr + row).to(ACC)
+        coeff = coeff * w
+        ok = ok & (w != 0)
     label = 0
     if HAS_LABELS:
         label = tl.load(lab_ptr + row).to(tl.int64)
@@ -692,12 +706,12 @@ def kd_fwd(p, s, t, labels, mask, weights):
         _kd_topk_kernel[(N,)](
             s, ids, lps, weights if weights is not None else dummy, st, prm, V, K, s.stride(0), ids.stride(0),
             lps.stride(0), DIV=p.div, MODE=p.topk, HAS_W=weights is not None, KB=triton.next_power_of_2(K),
-            TB=_tail_block(K), num_warps=4, **flags,
+            TB=_tail_block(K), num_warps=4, **flags, **NO_FP_FUSION,
         )
     elif p.div > DIV_RKL:
         _kd_div_kernel[(N,)](
             s, tt, weights if weights is not None else dummy, st, prm, V, tt.shape[1], s.stride(0), tt.stride(0),
-            DIV=p.div, HAS_W=weights is not None, BLOCK_V=BLOCK_V, num_warps=nw, **flags,
+            DIV=p.div, HAS_W=weights is not None, BLOCK_V=BLOCK_V, num_warps=nw, **flags, **NO_FP_FUSION,
         )
     _kd_reduce_kernel[(1,)](st, loss, factor, N, V, float(p.num_items), RED=p.red, BLOCK_R=1024, ACC=ACC,
                             num_warps=4)
@@ -721,6 +735,6 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
         0 if p.topk else tt.shape[1], s.stride(0), tt.stride(0), out.stride(0), ids, ids.stride(0), K,
         DIV=p.div, HAS_LABELS=labels is not None, HAS_W=weights is not None, CE=ce,
         HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, BLOCK_V=BLOCK_V, ACC=ACC, num_warps=nw,
-        MODE=p.topk, KB=triton.next_power_of_2(K),
+        MODE=p.topk, KB=triton.next_power_of_2(K), **NO_FP_FUSION,
     )
     return out

@@ -523,3 +523,17 @@ def test_emulated_kd_close_teacher(kd_cuda_on_cpu, div):
     s, t = close_teacher_case("dense", 60.0)
     with fastdistill.use_backend("cuda"):
         check_close_teacher("dense", div, s, t, lambda x: fastdistill.kd_loss(x, t, divergence=div, reduction="none"))
+
+
+@pytest.mark.parametrize("div", ["fkl", "jsd-b0.3", "skl", "tvd"])
+def test_emulated_kd_large_magnitude_and_nan_rows(kd_cuda_on_cpu, div):
+    """The CUDA kernels' code on rows of huge magnitude (finfo.min fills, ties at 1e12: the logsumexp's low word),
+    a NaN teacher logit (the row's loss NaN, not hidden by p·log(p/m)'s 0 where p is not > 0) and, for TVD, a
+    log-ratio whose TwoSum overflows (tests/test_kd.py, the same rows)."""
+    from test_kd import check_large_magnitude_rows, check_nan_teacher_logit, test_kd_tvd_sign_at_overflowing_log_ratio
+
+    with fastdistill.use_backend("cuda"):
+        check_large_magnitude_rows(div)
+        check_nan_teacher_logit(div)
+        if div == "tvd":
+            test_kd_tvd_sign_at_overflowing_log_ratio("cuda")

@@ -391,7 +391,8 @@ def check_nonfinite_dense_rows() -> None:
     1. Reverse KL (and srkl with skew 0, jsd with beta 1) where the teacher is −inf at a column the student
        has mass on: that row's loss is +inf and its KD gradient 0 (no finite gradient); other rows unchanged.
     2. A row with weight 0 adds exactly nothing, even where its divergence is +inf (forward KL, student −inf
-       where the teacher has mass): the same loss and gradient as with the row masked out.
+       where the teacher has mass) or NaN (a NaN logit on either side): the same loss and gradient as with the
+       row masked out (its gradient was NaN·0 = NaN with a NaN logit; found by a review).
     3. beta / skew within fp32 rounding of 1 but not 1 (jsd, skl, srkl) with a zero on either side: the
        finite mixture divergence of the fp64 reference, not NaN (1 − beta is formed on the host)."""
     inf = float("inf")
@@ -412,15 +413,18 @@ def check_nonfinite_dense_rows() -> None:
         torch.testing.assert_close(x.grad[1:], x1.grad, rtol=1e-6, atol=0)
     s_inf = s.clone()
     s_inf[0, 2] = -inf  # q = 0 where the teacher has its most mass: forward KL +inf
+    s_nan, t_nan = s.clone(), t.clone()
+    s_nan[0, 1] = t_nan[0, 3] = math.nan
     w = torch.tensor([0.0, 1.5])
-    res = []
-    for extra in (dict(weights=w), dict(weights=w, mask=torch.tensor([False, True]))):
-        x = s_inf.clone().requires_grad_()
-        loss = fd.kd_loss(x, t, divergence="fkl", reduction="sum", **extra)
-        loss.backward()
-        res.append((loss.detach(), x.grad))
-    assert torch.isfinite(res[0][0]), res[0][0]
-    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1]), res
+    for ss, tt, div in ((s_inf, t, "fkl"), (s_nan, t, "fkl"), (s, t_nan, "tvd"), (s_nan, t_nan, "jsd")):
+        res = []
+        for extra in (dict(weights=w), dict(weights=w, mask=torch.tensor([False, True]))):
+            x = ss.clone().requires_grad_()
+            loss = fd.kd_loss(x, tt, divergence=div, reduction="sum", **extra)
+            loss.backward()
+            res.append((loss.detach(), x.grad))
+        assert torch.isfinite(res[0][0]) and torch.isfinite(res[0][1]).all(), res[0]
+        assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1]), res
     for kw in (dict(divergence="jsd", beta=1 - 1e-9), dict(divergence="skl", skew=1 - 1e-9),
                dict(divergence="srkl", skew=1 - 1e-9)):
         for side in ("teacher", "student"):
@@ -440,6 +444,67 @@ def check_nonfinite_dense_rows() -> None:
 
 def test_kd_nonfinite_dense_rows(use):
     check_nonfinite_dense_rows()
+
+
+def check_large_magnitude_rows(div: str) -> None:
+    """Finite rows of huge magnitude, valid inputs whose softmax is exact in fp32: a teacher or a student row filled
+    with torch.finfo(float32).min (the masked_fill idiom: a uniform distribution), ties at 1e12 (q = ⅓ on three
+    columns, p = ½ on two, exactly 0 elsewhere at e^{−2^20}: log-probs −2^20, so reverse-type divergences are large
+    but finite). Against the float64 backend on the same inputs (exact at these magnitudes), within 1e-6 relative.
+    The fp32 logsumexp's low word formed as hd − hi with hd = m + log l rounded in float64 (at |m|·2⁻⁵³) lost log l
+    there: TVD 7.5 for 0.36, the reference's forward KL 52 for 0.50 (b11f4ba, found by a review)."""
+    g = gen(31)
+    V, fmin = 16, torch.finfo(torch.float32).min
+    s, t = torch.randn(4, V, generator=g), torch.randn(4, V, generator=g)
+    t[1] = fmin
+    s[2] = fmin
+    s[3] = 1e12 - 2.0**20
+    s[3, :3] = 1e12
+    t[3] = 1e12 - 2.0**20
+    t[3, :2] = 1e12
+    x64 = s.double().requires_grad_()
+    with fd.use_backend("reference"):
+        ref = fd.kd_loss(x64, t.double(), reduction="none", accum_dtype=F64, **DIVS[div])
+    ref.sum().backward()
+    x = s.clone().requires_grad_()
+    loss = fd.kd_loss(x, t, reduction="none", **DIVS[div])
+    loss.sum().backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("div", list(DIVS))
+def test_kd_large_magnitude_rows(use, div):
+    check_large_magnitude_rows(div)
+
+
+def check_nan_teacher_logit(div: str) -> None:
+    """A NaN teacher logit makes its row's loss NaN on every divergence (docs/kd_ops.md, "Non-finite inputs"): the
+    reference's forward KL (p·log(p/q) with 0 where p is not > 0) and the Triton / CUDA skew KL gave that row 0
+    (found by a review)."""
+    g = gen(32)
+    s = torch.randn(2, 8, generator=g)
+    t = s + 0.1 * torch.randn(2, 8, generator=g)
+    t[1, 2] = math.nan
+    loss = fd.kd_loss(s, t, reduction="none", **DIVS[div])
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]), loss
+
+
+@pytest.mark.parametrize("div", list(DIVS))
+def test_kd_nan_teacher_logit_shows(use, div):
+    check_nan_teacher_logit(div)
+
+
+def test_kd_tvd_sign_at_overflowing_log_ratio(use):
+    """TVD with finite logits of opposite sign near the fp32 range: u_t − u_s overflows to inf, and the exact
+    log-ratio (TwoSum) gave inf − inf = NaN, read as a tie: the gradient's sign 0 (found by a review). Now the plain
+    difference is kept there: q = 1/4 each, p = (½, ½, 0, 0), ∂D/∂u = q·(g − Σ q g) = (−⅛, −⅛, ⅛, ⅛)."""
+    x = torch.full((1, 4), -1.8e38, requires_grad=True)
+    t = torch.tensor([[1.8e38, 1.8e38, 0.0, 0.0]])
+    loss = fd.kd_loss(x, t, divergence="tvd", reduction="sum")
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)
+    torch.testing.assert_close(x.grad, torch.tensor([[-0.125, -0.125, 0.125, 0.125]]), rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)

@@ -38,6 +38,7 @@ from fastdistill.reference.kd_softmax import (
     tail_state,
     transform,
     tvd_terms,
+    xlogy,
 )
 
 # vocab_parallel_fused_linear_kd_loss: served by __getattr__ below (from vocab_parallel_fused)
@@ -154,10 +155,6 @@ def _safe(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m == _NEG_INF, torch.zeros_like(m), m)
 
 
-def _xlogy(w, a):
-    return torch.where(w > 0, w * a, torch.zeros_like(a))
-
-
 def _split(A: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A row logsumexp from its global shift A (finite) and the sum-exp s relative to it, as hi + lo =
     A + log s (``hi_lo``, as ``lse_split``); lo = 0 where that is not finite (s = 0: an all −inf row).
@@ -244,9 +241,9 @@ class _Run:
             pt = dt.exp()
             mx[:, 1], sm[:, 1] = mt, pt.sum(1)
             if p.div == _FKL:
-                sm[:, 3] = _xlogy(pt, dt - ds).sum(1)
+                sm[:, 3] = xlogy(pt, dt - ds).sum(1)
             elif p.div == _RKL:
-                sm[:, 3] = _xlogy(qs, ds - dt).sum(1)
+                sm[:, 3] = xlogy(qs, ds - dt).sum(1)
         if self.ce:
             if p.temperature == 1.0:
                 mx[:, 2], sm[:, 2] = mx[:, 0], sm[:, 0]
@@ -416,7 +413,8 @@ class _Run:
             if sh.Vr:
                 gz.scatter_add_(1, loc.clamp(0, sh.Vr - 1)[:, None], (own.to(acc) * -p.alpha)[:, None])
         if w is not None:
-            gz = gz * w.to(acc)[:, None]
+            wr = w.to(acc)[:, None]  # weight 0: a zero gradient like a masked row (not 0·NaN)
+            gz = torch.where(wr == 0, torch.zeros_like(gz), gz * wr)
         valid = st[:, _VALID : _VALID + 1]
         gz = torch.where(valid > 0, gz * (valid * rowscale), torch.zeros_like(gz))
         return chain(p, zs_raw.to(acc), gz)
@@ -437,7 +435,7 @@ def _topk_rows(p: KDPlan, uk, lse_s, lo_s, lps, lq_tail, V):
         return D, qg.sum(1), lse_k, lo_k
     lqk = _logp(uk, lse_s, lo_s, safe=True)
     if p.topk == _TOPK_ZERO:
-        return _xlogy(lps.exp(), lps - lqk).sum(1), zero, lps.exp().sum(1), zero
+        return xlogy(lps.exp(), lps - lqk).sum(1), zero, lps.exp().sum(1), zero
     p_tail = (1 - lps.exp().sum(1)).clamp_min(0)
     p_tail = torch.where(V == uk.shape[1], zero, p_tail)  # on the device: V is a tensor (no host sync)
     lq = torch.cat([lqk, lq_tail[:, None]], 1)

@@ -72,10 +72,10 @@ def hi_lo(ms: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         hi = ms + ll
         bb = hi - ms
         lo = (ms - (hi - bb)) + (ll - bb)
-    else:
-        hd = ms.double() + torch.log(l.double())
-        hi = hd.to(ms.dtype)
-        lo = (hd - hi.double()).to(ms.dtype)
+    else:  # hi = ms + log l rounded once; lo = (ms − hi) + log l, with ms − hi exact (not hd − hi: hd is rounded
+        ll = torch.log(l.double())  # at |ms|·2⁻⁵³, more than all of log l where the max is ~1e16, finfo.min rows)
+        hi = (ms.double() + ll).to(ms.dtype)
+        lo = ((ms.double() - hi.double()) + ll).to(ms.dtype)
     return hi, torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
 
 
@@ -94,7 +94,7 @@ def log_ratio(a, ha, la, b, hb, lb):
     c, f = _two_diff(ha, hb)
     naive = ((a - ha) - la) - ((b - hb) - lb)
     fine = (s - c) + ((e - f) - (la - lb))
-    return torch.where(naive.abs() < 1, fine, naive)
+    return torch.where((naive.abs() < 1) & torch.isfinite(fine), fine, naive)  # a − b overflowing: inf − inf
 
 
 def _two_diff(a, b):
@@ -104,9 +104,9 @@ def _two_diff(a, b):
     return s, (a - (s - bb)) - (b + bb)
 
 
-def _xlogy(w, a):
-    """w·a with 0 where w == 0 (0·log 0 = 0, 0·(−inf) = 0)."""
-    return torch.where(w > 0, w * a, torch.zeros_like(a))
+def xlogy(w, a):
+    """w·a with 0 where w == 0 (0·log 0 = 0, 0·(−inf) = 0); NaN where w is NaN (a NaN input shows)."""
+    return torch.where(w > 0, w * a, torch.where(torch.isnan(w), w, torch.zeros_like(a)))
 
 
 def _mixdiffs(a, la, b, lb):
@@ -127,15 +127,15 @@ def _row_div(p, lq, lp, tvd=None):
     zero = torch.zeros_like(lq)
     if p.div == DIV_JSD:
         dp, dq = _mixdiffs(p.beta, lp, 1 - p.beta, lq)
-        D = p.beta * _xlogy(pp, dp).sum(1) + (1 - p.beta) * _xlogy(q, dq).sum(1)
+        D = p.beta * xlogy(pp, dp).sum(1) + (1 - p.beta) * xlogy(q, dq).sum(1)
         g = (1 - p.beta) * torch.where(q > 0, dq, zero)
     elif p.div == DIV_SKL:
         dp, _ = _mixdiffs(p.skew, lp, 1 - p.skew, lq)
-        D = _xlogy(pp, dp).sum(1)
+        D = xlogy(pp, dp).sum(1)
         g = -(1 - p.skew) * torch.where(pp > 0, torch.exp(dp), zero)
     elif p.div == DIV_SRKL:
         _, dq = _mixdiffs(1 - p.skew, lp, p.skew, lq)
-        D = _xlogy(q, dq).sum(1)
+        D = xlogy(q, dq).sum(1)
         g = torch.where(q > 0, dq + 1 - p.skew * torch.exp(dq), zero)
     else:  # TVD: |p − q| = q·|e^{dl} − 1| where |dl| < 1/2 (no cancellation), the sign of q − p that of −dl
         dl, q = (lp - lq, q) if tvd is None else tvd
@@ -152,10 +152,10 @@ def bucket_div(p, lq, lp, tvd=None):
     Forward KL: q·g = −p, also where q = 0 (the limit of q·(−p/q); the divergence is +inf there)."""
     if p.div == DIV_FKL:
         pp = lp.exp()
-        return _xlogy(pp, lp - lq).sum(1), -pp
+        return xlogy(pp, lp - lq).sum(1), -pp
     if p.div == DIV_RKL:
         q = lq.exp()
-        return _xlogy(q, lq - lp).sum(1), torch.where(q > 0, q * (lq - lp + 1), torch.zeros_like(lq))
+        return xlogy(q, lq - lp).sum(1), torch.where(q > 0, q * (lq - lp + 1), torch.zeros_like(lq))
     return _row_div(p, lq, lp, tvd)
 
 
@@ -225,7 +225,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
             good = ((ids >= 0) & (ids < V)).all(1)  # a bad id never reads out of the row; its row's loss is NaN
             lq, lp, extra, tvd = _topk_buckets(p, us, lse_s, lo_s, ids.clamp(0, V - 1), lps)
             if p.topk == TOPK_ZERO:
-                D = _xlogy(lp.exp(), lp - lq).sum(1)
+                D = xlogy(lp.exp(), lp - lq).sum(1)
                 S = torch.zeros_like(D)
                 lse_t = extra
             else:
@@ -243,9 +243,9 @@ def kd_fwd(p, s, t, labels, mask, weights):
         if p.topk:
             pass
         elif p.div == DIV_FKL:
-            D, S = _xlogy(lp.exp(), lp - lq).sum(1), torch.zeros_like(lse_s)
+            D, S = xlogy(lp.exp(), lp - lq).sum(1), torch.zeros_like(lse_s)
         elif p.div == DIV_RKL:
-            D, S = _xlogy(lq.exp(), lq - lp).sum(1), torch.zeros_like(lse_s)
+            D, S = xlogy(lq.exp(), lq - lp).sum(1), torch.zeros_like(lse_s)
         else:
             tvd = tvd_terms(p, ut, lse_t[:, None], lo_t[:, None], us, lse_s[:, None], lo_s[:, None])
             D, qg = _row_div(p, lq, lp, tvd)
@@ -329,7 +329,8 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
             onehot.scatter_(1, lab.clamp(0, V - 1)[:, None], 1.0)
             gz = gz + p.alpha * (q1 - onehot)
         if weights is not None:
-            gz = gz * weights[sl].to(acc)[:, None]
+            w = weights[sl].to(acc)[:, None]  # weight 0: a zero gradient like a masked row (not 0·NaN)
+            gz = torch.where(w == 0, torch.zeros_like(gz), gz * w)
         rowf = row[:, 7:8] * factor.to(acc) * (go[sl][:, None] if go.numel() > 1 else go)
         gz = torch.where(row[:, 7:8] > 0, gz * rowf, torch.zeros_like(gz))
         out[sl] = chain(p, z_raw, gz).to(out.dtype)
