@@ -35,10 +35,16 @@ FMAX = {"fp32": 3.4028234663852886e38, "bf16": 3.3895313892515355e38, "fp16": 65
 TDT = {"fp16": 0, "bf16": 1, "fp32": 2}  # kernels/score.py dtype codes (0x5555: the same code for all 8 terms)
 
 
-def _ptxas() -> str:
-    """A ptxas new enough for the PTX this Triton emits (Triton ships one for Blackwell that is)."""
+def _ptxas(arch: int = 90) -> str:
+    """The ptxas this Triton itself runs for ``arch`` first (3.6 uses its CUDA 12.8 ``ptxas`` below sm_100, 3.9
+    ``ptxas-blackwell`` from sm_90: register counts differ between them), then any other that assembles the PTX."""
     nv = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for cand in (os.path.join(nv, "ptxas-blackwell"), os.path.join(nv, "ptxas"), shutil.which("ptxas")):
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        first = [get_ptxas(arch).path]
+    except Exception:
+        first = []
+    for cand in (*first, os.path.join(nv, "ptxas-blackwell"), os.path.join(nv, "ptxas"), shutil.which("ptxas")):
         if cand and os.path.exists(cand):
             probe = subprocess.run([cand, "--version"], capture_output=True, text=True)
             if probe.returncode == 0:
@@ -189,7 +195,7 @@ def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90
         path = os.path.join(d, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        for ptxas in _ptxas():
+        for ptxas in _ptxas(arch):
             gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # arch-specific features exist from sm_90a
             r = subprocess.run([ptxas, f"-arch={gpu}", "-v", path, "-o", os.path.join(d, "k.cubin")],
                                capture_output=True, text=True)

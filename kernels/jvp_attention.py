@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 import triton
@@ -69,6 +70,15 @@ _BWD = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (16, 3
 _FP32 = (32, 32, 4, 1)
 _FP32_SM80_256 = (16, 16, 4, 1)  # fp32 at head dim 256 on sm_80–89: 32×32 needs 132 KiB of shared memory (> 99)
 FUSED_MAX_HEAD_DIM = 128  # above: the fused pass spills at every block shape; two_pass does not
+# Triton < 3.9 (checked: 3.6 with its bundled ptxas 12.8, sm_90a) spills with some of the tables above: the
+# fused JVP forward at head dim 128 (184 B), the plain forward (120 B) and two_pass tangent pass (36/48 B)
+# at 256, dq at 128 (72 B), the tangent shift at head dims 80-256 (24-204 B). These entries spill in neither
+# 3.6 nor 3.9 (compile-only check, not timed).
+_TRITON_VER = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
+if _TRITON_VER < (3, 9):
+    _FWD_PLAIN = {**_FWD_PLAIN, 256: (32, 32, 8, 2)}
+    _FWD_TANGENT = {**_FWD_TANGENT, 128: (32, 16, 8, 2), 256: (16, 16, 8, 1)}
+    _BWD = {**_BWD, 128: (64, 32, 8, 2)}
 
 
 # Ampere / Ada (sm_80–sm_89) and consumer Blackwell (sm_120, also mma.sync and 99 KiB): mma.sync keeps
@@ -456,7 +466,7 @@ def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, sqb, sqh, sqs, skb, skh, sks, s
     tl.store(MU + b * slb + h * slh + offs_m, c, mask=offs_m < Sq)
 
 
-ARG_SHIFT_BM, ARG_SHIFT_WARPS = 32, 4
+ARG_SHIFT_BM, ARG_SHIFT_WARPS = (32, 4) if _TRITON_VER >= (3, 9) else (16, 8)  # 32x4 spills under Triton 3.6
 
 
 def _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale):

@@ -135,6 +135,27 @@ def _patch_interpreter_bf16_cast() -> None:
     builder._fd_cast_patched = True
 
 
+def _patch_interpreter_index() -> None:
+    """Triton 3.6's interpreter converts a scalar tensor to an index with int(ndarray of shape (1,)), which
+    NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); Triton's own fix
+    (triton-lang/triton#9172, in 3.9) squeezes first. (Spawned context-parallel ranks import conftest too.)"""
+    try:
+        from triton.runtime import interpreter
+    except Exception:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_fd_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._fd_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
 if INTERPRET and os.environ.get("FASTDISTILL_NO_INTERPRETER_PATCH", "0") != "1":
     _patch_interpreter_bf16_dot()
     _patch_interpreter_bf16_cast()
+    _patch_interpreter_index()

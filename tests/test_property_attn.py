@@ -361,6 +361,13 @@ FOUND = {
     "fwd-one-key-f32-x30-two_pass": Cfg(**dict(_ONE, Hq=2, Hkv=2, Sq=16, seed=1, mode="two_pass"), dtype=F32,
                                         scale=7.5, tangents=("rand", "rand", "rand")),
     "bwd-dominant-key-f32": Cfg(**dict(_ONE, Sq=1, Sk=2), dtype=F32, scale=2.5, tangents=("rand", "rand", "rand")),
+    # found by a Triton 3.6 compatibility run (its example sizes follow the tables), failing on Triton 3.9 too:
+    # fp32, causal, head dim 165 (two_pass above 128), GQA 4:1, scale ~2.3: Ȯ 2.8e-6 against a tolerance of 1.3e-6
+    # (plain fp32 PyTorch 1.7e-7). Not yet investigated: an open defect, pinned (strict xfail) so that it shows.
+    "open-fwd-f32-d165-causal": Cfg(B=2, Hq=4, Hkv=1, Sq=3, Sk=2, D=165, Dv=165, dtype=F32, causal=True, layout="bshd",
+                                    scale=2.335496832484569, tangents=("rand", "rand", "rand"),
+                                    stores=("contiguous", "expand", "expand", "contiguous", "contiguous", "contiguous"),
+                                    bcast=True, tangent_dtype=None, mode=None, fwd_cfg=None, bwd_cfg=None, seed=0),
 }
 
 
@@ -375,7 +382,12 @@ _BWD_LIMIT = pytest.mark.xfail(strict=True, reason="known precision limit of the
                                "per row: docs/jvp_attention.md, Numerics")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_BWD_LIMIT) if n.startswith("bwd") else n for n in FOUND])
+_OPEN = pytest.mark.xfail(strict=True, reason="open defect, not yet investigated: fp32 causal attention at head dim "
+                          "165 misses the tolerance rule on Ȯ (FOUND, 'open-fwd-f32-d165-causal')")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_BWD_LIMIT) if n.startswith("bwd")
+                                  else pytest.param(n, marks=_OPEN) if n.startswith("open") else n for n in FOUND])
 def test_found(name):
     """Examples found by test_differential (see FOUND above): the forward ones (one key) within the rule since the
     tangent shift, in both schedules; the dominant-key backward one beyond the rule, a strict xfail so that a
