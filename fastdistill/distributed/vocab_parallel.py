@@ -54,8 +54,8 @@ _TOPK_TAIL, _TOPK_ZERO, _TOPK_RENORM = 1, 2, 3
 # logsumexp over the k ids), lse of the untempered student, D, S = Σ q·g, contrib, ce, valid, and the low words of
 # the student's logsumexp and of the extra column where it is a logsumexp (dense, renorm; else 0); the global
 # shifts and sum-exps of the student and (dense) the teacher, from which dense fkl / rkl form their probabilities
-_LSE_S, _EXTRA, _LSE1, _D, _S, _CONTRIB, _CE, _VALID, _LO_S, _LO_X, _M_S, _E_S, _M_T, _E_T = range(14)
-NSTATE = 14
+_LSE_S, _EXTRA, _LSE1, _D, _S, _CONTRIB, _CE, _VALID, _LO_S, _LO_X, _M_S, _E_S = range(12)
+NSTATE = 12
 # Groups whose layout passed the host check, keyed on what every member shares: (the group's global ranks,
 # device type). Hit or miss is then the same on every rank; later calls check the layout on the device.
 _LAYOUTS: set = set()
@@ -319,7 +319,7 @@ class _Run:
     # ---------------------------------------------------------------- per-row loss
     def finish(self, A, G, part, lps, lab, mask, w, V):
         """Global per-row statistics st [n, NSTATE] (lse_s, extra, lse1, D, S, contrib, ce, valid, lo_s, lo_x,
-        m_s, e_s, m_t, e_t) and the student's tempered logits at the top-k ids uk [n, k] (top-k teachers; else
+        m_s, e_s) and the student's tempered logits at the top-k ids uk [n, k] (top-k teachers; else
         None). ``V``: the global vocabulary (a tensor, from ``collect``)."""
         p = self.p
         n = G.shape[0]
@@ -367,8 +367,6 @@ class _Run:
         st[:, _LSE_S], st[:, _EXTRA], st[:, _D], st[:, _S] = lse_s, extra, D, S
         st[:, _LO_S], st[:, _LO_X] = lo_s, lo_x
         st[:, _M_S], st[:, _E_S] = A[:, 0], es
-        if self.dense:
-            st[:, _M_T], st[:, _E_T] = A[:, 1], et
         st[:, _CONTRIB] = torch.where(ok, loss, torch.zeros_like(loss))
         st[:, _CE], st[:, _VALID] = ce, ok.to(st.dtype)
         return st, uk
