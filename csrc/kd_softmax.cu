@@ -213,12 +213,14 @@ __device__ __forceinline__ void mixdiffs(float a, float la, float b, float lb, f
   dla = da - r, dlb = db - r;
 }
 
-// Per-element divergence contribution d and g = ∂D/∂q of the 3-pass divergences (Triton's _div_terms).
 // w·a with 0 where w == 0 (0·log 0 = 0); NaN where w is NaN, so that a NaN input shows in the loss (Triton's _xlogy)
 __device__ __forceinline__ float xlogy(float w, float a) { return w > 0.0f ? w * a : (w != w ? w : 0.0f); }
 
+// Per-element divergence contribution d and g = ∂D/∂q of jsd / skl / srkl (Triton's _div_terms); TVD has
+// tvd_terms (no cancellation for a close teacher).
 template <int DIV>
 __device__ __forceinline__ void div_terms(float lq, float lp, const Prm& pr, float& d, float& g, float& q) {
+  static_assert(DIV == DIV_JSD || DIV == DIV_SKL || DIV == DIV_SRKL, "div_terms: jsd / skl / srkl (TVD: tvd_terms)");
   const float beta = pr.beta, skew = pr.skew, omb = pr.omb, oms = pr.oms;
   q = __expf(lq);
   const float p = __expf(lp);
@@ -232,14 +234,11 @@ __device__ __forceinline__ void div_terms(float lq, float lp, const Prm& pr, flo
     mixdiffs(skew, lp, oms, lq, dp, dq);
     d = xlogy(p, dp);
     g = -oms * (p > 0.0f ? __expf(dp) : 0.0f);
-  } else if constexpr (DIV == DIV_SRKL) {  // KL(Q ‖ (1−λ)P + λQ)
+  } else {  // srkl: KL(Q ‖ (1−λ)P + λQ)
     float dp, dq;
     mixdiffs(oms, lp, skew, lq, dp, dq);
     d = xlogy(q, dq);
     g = q > 0.0f ? dq + 1.0f - skew * __expf(dq) : 0.0f;
-  } else {  // TVD: tvd_terms instead (no cancellation for a close teacher)
-    d = 0.5f * fabsf(p - q);
-    g = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
   }
 }
 

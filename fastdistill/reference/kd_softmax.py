@@ -64,16 +64,16 @@ def lse_split(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def hi_lo(ms: torch.Tensor, l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ms + log l (ms finite, l ≥ 0 a sum-exp relative to it) as hi + lo; lo = 0 where that is not finite. Below
-    float64 the sum is formed in float64 (once per row): log l rounded in the working dtype would be off by
-    ulp(log l) ~ eps·log V, a shift of every log-prob that a divergence of a close teacher magnifies (the
-    common part of softmax's error is only 1/l's rounding, eps). In float64, TwoSum of ms and log l."""
+    float64, log l is taken in float64 (once per row) and lo = (ms − hi) + log l there: log l rounded in the
+    working dtype would be off by ulp(log l) ~ eps·log V, a shift of every log-prob that a divergence of a close
+    teacher magnifies (the common part of softmax's error is only 1/l's rounding, eps). In float64, TwoSum."""
     if ms.dtype == torch.float64:
         ll = torch.log(l)
         hi = ms + ll
         bb = hi - ms
         lo = (ms - (hi - bb)) + (ll - bb)
-    else:  # hi = ms + log l rounded once; lo = (ms − hi) + log l, with ms − hi exact (not hd − hi: hd is rounded
-        ll = torch.log(l.double())  # at |ms|·2⁻⁵³, more than all of log l where the max is ~1e16, finfo.min rows)
+    else:  # ms − hi is exact; hd − hi with hd = ms + log l would carry hd's rounding at |ms|·2⁻⁵³ (finfo.min rows)
+        ll = torch.log(l.double())
         hi = (ms.double() + ll).to(ms.dtype)
         lo = ((ms.double() - hi.double()) + ll).to(ms.dtype)
     return hi, torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
