@@ -410,6 +410,13 @@ def _lo_ok(lse_lo: torch.Tensor | None, lse: torch.Tensor, q: torch.Tensor) -> b
     return True
 
 
+def _as_f32(x: float) -> float:
+    """A softmax scale as the kernels' fp32 argument holds it on the GPU. Triton's interpreter keeps a Python
+    float's double value in an fp32 scalar argument, so that its products with fp32 tensors could differ from
+    the GPU's, and between kernels that form the same logit differently."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
 def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, tangent, cfg):
     B, H, Sq, Dqk = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -491,6 +498,7 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     B, H, Sq, Dqk = q.shape
     if B * H * Sq == 0:
         return
+    scale = _as_f32(scale)
     _check_grid(B, H)
     for name, x in (("lse", lse), ("mu", mu), ("lse_lo", lse_lo)):
         _check_rows(name, x)
@@ -674,6 +682,7 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
     """dq, dk, dv of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None); ``lse_lo``: the
     low word of lse from ``attn_fwd`` (float32 inputs), None to recompute P from lse alone."""
     B, H, Sq, Dqk = q.shape
+    scale = _as_f32(scale)
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if B * H == 0:
         return
