@@ -140,7 +140,8 @@ def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int,
         ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, HAS_TQ=tangent,
                   HAS_TK=tangent, HAS_TV=tangent, PRIMAL=primal, TANGENT=tangent, DOT_PREC=prec, WIDE=False,
                   BASE2=not f32, HAS_LO=f32,  # the low word of lse: fp32 inputs (as dispatched)
-                  ARG=kind == "plain")  # the primal pass of two_pass also records the arg-max key: the worst case
+                  ARG=kind == "plain",  # the primal pass of two_pass also records the arg-max key: the worst case
+                  S64=f32)  # fp32: logits from float64 dots
         return f"attn fwd {kind:5s} {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_fwd_kernel, sig, ce, nw, ns
     if kind == "shift":  # two_pass's tangent shift between its passes (row-wise dots, no block configuration)
         sig = dict(Q=f"*{dt}", K=f"*{dt}", TQ=f"*{dt}", TK=f"*{dt}", LSE="*fp32", LO="*fp32", MU="*fp32",
@@ -149,7 +150,8 @@ def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int,
                    G="i32", Sq="i32", Sk="i32", scale="fp32")
         ce = dict(DQK=dqk, BDQK=bdq, BM=A.ARG_SHIFT_BM, HAS_TQ=True, HAS_TK=True, HAS_LO=f32, WIDE=False)
         return f"attn shift {dt} D{dqk}", A._arg_shift_kernel, sig, ce, A.ARG_SHIFT_WARPS, 3
-    ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False, HAS_LO=f32)
+    ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False, HAS_LO=f32,
+              S64=f32)
     bstr = {n: ("i32" if n.endswith("s") else "i64")
             for n in "sqb sqh sqs skb skh sks svb svh svs sdb sdh sds slb slh".split()}
     common = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", LO="*fp32", DELTA="*fp32")
@@ -175,6 +177,7 @@ def attn_configs(quick: bool = False, arch: int = 90):
         f32 = dt == "fp32"
         for dqk, dv in dims:
             fused = A.jvp_mode(dqk, dv, arch) == "fused" if "FASTDISTILL_ATTN_JVP" not in os.environ else True
+            fused = fused and not f32  # fp32 inputs always take two_pass (kernels/jvp_attention.py, _logits)
             for kind in (["jvp"] if fused else []) + ["plain", "2pass"]:
                 yield attn_kernel(kind, dt, dqk, dv, A.fwd_config(dqk, dv, kind != "plain", f32, arch))
             yield attn_kernel("shift", dt, dqk, dv, (0, 0, 0, 0))

@@ -24,7 +24,9 @@ A row that sees no key (causal with Sq > Sk, Sk = 0) keeps l = 0 and gets O = Ȯ
 lse = −inf. ``two_pass`` is the alternative of DESIGN.md: the primal pass stores O and lse, then the
 tangent pass recomputes P = exp(S − lse) (5 matmuls, no rescaling) and reads O back. It is the
 default above head dim 128 (where the fused pass cannot avoid spilling registers on sm_90a)
-and selectable everywhere with FASTDISTILL_ATTN_JVP=fused|two_pass.
+and selectable everywhere with FASTDISTILL_ATTN_JVP=fused|two_pass, except for fp32 inputs: their
+logits come from float64 dots (_logits), which the fused pass cannot take, and they always use
+two_pass.
 Backward (FA2): Δ = rowsum(dO⊙O) − dlse, dS = P⊙(dP − Δ), P = exp((S − lse) − lse_lo) where
 lse_lo, written by the forward for fp32 inputs, is the rounding error of lse = m + ln l (TwoSum);
 one kernel per key block accumulates dk, dv over the query blocks of every query head of its
@@ -178,14 +180,38 @@ def _ld(ptrs, msk, MASK: tl.constexpr):
 
 
 @triton.jit
+def _logits(x64, scale):
+    """fp32 logits from a float64 dot (S64, fp32 inputs): scaled in float64, rounded to fp32 once. The products of
+    fp32 values are exact in float64 and the sum keeps 29 more bits, so a logit is within half an ulp of its
+    value. One fp32 dot over the head dim is one FMA chain per entry on the CUDA cores (and a numpy dot in the
+    interpreter), with an error that grows with the head dim; Ȯ moves by about |Ṡ_j − μ|·|v_j − O| times a
+    logit's error and O by P(1 − P)|v_i − v_j| times it, enough at head dims ≥ 128 to miss the plain PyTorch
+    rule (whose small CPU matmuls sum in several lanes). The forward and both backward kernels form every
+    logit this way, so that the backward's P = exp(S − lse) is the forward's (1 for a row's only key). On the
+    GPU the float64 dots run on the FP64 tensor cores (mma .f64, sm_80 and later). Not in the fused JVP pass:
+    compiled with them for sm_90a, it crashes LLVM's SLP vectorizer inside Triton 3.9 (an assertion that
+    aborts the process; head dims 64-128, 32×32 tiles); fp32 inputs take two_pass (attn_fwd)."""
+    return (x64 * scale).to(tl.float32)
+
+
+@triton.jit
+def _dot64(a, b):
+    """The float64 dot of two fp32 tiles (exact products; mma .f64 on the GPU). out_dtype given: Triton 3.6
+    types a float64 dot's result float32 otherwise."""
+    return tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee", out_dtype=tl.float64)
+
+
+@triton.jit
 def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
               k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
               DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
               PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, BASE2: tl.constexpr,
-              HAS_LO: tl.constexpr, ARG: tl.constexpr):
+              HAS_LO: tl.constexpr, ARG: tl.constexpr, S64: tl.constexpr):
     """One key block of the forward (see the module docstring). MASKED: the block may hold keys
-    past Sk or (causal) keys above the diagonal; unmasked blocks skip every sequence mask."""
+    past Sk or (causal) keys above the diagonal; unmasked blocks skip every sequence mask. S64 (fp32
+    inputs, never the fused pass): the logits S and Ṡ from float64 dots, scaled, then rounded once (_logits)."""
+    tl.static_assert(not (S64 and PRIMAL and TANGENT), "float64 logits: not in the fused pass (see _logits)")
     cols = n0 + offs_n
     col_ok = cols < Sk
     kt_msk = dq_ok[:, None] & col_ok[None, :]
@@ -195,7 +221,10 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, of
     VM: tl.constexpr = MASKED or BDV != DV
     kt = _ld(k_base + cols[None, :] * sks + offs_dq[:, None], kt_msk, KM)
     v = _ld(v_base + cols[:, None] * svs + offs_dv[None, :], v_msk, VM)
-    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk2
+    if S64:
+        s = _logits(_dot64(q, kt), qk2)
+    else:
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk2
     if MASKED:
         ok = col_ok[None, :]
         if CAUSAL:
@@ -203,7 +232,15 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, of
         s = tl.where(ok, s, float("-inf"))
     if TANGENT:
         if HAS_TQ or HAS_TK:  # Ṡ/s first: s and Ṡ live together, then P̃ replaces s
-            if HAS_TQ:
+            if S64:  # Ṡ scaled here (the fp32-dot path scales it below)
+                if HAS_TQ:
+                    ts = _dot64(tq, kt)
+                    if HAS_TK:
+                        ts += _dot64(q, _ld(tk_base + cols[None, :] * stks + offs_dq[:, None], kt_msk, KM))
+                else:
+                    ts = _dot64(q, _ld(tk_base + cols[None, :] * stks + offs_dq[:, None], kt_msk, KM))
+                ts = _logits(ts, scale)
+            elif HAS_TQ:
                 ts = tl.dot(tq, kt, input_precision=DOT_PREC)
                 if HAS_TK:
                     tkt = _ld(tk_base + cols[None, :] * stks + offs_dq[:, None], kt_msk, KM)
@@ -246,7 +283,8 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, of
     if TANGENT:
         if HAS_TQ or HAS_TK:
             if not SHIFT:  # two_pass: c from _arg_shift_kernel (0 where the kernel is used without it)
-                ts = ts * scale
+                if not S64:
+                    ts = ts * scale
                 c_use = c_i
             pts = p * (ts - c_use[:, None])  # P̃⊙(Ṡ − c) in fp32; masked entries have P̃ = 0 and finite Ṡ
             r_i += tl.sum(pts, 1)
@@ -268,7 +306,7 @@ def _attn_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr, BASE2: tl.constexpr,
-    HAS_LO: tl.constexpr, ARG: tl.constexpr,
+    HAS_LO: tl.constexpr, ARG: tl.constexpr, S64: tl.constexpr,
 ):
     # PRIMAL and TANGENT: the fused pass. PRIMAL only: plain flash attention (O, lse); ARG: also each row's
     # arg-max key index, into MU (the primal pass of two_pass). TANGENT only: the second pass of two_pass (reads
@@ -334,13 +372,13 @@ def _attn_fwd_kernel(
             q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
             DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO,
-            ARG)
+            ARG, S64)
     for n0 in range(n_full, hi, BN):
         m_i, l_i, acc, r_i, c_i, tacc = _fwd_step(
             q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
             DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO,
-            ARG)
+            ARG, S64)
 
     o_msk = row_ok[:, None] & dv_ok[None, :]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
@@ -412,8 +450,8 @@ def _lo_ok(lse_lo: torch.Tensor | None, lse: torch.Tensor, q: torch.Tensor) -> b
 
 def _as_f32(x: float) -> float:
     """A softmax scale as the kernels' fp32 argument holds it on the GPU. Triton's interpreter keeps a Python
-    float's double value in an fp32 scalar argument, so that its products with fp32 tensors could differ from
-    the GPU's, and between kernels that form the same logit differently."""
+    float's double value in an fp32 scalar argument: the forward (scale·1.0, an fp32 product) and the backward
+    (float64 logits times the scale) would then round differently, and the backward's S not be the forward's."""
     return torch.tensor(x, dtype=torch.float32).item()
 
 
@@ -432,7 +470,7 @@ def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, 
         BM=BM, BN=BN, CAUSAL=bool(causal), HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
         PRIMAL=primal, TANGENT=tangent, DOT_PREC=_dot_prec(q), WIDE=_wide(q, k, v, tq, tk, tv, o, to),
         BASE2=q.dtype != torch.float32, HAS_LO=lo is not None, ARG=primal and not tangent and mu is not None,
-        num_warps=warps, num_stages=stages,
+        S64=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )
 
 
@@ -513,6 +551,7 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
     arch = device_arch(q)
     fused = tangent and jvp_mode(Dqk, Dv, arch) == "fused"  # FASTDISTILL_ATTN_JVP is read only with tangents
+    fused = fused and not f32  # fp32: two_pass always (float64 logits, _logits)
     if not fused:  # two_pass; with Ṡ, the primal pass leaves each row's arg-max key in mu for the shift c
         shift = tangent and (tq is not None or tk is not None)
         _launch_fwd(q, k, v, None, None, None, o, None, lse, mu if shift else None, lo, causal, scale, True, False,
@@ -554,7 +593,7 @@ def _attn_bwd_dkdv_kernel(
     H, G, Sq, Sk, scale,
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    HAS_LO: tl.constexpr,
+    HAS_LO: tl.constexpr, S64: tl.constexpr,
 ):
     # one key block of one key/value head; loops over the query blocks of its G query heads:
     # dv = Σ Pᵀ dO, dk = s·Σ dSᵀ q with dS = P ⊙ (dO vᵀ − Δ). Transposed tiles: [BN, BM].
@@ -601,13 +640,16 @@ def _attn_bwd_dkdv_kernel(
             if HAS_LO:
                 lse_lo = tl.load(lo_base + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+            if S64:  # the forward's logits (_logits), scaled
+                st = _logits(_dot64(k, tl.trans(q)), scale)
+            else:
+                st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale
             ok = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= offs_m[None, :] + (Sk - Sq))
             # rows that saw no key (lse = −inf) have no visible entry: ok is False there
             # S − lse in natural units first (exact near the row max), then the low word of lse, then base 2
-            pt = tl.where(ok, tl.math.exp2(((st * scale - lse[None, :]) - lse_lo[None, :]) * 1.4426950408889634), 0.0)
+            pt = tl.where(ok, tl.math.exp2(((st - lse[None, :]) - lse_lo[None, :]) * 1.4426950408889634), 0.0)
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dst = pt * (dpt - delta[None, :])
@@ -625,7 +667,7 @@ def _attn_bwd_dq_kernel(
     H, G, Sq, Sk, scale,
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    HAS_LO: tl.constexpr,
+    HAS_LO: tl.constexpr, S64: tl.constexpr,
 ):
     # one query block: dq = s·Σ_j dS k, dS = P ⊙ (dO vᵀ − Δ)
     pid = tl.program_id(0)
@@ -664,11 +706,14 @@ def _attn_bwd_dq_kernel(
         col_ok = cols < Sk
         k = tl.load(k_base + cols[:, None] * sks + offs_dq[None, :], mask=col_ok[:, None] & dq_ok[None, :], other=0.0)
         v = tl.load(v_base + cols[:, None] * svs + offs_dv[None, :], mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if S64:  # the forward's logits (_logits), scaled
+            s = _logits(_dot64(q, tl.trans(k)), scale)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
         ok = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             ok = ok & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
-        p = tl.where(ok, tl.math.exp2(((s * scale - lse[:, None]) - lse_lo[:, None]) * 1.4426950408889634), 0.0)
+        p = tl.where(ok, tl.math.exp2(((s - lse[:, None]) - lse_lo[:, None]) * 1.4426950408889634), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -703,7 +748,8 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
         DV=Dv, BDV=bdv, BM=64, HAS_DLSE=dlse is not None, WIDE=_wide(o, do), num_warps=4)
     lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
     common = dict(DQK=Dqk, DV=Dv, BDQK=bdq, BDV=bdv, BM=BM, BN=BN, CAUSAL=bool(causal), DOT_PREC=_dot_prec(q),
-                  WIDE=_wide(q, k, v, do, dq, dk, dv), HAS_LO=lo is not None, num_warps=warps, num_stages=stages)
+                  WIDE=_wide(q, k, v, do, dq, dk, dv), HAS_LO=lo is not None, S64=q.dtype == torch.float32,
+                  num_warps=warps, num_stages=stages)
     strides = (*_s3(q, q), *_s3(k, k), *_s3(v, v), *_s3(do, do), lse.stride(0), lse.stride(1))
     lo_arg = lse if lo is None else lo  # a valid pointer either way; read only under HAS_LO
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BN), Hkv, B)](

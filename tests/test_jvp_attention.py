@@ -532,12 +532,13 @@ def test_fp32_large_logits_low_word(backend, monkeypatch, mode):
 
 @pytest.mark.parametrize("D", [16, 32, 64, 165, 256])
 def test_fp32_one_key_backward_sees_the_forward_logits(backend, D):
-    """The forward and both backward kernels form each fp32 logit the same way (one fp32 dot in the same order on
-    the GPU; in the interpreter with contiguous operands, tests/conftest.py, and with the scale rounded to fp32 as
-    the GPU's argument holds it, kernels/jvp_attention.py _as_f32): the backward's P = exp(S − lse) of a row's
-    only key is then exactly 1, and dv = dO exactly (Sq = Sk = 1). A trial that formed the forward's logits in
-    head-dim chunks and not the backward's missed by 1.3e-6 relative (the ci profile of test_property_attn's
-    test_differential)."""
+    """The forward and both backward kernels form each fp32 logit the same way (float64 dots, scaled by the
+    scale as the GPU's fp32 argument holds it and rounded once: kernels/jvp_attention.py _logits, _as_f32): the
+    backward's P = exp(S − lse) of a row's only key is then exactly 1, and dv = dO exactly (Sq = Sk = 1). A
+    trial that formed the forward's logits in head-dim chunks and not the backward's missed by 1.3e-6 relative
+    (the ci profile of test_property_attn's test_differential), and so did the float64 logits while the
+    interpreter kept the scale's double in the backward and rounded it in the forward (dv 2.7e-6, 1.6x plain
+    fp32, test_fp32_large_logits_low_word)."""
     if backend != "triton":
         pytest.skip("the kernels' own logits")
     g = gen(D)
@@ -550,17 +551,13 @@ def test_fp32_one_key_backward_sees_the_forward_logits(backend, D):
     assert torch.equal(dv, go), f"dv != dO: max |diff| {(dv - go).abs().max().item():.3e} (P != 1 in the backward)"
 
 
-_FP32_LOGITS = pytest.mark.xfail(strict=True, reason="open defect: fp32 logits from one fp32 dot over the head dim "
-                                 "(docs/jvp_attention.md, Numerics)")
-
-
-@_FP32_LOGITS
 @pytest.mark.parametrize("mode", ["fused", "two_pass"])
 @pytest.mark.parametrize("D", [32, 128, 165, 256])
 def test_fp32_logits_within_half_an_ulp(backend, monkeypatch, mode, D):
-    """For a row's only key lse = S, the kernel's logit itself: the goal is half an ulp of s·q·k (float64 dots,
-    rounded once; measured on a trial patch: met), where an fp32 dot over the head dim misses by many ulp
-    (checked here on plain fp32 PyTorch, so that the comparison cannot pass vacuously). Open: strict xfail."""
+    """For a row's only key lse = S, the kernel's logit itself: within half an ulp of s·q·k (float64 dots,
+    rounded once), where an fp32 dot over the head dim misses by many ulp (checked here on plain fp32
+    PyTorch, so that the comparison cannot pass vacuously). FASTDISTILL_ATTN_JVP=fused: fp32 takes two_pass
+    anyway."""
     if backend != "triton":
         pytest.skip("the kernels' own logits")
     monkeypatch.setenv("FASTDISTILL_ATTN_JVP", mode)
@@ -578,13 +575,12 @@ def test_fp32_logits_within_half_an_ulp(backend, monkeypatch, mode, D):
         assert ((plain - exact).abs() > half_ulp).any(), "plain fp32 was exact too: the check would be vacuous"
 
 
-@_FP32_LOGITS
 def test_fp32_large_head_dim_logit_errors(backend):
     """Where the tangent logits are large (|Ṡ| up to ~50) and two keys share a row, Ȯ moves by about
     |Ṡ_j − μ|·|v_j − O| times a logit's error and O by P(1 − P)·|v_i − v_j| times it (FOUND["fwd-f32-d165-causal"]
-    in test_property_attn). One fp32 dot over the head dim misses plain PyTorch's error by up to 4.6x (o) and
-    3.1x (Ȯ) here at head dims 128-256; float64 logits (a trial patch) gave at most 0.83x of it. Held to 1.25x;
-    open: strict xfail."""
+    in test_property_attn). One fp32 dot over the head dim missed plain PyTorch's error by up to 4.6x (o) and
+    3.1x (Ȯ) here at head dims 128-256; with float64 logits both are at most 0.83x of it (measured), held to
+    1.25x."""
     if backend != "triton":
         pytest.skip("the kernels' own logits")
     for D in (128, 165, 256):
@@ -598,6 +594,25 @@ def test_fp32_large_head_dim_logit_errors(backend):
             for name, x in (("o", o), ("to", to)):
                 err, err_plain = rel_err(x, exact[name]), rel_err(plain[name], exact[name])
                 assert err <= 1.25 * err_plain + 1e-8, f"D {D} seed {seed} {name}: {err:.3e} vs plain {err_plain:.3e}"
+
+
+def test_fp32_takes_two_pass(backend, monkeypatch):
+    """fp32 inputs always use the two_pass schedule (their float64 logits crash Triton 3.9's LLVM in the fused
+    pass, kernels/jvp_attention.py _logits): FASTDISTILL_ATTN_JVP=fused gives the two_pass results bit for bit,
+    while fp16 keeps the fused pass (different roundings)."""
+    if backend != "triton":
+        pytest.skip("a Triton schedule")
+    g = gen(5)
+    outs = {}
+    for dtype in (F32, F16):
+        xs = [torch.randn(1, 70, 2, 64, generator=g).to(dtype) for _ in range(6)]
+        for mode in ("fused", "two_pass"):
+            monkeypatch.setenv("FASTDISTILL_ATTN_JVP", mode)
+            with fd.use_backend("triton"):
+                outs[dtype, mode] = fd.jvp_attention(*xs, causal=True, return_lse=True)
+    for a, b in zip(outs[F32, "fused"], outs[F32, "two_pass"]):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(outs[F16, "fused"], outs[F16, "two_pass"]))
 
 
 @pytest.mark.parametrize("mode", ["fused", "two_pass"])

@@ -366,10 +366,10 @@ FOUND = {
     # fp32 PyTorch 1.7e-7). Cause: in a row with P = (0.15, 0.85) and Ṡ = (-6.8, 15.2), Ȯ moves by ~10x an error in
     # S_0 - S_1; the kernels formed each logit with one fp32 dot over the head dim (one FMA chain; the
     # interpreter's numpy dot): 6.3e-6 there, where PyTorch's small CPU matmul (several lanes) made 5.5e-7.
-    # Open: summing in head-dim chunks of 32 halved the logit error but left o at 1.3x the tolerance; logits from
-    # float64 dots rounded once meet it (Ȯ 4.8e-6 absolute, tolerance 2.2e-5) but crash LLVM's SLP vectorizer in
-    # Triton 3.9 on the fused fp32 pass (docs/jvp_attention.md, Numerics). Pinned (strict xfail).
-    "open-fwd-f32-d165-causal": Cfg(B=2, Hq=4, Hkv=1, Sq=3, Sk=2, D=165, Dv=165, dtype=F32, causal=True, layout="bshd",
+    # Summing in head-dim chunks of 32 halved the logit error but left o at 1.3x the tolerance. Fixed by logits
+    # from float64 dots rounded once (kernels/jvp_attention.py, _logits; fp32 then always takes two_pass): Ȯ
+    # 4.0e-6 absolute (tolerance 2.2e-5).
+    "fwd-f32-d165-causal": Cfg(B=2, Hq=4, Hkv=1, Sq=3, Sk=2, D=165, Dv=165, dtype=F32, causal=True, layout="bshd",
                                     scale=2.335496832484569, tangents=("rand", "rand", "rand"),
                                     stores=("contiguous", "expand", "expand", "contiguous", "contiguous", "contiguous"),
                                     bcast=True, tangent_dtype=None, mode=None, fwd_cfg=None, bwd_cfg=None, seed=0),
@@ -386,16 +386,13 @@ def test_differential(c, glse_on, go_how):
 _BWD_LIMIT = pytest.mark.xfail(strict=True, reason="known precision limit of the flash backward at one dominant key "
                                "per row: docs/jvp_attention.md, Numerics")
 
-_OPEN = pytest.mark.xfail(strict=True, reason="open defect: fp32 logits from one fp32 dot over the head dim; Ȯ / o "
-                          "magnify their error (FOUND, 'open-fwd-f32-d165-causal'; docs/jvp_attention.md, Numerics)")
 
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_BWD_LIMIT) if n.startswith("bwd")
-                                  else pytest.param(n, marks=_OPEN) if n.startswith("open") else n for n in FOUND])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_BWD_LIMIT) if n.startswith("bwd") else n for n in FOUND])
 def test_found(name):
     """Examples found by test_differential (see FOUND above): the forward ones (one key) within the rule since the
-    tangent shift, in both schedules; the dominant-key backward one beyond the rule, and the open fp32 head-dim-165
-    one, strict xfails so that a change of the kernels' numerics shows."""
+    tangent shift, in both schedules, and the fp32 head-dim-165 one since fp32 logits come from float64 dots;
+    the dominant-key backward one beyond the rule, a strict xfail so that a change of the kernels' numerics
+    shows."""
     run_differential(FOUND[name], False, "contiguous")
 
 
