@@ -290,3 +290,28 @@ def test_fp32_is_not_tf32_gpu():
     err = max((got[n][:, :, rows].double() - exact[n]).abs().max().item() / exact[n].abs().max().item()
               for n in ("o", "to"))
     assert err < 1e-5, f"fp32 relative error {err:.2e}: TF32 products?"
+
+
+@pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+@pytest.mark.parametrize("D", [32, 64, 128, 165, 256])
+def test_fp32_logits_gpu(D, monkeypatch):
+    """fp32 logits come from float64 dots (the FP64 tensor cores), scaled and rounded once
+    (kernels/jvp_attention.py, _logits): for a row's only key lse = S is within half an ulp of s·q·k, and the
+    backward forms the same logit, so P = 1 there and dv = dO exactly. FASTDISTILL_ATTN_JVP=fused: fp32
+    takes two_pass anyway (the fused pass with float64 logits crashes Triton 3.9's LLVM)."""
+    monkeypatch.setenv("FASTDISTILL_ATTN_JVP", "fused")
+    g = torch.Generator().manual_seed(D)
+    q, tq = (torch.randn(2, 3, 256, D, generator=g).to(DEV) for _ in range(2))  # [B, H, Sq, D]
+    k, tk, v = (torch.randn(2, 3, 1, D, generator=g).to(DEV) for _ in range(3))
+    with fd.use_backend("triton"):
+        lse = fd.jvp_attention(q, k, v, tq, tk, None, scale=1.25, layout="bhsd", return_lse=True)[2]
+    exact = (q.double() @ k.double().transpose(-1, -2)).squeeze(-1) * 1.25
+    ulp = (torch.nextafter(exact.float().abs(), torch.tensor(float("inf"), device=DEV)) - exact.float().abs()).double()
+    err = (lse.double() - exact).abs()
+    assert (err <= ulp / 2).all(), f"{(2 * err / ulp).max().item():.2f} half-ulps"
+    qq, kk, vv = (x[:, :, :1].clone().requires_grad_() for x in (q, k, v))  # Sq = Sk = 1
+    go = torch.randn(2, 3, 1, D, generator=g).to(DEV)
+    with fd.use_backend("triton"):
+        o = fd.jvp_attention(qq, kk, vv, scale=1.25, layout="bhsd")[0]
+        dv = torch.autograd.grad(o, [vv], go)[0]
+    assert torch.equal(o, vv) and torch.equal(dv, go), "a row's only key: o = v and dv = dO exactly"
