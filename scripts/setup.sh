@@ -19,7 +19,7 @@ fi
 if ! "$VPY" -c "import triton" 2>/dev/null; then
   "$VPY" -m pip install -q "triton==3.9.0"
 fi
-"$VPY" -m pip install -q "pytest>=7" "hypothesis>=6" numpy ninja "pybind11>=2.10"
+"$VPY" -m pip install -q "pytest>=7" "pytest-xdist>=3" "hypothesis>=6" numpy ninja "pybind11>=2.10"
 # test-only extras: unmodified models for the SDPA drop-in and the examples (random weights, no downloads)
 "$VPY" -m pip install -q "transformers==5.24.0" "diffusers==0.42.1" matplotlib tqdm
 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
