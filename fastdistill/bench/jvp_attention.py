@@ -14,7 +14,7 @@ Providers (fastdistill ones get BSHD [B, S, H, D] contiguous inputs; the others 
 BHSD [B, H, S, D] contiguous copies, as they are measured in ANCHORS.md, so no row pays a
 layout copy):
   fastdistill-triton        ``fastdistill.jvp_attention(q, k, v, tq, tk, tv)``, backend triton,
-                            ``FASTDISTILL_ATTN_JVP=fused``
+                            ``FASTDISTILL_ATTN_JVP=fused`` (fp16 / bf16: fp32 always takes two_pass)
   fastdistill-triton-2pass  the same with ``FASTDISTILL_ATTN_JVP=two_pass``
   fastdistill-funcjvp       ``torch.func.jvp`` of ``lambda q, k, v: jvp_attention(q, k, v)[0]``
                             (the forward-AD path; default dispatch, default JVP algorithm)
@@ -285,7 +285,11 @@ def _fastdistill(x: _Inputs, device: str, small: bool, causal: bool, scale: floa
     if why["triton"]:
         skipped["fastdistill-triton"] = skipped["fastdistill-triton-2pass"] = "; ".join(why["triton"])
     else:
-        fns["fastdistill-triton"] = _Provider(explicit("triton", "fused"), "bshd")
+        if q.dtype == torch.float32:  # the fused pass serves fp16 / bf16 only
+            skipped["fastdistill-triton"] = ("fp32 inputs always take two_pass (float64 logits; docs/jvp_attention.md, "
+                                             "Numerics): see fastdistill-triton-2pass")
+        else:
+            fns["fastdistill-triton"] = _Provider(explicit("triton", "fused"), "bshd")
         fns["fastdistill-triton-2pass"] = _Provider(explicit("triton", "two_pass"), "bshd")
     if why["triton"] and not small:
         skipped["fastdistill-funcjvp"] = ("default dispatch would pick the reference backend, too slow at the "
