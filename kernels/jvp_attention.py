@@ -183,7 +183,8 @@ def _ld(ptrs, msk, MASK: tl.constexpr):
 def _logits(x64, scale):
     """fp32 logits from a float64 dot (S64, fp32 inputs): scaled in float64, rounded to fp32 once. The products of
     fp32 values are exact in float64 and the sum keeps 29 more bits, so a logit is within half an ulp of its
-    value. One fp32 dot over the head dim is one FMA chain per entry on the CUDA cores (and a numpy dot in the
+    value plus about 2⁻⁵³·s·Σ|q_d k_d| (far below an fp32 ulp unless the logit cancels to 2⁻²⁹ of that). One
+    fp32 dot over the head dim is one FMA chain per entry on the CUDA cores (and a numpy dot in the
     interpreter), with an error that grows with the head dim; Ȯ moves by about |Ṡ_j − μ|·|v_j − O| times a
     logit's error and O by P(1 − P)|v_i − v_j| times it, enough at head dims ≥ 128 to miss the plain PyTorch
     rule (whose small CPU matmuls sum in several lanes). The forward and both backward kernels form every

@@ -12,7 +12,7 @@ XDIST=()
 if "$VPY" -c "import xdist" 2>/dev/null; then
   XDIST=(-n "${FD_TEST_WORKERS:-2}")
 fi
-TRITON_INTERPRET=${TRITON_INTERPRET:-1} "$VPY" -m pytest tests -q "${XDIST[@]}" "$@"
+TRITON_INTERPRET=${TRITON_INTERPRET:-1} "$VPY" -m pytest tests -q ${XDIST[@]+"${XDIST[@]}"} "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2

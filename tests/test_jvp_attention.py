@@ -497,7 +497,7 @@ def test_schedule_variable_read_only_with_tangents(backend, monkeypatch):
             fd.jvp_attention(q, k, v, tv=torch.randn_like(v))
 
 
-@pytest.mark.parametrize("mode", ["fused", "two_pass"])
+@pytest.mark.parametrize("mode", ["two_pass"])  # fp32 takes two_pass whatever the variable says
 def test_fp32_large_logits_low_word(backend, monkeypatch, mode):
     """fp32, scale × 30 (|S| up to ~100): the kernels recompute P = exp(S − lse) in the backward (and in the
     tangent pass of two_pass). Rounding lse = m + ln l to fp32 alone costs up to ulp(lse)/2 ≈ 4e-6 relative in
