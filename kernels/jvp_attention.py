@@ -35,6 +35,7 @@ group (no atomics: deterministic), one kernel per query block accumulates dq.
 
 from __future__ import annotations
 
+import array
 import functools
 import os
 import re
@@ -453,7 +454,7 @@ def _as_f32(x: float) -> float:
     """A softmax scale as the kernels' fp32 argument holds it on the GPU. Triton's interpreter keeps a Python
     float's double value in an fp32 scalar argument: the forward (scale·1.0, an fp32 product) and the backward
     (float64 logits times the scale) would then round differently, and the backward's S not be the forward's."""
-    return torch.tensor(x, dtype=torch.float32).item()
+    return array.array("f", [x])[0]  # fp32 rounding (inf past its range) without a tensor per call
 
 
 def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, tangent, cfg):
