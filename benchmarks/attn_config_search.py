@@ -28,7 +28,7 @@ import triton
 sys.path.insert(0, os.path.dirname(__file__))
 from fastdistill.kernels import jvp_attention as A  # noqa: E402
 from triton_codegen import SMEM_LIMIT as SMEM  # noqa: E402
-from triton_codegen import attn_kernel, compile_report  # noqa: E402
+from triton_codegen import attn_kernel, compile_report, isolated  # noqa: E402
 
 # worst-case (Dqk, Dv) per bucket: the table entry must not spill for any dims the bucket serves
 BUCKETS = {32: [(32, 32)], 64: [(64, 64)], 128: [(128, 128), (96, 96), (128, 64), (64, 128)], 256: [(256, 256)]}
@@ -39,14 +39,16 @@ GRID = {
     "dkdv": dict(BM=(16, 32, 64), BN=(32, 64, 128), W=(4, 8), S=(2,)),
     "dq": dict(BM=(32, 64, 128), BN=(16, 32, 64), W=(4, 8), S=(2,)),
 }
+# fp32 inputs (float64 logits on mma.f64, the other products as fp32 FMAs): only small tiles can fit
+GRID_FP32 = dict(BM=(16, 32), BN=(16, 32), W=(2, 4, 8), S=(1, 2))
 
 
 def _job(args):
     kind, dt, dqk, dv, cfg, arch = args
     _, kern, sig, ce, nw, ns = attn_kernel(kind, dt, dqk, dv, cfg)
-    try:
-        r = compile_report(kern, sig, ce, nw, arch, ns)
-    except Exception as e:  # out of resources at compile time and the like: not a candidate
+    try:  # in a forked child: an LLVM abort inside Triton fails this configuration, not the search
+        r = isolated(compile_report, kern, sig, ce, nw, arch, ns)
+    except Exception as e:  # out of resources at compile time, a compiler abort and the like: not a candidate
         return args, {"error": str(e).splitlines()[-1][:120]}
     return args, r
 
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     limit = SMEM[80 if A._small_smem(a.arch) else 90]
     jobs = []
     for kind in a.kinds.split(","):
-        g = GRID[kind]
+        g = GRID_FP32 if a.dtype == "fp32" else GRID[kind]
         for bucket in map(int, a.buckets.split(",")):
             if kind == "jvp" and (bucket > 128 or a.dtype == "fp32"):
                 continue  # above head dim 128, and for fp32 inputs, the tangent runs as two_pass

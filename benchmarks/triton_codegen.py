@@ -15,6 +15,7 @@ import argparse
 import inspect
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -213,13 +214,52 @@ def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90
     raise RuntimeError(f"no ptxas could assemble the PTX ({err})")
 
 
+def isolated(fn, *args):
+    """``fn(*args)`` in a forked child, so that a compiler abort (LLVM asserts inside Triton kill the process:
+    benchmarks/repro/triton39_slp_abort.py) fails that one configuration, not the run: returns fn's result, or
+    raises ``CompilerAbort`` when the child dies by a signal, or RuntimeError carrying its exception's text."""
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report through the pipe, never return into the caller's stack
+        code = 0
+        try:
+            os.close(rd)
+            try:
+                msg = ("ok", fn(*args))
+            except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+                msg = ("err", f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}")
+            with os.fdopen(wr, "wb") as f:
+                pickle.dump(msg, f)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wr)
+    with os.fdopen(rd, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        raise CompilerAbort(f"the compiler aborted (signal {os.WTERMSIG(status)})")
+    kind, val = pickle.loads(data) if data else ("err", f"no result (exit status {os.WEXITSTATUS(status)})")
+    if kind == "err":
+        raise RuntimeError(val)
+    return val
+
+
+class CompilerAbort(RuntimeError):
+    pass
+
+
 _TODO: list = []  # the configurations of this run (forked into the worker processes)
 
 
 def _report(args) -> dict:
     i, arch = args
     _, kern, sig, ce, nw, *ns = _TODO[i]
-    return compile_report(kern, sig, ce, nw, arch, *ns)
+    try:
+        return isolated(compile_report, kern, sig, ce, nw, arch, *ns)
+    except CompilerAbort as e:
+        return {"abort": str(e)}
 
 
 def main(argv=None) -> int:
@@ -229,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--family", choices=("all", "score", "kd", "attn"), default="all")
     ap.add_argument("--gated-only", action="store_true", help="skip the reported-only fp32 attention configurations")
     ap.add_argument("--only", default=None, help="a regular expression: compile the configurations it finds")
+    ap.add_argument("--spills-not-gated", action="store_true",
+                    help="report spills without failing (compiler aborts and shared memory still fail the run)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     a = ap.parse_args(argv)
     bad = 0
@@ -243,9 +285,13 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max(1, a.jobs), mp_context=multiprocessing.get_context("fork")) as ex:
         reports = ex.map(_report, [(i, a.arch) for i in range(len(todo))])
         for (name, *_), r in zip(todo, reports):
+            if "abort" in r:  # gated, every dtype: the user's process would die at its first call
+                bad += 1
+                print(f"{name:40s} ABORT: {r['abort']}", flush=True)
+                continue
             spills = r["spill_stores"] or r["spill_loads"]
-            gated = not name.startswith("attn") or any(f" {d} " in name for d in GATED)
-            flag = ("  SPILLS" if gated else "  spills (fp32, not gated)") if spills else ""
+            gated = not a.spills_not_gated and (not name.startswith("attn") or any(f" {d} " in name for d in GATED))
+            flag = ("  SPILLS" if gated else "  spills (not gated)") if spills else ""
             big = r["shared"] > SMEM_LIMIT[80 if A._small_smem(a.arch) else 90]  # a launch failure: gated, every dtype
             flag += "  SMEM" if big else ""
             bad += bool(spills and gated) + big
