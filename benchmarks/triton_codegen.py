@@ -174,11 +174,12 @@ def attn_configs(quick: bool = False, arch: int = 90):
     present and causal masking (the worst case). fp32 configurations (full-precision products on
     the CUDA cores, a correctness path) are reported but not gated: see ``GATED``."""
     dims = ((64, 64), (128, 128)) if quick else ATTN_HEAD_DIMS
-    for dt in (["bf16"] if quick else ["bf16", "fp16", "fp32"]):
+    fp32 = ["fp32"] if A.fp32_supported(arch) else []  # elsewhere fp32 runs on the reference backend
+    for dt in (["bf16"] if quick else ["bf16", "fp16", *fp32]):
         f32 = dt == "fp32"
         for dqk, dv in dims:
-            fused = A.jvp_mode(dqk, dv, arch) == "fused" if "FASTDISTILL_ATTN_JVP" not in os.environ else True
-            fused = fused and not f32  # fp32 inputs always take two_pass (kernels/jvp_attention.py, _logits)
+            forced = "FASTDISTILL_ATTN_JVP" in os.environ and not f32  # fp32 takes two_pass (jvp_mode)
+            fused = forced or A.jvp_mode(dqk, dv, arch, f32) == "fused"
             for kind in (["jvp"] if fused else []) + ["plain", "2pass"]:
                 yield attn_kernel(kind, dt, dqk, dv, A.fwd_config(dqk, dv, kind != "plain", f32, arch))
             yield attn_kernel("shift", dt, dqk, dv, (0, 0, 0, 0))

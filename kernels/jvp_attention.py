@@ -108,6 +108,21 @@ def _small_smem(arch: int) -> bool:
     return arch < 90 or arch >= 110
 
 
+def fp32_supported(arch: int) -> bool:
+    """Whether the kernels serve fp32 inputs on compute capability ``arch``. Their float64 logits (``_logits``)
+    need FP64 tensor cores: Triton emits mma .f64 for sm_80 and sm_90 (and sm_100 / sm_103 from Triton 3.9; 3.6
+    does not). Elsewhere (sm_86 / sm_87 / sm_89, consumer Blackwell sm_120) the float64 dots become FMA loops
+    that stage their operands in shared memory, above the 99 KiB a block gets at head dims >= 80 (a launch
+    failure), at 1/64 of the fp32 rate: the reference backend (cuBLAS fp32, chunked) serves fp32 there."""
+    return arch in (80, 90) or (arch in (100, 103) and _TRITON_VER >= (3, 9))
+
+
+def _check_fp32_arch(q: torch.Tensor, arch: int) -> None:
+    if q.dtype == torch.float32 and not fp32_supported(arch):
+        raise ValueError(f"q: float32 inputs need FP64 tensor cores (sm_80, sm_90), not sm_{arch}; "
+                         "use the reference backend (kernels/jvp_attention.py, fp32_supported)")
+
+
 def device_arch(x: torch.Tensor) -> int:
     """Compute capability of x's device as 10·major + minor; 90 off CUDA (the interpreter compiles nothing)."""
     if x.device.type != "cuda":
@@ -151,15 +166,19 @@ def _fp32_config(dqk: int, dv: int, arch: int) -> tuple[int, int, int, int]:
     return _FP32_SM80_256 if _small_smem(arch) and _bucket(dqk, dv) == 256 else _FP32
 
 
-def jvp_mode(dqk: int = 0, dv: int = 0, arch: int = 90) -> str:
-    """"fused" or "two_pass": ``FASTDISTILL_ATTN_JVP`` if set, else fused up to head dim 128 on Hopper
-    (``FUSED_MAX_HEAD_DIM``), up to ``SM80_FUSED_MAX_HEAD_DIM`` with the Ampere tables (``_small_smem``)."""
+def jvp_mode(dqk: int = 0, dv: int = 0, arch: int = 90, f32: bool = False) -> str:
+    """"fused" or "two_pass", the JVP schedule the forward runs: ``FASTDISTILL_ATTN_JVP`` if set, else fused up
+    to head dim 128 on Hopper (``FUSED_MAX_HEAD_DIM``), up to ``SM80_FUSED_MAX_HEAD_DIM`` with the Ampere tables
+    (``_small_smem``). fp32 inputs (``f32``) always take two_pass: their float64 logits (``_logits``) are not
+    in the fused pass. The variable is validated either way."""
     mode = os.environ.get("FASTDISTILL_ATTN_JVP", "").strip()
+    if mode and mode not in ("fused", "two_pass"):
+        raise ValueError(f"FASTDISTILL_ATTN_JVP: expected 'fused' or 'two_pass', got {mode!r}")
+    if f32:
+        return "two_pass"
     if not mode:
         limit = SM80_FUSED_MAX_HEAD_DIM if _small_smem(arch) else FUSED_MAX_HEAD_DIM
         return "fused" if _bucket(dqk, dv) <= limit else "two_pass"
-    if mode not in ("fused", "two_pass"):
-        raise ValueError(f"FASTDISTILL_ATTN_JVP: expected 'fused' or 'two_pass', got {mode!r}")
     return mode
 
 
@@ -190,9 +209,10 @@ def _logits(x64, scale):
     logit's error and O by P(1 − P)|v_i − v_j| times it, enough at head dims ≥ 128 to miss the plain PyTorch
     rule (whose small CPU matmuls sum in several lanes). The forward and both backward kernels form every
     logit this way, so that the backward's P = exp(S − lse) is the forward's (1 for a row's only key). On the
-    GPU the float64 dots run on the FP64 tensor cores (mma .f64, sm_80 and later). Not in the fused JVP pass:
-    compiled with them for sm_90a, it crashes LLVM's SLP vectorizer inside Triton 3.9 (an assertion that
-    aborts the process; head dims 64-128, 32×32 tiles); fp32 inputs take two_pass (attn_fwd)."""
+    GPU the float64 dots run on the FP64 tensor cores (mma .f64: sm_80, sm_90; ``fp32_supported``). Not in the
+    fused JVP pass: compiled with them for sm_90a, it aborts in LLVM's SLP vectorizer inside Triton 3.9 (head
+    dims 64-128, 32×32 tiles; chained fp32 dots can too: benchmarks/repro/triton39_slp_abort.py); fp32 inputs
+    take two_pass (jvp_mode)."""
     return (x64 * scale).to(tl.float32)
 
 
@@ -552,8 +572,8 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     f32 = q.dtype == torch.float32
     lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
     arch = device_arch(q)
-    fused = tangent and jvp_mode(Dqk, Dv, arch) == "fused"  # FASTDISTILL_ATTN_JVP is read only with tangents
-    fused = fused and not f32  # fp32: two_pass always (float64 logits, _logits)
+    _check_fp32_arch(q, arch)
+    fused = tangent and jvp_mode(Dqk, Dv, arch, f32) == "fused"  # FASTDISTILL_ATTN_JVP is read only with tangents
     if not fused:  # two_pass; with Ṡ, the primal pass leaves each row's arg-max key in mu for the shift c
         shift = tangent and (tq is not None or tk is not None)
         _launch_fwd(q, k, v, None, None, None, o, None, lse, mu if shift else None, lo, causal, scale, True, False,
@@ -741,7 +761,9 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
     _check_grid(B, H)
     for name, x in (("lse", lse), ("lse_lo", lse_lo)):  # dlse may have any strides (read with its own)
         _check_rows(name, x)
-    BM, BN, warps, stages = bwd_config(Dqk, Dv, q.dtype == torch.float32, device_arch(q))
+    arch = device_arch(q)
+    _check_fp32_arch(q, arch)
+    BM, BN, warps, stages = bwd_config(Dqk, Dv, q.dtype == torch.float32, arch)
     bdq, bdv = max(16, triton.next_power_of_2(Dqk)), max(16, triton.next_power_of_2(Dv))
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     _attn_bwd_pre_kernel[(triton.cdiv(Sq, 64), H, B)](

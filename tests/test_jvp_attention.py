@@ -602,6 +602,8 @@ def test_fp32_takes_two_pass(backend, monkeypatch):
     while fp16 keeps the fused pass (different roundings)."""
     if backend != "triton":
         pytest.skip("a Triton schedule")
+    from fastdistill.kernels import jvp_attention as kern
+
     g = gen(5)
     outs = {}
     for dtype in (F32, F16):
@@ -612,6 +614,10 @@ def test_fp32_takes_two_pass(backend, monkeypatch):
                 outs[dtype, mode] = fd.jvp_attention(*xs, causal=True, return_lse=True)
     for a, b in zip(outs[F32, "fused"], outs[F32, "two_pass"]):
         assert torch.equal(a, b)
+    for mode in ("fused", "two_pass", ""):  # the schedule the dispatcher reports (bench, property tests, codegen)
+        monkeypatch.setenv("FASTDISTILL_ATTN_JVP", mode)
+        assert kern.jvp_mode(64, 64, 90, f32=True) == "two_pass"
+        assert kern.jvp_mode(64, 64, 90) == (mode or "fused")
     assert not all(torch.equal(a, b) for a, b in zip(outs[F16, "fused"], outs[F16, "two_pass"]))
 
 

@@ -431,6 +431,37 @@ def test_head_dim_512():
     check("to", to.transpose(1, 2), exact["to"], plain["to"])
 
 
+def test_fp32_without_fp64_tensor_cores(monkeypatch):
+    """On sm_86 / sm_89 / sm_120 (no FP64 tensor cores: Triton makes the fp32 kernels' float64 logit dots FMA loops
+    whose operands need more than the 99 KiB of shared memory a block gets there from head dim 80, a launch
+    failure) fp32 dispatches to the reference backend with its reason listed; fp16 stays on Triton; forcing
+    Triton raises naming it, and the kernels themselves refuse. The device's capability is faked (no GPU)."""
+    if not fd._backend.interpreting():
+        pytest.skip("the Triton backend runs on the CPU only under TRITON_INTERPRET=1")
+    from fastdistill.kernels import jvp_attention as kern
+
+    archs = (75, 80, 86, 87, 89, 90, 100, 103, 120)
+    assert [a for a in archs if kern.fp32_supported(a)] == [80, 90] + ([100, 103] if kern._TRITON_VER >= (3, 9) else [])
+    q, k, v, tq, tk, tv = qkv(B=1, Sq=5, Sk=6, Hq=2, Hkv=1, D=16, Dv=16, seed=16)
+    assert fd.available_backends("jvp_attention", q, head_dims=(16, 16))["triton"] == []
+    monkeypatch.setattr(kern, "device_arch", lambda x: 89)
+    why = fd.available_backends("jvp_attention", q, head_dims=(16, 16))["triton"]
+    assert why and "float32 on sm_89" in why[0], why
+    assert fd.available_backends("jvp_attention", q.half(), head_dims=(16, 16))["triton"] == []
+    o, to = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True)
+    with fd.use_backend("reference"):
+        o_ref, to_ref = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True)
+    assert torch.equal(o, o_ref) and torch.equal(to, to_ref)
+    with fd.use_backend("triton"), pytest.raises(fd.BackendUnavailableError, match="float32 on sm_89"):
+        fd.jvp_attention(q, k, v, tq, tk, tv)
+    x = q.transpose(1, 2).contiguous()  # BHSD, as the kernels take it
+    lse = torch.empty(x.shape[:3])
+    with pytest.raises(ValueError, match="q: float32 inputs need FP64 tensor cores"):
+        kern.attn_fwd(x, x, x, None, None, None, torch.empty_like(x), None, lse, None, causal=False, scale=0.25)
+    with pytest.raises(ValueError, match="q: float32 inputs need FP64 tensor cores"):
+        kern.attn_bwd(x, x, x, x, x, lse, None, *(torch.empty_like(x) for _ in range(3)), causal=False, scale=0.25)
+
+
 def test_tangent_dtype_same_as_q_and_fp64():
     """tangent_dtype=q.dtype is accepted (the default); fp64 inputs run on the reference backend in fp64."""
     q, k, v, tq, tk, tv = qkv(seed=15, dtype=F64)

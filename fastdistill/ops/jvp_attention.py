@@ -37,6 +37,13 @@ def _why_not_triton(x: torch.Tensor, head_dims: tuple = (), **_) -> list[str]:
     big = [d for d in head_dims if d > MAX_HEAD_DIM]
     if big:
         r.append(f"head dim {big[0]} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
+    if not r and x.dtype == torch.float32:
+        from fastdistill.kernels import jvp_attention as kern
+
+        arch = kern.device_arch(x)
+        if not kern.fp32_supported(arch):  # consumer Ampere / Ada / Blackwell: no FP64 tensor cores
+            r.append(f"float32 on sm_{arch}: the Triton kernels' float64 logits need FP64 tensor cores (sm_80, "
+                     "sm_90; kernels/jvp_attention.py, fp32_supported)")
     return r
 
 
