@@ -12,12 +12,14 @@ memory than the architecture gives one block (``SMEM_LIMIT``).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import inspect
 import multiprocessing
 import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -218,12 +220,14 @@ def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90
 def isolated(fn, *args):
     """``fn(*args)`` in a forked child, so that a compiler abort (LLVM asserts inside Triton kill the process:
     benchmarks/repro/triton39_slp_abort.py) fails that one configuration, not the run: returns fn's result, or
-    raises ``CompilerAbort`` when the child dies by a signal, or RuntimeError carrying its exception's text."""
+    raises ``CompilerAbort`` when the child dies by SIGABRT, RuntimeError naming another signal (the OOM
+    killer's SIGKILL, say) or carrying the child's exception text. No timeout: a hung compile hangs the run."""
     rd, wr = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: report through the pipe, never return into the caller's stack
         code = 0
         try:
+            faulthandler.disable()  # an abort prints LLVM's assertion, not a Python traceback per row
             os.close(rd)
             try:
                 msg = ("ok", fn(*args))
@@ -236,11 +240,16 @@ def isolated(fn, *args):
         finally:
             os._exit(code)
     os.close(wr)
-    with os.fdopen(rd, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
+    try:
+        with os.fdopen(rd, "rb") as f:  # read to the end before waiting: a large result cannot block the child
+            data = f.read()
+    finally:
+        _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
-        raise CompilerAbort(f"the compiler aborted (signal {os.WTERMSIG(status)})")
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGABRT:
+            raise CompilerAbort("the compiler aborted (SIGABRT)")
+        raise RuntimeError(f"the compiling child died by signal {sig}")
     kind, val = pickle.loads(data) if data else ("err", f"no result (exit status {os.WEXITSTATUS(status)})")
     if kind == "err":
         raise RuntimeError(val)

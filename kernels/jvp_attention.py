@@ -109,12 +109,13 @@ def _small_smem(arch: int) -> bool:
 
 
 def fp32_supported(arch: int) -> bool:
-    """Whether the kernels serve fp32 inputs on compute capability ``arch``. Their float64 logits (``_logits``)
-    need FP64 tensor cores: Triton emits mma .f64 for sm_80 and sm_90 (and sm_100 / sm_103 from Triton 3.9; 3.6
-    does not). Elsewhere (sm_86 / sm_87 / sm_89, consumer Blackwell sm_120) the float64 dots become FMA loops
-    that stage their operands in shared memory, above the 99 KiB a block gets at head dims >= 80 (a launch
-    failure), at 1/64 of the fp32 rate: the reference backend (cuBLAS fp32, chunked) serves fp32 there."""
-    return arch in (80, 90) or (arch in (100, 103) and _TRITON_VER >= (3, 9))
+    """Whether the kernels serve fp32 inputs on compute capability ``arch``: sm_80 and sm_90, where their float64
+    logits (``_logits``) run on FP64 tensor cores (mma .f64) and their configurations are compile-checked. On
+    sm_86 / sm_87 / sm_89 and consumer Blackwell (sm_120) Triton makes the float64 dots FMA loops at 1/64 of the
+    fp32 rate, staging their operands in shared memory: 112 KiB from head dim 80, above the 99 KiB sm_86 / sm_89
+    / sm_120 give a block (a launch failure). sm_100 / sm_103 get mma .f64 from Triton 3.9 only (3.6: FMA) and
+    no fp32 check compiles for them. Elsewhere the reference backend (cuBLAS fp32, chunked) serves fp32."""
+    return arch in (80, 90)
 
 
 def _check_fp32_arch(q: torch.Tensor, arch: int) -> None:

@@ -151,7 +151,7 @@ def configs(draw, budget: int = 48, causal=None, min_sk: int = 1, sq_gt_sk: bool
     tangent_dtype = F32 if dtype != F32 and has_t and draw(st.booleans()) else None
     mode = fwd_cfg = bwd_cfg = None
     if knobs:
-        mode = draw(st.sampled_from([None, "two_pass"] + (["fused"] if dtype != F32 else [])))  # fp32: two_pass
+        mode = draw(st.sampled_from([None, "two_pass"] if dtype == F32 else [None, "fused", "two_pass"]))
         fwd_cfg = draw(st.one_of(st.none(), st.none(), st.sampled_from(BLOCKS)))
         bwd_cfg = draw(st.one_of(st.none(), st.none(), st.sampled_from(BLOCKS)))
     D = draw(HEAD_DIM)

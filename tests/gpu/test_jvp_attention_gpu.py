@@ -102,7 +102,18 @@ def pick_rows(c: G) -> torch.Tensor | None:
     return torch.unique(r)
 
 
+def need_triton(dtype: torch.dtype) -> None:
+    """Skip an fp32 case forced onto the Triton kernels on a GPU where they do not serve fp32 (no FP64 tensor
+    cores: kernels/jvp_attention.py, fp32_supported; test_fp32_reference_fallback_gpu covers those)."""
+    from fastdistill.kernels import jvp_attention as kern
+
+    arch = kern.device_arch(torch.empty(0, device=DEV))
+    if dtype == F32 and not kern.fp32_supported(arch):
+        pytest.skip(f"fp32 runs on the reference backend on sm_{arch}")
+
+
 def run(c: G, *, bwd: bool = False, seed_up: int = 1) -> dict:
+    need_triton(c.dtype)
     (q, k, v, tq, tk, tv), vals = inputs(c)
     if bwd:
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
@@ -206,6 +217,7 @@ def test_fp32_large_logits_gpu(D):
     """fp32 at scale × 30 (|S| ~ 100, nearly one-hot rows), causal, forward + tangent + backward, under the rule
     (the CPU tier's test_fp32_large_logits_low_word holds the interpreted kernels to 1.25x plain here; on the
     GPU, FMA contraction of s·scale − lse and ex2.approx enter as well, so the contract is checked)."""
+    need_triton(F32)
     g = torch.Generator().manual_seed(7)
     B, S, H = 1, 1024, 2
     q, k, v, tq, tk, tv = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64).float() for _ in range(6))
@@ -293,12 +305,36 @@ def test_fp32_is_not_tf32_gpu():
 
 
 @pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+def test_fp32_reference_fallback_gpu():
+    """Where the Triton kernels do not serve fp32 (sm_86 / sm_89 / sm_120: no FP64 tensor cores), fp32 dispatches to
+    the reference backend, which meets the same accuracy at PyTorch's default fp32 matmul precision (no TF32).
+    Where they do (sm_80, sm_90), the dispatcher picks Triton."""
+    from fastdistill.kernels import jvp_attention as kern
+
+    c = G(1024, D=128, dtype=F32, rows=128, causal=True)
+    (q, k, v, tq, tk, tv), vals = inputs(c)
+    supported = kern.fp32_supported(kern.device_arch(q))
+    assert fd.available_backends("jvp_attention", q, head_dims=(128, 128))["triton"] == [] if supported else \
+        any("float32 on sm_" in r for r in fd.available_backends("jvp_attention", q, head_dims=(128, 128))["triton"])
+    if supported:
+        pytest.skip("the Triton kernels serve fp32 on this GPU (the other fp32 tests cover them)")
+    o, to = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True, layout=c.layout)
+    q, k, v, tq, tk, tv = vals
+    rows = pick_rows(c)
+    exact = oracle(q[:, :, rows], k, v, tq[:, :, rows], tk, tv, rows=rows, Sq=c.Sq, causal=True)
+    for name, x in (("o", bhsd(o, c.layout)), ("to", bhsd(to, c.layout))):
+        err = (x[:, :, rows].double() - exact[name]).abs().max().item() / exact[name].abs().max().item()
+        assert err < 1e-5, f"{name}: fp32 relative error {err:.2e}: TF32 products?"
+
+
+@pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
 @pytest.mark.parametrize("D", [32, 64, 128, 165, 256])
 def test_fp32_logits_gpu(D, monkeypatch):
     """fp32 logits come from float64 dots (the FP64 tensor cores), scaled and rounded once
     (kernels/jvp_attention.py, _logits): for a row's only key lse = S is within half an ulp of s·q·k, and the
     backward forms the same logit, so P = 1 there and dv = dO exactly. FASTDISTILL_ATTN_JVP=fused: fp32
     takes two_pass anyway (the fused pass with float64 logits crashes Triton 3.9's LLVM)."""
+    need_triton(F32)
     monkeypatch.setenv("FASTDISTILL_ATTN_JVP", "fused")
     g = torch.Generator().manual_seed(D)
     q, tq = (torch.randn(2, 3, 256, D, generator=g).to(DEV) for _ in range(2))  # [B, H, Sq, D]
