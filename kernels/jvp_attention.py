@@ -96,6 +96,13 @@ _SM80_FWD_PLAIN = {32: (128, 64, 4, 2), 64: (128, 64, 4, 2), 128: (64, 64, 8, 2)
 _SM80_FWD_TANGENT = {32: (128, 64, 8, 2), 64: (128, 32, 8, 2), 128: (32, 16, 8, 2), 256: (16, 16, 4, 2)}
 _SM80_BWD = {32: (64, 64, 8, 2), 64: (64, 32, 4, 2), 128: (64, 32, 8, 2), 256: (32, 32, 8, 2)}
 SM80_FUSED_MAX_HEAD_DIM = 128
+# sm_86 / sm_87 / sm_89 / sm_120 under Triton 3.9: the same mma.sync code, but LLVM's SLP vectorizer runs (Triton
+# turns it off for capability 80 only) and five entries above spill there (8-516 bytes). From
+# benchmarks/attn_config_search.py --arch 89 (compile only, not timed): 8 warps for the plain forward at 64 and
+# 256 and the tangent pass at 256; 128×16 for the tangent passes at 64; 32×64 for the backward at 32.
+_SLP_FWD_PLAIN = {**_SM80_FWD_PLAIN, 64: (128, 64, 8, 2), 256: (32, 64, 8, 2)}
+_SLP_FWD_TANGENT = {**_SM80_FWD_TANGENT, 64: (128, 16, 8, 2), 256: (16, 16, 8, 2)}
+_SLP_BWD = {**_SM80_BWD, 32: (32, 64, 4, 2)}
 
 
 def _bucket(dqk: int, dv: int) -> int:
@@ -146,6 +153,8 @@ def fwd_config(dqk: int, dv: int, tangent: bool, fp32: bool = False, arch: int =
     if fp32:
         return _fp32_config(dqk, dv, arch)
     if _small_smem(arch):
+        if arch != 80:
+            return (_SLP_FWD_TANGENT if tangent else _SLP_FWD_PLAIN)[_bucket(dqk, dv)]
         return (_SM80_FWD_TANGENT if tangent else _SM80_FWD_PLAIN)[_bucket(dqk, dv)]
     padded = triton.next_power_of_2(dqk) != dqk or triton.next_power_of_2(dv) != dv
     if tangent and padded and _bucket(dqk, dv) == 128:  # head dims 80, 96, ...: the masked head dim costs registers
@@ -160,7 +169,9 @@ def bwd_config(dqk: int, dv: int, fp32: bool = False, arch: int = 90) -> tuple[i
         return cfg
     if fp32:
         return _fp32_config(dqk, dv, arch)
-    return (_SM80_BWD if _small_smem(arch) else _BWD)[_bucket(dqk, dv)]
+    if _small_smem(arch):
+        return (_SM80_BWD if arch == 80 else _SLP_BWD)[_bucket(dqk, dv)]
+    return _BWD[_bucket(dqk, dv)]
 
 
 def _fp32_config(dqk: int, dv: int, arch: int) -> tuple[int, int, int, int]:
