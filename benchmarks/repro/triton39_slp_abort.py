@@ -3,7 +3,7 @@
   SLPVectorizer.cpp:27316: void llvm::slpvectorizer::BoUpSLP::scheduleBlock(const BoUpSLP &, BlockScheduling *):
   Assertion `all_of(Bundles, [](const ScheduleBundle *Bundle) { return Bundle->isScheduled(); })
   && "must be scheduled at this point"' failed.
-  python repro.py [ARCH] [--one-dot] [--no-copyable]
+  python benchmarks/repro/triton39_slp_abort.py [ARCH] [--one-dot] [--no-copyable]
 ARCH 90 (default); 86, 89, 100, 103, 120 abort too. These compile:
   80             (Triton passes disable_slp_vectorizer=True for sm_80 only)
   --one-dot      (drop one of the two chained dots into `tacc`)
