@@ -416,6 +416,16 @@ PIN_MIXED_TERM_DTYPES = Case("sid", [_full(torch.zeros(1, 4), F16, grad=True), _
 _PIN_X = Case("score", [_full([[1.0, 2.0, 3.0, 4.0]], grad=True), _full([[0.5, 0.25, -1.0, 3.0]])],
               (Ref(0), [Ref(1)], [1.0]), dict(norm=None, reduction="sum", nan="zero_sample"), F64, F64, 1.0)
 PIN_INF_X = (_PIN_X, _PIN_X.replace(table=[_full([[1.0, float("inf"), 3.0, 4.0]], grad=True), _PIN_X.table[1]]), 0)
+# found by the explore profile: a global normaliser over norm_terms = [T1] stays finite when a NaN sits in a
+# score term outside it (T2, even with a zero coefficient): only that sample is bad, the other keeps its result
+_PIN_G = Case("score", [_full([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 0.0]], grad=True),
+                        _full([[0.5, 0.25, -1.0, 3.0], [1.0, 1.0, 1.0, 1.0]]),
+                        _full([[2.0, 0.0, 1.0, -2.0], [0.0, 1.0, 0.5, 0.25]])],
+              (Ref(0), [Ref(1), Ref(2)], [0.5, 0.0]),
+              dict(norm="mean_abs_global", norm_terms=[Ref(1)], norm_coeffs=[1.0], reduction="mean", nan="zero_sample"),
+              F64, F64, 1.0)
+PIN_NAN_OUTSIDE_GLOBAL_NORM = (_PIN_G, _PIN_G.replace(table=[_PIN_G.table[0], _PIN_G.table[1], _full(
+    [[2.0, float("nan"), 1.0, -2.0], [0.0, 1.0, 0.5, 0.25]])]), 0)
 
 
 # ----------------------------------------------------------------------------- documented formulas (autograd)
@@ -841,15 +851,21 @@ def poisoned(draw):
 @examples_(5)
 @given(arg=poisoned())
 @example(arg=PIN_INF_X)
+@example(arg=PIN_NAN_OUTSIDE_GLOBAL_NORM)
 def test_nonfinite_value_policies(arg):
-    """A NaN/±inf in one sample: under "zero_sample" that sample (every sample with a global normaliser) is
-    flagged bad, contributes 0 (scm: only logvar) and gets zero gradients while the other samples keep
-    their clean results; "to_num" gives finite results equal between Triton and the reference; "raise"
-    raises FloatingPointError naming the bad samples. Triton and the fp64 reference agree throughout."""
+    """A NaN/±inf in one sample: under "zero_sample" that sample (every sample when the poisoned tensor feeds a
+    global normaliser: x or a norm term) is flagged bad, contributes 0 (scm: only logvar) and gets zero
+    gradients while the other samples keep their clean results; "to_num" gives finite results equal between
+    Triton and the reference; "raise" raises FloatingPointError naming the bad samples. Triton and the fp64
+    reference agree throughout."""
     clean, case, b = arg
     note(repr(case))
     B = case.B
-    glob = case.op == "score" and case.kwargs.get("norm") == "mean_abs_global"
+    poisoned_i = next(k for k, (e0, e1) in enumerate(zip(clean.table, case.table))
+                      if not torch.allclose(e0.data, e1.data, rtol=0, atol=0, equal_nan=True))
+    nt = case.kwargs.get("norm_terms")
+    norm_reads = refs((case.args[0], case.args[1] if nt is None else nt))  # the normaliser reads x and its terms
+    glob = case.op == "score" and case.kwargs.get("norm") == "mean_abs_global" and poisoned_i in norm_reads
     ref_clean = run_op(clean, "reference", oracle=True)
     want_bad = [True] * B if glob else [bool(ref_clean["bad"][i]) or i == b for i in range(B)]
     for policy in ("zero_sample", "to_num"):
