@@ -362,6 +362,87 @@ def test_double_backward_raises():
     assert sdpa_stats() == {"plain": 1, "jvp": 1}
 
 
+class _CheckpointedBlocks(torch.nn.Module):
+    """Two self-attention blocks, each under non-reentrant activation checkpointing."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(d, 3 * d) for _ in range(2))
+        self.proj = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(2))
+        self.heads = heads
+
+    def _block(self, x, i):
+        b, s, d = x.shape
+        q, k, v = self.qkv[i](x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return x + self.proj[i](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d))
+
+    def forward(self, x, checkpointed=True):
+        from torch.utils.checkpoint import checkpoint
+        for i in range(2):
+            x = checkpoint(self._block, x, i, use_reentrant=False) if checkpointed else self._block(x, i)
+        return x
+
+
+def test_activation_checkpointing():
+    """Checkpointed models: the JVP under no_grad, then a separate checkpointed gradient forward (rCM / Sana-Sprint)
+    matches the one-forward JVP + gradient pass of math SDPA without checkpointing, under patch_sdpa() (every call
+    served, the recomputation in backward included) and under jvp_sdpa(), whose checkpointed plain calls run stock
+    SDPA with a warning: the recomputation runs outside the block (before: fastdistill in the forward, stock SDPA in
+    the recomputation, and PyTorch's CheckpointError). The one-forward pattern through checkpointed blocks raises
+    PyTorch's CheckpointError with stock SDPA as under jvp_sdpa() (the recomputation runs without tangents and
+    saves fewer tensors; docs/jvp_attention.md)."""
+    torch.manual_seed(0)
+    model = _CheckpointedBlocks().to(F64)
+    params = list(model.parameters())
+    x = torch.randn(2, 7, 16, dtype=F64)
+    tx = torch.randn_like(x)
+
+    def loss_fn(out, tout):
+        return (out * torch.cos(out.detach())).sum() + (out * tout).sum()
+
+    with sdpa_kernel(SDPBackend.MATH):
+        out, tout = torch.func.jvp(lambda e: model(e, checkpointed=False), (x,), (tx,))
+        ref = (out, tout, torch.autograd.grad(loss_fn(out, tout.detach()), params))
+
+    def two_pass():
+        with torch.no_grad():
+            _, tout = torch.func.jvp(model, (x,), (tx,))
+        return model(x), tout
+
+    reason = "fallback: " + _sdpa_mod._CHECKPOINT_REASON
+    for mode in ("patch_sdpa", "jvp_sdpa", "jvp_sdpa, backward inside"):
+        sdpa_stats(reset=True)
+        if mode == "patch_sdpa":
+            patch_sdpa(plain="fastdistill")
+            try:
+                out, tout = two_pass()
+                grads = torch.autograd.grad(loss_fn(out, tout), params)  # the blocks recompute here
+            finally:
+                unpatch_sdpa()
+            expect = {"jvp": 2, "plain": 4}  # 2 gradient forwards + 2 recomputations
+        else:
+            with jvp_sdpa(plain="fastdistill"), pytest.warns(UserWarning, match="activation checkpointing"):
+                out, tout = two_pass()
+                if mode.endswith("inside"):
+                    grads = torch.autograd.grad(loss_fn(out, tout), params)
+            if not mode.endswith("inside"):
+                grads = torch.autograd.grad(loss_fn(out, tout), params)
+            expect = {"jvp": 2, reason: 4 if mode.endswith("inside") else 2}
+            _sdpa_mod._warned.clear()
+        assert sdpa_stats() == expect, (mode, sdpa_stats())
+        _close(out, ref[0], what=f"{mode}: output")
+        _close(tout, ref[1], what=f"{mode}: tangent")
+        for i, (a, b) in enumerate(zip(grads, ref[2])):
+            _close(a, b, 1e-9, what=f"{mode}: grad of parameter {i}")
+
+    from torch.utils.checkpoint import CheckpointError
+    for ctx in (lambda: sdpa_kernel(SDPBackend.MATH), jvp_sdpa):
+        with ctx():
+            out, tout = torch.func.jvp(model, (x,), (tx,))
+            with pytest.raises(CheckpointError, match="different number of tensors"):
+                torch.autograd.grad(loss_fn(out, tout.detach()), params)
+
+
 @pytest.mark.parametrize("plain", ["sdpa", "fastdistill"])
 def test_autocast_runs_in_the_autocast_dtype(plain):
     """Under torch.autocast stock SDPA computes in the autocast dtype; so does the patched call (before: fp32)."""

@@ -16,7 +16,11 @@ reason — never a silently different result:
 - no fastdistill backend can run the inputs (e.g. head dim > 256 on the GPU kernels);
 - torch.func transforms beyond one forward-mode level (``jvp`` of ``jvp``, ``jacfwd``, ``vmap`` with
   ``jvp``), or ``torch.func.grad`` around the kernel backends;
-- keyword arguments this version does not know.
+- keyword arguments this version does not know;
+- under ``jvp_sdpa()``, calls without a tangent that save tensors inside a non-reentrant
+  ``torch.utils.checkpoint`` region: the recomputation in backward runs outside the block (after it,
+  or on autograd's device threads), where SDPA is stock, and must save what the forward saved.
+  ``patch_sdpa(plain="fastdistill")`` serves them (it must stay active until backward).
 A fallback call that carries a tangent runs stock SDPA's math backend (the only SDPA backend with
 forward-mode AD), so it computes the same function as before the patch.
 
@@ -236,6 +240,31 @@ def _builtin_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, e
     return torch._C._nn.scaled_dot_product_attention(q, k, v, **kw)  # what F.scaled_dot_product_attention is
 
 
+_CHECKPOINT_REASON = ("activation checkpointing under jvp_sdpa(): its recomputation in backward runs where the block "
+                      "is not active (after it, or on autograd's device threads) and would run stock SDPA, so this "
+                      "call does too; patch_sdpa(plain='fastdistill') serves checkpointed calls")
+
+
+def _global_serves_plain() -> bool:
+    """Whether patch_sdpa() (every thread) serves calls without a tangent with fastdistill."""
+    g = _state["global"]
+    return bool(g) and g[-1] == "fastdistill"
+
+
+def _checkpointed(*xs) -> bool:
+    """Whether this call saves tensors for backward inside a non-reentrant torch.utils.checkpoint region (its
+    saved-tensor hooks are the innermost ones; the recomputation's hooks too)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return False  # compiled: checkpoint is a traced region, recomputed inside the graph
+    if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs):
+        return False
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    except (AttributeError, RuntimeError):  # a torch without the query: treat as not checkpointed
+        return False
+    return bool(hooks) and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+
+
 def _fallback(reason: str, *args, tangent: bool):
     with _lock:
         first = reason not in _warned
@@ -261,6 +290,8 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if not tangent and plain == "sdpa":
         _count("stock")
         return _stock(*args, tangent=False)
+    if not tangent and _stack() and not _global_serves_plain() and _checkpointed(query, key, value):
+        return _fallback(_CHECKPOINT_REASON, *args, tangent=False)
     dev = query.device.type
     if _autocast_on(dev) and all(isinstance(x, torch.Tensor) for x in (query, key, value)):
         dt = torch.get_autocast_dtype(dev)  # as stock SDPA (on autocast's lower-precision list): in its dtype
