@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdistill._backend import use_backend
 from fastdistill.ops.kd_softmax import kd_loss
 
 
@@ -27,13 +28,14 @@ class KDLoss(torch.nn.Module):
         for k in self._PER_CALL:
             if k in self.options:
                 raise TypeError(f"{k}: a per-batch argument; pass it when calling the loss, not to KDLoss()")
-        probe = torch.zeros(1, 2)
+        probe = torch.zeros(1, 2)  # the options are checked on the CPU, whatever backend the calls are forced to
         opts = dict(self.options)
-        if "topk_semantics" in opts:  # a top-k loss: probe it with a top-k teacher (its own option checks)
-            kd_loss(probe, teacher_topk=(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1)),
-                    labels=torch.zeros(1, dtype=torch.long), **opts)
-        else:
-            kd_loss(probe, probe, labels=torch.zeros(1, dtype=torch.long), **opts)
+        with use_backend("reference"):
+            if "topk_semantics" in opts:  # a top-k loss: probe it with a top-k teacher (its own option checks)
+                kd_loss(probe, teacher_topk=(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1)),
+                        labels=torch.zeros(1, dtype=torch.long), **opts)
+            else:
+                kd_loss(probe, probe, labels=torch.zeros(1, dtype=torch.long), **opts)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None, **kwargs):
         return kd_loss(student_logits, teacher_logits, **{**self.options, **kwargs})

@@ -410,6 +410,49 @@ def test_flkd_cuda_gemm_path_emulated(monkeypatch, dtype, addmm_ok):
     assert calls and all(calls)
 
 
+@pytest.mark.parametrize("gemm", ["cpu", "cuda-emulated"])
+def test_flkd_fp16_loss_scaling(monkeypatch, use, gemm):
+    """fp16 hidden states, weight and bias under loss scaling (GradScaler's 65536): the scalar reductions hold
+    dh, dW, db in fp32 until backward has applied the upstream gradient, so gradients below fp16's range survive,
+    as in kd_loss. Bound: storing the exact scaled gradient in fp16, ×4. Before: dh and dW were rounded to fp16
+    in the forward, unscaled (about 8% of dh flushed to zero here; relative error ~5e-2)."""
+    if gemm == "cuda-emulated":  # the CUDA path's fp32-output GEMMs on fp16 operands, emulated by upcasting
+        monkeypatch.setattr(flk, "_lowp_gemm", lambda d, dt: (True, True) if dt in flk._LOWP else (False, False))
+        monkeypatch.setattr(flk, "_mm32", lambda a, b: torch.mm(a.float(), b.float()))
+        monkeypatch.setattr(flk, "_addmm32_", lambda c, a, b: c.addmm_(a.float(), b.float()))
+    c, g = make_case(lead=(64,), Hs=16, V=48, seed=3, dtype=torch.float16)
+    tlog = (torch.randn(64, 48, generator=g, dtype=F64) * 2).float()
+    kw = dict(num_items=1 << 20)  # batchmean over a large accumulated batch: every gradient below fp16's range
+    scale = 65536.0
+    ts = [c[k].clone().requires_grad_() for k in ("hs", "W", "b")]
+    loss = fused_linear_kd_loss(ts[0], ts[1], teacher_logits=tlog, student_bias=ts[2], chunk_size=16, **kw)
+    (loss * scale).backward()
+    ls = [c[k].double().requires_grad_() for k in ("hs", "W", "b")]
+    z = _logits(*ls)
+    ref, zleaf = oracle_kd(z, tlog.double(), **kw)
+    ref.backward()
+    z.backward(zleaf.grad)
+    for name, t, r in zip(("dh", "dW", "db"), ts, ls):
+        got, exact = t.grad.double() / scale, r.grad
+        assert t.grad.dtype == torch.float16, name
+        store = rel_err((exact * scale).half().double() / scale, exact)
+        assert_rel(got, exact, 4 * store + 1e-6, f"{name} (fp16, loss x {scale:g})")
+        representable = (exact * scale).abs() >= torch.finfo(torch.float16).tiny
+        assert (got[representable] != 0).all(), f"{name}: gradients flushed to zero"
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_flkd_meta_tensors(reduction):
+    """Shapes on the meta device (model-size dry runs), forward and backward, as kd_loss (before: torch.autocast
+    raised 'unsupported scalarType' for device type meta)."""
+    h = torch.empty(2, 3, 8, device="meta", requires_grad=True)
+    w = torch.empty(40, 8, device="meta", requires_grad=True)
+    loss = fused_linear_kd_loss(h, w, teacher_logits=torch.empty(2, 3, 40, device="meta"), reduction=reduction)
+    assert loss.device.type == "meta" and loss.shape == ((2, 3) if reduction == "none" else ())
+    loss.sum().backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape and h.grad.device.type == "meta"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("div", ["fkl", "jsd-b0.5", "srkl-0.3"])

@@ -674,6 +674,11 @@ def _bad_cases():
         "num-items-bool": (dict(num_items=True), "num_items"),
         "inplace-expanded-student": (dict(student_logits=s[:1].expand(5, 37), inplace_grad=True), "inplace_grad"),
         "inplace-leaf-student": (dict(student_logits=s.clone().requires_grad_(), inplace_grad=True), "inplace_grad"),
+        # views of a trainable leaf (before: accepted, and the gradient overwrote the parameter, aliasing its .grad)
+        "inplace-leaf-view-student": (dict(student_logits=s.clone().requires_grad_().view(5, 37), inplace_grad=True),
+                                      "inplace_grad: student_logits is a leaf that requires grad \\(or a view"),
+        "inplace-leaf-slice-student": (dict(student_logits=s[None].clone().requires_grad_()[0], inplace_grad=True),
+                                       "inplace_grad: student_logits is a leaf that requires grad \\(or a view"),
     }
 
 

@@ -91,3 +91,7 @@ def test_kdloss_module():
     with pytest.raises(ValueError, match="teacher_temperature: only topk_semantics='renorm'"):
         KDLoss(teacher_temperature=2.0, topk_semantics="tail_bucket")
     KDLoss(teacher_temperature=2.0, topk_semantics="renorm")
+    # the options are checked on the CPU probe whatever backend is forced (before: a forced triton / cuda backend,
+    # which cannot run the CPU probe outside the interpreter, made KDLoss() raise BackendUnavailableError)
+    with fd.use_backend("cuda"):
+        KDLoss(divergence="jsd")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import fastdistill.distributed.vocab_parallel as _vp
 from fastdistill.distributed.vocab_parallel import _CONTRIB, _FLOAT_DTYPES, NSTATE, _common, _reduce, _Shard
-from fastdistill.ops._common import first_order, graph_anchor
+from fastdistill.ops._common import autocast_off, first_order, graph_anchor
 
 __all__ = ["vocab_parallel_fused_linear_kd_loss"]
 
@@ -64,7 +64,7 @@ class _Linear:
 class _VocabParallelFusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, cfg, h, W, b, th, tW, tb, t, ids, labels, mask, weights):
-        with torch.autocast(h.device.type, enabled=False):  # the GEMMs choose their own precision
+        with autocast_off(h.device.type):  # the GEMMs choose their own precision
             return _VocabParallelFusedLinear._forward(ctx, run, cfg, h, W, b, th, tW, tb, t, ids, labels, mask,
                                                       weights)
 
@@ -121,7 +121,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
     def backward(ctx, go):
         if go is None:
             return (None,) * 13
-        with torch.autocast(go.device.type, enabled=False):
+        with autocast_off(go.device.type):
             return _VocabParallelFusedLinear._backward(ctx, go)
 
     @staticmethod

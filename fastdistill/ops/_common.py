@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -63,6 +64,14 @@ class _ReadOnce:
 
     def __setattr__(self, name, value):
         setattr(self._ctx, name, value)
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)`` where autocast exists for the device type; a no-op context
+    elsewhere (e.g. ``meta``, where ``torch.autocast`` itself raises)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def graph_anchor(x: torch.Tensor | None) -> torch.Tensor | None:

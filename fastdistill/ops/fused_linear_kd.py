@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from fastdistill.ops._common import check_choice, first_order, graph_anchor, select_backend
+from fastdistill.ops._common import autocast_off, check_choice, first_order, graph_anchor, select_backend
 from fastdistill.ops.kd_softmax import _FLOAT_DTYPES, REDUCTIONS, TOPK_SEMANTICS, KDPlan, _bwd, _fwd, make_plan
 
 DEFAULT_MEMORY_BUDGET_MB = 2048  # chunk_size="auto": bytes of per-chunk [rows, V] temporaries
@@ -152,9 +152,10 @@ def _factor(red: int, n: torch.Tensor, V: int) -> torch.Tensor:
 
 
 def _sweep(cfg: _Cfg, hs, W, b, th, tW, tb, tlog, ids, lps, labels, mask, weights, *, grad: bool, go=None,
-           scale=None):
+           scale=None, dh_dtype=None):
     """One pass over the row chunks. Returns (contrib [lead], valid [N], dh, dW_acc, db_acc); the gradients are
-    those of Σ_valid ℓ_i (times ``go`` per row when given), ``dh`` further times ``scale``."""
+    those of Σ_valid ℓ_i (times ``go`` per row when given), ``dh`` further times ``scale``, in ``dh_dtype``
+    (default: the hidden dtype)."""
     p, acc, dev = cfg.p, cfg.p.accum_dtype, hs.device
     N = hs.shape[0]
     per_row = torch.zeros(cfg.lead, dtype=acc, device=dev)  # returned as is for "none" (not a view: FSDP2)
@@ -164,7 +165,8 @@ def _sweep(cfg: _Cfg, hs, W, b, th, tW, tb, tlog, ids, lps, labels, mask, weight
     thead = _Head(tW, tb, th.dtype, cfg.ldt, cfg.op_dtype) if th is not None else None
     need_dh, need_dW, need_db = (x and grad for x in cfg.need)
     gdt = torch.float32 if head.lowp else cfg.ldt
-    dh = torch.empty_like(hs, memory_format=torch.contiguous_format) if need_dh else None
+    dh_dtype = dh_dtype or hs.dtype
+    dh = torch.empty(hs.shape, dtype=dh_dtype, device=dev) if need_dh else None
     dW_acc = torch.zeros(W.shape, dtype=gdt, device=dev) if need_dW else None
     db_acc = torch.zeros(W.shape[0], dtype=gdt, device=dev) if need_db else None
     one = torch.ones(1, dtype=acc, device=dev)
@@ -191,7 +193,7 @@ def _sweep(cfg: _Cfg, hs, W, b, th, tW, tb, tlog, ids, lps, labels, mask, weight
         out = s if ids is None else torch.empty_like(s)
         g = _bwd(p, cfg.backend, s, t, lab, wt, st, one, go[r] if go is not None else one, out)
         del s, t, out  # the teacher chunk is not needed for the GEMMs
-        d = head.backward(g, x, hs.dtype if need_dh else None, scale, dW_acc)
+        d = head.backward(g, x, dh_dtype if need_dh else None, scale, dW_acc)
         if d is not None:
             dh[r] = d
         if db_acc is not None:
@@ -200,12 +202,34 @@ def _sweep(cfg: _Cfg, hs, W, b, th, tW, tb, tlog, ids, lps, labels, mask, weight
     return per_row, valid, dh, dW_acc, db_acc
 
 
+def _held(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient of ``dtype`` is held in between forward and backward: fp32 for fp16, whose range would
+    flush small gradients to zero before backward applies the upstream gradient (a GradScaler's loss scale)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _times_go(x: torch.Tensor | None, go: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``x * go`` in ``dtype``, rounded once; an fp32 ``x`` held for fp16 is converted in slices of rows (no
+    second full-size fp32 temporary)."""
+    if x is None:
+        return None
+    if x.dtype == dtype:
+        return x * go
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    step = max(1, (1 << 24) // max(1, x[0].numel())) if x.dim() > 1 else max(1, x.shape[0])
+    for r0 in range(0, x.shape[0], step):
+        out[r0 : r0 + step] = x[r0 : r0 + step] * go
+    return out
+
+
 def _scalar(cfg: _Cfg, tensors, grad: bool):
-    """Loss of a scalar reduction, and (grad) its gradients dh, dW, db for a unit upstream gradient."""
+    """Loss of a scalar reduction, and (grad) its gradients dh, dW, db for a unit upstream gradient, held in
+    ``_held`` of their parameters' dtypes."""
     hs, W, b, *_, labels, mask, _w = tensors
     n0 = _n_upfront(cfg, hs.shape[0], labels, mask, hs.device)
     f0 = _factor(cfg.red, n0, cfg.V)
-    contrib, valid, dh, dW_acc, db_acc = _sweep(cfg, *tensors, grad=grad, scale=f0 if cfg.red != RED_SUM else None)
+    contrib, valid, dh, dW_acc, db_acc = _sweep(cfg, *tensors, grad=grad, scale=f0 if cfg.red != RED_SUM else None,
+                                                dh_dtype=_held(hs.dtype))
     n = n0 if cfg.num_items > 0 else valid.sum()
     f = _factor(cfg.red, n, cfg.V)
     loss = contrib.view(-1).sum() * f
@@ -214,8 +238,8 @@ def _scalar(cfg: _Cfg, tensors, grad: bool):
     if dh is not None and cfg.num_items <= 0 and cfg.red != RED_SUM:
         # rows invalid only by the all −inf rule leave n < n0: dh was scaled by 1/n0 (exactly 1 when n = n0)
         dh.mul_(torch.where(n > 0, n0 / n.clamp_min(1), torch.ones_like(n)))
-    dW = (dW_acc * f).to(W.dtype) if dW_acc is not None else None
-    db = (db_acc * f).to(b.dtype) if db_acc is not None else None
+    dW = (dW_acc * f).to(_held(W.dtype)) if dW_acc is not None else None
+    db = (db_acc * f).to(_held(b.dtype)) if db_acc is not None else None
     return loss, dh, dW, db
 
 
@@ -230,6 +254,7 @@ class _FusedLinearKD(torch.autograd.Function):
             return contrib
         loss, dh, dW, db = _scalar(cfg, tensors, grad=True)
         ctx.save_for_backward(dh, dW, db)
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in tensors[:3])  # h, W, b
         return loss
 
     @staticmethod
@@ -240,21 +265,20 @@ class _FusedLinearKD(torch.autograd.Function):
         if cfg.red == RED_NONE:
             tensors = ctx.saved_tensors
             go = go.reshape(-1).to(cfg.p.accum_dtype).contiguous()
-            with torch.autocast(go.device.type, enabled=False):
+            with autocast_off(go.device.type):
                 _, _, dh, dW_acc, db_acc = _sweep(cfg, *tensors, grad=True, go=go)
             W, b = tensors[1], tensors[2]
             dW = dW_acc.to(W.dtype) if dW_acc is not None else None
             db = db_acc.to(b.dtype) if db_acc is not None else None
             return None, None, dh, dW, db, *rest
-        dh, dW, db = ctx.saved_tensors
-        return (None, None, dh * go if dh is not None else None, dW * go if dW is not None else None,
-                db * go if db is not None else None, *rest)
+        grads = (_times_go(x, go, dt) for x, dt in zip(ctx.saved_tensors, ctx.dtypes))
+        return (None, None, *grads, *rest)
 
 
 @torch.compiler.disable
 def _run(cfg: _Cfg, tensors: tuple, grad: bool):
     """Eager, also under torch.compile (a graph break): the row loop is Python and its GEMMs are cuBLAS'."""
-    with torch.autocast(tensors[0].device.type, enabled=False):  # autocast would round the logits GEMM
+    with autocast_off(tensors[0].device.type):  # autocast would round the logits GEMM
         return _run_eager(cfg, tensors, grad)
 
 

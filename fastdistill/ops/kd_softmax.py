@@ -391,9 +391,11 @@ def kd_loss(
     ids2 = ids.reshape(N, Vt).contiguous() if ids is not None else None
     mask_u8 = mask2.view(torch.uint8) if mask2 is not None else None
     if inplace_grad and not torch.compiler.is_compiling():
-        if s.is_leaf and s.requires_grad:
-            raise ValueError("inplace_grad: student_logits is a leaf that requires grad: its gradient would overwrite "
-                             "the tensor itself (and alias its .grad); pass inplace_grad=False")
+        base = s if s._base is None else s._base  # a view of a trainable leaf writes into the leaf too
+        if base.is_leaf and base.requires_grad:
+            raise ValueError("inplace_grad: student_logits is a leaf that requires grad (or a view of one): its "
+                             "gradient would overwrite the tensor itself (and alias its .grad); pass "
+                             "inplace_grad=False")
         if s2.numel() and s2.shape[0] > 1 and s2.stride(0) < V and s2.data_ptr() == s.data_ptr():
             raise ValueError(f"inplace_grad: the rows of student_logits overlap in memory (row stride "
                              f"{s2.stride(0)} < V = {V}, e.g. an expanded tensor): one gradient row would overwrite "
