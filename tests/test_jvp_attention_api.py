@@ -205,6 +205,65 @@ def test_meanflow_pattern(use, monkeypatch):
         check(f"grad {name}", p.grad, pe.grad, pp.grad)
 
 
+class _ZerosForNone(torch.autograd.Function):
+    """Identity whose backward materialises zeros for an unused output (autograd.Function's default)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_chained_layers_one_forward(use):
+    """Two attention layers in one forward (the MeanFlow pattern) with dual tensors and with explicit pairs: layer
+    2's tangents come from layer 1's guarded Ȯ, and a loss on the primal only backpropagates as with torch.func.jvp
+    (before: layer 2 gave its tangent inputs no gradient, autograd handed the guard zeros, and the guard raised the
+    stop-gradient error on every such step). A loss that reaches a tangent still raises."""
+    lib = torch.nn.Sequential(Tiny(lib_attn, seed=2), Tiny(lib_attn, seed=3))
+    exact = torch.nn.Sequential(Tiny(math_attn, seed=2), Tiny(math_attn, seed=3)).double()
+    plain = torch.nn.Sequential(Tiny(math_attn, seed=2), Tiny(math_attn, seed=3))
+    x, tx, target = model_inputs(seed=8)
+
+    def loss_of(out):
+        return ((out - target.to(out.dtype)) ** 2).mean()
+
+    def grads(model):
+        return [p.grad.clone() for p in model.parameters()]
+
+    for m, dt in ((exact, F64), (plain, torch.float32)):
+        out, _ = torch.func.jvp(m, (x.to(dt),), (tx.to(dt),))
+        loss_of(out).backward()
+    ref_e, ref_p = grads(exact), grads(plain)
+
+    def dual_step(model):
+        with fwAD.dual_level():
+            out, t = fwAD.unpack_dual(model(fwAD.make_dual(x, tx)))
+        return out, t
+
+    def pairs_step(model):  # rCM-style: (x, t_x) carried through each layer by hand
+        h, th = x, tx
+        for blk in model:
+            B, S, _ = h.shape
+            q, k, v = blk.qkv(h).view(B, S, 3, blk.H, blk.D).unbind(2)
+            tq, tk, tv = (th @ blk.qkv.weight.T).view(B, S, 3, blk.H, blk.D).unbind(2)
+            o, to = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True)
+            h, th = blk.out(o.reshape(B, S, -1)), _ZerosForNone.apply(to.reshape(B, S, -1)) @ blk.out.weight.T
+        return h, th
+
+    for name, step in (("dual tensors", lambda: dual_step(lib)), ("explicit pairs", lambda: pairs_step(lib))):
+        lib.zero_grad()
+        out, t = step()
+        loss_of(out).backward()
+        for (pname, p), pe, pp in zip(lib.named_parameters(), ref_e, ref_p):
+            check(f"{name}: grad {pname}", p.grad, pe, pp)
+        out, t = step()
+        with pytest.raises(RuntimeError, match="stop-gradient"):
+            (loss_of(out) + t.square().mean()).backward()
+
+
 def test_one_forward_per_call(use, monkeypatch):
     """Explicit pairs, torch.func.jvp and dual tensors each run the backend's forward once (no second primal
     pass); plain autograd runs forward and backward once each."""

@@ -172,10 +172,14 @@ class _NoGrad(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.set_materialize_grads(False)  # an op that reads the tangent but gives it no gradient passes None
 
     @staticmethod
     def backward(ctx, g):
+        # None: the tangent fed only ops that give it no gradient (the next attention layer's tangent input, with
+        # dual tensors or explicit pairs); zeros: the same through an autograd.Function that materialises them
+        if g is None or not bool(g.any()):
+            return None, None
         raise RuntimeError(_STOP_GRAD)
 
 
