@@ -33,7 +33,8 @@ builtin SDPA (no recursion).
 Under ``torch.compile`` the patched call traces into the graph (``fullgraph=True`` works, plain and
 inside ``torch.func.jvp``); dynamo guards on the activation state, so a graph compiled inside a block
 is not reused outside it. Enter the block outside the compiled function: dynamo does not trace the
-context manager itself (``fullgraph=True`` raises "Unsupported context manager"; without it, a graph break). ``sdpa_stats()`` counts eager calls only.
+context manager itself (``fullgraph=True`` raises "Unsupported context manager"; without it, a graph
+break). ``sdpa_stats()`` counts eager calls only.
 
 Query/key/value with different head counts need ``enable_gqa=True``, exactly as in stock SDPA (without
 it the call goes to stock SDPA, which raises). The patch replaces the attribute of
