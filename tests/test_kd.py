@@ -596,6 +596,34 @@ def test_kd_double_backward_raises(use):
         (g ** 2).sum().backward()
 
 
+class _ZeroGradFor(torch.autograd.Function):
+    """``y`` with ``g`` as an input that gets an explicit zero gradient (an op that reads g as a constant)."""
+
+    @staticmethod
+    def forward(ctx, g, y):
+        ctx.g_meta = (g.shape, g.dtype)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, gy):
+        shape, dtype = ctx.g_meta
+        return torch.zeros(shape, dtype=dtype), gy
+
+
+def test_kd_second_backward_with_zero_gradient_passes(use):
+    """A gradient taken with create_graph=True, then a second backward that reaches it only with zeros (an op that
+    lists it as an input but gives it a zero gradient): nothing to differentiate, no error (before: the guard
+    raised 'double backward is not supported' for any gradient, zeros included). A real one still raises."""
+    s, t, _ = make((4,), 33, seed=14)
+    x = s.clone().requires_grad_()
+    g, = torch.autograd.grad(fd.kd_loss(x, t, accum_dtype=F64), x, create_graph=True)
+    y = x.detach().clone().requires_grad_()
+    _ZeroGradFor.apply(g, y).sum().backward()
+    assert torch.equal(y.grad, torch.ones_like(y)) and x.grad is None
+    with pytest.raises(RuntimeError, match="kd_loss: double backward is not supported"):
+        (g ** 2).sum().backward()
+
+
 def test_kd_create_graph_inside_checkpoint(use):
     """create_graph=True through kd_loss inside a non-reentrant torch.utils.checkpoint: the first backward works
     (the double-backward guard unpacks the saved tensors once: checkpointing allows one unpack per backward), a

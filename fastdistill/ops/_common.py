@@ -38,10 +38,13 @@ class _SecondOrder(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # the functorch-compatible form: torch.func.grad runs create_graph
-        ctx.msg = inputs[0]
+        ctx.msg, ctx.n = inputs[0], len(inputs)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, *_):
+    def backward(ctx, g):
+        if g is None or not bool(g.any()):  # nothing reached the gradient (or only zeros): no second derivative
+            return (None,) * ctx.n
         raise RuntimeError(ctx.msg)
 
 
