@@ -443,6 +443,50 @@ def test_activation_checkpointing():
                 torch.autograd.grad(loss_fn(out, tout.detach()), params)
 
 
+def _fsdp2_worker(rank: int, world: int, rendezvous: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _CheckpointedBlocks().to(F64)
+        ref_model = _CheckpointedBlocks().to(F64)
+        ref_model.load_state_dict(model.state_dict())
+        x = torch.randn(2, 7, 16, dtype=F64)
+        tx = torch.randn_like(x)
+        for i in range(2):  # per block (as README / docs/context_parallel.md prescribe), then the root
+            fully_shard([model.qkv[i], model.proj[i]])
+        fully_shard(model)
+
+        def step(m, ctx):
+            with ctx():
+                out, tout = torch.func.jvp(lambda e: m(e, checkpointed=False), (x,), (tx,))
+            ((out - (0.5 * tout).detach()) ** 2).mean().backward()
+            return out.detach(), tout.detach()
+
+        ref = step(ref_model, lambda: sdpa_kernel(SDPBackend.MATH))
+        got = step(model, jvp_sdpa)
+        assert sdpa_stats() == {"jvp": 2}, sdpa_stats()
+        _close(got[0], ref[0], what="output")
+        _close(got[1], ref[1], what="tangent")
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            _close(p.grad.full_tensor(), q.grad, 1e-9, what=f"grad {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_one_forward(tmp_path):
+    """FSDP2 per block: torch.func.jvp of the sharded model under jvp_sdpa() and a backward through the primal, as
+    with math SDPA. FSDP2's pre-backward hook re-applies an autograd.Function to every tangent, whose backward hands
+    the tangent output all-zero gradients (before: the guard raised the stop-gradient error on every step)."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    pytest.importorskip("torch.distributed.fsdp").fully_shard  # noqa: B018
+    torch.multiprocessing.spawn(_fsdp2_worker, args=(1, str(tmp_path / "rendezvous")), nprocs=1, join=True)
+
+
 @pytest.mark.parametrize("plain", ["sdpa", "fastdistill"])
 def test_autocast_runs_in_the_autocast_dtype(plain):
     """Under torch.autocast stock SDPA computes in the autocast dtype; so does the patched call (before: fp32)."""

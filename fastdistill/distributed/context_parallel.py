@@ -45,6 +45,7 @@ from fastdistill.ops.jvp_attention import (
     _impl,
     _NoGrad,
     _out_shape,
+    _reached,
     _stat_dtype,
     autograd_levels,
     jvp_attention,
@@ -574,7 +575,7 @@ class _ContextParallel(torch.autograd.Function):
     @staticmethod
     @first_order("context_parallel_jvp_attention")
     def backward(ctx, do, dto, dlse, dmu):
-        if dto is not None or dmu is not None:
+        if _reached(dto) or _reached(dmu):
             raise RuntimeError(_STOP_GRAD)
         cfg = ctx.cfg
         saved = ctx.saved_tensors

@@ -163,6 +163,13 @@ _STOP_GRAD = ("jvp_attention: the tangent outputs (Ȯ, d lse) are stop-gradient 
               "(`to.detach()`) or compute the second-order term another way.")
 
 
+def _reached(g: torch.Tensor | None) -> bool:
+    """Whether a loss reached a stop-gradient tangent output: a gradient that is not None and not all zeros. Zeros
+    come from autograd.Functions that read the tangent but give it no gradient (FSDP2's pre-backward hook re-applies
+    one to every tangent; a next layer's tangent input through a user Function); they carry no term to lose."""
+    return g is not None and bool(g.any())
+
+
 class _NoGrad(torch.autograd.Function):
     """Identity whose backward raises: marks a tangent output as stop-gradient, loudly."""
 
@@ -178,7 +185,7 @@ class _NoGrad(torch.autograd.Function):
     def backward(ctx, g):
         # None: the tangent fed only ops that give it no gradient (the next attention layer's tangent input, with
         # dual tensors or explicit pairs); zeros: the same through an autograd.Function that materialises them
-        if g is None or not bool(g.any()):
+        if not _reached(g):
             return None, None
         raise RuntimeError(_STOP_GRAD)
 
@@ -242,7 +249,7 @@ class _DualFunction(torch.autograd.Function):
     @staticmethod
     @first_order(OP)
     def backward(ctx, do, dto, dlse, dmu, _dlo):
-        if dto is not None or dmu is not None:
+        if _reached(dto) or _reached(dmu):
             raise RuntimeError(_STOP_GRAD)
         q, k, v, o, lse, lo = ctx.saved_tensors
         causal, scale, layout, backend = ctx.cfg
