@@ -249,12 +249,16 @@ def sample_t(B: int, cfg: SCMConfig, device, gen=None, dtype=torch.float32) -> t
 
 
 def scm_step(student, teacher, logvar_net, opt, x0, text, step: int, cfg: SCMConfig, attn: str = "fastdistill",
-             gen=None) -> dict:
+             gen=None, fsdp: bool = False) -> dict:
     """One student update. ``attn``: "fastdistill" (fused JVP attention) or "math" (stock math SDPA).
 
     With context parallelism (``student.cp`` set; every rank passes the same x0, text and generator
-    state), each rank runs its token shard and the student's gradients are summed over the group
-    (what FSDP2 over a (dp, cp) mesh does); the loss and logvar(t) are whole on every rank already."""
+    state), each rank runs its token shard and computes the whole loss (the tangent normalisation spans all
+    tokens of a sample; logvar(t) is whole on every rank): a rank's student gradients are its tokens' share,
+    and the update needs their SUM over the group. By default they are all-reduced (SUM) here. ``fsdp``: the
+    student and logvar_net are FSDP2-sharded over the group (``shard_fsdp2``), whose gradient reduction
+    AVERAGES over its ranks, so the loss is scaled by the group size before backward (logvar's gradients,
+    equal on every rank, are W times too large then and averaged back)."""
     B = x0.shape[0]
     sd = cfg.sigma_d
     t = sample_t(B, cfg, x0.device, gen, torch.float64 if x0.dtype == torch.float64 else torch.float32)
@@ -279,8 +283,8 @@ def scm_step(student, teacher, logvar_net, opt, x0, text, step: int, cfg: SCMCon
     loss = fastdistill.scm_tangent_loss(Fx, [dxt_dt, x_t, dF_dt.detach()], coeffs, f_coeff=f_coeff,
                                         c=cfg.tangent_c, logvar=logvar, sample_reduction="mean")
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if student.cp is not None:
+    (loss * student.cp.world if fsdp and student.cp is not None else loss).backward()
+    if student.cp is not None and not fsdp:
         import torch.distributed as dist
 
         for prm in student.parameters():
@@ -309,6 +313,21 @@ def build(preset: Preset, device, dtype, seed: int = 0):
     logvar_net = LogVar().to(device=device, dtype=dtype)
     opt = torch.optim.Adam(list(student.parameters()) + list(logvar_net.parameters()), lr=1e-4)
     return student, teacher, logvar_net, opt
+
+
+def shard_fsdp2(student, logvar_net, cp: ContextParallel, device, lr: float = 1e-4):
+    """FSDP2 over the context-parallel ranks: each student block, the student root and logvar_net; returns the
+    optimizer over the sharded parameters (``fully_shard`` replaces them). Pass ``fsdp=True`` to ``scm_step``."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(cp.group or dist.group.WORLD, device.type)
+    for blk in student.blocks:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    fully_shard(logvar_net, mesh=mesh)
+    return torch.optim.Adam(list(student.parameters()) + list(logvar_net.parameters()), lr=lr)
 
 
 def data(preset: Preset, device, dtype, gen=None):
@@ -348,6 +367,8 @@ def run(args) -> list[dict]:
         student, teacher, logvar_net, opt = build(preset, device, dtype, seed=args.seed)
         student.set_context_parallel(cp)
         teacher.set_context_parallel(cp)
+        if args.fsdp:
+            opt = shard_fsdp2(student, logvar_net, cp, device)
         gen = torch.Generator(device=device).manual_seed(args.seed)  # the same on every rank
         cfg = SCMConfig(warmup_steps=args.warmup)
         times, losses = [], []
@@ -361,7 +382,8 @@ def run(args) -> list[dict]:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             try:
-                out = scm_step(student, teacher, logvar_net, opt, x0, text, step, cfg, attn=attn, gen=gen)
+                out = scm_step(student, teacher, logvar_net, opt, x0, text, step, cfg, attn=attn, gen=gen,
+                               fsdp=args.fsdp)
             except torch.OutOfMemoryError:
                 status = "out of memory"
                 break
@@ -405,7 +427,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--cp", choices=["ring", "ulysses"], default=None,
                     help="context parallel over the torchrun ranks (self-attention sharded by tokens)")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="with --cp: FSDP2-shard the student over the context-parallel ranks (scm_step's fsdp)")
     args = ap.parse_args(argv)
+    if args.fsdp and not args.cp:
+        print("error: --fsdp shards over the context-parallel ranks: use it with --cp", file=sys.stderr)
+        return 2
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.cp and args.attn != "fastdistill":

@@ -79,7 +79,7 @@ def _distill_llm(ex, tmp_path):
     assert last < 0.85 * first, fused["losses"]
 
 
-def _scm_cp_worker(rank: int, world: int, tmp: str, mode: str) -> None:
+def _scm_cp_worker(rank: int, world: int, tmp: str, mode: str, fsdp: bool = False) -> None:
     import os
 
     import torch.distributed as dist
@@ -92,21 +92,25 @@ def _scm_cp_worker(rank: int, world: int, tmp: str, mode: str) -> None:
         cp = ex.ContextParallel(group=None, mode=mode, rank=rank, world=world)
         student.set_context_parallel(cp)
         teacher.set_context_parallel(cp)
+        if fsdp:
+            opt = ex.shard_fsdp2(student, logvar_net, cp, torch.device("cpu"))
         gen = torch.Generator().manual_seed(0)
         losses = []
         for step in range(3):
             x0, text = ex.data(preset, torch.device("cpu"), torch.float64, gen)
             losses.append(ex.scm_step(student, teacher, logvar_net, opt, x0, text, step, ex.SCMConfig(warmup_steps=2),
-                                      gen=gen)["loss"])
-    torch.save({"losses": losses, "params": [p.detach() for p in student.parameters()]}, f"{tmp}/rank{rank}.pt")
+                                      gen=gen, fsdp=fsdp)["loss"])
+        params = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for p in student.parameters()]
+    torch.save({"losses": losses, "params": params}, f"{tmp}/rank{rank}.pt")
     dist.destroy_process_group()
     os._exit(0)  # skip the interpreter's teardown of torch (seconds on a loaded machine)
 
 
 def test_scm_step_context_parallel_matches_one_process(tmp_path):
     """The sCM step with the video tokens split over 2 gloo ranks (ring and Ulysses self-attention,
-    forward-AD through torch.func.jvp, gradients summed over the group) updates the student exactly as
-    one process does (float64)."""
+    forward-AD through torch.func.jvp, gradients summed over the group; and ring with the student FSDP2-sharded
+    over the group, whose reduction averages: the loss scaled by the group size) updates the student exactly as
+    one process does (float64). Before, the README said FSDP2 sums: unscaled, its gradients were 1/W."""
     import torch.multiprocessing as mp
 
     ex = _load("scm_step")
@@ -120,10 +124,10 @@ def test_scm_step_context_parallel_matches_one_process(tmp_path):
             ref_losses.append(ex.scm_step(student, teacher, logvar_net, opt, x0, text, step,
                                           ex.SCMConfig(warmup_steps=2), gen=gen)["loss"])
     ref = [p.detach() for p in student.parameters()]
-    for mode in ("ring", "ulysses"):
-        tmp = tmp_path / mode
+    for mode, fsdp in (("ring", False), ("ulysses", False), ("ring", True)):
+        tmp = tmp_path / f"{mode}{'-fsdp' * fsdp}"
         tmp.mkdir()
-        mp.spawn(_scm_cp_worker, args=(2, str(tmp), mode), nprocs=2, join=True)
+        mp.spawn(_scm_cp_worker, args=(2, str(tmp), mode, fsdp), nprocs=2, join=True)
         for rank in range(2):
             got = torch.load(tmp / f"rank{rank}.pt")
             assert all(abs(a - b) <= 1e-10 * max(1.0, abs(b)) for a, b in zip(got["losses"], ref_losses)), \
