@@ -3,6 +3,8 @@ torch.compile / opcheck, determinism, and a long single sample split across many
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -220,6 +222,36 @@ def test_torch_compile_fullgraph(use, compiler):
     ref = step(x2, f, c, u, xt, s)
     (gref,) = torch.autograd.grad(ref, x2)
     assert torch.allclose(out, ref, rtol=1e-6) and torch.allclose(gx, gref, rtol=1e-6)
+
+
+def test_torch_compile_fullgraph_float_options_that_change(use):
+    """A float option that changes between calls (a scheduled scale, SiD's alpha, a CFG coefficient, a float
+    weight) under torch.compile(fullgraph=True): from its second value dynamo makes it symbolic, and the ops'
+    finiteness check must trace (before: math.isfinite raised "Unsupported" there, and dynamic=True failed on the
+    first call). Results match eager for every value; a non-finite option still raises."""
+    x0, (f, c), _ = make(2, (3, 8), 2, dtype=torch.float32)
+    calls = {
+        "score_distill scale": lambda x, s: fd.score_distill(x, [f, c], [1.0, -1.0], norm_terms=[c], norm_coeffs=[1.0],
+                                                             scale=s),
+        "score_distill coeffs": lambda x, s: fd.score_distill(x, [f, c], [s, -s], norm=None),
+        "sid_loss alpha": lambda x, s: fd.sid_loss(x, f, c, alpha=s),
+        "scm_tangent_loss weight": lambda x, s: fd.scm_tangent_loss(x, [f, c], [1.0, -1.0], weight=s),
+        "denoise_regression_loss pred_coeff": lambda x, s: fd.denoise_regression_loss(x, [f], [-1.0], pred_coeff=s),
+    }
+    for name, fn in calls.items():
+        for dynamic in (None, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+            for s in (1.5, 2.5):
+                x = x0.detach().clone().requires_grad_()
+                out = compiled(x, s)
+                (gx,) = torch.autograd.grad(out, x)
+                x2 = x0.detach().clone().requires_grad_()
+                ref = fn(x2, s)
+                (gref,) = torch.autograd.grad(ref, x2)
+                assert torch.allclose(out, ref, rtol=1e-6) and torch.allclose(gx, gref, rtol=1e-6), (name, s)
+        with pytest.raises(ValueError, match="finite"):
+            fn(x0, math.inf)
 
 
 def test_opcheck(use):

@@ -6,7 +6,6 @@ autograd wiring (eager ``autograd.Function`` and ``torch.library`` custom ops fo
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
@@ -66,6 +65,13 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- argument checks
+def is_finite(v) -> bool:
+    """``math.isfinite`` for a float or a SymFloat: under ``torch.compile`` a float option that changes between
+    calls becomes symbolic, which ``math.isfinite`` cannot take; ``v − v == 0`` (false for ±inf and NaN) is a
+    guard there."""
+    return bool(v - v == 0)
+
+
 def check_tensor(name: str, t, like: torch.Tensor | None = None, *, shape_of: str = "x") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -129,7 +135,7 @@ def _coef_block(name: str, c, k: int, B: int, device) -> torch.Tensor | tuple[fl
         vals = tuple(float(v) for v in c)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a sequence of {k} floats or a tensor, got {type(c).__name__}") from None
-    if not all(math.isfinite(v) for v in vals):
+    if not all(is_finite(v) for v in vals):
         raise ValueError(f"{name}: expected finite coefficients, got {vals}")
     if len(vals) != k:
         raise ValueError(f"{name}: expected {k} coefficients (one per term), got {len(vals)}")
@@ -210,7 +216,7 @@ def x_coef(name: str, v, B: int, device) -> tuple:
         f = float(v)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a float or a per-sample tensor, got {type(v).__name__}") from None
-    if not math.isfinite(f):
+    if not is_finite(f):
         raise ValueError(f"{name}: expected a finite number, got {f}")
     return ((0,), (f,))
 

@@ -7,7 +7,6 @@ Every parameterisation and CFG form is passed as per-sample coefficients of full
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +20,7 @@ from fastdistill.ops._score_engine import (
     OP_SID,
     Plan,
     check_tensor,
+    is_finite,
     mask_2d,
     pack_coef,
     per_sample,
@@ -252,7 +252,7 @@ def _real(name: str, v) -> float:
         f = float(v)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a float, got {type(v).__name__}") from None
-    if not math.isfinite(f):
+    if not is_finite(f):
         raise ValueError(f"{name}: expected a finite number, got {f}")
     return f
 
