@@ -582,6 +582,29 @@ def test_compile_plain_attention_backward(use):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), name
 
 
+def test_compile_scale_and_sequence_length_that_change(use):
+    """A softmax scale that changes between calls (symbolic from its second value) and a sequence dim marked
+    dynamic, under fullgraph compile: equal to eager (before: math.isfinite on the symbolic scale raised
+    "Unsupported"). Head dims must stay static: torch.compile(dynamic=True) is not supported."""
+    def f(q, k, v, scale):
+        return fd.jvp_attention(q, k, v, scale=scale, causal=True)[0].square().sum()
+
+    compiled, cnt = _compiled(f)
+    for i, (S, scale) in enumerate(((9, 0.3), (11, 0.3), (6, 0.45))):
+        q, k, v, *_ = qkv(Sq=S, Sk=S, seed=40 + i)
+        out = []
+        for fn in (f, compiled):
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            for x in leaves:
+                torch._dynamo.mark_dynamic(x, 1)
+            loss = fn(*leaves, scale)
+            out.append((loss, *torch.autograd.grad(loss, leaves)))
+        for name, a, b in zip(("loss", "dq", "dk", "dv"), *out):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (S, name)
+        if i == 1:
+            assert cnt.frame_count == 1, cnt.frame_count  # a new sequence length reuses the graph
+
+
 @pytest.mark.parametrize("variant", ["tangents-bshd", "no-tangent-bhsd", "tv-only-fp32-tangent"])
 def test_opcheck(use, variant):
     q, k, v, tq, tk, tv = qkv(B=1, Sq=5, Sk=7, Hq=2, Hkv=1, D=8, Dv=4, seed=20)

@@ -193,6 +193,27 @@ def test_kd_torch_compile_fullgraph(use, topk):
     assert torch.allclose(out, ref, rtol=1e-6) and torch.allclose(g, gr, rtol=1e-6, atol=1e-9)
 
 
+def test_kd_torch_compile_fullgraph_temperature_that_changes(use):
+    """A temperature schedule under torch.compile(fullgraph=True) (and dynamic=True): from its second value the
+    float is symbolic, and the option check must trace (before: math.isfinite raised "Unsupported")."""
+    s = torch.randn(4, 40, generator=torch.Generator().manual_seed(3))
+    t = torch.randn(4, 40, generator=torch.Generator().manual_seed(4))
+
+    def f(x, T):
+        return fd.kd_loss(x, t, divergence="jsd", beta=T / 4, temperature=T, t2_scale=True)
+
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+        for T in (1.5, 2.5):
+            x, x2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+            out, ref = compiled(x, T), f(x2, T)
+            (g,), (gr,) = torch.autograd.grad(out, x), torch.autograd.grad(ref, x2)
+            assert torch.allclose(out, ref, rtol=1e-6) and torch.allclose(g, gr, rtol=1e-6, atol=1e-9), (dynamic, T)
+    with pytest.raises(ValueError, match="temperature"):
+        fd.kd_loss(s, t, temperature=float("inf"))
+
+
 def test_kd_nan_input_shows(use):
     """A NaN logit makes its row's loss NaN (never silently dropped); other rows are unaffected."""
     s = torch.randn(3, 40, dtype=F64)

@@ -69,6 +69,13 @@ class _ReadOnce:
         setattr(self._ctx, name, value)
 
 
+def is_finite(v) -> bool:
+    """``math.isfinite`` for a float or a SymFloat: under ``torch.compile`` a float option that changes between
+    calls becomes symbolic, which ``math.isfinite`` cannot take; ``v − v == 0`` (false for ±inf and NaN) is a
+    guard there."""
+    return bool(v - v == 0)
+
+
 def autocast_off(device_type: str):
     """``torch.autocast(device_type, enabled=False)`` where autocast exists for the device type; a no-op context
     elsewhere (e.g. ``meta``, where ``torch.autocast`` itself raises)."""

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdistill import _backend
-from fastdistill.ops._common import first_order, select_backend
+from fastdistill.ops._common import first_order, is_finite, select_backend
 from fastdistill.reference import score as _ref
 
 OP_SCORE, OP_SID, OP_SCM, OP_DENOISE = 0, 1, 2, 3
@@ -65,13 +65,6 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- argument checks
-def is_finite(v) -> bool:
-    """``math.isfinite`` for a float or a SymFloat: under ``torch.compile`` a float option that changes between
-    calls becomes symbolic, which ``math.isfinite`` cannot take; ``v − v == 0`` (false for ±inf and NaN) is a
-    guard there."""
-    return bool(v - v == 0)
-
-
 def check_tensor(name: str, t, like: torch.Tensor | None = None, *, shape_of: str = "x") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")

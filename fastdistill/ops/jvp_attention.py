@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from fastdistill import _backend
-from fastdistill.ops._common import check_choice, first_order, select_backend
+from fastdistill.ops._common import check_choice, first_order, is_finite, select_backend
 from fastdistill.reference import jvp_attention as _ref
 
 OP = "jvp_attention"
@@ -416,7 +416,7 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
         tq, tk, tv = (t if t is None or t.numel() == 0 or t.stride(-1) == 1 else t.contiguous() for t in duals)
     Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
     scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
-    if not math.isfinite(scale):
+    if not is_finite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale}")
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     want_t = any(t is not None for t in (tq, tk, tv))

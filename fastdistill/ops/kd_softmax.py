@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
 from fastdistill import _backend
-from fastdistill.ops._common import check_choice, first_order, select_backend
+from fastdistill.ops._common import check_choice, first_order, is_finite, select_backend
 from fastdistill.reference import kd_softmax as _ref
 
 DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
@@ -76,7 +75,7 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
             raise ValueError(f"{name}: expected a value in [0.0, 1.0], got {v}")
     for name, v in (("temperature", temperature), ("teacher_temperature", teacher_temperature),
                     ("softcap", softcap), ("logit_scale", logit_scale)):
-        if v is not None and not (float(v) > 0 and math.isfinite(float(v))):
+        if v is not None and not (float(v) > 0 and is_finite(float(v))):
             raise ValueError(f"{name}: expected a positive finite number, got {v}")
     if topk and topk != TOPK_SEMANTICS["renorm"] and teacher_temperature not in (None, 1.0):
         raise ValueError(f"teacher_temperature: only topk_semantics='renorm' can re-temper stored log-probs "
