@@ -139,6 +139,9 @@ def _args():
     (lambda a: a.update(coeffs=[1.0, float("nan")]), r"terms coefficients: expected finite"),
     (lambda a: a.update(scale=torch.ones(2)), r"scale: expected a float .*per-sample values"),
     (lambda a: a.update(phi="pseudo_huber", huber_c=float("nan")), r"huber_c: expected a finite number"),
+    # c² below fp32's normal range: φ(0) = 0/0 (before: NaN on the reference backend, every sample flagged bad on
+    # Triton through its padded lanes); fp64 accumulation takes it
+    (lambda a: a.update(phi="pseudo_huber", huber_c=1e-23), r"huber_c: 1e-23 is below 1.08e-19"),
     (lambda a: a.update(norm_clamp=float("inf")), r"norm_clamp: expected a finite number"),
 ])
 def test_score_distill_bad_args(mutate, match):
@@ -147,6 +150,18 @@ def test_score_distill_bad_args(mutate, match):
     mutate(a)
     with pytest.raises((ValueError, TypeError), match=match):
         fd.score_distill(a.pop("x"), a.pop("terms"), a.pop("coeffs"), **a)
+
+
+def test_tiny_huber_c_in_fp64(use):
+    """huber_c = 1e-23 with fp64 accumulation: φ(0) = 0, finite loss and gradient (c² is normal in fp64)."""
+    x, f, c = (t.double() for t in _args())
+    x.requires_grad_()
+    f = f.clone()
+    f[0, 0] = c[0, 0]  # d = 0 at one element
+    loss, stats = fd.score_distill(x, [f, c], [1.0, -1.0], norm=None, phi="pseudo_huber", huber_c=1e-23,
+                                   accum_dtype=torch.float64, return_stats=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and not stats["bad"].any()
 
 
 def test_other_ops_bad_args():

@@ -103,6 +103,11 @@ def score_distill(
         raise ValueError("norm_coeffs / norm_terms: given, but norm=None")
     if _real("huber_c", huber_c) <= 0 and phi == "pseudo_huber":
         raise ValueError(f"huber_c: expected > 0, got {huber_c}")
+    c_min = torch.finfo(accum_dtype).tiny ** 0.5  # (accum_dtype checked by _common)
+    if phi == "pseudo_huber" and _real("huber_c", huber_c) < c_min:  # c² below the normal range: φ(0) = 0/0
+        raise ValueError(f"huber_c: {huber_c:.3g} is below {c_min:.3g}, where c² leaves {accum_dtype}'s normal "
+                         "range (φ(d) = d/√(d² + c²) would be 0/0 at d = 0); use accum_dtype=torch.float64 or a "
+                         "larger c")
     all_terms, rows, uses = unify_terms(groups, x, B)
     if len(all_terms) == 0:
         raise ValueError("terms: expected at least one tensor")
