@@ -103,6 +103,19 @@ SM80_FUSED_MAX_HEAD_DIM = 128
 _SLP_FWD_PLAIN = {**_SM80_FWD_PLAIN, 64: (128, 64, 8, 2), 256: (32, 64, 8, 2)}
 _SLP_FWD_TANGENT = {**_SM80_FWD_TANGENT, 64: (128, 16, 8, 2), 256: (16, 16, 8, 2)}
 _SLP_BWD = {**_SM80_BWD, 32: (32, 64, 4, 2)}
+if _TRITON_VER < (3, 9):
+    # Triton < 3.9 (checked: 3.6, the Triton of torch 2.10 / 2.11) runs the SLP vectorizer on sm_80 too, and the
+    # tables above spill there: on sm_80 the fused JVP pass at head dims 64-128 (32-64 B), the plain forward
+    # (804 B) and two_pass tangent pass (60 B) at 256, dk/dv at 32 (24 B); on sm_89 the fused pass at 128 (40 B),
+    # the tangent pass at 128 (8 B), the plain forward at 256 (96 B). No fused tile spills nowhere at head dim 128
+    # on either (two_pass serves it); these entries spill on neither (attn_config_search.py run under 3.6, --arch
+    # 80 and 89, the same ranking; compile only, not timed).
+    SM80_FUSED_MAX_HEAD_DIM = 64
+    _SM80_FWD_PLAIN = {**_SM80_FWD_PLAIN, 256: (64, 16, 8, 2)}
+    _SM80_FWD_TANGENT = {**_SM80_FWD_TANGENT, 64: (128, 16, 8, 2), 256: (16, 32, 8, 2)}
+    _SM80_BWD = {**_SM80_BWD, 32: (32, 64, 4, 2)}
+    _SLP_FWD_PLAIN = {**_SLP_FWD_PLAIN, 256: (64, 16, 8, 2)}
+    _SLP_FWD_TANGENT = {**_SLP_FWD_TANGENT, 128: (32, 64, 8, 2)}
 
 
 def _bucket(dqk: int, dv: int) -> int:

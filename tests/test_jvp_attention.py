@@ -685,3 +685,32 @@ def test_mu_buffer_strides_checked():
         kern.attn_fwd(q, k, v, q, None, None, o, to, lse, torch.empty(1, 2, 8)[:, :, :5], causal=False, scale=0.25)
     kern.attn_fwd(q, k, v, q, None, None, o, to, lse, torch.empty(3, 2, 5)[:1], causal=False, scale=0.25)
     assert torch.isfinite(o).all() and torch.isfinite(to).all()
+
+
+def test_tables_under_triton_36():
+    """Under Triton < 3.9 (3.6: torch 2.10 / 2.11) sm_80 / sm_89 take their own entries and two_pass from head dim
+    80, where the 3.9 tables spill (compile-checked under 3.6 by hand: docs/jvp_attention.md); sm_90 keeps its
+    own 3.6 entries. The version is faked in a fresh interpreter: only the table wiring is checked here."""
+    import subprocess
+    import sys
+
+    code = """
+import triton
+triton.__version__ = "3.6.0"
+from fastdistill.kernels import jvp_attention as A
+assert A._TRITON_VER == (3, 6)
+assert [A.jvp_mode(d, d, arch) for d in (64, 128) for arch in (80, 89, 90)] == \\
+    ["fused"] * 3 + ["two_pass", "two_pass", "fused"]
+assert A.fwd_config(64, 64, True, arch=80) == (128, 16, 8, 2)
+assert A.fwd_config(256, 256, False, arch=80) == A.fwd_config(256, 256, False, arch=89) == (64, 16, 8, 2)
+assert A.fwd_config(256, 256, True, arch=80) == (16, 32, 8, 2)
+assert A.fwd_config(128, 128, True, arch=89) == (32, 64, 8, 2)
+assert A.bwd_config(32, 32, arch=80) == A.bwd_config(32, 32, arch=89) == (32, 64, 4, 2)
+assert A.fwd_config(256, 256, False, arch=90) == (32, 32, 8, 2)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from fastdistill.kernels import jvp_attention as A  # this interpreter's Triton: the 3.9 tables, unchanged
+
+    if A._TRITON_VER >= (3, 9):
+        assert A.jvp_mode(128, 128, 80) == "fused" and A.fwd_config(64, 64, True, arch=80) == (128, 32, 8, 2)
