@@ -164,6 +164,18 @@ def test_tiny_huber_c_in_fp64(use):
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and not stats["bad"].any()
 
 
+def test_to_num_keeps_finite_fp64_losses(use):
+    """nan="to_num" with fp64 accumulation: per-sample losses beyond fp32's range but finite are kept, as
+    torch.nan_to_num does (before: the Triton kernel clamped them to 3.4e38 while the reference kept them)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, generator=g, dtype=F64)
+    fake, real = (torch.randn(2, 32, generator=g, dtype=F64) * 1e30 for _ in range(2))
+    loss = fd.score_distill(x, [fake, real], [1.0, -1.0], norm=None, reduction="none", nan="to_num",
+                            accum_dtype=torch.float64)
+    ref = 0.5 * ((fake - real) ** 2).sum(1)
+    assert ref.min() > 1e50 and torch.allclose(loss.double(), ref, rtol=1e-12)
+
+
 def test_other_ops_bad_args():
     x, f, c = _args()
     with pytest.raises(TypeError, match="f_real: expected a tensor or a pair"):
