@@ -176,6 +176,18 @@ def test_to_num_keeps_finite_fp64_losses(use):
     assert ref.min() > 1e50 and torch.allclose(loss.double(), ref, rtol=1e-12)
 
 
+@pytest.mark.parametrize("nan", ["zero_sample", "to_num", "raise"])
+def test_meta_tensors(nan):
+    """Shapes on the meta device (model-size dry runs), forward and backward, every NaN policy (before: nan="raise"
+    read the bad flags' values, which meta tensors do not have)."""
+    x = torch.empty(2, 3, 8, device="meta", requires_grad=True)
+    f, c = torch.empty(2, 3, 8, device="meta"), torch.empty(2, 3, 8, device="meta")
+    loss = fd.score_distill(x, [f, c], [1.0, -1.0], norm_terms=[c], norm_coeffs=[1.0], nan=nan)
+    assert loss.device.type == "meta" and loss.shape == ()
+    loss.backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+
+
 def test_other_ops_bad_args():
     x, f, c = _args()
     with pytest.raises(TypeError, match="f_real: expected a tensor or a pair"):
