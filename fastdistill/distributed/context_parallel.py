@@ -575,7 +575,7 @@ class _ContextParallel(torch.autograd.Function):
     @staticmethod
     @first_order("context_parallel_jvp_attention")
     def backward(ctx, do, dto, dlse, dmu):
-        if _reached(dto) or _reached(dmu):
+        if _reached(dto, dmu):
             raise RuntimeError(_STOP_GRAD)
         cfg = ctx.cfg
         saved = ctx.saved_tensors

@@ -163,11 +163,15 @@ _STOP_GRAD = ("jvp_attention: the tangent outputs (Ȯ, d lse) are stop-gradient 
               "(`to.detach()`) or compute the second-order term another way.")
 
 
-def _reached(g: torch.Tensor | None) -> bool:
+def _reached(*grads: torch.Tensor | None) -> bool:
     """Whether a loss reached a stop-gradient tangent output: a gradient that is not None and not all zeros. Zeros
     come from autograd.Functions that read the tangent but give it no gradient (FSDP2's pre-backward hook re-applies
-    one to every tangent; a next layer's tangent input through a user Function); they carry no term to lose."""
-    return g is not None and bool(g.any())
+    one to every tangent; a next layer's tangent input through a user Function); they carry no term to lose.
+    Reading that flag is one host synchronisation per call, only where such a gradient arrives (None: none)."""
+    gs = [g for g in grads if g is not None]
+    if not gs:
+        return False
+    return bool(gs[0].any() if len(gs) == 1 else torch.stack([g.any() for g in gs]).any())
 
 
 class _NoGrad(torch.autograd.Function):
@@ -249,7 +253,7 @@ class _DualFunction(torch.autograd.Function):
     @staticmethod
     @first_order(OP)
     def backward(ctx, do, dto, dlse, dmu, _dlo):
-        if _reached(dto) or _reached(dmu):
+        if _reached(dto, dmu):
             raise RuntimeError(_STOP_GRAD)
         q, k, v, o, lse, lo = ctx.saved_tensors
         causal, scale, layout, backend = ctx.cfg
