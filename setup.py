@@ -17,7 +17,7 @@ import re
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXT_ABI = 1  # must match fastdistill/_backend.py EXT_ABI
@@ -129,8 +129,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fastdistill", "fastdistill.ops", "fastdistill.reference", "fastdistill.bench",
-              "fastdistill.kernels"],
+    packages=[*find_packages(include=["fastdistill", "fastdistill.*"]), "fastdistill.kernels"],
     package_dir={"fastdistill.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -111,15 +111,27 @@ print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"
 nvcc --version | tail -n 2; echo ninja \$(ninja --version); $PY -m pip list 2>/dev/null |
 grep -i -E '^(torch|triton|pybind11|pytest|numpy|ninja) '"
 
-# MAX_JOBS: setup.py derives it from cores and free RAM unless it is set in the environment
-step 01_build 110 "FASTDISTILL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0a \
+# MAX_JOBS=4: three sources (setup.py would derive it from the free RAM, which a VM may report as small)
+step 01_build 110 "MAX_JOBS=4 FASTDISTILL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0a \
 $PY -m pip install --no-build-isolation --no-deps -v -e ."
+# Only the editable install maps fastdistill.kernels to kernels/: if the CUDA build failed or timed out, install
+# without the extension, so that the Triton and reference steps below still run (step 01 stays failed)
+if ! "$PY" -c "import fastdistill.kernels" 2>/dev/null; then
+    echo "=== no install after 01_build: installing without the CUDA extension" | tee -a "$OUT/01_build.log"
+    FASTDISTILL_SKIP_CUDA_BUILD=1 timeout 60 "$PY" -m pip install --no-build-isolation --no-deps -e . \
+        >>"$OUT/01_build.log" 2>&1
+fi
 
 step 02_info 15 "$PY -m fastdistill info"
 
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 4"
-step 03_pytest 135 "$PY -m pytest tests -m gpu -q -rfE $XDIST --junitxml='$OUT/pytest-junit.xml'"
+# pytest-timeout >= 2.3: pytest stops itself 20 s before the step's timeout and writes its summary and junit
+# (SIGINT to 4 xdist workers may take longer than the 10 s grace before SIGKILL)
+PT=""
+"$PY" -c "import importlib.metadata as m; v = m.version('pytest-timeout').split('.'); assert (int(v[0]), int(v[1])) >= (2, 3)" \
+    2>/dev/null && PT='--session-timeout=$((STEP_T - 20))'
+step 03_pytest 135 "$PY -m pytest tests -m gpu -q -rfE $XDIST $PT --junitxml='$OUT/pytest-junit.xml'"
 
 step 04_bench 30 "$PY -m fastdistill bench --family score --csv '$OUT/h200.csv'"
 

@@ -305,12 +305,14 @@ def _math_sdpa():
 # ----------------------------------------------------------------------------- driver
 def build(preset: Preset, device, dtype, seed: int = 0):
     torch.manual_seed(seed)
-    teacher = DiT(preset).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    with torch.device(device):  # initialised in place (wan-1.3b-like: 1.4B parameters, no CPU copy to move)
+        teacher = DiT(preset).to(dtype=dtype).eval().requires_grad_(False)
     for blk in teacher.blocks:  # a non-trivial "pretrained" teacher: randomise the zero-initialised gates
         nn.init.normal_(blk.ada.weight, std=0.02)
     nn.init.normal_(teacher.ada.weight, std=0.02)
     student = copy.deepcopy(teacher).train().requires_grad_(True)  # sCM initialises the student from the teacher
-    logvar_net = LogVar().to(device=device, dtype=dtype)
+    with torch.device(device):
+        logvar_net = LogVar().to(dtype=dtype)
     opt = torch.optim.Adam(list(student.parameters()) + list(logvar_net.parameters()), lr=1e-4)
     return student, teacher, logvar_net, opt
 

@@ -312,13 +312,17 @@ def _math_jvp(x: _Inputs, mode: str, causal: bool, scale: float) -> _Provider:
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
+    too_big = None
+    if h["q"].is_cuda:  # fail fast (a reason in the table) instead of an out-of-memory half-way through; read once,
+        need = MATH_BYTES_PER_SCORE[mode] * B * H * S * S  # outside the timed body
+        free, _ = torch.cuda.mem_get_info(h["q"].device)
+        if need > free:
+            too_big = (f"math attention would need ≈{need / 1e9:.0f} GB ({MATH_BYTES_PER_SCORE[mode]} B per score "
+                       f"element), {free / 1e9:.0f} GB free")
+
     def body():
-        if h["q"].is_cuda:  # fail fast (a reason in the table) instead of an out-of-memory half-way through
-            need = MATH_BYTES_PER_SCORE[mode] * B * H * S * S
-            free, _ = torch.cuda.mem_get_info(h["q"].device)
-            if need > free:
-                raise MemoryError(f"math attention would need ≈{need / 1e9:.0f} GB "
-                                  f"({MATH_BYTES_PER_SCORE[mode]} B per score element), {free / 1e9:.0f} GB free")
+        if too_big is not None:
+            raise MemoryError(too_big)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.MATH):

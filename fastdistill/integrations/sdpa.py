@@ -262,7 +262,7 @@ def _checkpointed(*xs) -> bool:
         return False
     try:
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
-    except (AttributeError, RuntimeError):  # a torch without the query: treat as not checkpointed
+    except (AttributeError, RuntimeError, TypeError):  # a torch without the query: treat as not checkpointed
         return False
     return bool(hooks) and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
 
