@@ -263,11 +263,17 @@ def test_torch_compile_fullgraph(use, compiler):
     assert torch.allclose(out, ref, rtol=1e-6) and torch.allclose(gx, gref, rtol=1e-6)
 
 
-def test_torch_compile_fullgraph_float_options_that_change(use):
+def test_torch_compile_fullgraph_float_options_that_change():
     """A float option that changes between calls (a scheduled scale, SiD's alpha, a CFG coefficient, a float
     weight) under torch.compile(fullgraph=True): from its second value dynamo makes it symbolic, and the ops'
     finiteness check must trace (before: math.isfinite raised "Unsupported" there, and dynamic=True failed on the
-    first call). Results match eager for every value; a non-finite option still raises."""
+    first call). Results match eager for every value; a non-finite option still raises. (The reference backend:
+    the options are checked before any backend runs; the CPU suite's time.)"""
+    with fd.use_backend("reference"):
+        _float_options_that_change()
+
+
+def _float_options_that_change():
     x0, (f, c), _ = make(2, (3, 8), 2, dtype=torch.float32)
     calls = {
         "score_distill scale": lambda x, s: fd.score_distill(x, [f, c], [1.0, -1.0], norm_terms=[c], norm_coeffs=[1.0],
