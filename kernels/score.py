@@ -316,14 +316,12 @@ def _score_finalize_kernel(part_ptr, sums_ptr, weight_ptr, logvar_ptr, state_ptr
             gco = 2.0 * beta * h * inv
             bad = (v3 > 0) | ~_fits(v4 * gco, gmax) | ~_finite(h)
         if TO_NUM:  # NaN -> 0, ±inf -> ±max of the accumulation dtype (torch.nan_to_num; finite values kept)
-            loss = tl.where(loss != loss, 0.0, loss)
-            dlv = tl.where(dlv != dlv, 0.0, dlv)
             if ACC == tl.float64:
-                loss = tl.minimum(tl.maximum(loss, -1.7976931348623157e308), 1.7976931348623157e308)
-                dlv = tl.minimum(tl.maximum(dlv, -1.7976931348623157e308), 1.7976931348623157e308)
+                loss = _to_num(loss, 1.7976931348623157e308)
+                dlv = _to_num(dlv, 1.7976931348623157e308)
             else:
-                loss = tl.minimum(tl.maximum(loss, -FMAX), FMAX)
-                dlv = tl.minimum(tl.maximum(dlv, -FMAX), FMAX)
+                loss = _to_num(loss, FMAX)
+                dlv = _to_num(dlv, FMAX)
         elif OP != 2:
             loss = tl.where(bad, 0.0, loss)
             gco = tl.where(bad, 0.0, gco)

@@ -31,7 +31,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
-from fastdistill.ops._common import check_choice, first_order, select_backend
+from fastdistill.ops._common import check_choice, first_order, reached, select_backend
 from fastdistill.ops.jvp_attention import (
     _STOP_GRAD,
     LAYOUTS,
@@ -45,7 +45,6 @@ from fastdistill.ops.jvp_attention import (
     _impl,
     _NoGrad,
     _out_shape,
-    _reached,
     _stat_dtype,
     autograd_levels,
     jvp_attention,
@@ -575,7 +574,7 @@ class _ContextParallel(torch.autograd.Function):
     @staticmethod
     @first_order("context_parallel_jvp_attention")
     def backward(ctx, do, dto, dlse, dmu):
-        if _reached(dto, dmu):
+        if reached(dto, dmu):
             raise RuntimeError(_STOP_GRAD)
         cfg = ctx.cfg
         saved = ctx.saved_tensors

@@ -43,9 +43,21 @@ class _SecondOrder(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        if g is None or not bool(g.any()):  # nothing reached the gradient (or only zeros): no second derivative
+        if not reached(g):  # nothing reached the gradient (or only zeros): no second derivative
             return (None,) * ctx.n
         raise RuntimeError(ctx.msg)
+
+
+def reached(*grads: torch.Tensor | None) -> bool:
+    """Whether a backward reached an output a guard protects (a stop-gradient tangent, a gradient that must not be
+    differentiated): a gradient that is not None and not all zeros. Zeros come from autograd.Functions that read the
+    output but give it no gradient (FSDP2's pre-backward hook re-applies one to every tangent; a next layer's
+    tangent input through a user Function); they carry no term to lose. Reading that flag is one host
+    synchronisation, only where such a gradient arrives (None: none)."""
+    gs = [g for g in grads if g is not None]
+    if not gs:
+        return False
+    return bool(gs[0].any() if len(gs) == 1 else torch.stack([g.any() for g in gs]).any())
 
 
 class _ReadOnce:

@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from fastdistill import _backend
-from fastdistill.ops._common import check_choice, first_order, is_finite, select_backend
+from fastdistill.ops._common import check_choice, first_order, is_finite, reached, select_backend
 from fastdistill.reference import jvp_attention as _ref
 
 OP = "jvp_attention"
@@ -163,17 +163,6 @@ _STOP_GRAD = ("jvp_attention: the tangent outputs (Ȯ, d lse) are stop-gradient 
               "(`to.detach()`) or compute the second-order term another way.")
 
 
-def _reached(*grads: torch.Tensor | None) -> bool:
-    """Whether a loss reached a stop-gradient tangent output: a gradient that is not None and not all zeros. Zeros
-    come from autograd.Functions that read the tangent but give it no gradient (FSDP2's pre-backward hook re-applies
-    one to every tangent; a next layer's tangent input through a user Function); they carry no term to lose.
-    Reading that flag is one host synchronisation per call, only where such a gradient arrives (None: none)."""
-    gs = [g for g in grads if g is not None]
-    if not gs:
-        return False
-    return bool(gs[0].any() if len(gs) == 1 else torch.stack([g.any() for g in gs]).any())
-
-
 class _NoGrad(torch.autograd.Function):
     """Identity whose backward raises: marks a tangent output as stop-gradient, loudly."""
 
@@ -189,7 +178,7 @@ class _NoGrad(torch.autograd.Function):
     def backward(ctx, g):
         # None: the tangent fed only ops that give it no gradient (the next attention layer's tangent input, with
         # dual tensors or explicit pairs); zeros: the same through an autograd.Function that materialises them
-        if not _reached(g):
+        if not reached(g):
             return None, None
         raise RuntimeError(_STOP_GRAD)
 
@@ -253,7 +242,7 @@ class _DualFunction(torch.autograd.Function):
     @staticmethod
     @first_order(OP)
     def backward(ctx, do, dto, dlse, dmu, _dlo):
-        if _reached(dto, dmu):
+        if reached(dto, dmu):
             raise RuntimeError(_STOP_GRAD)
         q, k, v, o, lse, lo = ctx.saved_tensors
         causal, scale, layout, backend = ctx.cfg
