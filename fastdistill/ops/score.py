@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastdistill.ops._common import check_choice
+from fastdistill.ops._common import check_choice, is_finite
 from fastdistill.ops._score_engine import (
     NAN_POLICIES,
     OP_DENOISE,
@@ -20,7 +20,6 @@ from fastdistill.ops._score_engine import (
     OP_SID,
     Plan,
     check_tensor,
-    is_finite,
     mask_2d,
     pack_coef,
     per_sample,
