@@ -141,7 +141,8 @@ def _args():
     (lambda a: a.update(phi="pseudo_huber", huber_c=float("nan")), r"huber_c: expected a finite number"),
     # c² below fp32's normal range: φ(0) = 0/0 (before: NaN on the reference backend, every sample flagged bad on
     # Triton through its padded lanes); fp64 accumulation takes it
-    (lambda a: a.update(phi="pseudo_huber", huber_c=1e-23), r"huber_c: 1e-23 is below 1.08e-19"),
+    (lambda a: a.update(phi="pseudo_huber", huber_c=1e-23, accum_dtype=torch.float32),
+     r"huber_c: 1e-23 is below 1.08e-19"),
     (lambda a: a.update(norm_clamp=float("inf")), r"norm_clamp: expected a finite number"),
 ])
 def test_score_distill_bad_args(mutate, match):

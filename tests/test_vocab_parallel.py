@@ -89,6 +89,9 @@ KD_CASES = dict([
     K("fkl-empty-rows", divergence="fkl", lead=(0,)),
     K("jsd-subgroup", divergence="jsd", labels=True, hard_label_alpha=0.3, layout="uneven", subgroup=True),
     K("fkl-accum-fp32", divergence="fkl", labels=True, hard_label_alpha=0.3, accum32=True, layout="uneven"),
+    # accum_dtype not given: fp64 shards must give fp64 statistics (the fp64 tolerance fails with fp32)
+    K("jsd-default-accum", divergence="jsd", beta=0.3, labels=True, hard_label_alpha=0.2, default_accum=True,
+      layout="uneven"),
     K("fkl-mixed-vocab-start", divergence="fkl", labels=True, hard_label_alpha=0.2, layout="mixed", short=True),
     K("jsd-cached-layout-mean", divergence="jsd", layout="permuted", reduction="mean", cache=True, short=True),
 ])
@@ -163,6 +166,8 @@ VPTOPK32_CASES = dict([
 ])
 
 FUSED_CASES = dict([
+    K("fused-fkl-default-accum", kind="fused", teacher="hidden", divergence="fkl", default_accum=True,
+      layout="uneven"),
     K("fused-fkl-bias-alpha", kind="fused", teacher="hidden", bias=True, divergence="fkl", labels=True,
       hard_label_alpha=0.3, temperature=2.0, layout="uneven"),
     K("fused-jsd-chunk2", kind="fused", teacher="hidden", divergence="jsd", beta=0.3, chunk_size=2, weights=True,
@@ -298,6 +303,8 @@ def _case_on_rank(name: str, rank: int, world: int, group) -> dict:
     start = None if layout == "equal" or (layout == "mixed" and rank == 0) else a
     fp32 = c.get("accum32") or c.get("fp32")
     kw = dict(d["kw"], group=group, vocab_start=start, accum_dtype=torch.float32 if fp32 else F64)
+    if c.get("default_accum"):
+        del kw["accum_dtype"]
     if c.get("fp32"):
         d["s"], d["t"] = d["s"].float(), d["t"].float()
     kind = c["kind"]

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from fastdistill.ops._common import check_choice, first_order
+from fastdistill.ops._common import check_choice, first_order, resolve_accum, save_constants, saved_constants
 from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
 from fastdistill.reference.kd_softmax import (
     bucket_div,
@@ -518,7 +518,7 @@ class _VocabParallelKD(torch.autograd.Function):
         st, uk, V = _forward(run, s, t, ids, labels, mask, weights)
         loss, factor = _reduce(run.p, st, V)
         ctx.run = run
-        ctx.save_for_backward(s, t, ids, labels, weights, st, uk, factor)
+        save_constants(ctx, s, t, ids, labels, weights, st, uk, factor)
         ctx.set_materialize_grads(False)
         return st[:, _CONTRIB].clone() if run.p.red == 3 else loss
 
@@ -527,7 +527,7 @@ class _VocabParallelKD(torch.autograd.Function):
     def backward(ctx, g):
         if g is None:
             return (None,) * 7
-        s, t, ids, labels, weights, st, uk, factor = ctx.saved_tensors
+        s, t, ids, labels, weights, st, uk, factor = saved_constants(ctx)
         run = ctx.run
         acc = run.p.accum_dtype
         out = torch.empty_like(s)
@@ -629,7 +629,7 @@ def vocab_parallel_kd_loss(
     softcap: float | None = None,
     logit_scale: float | None = None,
     topk_semantics: str = "tail_bucket",
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``fastdistill.kd_loss`` on vocab-sharded logits (tensor parallelism): every rank of ``group`` holds
     the same rows and the vocab slice ``[vocab_start, vocab_start + V_r)`` of both models.
@@ -660,7 +660,7 @@ def vocab_parallel_kd_loss(
         vocab_start, "teacher_logits_shard", divergence=divergence, beta=beta, skew=skew, temperature=temperature,
         teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
         num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap, logit_scale=logit_scale,
-        accum_dtype=accum_dtype)
+        accum_dtype=resolve_accum(accum_dtype, s))
     s2 = s.reshape(N, Vr)
     if s2.stride(-1) != 1:
         s2 = s2.contiguous()

@@ -12,7 +12,14 @@ import torch.distributed as dist
 
 import fastdistill.distributed.vocab_parallel as _vp
 from fastdistill.distributed.vocab_parallel import _CONTRIB, _FLOAT_DTYPES, NSTATE, _common, _reduce, _Shard
-from fastdistill.ops._common import autocast_off, first_order, graph_anchor
+from fastdistill.ops._common import (
+    autocast_off,
+    first_order,
+    graph_anchor,
+    resolve_accum,
+    save_constants,
+    saved_constants,
+)
 
 __all__ = ["vocab_parallel_fused_linear_kd_loss"]
 
@@ -113,7 +120,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
                 dist.all_reduce(grads[0], op=dist.ReduceOp.SUM, group=sh.group)
             ctx.save_for_backward(*grads)
         else:
-            ctx.save_for_backward(h, W, b, th, tW, tb, t, ids, labels, weights, st, uk, factor)
+            save_constants(ctx, h, W, b, th, tW, tb, t, ids, labels, weights, st, uk, factor)
         return st[:, _CONTRIB].clone() if p.red == 3 else loss
 
     @staticmethod
@@ -135,7 +142,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
             go = go.to(acc)
             out = [x * go if x is not None else None for x in (dh, dW, db)]
         else:
-            h, W, b, th, tW, tb, t, ids, labels, weights, st, uk, factor = ctx.saved_tensors
+            h, W, b, th, tW, tb, t, ids, labels, weights, st, uk, factor = saved_constants(ctx)
             need = ctx.needs_input_grad[2:5]
             out = [torch.zeros(x.shape, dtype=acc, device=x.device) if x is not None and n else None
                    for x, n in zip((h, W, b), need)]
@@ -224,7 +231,7 @@ def vocab_parallel_fused_linear_kd_loss(
     softcap: float | None = None,
     logit_scale: float | None = None,
     topk_semantics: str = "tail_bucket",
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``vocab_parallel_kd_loss`` of ``student_hidden @ student_weight_shardᵀ (+ bias)`` without the
     ``[N, V_r]`` logits: rows are processed in chunks (logits in fp32, the loss's collectives per chunk,
@@ -289,7 +296,7 @@ def vocab_parallel_fused_linear_kd_loss(
         vocab_start, "teacher_logits_shard", divergence=divergence, beta=beta, skew=skew, temperature=temperature,
         teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
         num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap, logit_scale=logit_scale,
-        accum_dtype=accum_dtype)
+        accum_dtype=resolve_accum(accum_dtype, h, W))
     if chunk_size == "auto":
         rows = _auto_rows(run.sh, N, Vr, H, h.device)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

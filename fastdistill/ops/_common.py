@@ -60,6 +60,23 @@ def reached(*grads: torch.Tensor | None) -> bool:
     return bool(gs[0].any() if len(gs) == 1 else torch.stack([g.any() for g in gs]).any())
 
 
+def save_constants(ctx, *tensors) -> None:
+    """``ctx.save_for_backward(*tensors)``, except that inference tensors (a frozen teacher run under
+    ``torch.inference_mode()``) are held on the context: autograd refuses to save them, and here they are
+    constants the op never differentiates (they cannot be modified in place outside inference mode, so no
+    version check is lost). Read back with ``saved_constants``."""
+    held = {i: x for i, x in enumerate(tensors) if isinstance(x, torch.Tensor) and x.is_inference()}
+    ctx.save_for_backward(*(None if i in held else x for i, x in enumerate(tensors)))
+    ctx.fd_held = held
+
+
+def saved_constants(ctx) -> tuple:
+    """What ``save_constants`` saved, in order."""
+    saved = ctx.saved_tensors
+    held = getattr(ctx, "fd_held", None)
+    return tuple(held.get(i, x) for i, x in enumerate(saved)) if held else tuple(saved)
+
+
 class _ReadOnce:
     """The backward's context with ``saved_tensors`` unpacked once (non-reentrant checkpointing allows one unpack
     per backward); every other attribute is the context's."""
@@ -79,6 +96,16 @@ class _ReadOnce:
 
     def __setattr__(self, name, value):
         setattr(self._ctx, name, value)
+
+
+def resolve_accum(accum_dtype, *inputs) -> torch.dtype:
+    """``accum_dtype=None`` (the default of the kd and score ops): float64 when an input is float64, else
+    float32 — float64 in gives float64 statistics and a float64 loss, as in PyTorch. An explicit value is
+    returned unchanged (and checked by the op)."""
+    if accum_dtype is not None:
+        return accum_dtype
+    f64 = any(getattr(x, "dtype", None) == torch.float64 for x in inputs)
+    return torch.float64 if f64 else torch.float32
 
 
 def is_finite(v) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdistill import _backend
-from fastdistill.ops._common import first_order, is_finite, select_backend
+from fastdistill.ops._common import first_order, is_finite, save_constants, saved_constants, select_backend
 from fastdistill.reference import score as _ref
 
 OP_SCORE, OP_SID, OP_SCM, OP_DENOISE = 0, 1, 2, 3
@@ -299,7 +299,7 @@ class _ScoreFunction(torch.autograd.Function):
         ctx.p, ctx.backend, ctx.shape = p, backend, x.shape
         ctx.fd_anchors = (logvar,)  # first_order: a second derivative depends on it too (not saved; [B], small)
         ctx.term_shapes = [t.shape for t in terms]
-        ctx.save_for_backward(x2, coef, mask, state, *t2)
+        save_constants(ctx, x2, coef, mask, state, *t2)
         ctx.mark_non_differentiable(loss_i, state)
         ctx.set_materialize_grads(False)  # no zero tensors for the grads of loss_i / state
         out = loss_i.clone() if p.red == 3 else loss.reshape(())
@@ -308,7 +308,7 @@ class _ScoreFunction(torch.autograd.Function):
     @staticmethod
     @first_order("score ops")
     def backward(ctx, g_out, _g_loss_i, _g_state):
-        x2, coef, mask, state, *t2 = ctx.saved_tensors
+        x2, coef, mask, state, *t2 = saved_constants(ctx)
         need_x = ctx.needs_input_grad[2]
         # terms are constants (stop-gradient) except in SiD, whose loss differentiates through them
         need_terms = list(ctx.needs_input_grad[7:]) if ctx.p.op == OP_SID else [False] * len(t2)
@@ -369,7 +369,7 @@ def _(x, terms, coef, mask, state, grad_out, ip, fp, need_x, need_terms, backend
 def _setup_context(ctx, inputs, output):
     x, terms, coef, mask, weight, logvar, ip, fp, backend = inputs
     _, _, state = output
-    ctx.save_for_backward(x, coef, mask, state, *terms)
+    save_constants(ctx, x, coef, mask, state, *terms)
     ctx.ip, ctx.fp, ctx.backend = ip, fp, backend
     ctx.fd_anchors = (logvar,)
     ctx.need_terms = [t.requires_grad and ip[0] == OP_SID for t in terms]
@@ -379,7 +379,7 @@ def _setup_context(ctx, inputs, output):
 
 @first_order("score ops")
 def _backward(ctx, g_out, _g_loss_i, _g_state):
-    x, coef, mask, state, *terms = ctx.saved_tensors
+    x, coef, mask, state, *terms = saved_constants(ctx)
     grads = _score_bwd_op(x, terms, coef, mask, state, g_out, ctx.ip, ctx.fp, ctx.need_x, ctx.need_terms,
                           ctx.backend)
     gx = grads[0] if ctx.need_x else None

@@ -18,7 +18,16 @@ import dataclasses
 
 import torch
 
-from fastdistill.ops._common import autocast_off, check_choice, first_order, graph_anchor, select_backend
+from fastdistill.ops._common import (
+    autocast_off,
+    check_choice,
+    first_order,
+    graph_anchor,
+    resolve_accum,
+    save_constants,
+    saved_constants,
+    select_backend,
+)
 from fastdistill.ops.kd_softmax import _FLOAT_DTYPES, REDUCTIONS, TOPK_SEMANTICS, KDPlan, _bwd, _fwd, make_plan
 
 DEFAULT_MEMORY_BUDGET_MB = 2048  # chunk_size="auto": bytes of per-chunk [rows, V] temporaries
@@ -250,7 +259,7 @@ class _FusedLinearKD(torch.autograd.Function):
         ctx.fd_anchors = anchors  # stand-ins for h, W, b (first_order; the scalar path saves gradients only)
         if cfg.red == RED_NONE:
             contrib, *_ = _sweep(cfg, *tensors, grad=False)
-            ctx.save_for_backward(*tensors)
+            save_constants(ctx, *tensors)
             return contrib
         loss, dh, dW, db = _scalar(cfg, tensors, grad=True)
         ctx.save_for_backward(dh, dW, db)
@@ -263,7 +272,7 @@ class _FusedLinearKD(torch.autograd.Function):
         cfg = ctx.cfg
         rest = (None,) * 9  # teacher (never differentiated), labels, mask, weights
         if cfg.red == RED_NONE:
-            tensors = ctx.saved_tensors
+            tensors = saved_constants(ctx)
             go = go.reshape(-1).to(cfg.p.accum_dtype).contiguous()
             with autocast_off(go.device.type):
                 _, _, dh, dW_acc, db_acc = _sweep(cfg, *tensors, grad=True, go=go)
@@ -371,7 +380,7 @@ def fused_linear_kd_loss(
     softcap: float | None = None,
     logit_scale: float | None = None,
     topk_semantics: str = "tail_bucket",
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``kd_loss(student_hidden @ student_weight.T + student_bias, teacher_logits, ...)`` without the
     ``[N, V]`` logits: rows in chunks, fp32 logits per chunk, the gradient written in place, ``dW`` in fp32.
@@ -382,7 +391,7 @@ def fused_linear_kd_loss(
     ``teacher_topk=(ids, logprobs)``. ``Hs != Ht`` and ``Vt != V`` are allowed. The teacher gets no gradient.
     Every other option has the meaning it has in ``kd_loss`` (docs/kd_ops.md). ``chunk_size``: rows per chunk,
     or ``"auto"``: as many as fit ``memory_budget_mb`` (default 2048) of fp32 logits (student + teacher).
-    Returns an fp32 scalar (``[lead]`` for ``reduction="none"``).
+    Returns an fp32 scalar (``[lead]`` for ``reduction="none"``; fp64 for fp64 student inputs: ``accum_dtype``).
 
     Example::
 
@@ -495,7 +504,9 @@ def fused_linear_kd_loss(
     p = make_plan(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                   teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
                   reduction=reduction, num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap,
-                  logit_scale=logit_scale, topk=topk, accum_dtype=accum_dtype, has_labels=labels2 is not None)
+                  logit_scale=logit_scale, topk=topk,
+                  accum_dtype=resolve_accum(accum_dtype, student_hidden, student_weight),
+                  has_labels=labels2 is not None)
     if p.div == 1 and not topk and Vt < V:
         raise ValueError(f"teacher vocabulary {Vt} < the student's {V}: reverse KL is infinite where the student "
                          "has mass and the teacher none; slice student_weight or use 'jsd'/'srkl'")

@@ -8,7 +8,15 @@ import dataclasses
 import torch
 
 from fastdistill import _backend
-from fastdistill.ops._common import check_choice, first_order, is_finite, select_backend
+from fastdistill.ops._common import (
+    check_choice,
+    first_order,
+    is_finite,
+    resolve_accum,
+    save_constants,
+    saved_constants,
+    select_backend,
+)
 from fastdistill.reference import kd_softmax as _ref
 
 DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
@@ -178,7 +186,7 @@ class _KDFunction(torch.autograd.Function):
     def forward(ctx, p, backend, inplace, s, t, ids, labels, mask, weights):
         loss, contrib, st, factor = _fwd(p, backend, s, _teacher(p, t, ids), labels, mask, weights)
         ctx.p, ctx.backend, ctx.inplace = p, backend, inplace
-        ctx.save_for_backward(s, t, ids, labels, weights, st, factor)
+        save_constants(ctx, s, t, ids, labels, weights, st, factor)
         ctx.set_materialize_grads(False)
         out = contrib.clone() if p.red == 3 else loss.reshape(())
         return out
@@ -186,7 +194,7 @@ class _KDFunction(torch.autograd.Function):
     @staticmethod
     @first_order("kd_loss")
     def backward(ctx, g):
-        s, t, ids, labels, weights, st, factor = ctx.saved_tensors
+        s, t, ids, labels, weights, st, factor = saved_constants(ctx)
         if g is None:
             return (None,) * 9
         out = s if ctx.inplace else torch.empty_like(s)
@@ -230,13 +238,13 @@ def _(s, t, ids, labels, weights, st, factor, grad_out, ip, fp, backend):
 def _setup_context(ctx, inputs, output):
     s, t, ids, labels, mask, weights, ip, fp, backend = inputs
     _, st, factor = output
-    ctx.save_for_backward(s, t, ids, labels, weights, st, factor)
+    save_constants(ctx, s, t, ids, labels, weights, st, factor)
     ctx.ip, ctx.fp, ctx.backend = ip, fp, backend
 
 
 @first_order("kd_loss")
 def _backward(ctx, g, _g_st, _g_factor):
-    s, t, ids, labels, weights, st, factor = ctx.saved_tensors
+    s, t, ids, labels, weights, st, factor = saved_constants(ctx)
     gs = _kd_bwd_op(s, t, ids, labels, weights, st, factor, g, ctx.ip, ctx.fp, ctx.backend)
     return gs, None, None, None, None, None, None, None, None
 
@@ -302,7 +310,7 @@ def kd_loss(
     logit_scale: float | None = None,
     inplace_grad: bool = False,
     topk_semantics: str = "tail_bucket",
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Knowledge-distillation divergence between teacher P and student Q over the vocabulary,
     fused: per-row fp32 statistics only, no ``[N, V]`` temporaries, the gradient written directly.
@@ -316,7 +324,9 @@ def kd_loss(
     or ``mask`` false are ignored; ``reduction="batchmean"`` divides by the valid rows (or
     ``num_items``). ``teacher_topk=(ids, logprobs)`` replaces ``teacher_logits`` for offline
     top-k teachers (``topk_semantics``: ``"tail_bucket"`` | ``"zero_tail"`` | ``"renorm"``).
-    Returns an fp32 scalar (``[lead]`` for ``"none"``). Exact semantics: docs/kd_ops.md.
+    Returns an fp32 scalar (``[lead]`` for ``"none"``); fp64 statistics and loss for fp64 student logits
+    (``accum_dtype=None`` follows the student; pass ``torch.float32`` / ``torch.float64`` to force). Exact
+    semantics: docs/kd_ops.md.
 
     Example::
 
@@ -370,7 +380,8 @@ def kd_loss(
     p = make_plan(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                   teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
                   reduction=reduction, num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap,
-                  logit_scale=logit_scale, topk=topk, accum_dtype=accum_dtype, has_labels=labels2 is not None)
+                  logit_scale=logit_scale, topk=topk, accum_dtype=resolve_accum(accum_dtype, s),
+                  has_labels=labels2 is not None)
     if p.div == 1 and Vt < V and not topk:
         raise ValueError(f"teacher_logits: vocabulary {Vt} < the student's {V}: reverse KL is infinite where the "
                          "student has mass and the teacher none; slice the student logits or use 'jsd'/'srkl'")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastdistill.ops._common import check_choice, is_finite
+from fastdistill.ops._common import check_choice, is_finite, resolve_accum
 from fastdistill.ops._score_engine import (
     NAN_POLICIES,
     OP_DENOISE,
@@ -66,7 +66,7 @@ def score_distill(
     scale: float = 1.0,
     mask: torch.Tensor | None = None,
     nan: str = "zero_sample",
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     return_stats: bool = False,
 ):
     """DMD / DMD2 / VSD / SDS-family generator loss with the gradient ``κ·h·φ(d)/w`` on ``x``.
@@ -87,6 +87,7 @@ def score_distill(
         loss = score_distill(x, [v_fake, v_cond, v_uncond], torch.stack([C, -C * s, -C * (1 - s)], 1),
                              norm_terms=[v_cond, v_uncond, xt], norm_coeffs=torch.stack([C * s, C * (1 - s), A], 1))
     """
+    accum_dtype = resolve_accum(accum_dtype, x)
     B, M = _common(x, "x", nan, accum_dtype)
     check_choice("norm", norm, (None, "mean_abs", "mean_abs_global"))
     check_choice("norm_on", norm_on, ("grad", "loss"))
@@ -142,7 +143,7 @@ def sid_loss(
     scale: float = 1.0,
     mask: torch.Tensor | None = None,
     nan: str = "zero_sample",
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     return_stats: bool = False,
 ):
     """SiD / SiD-LSG generator loss ``(f_r − f_f)·((f_r − y) − α(f_r − f_f))/w`` with gradients
@@ -154,6 +155,7 @@ def sid_loss(
     w_clamp) + w_eps`` per sample (stop-gradient). SiD's ``loss.sum()·lsg/B`` is
     ``reduction="batchmean", scale=lsg``.
     """
+    accum_dtype = resolve_accum(accum_dtype, y)
     B, M = _common(y, "y", nan, accum_dtype)
     check_choice("reduction", reduction, tuple(_RED))
     rt, rc = _combo_arg("f_real", f_real)
@@ -183,7 +185,7 @@ def scm_tangent_loss(
     sample_reduction: str = "sum",
     reduction: str = "mean",
     nan: str = "zero_sample",
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     return_stats: bool = False,
 ):
     """The sCM / rCM / SANA-Sprint tail after the JVP: ``g = f_coeff·sg(F) + Σ coeffs·terms``,
@@ -195,6 +197,7 @@ def scm_tangent_loss(
     ``[B]`` adaptive weighting (receives its gradient). ``sample_reduction`` R_j: ``"sum"`` |
     ``"mean"``; ``reduction`` over the batch: ``"mean"`` | ``"sum"`` | ``"none"``.
     """
+    accum_dtype = resolve_accum(accum_dtype, F)
     B, M = _common(F, "F", nan, accum_dtype)
     check_choice("norm", norm, ("l2", "rms"))
     check_choice("sample_reduction", sample_reduction, ("sum", "mean"))
@@ -222,13 +225,14 @@ def denoise_regression_loss(
     reduction: str = "mean",
     mask: torch.Tensor | None = None,
     nan: str = "zero_sample",
-    accum_dtype: torch.dtype = torch.float32,
+    accum_dtype: torch.dtype | None = None,
     return_stats: bool = False,
 ):
     """Fake-score / critic regression: ``d = pred_coeff·pred + Σ coeffs·terms`` (prediction minus
     target in any parameterisation), per-sample ``ℓ = weight·R_j(m·d²)`` with R_j a sum or a
     masked mean, reduced over the batch (``"mean" | "sum" | "none"``). Gradient to ``pred`` only.
     """
+    accum_dtype = resolve_accum(accum_dtype, pred)
     B, M = _common(pred, "pred", nan, accum_dtype)
     check_choice("sample_reduction", sample_reduction, ("sum", "mean"))
     check_choice("reduction", reduction, tuple(_RED_BATCH))
