@@ -7,13 +7,15 @@
     from fastdistill.integrations.trl import generalized_jsd_loss
     GKDTrainer.generalized_jsd_loss = staticmethod(generalized_jsd_loss)
 
-Differences, all deliberate: ``reduction="none"`` is refused (TRL returns per-vocabulary-entry terms,
-an ``[n, V]`` tensor that the fused kernel exists to avoid; use ``fastdistill.kd_loss(...,
-reduction="none")`` for per-token losses); ``reduction="mean"`` over zero valid tokens gives 0
-where TRL gives NaN; the teacher is a constant (no gradient reaches ``teacher_logits``: TRL's
-function differentiates through both, which matters only if the teacher shares trainable weights
-with the student); the loss is fp32 for bf16/fp16 logits (TRL's is in the logits' dtype); a teacher
-vocabulary larger or smaller than the student's is sliced / −inf-padded as in ``kd_loss`` (TRL raises).
+Differences, all deliberate: ``reduction="none"`` without ``num_items_in_batch`` is refused (TRL returns
+per-vocabulary-entry terms, an ``[n, V]`` tensor that the fused kernel exists to avoid; use
+``fastdistill.kd_loss(..., reduction="none")`` for per-token losses; with ``num_items_in_batch`` TRL ignores
+``reduction``, and so does this function); ``reduction="mean"`` over zero valid tokens gives 0 where TRL
+gives NaN; the teacher is a constant (no gradient reaches ``teacher_logits``: TRL's function differentiates
+through both, which matters only if the teacher shares trainable weights with the student); the loss is
+fp32 for bf16/fp16/fp32 logits (TRL's is in the logits' dtype) and fp64 for fp64 logits; logits are
+``[n, V]`` or ``[B, T, V]`` (TRL also takes a single ``[V]`` row); a teacher vocabulary larger or smaller
+than the student's is sliced / −inf-padded as in ``kd_loss`` (TRL raises).
 As in TRL, ``labels`` only mark the tokens to ignore (``-100``): any other value, even outside the
 vocabulary, counts the token. ``KDLoss`` is the module form of ``kd_loss`` for code that wants a loss object.
 """
@@ -41,11 +43,11 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     (at least 1), else Σ / ``student_logits.size(0)`` (the batch size for ``[B, T, V]``, as in TRL);
     ``"sum"``; ``"mean"`` → Σ / (#valid tokens · V).
     """
-    if reduction not in _REDUCTIONS:
-        if reduction == "none":
-            raise ValueError("reduction: 'none' returns TRL's elementwise [n, V] terms, which the fused kernel never "
-                             "materialises; use fastdistill.kd_loss(..., reduction='none') for per-token losses")
-        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if reduction not in (*_REDUCTIONS, "none"):
+        raise ValueError(f"reduction: expected one of {(*_REDUCTIONS, 'none')}, got {reduction!r}")
+    if reduction == "none" and num_items_in_batch is None:
+        raise ValueError("reduction: 'none' returns TRL's elementwise [n, V] terms, which the fused kernel never "
+                         "materialises; use fastdistill.kd_loss(..., reduction='none') for per-token losses")
     # TRL uses labels as a mask only (labels != -100): the value of a counted label is never read
     mask = labels != -100 if labels is not None else None
     kw = dict(divergence="jsd", beta=beta, temperature=temperature, mask=mask)
