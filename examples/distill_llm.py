@@ -160,8 +160,13 @@ def train(args, loss_kind: str) -> dict:
     }
 
 
-def plot(results: list[dict], path: str) -> None:
-    import matplotlib
+def plot(results: list[dict], path: str) -> bool:
+    """The loss curve as a PNG; False (with a message) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:  # matplotlib is a test / bench extra, not a dependency of fastdistill
+        print("no loss curve: matplotlib is not installed (pip install matplotlib, or --plot '')", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -176,6 +181,30 @@ def plot(results: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
+
+
+def check_args(args) -> str | None:
+    """The first bad flag, as an error message (None: all good) — checked before any model is built."""
+    if args.steps < 1:
+        return f"--steps: expected >= 1, got {args.steps}"
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        return f"--temperature: expected a finite value > 0, got {args.temperature}"
+    if not math.isfinite(args.teacher_sharpen):
+        return f"--teacher-sharpen: expected a finite value, got {args.teacher_sharpen}"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        return f"--device: {e}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {args.device}: this torch sees no CUDA GPU"
+    if args.preset != "toy" and device.type != "cuda":
+        return f"--preset {args.preset}: needs a GPU (--device cuda)"
+    for flag, path in (("--plot", args.plot), ("--csv", args.csv)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            return f"{flag}: folder {folder} does not exist"
+    return None
 
 
 def main(argv=None) -> int:
@@ -197,8 +226,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    if args.preset != "toy" and not args.device.startswith("cuda"):
-        print(f"error: --preset {args.preset} needs a GPU", file=sys.stderr)
+    bad = check_args(args)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
         return 2
     results = [train(args, k) for k in (["eager", "fused"] if args.loss == "both" else [args.loss])]
     keys = ["preset", "loss_impl", "divergence", "tokens_per_step", "ms_per_step", "peak_mem_gb", "first_loss",
@@ -206,8 +236,7 @@ def main(argv=None) -> int:
     print(" | ".join(keys))
     for r in results:
         print(" | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) and "loss" in k else str(r[k]) for k in keys))
-    if args.plot:
-        plot(results, args.plot)
+    if args.plot and plot(results, args.plot):
         print(f"loss curve: {args.plot}")
     if args.csv:
         new = not os.path.exists(args.csv)
