@@ -257,8 +257,9 @@ def scm_step(student, teacher, logvar_net, opt, x0, text, step: int, cfg: SCMCon
     tokens of a sample; logvar(t) is whole on every rank): a rank's student gradients are its tokens' share,
     and the update needs their SUM over the group. By default they are all-reduced (SUM) here. ``fsdp``: the
     student and logvar_net are FSDP2-sharded over the group (``shard_fsdp2``), whose gradient reduction
-    AVERAGES over its ranks, so the loss is scaled by the group size before backward (logvar's gradients,
-    equal on every rank, are W times too large then and averaged back)."""
+    AVERAGES over its ranks, so the loss is scaled by the group size W before backward. logvar_net's
+    gradients are whole on every rank (the loss is): the average of W equal copies leaves them W times too
+    large, so the gradient reaching logvar(t) is divided by W on its way back (its value is unchanged)."""
     B = x0.shape[0]
     sd = cfg.sigma_d
     t = sample_t(B, cfg, x0.device, gen, torch.float64 if x0.dtype == torch.float64 else torch.float32)
@@ -280,6 +281,9 @@ def scm_step(student, teacher, logvar_net, opt, x0, text, step: int, cfg: SCMCon
     coeffs = torch.stack([cos_t**2, -r * cos_t * sin_t, -r * sd * cos_t * sin_t], dim=1)
     f_coeff = -sd * cos_t**2
     logvar = logvar_net(t)
+    if fsdp and student.cp is not None:  # see the docstring: loss × W, logvar's gradient ÷ W
+        w = student.cp.world
+        logvar = logvar / w + (logvar - logvar / w).detach()
     loss = fastdistill.scm_tangent_loss(Fx, [dxt_dt, x_t, dF_dt.detach()], coeffs, f_coeff=f_coeff,
                                         c=cfg.tangent_c, logvar=logvar, sample_reduction="mean")
     opt.zero_grad(set_to_none=True)
@@ -303,7 +307,8 @@ def _math_sdpa():
 
 
 # ----------------------------------------------------------------------------- driver
-def build(preset: Preset, device, dtype, seed: int = 0):
+def build(preset: Preset, device, dtype, seed: int = 0, optimizer=torch.optim.Adam):
+    """Teacher, student (a copy of the teacher), logvar_net and ``optimizer`` (lr 1e-4) over the trainable ones."""
     torch.manual_seed(seed)
     with torch.device(device):  # initialised in place (wan-1.3b-like: 1.4B parameters, no CPU copy to move)
         teacher = DiT(preset).to(dtype=dtype).eval().requires_grad_(False)
@@ -313,11 +318,11 @@ def build(preset: Preset, device, dtype, seed: int = 0):
     student = copy.deepcopy(teacher).train().requires_grad_(True)  # sCM initialises the student from the teacher
     with torch.device(device):
         logvar_net = LogVar().to(dtype=dtype)
-    opt = torch.optim.Adam(list(student.parameters()) + list(logvar_net.parameters()), lr=1e-4)
+    opt = optimizer(list(student.parameters()) + list(logvar_net.parameters()), lr=1e-4)
     return student, teacher, logvar_net, opt
 
 
-def shard_fsdp2(student, logvar_net, cp: ContextParallel, device, lr: float = 1e-4):
+def shard_fsdp2(student, logvar_net, cp: ContextParallel, device, lr: float = 1e-4, optimizer=torch.optim.Adam):
     """FSDP2 over the context-parallel ranks: each student block, the student root and logvar_net; returns the
     optimizer over the sharded parameters (``fully_shard`` replaces them). Pass ``fsdp=True`` to ``scm_step``."""
     import torch.distributed as dist
@@ -329,7 +334,7 @@ def shard_fsdp2(student, logvar_net, cp: ContextParallel, device, lr: float = 1e
         fully_shard(blk, mesh=mesh)
     fully_shard(student, mesh=mesh)
     fully_shard(logvar_net, mesh=mesh)
-    return torch.optim.Adam(list(student.parameters()) + list(logvar_net.parameters()), lr=lr)
+    return optimizer(list(student.parameters()) + list(logvar_net.parameters()), lr=lr)
 
 
 def data(preset: Preset, device, dtype, gen=None):
