@@ -31,7 +31,8 @@ winners), each config through all three kernels, so a run cut by ``--max-seconds
 comparable coverage of every kernel; shapes run in the order given (attn-s4k first).
 
 CSV (``--csv``, appended; default benchmarks/results/attn_sweep_<gpu>.csv): shape, kernel, BM,
-BN, warps, stages, ms, tflops, status. Without a GPU: a message, exit 0 with ``--dry-run`` (the
+BN, warps, stages, ms, tflops, status, git_sha (FASTDISTILL_GIT_SHA where there is no .git), torch, triton,
+gpu. Without a GPU: a message, exit 0 with ``--dry-run`` (the
 plan is printed), else exit 2.
 """
 
@@ -46,10 +47,12 @@ import time
 from collections.abc import Callable
 
 import torch
+import triton
 
 from fastdistill.bench.jvp_attention import STANDARD, env_vars, flops_forward
 
-CSV_FIELDS = ("shape", "kernel", "BM", "BN", "warps", "stages", "ms", "tflops", "status")
+CSV_FIELDS = ("shape", "kernel", "BM", "BN", "warps", "stages", "ms", "tflops", "status", "git_sha", "torch", "triton",
+              "gpu")
 KERNELS = ("jvp-fused", "jvp-two-pass", "bwd")
 SMEM_BYTES = 227 * 1024  # sm_90 shared memory per block (opt-in maximum)
 MAX_REGS = 255
@@ -93,6 +96,10 @@ class Sweep:
         self.csv_path = csv_path
         self.deadline = time.perf_counter() + max_seconds
         self.rows: list[dict] = []
+        from fastdistill.bench.runner import git_sha
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.versions = (git_sha(), torch.__version__, triton.__version__, gpu)
         new = not os.path.exists(csv_path) or os.path.getsize(csv_path) == 0
         if not new:
             with open(csv_path, newline="") as f:
@@ -110,7 +117,7 @@ class Sweep:
 
     def record(self, shape: str, kernel: str, cfg, ms: float | None, flops: int, status: str) -> None:
         tflops = None if ms is None else flops / (ms * 1e-3) / 1e12
-        row = dict(zip(CSV_FIELDS, (shape, kernel, *cfg, ms, tflops, status)))
+        row = dict(zip(CSV_FIELDS, (shape, kernel, *cfg, ms, tflops, status, *self.versions)))
         self.rows.append(row)
         self.w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row.values()])
         self.f.flush()

@@ -4,6 +4,10 @@
 #
 #     bash benchmarks/gpu_check.sh OUTDIR
 #
+# The lent machine gets a copy of the tree without .git: put the commit in the command line, e.g.
+#     FASTDISTILL_GIT_SHA=<git rev-parse --short HEAD, plus -dirty if the tree is> bash benchmarks/gpu_check.sh $OUT
+# (every CSV row records it; "unknown" otherwise).
+#
 # Steps (each logged to OUTDIR/NN_<step>.log; a failing step is recorded, later steps still run):
 #   00 env     nvidia-smi, versions
 #   01 build   pip install --no-build-isolation --no-deps -e .  (FASTDISTILL_FORCE_CUDA_BUILD=1,
@@ -105,14 +109,14 @@ if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
 fi
 echo "benchmark wheels: $WHEELS"
 
-step 00_env 10 "echo 'benchmark wheels: $WHEELS'; nvidia-smi; echo; $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0]);
+step 00_env 10 "echo 'benchmark wheels: $WHEELS'; echo 'commit: ${FASTDISTILL_GIT_SHA:-unknown (FASTDISTILL_GIT_SHA unset)}'; nvidia-smi; echo; $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0]);
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"triton\", triton.__version__);
 print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"none\")';
 nvcc --version | tail -n 2; echo ninja \$(ninja --version); $PY -m pip list 2>/dev/null |
 grep -i -E '^(torch|triton|pybind11|pytest|numpy|ninja) '"
 
 # MAX_JOBS=4: three sources (setup.py would derive it from the free RAM, which a VM may report as small)
-step 01_build 110 "MAX_JOBS=4 FASTDISTILL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0a \
+step 01_build 80 "MAX_JOBS=4 FASTDISTILL_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST=9.0a \
 $PY -m pip install --no-build-isolation --no-deps -v -e ."
 # Only the editable install maps fastdistill.kernels to kernels/: if the CUDA build failed or timed out, install
 # without the extension, so that the Triton and reference steps below still run (step 01 stays failed)
@@ -138,14 +142,16 @@ step 04_bench 30 "$PY -m fastdistill bench --family score --csv '$OUT/h200.csv'"
 # flkd-128k (fused-linear KD, fkl and jsd, forward + backward): issue 6's targets, before kd's compiles
 step 05_flkd 25 "$PY -m fastdistill bench --family flkd --csv '$OUT/h200.csv'"
 
-# kd-128k and kd-152k x 6 divergences x fwd/full; ~12 torch.compile graphs of ~4 s each dominate
-step 06_kd 70 "$PY -m fastdistill bench --family kd --csv '$OUT/h200.csv'"
+# kd-128k and kd-152k x 6 divergences x fwd/full; the torch.compile rows (fkl and jsd only: 8 graphs of
+# ~4 s each) and the fp64 oracles dominate
+step 06_kd 100 "$PY -m fastdistill bench --family kd --csv '$OUT/h200.csv'"
 
 # attn-s4k, attn-s4k-causal, attn-s16k x fwd/full x 8 providers; Triton compiles and the math
 # baseline at S = 16384 (~0.3 s a call, ~90 GB) dominate
 step 07_attn 85 "$PY -m fastdistill bench --family attn --csv '$OUT/h200.csv'"
 
-# the sCM example's whole student step at a realistic size (~32k video tokens, Wan-1.3B widths):
+# the sCM example's whole student step at a realistic size (~32k video tokens, Wan-1.3B widths, 8 of its
+# 30 blocks: the one-forward step keeps ~6 GiB of activations per block):
 # per-step time and extra peak memory with fastdistill's jvp_sdpa() and with math SDPA (which may
 # run out of memory: then reported as skipped with the reason); a step of seconds is timed over
 # 3 calls (the runner's slow-call path), not do_bench's 8+

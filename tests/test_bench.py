@@ -64,3 +64,74 @@ def test_interrupted_case_keeps_the_rows_measured(tmp_path, monkeypatch, capsys)
         rows = list(csv.DictReader(f))
     assert [r["provider"] for r in rows] == ["eager", "fastdistill"]
     assert rows[0]["ms"] and not rows[1]["ms"] and "interrupted" in rows[1]["note"]
+
+
+def test_git_sha_from_the_environment(monkeypatch):
+    """The lent GPU machine gets a copy of the tree without .git: the commit comes from FASTDISTILL_GIT_SHA
+    (before: every row of its CSV said "unknown")."""
+    from fastdistill.bench import runner
+
+    monkeypatch.setenv("FASTDISTILL_GIT_SHA", "abc1234-dirty")
+    assert runner.git_sha() == "abc1234-dirty"
+
+
+def test_flkd_liger_call_matches_liger_085(monkeypatch):
+    """liger-kernel 0.8.5's LigerFusedLinearJSD.forward has a required ``shift_labels`` argument (no default):
+    calling it with four tensors raised TypeError on the GPU, and the runner recorded both liger rows as skipped.
+    A stand-in with that signature (liger itself is a GPU-only benchmark extra)."""
+    import importlib.util
+    import sys
+    import types
+
+    import torch
+
+    from fastdistill.bench import fused_linear_kd as flkd
+
+    calls = []
+
+    class LigerFusedLinearJSD(torch.nn.Module):  # 0.8.5: __init__(jsd_beta=0.5, ignore_index=-100, temperature=1.0)
+        def __init__(self, jsd_beta=0.5, ignore_index=-100, temperature=1.0):
+            super().__init__()
+
+        def forward(self, student_input, student_weight, teacher_input, teacher_weight, shift_labels):
+            calls.append(shift_labels)
+            return student_input.sum()
+
+    mod = types.ModuleType("liger_kernel.transformers.fused_linear_jsd")
+    mod.LigerFusedLinearJSD = LigerFusedLinearJSD
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: object() if n == "liger_kernel" else real_find_spec(n, *a))
+    monkeypatch.setattr("fastdistill._backend.triton_why_not", lambda device: [])
+    fn, why = flkd._liger("cpu")
+    assert why is None
+    x = torch.ones(2, 3)
+    fn("jsd", x, x, x, x)
+    assert calls == [None]
+
+
+def test_attn_sweep_rows_carry_commit_and_versions(tmp_path, monkeypatch):
+    """benchmarks/attn_sweep.py's CSV records the commit, torch, Triton and the GPU on every row (before: none,
+    so a committed sweep table could not say which code and toolchain chose the defaults)."""
+    import pathlib
+    import sys
+
+    import torch
+    import triton
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.setenv("FASTDISTILL_GIT_SHA", "abc1234")
+    sys.modules.pop("attn_sweep", None)
+    import attn_sweep
+
+    out = tmp_path / "sweep.csv"
+    sweep = attn_sweep.Sweep(str(out), max_seconds=10)
+    sweep.record("attn-s4k", "jvp-fused", (64, 32, 4, 2), 1.5, 10**12, "ok")
+    sweep.f.close()
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["git_sha"] == "abc1234" and rows[0]["torch"] == torch.__version__
+    assert rows[0]["triton"] == triton.__version__ and rows[0]["gpu"]

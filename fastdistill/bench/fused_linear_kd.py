@@ -73,7 +73,8 @@ def _liger(device: str):
     except Exception as exc:
         return None, f"liger-kernel import failed ({type(exc).__name__}: {exc})"
     mods = {"fkl": LigerFusedLinearJSD(jsd_beta=0.0), "jsd": LigerFusedLinearJSD(jsd_beta=BETA)}
-    return (lambda div, hs, ws, ht, wt: mods[div](hs, ws, ht, wt)), None
+    # forward(student_input, student_weight, teacher_input, teacher_weight, shift_labels): no default in 0.8.5
+    return (lambda div, hs, ws, ht, wt: mods[div](hs, ws, ht, wt, None)), None
 
 
 def _torch_lce():

@@ -75,6 +75,11 @@ class Case:
 
 # ----------------------------------------------------------------------------- environment
 def git_sha() -> str:
+    """``FASTDISTILL_GIT_SHA`` when set (a copy of the tree without .git, e.g. the lent GPU machine: the caller
+    puts the commit in the command line), else ``git rev-parse --short HEAD``, else "unknown"."""
+    env = os.environ.get("FASTDISTILL_GIT_SHA", "").strip()
+    if env:
+        return env
     try:
         cmd = ["git", "rev-parse", "--short", "HEAD"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
