@@ -25,7 +25,9 @@ e^{−logvar(t)}·mean_j ‖F − sg(F) − sg(ĝ)‖² + logvar(t).
 
 Run (CPU, seconds):      python examples/scm_step.py --steps 5
 GPU, realistic size:     python examples/scm_step.py --preset wan-1.3b-like --steps 4 --bench \
-                             --attn both --csv scm_step.csv
+                             --attn both --csv scm_step.csv --depth 8
+(at 32k tokens the one-forward step keeps ~6 GiB of activations per block: all 30 blocks on one GPU need
+``--checkpoint``, which runs rCM's two-forward schedule, or context parallelism over several GPUs)
 ``--attn math`` runs the same step with stock math SDPA (what users do today); ``--attn both`` runs
 both and reports per-step time and peak memory side by side.
 
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 import fastdistill
@@ -167,6 +170,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.ada.bias)
 
     cp: ContextParallel | None = None
+    checkpoint: bool = False  # activation checkpointing per block (grad forwards only; scm_step's two-forward)
 
     def set_context_parallel(self, cp: ContextParallel | None) -> None:
         self.cp = cp
@@ -184,7 +188,10 @@ class DiT(nn.Module):
         c = self.t_mlp(timestep_embedding(t, 256).to(h.dtype))
         ctx = self.text_proj(text)
         for blk in self.blocks:
-            h = blk(h, c, ctx)
+            if self.checkpoint and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(blk, h, c, ctx, use_reentrant=False)
+            else:
+                h = blk(h, c, ctx)
         shift, scale = self.ada(F.silu(c))[:, None].chunk(2, dim=-1)
         h = self.head(self.norm(h) * (1 + scale) + shift)  # [B, N, C·p·p]
         if self.cp is not None:
@@ -249,8 +256,15 @@ def sample_t(B: int, cfg: SCMConfig, device, gen=None, dtype=torch.float32) -> t
 
 
 def scm_step(student, teacher, logvar_net, opt, x0, text, step: int, cfg: SCMConfig, attn: str = "fastdistill",
-             gen=None, fsdp: bool = False) -> dict:
+             gen=None, fsdp: bool = False, schedule: str = "one-forward") -> dict:
     """One student update. ``attn``: "fastdistill" (fused JVP attention) or "math" (stock math SDPA).
+
+    ``schedule``: "one-forward" — ``torch.func.jvp`` with grad enabled, its primal output keeps the graph (one
+    student forward; the graph holds the tangent computation's activations too, about twice a plain
+    forward's). "two-forward" (rCM's schedule) — the JVP under ``no_grad`` (it saves nothing), then a plain
+    student forward for the gradient: one more forward, activations of a plain forward only, and compatible
+    with activation checkpointing (``student.checkpoint = True``), which the one-forward JVP is not. Both give
+    the same update.
 
     With context parallelism (``student.cp`` set; every rank passes the same x0, text and generator
     state), each rank runs its token shard and computes the whole loss (the tangent normalisation spans all
@@ -274,8 +288,15 @@ def scm_step(student, teacher, logvar_net, opt, x0, text, step: int, cfg: SCMCon
         return student(x_in, t_in, text)
 
     ctx = jvp_sdpa() if attn == "fastdistill" else _math_sdpa()
-    with ctx:  # one forward: F keeps its graph, dF/dt is its stop-gradient tangent
-        Fx, dF_dt = torch.func.jvp(f, (x_t / sd, t), (dxt_dt / sd, torch.ones_like(t)))
+    if schedule == "one-forward":
+        with ctx:  # one forward: F keeps its graph, dF/dt is its stop-gradient tangent
+            Fx, dF_dt = torch.func.jvp(f, (x_t / sd, t), (dxt_dt / sd, torch.ones_like(t)))
+    elif schedule == "two-forward":
+        with ctx, torch.no_grad():  # the tangent only
+            _, dF_dt = torch.func.jvp(f, (x_t / sd, t), (dxt_dt / sd, torch.ones_like(t)))
+        Fx = f(x_t / sd, t)  # the gradient forward: stock SDPA (plain attention needs no fastdistill)
+    else:
+        raise ValueError(f"schedule: expected 'one-forward' or 'two-forward', got {schedule!r}")
     r = min(1.0, step / max(cfg.warmup_steps, 1))
     # g = −cos²·(σ_d F − dx_t/dt) − r·cos·sin·(x_t + σ_d dF/dt), as f_coeff·sg(F) + Σ coeffs·terms
     coeffs = torch.stack([cos_t**2, -r * cos_t * sin_t, -r * sd * cos_t * sin_t], dim=1)
@@ -374,6 +395,7 @@ def run(args) -> list[dict]:
         student, teacher, logvar_net, opt = build(preset, device, dtype, seed=args.seed)
         student.set_context_parallel(cp)
         teacher.set_context_parallel(cp)
+        student.checkpoint = args.checkpoint
         if args.fsdp:
             opt = shard_fsdp2(student, logvar_net, cp, device)
         gen = torch.Generator(device=device).manual_seed(args.seed)  # the same on every rank
@@ -390,7 +412,7 @@ def run(args) -> list[dict]:
             t0 = time.perf_counter()
             try:
                 out = scm_step(student, teacher, logvar_net, opt, x0, text, step, cfg, attn=attn, gen=gen,
-                               fsdp=args.fsdp)
+                               fsdp=args.fsdp, schedule=args.schedule)
             except torch.OutOfMemoryError:
                 status = "out of memory"
                 break
@@ -413,6 +435,7 @@ def run(args) -> list[dict]:
             "final_loss": losses[-1] if losses else float("nan"), "status": status,
             "attn_calls": ";".join(f"{k}={v}" for k, v in sorted(served.items())),
             "context_parallel": f"{cp.mode} x {cp.world}" if cp is not None else "none",
+            "schedule": args.schedule + (" + checkpoint" if args.checkpoint else ""),
         }
         rows.append(row)
     return rows
@@ -434,9 +457,21 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--cp", choices=["ring", "ulysses"], default=None,
                     help="context parallel over the torchrun ranks (self-attention sharded by tokens)")
+    ap.add_argument("--schedule", choices=["one-forward", "two-forward"], default=None,
+                    help="one-forward: the JVP keeps the gradient graph (default); two-forward: JVP under no_grad, "
+                         "then a gradient forward (rCM; the default with --checkpoint)")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="activation checkpointing per block (needs --schedule two-forward): the full "
+                         "wan-1.3b-like preset on one GPU")
     ap.add_argument("--fsdp", action="store_true",
                     help="with --cp: FSDP2-shard the student over the context-parallel ranks (scm_step's fsdp)")
     args = ap.parse_args(argv)
+    if args.schedule is None:
+        args.schedule = "two-forward" if args.checkpoint else "one-forward"
+    if args.checkpoint and args.schedule != "two-forward":
+        print("error: --checkpoint needs --schedule two-forward (PyTorch's checkpoint cannot recompute a forward "
+              "made under torch.func.jvp)", file=sys.stderr)
+        return 2
     if args.fsdp and not args.cp:
         print("error: --fsdp shards over the context-parallel ranks: use it with --cp", file=sys.stderr)
         return 2

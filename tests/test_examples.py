@@ -112,6 +112,36 @@ def test_distill_llm_runs_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "distill_loss.png").exists()
 
 
+def test_scm_two_forward_schedule_and_checkpointing_match_one_forward():
+    """rCM's schedule (the JVP under no_grad, then a gradient forward) with and without per-block activation
+    checkpointing updates the student and logvar_net exactly as the one-forward step (float64, SGD, 3 steps):
+    what makes the full wan-1.3b-like preset fit one GPU (--checkpoint)."""
+    ex = _load("scm_step")
+    preset = ex.PRESETS["toy"]
+    results = {}
+    with fastdistill.use_backend("reference"):
+        for schedule, ckpt in (("one-forward", False), ("two-forward", False), ("two-forward", True)):
+            student, teacher, logvar_net, opt = ex.build(preset, torch.device("cpu"), torch.float64, seed=0,
+                                                         optimizer=torch.optim.SGD)
+            student.checkpoint = ckpt
+            p0 = [p.detach().clone() for p in [*student.parameters(), *logvar_net.parameters()]]
+            gen = torch.Generator().manual_seed(0)
+            losses = []
+            for step in range(3):
+                x0, text = ex.data(preset, torch.device("cpu"), torch.float64, gen)
+                losses.append(ex.scm_step(student, teacher, logvar_net, opt, x0, text, step,
+                                          ex.SCMConfig(warmup_steps=2), gen=gen, schedule=schedule)["loss"])
+            params = [p.detach() for p in [*student.parameters(), *logvar_net.parameters()]]
+            results[(schedule, ckpt)] = (losses, [p - q for p, q in zip(params, p0)])
+    ref_losses, ref_upd = results[("one-forward", False)]
+    for key, (losses, upd) in results.items():
+        assert all(abs(a - b) <= 1e-12 * max(1.0, abs(b)) for a, b in zip(losses, ref_losses)), (key, losses)
+        for i, (a, b) in enumerate(zip(upd, ref_upd)):
+            err = ((a - b).abs().max() / b.abs().max()).item()
+            assert err <= 1e-10, f"{key}: parameter {i}: its update differs ({err:.2e})"
+    assert ex.main(["--checkpoint", "--schedule", "one-forward", "--steps", "1", "--device", "cpu"]) == 2
+
+
 def _scm_cp_worker(rank: int, world: int, tmp: str, mode: str, fsdp: bool = False) -> None:
     import os
 
