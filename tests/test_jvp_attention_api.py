@@ -490,6 +490,41 @@ def test_head_dim_512():
     check("to", to.transpose(1, 2), exact["to"], plain["to"])
 
 
+def test_batch_beyond_the_launch_grid_dispatches_to_reference():
+    """B (or H) > 65535 exceeds the Triton kernels' launch grid: dispatch skips Triton with the reason (the
+    reference runs it) instead of picking Triton and raising inside its launcher; under jvp_sdpa() the call is
+    served, not failed. (Windowed attention folds windows into the batch.)"""
+    g = torch.Generator().manual_seed(17)
+    q, k, v = (torch.randn(65536, 2, 1, 4, generator=g) for _ in range(3))  # BSHD: B 65536, S 2, H 1, D 4
+    why = fd.available_backends("jvp_attention", q, head_dims=(4, 4), batch_heads=(65536, 1))["triton"]
+    assert any("launch grid" in r for r in why), why
+    o, to = fd.jvp_attention(q, k, v, None, None, q)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2).double() for x in (q, k, v)))
+    assert (o.transpose(1, 2).double() - ref).abs().max() < 1e-5
+    from fastdistill.integrations import jvp_sdpa
+
+    with jvp_sdpa():
+        out = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_reference_ignores_autocast():
+    """Under torch.autocast the reference backend computed fp32 inputs with bf16 matmuls (error ~1e-2 on an fp32
+    output; Triton: ~1e-7). It now turns autocast off inside, as fused_linear_kd_loss does: forward, tangent and
+    backward at fp32 accuracy."""
+    q, k, v, tq, tk, tv = qkv(B=1, Sq=16, Sk=16, Hq=2, Hkv=2, D=32, Dv=32, seed=18)
+    outs = {}
+    for ac in (False, True):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        with fd.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+            o, to = fd.jvp_attention(*x, tq, tk, tv)
+            o.backward(torch.ones_like(o))
+        assert o.dtype == to.dtype == torch.float32
+        outs[ac] = (o, to, *(t.grad for t in x))
+    for a, b in zip(outs[True], outs[False]):
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+
 def test_fp32_without_fp64_tensor_cores(monkeypatch):
     """On sm_86 / sm_89 / sm_120 (no FP64 tensor cores: Triton makes the fp32 kernels' float64 logit dots FMA loops
     whose operands need more than the 99 KiB of shared memory a block gets there from head dim 80, a launch

@@ -223,6 +223,18 @@ def test_kd_nan_input_shows(use):
     assert torch.isnan(per[1]) and torch.isfinite(per[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("semantics", ["renorm", "zero_tail", "tail_bucket"])
+def test_kd_nan_topk_logprob_shows(use, semantics):
+    """A NaN teacher log-prob makes its row's loss NaN on every backend (docs/kd_ops.md). The reference backend
+    dropped the row with "renorm" (loss 0, not counted: its all −inf test was amax > −inf, false for NaN)."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(3, 9, generator=g, dtype=F64), torch.randn(3, 9, generator=g, dtype=F64)
+    lps, ids = torch.topk(t.log_softmax(-1), 3)
+    lps[1, 0] = float("nan")
+    per = fd.kd_loss(s, teacher_topk=(ids, lps), topk_semantics=semantics, reduction="none")
+    assert torch.isnan(per[1]) and torch.isfinite(per[[0, 2]]).all(), per
+
+
 def test_kd_alpha_one_ignores_infinite_divergence(use):
     """hard_label_alpha = 1 is pure CE even where the KD term is infinite (student q = 0 where p > 0)."""
     s = torch.randn(2, 30, dtype=F64)

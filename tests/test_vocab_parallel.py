@@ -148,6 +148,8 @@ TOPK_CASES = dict([
     K("topk-tail-fkl-confident", kind="topk", topk_semantics="tail_bucket", divergence="fkl", confident=True,
       layout="uneven"),
     K("topk-tail-rkl-confident", kind="topk", topk_semantics="tail_bucket", divergence="rkl", confident=True),
+    K("topk-renorm-fkl-nan-row", kind="topk", topk_semantics="renorm", divergence="fkl", nan_row=1,
+      reduction="none", layout="uneven"),
     K("topk-renorm-jsd-dead-row", kind="topk", topk_semantics="renorm", divergence="jsd", renorm_dead=True,
       layout="uneven"),
 ])
@@ -270,6 +272,8 @@ def build(name: str) -> dict:
         lps, ids = torch.log_softmax(t, -1).topk(4, -1)
         if c.get("renorm_dead"):  # a row without teacher mass at its k ids: invalid under renorm
             lps.view(-1, 4)[2] = -math.inf
+        if c.get("nan_row") is not None:  # a NaN log-prob: that row's loss is NaN, never dropped
+            lps.view(-1, 4)[c["nan_row"], 1] = math.nan
         d["topk"] = (ids.int() if c.get("ids32") else ids, lps)
     if c["kind"] == "fused" and c.get("close") is not None:  # h = I: the logits are W_shardᵀ exactly, dW = gᵀ
         N = s.view(-1, V).shape[0]
@@ -573,13 +577,22 @@ def test_loss_and_grad_match_kd_loss(world, name):
     ref_loss, ref_grad = _kd_ref(name, d["s"], None if "topk" in d else d["t"], d.get("topk"))
     for ranks, gw in _groups(name, w):
         losses = [res[r][name]["loss"] for r in ranks]
-        assert all(torch.equal(x, losses[0]) for x in losses), f"the ranks' losses differ: {losses}"
+        assert all(torch.allclose(x, losses[0], rtol=0, atol=0, equal_nan=True) for x in losses), \
+            f"the ranks' losses differ: {losses}"
         _assert_close(losses[0].double(), ref_loss, tol, "loss")
         grad = _gather(name, res, ranks, gw, "grad")
+        if c.get("nan_row") is not None:  # that row's gradient is NaN too (as the reference's); the rest exact
+            keep = torch.ones(grad.shape[0], dtype=torch.bool)
+            keep[c["nan_row"]] = False
+            assert torch.isnan(grad[~keep]).any() and torch.equal(grad[~keep].isnan(), ref_grad[~keep].isnan())
+            grad, ref_grad = grad[keep], ref_grad[keep]
         assert torch.isfinite(grad).all(), "gradient not finite"
         _assert_close(grad, ref_grad, tol, "grad")
     if c.get("all_ignored") or c.get("all_masked"):
         assert (losses[0] == 0).all() and (grad == 0).all()
+    if c.get("nan_row") is not None:  # (_assert_close compares the finite entries only)
+        assert torch.isnan(ref_loss.view(-1)[c["nan_row"]]), ref_loss
+        assert torch.isnan(losses[0].view(-1)[c["nan_row"]]), losses[0]
 
 
 @pytest.mark.parametrize("name", list(FP32_CASES))

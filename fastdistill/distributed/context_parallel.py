@@ -717,7 +717,7 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
     sig = (MODES.index(mode), int(causal), SEQ_LAYOUTS.index(seq_layout), lay, B, sq, Hq, Dqk, sk, Hkv, Dv,
            int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype,
            struct.unpack("<q", struct.pack("<d", scale))[0])  # the scale's bits: ranks must use the very same
-    backend = select_backend(OP, q, head_dims=(Dqk, Dv))
+    backend = select_backend(OP, q, head_dims=(Dqk, Dv), batch_heads=(B, Hq))
     limit = transform_limit(backend)
     if limit is not None:
         raise TransformLimitError(f"context_parallel_jvp_attention: {limit}")

@@ -345,7 +345,7 @@ class _Run:
             D, S, extra, lo_x = _topk_rows(p, uk, lse_s, lo_s, lps.to(G.dtype), lq_tail, V)
             D = torch.where(G[:, 6] == uk.shape[1], D, torch.full_like(D, math.nan))  # an id no rank holds
             if p.topk == _TOPK_RENORM:  # k teacher log-probs all −inf: no teacher distribution (row invalid)
-                ok &= lps.amax(1) > _NEG_INF
+                ok &= ~(lps == _NEG_INF).all(1)  # (not amax > −inf: a NaN log-prob keeps the row valid, NaN)
         if lab is not None:
             ok &= lab != p.ignore_index
         if mask is not None:

@@ -29,8 +29,14 @@ _TANGENT_DTYPES = {None: 0, torch.float32: 1}
 
 
 # ----------------------------------------------------------------------------- backends
-def _why_not_triton(x: torch.Tensor, head_dims: tuple = (), **_) -> list[str]:
+_MAX_GRID_YZ = 65535  # CUDA: a launch grid's y and z dims (kernels/jvp_attention.py puts batch and heads there)
+
+
+def _why_not_triton(x: torch.Tensor, head_dims: tuple = (), batch_heads: tuple = (), **_) -> list[str]:
     r = _backend.triton_why_not(x.device)
+    if batch_heads and max(batch_heads) > _MAX_GRID_YZ:
+        r.append(f"batch {batch_heads[0]} / heads {batch_heads[1]}: the Triton kernels' launch grid holds at most "
+                 f"{_MAX_GRID_YZ} of each (fold fewer windows into the batch)")
     if x.dtype not in _KERNEL_DTYPES:
         r.append(f"dtype {str(x.dtype).removeprefix('torch.')} is not supported by the Triton kernels "
                  "(float16, bfloat16, float32)")
@@ -413,7 +419,7 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
         raise ValueError(f"scale: expected a finite float, got {scale}")
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     want_t = any(t is not None for t in (tq, tk, tv))
-    backend = select_backend(OP, q, head_dims=(Dqk, Dv))
+    backend = select_backend(OP, q, head_dims=(Dqk, Dv), batch_heads=tuple(_bhsd(q, lay).shape[:2]))
     limit = transform_limit(backend, dual)
     if limit is not None:
         raise TransformLimitError(f"jvp_attention: {limit}")

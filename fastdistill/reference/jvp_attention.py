@@ -9,12 +9,26 @@ Layout: ``[B, H, S, D]`` views (any strides). GQA: ``q`` has ``Hq = G·Hkv`` hea
 Causal masks are bottom-right aligned (flash-attn): query i sees key j iff j ≤ i + Sk − Sq.
 A query row that sees no key gets O = Ȯ = 0, μ = 0 and lse = −inf. Memory: one
 ``[B, Hq, chunk, Sk]`` score block at a time (``chunk`` from a fixed element budget), never S×S.
-Arithmetic in float32 (float64 when an input is float64).
+Arithmetic in float32 (float64 when an input is float64), autocast off (under ``torch.autocast`` the
+matmuls would otherwise run in the autocast dtype: fp32 inputs computed in bf16 / fp16).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from fastdistill.ops._common import autocast_off
+
+
+def _no_autocast(fn):
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        with autocast_off(x.device.type):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
 
 CHUNK_ELEMS = 1 << 24  # score elements per query chunk (64 MB of fp32)
 
@@ -55,6 +69,7 @@ def _ungroup(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(B, Hkv * G, S, D)
 
 
+@_no_autocast
 def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
              lse_lo: torch.Tensor | None = None) -> None:
     """Write O (``o``), Ȯ (``to``, may be None: no tangent wanted), lse and μ (``mu``, may be
@@ -115,6 +130,7 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
             mu[:, :, i0:i1] = _ungroup(muc).squeeze(-1).to(mu.dtype)
 
 
+@_no_autocast
 def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float, lse_lo=None) -> None:
     """Gradients of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None)
     with respect to q, k, v, from the saved lse: P = exp(S − lse), dP = dO vᵀ,

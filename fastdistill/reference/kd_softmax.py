@@ -253,7 +253,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
         # an all −inf row is invalid; a NaN / +inf logit keeps the row valid so that the NaN shows
         ok = (lse_s != float("-inf")) & ((lse_t != float("-inf")) if not p.topk else True)
         if p.topk == TOPK_RENORM:  # k teacher log-probs all −inf: no teacher distribution (as a dense one)
-            ok &= t[1][sl].to(acc).amax(1) > float("-inf")
+            ok &= ~(t[1][sl].to(acc) == float("-inf")).all(1)  # (not amax > −inf: a NaN keeps the row valid)
         if labels is not None:
             ok &= labels[sl] != p.ignore_index
         if mask is not None:
