@@ -197,10 +197,11 @@ __device__ __forceinline__ float sech2(float x) {
   return __fdividef(4.0f * e, (1.0f + e) * (1.0f + e));
 }
 
-// logit_scale (always applied: 1 when off, which is exact), then softcap (Triton's _logits).
+// logit_scale (always applied: 1 when off, which is exact), then softcap (Triton's _logits). −inf stays −inf
+// (probability 0: a masked column), where softcap·tanh would give −softcap.
 __device__ __forceinline__ float transform(float z, const Prm& p, bool softcap) {
   z = z * p.scale;
-  if (softcap) z = p.softcap * tanh_fd(__fdividef(z, p.softcap));
+  if (softcap && z != NEG_INF) z = p.softcap * tanh_fd(__fdividef(z, p.softcap));
   return z;
 }
 

@@ -73,9 +73,9 @@ def _logits_d(ptr, cols, cm, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_
     if HAS_SCALE:
         z = z * logit_scale
         dz = dz * logit_scale
-    if HAS_SOFTCAP:
+    if HAS_SOFTCAP:  # −inf stays −inf (probability 0: a masked column); its d/dz, _sech2(−inf), is 0
         y = z / softcap
-        z = softcap * _tanh(y)
+        z = tl.where(z == float("-inf"), z, softcap * _tanh(y))
         dz = dz * _sech2(y)
     return tl.where(cm, z, float("-inf")), dz
 
@@ -86,8 +86,8 @@ def _logits(ptr, cols, cm, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SO
     z = tl.load(ptr + cols, mask=cm, other=0.0).to(ACC)
     if HAS_SCALE:
         z = z * logit_scale
-    if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+    if HAS_SOFTCAP:  # −inf stays −inf (probability 0: a masked column)
+        z = tl.where(z == float("-inf"), z, softcap * _tanh(z / softcap))
     return tl.where(cm, z, float("-inf"))
 
 

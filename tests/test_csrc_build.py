@@ -380,6 +380,13 @@ def test_emulated_kd_teacher_offset_accuracy(kd_cuda_on_cpu, div):
     check_teacher_offset(div, lambda s, t: fastdistill.kd_loss(s, t, divergence=div, reduction="none"))
 
 
+def test_emulated_kd_softcap_keeps_neginf(kd_cuda_on_cpu):
+    from test_kd import check_softcap_neginf
+
+    with fastdistill.use_backend(kd_cuda_on_cpu):
+        check_softcap_neginf()
+
+
 def test_emulated_kd_softcap_saturated_gradient(kd_cuda_on_cpu):
     from test_kd import check_softcap_saturated
 

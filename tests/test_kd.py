@@ -746,6 +746,29 @@ def check_softcap_saturated() -> None:
     assert (x64.grad[:, :8] != 0).all() and rel.max() <= 1e-4, rel.max()
 
 
+def check_softcap_neginf() -> None:
+    """softcap keeps a −inf logit at −inf (probability 0), with the current backend: masked student columns and a
+    −inf-padded teacher (what the vocab-parallel docs tell users to do) contribute nothing, equal to dropping
+    those columns. Before, softcap·tanh(−inf) = −softcap gave them mass (0.9% of the teacher's at softcap 3)."""
+    g = gen(23)
+    s = torch.randn(4, 16, generator=g, dtype=F64) * 2
+    t = torch.randn(4, 16, generator=g, dtype=F64) * 2
+    t[:, 10:] = -math.inf  # teacher padded from 10 to 16 columns
+    s[:, 3] = -math.inf  # one masked student column (the teacher has mass there: fkl is +inf, so use jsd)
+    cap = lambda z: torch.where(z == -math.inf, z, 3.0 * torch.tanh(z / 3.0))
+    lq, lp = cap(s).log_softmax(-1), cap(t).log_softmax(-1)
+    q, p = lq.exp(), lp.exp()
+    m = 0.5 * p + 0.5 * q
+    xlogy = lambda a, b: torch.where(a > 0, a * b, torch.zeros_like(a))
+    ref = (0.5 * xlogy(p, lp - m.log()) + 0.5 * xlogy(q, lq - m.log())).sum(-1).mean()
+    got = fd.kd_loss(s.float(), t.float(), divergence="jsd", beta=0.5, softcap=3.0)
+    assert abs(got.item() - ref.item()) <= 1e-5 * ref.item(), (got.item(), ref.item())
+
+
+def test_kd_softcap_keeps_neginf(use):
+    check_softcap_neginf()
+
+
 @pytest.mark.parametrize("div", ["jsd", "skl", "srkl"])
 def test_kd_mixture_divergences_close_teacher_accuracy(use, div):
     """fp32, a teacher close to the student (small divergences, sums of terms that nearly cancel) at logits ~20:

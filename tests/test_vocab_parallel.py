@@ -158,6 +158,7 @@ VPTOPK_CASES = dict([
     K("vptopk-k4", kind="vptopk", k=4, temperature=1.5, layout="uneven"),
     K("vptopk-k7-wider-than-shard", kind="vptopk", k=7, layout="uneven", lead=(2, 3)),
     K("vptopk-equal", kind="vptopk", k=3),
+    K("vptopk-empty-batch", kind="vptopk", k=3, lead=(2, 0), layout="uneven"),  # raised on reshape before
     K("vptopk-neginf-ties-mixed", kind="vptopk", k=6, layout="mixed", topk_neginf=True, short=True),
 ])
 

@@ -719,8 +719,8 @@ def vocab_parallel_topk(
     sh.check(allp[N, :, :3])
     if sh.V is not None and k > sh.V:
         raise ValueError(f"k: {k} exceeds the global vocabulary {sh.V}")
-    vals = allp[:N, :, :k].reshape(N, -1)
-    gids = allp[:N, :, k : 2 * k].reshape(N, -1)
+    vals = allp[:N, :, :k].reshape(N, sh.world * k)  # (explicit sizes: N = 0 is an empty batch)
+    gids = allp[:N, :, k : 2 * k].reshape(N, sh.world * k)
     # real candidates first, then a stable descending sort: a padding slot never wins a tie with a real −inf
     # logit (there are >= k real candidates when k <= V: Σ_r min(k, V_r) >= min(k, V))
     real_first = (gids < 0).to(torch.uint8).argsort(dim=1, stable=True)
