@@ -198,7 +198,7 @@ __device__ __forceinline__ float sech2(float x) {
 }
 
 // logit_scale (always applied: 1 when off, which is exact), then softcap (Triton's _logits). −inf stays −inf
-// (probability 0: a masked column), where softcap·tanh would give −softcap.
+// (probability 0: a masked column, handled as without softcap), where softcap·tanh would give −softcap.
 __device__ __forceinline__ float transform(float z, const Prm& p, bool softcap) {
   z = z * p.scale;
   if (softcap && z != NEG_INF) z = p.softcap * tanh_fd(__fdividef(z, p.softcap));

@@ -51,8 +51,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import fastdistill
 from fastdistill.integrations import jvp_sdpa, sdpa_stats

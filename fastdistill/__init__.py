@@ -1,5 +1,7 @@
 """fastdistill: fused Triton/CUDA kernels for distillation training (sCM/rCM, DMD/VSD/SiD, logit KD)."""
 
+import torch
+
 from fastdistill import coeffs
 from fastdistill._backend import BackendUnavailableError, use_backend
 from fastdistill.modules import KDLoss
@@ -15,7 +17,15 @@ def available_backends(op: str, x, **kwargs) -> dict[str, list[str]]:
     """For each backend, the reasons it cannot run ``op`` on tensors like ``x`` (empty: it can)."""
     from fastdistill import _backend
 
+    op = _OP_ALIASES.get(op, op)
+    if op not in _backend._REGISTRY:
+        raise ValueError(f"op: expected one of {sorted({*_backend._REGISTRY, *_OP_ALIASES})}, got {op!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a tensor (the op's main input), got {type(x).__name__}")
     return _backend.reasons(op, x, **kwargs)
+
+
+_OP_ALIASES = {"fused_linear_kd_loss": "kd_loss"}  # (its chunks run kd_loss's kernels)
 
 
 __all__ = [

@@ -22,7 +22,7 @@ class KDLoss(torch.nn.Module):
         self.options = dict(divergence=divergence, **options)
         self._validate()
 
-    _PER_CALL = ("labels", "mask", "weights", "teacher_topk", "num_items")
+    _PER_CALL = ("teacher_logits", "labels", "mask", "weights", "teacher_topk", "num_items")
 
     def _validate(self) -> None:
         for k in self._PER_CALL:

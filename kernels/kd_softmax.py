@@ -68,27 +68,29 @@ def _logits_d(ptr, cols, cm, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_
               ACC: tl.constexpr):
     """(the transformed logits, d transformed / d raw): the chain rule of logit_scale and softcap, the latter from
     the uncapped value (see _sech2)."""
-    z = tl.load(ptr + cols, mask=cm, other=0.0).to(ACC)
+    # masked-off columns load as −inf: with softcap one select serves them and −inf logits (which stay −inf, as in
+    # _logits; d/dz = _sech2(−inf) = 0), keeping the grad kernel's top-k path spill-free on sm_90a
+    z = tl.load(ptr + cols, mask=cm, other=float("-inf")).to(ACC)
     dz = tl.full(z.shape, 1.0, ACC)
     if HAS_SCALE:
         z = z * logit_scale
         dz = dz * logit_scale
-    if HAS_SOFTCAP:  # −inf stays −inf (probability 0: a masked column); its d/dz, _sech2(−inf), is 0
+    if HAS_SOFTCAP:
         y = z / softcap
-        z = tl.where(z == float("-inf"), z, softcap * _tanh(y))
         dz = dz * _sech2(y)
-    return tl.where(cm, z, float("-inf")), dz
+        z = tl.where(z == float("-inf"), z, softcap * _tanh(y))
+    return z, dz
 
 
 @triton.jit
 def _logits(ptr, cols, cm, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             ACC: tl.constexpr):
-    z = tl.load(ptr + cols, mask=cm, other=0.0).to(ACC)
+    z = tl.load(ptr + cols, mask=cm, other=float("-inf")).to(ACC)  # masked-off columns: −inf
     if HAS_SCALE:
         z = z * logit_scale
     if HAS_SOFTCAP:  # −inf stays −inf (probability 0: a masked column)
         z = tl.where(z == float("-inf"), z, softcap * _tanh(z / softcap))
-    return tl.where(cm, z, float("-inf"))
+    return z
 
 
 @triton.jit

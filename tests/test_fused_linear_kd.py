@@ -543,6 +543,8 @@ def _bad():
         "chunk-size-str": (dict(chunk_size="big"), "chunk_size"),
         "chunk-size-bool": (dict(chunk_size=True), "chunk_size"),
         "budget-negative": (dict(memory_budget_mb=-1), "memory_budget_mb"),
+        "budget-inf": (dict(memory_budget_mb=float("inf")), "memory_budget_mb: expected a positive finite"),
+        "weights-require-grad": (dict(weights=torch.ones(7, dtype=F64, requires_grad=True)), "weights: requires grad"),
         "budget-with-int-chunk": (dict(memory_budget_mb=10, chunk_size=4), "memory_budget_mb"),
         "accum-dtype": (dict(accum_dtype=torch.float16), "accum_dtype"),
         "num-items": (dict(num_items=0), "num_items"),

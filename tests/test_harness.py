@@ -59,3 +59,19 @@ def test_device_constant_cached_and_traceable():
     assert device_constant((1.0, 2.75), "cpu", torch.float32).tolist() == [1.0, 2.75]
     f = torch.compile(lambda x, v: x * device_constant((v,), x.device, x.dtype), fullgraph=True, backend="eager")
     assert f(torch.ones(2), 3.0).tolist() == [3.0, 3.0]
+
+
+def test_available_backends_bad_arguments():
+    """An unknown op names the known ones (was a bare KeyError, also for the public fused_linear_kd_loss, whose
+    chunks run kd_loss's backends); a non-tensor input is a TypeError naming it (was an AttributeError)."""
+    import pytest
+    import torch
+
+    import fastdistill as fd
+
+    x = torch.zeros(2, 3)
+    assert fd.available_backends("fused_linear_kd_loss", x) == fd.available_backends("kd_loss", x)
+    with pytest.raises(ValueError, match="op: expected one of .*'kd_loss'"):
+        fd.available_backends("kd", x)
+    with pytest.raises(TypeError, match="x: expected a tensor"):
+        fd.available_backends("kd_loss", [1, 2])

@@ -458,6 +458,8 @@ def _bad_cases():
         "scale-inf": (dict(scale=float("inf")), ValueError, r"^scale: expected a finite float"),
         "tangent_dtype": (dict(tangent_dtype=torch.float16), ValueError, r"^tangent_dtype"),
         "tangent_dtype-int": (dict(tangent_dtype=torch.int32), ValueError, r"^tangent_dtype"),
+        "causal-str": (dict(causal="no"), TypeError, r"^causal: expected a bool"),  # was truthy: ran causal
+        "return-lse-int": (dict(return_lse=1), TypeError, r"^return_lse: expected a bool"),
     }
 
 

@@ -117,11 +117,11 @@ def oracle_kd(student, teacher, *, divergence="fkl", beta=0.5, skew=0.1, tempera
 
 
 def oracle_transform(z, logit_scale, softcap):
-    """docs/kd_ops.md's logit transforms: logit_scale, then softcap (both models)."""
+    """docs/kd_ops.md's logit transforms: logit_scale, then softcap (both models); −inf stays −inf."""
     if logit_scale is not None:
         z = logit_scale * z
     if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+        z = torch.where(z == -math.inf, z, softcap * torch.tanh(z / softcap))
     return z
 
 
@@ -707,6 +707,20 @@ def _bad_cases():
                                       "inplace_grad: student_logits is a leaf that requires grad \\(or a view"),
         "inplace-leaf-slice-student": (dict(student_logits=s[None].clone().requires_grad_()[0], inplace_grad=True),
                                        "inplace_grad: student_logits is a leaf that requires grad \\(or a view"),
+        # adversarial-API audit: errors that did not name the argument, or silently changed values
+        "temperature-none": (dict(temperature=None), "temperature: expected a float"),
+        "temperature-str": (dict(temperature="2"), "temperature: expected a float"),
+        "temperature-denormal": (dict(temperature=1e-45), "temperature: .* too small"),  # 1/T = inf: a NaN loss
+        "beta-none": (dict(divergence="jsd", beta=None), "beta: expected a float"),
+        "ignore-index-none": (dict(labels=lab, ignore_index=None), "ignore_index: expected an int"),
+        "ignore-index-float": (dict(labels=lab, ignore_index=1.5), "ignore_index: expected an int"),  # was int(1.5)
+        "num-items-str": (dict(num_items="3"), "num_items: expected a float"),
+        "num-items-inf": (dict(num_items=math.inf), "num_items"),  # was a zero loss
+        "num-items-huge": (dict(num_items=1e40), "num_items"),  # reference: overflow error; Triton: 0
+        "weights-require-grad": (dict(weights=torch.ones(5, dtype=F64, requires_grad=True)), "weights: requires grad"),
+        "topk-repeated-id": (dict(teacher_logits=None, teacher_topk=(torch.tensor([[1, 2, 1]] * 5),
+                                                                     torch.full((5, 3), -2.0, dtype=F64))),
+                             "teacher_topk ids: row 0 repeats an id"),
     }
 
 
@@ -722,6 +736,16 @@ def test_kd_bad_inputs(use, name):
     teacher = kw.pop("teacher_logits", t)
     with pytest.raises((ValueError, TypeError), match=re.compile(arg)):
         fd.kd_loss(student, teacher, accum_dtype=F64, **kw)
+
+
+def test_kd_repeated_topk_ids_in_ignored_rows_pass(use):
+    """Ignored / masked rows may carry padding ids (repeated): only counted rows are checked."""
+    s, _, _ = make((3,), 11)
+    ids = torch.tensor([[1, 2, 3], [0, 0, 0], [4, 5, 6]])
+    lps = torch.full((3, 3), -2.0, dtype=F64)
+    lab = torch.tensor([1, -100, 2])
+    fd.kd_loss(s, teacher_topk=(ids, lps), labels=lab, accum_dtype=F64)
+    fd.kd_loss(s, teacher_topk=(ids, lps), mask=lab != -100, accum_dtype=F64)
 
 
 def test_kd_softcap_saturated_gradient(use):
@@ -763,6 +787,21 @@ def check_softcap_neginf() -> None:
     ref = (0.5 * xlogy(p, lp - m.log()) + 0.5 * xlogy(q, lq - m.log())).sum(-1).mean()
     got = fd.kd_loss(s.float(), t.float(), divergence="jsd", beta=0.5, softcap=3.0)
     assert abs(got.item() - ref.item()) <= 1e-5 * ref.item(), (got.item(), ref.item())
+    # columns −inf in both models are absent: every divergence (and CE) equals the call without them, in value and
+    # gradient, the gradient of those columns is 0, and no NaN (0·(−inf) in the mixture terms)
+    s2, t2 = s.clone(), torch.randn(4, 16, generator=g, dtype=F64) * 2
+    s2[:, 3] = 0.5
+    s2[:, 12:], t2[:, 12:] = -math.inf, -math.inf
+    lab = torch.tensor([0, 5, 11, 2])
+    for div in ("fkl", "rkl", "jsd", "skl", "srkl", "tvd"):
+        kw = dict(divergence=div, softcap=3.0, temperature=1.5, labels=lab, hard_label_alpha=0.25)
+        x, x_cut = s2.float().requires_grad_(), s2[:, :12].float().requires_grad_()
+        loss, loss_cut = fd.kd_loss(x, t2.float(), **kw), fd.kd_loss(x_cut, t2[:, :12].float(), **kw)
+        loss.backward()
+        loss_cut.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), (div, loss, x.grad)
+        assert abs(loss.item() - loss_cut.item()) <= 1e-6 * abs(loss_cut.item()), (div, loss, loss_cut)
+        assert (x.grad[:, 12:] == 0).all() and torch.allclose(x.grad[:, :12], x_cut.grad, rtol=1e-5, atol=1e-7), div
 
 
 def test_kd_softcap_keeps_neginf(use):

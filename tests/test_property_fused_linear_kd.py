@@ -373,12 +373,12 @@ def _student_logits(c: Case, L: dict, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _transform(c: Case, z: torch.Tensor) -> torch.Tensor:
-    """logit_scale, then softcap. Applied before oracle_kd, which pads a smaller teacher vocabulary with −inf
-    *before* its softcap (−inf → −softcap: mass on the padded columns) where docs/kd_ops.md says p = 0 there."""
+    """logit_scale, then softcap (−inf stays −inf: docs/kd_ops.md). Applied before oracle_kd, which pads a
+    smaller teacher vocabulary with −inf (p = 0 there, as documented)."""
     if c.logit_scale is not None:
         z = c.logit_scale * z
     if c.softcap is not None:
-        z = c.softcap * torch.tanh(z / c.softcap)
+        z = torch.where(z == -math.inf, z, c.softcap * torch.tanh(z / c.softcap))
     return z
 
 
@@ -828,13 +828,13 @@ def test_chunk_size_invariance(c, chunk):
 
 def valid_rows(c: Case, T: dict, neg_inf: bool = True) -> torch.Tensor:
     """kd_loss's validity rule: labels != ignore_index, mask, and (``neg_inf``) a teacher row not all −inf on the
-    shared vocabulary (softcap maps −inf to −softcap: such rows stay valid). Student rows are never all −inf."""
+    shared vocabulary (softcap keeps −inf: docs/kd_ops.md). Student rows are never all −inf."""
     ok = torch.ones(c.N, dtype=torch.bool)
     if c.labels:
         ok &= T["labels"].reshape(-1) != c.labels[0]
     if c.mask:
         ok &= T["mask"].reshape(-1)
-    if neg_inf and c.teacher == "logits" and c.softcap is None:
+    if neg_inf and c.teacher == "logits":
         ok &= ~torch.isneginf(_view(T["tlog"], c.t_layout, last=True)).reshape(c.N, c.Vt)[:, : c.V].all(-1)
     return ok
 

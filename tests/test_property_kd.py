@@ -77,7 +77,7 @@ def oracle(student, teacher=None, topk=None, *, topk_semantics="tail_bucket", di
            compute_dtype=F64):
     """docs/kd_ops.md term by term, differentiated by autograd (as test_kd.oracle_kd, whose structure this follows).
     Dense: the teacher is transformed, then sliced / padded with −inf (p = 0 on the student's extra columns; oracle_kd
-    pads before the transforms, so that softcap turns the padding into −softcap). Top-k (``topk`` = (ids, logprobs)):
+    pads before the transforms; softcap keeps −inf, so the order does not matter). Top-k (``topk`` = (ids, logprobs)):
     buckets (ids, tail) with q_tail the student's mass off the ids (= 1 − Σ q_ids, summed directly so that a
     confident student keeps it, and differentiated in log space: its gradient has the limit where q_tail = 0),
     p_tail = 1 − Σ p (clamped at 0); zero_tail
@@ -377,14 +377,12 @@ def topk_cases(draw, dtypes=DTYPES, semantics=SEMANTICS, positive_weights=False,
     lps = (pk / pk.sum(-1, keepdim=True)).log() + math.log(mass)
     s = (tl * draw(st.floats(0.0, 1.5)) + _randn(g, N, V) * spread) * T
     _place_neg_inf(draw, g, s, lead)
-    capped = kw.get("softcap") is not None  # softcap maps −inf to −softcap: q > 0 everywhere
-    if not (rkl_like and capped):
-        for _ in range(draw(st.integers(0, 2))):  # p = 0 at an id
-            lps[draw(st.integers(0, N - 1)), draw(st.integers(0, k - 1))] = -INF
-    if not capped:
-        lps[torch.isneginf(s.gather(1, ids))] = -INF  # q = 0 at an id: p = 0 there too
-        if rkl_like:  # p = 0 at an id: q = 0 there too
-            s.scatter_(1, ids, torch.where(torch.isneginf(lps), -INF, s.gather(1, ids)))
+    # (softcap keeps −inf: docs/kd_ops.md; before, it mapped −inf to −softcap and capped cases skipped these)
+    for _ in range(draw(st.integers(0, 2))):  # p = 0 at an id
+        lps[draw(st.integers(0, N - 1)), draw(st.integers(0, k - 1))] = -INF
+    lps[torch.isneginf(s.gather(1, ids))] = -INF  # q = 0 at an id: p = 0 there too
+    if rkl_like:  # p = 0 at an id: q = 0 there too
+        s.scatter_(1, ids, torch.where(torch.isneginf(lps), -INF, s.gather(1, ids)))
     if sem == "renorm":  # per row, an id with mass on both sides (all −inf over the k is undefined), or a dead row
         both = ~torch.isneginf(lps) & ~torch.isneginf(s.gather(1, ids))
         assume(bool((both.any(1) | torch.isneginf(s).all(1)).all()))
@@ -442,8 +440,8 @@ def tail_resolved(case: Case) -> bool:
     z = case.values.reshape(N, case.V).double()
     if case.kw.get("logit_scale") is not None:
         z = z * case.kw["logit_scale"]
-    if case.kw.get("softcap") is not None:
-        z = case.kw["softcap"] * torch.tanh(z / case.kw["softcap"])
+    if case.kw.get("softcap") is not None:  # (−inf stays −inf: docs/kd_ops.md)
+        z = torch.where(z == -math.inf, z, case.kw["softcap"] * torch.tanh(z / case.kw["softcap"]))
     q = torch.softmax(z / case.kw["temperature"], -1).gather(1, ids.reshape(N, -1).long())
     q_tail = 1 - q.sum(-1)
     return bool(((q_tail >= 1e-3) | torch.isnan(q_tail) | ~valid_rows(case)).all())
@@ -721,7 +719,6 @@ def test_all_ignored_batch(backend, case, how):
     elif how == "mask":
         kw["mask"] = torch.zeros(lead, dtype=torch.bool)
     else:
-        kw.pop("softcap", None)  # softcap would turn −inf into −softcap (a valid row)
         if how == "dead_student" or case.topk is not None:
             values.fill_(-INF)
         else:
@@ -747,8 +744,8 @@ def test_teacher_equals_student(backend, case):
         z = case.values.double()
         if kw.get("logit_scale") is not None:
             z = z * kw["logit_scale"]
-        if kw.get("softcap") is not None:
-            z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+        if kw.get("softcap") is not None:  # (−inf stays −inf: docs/kd_ops.md)
+            z = torch.where(z == -math.inf, z, kw["softcap"] * torch.tanh(z / kw["softcap"]))
         lps = (z / kw["temperature"]).gather(-1, ids.long())  # softmax(lps) = the student renormalised over the ids
         other = Case(case.values, None, (ids, lps), kw, case.inplace, case.pad)
     loss, grad = run_op(other, backend)
@@ -833,7 +830,9 @@ def _force_infinite_fkl(case: Case, kill_tail: bool) -> Case:
     id (p >= 1/V there, so the exact divergence is +inf in any precision), or, for tail_bucket with kill_tail,
     on every column off the ids (q_tail = 0 while p_tail >= 1e-3)."""
     kw = dict(case.kw)
-    kw.pop("softcap", None)  # it would map −inf to −softcap
+    # no softcap: the gradient of a −inf column in an infinite row is a convention there (the kernels take softcap's
+    # limit d/dz → 0, the oracle's torch.where the identity's 1); finite rows have q = 0, so no gradient, either way
+    kw.pop("softcap", None)
     values = case.values.clone()
     N = _n_rows(case)
     flat = values.view(N, case.V)

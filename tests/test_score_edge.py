@@ -191,6 +191,18 @@ def test_meta_tensors(nan):
 
 def test_other_ops_bad_args():
     x, f, c = _args()
+    # adversarial-API audit: a negative epsilon made every normaliser <= 0 (every sample bad, loss 0, silently);
+    # a weight that requires grad silently got no gradient
+    with pytest.raises(ValueError, match="norm_eps: expected a number >= 0"):
+        fd.score_distill(x, [f, c], [1.0, -1.0], norm_terms=[c], norm_coeffs=[1.0], norm_eps=-1e9)
+    with pytest.raises(ValueError, match="w_eps: expected a number >= 0"):
+        fd.sid_loss(x, f, c, w_eps=-1.0)
+    with pytest.raises(ValueError, match="sample_weight: requires grad"):
+        fd.score_distill(x, [f, c], [1.0, -1.0], norm=None, sample_weight=torch.ones(2, requires_grad=True))
+    with pytest.raises(ValueError, match="weight: requires grad"):
+        fd.scm_tangent_loss(x, [f], [1.0], weight=torch.ones(2, requires_grad=True))
+    with torch.no_grad():  # no gradient wanted: nothing to lose
+        fd.denoise_regression_loss(x, [f], [1.0], weight=torch.ones(2, requires_grad=True))
     with pytest.raises(TypeError, match="f_real: expected a tensor or a pair"):
         fd.sid_loss(x, [f], c)
     with pytest.raises(ValueError, match="y itself cannot be a term"):

@@ -92,6 +92,10 @@ def test_kdloss_module():
         KDLoss(temperature=0.0)
     with pytest.raises(TypeError, match="labels"):
         KDLoss(labels=lab)
+    with pytest.raises(TypeError, match="teacher_logits: a per-batch argument"):  # was "got multiple values"
+        KDLoss(teacher_logits=t)
+    with pytest.raises(TypeError, match="ignore_index: expected an int"):  # was int("x")'s bare ValueError
+        KDLoss(ignore_index="x")
     # top-k options are probed with a top-k teacher at construction (before: they raised on the first call)
     with pytest.raises(ValueError, match="zero_tail' defines forward KL only"):
         KDLoss(divergence="rkl", topk_semantics="zero_tail")

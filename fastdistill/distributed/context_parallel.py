@@ -31,7 +31,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
-from fastdistill.ops._common import check_choice, first_order, reached, select_backend
+from fastdistill.ops._common import check_bool, check_choice, first_order, reached, select_backend
 from fastdistill.ops.jvp_attention import (
     _STOP_GRAD,
     LAYOUTS,
@@ -681,6 +681,7 @@ class _Args(NamedTuple):
 def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_layout, tangent_dtype) -> _Args:
     """This rank's argument checks (no communication) and what the call needs; raises on bad arguments."""
     check_choice("mode", mode, MODES)
+    check_bool("causal", causal)
     check_choice("seq_layout", seq_layout, SEQ_LAYOUTS)
     check_choice("layout", layout, LAYOUTS)
     lay = LAYOUTS[layout]

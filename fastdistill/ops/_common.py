@@ -115,6 +115,44 @@ def is_finite(v) -> bool:
     return bool(v - v == 0)
 
 
+def real_option(name: str, v) -> float:
+    """A float option: a number (int, float, numpy scalar or 0-d array, Decimal, ...) or a one-element CPU tensor
+    (no host synchronisation), finite; errors name it."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.device.type != "cpu":
+            raise TypeError(f"{name}: expected a float (or a one-element CPU tensor), got a tensor of shape "
+                            f"{tuple(v.shape)} on {v.device}" + (" (per-sample values: weight / sample_weight)"
+                                                                  if v.numel() > 1 else ""))
+        v = v.item()
+    if isinstance(v, (str, bytes, bool)):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__}") from None
+    if not is_finite(f):
+        raise ValueError(f"{name}: expected a finite number, got {f}")
+    return f
+
+
+def check_bool(name: str, v) -> None:
+    """A flag must be a bool: a truthy string such as ``"no"`` would silently turn it on."""
+    if not isinstance(v, (bool, torch.SymBool)):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
+
+
+def int_option(name: str, v) -> int:
+    """An int option (int, numpy integer, one-element integer CPU tensor; not a bool, a float or a string):
+    errors name it (``int(1.5)`` would silently truncate)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.device.type != "cpu" or v.is_floating_point() or v.dtype == torch.bool:
+            raise TypeError(f"{name}: expected an int, got a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}")
+        return int(v.item())
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    return int(v.__index__())
+
+
 def autocast_off(device_type: str):
     """``torch.autocast(device_type, enabled=False)`` where autocast exists for the device type; a no-op context
     elsewhere (e.g. ``meta``, where ``torch.autocast`` itself raises)."""

@@ -28,7 +28,16 @@ from fastdistill.ops._common import (
     saved_constants,
     select_backend,
 )
-from fastdistill.ops.kd_softmax import _FLOAT_DTYPES, REDUCTIONS, TOPK_SEMANTICS, KDPlan, _bwd, _fwd, make_plan
+from fastdistill.ops.kd_softmax import (
+    _FLOAT_DTYPES,
+    REDUCTIONS,
+    TOPK_SEMANTICS,
+    KDPlan,
+    _bwd,
+    _fwd,
+    check_row_args,
+    make_plan,
+)
 
 DEFAULT_MEMORY_BUDGET_MB = 2048  # chunk_size="auto": bytes of per-chunk [rows, V] temporaries
 RED_BATCHMEAN, RED_SUM, RED_MEAN, RED_NONE = 0, 1, 2, 3
@@ -498,8 +507,8 @@ def fused_linear_kd_loss(
         if chunk_size != "auto":
             raise ValueError(f"memory_budget_mb: only used with chunk_size='auto', got chunk_size={chunk_size!r}")
         if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
-                or not memory_budget_mb > 0:
-            raise ValueError(f"memory_budget_mb: expected a positive number, got {memory_budget_mb!r}")
+                or not 0 < memory_budget_mb < float("inf"):
+            raise ValueError(f"memory_budget_mb: expected a positive finite number, got {memory_budget_mb!r}")
     labels2 = _rows("labels", labels, lead, N, dev, dtypes=(torch.int64, torch.int32), kind="int64 / int32 labels")
     p = make_plan(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                   teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
@@ -517,6 +526,7 @@ def fused_linear_kd_loss(
                              f"got {labels2[bad][:4].tolist()}")
     mask2 = _rows("mask", mask, lead, N, dev, dtypes=(torch.bool,), kind="a bool mask")
     w2 = _rows("weights", weights, lead, N, dev, dtypes=_FLOAT_DTYPES, kind="a floating dtype")
+    check_row_args(p, ids if topk else None, labels2, mask2, w2)
     num_items = p.num_items if p.num_items > 0 else None
     fp64 = p.fp64
     p = dataclasses.replace(p, red=RED_SUM, num_items=0.0)  # the kernels sum; this op applies the reduction

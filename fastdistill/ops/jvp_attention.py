@@ -17,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from fastdistill import _backend
-from fastdistill.ops._common import check_choice, first_order, is_finite, reached, select_backend
+from fastdistill.ops._common import check_bool, check_choice, first_order, is_finite, reached, select_backend
 from fastdistill.reference import jvp_attention as _ref
 
 OP = "jvp_attention"
@@ -413,6 +413,8 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
                          "pass the tangents one way, not both")
     if dual:  # forward-AD tangents are whatever the model produced: give them a contiguous head dim if needed
         tq, tk, tv = (t if t is None or t.numel() == 0 or t.stride(-1) == 1 else t.contiguous() for t in duals)
+    check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
     Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
     scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
     if not is_finite(scale):

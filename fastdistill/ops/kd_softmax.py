@@ -11,7 +11,8 @@ from fastdistill import _backend
 from fastdistill.ops._common import (
     check_choice,
     first_order,
-    is_finite,
+    int_option,
+    real_option,
     resolve_accum,
     save_constants,
     saved_constants,
@@ -19,6 +20,7 @@ from fastdistill.ops._common import (
 )
 from fastdistill.reference import kd_softmax as _ref
 
+_FP32_MAX = torch.finfo(torch.float32).max
 DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
 REDUCTIONS = {"batchmean": 0, "sum": 1, "mean": 2, "none": 3}
 TOPK_SEMANTICS = {"tail_bucket": 1, "zero_tail": 2, "renorm": 3}
@@ -69,6 +71,28 @@ class KDPlan:
         return cls(**kw)
 
 
+def check_row_args(p: KDPlan, ids: torch.Tensor | None, labels: torch.Tensor | None, mask: torch.Tensor | None,
+                   weights: torch.Tensor | None) -> None:
+    """Checks of the per-row arguments ``[N]`` / ``[N, k]`` shared by kd_loss and fused_linear_kd_loss. Per-token
+    weights are constants: one that requires grad would get no gradient, silently. Repeated top-k ids in a counted
+    row double-count that id (and the backends disagree on it): refused where the check is free (CPU eager)."""
+    if weights is not None and weights.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weights: requires grad, but the per-token weights are constants here (no gradient reaches "
+                         "them); pass weights.detach()")
+    if ids is None or ids.shape[-1] < 2 or not _eager_cpu(ids):
+        return
+    srt = ids.sort(-1).values
+    dup = (srt[:, 1:] == srt[:, :-1]).any(1)
+    if labels is not None:
+        dup &= labels != p.ignore_index
+    if mask is not None:
+        dup &= mask
+    if bool(dup.any()):
+        row = int(dup.nonzero()[0, 0])
+        raise ValueError(f"teacher_topk ids: row {row} repeats an id ({ids[row].tolist()}): the k ids of a row must "
+                         "be distinct")
+
+
 def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_scale, ignore_index, reduction, num_items,
           hard_label_alpha, softcap, logit_scale, topk, accum_dtype, has_labels) -> KDPlan:
     """Check kd_loss's options (errors name the argument) and build its plan (docs/kd_ops.md). Shared by
@@ -78,13 +102,24 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
     check_choice("reduction", reduction, tuple(REDUCTIONS))
     if accum_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"accum_dtype: expected torch.float32 or torch.float64, got {accum_dtype}")
+    beta, skew, hard_label_alpha = (real_option(n, v) for n, v in (
+        ("beta", beta), ("skew", skew), ("hard_label_alpha", hard_label_alpha)))
     for name, v in (("beta", beta), ("skew", skew), ("hard_label_alpha", hard_label_alpha)):
-        if not 0.0 <= float(v) <= 1.0:
+        if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name}: expected a value in [0.0, 1.0], got {v}")
+    ignore_index = int_option("ignore_index", ignore_index)
+    opt = {}
     for name, v in (("temperature", temperature), ("teacher_temperature", teacher_temperature),
                     ("softcap", softcap), ("logit_scale", logit_scale)):
-        if v is not None and not (float(v) > 0 and is_finite(float(v))):
+        if v is None and name != "temperature":
+            opt[name] = None
+            continue
+        f = opt[name] = real_option(name, v)
+        if not f > 0:
             raise ValueError(f"{name}: expected a positive finite number, got {v}")
+        if name.endswith("temperature") and not 1.0 / f < _FP32_MAX:  # the kernels scale by 1/T in fp32
+            raise ValueError(f"{name}: {f:.3g} is too small (1/{name} overflows float32)")
+    temperature, teacher_temperature, softcap, logit_scale = opt.values()
     if topk and topk != TOPK_SEMANTICS["renorm"] and teacher_temperature not in (None, 1.0):
         raise ValueError(f"teacher_temperature: only topk_semantics='renorm' can re-temper stored log-probs "
                          f"(the tail mass is unknown), got {teacher_temperature}")
@@ -98,12 +133,11 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
                              "it would be ignored")
         if isinstance(num_items, bool) or (isinstance(num_items, torch.Tensor) and num_items.dtype == torch.bool):
             raise TypeError(f"num_items: expected a number of items, got {num_items!r}")
-        if isinstance(num_items, torch.Tensor):
-            if num_items.device.type != "cpu" or num_items.numel() != 1:
-                raise TypeError("num_items: expected an int (a CUDA tensor would need a host synchronisation)")
-            num_items = num_items.item()
-        if not float(num_items) > 0:
-            raise ValueError(f"num_items: expected > 0, got {num_items}")
+        if isinstance(num_items, torch.Tensor) and (num_items.device.type != "cpu" or num_items.numel() != 1):
+            raise TypeError("num_items: expected an int (a CUDA tensor would need a host synchronisation)")
+        num_items = real_option("num_items", num_items)
+        if not 0 < num_items < _FP32_MAX:
+            raise ValueError(f"num_items: expected a number > 0 that float32 holds, got {num_items}")
     div = DIVERGENCES[divergence]
     if div == 2 and beta in (0.0, 1.0):
         div = 0 if beta == 0.0 else 1
@@ -111,7 +145,7 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
         div -= 3
     T = float(temperature)
     Tt = float(teacher_temperature) if teacher_temperature is not None else (1.0 if topk else T)
-    return KDPlan(div=div, red=REDUCTIONS[reduction], fp64=accum_dtype == torch.float64, ignore_index=int(ignore_index),
+    return KDPlan(div=div, red=REDUCTIONS[reduction], fp64=accum_dtype == torch.float64, ignore_index=ignore_index,
                   topk=topk, beta=float(beta), skew=float(skew), temperature=T, teacher_temperature=Tt,
                   t2=T * T if t2_scale else 1.0, alpha=float(hard_label_alpha),
                   num_items=float(num_items) if num_items is not None else 0.0,
@@ -399,6 +433,7 @@ def kd_loss(
     if t2.stride(-1) != 1:
         t2 = t2.contiguous()
     ids2 = ids.reshape(N, Vt).contiguous() if ids is not None else None
+    check_row_args(p, ids2, labels2, mask2, w2)
     mask_u8 = mask2.view(torch.uint8) if mask2 is not None else None
     if inplace_grad and not torch.compiler.is_compiling():
         base = s if s._base is None else s._base  # a view of a trainable leaf writes into the leaf too

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastdistill.ops._common import check_choice, is_finite, resolve_accum
+from fastdistill.ops._common import check_choice, real_option, resolve_accum
 from fastdistill.ops._score_engine import (
     NAN_POLICIES,
     OP_DENOISE,
@@ -101,10 +101,10 @@ def score_distill(
         groups.append(("norm_terms", terms if norm_terms is None else norm_terms, norm_coeffs))
     elif norm_coeffs is not None or norm_terms is not None:
         raise ValueError("norm_coeffs / norm_terms: given, but norm=None")
-    if _real("huber_c", huber_c) <= 0 and phi == "pseudo_huber":
+    if real_option("huber_c", huber_c) <= 0 and phi == "pseudo_huber":
         raise ValueError(f"huber_c: expected > 0, got {huber_c}")
     c_min = torch.finfo(accum_dtype).tiny ** 0.5  # (accum_dtype checked by _common)
-    if phi == "pseudo_huber" and _real("huber_c", huber_c) < c_min:  # c² below the normal range: φ(0) = 0/0
+    if phi == "pseudo_huber" and real_option("huber_c", huber_c) < c_min:  # c² below the normal range: φ(0) = 0/0
         raise ValueError(f"huber_c: {huber_c:.3g} is below {c_min:.3g}, where c² leaves {accum_dtype}'s normal "
                          "range (φ(d) = d/√(d² + c²) would be 0/0 at d = 0); use accum_dtype=torch.float64 or a "
                          "larger c")
@@ -116,10 +116,11 @@ def score_distill(
     coef = pack_coef([rows[0], rows[1] if norm is not None else []], len(all_terms), B, x.device, acc)
     p = Plan(op=OP_SCORE, use1=uses[0], use2=uses[1] if norm is not None else 0, phi_huber=phi == "pseudo_huber",
              norm_on_loss=norm_on == "loss", norm={None: 0, "mean_abs": 1, "mean_abs_global": 2}[norm],
-             red=_RED[reduction], fp64=acc == torch.float64, huber_c=_real("huber_c", huber_c),
-             scale=_real("scale", scale),
-             clamp=_real("norm_clamp", norm_clamp), eps=_real("norm_eps", norm_eps), **_nan_flags(nan))
-    weight = per_sample("sample_weight", sample_weight, B, x.device)
+             red=_RED[reduction], fp64=acc == torch.float64, huber_c=real_option("huber_c", huber_c),
+             scale=real_option("scale", scale),
+             clamp=real_option("norm_clamp", norm_clamp), eps=_non_negative("norm_eps", norm_eps),
+             **_nan_flags(nan))
+    weight = per_sample("sample_weight", _constant("sample_weight", sample_weight), B, x.device)
     return run(p, x, all_terms, coef, mask_2d(mask, x, B, M), weight, None, return_stats)
 
 
@@ -167,8 +168,8 @@ def sid_loss(
     tneed = sum(1 << k for k, t in enumerate(terms) if t.requires_grad)
     p = Plan(op=OP_SID, use1=uses[0], use2=uses[1], tneed=tneed, red=_RED[reduction],
              fp64=accum_dtype == torch.float64,
-             alpha=_real("alpha", alpha), scale=_real("scale", scale), clamp=_real("w_clamp", w_clamp),
-             eps=_real("w_eps", w_eps), **_nan_flags(nan))
+             alpha=real_option("alpha", alpha), scale=real_option("scale", scale),
+             clamp=real_option("w_clamp", w_clamp), eps=_non_negative("w_eps", w_eps), **_nan_flags(nan))
     return run(p, y, terms, coef, mask_2d(mask, y, B, M), None, None, return_stats)
 
 
@@ -202,14 +203,15 @@ def scm_tangent_loss(
     check_choice("norm", norm, ("l2", "rms"))
     check_choice("sample_reduction", sample_reduction, ("sum", "mean"))
     check_choice("reduction", reduction, tuple(_RED_BATCH))
-    if _real("c", c) < 0:
+    if real_option("c", c) < 0:
         raise ValueError(f"c: expected >= 0, got {c}")
     all_terms, rows, uses = unify_terms([("terms", terms, coeffs)], F, B)
     row0 = rows[0] + [x_coef("f_coeff", f_coeff, B, F.device)]
     coef = pack_coef([row0, []], len(all_terms), B, F.device, accum_dtype)
     scale, wvec = _weight_arg(weight, B, F.device)
     p = Plan(op=OP_SCM, use1=uses[0], red=_RED_BATCH[reduction], sample_mean=sample_reduction == "mean",
-             rms=norm == "rms", fp64=accum_dtype == torch.float64, c=_real("c", c), scale=scale, **_nan_flags(nan))
+             rms=norm == "rms", fp64=accum_dtype == torch.float64, c=real_option("c", c), scale=scale,
+             **_nan_flags(nan))
     lv = per_sample("logvar", logvar, B, F.device)
     return run(p, F, all_terms, coef, None, wvec, lv, return_stats)
 
@@ -245,29 +247,25 @@ def denoise_regression_loss(
     return run(p, pred, all_terms, coef, mask_2d(mask, pred, B, M), wvec, None, return_stats)
 
 
-def _real(name: str, v) -> float:
-    """A float option: a number (int, float, numpy scalar or 0-d array, Decimal, ...) or a one-element CPU tensor
-    (no host synchronisation), finite; errors name it."""
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1 or v.device.type != "cpu":
-            raise TypeError(f"{name}: expected a float (or a one-element CPU tensor), got a tensor of shape "
-                            f"{tuple(v.shape)} on {v.device}" + (" (per-sample values: weight / sample_weight)"
-                                                                  if v.numel() > 1 else ""))
-        v = v.item()
-    if isinstance(v, (str, bytes, bool)):
-        raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a float, got {type(v).__name__}") from None
-    if not is_finite(f):
-        raise ValueError(f"{name}: expected a finite number, got {f}")
+def _non_negative(name: str, v) -> float:
+    """An epsilon added to a normaliser: >= 0 (a negative one makes normalisers <= 0, every sample bad)."""
+    f = real_option(name, v)
+    if f < 0:
+        raise ValueError(f"{name}: expected a number >= 0 (added to the normaliser), got {f}")
     return f
+
+
+def _constant(name: str, v):
+    """Per-sample weights are constants here: one that requires grad would silently get no gradient."""
+    if isinstance(v, torch.Tensor) and v.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}: requires grad, but the op treats it as a constant (no gradient reaches it); pass "
+                         f"{name}.detach()")
+    return v
 
 
 def _weight_arg(weight, B: int, device) -> tuple[float, torch.Tensor | None]:
     if weight is None:
         return 1.0, None
     if isinstance(weight, torch.Tensor):
-        return 1.0, per_sample("weight", weight, B, device)
-    return _real("weight", weight), None
+        return 1.0, per_sample("weight", _constant("weight", weight), B, device)
+    return real_option("weight", weight), None

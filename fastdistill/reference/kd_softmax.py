@@ -22,7 +22,7 @@ def _chunks(N: int, V: int):
 
 def transform(p, z: torch.Tensor) -> torch.Tensor:
     """logit_scale, then softcap (both models). A −inf logit stays −inf (probability 0: a masked or padded
-    column), where softcap·tanh would make it −softcap, a positive probability."""
+    column, handled as without softcap), where softcap·tanh would make it −softcap, a positive probability."""
     if p.logit_scale != 1.0:
         z = z * p.logit_scale
     if p.softcap > 0:
