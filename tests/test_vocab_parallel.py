@@ -90,6 +90,7 @@ KD_CASES = dict([
     K("jsd-subgroup", divergence="jsd", labels=True, hard_label_alpha=0.3, layout="uneven", subgroup=True),
     K("fkl-accum-fp32", divergence="fkl", labels=True, hard_label_alpha=0.3, accum32=True, layout="uneven"),
     # accum_dtype not given: fp64 shards must give fp64 statistics (the fp64 tolerance fails with fp32)
+    K("fkl-mesh-group", divergence="fkl", labels=True, hard_label_alpha=0.2, layout="uneven", mesh_group=True),
     K("jsd-default-accum", divergence="jsd", beta=0.3, labels=True, hard_label_alpha=0.2, default_accum=True,
       layout="uneven"),
     K("fkl-mixed-vocab-start", divergence="fkl", labels=True, hard_label_alpha=0.2, layout="mixed", short=True),
@@ -206,6 +207,10 @@ ERROR_CASES = dict([
     K("err-not-a-member", kind="error", match="group", bad="group"),
     K("err-fused-teacher-weight", kind="error", match="teacher_weight_shard", bad="fused_tw"),
     K("err-fused-chunk-size", kind="error", match="chunk_size", bad="fused_chunk"),
+    # torch-native TP users hold DTensors: before, a raw mixed-Tensor/DTensor error or one blaming another argument
+    K("err-dtensor-student", kind="error", match="^student_logits_shard: got a DTensor", bad="dtensor"),
+    K("err-dtensor-fused-weight", kind="error", match="^student_weight_shard: got a DTensor", bad="dtensor_fused"),
+    K("err-2d-mesh", kind="error", match="^group: got a 2-D DeviceMesh", bad="mesh2d"),
 ])
 
 ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **KEQV_CASES, **TOPK_CASES, **VPTOPK_CASES, **VPTOPK32_CASES,
@@ -310,6 +315,11 @@ def _case_on_rank(name: str, rank: int, world: int, group) -> dict:
     kw = dict(d["kw"], group=group, vocab_start=start, accum_dtype=torch.float32 if fp32 else F64)
     if c.get("default_accum"):
         del kw["accum_dtype"]
+    if c.get("mesh_group"):  # a 1-D DeviceMesh as the group (was: "Group ... is not registered")
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import DeviceMesh
+
+        kw["group"] = DeviceMesh.from_group(group or dist.group.WORLD, "cpu")
     if c.get("fp32"):
         d["s"], d["t"] = d["s"].float(), d["t"].float()
     kind = c["kind"]
@@ -450,6 +460,23 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
             return {"err": ("skipped", "")}
         kw["group"] = solo
         f = lambda: vp.vocab_parallel_kd_loss(s, t, **kw)
+    elif bad in ("dtensor", "dtensor_fused", "mesh2d"):
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor, Shard
+
+        if bad == "mesh2d":
+            kw["group"] = DeviceMesh("cpu", torch.arange(world).reshape(1, world))
+            f = lambda: vp.vocab_parallel_kd_loss(s, t, **kw)
+        else:
+            mesh = DeviceMesh.from_group(kw["group"] or dist.group.WORLD, "cpu")
+            if bad == "dtensor":
+                sd = DTensor.from_local(s, mesh, [Shard(1)], run_check=False)
+                f = lambda: vp.vocab_parallel_kd_loss(sd, t, **kw)
+            else:
+                Wd = DTensor.from_local(torch.zeros(b - a, 6, dtype=F64), mesh, [Shard(0)], run_check=False)
+                f = lambda: vp.vocab_parallel_fused_linear_kd_loss(d["s"][..., :6], Wd, teacher_logits_shard=t,
+                                                                   **kw)
     elif bad == "fused_tw":
         f = lambda: vp.vocab_parallel_fused_linear_kd_loss(d["s"][..., :6], torch.zeros(b - a, 6, dtype=F64),
                                                            d["s"][..., :5], torch.zeros(b - a + 1, 5, dtype=F64))

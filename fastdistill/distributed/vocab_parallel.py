@@ -592,6 +592,27 @@ def _teacher_args(lead, N, device, teacher_logits, teacher_topk, topk_semantics,
     return lps.reshape(N, k).contiguous(), ids.reshape(N, k).contiguous(), TOPK_SEMANTICS[topk_semantics], k
 
 
+def local_args(group, **tensors):
+    """The group as a ProcessGroup (a 1-D DeviceMesh gives its group), after checking that no argument is a
+    DTensor: these losses take this rank's local shard as a plain tensor (a DTensor failed deep inside, or blamed
+    another argument's shape)."""
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.tensor import DTensor
+    except Exception:  # torch without distributed tensors
+        DeviceMesh = DTensor = ()
+    for name, v in tensors.items():
+        if any(isinstance(x, DTensor) for x in (v if isinstance(v, (tuple, list)) else (v,))):
+            raise TypeError(f"{name}: got a DTensor; pass this rank's local shard as a plain tensor (.to_local(); "
+                            "ColwiseParallel(use_local_output=True) on an lm_head returns plain tensors)")
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"group: got a {group.ndim}-D DeviceMesh; pass its tensor-parallel dimension "
+                             "(mesh['tp']) or that dimension's process group")
+        group = group.get_group()
+    return group
+
+
 def _common(student, lead_of, N, Vr, teacher_logits, teacher_topk, topk_semantics, labels, mask, weights, group,
             vocab_start, tname, **opts):
     device = student.device
@@ -646,6 +667,8 @@ def vocab_parallel_kd_loss(
         loss = vocab_parallel_kd_loss(student_logits_shard, teacher_logits_shard, group=tp_group,
                                       divergence="jsd", temperature=2.0, t2_scale=True, labels=labels)
     """
+    group = local_args(group, student_logits_shard=student_logits_shard, teacher_logits_shard=teacher_logits_shard,
+                       teacher_topk=teacher_topk, labels=labels, mask=mask, weights=weights)
     s = student_logits_shard
     if not isinstance(s, torch.Tensor) or s.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"student_logits_shard: expected a floating tensor, got {getattr(s, 'dtype', type(s))}")
@@ -686,6 +709,7 @@ def vocab_parallel_topk(
 
     Ties (``−inf`` logits included) go to any of the tied ids; the ids are always distinct global ids in
     ``[0, V)``. A row whose logits are all ``−inf`` gets ``−inf`` log-probs."""
+    group = local_args(group, teacher_logits_shard=teacher_logits_shard)
     z = teacher_logits_shard
     if not isinstance(z, torch.Tensor) or z.dtype not in _FLOAT_DTYPES or z.dim() < 1:
         raise TypeError(f"teacher_logits_shard: expected a floating tensor [..., V_r], got {getattr(z, 'dtype', z)}")

@@ -253,6 +253,11 @@ def vocab_parallel_fused_linear_kd_loss(
         loss = vocab_parallel_fused_linear_kd_loss(h, lm_head_shard.weight, h_teacher, t_lm_head_shard.weight,
                                                    group=tp_group, divergence="fkl", temperature=2.0)
     """
+    group = _vp.local_args(group, student_hidden=student_hidden, student_weight_shard=student_weight_shard,
+                           teacher_hidden=teacher_hidden, teacher_weight_shard=teacher_weight_shard,
+                           teacher_logits_shard=teacher_logits_shard, teacher_topk=teacher_topk,
+                           student_bias_shard=student_bias_shard, teacher_bias_shard=teacher_bias_shard, labels=labels,
+                           mask=mask, weights=weights)
     h, W = student_hidden, student_weight_shard
     for nm, v in (("student_hidden", h), ("student_weight_shard", W)):
         if not isinstance(v, torch.Tensor) or v.dtype not in _FLOAT_DTYPES:
