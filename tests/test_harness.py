@@ -75,3 +75,32 @@ def test_available_backends_bad_arguments():
         fd.available_backends("kd", x)
     with pytest.raises(TypeError, match="x: expected a tensor"):
         fd.available_backends("kd_loss", [1, 2])
+
+
+def test_torch_func_transforms_refused_with_the_op_name():
+    """kd / score / fused-linear ops under torch.func.grad or vmap: a TransformLimitError naming the op and what
+    works (before: PyTorch's internal "must override the setup_context staticmethod")."""
+    import pytest
+    import torch
+
+    import fastdistill as fd
+    from fastdistill.ops._common import TransformLimitError
+
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    x, a = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    W = torch.randn(5, 4)
+    calls = {
+        "kd_loss": (lambda z: fd.kd_loss(z, t), s),
+        "fused_linear_kd_loss": (lambda h: fd.fused_linear_kd_loss(h, W, teacher_logits=t), torch.randn(3, 4)),
+        "score_distill": (lambda z: fd.score_distill(z, [a], [1.0], norm=None), x),
+        "sid_loss": (lambda z: fd.sid_loss(z, a, a + 1), x),
+        "scm_tangent_loss": (lambda z: fd.scm_tangent_loss(z, [a], [1.0]), x),
+        "denoise_regression_loss": (lambda z: fd.denoise_regression_loss(z, [a], [1.0]), x),
+    }
+    with fd.use_backend("reference"):
+        for op, (f, arg) in calls.items():
+            with pytest.raises(TransformLimitError, match=f"^{op}: torch.func transforms"):
+                torch.func.grad(f)(arg)
+            with pytest.raises(TransformLimitError, match=f"^{op}: torch.func transforms"):
+                torch.func.vmap(f)(arg[None])
+            f(arg)  # outside a transform: fine

@@ -25,7 +25,14 @@ import math
 import torch
 import torch.distributed as dist
 
-from fastdistill.ops._common import check_choice, first_order, resolve_accum, save_constants, saved_constants
+from fastdistill.ops._common import (
+    check_choice,
+    first_order,
+    refuse_transforms,
+    resolve_accum,
+    save_constants,
+    saved_constants,
+)
 from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
 from fastdistill.reference.kd_softmax import (
     bucket_div,
@@ -667,6 +674,7 @@ def vocab_parallel_kd_loss(
         loss = vocab_parallel_kd_loss(student_logits_shard, teacher_logits_shard, group=tp_group,
                                       divergence="jsd", temperature=2.0, t2_scale=True, labels=labels)
     """
+    refuse_transforms("vocab_parallel_kd_loss")
     group = local_args(group, student_logits_shard=student_logits_shard, teacher_logits_shard=teacher_logits_shard,
                        teacher_topk=teacher_topk, labels=labels, mask=mask, weights=weights)
     s = student_logits_shard

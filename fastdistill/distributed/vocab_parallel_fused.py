@@ -16,6 +16,7 @@ from fastdistill.ops._common import (
     autocast_off,
     first_order,
     graph_anchor,
+    refuse_transforms,
     resolve_accum,
     save_constants,
     saved_constants,
@@ -253,6 +254,7 @@ def vocab_parallel_fused_linear_kd_loss(
         loss = vocab_parallel_fused_linear_kd_loss(h, lm_head_shard.weight, h_teacher, t_lm_head_shard.weight,
                                                    group=tp_group, divergence="fkl", temperature=2.0)
     """
+    refuse_transforms("vocab_parallel_fused_linear_kd_loss")
     group = _vp.local_args(group, student_hidden=student_hidden, student_weight_shard=student_weight_shard,
                            teacher_hidden=teacher_hidden, teacher_weight_shard=teacher_weight_shard,
                            teacher_logits_shard=teacher_logits_shard, teacher_topk=teacher_topk,

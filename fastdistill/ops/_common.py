@@ -135,6 +135,30 @@ def real_option(name: str, v) -> float:
     return f
 
 
+class TransformLimitError(NotImplementedError):
+    """The functorch transforms (torch.func) active around a call are beyond what the op computes."""
+
+
+def functorch_levels() -> list:
+    """The keys (``TransformType``) of the torch.func transforms active now, outermost first."""
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # a torch without functorch's Python interpreters: nothing to detect
+        return []
+    return [i.key() for i in retrieve_all_functorch_interpreters()]
+
+
+def refuse_transforms(op: str) -> None:
+    """The kd and score ops are autograd Functions and custom ops without torch.func rules: under ``grad`` /
+    ``vjp`` / ``vmap`` / ``jvp`` PyTorch raised an internal "must override the setup_context" error. Raise
+    naming the op and the way that works instead. (Not checked while compiling: dynamo runs transforms itself.)"""
+    if torch.compiler.is_compiling() or not functorch_levels():
+        return
+    raise TransformLimitError(f"{op}: torch.func transforms (grad, vjp, jacrev, vmap, jvp) are not supported around "
+                              "it; use torch.autograd (.backward(), torch.autograd.grad), and a Python loop for "
+                              "per-sample work")
+
+
 def check_bool(name: str, v) -> None:
     """A flag must be a bool: a truthy string such as ``"no"`` would silently turn it on."""
     if not isinstance(v, (bool, torch.SymBool)):

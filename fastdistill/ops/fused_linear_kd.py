@@ -23,6 +23,7 @@ from fastdistill.ops._common import (
     check_choice,
     first_order,
     graph_anchor,
+    refuse_transforms,
     resolve_accum,
     save_constants,
     saved_constants,
@@ -410,6 +411,7 @@ def fused_linear_kd_loss(
         loss = fused_linear_kd_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight,
                                     divergence="jsd", temperature=2.0, labels=labels)
     """
+    refuse_transforms("fused_linear_kd_loss")
     hs = _tensor("student_hidden", student_hidden)
     if hs.dim() < 2:
         raise ValueError(f"student_hidden: expected shape [N, Hs] or [B, T, Hs], got {tuple(hs.shape)}")

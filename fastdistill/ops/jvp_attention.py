@@ -17,7 +17,16 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from fastdistill import _backend
-from fastdistill.ops._common import check_bool, check_choice, first_order, is_finite, reached, select_backend
+from fastdistill.ops._common import (  # noqa: F401  (TransformLimitError: re-exported, its home was here)
+    TransformLimitError,
+    check_bool,
+    check_choice,
+    first_order,
+    functorch_levels,
+    is_finite,
+    reached,
+    select_backend,
+)
 from fastdistill.reference import jvp_attention as _ref
 
 OP = "jvp_attention"
@@ -259,16 +268,7 @@ class _DualFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-class TransformLimitError(NotImplementedError):
-    """The functorch transforms active around a call are beyond what jvp_attention computes (``transform_limit``)."""
-
-
-def _interpreters() -> list:
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    except ImportError:  # a torch without functorch's Python interpreters: nothing to detect
-        return []
-    return [i.key() for i in retrieve_all_functorch_interpreters()]
+_interpreters = functorch_levels
 
 
 def autograd_levels() -> int:

@@ -13,6 +13,7 @@ from fastdistill.ops._common import (
     first_order,
     int_option,
     real_option,
+    refuse_transforms,
     resolve_accum,
     save_constants,
     saved_constants,
@@ -367,6 +368,7 @@ def kd_loss(
         loss = kd_loss(student(x).logits, teacher_logits, divergence="jsd", beta=0.5, temperature=2.0,
                        t2_scale=True, labels=labels)
     """
+    refuse_transforms("kd_loss")
     s = student_logits
     if not isinstance(s, torch.Tensor):
         raise TypeError(f"student_logits: expected a tensor, got {type(s).__name__}")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastdistill.ops._common import check_choice, real_option, resolve_accum
+from fastdistill.ops._common import check_choice, real_option, refuse_transforms, resolve_accum
 from fastdistill.ops._score_engine import (
     NAN_POLICIES,
     OP_DENOISE,
@@ -87,6 +87,7 @@ def score_distill(
         loss = score_distill(x, [v_fake, v_cond, v_uncond], torch.stack([C, -C * s, -C * (1 - s)], 1),
                              norm_terms=[v_cond, v_uncond, xt], norm_coeffs=torch.stack([C * s, C * (1 - s), A], 1))
     """
+    refuse_transforms("score_distill")
     accum_dtype = resolve_accum(accum_dtype, x)
     B, M = _common(x, "x", nan, accum_dtype)
     check_choice("norm", norm, (None, "mean_abs", "mean_abs_global"))
@@ -156,6 +157,7 @@ def sid_loss(
     w_clamp) + w_eps`` per sample (stop-gradient). SiD's ``loss.sum()·lsg/B`` is
     ``reduction="batchmean", scale=lsg``.
     """
+    refuse_transforms("sid_loss")
     accum_dtype = resolve_accum(accum_dtype, y)
     B, M = _common(y, "y", nan, accum_dtype)
     check_choice("reduction", reduction, tuple(_RED))
@@ -198,6 +200,7 @@ def scm_tangent_loss(
     ``[B]`` adaptive weighting (receives its gradient). ``sample_reduction`` R_j: ``"sum"`` |
     ``"mean"``; ``reduction`` over the batch: ``"mean"`` | ``"sum"`` | ``"none"``.
     """
+    refuse_transforms("scm_tangent_loss")
     accum_dtype = resolve_accum(accum_dtype, F)
     B, M = _common(F, "F", nan, accum_dtype)
     check_choice("norm", norm, ("l2", "rms"))
@@ -234,6 +237,7 @@ def denoise_regression_loss(
     target in any parameterisation), per-sample ``ℓ = weight·R_j(m·d²)`` with R_j a sum or a
     masked mean, reduced over the batch (``"mean" | "sum" | "none"``). Gradient to ``pred`` only.
     """
+    refuse_transforms("denoise_regression_loss")
     accum_dtype = resolve_accum(accum_dtype, pred)
     B, M = _common(pred, "pred", nan, accum_dtype)
     check_choice("sample_reduction", sample_reduction, ("sum", "mean"))
