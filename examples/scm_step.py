@@ -255,6 +255,11 @@ def sample_t(B: int, cfg: SCMConfig, device, gen=None, dtype=torch.float32) -> t
     return torch.atan(torch.exp(cfg.p_mean + cfg.p_std * n) / cfg.sigma_d)
 
 
+def grad_scaled(x: torch.Tensor, s: float) -> torch.Tensor:
+    """``x`` itself (bit for bit: sg(x) + 0), with its gradient multiplied by ``s``."""
+    return x.detach() + (x - x.detach()) * s
+
+
 def scm_step(student, teacher, logvar_net, opt, x0, text, step: int, cfg: SCMConfig, attn: str = "fastdistill",
              gen=None, fsdp: bool = False, schedule: str = "one-forward") -> dict:
     """One student update. ``attn``: "fastdistill" (fused JVP attention) or "math" (stock math SDPA).
@@ -303,8 +308,7 @@ def scm_step(student, teacher, logvar_net, opt, x0, text, step: int, cfg: SCMCon
     f_coeff = -sd * cos_t**2
     logvar = logvar_net(t)
     if fsdp and student.cp is not None:  # see the docstring: loss × W, logvar's gradient ÷ W
-        w = student.cp.world
-        logvar = logvar / w + (logvar - logvar / w).detach()
+        logvar = grad_scaled(logvar, 1.0 / student.cp.world)
     loss = fastdistill.scm_tangent_loss(Fx, [dxt_dt, x_t, dF_dt.detach()], coeffs, f_coeff=f_coeff,
                                         c=cfg.tangent_c, logvar=logvar, sample_reduction="mean")
     opt.zero_grad(set_to_none=True)

@@ -455,7 +455,7 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
     extra = tl.zeros([1], ACC).sum(0)
     t_live = True  # renorm: a row whose k teacher log-probs are all −inf has no teacher (invalid, as a dense one)
     if MODE == 3:
-        t_live = tl.max(lpk, 0) > float("-inf")
+        t_live = tl.sum(tl.where(km & (lpk == float("-inf")), 1, 0), 0) < K  # (a NaN keeps the row: NaN)
         mk = tl.max(tl.where(km, uk, float("-inf")), 0)
         lse_k, lo_k = _lse2(mk, tl.sum(tl.where(km, tl.exp(uk - _safe(mk)), 0.0), 0))
         lqk = (uk - lse_k) - lo_k  # hi + lo: hi alone is rounded at |m| (ulp(m) off in every log-prob)

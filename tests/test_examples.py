@@ -112,6 +112,18 @@ def test_distill_llm_runs_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "distill_loss.png").exists()
 
 
+def test_scm_grad_scaled_keeps_the_value_exactly():
+    """scm_step's logvar trick under FSDP2 + CP (gradient ÷ W): the value must stay bit-exact for any W, also in bf16
+    (logvar / W + (logvar − logvar / W).detach() moved ~11% of values by an ulp at W = 3)."""
+    ex = _load("scm_step")
+    for dtype in (torch.bfloat16, torch.float32):
+        x = (torch.randn(4096, generator=torch.Generator().manual_seed(7)) * 3).to(dtype).requires_grad_()
+        y = ex.grad_scaled(x, 1.0 / 3)
+        assert torch.equal(y, x)
+        y.sum().backward()
+        assert torch.allclose(x.grad.float(), torch.full((4096,), 1 / 3), rtol=1e-2)
+
+
 def test_scm_two_forward_schedule_and_checkpointing_match_one_forward():
     """rCM's schedule (the JVP under no_grad, then a gradient forward) with and without per-block activation
     checkpointing updates the student and logvar_net exactly as the one-forward step (float64, SGD, 3 steps):

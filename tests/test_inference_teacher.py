@@ -65,3 +65,22 @@ def test_score_ops(use):
                                            norm_coeffs=[1.0]), x, (a, b))
     _same(lambda x, a, b: fd.scm_tangent_loss(x, [a, b], [1.0, 0.5], c=0.1), x, (a, b))
     _same(lambda x, a: fd.denoise_regression_loss(x, [a], [-1.0], reduction="none"), x, (a,))
+
+
+def test_inference_constants_released_after_backward(use):
+    """The held inference tensors go with the backward (as autograd's saved tensors do: a training loop must not keep
+    the last step's teacher logits alive through the next forward); a retain_graph second backward raises naming
+    the cause instead of reading freed state."""
+    import gc
+    import weakref
+
+    s = torch.randn(3, 11, generator=_g(0), dtype=F64, requires_grad=True)
+    (t,) = _inference(torch.randn(3, 11, generator=_g(1), dtype=F64))
+    ref = weakref.ref(t)
+    loss = fd.kd_loss(s, t)
+    del t
+    loss.backward(retain_graph=True)
+    gc.collect()
+    assert ref() is None, "the inference-mode teacher outlived the backward"
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        loss.backward()

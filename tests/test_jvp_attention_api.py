@@ -642,6 +642,18 @@ def test_compile_scale_and_sequence_length_that_change(use):
             assert cnt.frame_count == 1, cnt.frame_count  # a new sequence length reuses the graph
 
 
+def test_compile_batch_that_changes(use):
+    """A batch size that changes between calls under fullgraph compile (automatic dynamic from its second value):
+    the launch-grid check must reach the backend choice as a guard, not a symbol (before: "Unsupported")."""
+    def f(q, k, v):
+        return fd.jvp_attention(q, k, v)[0].square().sum()
+
+    compiled, _ = _compiled(f)
+    for B in (1, 2, 3):
+        q, k, v, *_ = qkv(B=B, Sq=5, Sk=5, seed=50 + B)
+        assert torch.allclose(compiled(q, k, v), f(q, k, v), rtol=1e-6, atol=1e-6), B
+
+
 @pytest.mark.parametrize("variant", ["tangents-bshd", "no-tangent-bhsd", "tv-only-fp32-tangent"])
 def test_opcheck(use, variant):
     q, k, v, tq, tk, tv = qkv(B=1, Sq=5, Sk=7, Hq=2, Hkv=1, D=8, Dv=4, seed=20)

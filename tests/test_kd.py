@@ -718,6 +718,8 @@ def _bad_cases():
         "num-items-inf": (dict(num_items=math.inf), "num_items"),  # was a zero loss
         "num-items-huge": (dict(num_items=1e40), "num_items"),  # reference: overflow error; Triton: 0
         "weights-require-grad": (dict(weights=torch.ones(5, dtype=F64, requires_grad=True)), "weights: requires grad"),
+        "logit-scale-underflow": (dict(logit_scale=1e-46), "logit_scale: .* below float32"),  # Triton: NaN loss
+        "softcap-underflow": (dict(softcap=1e-46), "softcap: .* below float32"),
         "topk-repeated-id": (dict(teacher_logits=None, teacher_topk=(torch.tensor([[1, 2, 1]] * 5),
                                                                      torch.full((5, 3), -2.0, dtype=F64))),
                              "teacher_topk ids: row 0 repeats an id"),

@@ -318,7 +318,7 @@ def dense_cases(draw, dtypes=DTYPES, infinite_ok=False, positive_weights=False, 
     _place_neg_inf(draw, g, s, lead)
     _place_neg_inf(draw, g, t, lead)
     s, t = s.to(dtype), t.to(draw(st.sampled_from([dtype, dtype, torch.float32])))
-    if not infinite_ok and effective_divergence(kw) == "rkl" and kw.get("softcap") is None:
+    if not infinite_ok and effective_divergence(kw) == "rkl":  # (softcap keeps −inf too)
         Vs = min(V, Vt)
         hole = torch.isneginf(t[:, :Vs]) & ~torch.isneginf(t).all(1, keepdim=True)
         s[:, :Vs][hole] = -INF
@@ -417,8 +417,8 @@ def valid_rows(case: Case) -> torch.Tensor:
     N = case.values.numel() // max(case.V, 1) if case.V else 1
     kw = case.kw
     z = case.values.reshape(N, case.V).double()
-    dead = torch.isneginf(z).all(1) if kw.get("softcap") is None else torch.zeros(N, dtype=torch.bool)
-    if case.topk is None and kw.get("softcap") is None:
+    dead = torch.isneginf(z).all(1)  # (softcap keeps −inf: docs/kd_ops.md)
+    if case.topk is None:
         Vt = case.teacher.shape[-1]
         dead |= torch.isneginf(case.teacher.reshape(N, Vt)[:, : case.V].double()).all(1)
     ok = ~dead

@@ -295,6 +295,9 @@ def _float_options_that_change():
         "sid_loss alpha": lambda x, s: fd.sid_loss(x, f, c, alpha=s),
         "scm_tangent_loss weight": lambda x, s: fd.scm_tangent_loss(x, [f, c], [1.0, -1.0], weight=s),
         "denoise_regression_loss pred_coeff": lambda x, s: fd.denoise_regression_loss(x, [f], [-1.0], pred_coeff=s),
+        # huber_c reached the backend choice (a constant of the graph) as a symbol: "Unsupported" from its 2nd value
+        "score_distill huber_c": lambda x, s: fd.score_distill(x, [f, c], [1.0, -1.0], norm=None, phi="pseudo_huber",
+                                                               huber_c=s),
     }
     for name, fn in calls.items():
         for dynamic in (None, True):

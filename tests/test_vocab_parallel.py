@@ -211,6 +211,7 @@ ERROR_CASES = dict([
     K("err-dtensor-student", kind="error", match="^student_logits_shard: got a DTensor", bad="dtensor"),
     K("err-dtensor-fused-weight", kind="error", match="^student_weight_shard: got a DTensor", bad="dtensor_fused"),
     K("err-2d-mesh", kind="error", match="^group: got a 2-D DeviceMesh", bad="mesh2d"),
+    K("err-weights-require-grad", kind="error", match="^weights: requires grad", bad="weights_grad"),
 ])
 
 ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **KEQV_CASES, **TOPK_CASES, **VPTOPK_CASES, **VPTOPK32_CASES,
@@ -460,6 +461,9 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
             return {"err": ("skipped", "")}
         kw["group"] = solo
         f = lambda: vp.vocab_parallel_kd_loss(s, t, **kw)
+    elif bad == "weights_grad":  # constants: kd_loss's row checks apply here too
+        w = torch.ones(s.shape[:-1], dtype=F64, requires_grad=True)
+        f = lambda: vp.vocab_parallel_kd_loss(s, t, weights=w, **kw)
     elif bad in ("dtensor", "dtensor_fused", "mesh2d"):
         import torch.distributed as dist
         from torch.distributed.device_mesh import DeviceMesh

@@ -41,6 +41,7 @@ from fastdistill.ops.jvp_attention import (
     _bwd,
     _check,
     _fwd,
+    _grid_too_big,
     _guard,
     _impl,
     _NoGrad,
@@ -681,7 +682,7 @@ class _Args(NamedTuple):
 def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_layout, tangent_dtype) -> _Args:
     """This rank's argument checks (no communication) and what the call needs; raises on bad arguments."""
     check_choice("mode", mode, MODES)
-    check_bool("causal", causal)
+    causal = check_bool("causal", causal)
     check_choice("seq_layout", seq_layout, SEQ_LAYOUTS)
     check_choice("layout", layout, LAYOUTS)
     lay = LAYOUTS[layout]
@@ -718,7 +719,7 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
     sig = (MODES.index(mode), int(causal), SEQ_LAYOUTS.index(seq_layout), lay, B, sq, Hq, Dqk, sk, Hkv, Dv,
            int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype,
            struct.unpack("<q", struct.pack("<d", scale))[0])  # the scale's bits: ranks must use the very same
-    backend = select_backend(OP, q, head_dims=(Dqk, Dv), batch_heads=(B, Hq))
+    backend = select_backend(OP, q, head_dims=(Dqk, Dv), grid_too_big=_grid_too_big(B, Hq))
     limit = transform_limit(backend)
     if limit is not None:
         raise TransformLimitError(f"context_parallel_jvp_attention: {limit}")

@@ -33,7 +33,7 @@ from fastdistill.ops._common import (
     save_constants,
     saved_constants,
 )
-from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, make_plan
+from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, check_row_args, make_plan
 from fastdistill.reference.kd_softmax import (
     bucket_div,
     chain,
@@ -628,6 +628,7 @@ def _common(student, lead_of, N, Vr, teacher_logits, teacher_topk, topk_semantic
     mask2 = _rows("mask", mask, lead_of, N, device, (torch.bool,), "a bool mask")
     w2 = _rows("weights", weights, lead_of, N, device, _FLOAT_DTYPES, "a floating dtype")
     p = make_plan(topk=topk, has_labels=labels2 is not None, **opts)
+    check_row_args(p, ids, labels2, mask2, w2)
     sh = _Shard(group, vocab_start, Vr, device)
     return _Run(p, sh, labels2, ids, k), t2, ids, labels2, mask2, w2
 

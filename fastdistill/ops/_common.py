@@ -25,7 +25,9 @@ def _select(name: str, device: torch.device, dtype: torch.dtype, forced: str | N
 def select_backend(name: str, x: torch.Tensor, **extra) -> str:
     """The backend for op ``name`` on tensors like ``x``; ``extra`` goes to each ``why_not``.
     Under torch.compile the choice is fixed when the graph is traced."""
-    return _select(name, x.device, x.dtype, _backend.forced_backend(), tuple(sorted(extra.items())))
+    # sorted by key only: a value may be symbolic under torch.compile (a batch size, a float option that changes
+    # between calls), which dynamo cannot order
+    return _select(name, x.device, x.dtype, _backend.forced_backend(), tuple((k, extra[k]) for k in sorted(extra)))
 
 
 class _SecondOrder(torch.autograd.Function):
@@ -63,18 +65,31 @@ def reached(*grads: torch.Tensor | None) -> bool:
 def save_constants(ctx, *tensors) -> None:
     """``ctx.save_for_backward(*tensors)``, except that inference tensors (a frozen teacher run under
     ``torch.inference_mode()``) are held on the context: autograd refuses to save them, and here they are
-    constants the op never differentiates (they cannot be modified in place outside inference mode, so no
-    version check is lost). Read back with ``saved_constants``."""
+    constants the op never differentiates. They are released by the backward that reads them (as autograd frees
+    saved tensors), so a second backward through the same graph (``retain_graph=True``) raises; and they bypass
+    autograd's version check: modifying one in place (possible only inside inference mode) before the backward
+    goes unnoticed. Eager only: under ``torch.compile`` AOTAutograd saves its graph inputs itself and refuses
+    them (make the teacher under ``no_grad`` there). Read back with ``saved_constants``."""
     held = {i: x for i, x in enumerate(tensors) if isinstance(x, torch.Tensor) and x.is_inference()}
     ctx.save_for_backward(*(None if i in held else x for i, x in enumerate(tensors)))
     ctx.fd_held = held
 
 
+_RELEASED = object()
+
+
 def saved_constants(ctx) -> tuple:
-    """What ``save_constants`` saved, in order."""
+    """What ``save_constants`` saved, in order (releasing the held inference tensors)."""
     saved = ctx.saved_tensors
     held = getattr(ctx, "fd_held", None)
-    return tuple(held.get(i, x) for i, x in enumerate(saved)) if held else tuple(saved)
+    if held is _RELEASED:
+        raise RuntimeError("a second backward through this graph (retain_graph=True), whose constants (the teacher, "
+                           "the terms) were made under torch.inference_mode() and released after the first: make "
+                           "them under torch.no_grad() instead")
+    if not held:
+        return tuple(saved)
+    ctx.fd_held = _RELEASED
+    return tuple(held.get(i, x) for i, x in enumerate(saved))
 
 
 class _ReadOnce:
@@ -159,15 +174,22 @@ def refuse_transforms(op: str) -> None:
                               "per-sample work")
 
 
-def check_bool(name: str, v) -> None:
-    """A flag must be a bool: a truthy string such as ``"no"`` would silently turn it on."""
-    if not isinstance(v, (bool, torch.SymBool)):
-        raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
+def check_bool(name: str, v) -> bool:
+    """A flag must be a bool (Python, numpy, a SymBool, a one-element bool tensor) or 0 / 1: a truthy string such
+    as ``"no"`` would silently turn it on."""
+    if isinstance(v, torch.SymBool):
+        return v
+    ok_tensor = isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.numel() == 1
+    if isinstance(v, bool) or type(v).__name__ == "bool_" or (isinstance(v, int) and v in (0, 1)) or ok_tensor:
+        return bool(v)
+    raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
 
 
 def int_option(name: str, v) -> int:
     """An int option (int, numpy integer, one-element integer CPU tensor; not a bool, a float or a string):
-    errors name it (``int(1.5)`` would silently truncate)."""
+    errors name it (``int(1.5)`` would silently truncate). A SymInt (torch.compile) passes as is."""
+    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+        return v
     if isinstance(v, torch.Tensor):
         if v.numel() != 1 or v.device.type != "cpu" or v.is_floating_point() or v.dtype == torch.bool:
             raise TypeError(f"{name}: expected an int, got a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}")

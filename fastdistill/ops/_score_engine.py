@@ -229,11 +229,13 @@ _CUDA_MIN_HUBER_C = 1.0842021724855044e-19  # sqrt(FLT_MIN)
 
 
 def _why_not_cuda(x: torch.Tensor, fp64: bool = False, term_dtypes: Sequence[torch.dtype] = (),
-                  huber_c: float = 1.0) -> list[str]:
-    """``huber_c``: the pseudo-Huber constant when that φ is used (else 1)."""
+                  huber_c: float = 1.0, huber_tiny: bool = False) -> list[str]:
+    """``huber_c``: the pseudo-Huber constant when that φ is used (else 1); ``huber_tiny``: the same test done by
+    the caller (a bool: under torch.compile a huber_c that changes between calls is symbolic, and the choice of
+    backend must be a constant of the graph)."""
     r = _backend.cuda_why_not(x.device)
-    if huber_c < _CUDA_MIN_HUBER_C:
-        r.append(f"huber_c = {huber_c:.3g} < {_CUDA_MIN_HUBER_C:.3g}: c² flushes to 0 under the CUDA build's fast "
+    if huber_tiny or huber_c < _CUDA_MIN_HUBER_C:
+        r.append(f"huber_c < {_CUDA_MIN_HUBER_C:.3g}: c² flushes to 0 under the CUDA build's fast "
                  "math (use triton or reference)")
     if fp64:
         r.append("accum_dtype=float64 is not supported by the CUDA kernels (use triton or reference)")
@@ -395,8 +397,10 @@ torch.library.register_autograd("fastdistill::score_fwd", _backward, setup_conte
 def run(p: Plan, x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor, mask, weight, logvar,
         return_stats: bool):
     name = OP_NAMES[p.op]
-    backend = select_backend(name, x, fp64=p.fp64, term_dtypes=tuple(t.dtype for t in terms),
-                             huber_c=p.huber_c if p.op == OP_SCORE and p.phi_huber else 1.0)
+    huber_tiny = False
+    if p.op == OP_SCORE and p.phi_huber and p.huber_c < _CUDA_MIN_HUBER_C:  # (a guard, not a symbol, under compile)
+        huber_tiny = True
+    backend = select_backend(name, x, fp64=p.fp64, term_dtypes=tuple(t.dtype for t in terms), huber_tiny=huber_tiny)
     if torch.compiler.is_compiling():
         if p.raise_:
             raise ValueError(f"{name}: nan='raise' needs a host synchronisation and cannot run under torch.compile; "

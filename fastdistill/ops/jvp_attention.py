@@ -41,11 +41,14 @@ _TANGENT_DTYPES = {None: 0, torch.float32: 1}
 _MAX_GRID_YZ = 65535  # CUDA: a launch grid's y and z dims (kernels/jvp_attention.py puts batch and heads there)
 
 
-def _why_not_triton(x: torch.Tensor, head_dims: tuple = (), batch_heads: tuple = (), **_) -> list[str]:
+def _why_not_triton(x: torch.Tensor, head_dims: tuple = (), batch_heads: tuple = (), grid_too_big: bool = False,
+                    **_) -> list[str]:
+    """``batch_heads`` (B, Hq), or ``grid_too_big``: the same test done by the caller (a bool: under torch.compile B
+    may be symbolic, and the choice of backend must be a constant of the graph)."""
     r = _backend.triton_why_not(x.device)
-    if batch_heads and max(batch_heads) > _MAX_GRID_YZ:
-        r.append(f"batch {batch_heads[0]} / heads {batch_heads[1]}: the Triton kernels' launch grid holds at most "
-                 f"{_MAX_GRID_YZ} of each (fold fewer windows into the batch)")
+    if grid_too_big or (batch_heads and max(batch_heads) > _MAX_GRID_YZ):
+        r.append(f"batch / heads > {_MAX_GRID_YZ}: the Triton kernels' launch grid holds at most {_MAX_GRID_YZ} "
+                 "of each (fold fewer windows into the batch)")
     if x.dtype not in _KERNEL_DTYPES:
         r.append(f"dtype {str(x.dtype).removeprefix('torch.')} is not supported by the Triton kernels "
                  "(float16, bfloat16, float32)")
@@ -60,6 +63,10 @@ def _why_not_triton(x: torch.Tensor, head_dims: tuple = (), batch_heads: tuple =
             r.append(f"float32 on sm_{arch}: the Triton kernels' float64 logits need FP64 tensor cores (sm_80, "
                      "sm_90; kernels/jvp_attention.py, fp32_supported)")
     return r
+
+
+def _grid_too_big(B, H) -> bool:
+    return bool(B > _MAX_GRID_YZ or H > _MAX_GRID_YZ)
 
 
 def _why_not_reference(x: torch.Tensor, **_) -> list[str]:
@@ -413,15 +420,14 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
                          "pass the tangents one way, not both")
     if dual:  # forward-AD tangents are whatever the model produced: give them a contiguous head dim if needed
         tq, tk, tv = (t if t is None or t.numel() == 0 or t.stride(-1) == 1 else t.contiguous() for t in duals)
-    check_bool("causal", causal)
-    check_bool("return_lse", return_lse)
+    causal, return_lse = check_bool("causal", causal), check_bool("return_lse", return_lse)
     Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
     scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
     if not is_finite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale}")
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     want_t = any(t is not None for t in (tq, tk, tv))
-    backend = select_backend(OP, q, head_dims=(Dqk, Dv), batch_heads=tuple(_bhsd(q, lay).shape[:2]))
+    backend = select_backend(OP, q, head_dims=(Dqk, Dv), grid_too_big=_grid_too_big(*_bhsd(q, lay).shape[:2]))
     limit = transform_limit(backend, dual)
     if limit is not None:
         raise TransformLimitError(f"jvp_attention: {limit}")

@@ -22,6 +22,7 @@ from fastdistill.ops._common import (
 from fastdistill.reference import kd_softmax as _ref
 
 _FP32_MAX = torch.finfo(torch.float32).max
+_FP32_TINY = torch.finfo(torch.float32).tiny
 DIVERGENCES = {"fkl": 0, "rkl": 1, "jsd": 2, "skl": 3, "srkl": 4, "tvd": 5}
 REDUCTIONS = {"batchmean": 0, "sum": 1, "mean": 2, "none": 3}
 TOPK_SEMANTICS = {"tail_bucket": 1, "zero_tail": 2, "renorm": 3}
@@ -120,6 +121,8 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
             raise ValueError(f"{name}: expected a positive finite number, got {v}")
         if name.endswith("temperature") and not 1.0 / f < _FP32_MAX:  # the kernels scale by 1/T in fp32
             raise ValueError(f"{name}: {f:.3g} is too small (1/{name} overflows float32)")
+        if name in ("logit_scale", "softcap") and f < _FP32_TINY:  # 0 in fp32: −inf·0 = NaN, z/0
+            raise ValueError(f"{name}: {f:.3g} is below float32's smallest normal number")
     temperature, teacher_temperature, softcap, logit_scale = opt.values()
     if topk and topk != TOPK_SEMANTICS["renorm"] and teacher_temperature not in (None, 1.0):
         raise ValueError(f"teacher_temperature: only topk_semantics='renorm' can re-temper stored log-probs "
