@@ -68,8 +68,9 @@ def _logits_d(ptr, cols, cm, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_
               ACC: tl.constexpr):
     """(the transformed logits, d transformed / d raw): the chain rule of logit_scale and softcap, the latter from
     the uncapped value (see _sech2)."""
-    # masked-off columns load as −inf: with softcap one select serves them and −inf logits (which stay −inf, as in
-    # _logits; d/dz = _sech2(−inf) = 0), keeping the grad kernel's top-k path spill-free on sm_90a
+    # masked-off columns load as −inf: with softcap one select on y serves them and −inf logits (which stay −inf, as
+    # in _logits; d/dz = _sech2(−inf) = 0), keeping the grad kernel's top-k path spill-free on sm_90a with Triton
+    # 3.6 and 3.9 (a select on z, or a second one for the column mask, spills 4 bytes in one or the other)
     z = tl.load(ptr + cols, mask=cm, other=float("-inf")).to(ACC)
     dz = tl.full(z.shape, 1.0, ACC)
     if HAS_SCALE:
@@ -78,7 +79,7 @@ def _logits_d(ptr, cols, cm, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_
     if HAS_SOFTCAP:
         y = z / softcap
         dz = dz * _sech2(y)
-        z = tl.where(z == float("-inf"), z, softcap * _tanh(y))
+        z = tl.where(y == float("-inf"), y, softcap * _tanh(y))
     return z, dz
 
 

@@ -175,6 +175,11 @@ def test_to_num_keeps_finite_fp64_losses(use):
                             accum_dtype=torch.float64)
     ref = 0.5 * ((fake - real) ** 2).sum(1)
     assert ref.min() > 1e50 and torch.allclose(loss.double(), ref, rtol=1e-12)
+    # an infinite per-sample loss goes to the accumulation dtype's max on every backend (the reference clamped it to
+    # fp32's 3.4e38, Triton to fp64's 1.8e308: found by the property test's explore profile)
+    x[0, 3] = math.inf
+    loss = fd.denoise_regression_loss(x, [real], [-1.0], reduction="none", nan="to_num")
+    assert loss.dtype == F64 and loss[0] == torch.finfo(F64).max and torch.isfinite(loss[1]), loss
 
 
 @pytest.mark.parametrize("nan", ["zero_sample", "to_num", "raise"])

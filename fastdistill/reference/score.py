@@ -184,8 +184,8 @@ def _finalize(p, s, B, M, weight, logvar, gmax):
         bad = (v3 > 0) | ~fits(v4 * gco) | ~fin(h)
     zero = torch.zeros_like(gco)
     if p.to_num:
-        loss = torch.nan_to_num(loss, nan=0.0, posinf=torch.finfo(torch.float32).max,
-                                neginf=-torch.finfo(torch.float32).max)
+        big = torch.finfo(loss.dtype).max  # the accumulation dtype's range, as the Triton finalize
+        loss = torch.nan_to_num(loss, nan=0.0, posinf=big, neginf=-big)
         dlv = torch.nan_to_num(dlv, nan=0.0)
     else:
         if p.op != OP_SCM:
