@@ -459,7 +459,8 @@ def _bad_cases():
         "tangent_dtype": (dict(tangent_dtype=torch.float16), ValueError, r"^tangent_dtype"),
         "tangent_dtype-int": (dict(tangent_dtype=torch.int32), ValueError, r"^tangent_dtype"),
         "causal-str": (dict(causal="no"), TypeError, r"^causal: expected a bool"),  # was truthy: ran causal
-        "return-lse-int": (dict(return_lse=1), TypeError, r"^return_lse: expected a bool"),
+        "return-lse-str": (dict(return_lse="yes"), TypeError, r"^return_lse: expected a bool"),
+        "causal-int-2": (dict(causal=2), TypeError, r"^causal: expected a bool"),  # (0 / 1 pass, as numpy bools)
     }
 
 

@@ -212,6 +212,8 @@ ERROR_CASES = dict([
     K("err-dtensor-fused-weight", kind="error", match="^student_weight_shard: got a DTensor", bad="dtensor_fused"),
     K("err-2d-mesh", kind="error", match="^group: got a 2-D DeviceMesh", bad="mesh2d"),
     K("err-weights-require-grad", kind="error", match="^weights: requires grad", bad="weights_grad"),
+    K("err-topk-repeated-ids", kind="error", match="^teacher_topk ids: row 1 repeats an id", bad="dup_ids",
+      layout="uneven"),
 ])
 
 ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **KEQV_CASES, **TOPK_CASES, **VPTOPK_CASES, **VPTOPK32_CASES,
@@ -461,6 +463,10 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
             return {"err": ("skipped", "")}
         kw["group"] = solo
         f = lambda: vp.vocab_parallel_kd_loss(s, t, **kw)
+    elif bad == "dup_ids":  # kd_loss's row check, after the k <= V one
+        lps, ids = d["t"].topk(4, -1)
+        ids[1, 2] = ids[1, 0]
+        f = lambda: vp.vocab_parallel_kd_loss(s, teacher_topk=(ids, lps), **kw)
     elif bad == "weights_grad":  # constants: kd_loss's row checks apply here too
         w = torch.ones(s.shape[:-1], dtype=F64, requires_grad=True)
         f = lambda: vp.vocab_parallel_kd_loss(s, t, weights=w, **kw)

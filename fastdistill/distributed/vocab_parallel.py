@@ -196,8 +196,8 @@ def _chunks(N: int, Vr: int, elems: int = 0):
 class _Run:
     """The plan, the shard and the per-call row data that the stages share."""
 
-    def __init__(self, p: KDPlan, sh: _Shard, labels, ids, k: int):
-        self.p, self.sh, self.labels, self.ids, self.k = p, sh, labels, ids, k
+    def __init__(self, p: KDPlan, sh: _Shard, labels, ids, k: int, mask=None):
+        self.p, self.sh, self.labels, self.ids, self.k, self.mask = p, sh, labels, ids, k, mask
         self.ce = labels is not None and p.alpha > 0
         self.dense = p.topk == 0
         self.three = self.dense and p.div not in (_FKL, _RKL)
@@ -225,6 +225,7 @@ class _Run:
         if self.ids is not None and cpu and self.ids.device.type == "cpu" and self.ids.numel():
             if bool(((self.ids < 0) | (self.ids >= V)).any()):
                 raise ValueError(f"teacher_topk ids: values must be global vocab ids in [0, {V})")
+            check_row_args(self.p, self.ids, self.labels, self.mask, None)  # repeated ids (after k <= V)
 
     # ---------------------------------------------------------------- stage A: local statistics
     def stage_a(self, zs_raw, teacher, lab):
@@ -628,9 +629,9 @@ def _common(student, lead_of, N, Vr, teacher_logits, teacher_topk, topk_semantic
     mask2 = _rows("mask", mask, lead_of, N, device, (torch.bool,), "a bool mask")
     w2 = _rows("weights", weights, lead_of, N, device, _FLOAT_DTYPES, "a floating dtype")
     p = make_plan(topk=topk, has_labels=labels2 is not None, **opts)
-    check_row_args(p, ids, labels2, mask2, w2)
+    check_row_args(p, None, labels2, mask2, w2)  # weights; the ids in post_checks, once k <= V is known
     sh = _Shard(group, vocab_start, Vr, device)
-    return _Run(p, sh, labels2, ids, k), t2, ids, labels2, mask2, w2
+    return _Run(p, sh, labels2, ids, k, mask2), t2, ids, labels2, mask2, w2
 
 
 # ----------------------------------------------------------------------------- public API

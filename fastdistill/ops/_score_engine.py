@@ -235,7 +235,8 @@ def _why_not_cuda(x: torch.Tensor, fp64: bool = False, term_dtypes: Sequence[tor
     backend must be a constant of the graph)."""
     r = _backend.cuda_why_not(x.device)
     if huber_tiny or huber_c < _CUDA_MIN_HUBER_C:
-        r.append(f"huber_c < {_CUDA_MIN_HUBER_C:.3g}: c² flushes to 0 under the CUDA build's fast "
+        value = f" = {huber_c:.3g}" if huber_c < _CUDA_MIN_HUBER_C else ""
+        r.append(f"huber_c{value} < {_CUDA_MIN_HUBER_C:.3g}: c² flushes to 0 under the CUDA build's fast "
                  "math (use triton or reference)")
     if fp64:
         r.append("accum_dtype=float64 is not supported by the CUDA kernels (use triton or reference)")
