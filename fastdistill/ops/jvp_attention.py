@@ -275,16 +275,13 @@ class _DualFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-_interpreters = functorch_levels
-
-
 def autograd_levels() -> int:
     """The number of torch.func grad / jvp levels active (0 with forward_ad dual tensors and plain autograd)."""
     if torch.compiler.is_compiling():  # dynamo runs the transforms itself (the tangents come back detached)
         return 0
     from torch._C._functorch import TransformType
 
-    return sum(k in (TransformType.Grad, TransformType.Jvp) for k in _interpreters())
+    return sum(k in (TransformType.Grad, TransformType.Jvp) for k in functorch_levels())
 
 
 def transform_limit(backend: str | None = None, dual: bool = True) -> str | None:
@@ -301,7 +298,7 @@ def transform_limit(backend: str | None = None, dual: bool = True) -> str | None
         return None
     from torch._C._functorch import TransformType
 
-    keys = _interpreters()
+    keys = functorch_levels()
     n_jvp = keys.count(TransformType.Jvp)
     if n_jvp > 1:
         return f"{n_jvp} nested forward-mode transforms (jvp of jvp, jacfwd, hessian): one tangent level only"
