@@ -214,6 +214,18 @@ ERROR_CASES = dict([
     K("err-weights-require-grad", kind="error", match="^weights: requires grad", bad="weights_grad"),
     K("err-topk-repeated-ids", kind="error", match="^teacher_topk ids: row 1 repeats an id", bad="dup_ids",
       layout="uneven"),
+    # one rank's options differ from the others': before, a silently different loss per rank (a temperature, a
+    # mask) or a collective left waiting (jsd's third all_reduce, the hidden gradient's); now all ranks raise
+    K("err-options-temperature", kind="error", bad="opt_temperature",
+      match=r"^temperature: the ranks of the group called vocab_parallel_kd_loss with different arguments: "
+            r"temperature \(rank 0: 1\.0, .*2\.0\)"),
+    K("err-options-divergence", kind="error", bad="opt_divergence", layout="uneven",
+      match=r"^divergence: .*divergence \(rank 0: 'fkl', .*'jsd'\)"),
+    K("err-options-mask", kind="error", bad="opt_mask", match=r"^mask: .*mask \(rank 0: False, .*True\)"),
+    K("err-options-vptopk-temperature", kind="error", bad="opt_vptopk", layout="uneven",
+      match=r"^temperature: the ranks of the group called vocab_parallel_topk with different arguments"),
+    K("err-options-fused-reduce-hidden-grad", kind="error", bad="opt_fused_reduce",
+      match=r"^reduce_hidden_grad: the ranks of the group called vocab_parallel_fused_linear_kd_loss"),
 ])
 
 ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **KEQV_CASES, **TOPK_CASES, **VPTOPK_CASES, **VPTOPK32_CASES,
@@ -413,9 +425,12 @@ def _cached_layout_case(c, d, rank, world, a, b, kw, vp):
         s, t = d["s"][..., a:b], d["t"][..., a:b]
         vp.vocab_parallel_kd_loss(s, t, **kw)  # host check: caches the group
         bad = a + (rank == world - 1)  # the last rank shifts its shard by one: a gap
+        T = 2.0 if rank == world - 1 else 1.0  # the last rank's temperature differs: the options' fingerprint
         out = {"loss_gap": vp.vocab_parallel_kd_loss(s, t, **dict(kw, vocab_start=bad)),
                "topk_gap": vp.vocab_parallel_topk(t, 3, group=kw["group"], vocab_start=bad),
-               "topk_k_gt_V": vp.vocab_parallel_topk(t, c["V"] + 1, group=kw["group"], vocab_start=a)}
+               "topk_k_gt_V": vp.vocab_parallel_topk(t, c["V"] + 1, group=kw["group"], vocab_start=a),
+               "loss_opts": vp.vocab_parallel_kd_loss(s, t, **dict(kw, temperature=T)),
+               "topk_opts": vp.vocab_parallel_topk(t, 3, group=kw["group"], vocab_start=a, temperature=T)}
         x = s.clone().requires_grad_()
         loss = vp.vocab_parallel_kd_loss(x, t, **kw)
         loss.backward(upstream(loss))
@@ -487,6 +502,22 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
                 Wd = DTensor.from_local(torch.zeros(b - a, 6, dtype=F64), mesh, [Shard(0)], run_check=False)
                 f = lambda: vp.vocab_parallel_fused_linear_kd_loss(d["s"][..., :6], Wd, teacher_logits_shard=t,
                                                                    **kw)
+    elif bad.startswith("opt_"):  # the last rank alone passes a different option
+        last = rank == world - 1
+        if bad == "opt_temperature":
+            f = lambda: vp.vocab_parallel_kd_loss(s, t, temperature=2.0 if last else 1.0, **kw)
+        elif bad == "opt_divergence":
+            f = lambda: vp.vocab_parallel_kd_loss(s, t, divergence="jsd" if last else "fkl", **kw)
+        elif bad == "opt_mask":
+            m = torch.ones(s.shape[:-1], dtype=torch.bool) if last else None
+            f = lambda: vp.vocab_parallel_kd_loss(s, t, mask=m, **kw)
+        elif bad == "opt_vptopk":
+            f = lambda: vp.vocab_parallel_topk(t, 3, temperature=1.5 if last else 1.0, group=kw["group"],
+                                               vocab_start=kw["vocab_start"])
+        else:
+            h, Wf = d["s"][..., :6].clone().requires_grad_(), torch.zeros(b - a, 6, dtype=F64, requires_grad=True)
+            f = lambda: vp.vocab_parallel_fused_linear_kd_loss(h, Wf, teacher_logits_shard=t,
+                                                               reduce_hidden_grad=not last, **kw)
     elif bad == "fused_tw":
         f = lambda: vp.vocab_parallel_fused_linear_kd_loss(d["s"][..., :6], torch.zeros(b - a, 6, dtype=F64),
                                                            d["s"][..., :5], torch.zeros(b - a + 1, 5, dtype=F64))
@@ -826,8 +857,9 @@ def test_cached_layout_checked_on_device(world):
     V = ALL[name]["V"]
     for r in range(w):
         out = res[r][name]
-        assert torch.isnan(out["loss_gap"]).all(), f"rank {r}: loss with a gap {out['loss_gap']}"
-        for key in ("topk_gap", "topk_k_gt_V"):
+        for key in ("loss_gap", "loss_opts"):
+            assert torch.isnan(out[key]).all(), f"rank {r}: {key}: loss {out[key]}"
+        for key in ("topk_gap", "topk_k_gt_V", "topk_opts"):
             ids, lps = out[key]
             assert torch.isnan(lps).all(), f"rank {r}: {key}: logprobs {lps}"
             assert ((ids >= 0) & (ids < V)).all(), f"rank {r}: {key}: ids {ids}"

@@ -7,7 +7,8 @@ every option of docs/kd_ops.md. Semantics, communication and memory: docs/vocab_
 
 Communication per call (the rows' statistics stacked into one tensor per collective):
 1. all_reduce MAX: the per-row maxima of both models (+ the untempered student for the CE term),
-   with the shard layout ``(start, end, vocab_start given)`` of every rank piggybacked (no extra collective);
+   with every rank's shard layout ``(start, end, vocab_start given)`` and a fingerprint of its options
+   piggybacked (no extra collective);
 2. all_reduce SUM: the sum-exps rescaled to the global maxima, forward/reverse KL's partial sums,
    the label's logit (held by one rank) and, for top-k teachers, the student's logits at the k ids;
 3. jsd / skl / srkl / tvd only: all_reduce SUM of the partial divergence and ``Σ q·g``.
@@ -15,11 +16,15 @@ The backward needs no communication (the reduced per-row statistics are saved).
 
 Every decision that changes which collectives run, or whether a call raises after collective 1, is taken
 from the gathered layout or from values that every rank shares, never from a rank's own arguments alone.
+Options that differ between ranks (a temperature, a divergence, the rows) raise on every rank where the layout
+is checked on the host, naming the option and each rank's value; on the device path they give NaN (``_device_ok``).
 The fused-linear variant lives in ``vocab_parallel_fused.py`` and is re-exported here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 
 import torch
@@ -33,7 +38,7 @@ from fastdistill.ops._common import (
     save_constants,
     saved_constants,
 )
-from fastdistill.ops.kd_softmax import TOPK_SEMANTICS, KDPlan, check_row_args, make_plan
+from fastdistill.ops.kd_softmax import DIVERGENCES, REDUCTIONS, TOPK_SEMANTICS, KDPlan, check_row_args, make_plan
 from fastdistill.reference.kd_softmax import (
     bucket_div,
     chain,
@@ -68,6 +73,7 @@ NSTATE = 12
 _LAYOUTS: set = set()
 _HOST_CHECK_ALWAYS = ("cpu",)  # device types checked on the host at every call (no synchronisation there)
 _EXPORTS_FUSED = ("vocab_parallel_fused_linear_kd_loss", "FUSED_CHUNK_ELEMS")
+LAYOUT_COLS = 5  # per rank: start, end, vocab_start given, the options' fingerprint (two 24-bit words: exact in fp32)
 
 
 def __getattr__(name: str):
@@ -103,23 +109,39 @@ class _Shard:
         self.on_device = False  # the host check was skipped (cached group): _device_ok() guards the call
         pg = group if group is not None else dist.group.WORLD
         self.key = (tuple(dist.get_process_group_ranks(pg)), device.type)
+        self.options: dict = {}
+        self.fingerprint = (0.0, 0.0)
+
+    def set_options(self, op: str, **options) -> None:
+        """What must be the same on every rank of the group (the call's options, its rows, which per-row
+        arguments are given), as normalised values. Its fingerprint travels with the layout."""
+        self.options = {"op": op, **options}
+        digest = hashlib.blake2b(repr(sorted(self.options.items())).encode(), digest_size=6).digest()
+        h = int.from_bytes(digest, "big")
+        self.fingerprint = (float(h >> 24), float(h & 0xFFFFFF))
+
+    def fill_row(self, row: torch.Tensor) -> None:
+        """Write this rank's LAYOUT_COLS entries (start, end, given, fingerprint) into ``row``. Scalar fills: no
+        host-to-device copy."""
+        row[0], row[1], row[2] = float(self.start), float(self.start + self.Vr), float(self.given)
+        row[3], row[4] = self.fingerprint
 
     def fill_layout(self, lay: torch.Tensor) -> None:
-        """Fill ``lay`` [world, 3] with this rank's (start, end, given) in its row and −inf elsewhere (for a MAX
-        all_reduce, or an all_gather that keeps each rank's row). Scalar fills: no host-to-device copy."""
+        """Fill ``lay`` [world, LAYOUT_COLS] with this rank's row and −inf elsewhere (for a MAX all_reduce)."""
         lay.fill_(_NEG_INF)
-        lay[self.rank, 0], lay[self.rank, 1] = float(self.start), float(self.start + self.Vr)
-        lay[self.rank, 2] = float(self.given)
+        self.fill_row(lay[self.rank])
 
     def check(self, lay: torch.Tensor) -> None:
-        """Check the gathered layout [world, 3] on the host: at every call on CPU tensors (free), once per group
-        on a GPU (one host sync); later calls on a GPU set ``on_device`` instead (see ``_device_ok``). Every
-        rank sees the same ``lay`` and the same cache state, so all raise together or none does."""
+        """Check the gathered layout [world, LAYOUT_COLS] on the host: at every call on CPU tensors (free), once
+        per group on a GPU (one host sync); later calls on a GPU set ``on_device`` instead (see ``_device_ok``).
+        Every rank sees the same ``lay`` and the same cache state, so all raise together or none does."""
         if self.device.type not in _HOST_CHECK_ALWAYS and self.key in _LAYOUTS:
             self.on_device = True
             return
         rows = lay.cpu().tolist()
-        spans = [(int(a), int(b)) for a, b, _ in rows]
+        if len({(r[3], r[4]) for r in rows}) > 1:
+            self._options_differ()
+        spans = [(int(a), int(b)) for a, b, *_ in rows]
         pos = 0
         for a, b in sorted(spans):
             if a != pos:
@@ -137,15 +159,30 @@ class _Shard:
         if self.device.type not in _HOST_CHECK_ALWAYS:
             _LAYOUTS.add(self.key)
 
+    def _options_differ(self) -> None:
+        """The fingerprints differ: every rank sees that in the same gathered layout, so all of them gather the
+        options (one more collective, on this error path only) and raise the same error naming what differs."""
+        every = [None] * self.world
+        dist.all_gather_object(every, self.options, group=self.group)
+        keys = sorted({k for o in every for k in o}, key=lambda k: (k != "op", k))
+        diff = [k for k in keys if len({repr(o.get(k)) for o in every}) > 1]
+        what = "; ".join(f"{k} (" + ", ".join(f"rank {r}: {o.get(k)!r}" for r, o in enumerate(every)) + ")"
+                         for k in diff)
+        raise ValueError(f"{', '.join(diff) or 'options'}: the ranks of the group called {self.options['op']} with "
+                         f"different arguments: {what or 'fingerprints differ'}. Every rank of the group must pass "
+                         "the same options, the same rows and the same per-row arguments (only the shards differ)")
+
 
 def _device_ok(lay: torch.Tensor, k: int = 0) -> torch.Tensor:
-    """On the device, no host sync: whether the shards of the gathered layout (rows ``(start, end, …)``)
-    tile [0, V) contiguously, in (start, end) order as the host check, and k <= V. A bool scalar tensor."""
+    """On the device, no host sync: whether the shards of the gathered layout (rows ``(start, end, given,
+    fingerprint)``) tile [0, V) contiguously, in (start, end) order as the host check, k <= V, and every rank
+    passed the same options (equal fingerprints). A bool scalar tensor."""
+    same = (lay[:, 3:LAYOUT_COLS] == lay[:1, 3:LAYOUT_COLS]).all()
     a, b = lay[:, 0], lay[:, 1]
     o = b.argsort(stable=True)
     o = o[a[o].argsort(stable=True)]  # lexicographic (start, end)
     a, b = a[o], b[o]
-    return (a[0] == 0) & (a[1:] == b[:-1]).all() & (b[-1] >= k)
+    return same & (a[0] == 0) & (a[1:] == b[:-1]).all() & (b[-1] >= k)
 
 
 def _poison(ok: torch.Tensor, dtype) -> torch.Tensor:
@@ -282,11 +319,12 @@ class _Run:
         """MAX all_reduce (maxima + layout), rescale the local sums to the global maxima, SUM all_reduce.
         Returns (global maxima shifts [n, 3], global sums [n, nsum]) and V on the device."""
         sh, W = self.sh, self.sh.world
-        flat = torch.empty(3 * W + mx.numel(), dtype=mx.dtype, device=mx.device)
-        sh.fill_layout(flat[: 3 * W].view(W, 3))
-        flat[3 * W :] = mx.reshape(-1)
+        L = LAYOUT_COLS * W
+        flat = torch.empty(L + mx.numel(), dtype=mx.dtype, device=mx.device)
+        sh.fill_layout(flat[:L].view(W, LAYOUT_COLS))
+        flat[L:] = mx.reshape(-1)
         dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=sh.group)
-        lay_g, M = flat[: 3 * W].view(W, 3), flat[3 * W :].view(mx.shape)
+        lay_g, M = flat[:L].view(W, LAYOUT_COLS), flat[L:].view(mx.shape)
         if not self.checked:
             sh.check(lay_g)
             self.post_checks()
@@ -621,7 +659,7 @@ def local_args(group, **tensors):
     return group
 
 
-def _common(student, lead_of, N, Vr, teacher_logits, teacher_topk, topk_semantics, labels, mask, weights, group,
+def _common(op, student, lead_of, N, Vr, teacher_logits, teacher_topk, topk_semantics, labels, mask, weights, group,
             vocab_start, tname, **opts):
     device = student.device
     t2, ids, topk, k = _teacher_args(lead_of, N, device, teacher_logits, teacher_topk, topk_semantics, Vr, tname)
@@ -631,7 +669,30 @@ def _common(student, lead_of, N, Vr, teacher_logits, teacher_topk, topk_semantic
     p = make_plan(topk=topk, has_labels=labels2 is not None, **opts)
     check_row_args(p, None, labels2, mask2, w2)  # weights; the ids in post_checks, once k <= V is known
     sh = _Shard(group, vocab_start, Vr, device)
+    named = plan_options(p)
+    if opts["teacher_temperature"] is None:  # "the temperature's": named once, under temperature
+        named["teacher_temperature"] = None
+    sh.set_options(op, **named, rows=N, k=k, labels=labels2 is not None, mask=mask2 is not None,
+                   weights=w2 is not None)
     return _Run(p, sh, labels2, ids, k, mask2), t2, ids, labels2, mask2, w2
+
+
+_PLAN_NAMES = {"div": "divergence", "red": "reduction", "fp64": "accum_dtype", "topk": "topk_semantics",
+               "alpha": "hard_label_alpha", "t2": "t2_scale", "num_items": "num_items"}
+_CODES = {"div": DIVERGENCES, "red": REDUCTIONS, "topk": {"(dense teacher)": 0, **TOPK_SEMANTICS}}
+
+
+def plan_options(p: KDPlan) -> dict:
+    """The plan's options under their argument names, as normalised values (choices by name)."""
+    out = {}
+    for f in dataclasses.fields(p):
+        v = getattr(p, f.name)
+        if f.name in _CODES:
+            v = next(name for name, code in _CODES[f.name].items() if code == v)
+        elif f.name == "fp64":
+            v = str(p.accum_dtype)
+        out[_PLAN_NAMES.get(f.name, f.name)] = v
+    return out
 
 
 # ----------------------------------------------------------------------------- public API
@@ -689,11 +750,11 @@ def vocab_parallel_kd_loss(
     lead, Vr = s.shape[:-1], s.shape[-1]
     N = int(torch.Size(lead).numel())
     run, t2, ids, labels2, mask2, w2 = _common(
-        s, lead, N, Vr, teacher_logits_shard, teacher_topk, topk_semantics, labels, mask, weights, group,
-        vocab_start, "teacher_logits_shard", divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-        teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
-        num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap, logit_scale=logit_scale,
-        accum_dtype=resolve_accum(accum_dtype, s))
+        "vocab_parallel_kd_loss", s, lead, N, Vr, teacher_logits_shard, teacher_topk, topk_semantics, labels, mask,
+        weights, group, vocab_start, "teacher_logits_shard", divergence=divergence, beta=beta, skew=skew,
+        temperature=temperature, teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
+        reduction=reduction, num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap,
+        logit_scale=logit_scale, accum_dtype=resolve_accum(accum_dtype, s))
     s2 = s.reshape(N, Vr)
     if s2.stride(-1) != 1:
         s2 = s2.contiguous()
@@ -731,12 +792,13 @@ def vocab_parallel_topk(
     N = int(torch.Size(lead).numel())
     sh = _Shard(group, vocab_start, Vr, z.device)
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    sh.set_options("vocab_parallel_topk", k=k, temperature=float(temperature), rows=N, accum_dtype=str(acc))
     z2 = z.reshape(N, Vr)
     kl = min(k, Vr)
-    # per row: k values, k global ids (padding: value −inf, id −1), the logsumexp; row N: (start, end, given)
-    pack = torch.full((N + 1, 2 * k + 1), _NEG_INF, dtype=torch.float64, device=z.device)
+    # per row: k values, k global ids (padding: value −inf, id −1), the logsumexp; row N: the layout row
+    pack = torch.full((N + 1, max(2 * k + 1, LAYOUT_COLS)), _NEG_INF, dtype=torch.float64, device=z.device)
     pack[:N, k : 2 * k] = -1.0
-    pack[N, 0], pack[N, 1], pack[N, 2] = float(sh.start), float(sh.start + Vr), float(sh.given)
+    sh.fill_row(pack[N])
     for sl in _chunks(N, Vr):
         u = z2[sl].to(acc) / float(temperature)
         if kl:
@@ -749,8 +811,8 @@ def vocab_parallel_topk(
             pack[sl, 2 * k] = _NEG_INF
     parts = [torch.empty_like(pack) for _ in range(sh.world)]
     dist.all_gather(parts, pack, group=sh.group)
-    allp = torch.stack(parts, 1)  # [N + 1, W, 2k + 1]
-    sh.check(allp[N, :, :3])
+    allp = torch.stack(parts, 1)  # [N + 1, W, max(2k + 1, LAYOUT_COLS)]
+    sh.check(allp[N, :, :LAYOUT_COLS])
     if sh.V is not None and k > sh.V:
         raise ValueError(f"k: {k} exceeds the global vocabulary {sh.V}")
     vals = allp[:N, :, :k].reshape(N, sh.world * k)  # (explicit sizes: N = 0 is an empty batch)
@@ -764,6 +826,6 @@ def vocab_parallel_topk(
     lse = torch.logsumexp(allp[:N, :, 2 * k], 1)
     lps = torch.where(top == _NEG_INF, top, top - lse[:, None])  # an all −inf row: −inf, not NaN
     if sh.on_device:  # cached group: an invalid layout (or k > V) gives NaN log-probs, on every rank alike
-        lps = lps + _poison(_device_ok(allp[N], k), lps.dtype)
+        lps = lps + _poison(_device_ok(allp[N, :, :LAYOUT_COLS], k), lps.dtype)
         ids = ids.clamp_min(0)
     return ids.view(*lead, k), lps.to(acc).view(*lead, k)

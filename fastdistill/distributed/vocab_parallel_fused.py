@@ -299,11 +299,11 @@ def vocab_parallel_fused_linear_kd_loss(
     if teacher_bias_shard is not None and teacher_hidden is None:
         raise ValueError("teacher_bias_shard: only with teacher_hidden / teacher_weight_shard")
     run, t2, ids, labels2, mask2, w2 = _common(
-        h, lead, N, Vr, teacher_logits_shard, teacher_topk, topk_semantics, labels, mask, weights, group,
-        vocab_start, "teacher_logits_shard", divergence=divergence, beta=beta, skew=skew, temperature=temperature,
-        teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index, reduction=reduction,
-        num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap, logit_scale=logit_scale,
-        accum_dtype=resolve_accum(accum_dtype, h, W))
+        "vocab_parallel_fused_linear_kd_loss", h, lead, N, Vr, teacher_logits_shard, teacher_topk, topk_semantics,
+        labels, mask, weights, group, vocab_start, "teacher_logits_shard", divergence=divergence, beta=beta, skew=skew,
+        temperature=temperature, teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
+        reduction=reduction, num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap,
+        logit_scale=logit_scale, accum_dtype=resolve_accum(accum_dtype, h, W))
     if chunk_size == "auto":
         rows = _auto_rows(run.sh, N, Vr, H, h.device)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -313,6 +313,9 @@ def vocab_parallel_fused_linear_kd_loss(
     cfg = {"rows": rows, "reduce_hidden_grad": bool(reduce_hidden_grad),
            "grad_on": torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                       for x in (h, W, student_bias_shard))}
+    # beyond the loss's options, whether the hidden gradient is all-reduced decides a collective
+    run.sh.set_options(**run.sh.options, reduce_hidden_grad=cfg["reduce_hidden_grad"],
+                       student_hidden_grad=cfg["grad_on"] and h.requires_grad)
     h2 = h.reshape(N, H)
     cfg["anchors"] = tuple(a for a in map(graph_anchor, (h2, W, student_bias_shard)) if a is not None)
     out = _VocabParallelFusedLinear.apply(run, cfg, h2, W, student_bias_shard, th2, tW, teacher_bias_shard, t2, ids,
