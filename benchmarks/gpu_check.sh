@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a lent machine (torch 2.11, Triton 3.6, nvcc, ninja, pybind11, pytest;
-# no internet). Run from the repository root:
+# no internet). From any directory (it changes to the repository root):
 #
 #     bash benchmarks/gpu_check.sh OUTDIR
 #
@@ -21,7 +21,8 @@
 #   07 attn    python -m fastdistill bench --family attn --csv OUTDIR/h200.csv (same CSV)
 #   08 scm     python -m fastdistill bench --family scm --csv OUTDIR/h200.csv (the sCM example's step)
 #   09 sweep   python benchmarks/attn_sweep.py --csv OUTDIR/attn_sweep.csv --max-seconds <its timeout - 25>
-# then a summary (OUTDIR/summary.txt): step status, the score table, the kd full-mode rows and the
+# then a summary (OUTDIR/summary.txt): step status, the FAILED fastdistill rows (a bench step exits 1
+# when one of its fastdistill rows raised or computed a wrong result), the score table, the kd full-mode rows and the
 # attn rows (notes shortened), the sweep's best config per (shape, kernel), the pytest summary
 # line; its short form (status table and pytest line) is printed again last. Every step has a
 # timeout: its cap plus the seconds earlier steps left unused (caps add up to the budget less
@@ -35,7 +36,7 @@
 # Benchmark-only anchors as wheels (the GPU machine has no internet): liger-kernel (kd family)
 # and jvp-flash-attention (attn family). If a .whl/ directory exists in the repository root, its
 # wheels are first installed with
-#     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+#     $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
 # and PYTHONPATH=/tmp/site is exported. Fetch them on the CPU machine (both are pure Python;
 # .whl/ is git-ignored, so a remote run must carry it):
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -55,6 +56,9 @@ fi
 OUT=$1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.." || exit 2 # the repository root: pip -e ., tests, .whl and benchmarks/ are relative to it
+# no internet there: pip must not try an index (or its own version check)
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET=${GPU_CHECK_BUDGET_S:-560}
 START=$(date +%s)
@@ -100,7 +104,7 @@ step() {
 
 WHEELS="no .whl/ directory: liger and jvp-flash-attn rows skipped"
 if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; then
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl; then
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
         WHEELS="installed $(cd .whl && ls -- *.whl | tr '\n' ' ')into /tmp/site (PYTHONPATH)"
     else
@@ -173,9 +177,12 @@ pytest_line() {
     echo "================ gpu_check summary ($(($(date +%s) - START))s of ${BUDGET}s budget)"
     printf '%s\n' "${STATUS[@]}"
     echo
-    echo "---- bench (tail of 04_bench.log)"
+    echo "---- FAILED fastdistill rows (raised, or an error far above the baseline's; the bench steps exit 1)"
+    grep -h -E "^(FAILED|  [a-z]+ .*: (raised|rel_err))|^STOPPED" "$OUT"/0[4-8]_*.log 2>/dev/null || echo "(none)"
+    echo
+    echo "---- score (04_bench.log, h200.csv)"
     if grep -q "== family" "$OUT/04_bench.log" 2>/dev/null; then
-        sed -n '/== family/,$p' "$OUT/04_bench.log" | tail -n 45
+        sed -n '/== family/,$p' "$OUT/04_bench.log" | grep -v '^appended' | cut -c 1-170
     else
         tail -n 15 "$OUT/04_bench.log" 2>/dev/null
     fi

@@ -2,7 +2,10 @@
 
     python -m fastdistill info      what can run here (Triton, CUDA extension, GPU), and why not
     python -m fastdistill bench [--family score|kd|flkd|attn|scm|all] [--quick] [--csv PATH | --no-csv]
-                                [--device cuda|cpu]
+                                [--device cuda|cuda:N|cpu]
+
+bench exits 1 when a fastdistill row FAILED (raised, or an error against the fp64 result far above the
+baseline's) or a CUDA error left the context unusable, 2 on a bad --device / --csv, else 0.
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print_info()
         return 0
-    from fastdistill.bench.runner import run
+    from fastdistill.bench.runner import DeviceLost, run
 
     out_csv = "" if args.no_csv else args.csv
-    run(args.family or ["all"], quick=args.quick, out_csv=out_csv, device=args.device)
-    return 0
+    try:
+        rows = run(args.family or ["all"], quick=args.quick, out_csv=out_csv, device=args.device)
+    except ValueError as exc:  # a bad --device / --csv: before anything is measured
+        print(f"python -m fastdistill bench: error: {exc}", file=sys.stderr)
+        return 2
+    except DeviceLost:
+        return 1
+    # a fastdistill row that raised or computed a wrong result fails the run (its table and CSV are complete)
+    return 1 if any(r.get("failed") for r in rows) else 0
 
 
 if __name__ == "__main__":

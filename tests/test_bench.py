@@ -135,3 +135,106 @@ def test_attn_sweep_rows_carry_commit_and_versions(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert rows[0]["git_sha"] == "abc1234" and rows[0]["torch"] == torch.__version__
     assert rows[0]["triton"] == triton.__version__ and rows[0]["gpu"]
+
+
+def _toy_family(monkeypatch, cases):
+    import types
+
+    from fastdistill.bench import runner
+
+    monkeypatch.setitem(runner.FAMILIES, "toy", "toy_family_for_test")
+    monkeypatch.setattr(runner.importlib, "import_module",
+                        lambda name: types.SimpleNamespace(cases=lambda device, quick: cases))
+    return runner
+
+
+def test_failed_fastdistill_rows_fail_the_run(tmp_path, monkeypatch, capsys):
+    """A fastdistill provider that raises, or whose error is far above the baseline's, is FAILED and the CLI exits 1
+    (before: a "skipped" row and exit 0, so gpu_check.sh reported the step ok); other providers only skip."""
+    from fastdistill.__main__ import main
+    from fastdistill.bench.runner import Case
+
+    def boom():
+        raise RuntimeError("kernel compile failed")
+
+    errs = {"eager": 1e-3, "fastdistill-good": 2e-3, "fastdistill-wrong": 0.9, "anchor-tool": 1e-3}
+    ok = Case(shape="toy", mode="fwd", providers={n: (lambda: None) for n in errs}, error=lambda n: errs[n],
+              anchor="anchor-tool")
+    bad = Case(shape="toy2", mode="fwd", providers={"eager": lambda: None, "fastdistill-x": boom,
+                                                   "other-tool": boom})
+    _toy_family(monkeypatch, [ok, bad])
+    out = tmp_path / "rows.csv"
+    assert main(["bench", "--family", "toy", "--csv", str(out), "--device", "cpu"]) == 1
+    text = capsys.readouterr().out
+    assert "FAILED: 2 fastdistill row(s)" in text, text
+    with open(out, newline="") as f:
+        rows = {(r["shape"], r["provider"]): r for r in csv.DictReader(f)}
+    assert rows[("toy", "fastdistill-wrong")]["note"].startswith("FAILED: rel_err 0.9 above 0.05")
+    assert "FAILED" not in rows[("toy", "fastdistill-good")]["note"]
+    assert rows[("toy2", "fastdistill-x")]["note"].startswith("FAILED: raised")
+    assert "FAILED" not in rows[("toy2", "other-tool")]["note"] and "skipped" in rows[("toy2", "other-tool")]["note"]
+    good = rows[("toy", "fastdistill-good")]
+    assert good["anchor"] == "anchor-tool" and float(good["speedup_vs_anchor"]) > 0
+    # all rows right: exit 0
+    _toy_family(monkeypatch, [Case(shape="t", mode="fwd", providers={"eager": lambda: None,
+                                                                     "fastdistill-a": lambda: None})])
+    assert main(["bench", "--family", "toy", "--no-csv", "--device", "cpu"]) == 0
+
+
+def test_bad_csv_and_device_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    """A directory as --csv, or --device cuda without CUDA: exit 2 with a message before any provider runs (before:
+    a traceback after the first case had been measured, or an AssertionError from torch)."""
+    import torch
+
+    from fastdistill.__main__ import main
+    from fastdistill.bench.runner import Case
+
+    calls = []
+    _toy_family(monkeypatch, [Case(shape="t", mode="fwd", providers={"eager": lambda: calls.append(1)})])
+    assert main(["bench", "--family", "toy", "--csv", str(tmp_path), "--device", "cpu"]) == 2
+    assert "is a directory" in capsys.readouterr().err and not calls
+    if not torch.cuda.is_available():
+        assert main(["bench", "--family", "toy", "--no-csv", "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA device" in capsys.readouterr().err and not calls
+    assert main(["bench", "--family", "toy", "--no-csv", "--device", "tpu:0"]) == 2
+    assert "--device" in capsys.readouterr().err and not calls
+
+
+def test_sticky_cuda_error_stops_the_case(monkeypatch):
+    """An illegal memory access leaves the CUDA context unusable: the case's later providers are marked not run
+    and the run stops (before: each later call failed too, and torch.cuda.empty_cache() raised out of _measure,
+    losing the family's remaining rows)."""
+    import torch
+
+    from fastdistill.bench import runner
+
+    def crash():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    ran = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    case = runner.Case(shape="t", mode="fwd", providers={"fastdistill-x": crash, "eager": lambda: ran.append(1)},
+                       order=["fastdistill-x", "eager"])
+    rows, stop = runner.run_case(case, "cuda", quick=True)
+    assert stop == "device lost" and not ran
+    assert rows[0]["note"][0].startswith("FAILED") and "illegal memory access" in "; ".join(rows[0]["note"])
+    assert "the CUDA context was lost" in "; ".join(rows[1]["note"])
+
+
+def test_git_sha_is_the_packages_checkout(tmp_path, monkeypatch):
+    """Run from another directory (another repository, or none), the sha is that of the checkout fastdistill was
+    imported from (before: the current directory's repository, or "unknown")."""
+    import os
+    import subprocess
+
+    import pytest
+
+    from fastdistill.bench import runner
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(runner.__file__)))
+    head = subprocess.run(["git", "-C", root, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("fastdistill is not imported from a git checkout")
+    monkeypatch.delenv("FASTDISTILL_GIT_SHA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert runner.git_sha().split("-")[0] == head.stdout.strip()

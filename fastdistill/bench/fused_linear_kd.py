@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -78,16 +79,32 @@ def _liger(device: str):
 
 
 def _torch_lce():
+    """(loss fn, why not, note). ``F.linear_cross_entropy`` is called with ``LinearCrossEntropyOptions()`` (its
+    chunked path) where this torch has it; the note says which path probability targets actually take (torch
+    2.13's chunked path needs int64 targets and falls back to the reference path, which materialises the
+    logits, with a warning: probed once on a tiny CPU input)."""
     fn = getattr(F, "linear_cross_entropy", None)
     if fn is None:
-        return None, f"F.linear_cross_entropy is not in torch {torch.__version__}"
+        return None, f"F.linear_cross_entropy is not in torch {torch.__version__}", ""
+    opts = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    kw = {"options": opts()} if opts is not None else {}
+    note = "torch-linear-ce takes torch's reference path (no LinearCrossEntropyOptions here)"
+    if opts is not None:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fn(torch.zeros(2, 4), torch.zeros(3, 4), torch.full((2, 3), 1 / 3), reduction="mean", **kw)
+        fell_back = any("options" in str(w.message) and "ignored" in str(w.message) for w in seen)
+        note = ("torch-linear-ce: probability targets take torch's reference path (its chunked path needs int64 "
+                "targets)" if fell_back else "torch-linear-ce: torch's chunked path")
 
     def lce(div, hs, ws, ht, wt):
         with torch.no_grad():
             p = torch.softmax((ht @ wt.T).float(), dim=-1).to(hs.dtype)  # dense teacher targets [N, V]
-        return fn(hs, ws, p, reduction="mean")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fallback warning, probed above and stated in the note
+            return fn(hs, ws, p, reduction="mean", **kw)
 
-    return lce, None
+    return lce, None, note
 
 
 def _inputs(N: int, H: int, V: int, device: str, dtype=torch.bfloat16):
@@ -136,7 +153,7 @@ def _case(shape_name: str, div: str, inputs, fns: dict, skipped: dict, base_note
                                    "torch-linear-ce's value is KL + H(P)" if div == "fkl" else ""]))
     H, V = hs.shape[1], ws.shape[0]
     return Case(shape=f"{shape_name}/{div}", mode="full", providers=providers, flops=8 * N * V * H, error=error,
-                skipped=skipped, reset=reset, baseline="eager", order=ORDER, note=note)
+                skipped=skipped, reset=reset, baseline="eager", anchor="liger", order=ORDER, note=note)
 
 
 def cases(device: str, quick: bool) -> list[Case]:
@@ -144,7 +161,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     shapes = SMALL if small else STANDARD
     base_note = f"{'quick' if device.startswith('cuda') else 'cpu'}-small-shape" if small else ""
     liger, liger_why = _liger(device)
-    lce, lce_why = _torch_lce()
+    lce, lce_why, lce_note = _torch_lce()
     out = []
     for shape_name, (N, H, V) in shapes.items():
         inputs = _inputs(N, H, V, device)
@@ -167,5 +184,6 @@ def cases(device: str, quick: bool) -> list[Case]:
                 fns["torch-linear-ce"] = lce
             else:
                 skipped["torch-linear-ce"] = lce_why if div == "fkl" else "cross-entropy has no JSD form"
-            out.append(_case(shape_name, div, inputs, fns, skipped, base_note))
+            note = "; ".join(filter(None, [base_note, lce_note if "torch-linear-ce" in fns else ""]))
+            out.append(_case(shape_name, div, inputs, fns, skipped, note))
     return out

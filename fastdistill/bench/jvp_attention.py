@@ -503,9 +503,11 @@ def cases(device: str, quick: bool) -> list[Case]:
             note = "; ".join(filter(None, [base_note, err_note]))
             # JVP forward 3F; full: + primal backward 2.5F
             flops = 3 * F1 + (5 * F1 // 2 if mode == "full" else 0)
+            # the anchor of the speed-up targets: rCM's kernel (issue targets), else jvp-flash-attention
+            anchor = next((a for a in ("rcm", "jvp-flash-attn") if a in steps), None)
             out.append(Case(shape=shape_name, mode=mode, providers=steps, flops=flops,
                             error=_error_fn(key, x, scale, causal, mode, steps, provs), skipped=skipped,
-                            reset=reset, baseline=BASELINE, order=ORDER, note=note))
+                            reset=reset, baseline=BASELINE, anchor=anchor, order=ORDER, note=note))
             # the floor: plain SDPA (no tangent), its own FLOPs: F fwd, F + 2.5F full
             floor = {"sdpa": _sdpa(x, causal, scale)}
             floor_steps = {"sdpa": _step(floor["sdpa"], x, mode)}

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastdistill.bench.runner import Case
+from fastdistill.bench.runner import CPU_COMPILE_SKIP, Case
 
 # ANCHORS.md standard shapes: name -> (N, V)
 STANDARD = {"kd-128k": (8192, 128256), "kd-152k": (8192, 151936)}
@@ -115,8 +115,10 @@ def _compiled(div: str) -> Callable[..., torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- other providers
-def _fastdistill_providers(s: torch.Tensor, t: torch.Tensor) -> tuple[dict, dict[str, str]]:
-    """div -> {name: loss(s, t)} for the backends that can run, and name -> reason for the others."""
+def _fastdistill_providers(s: torch.Tensor, t: torch.Tensor, small: bool) -> tuple[dict, dict[str, str]]:
+    """div -> {name: loss(s, t)} for the backends that can run, and name -> reason for the others. The reference
+    backend (fp32 PyTorch, several [N, V] temporaries) runs at the small shapes only: at the standard ones it is
+    the eager row again, and the GPU run's time budget cannot spend seconds of fp64 oracles on it."""
     names = {"triton": "fastdistill-triton", "cuda": "fastdistill-cuda", "reference": "fastdistill-reference"}
     try:
         import fastdistill
@@ -131,6 +133,9 @@ def _fastdistill_providers(s: torch.Tensor, t: torch.Tensor) -> tuple[dict, dict
         reasons = why.get(backend, ["backend not reported by available_backends"])
         if reasons:
             skipped[name] = "; ".join(reasons)
+            continue
+        if backend == "reference" and not small:
+            skipped[name] = "at the small shapes only (--quick or a CPU): PyTorch math, like the eager row"
             continue
 
         def fn(s, t, div, backend=backend):
@@ -263,12 +268,14 @@ def cases(device: str, quick: bool) -> list[Case]:
     out = []
     for shape_name, (N, V) in shapes.items():
         s, t = _inputs(N, V, device)
-        fd, fd_skipped = _fastdistill_providers(s, t)
+        fd, fd_skipped = _fastdistill_providers(s, t, small)
         for div in DIVERGENCES:
             losses: dict[str, Callable] = {n: (lambda s, t, fn=fn, div=div: fn(s, t, div)) for n, fn in fd.items()}
             losses["eager"] = EAGER[div]
             skipped = dict(fd_skipped)
-            if div in COMPILED_DIVS:
+            if div in COMPILED_DIVS and not device.startswith("cuda"):
+                skipped["compile"] = CPU_COMPILE_SKIP
+            elif div in COMPILED_DIVS:
                 losses["compile"] = lambda s, t, div=div: _compiled(div)(s, t)
             else:
                 skipped["compile"] = (f"compiled for {' and '.join(COMPILED_DIVS)} only (the ANCHORS.md baselines; "
@@ -311,5 +318,5 @@ def cases(device: str, quick: bool) -> list[Case]:
                 note = "; ".join(filter(None, [base_note, err_note]))
                 out.append(Case(shape=f"{shape_name}/{div}", mode=mode, providers=providers, bytes=nbytes,
                                 error=error, skipped=skipped, reset=reset, baseline="eager", order=order,
-                                note=note))
+                                anchor="liger" if div in ("fkl", "jsd", "tvd") else None, note=note))
     return out

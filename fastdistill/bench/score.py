@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastdistill.bench.runner import Case
+from fastdistill.bench.runner import CPU_COMPILE_SKIP, Case
 
 GUIDANCE = 5.0  # std CFG scale, u + s(c - u) (rCM's Wan setting)
 # ANCHORS.md standard shapes: name -> [B, *S]
@@ -222,8 +222,11 @@ def cases(device: str, quick: bool) -> list[Case]:
             "eager-fp32": lambda args=args: eager_fp32_loss(*args),
             "eager-dmd2": lambda args=args: dmd2_loss(*args),
             "eager-fastvideo": lambda args=args: fastvideo_loss(*args),
-            "compile-fp32": lambda args=args: _compiled_fp32()(*args),
         }
+        if device.startswith("cuda"):
+            losses["compile-fp32"] = lambda args=args: _compiled_fp32()(*args)
+        else:
+            skipped = {**skipped, "compile-fp32": CPU_COMPILE_SKIP}
         n, esize = x.numel(), x.element_size()
         for mode in MODES:
             # bytes of the ideal fused step: read x, x_t and 3 predictions, (full) write ∂x; all [B, *S]
@@ -241,5 +244,6 @@ def cases(device: str, quick: bool) -> list[Case]:
 
             case_note = "; ".join(filter(None, [note, "rel_err of the loss value" if mode == "fwd" else ""]))
             out.append(Case(shape=shape_name, mode=mode, providers=providers, bytes=nbytes, error=error,
-                            skipped=skipped, reset=reset, baseline="eager-fp32", order=ORDER, note=case_note))
+                            skipped=skipped, reset=reset, baseline="eager-fp32", anchor="compile-fp32", order=ORDER,
+                            note=case_note))
     return out
