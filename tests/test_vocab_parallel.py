@@ -217,8 +217,8 @@ ERROR_CASES = dict([
     # one rank's options differ from the others': before, a silently different loss per rank (a temperature, a
     # mask) or a collective left waiting (jsd's third all_reduce, the hidden gradient's); now all ranks raise
     K("err-options-temperature", kind="error", bad="opt_temperature",
-      match=r"^temperature: the ranks of the group called vocab_parallel_kd_loss with different arguments: "
-            r"temperature \(rank 0: 1\.0, .*2\.0\)"),
+      match=r"^temperature, teacher_temperature: the ranks of the group called vocab_parallel_kd_loss with "
+            r"different arguments: temperature \(rank 0: 1\.0, .*2\.0\)"),
     K("err-options-divergence", kind="error", bad="opt_divergence", layout="uneven",
       match=r"^divergence: .*divergence \(rank 0: 'fkl', .*'jsd'\)"),
     K("err-options-mask", kind="error", bad="opt_mask", match=r"^mask: .*mask \(rank 0: False, .*True\)"),
@@ -228,8 +228,12 @@ ERROR_CASES = dict([
       match=r"^reduce_hidden_grad: the ranks of the group called vocab_parallel_fused_linear_kd_loss"),
 ])
 
+# the same options spelled differently on one rank: no error, and the loss of kd_loss (the fingerprint hashes the
+# values the plan resolved: teacher_temperature None is the temperature, −0.0 is 0.0, num_items 5 is 5.0)
+EQUIV_CASES = dict([K("ok-options-spelled-differently", kind="error", bad="opt_equiv", layout="uneven")])
+
 ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **KEQV_CASES, **TOPK_CASES, **VPTOPK_CASES, **VPTOPK32_CASES,
-       **FUSED_CASES, **ERROR_CASES}
+       **FUSED_CASES, **ERROR_CASES, **EQUIV_CASES}
 LOSS_KEYS = ("divergence", "beta", "skew", "temperature", "teacher_temperature", "t2_scale", "ignore_index",
              "reduction", "num_items", "hard_label_alpha", "softcap", "logit_scale", "topk_semantics")
 
@@ -511,6 +515,13 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
         elif bad == "opt_mask":
             m = torch.ones(s.shape[:-1], dtype=torch.bool) if last else None
             f = lambda: vp.vocab_parallel_kd_loss(s, t, mask=m, **kw)
+        elif bad == "opt_equiv":
+            opts = dict(temperature=2.0, teacher_temperature=2.0 if last else None,
+                        hard_label_alpha=-0.0 if last else 0.0, num_items=5 if last else 5.0)
+            try:
+                return {"err": None, "loss": vp.vocab_parallel_kd_loss(s, t, **opts, **kw), "opts": opts}
+            except ValueError as e:
+                return {"err": (type(e).__name__, str(e))}
         elif bad == "opt_vptopk":
             f = lambda: vp.vocab_parallel_topk(t, 3, temperature=1.5 if last else 1.0, group=kw["group"],
                                                vocab_start=kw["vocab_start"])
@@ -932,3 +943,19 @@ def test_errors_name_the_argument(world, name):
             continue
         assert err is not None, f"rank {r}: no error raised"
         assert pat.search(err[1]), f"rank {r}: {err[0]}: {err[1]!r} does not match {pat.pattern!r}"
+
+
+def test_options_spelled_differently_agree(world):
+    """Equal options in other spellings on one rank do not trip the fingerprint (before the fix of its review:
+    teacher_temperature None against the same value raised, and gave NaN on the cached device path)."""
+    import fastdistill as fd
+
+    w, res = world
+    name = "ok-options-spelled-differently"
+    d = build(name)
+    with fd.use_backend("reference"):
+        ref = fd.kd_loss(d["s"], d["t"], accum_dtype=F64, **res[0][name]["opts"])
+    for r in range(w):
+        out = res[r][name]
+        assert out["err"] is None, f"rank {r}: {out['err']}"
+        _assert_close(out["loss"], ref, TOL, f"rank {r}: loss")

@@ -16,13 +16,15 @@ The backward needs no communication (the reduced per-row statistics are saved).
 
 Every decision that changes which collectives run, or whether a call raises after collective 1, is taken
 from the gathered layout or from values that every rank shares, never from a rank's own arguments alone.
-Options that differ between ranks (a temperature, a divergence, the rows) raise on every rank where the layout
-is checked on the host, naming the option and each rank's value; on the device path they give NaN (``_device_ok``).
+Options that differ between ranks (a temperature, a divergence, a mask given or not) raise on every rank where the
+layout is checked on the host, naming the option and each rank's value; on the device path they give NaN
+(``_device_ok``). What changes collective 1's size or dtype (the rows, the accumulation dtype) cannot be compared.
 The fused-linear variant lives in ``vocab_parallel_fused.py`` and is re-exported here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -163,8 +165,9 @@ class _Shard:
         """The fingerprints differ: every rank sees that in the same gathered layout, so all of them gather the
         options (one more collective, on this error path only) and raise the same error naming what differs."""
         every = [None] * self.world
-        dist.all_gather_object(every, self.options, group=self.group)
-        keys = sorted({k for o in every for k in o}, key=lambda k: (k != "op", k))
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            dist.all_gather_object(every, self.options, group=self.group)  # (NCCL: on this rank's device)
+        keys = list(dict.fromkeys(k for o in every for k in o))  # in the order of the arguments
         diff = [k for k in keys if len({repr(o.get(k)) for o in every}) > 1]
         what = "; ".join(f"{k} (" + ", ".join(f"rank {r}: {o.get(k)!r}" for r, o in enumerate(every)) + ")"
                          for k in diff)
@@ -669,21 +672,19 @@ def _common(op, student, lead_of, N, Vr, teacher_logits, teacher_topk, topk_sema
     p = make_plan(topk=topk, has_labels=labels2 is not None, **opts)
     check_row_args(p, None, labels2, mask2, w2)  # weights; the ids in post_checks, once k <= V is known
     sh = _Shard(group, vocab_start, Vr, device)
-    named = plan_options(p)
-    if opts["teacher_temperature"] is None:  # "the temperature's": named once, under temperature
-        named["teacher_temperature"] = None
-    sh.set_options(op, **named, rows=N, k=k, labels=labels2 is not None, mask=mask2 is not None,
+    sh.set_options(op, **plan_options(p), rows=N, k=k, labels=labels2 is not None, mask=mask2 is not None,
                    weights=w2 is not None)
     return _Run(p, sh, labels2, ids, k, mask2), t2, ids, labels2, mask2, w2
 
 
 _PLAN_NAMES = {"div": "divergence", "red": "reduction", "fp64": "accum_dtype", "topk": "topk_semantics",
-               "alpha": "hard_label_alpha", "t2": "t2_scale", "num_items": "num_items"}
+               "alpha": "hard_label_alpha", "t2": "t2_scale (its T² factor)"}
 _CODES = {"div": DIVERGENCES, "red": REDUCTIONS, "topk": {"(dense teacher)": 0, **TOPK_SEMANTICS}}
 
 
 def plan_options(p: KDPlan) -> dict:
-    """The plan's options under their argument names, as normalised values (choices by name)."""
+    """The plan's options under their argument names, as the values the plan resolved (choices by name; a
+    teacher_temperature of None is the temperature; num_items None; −0.0 as 0.0): equal options hash equal."""
     out = {}
     for f in dataclasses.fields(p):
         v = getattr(p, f.name)
@@ -691,6 +692,10 @@ def plan_options(p: KDPlan) -> dict:
             v = next(name for name, code in _CODES[f.name].items() if code == v)
         elif f.name == "fp64":
             v = str(p.accum_dtype)
+        elif f.name == "num_items" and v == 0:
+            v = None
+        elif isinstance(v, float):
+            v = v + 0.0
         out[_PLAN_NAMES.get(f.name, f.name)] = v
     return out
 
