@@ -508,9 +508,11 @@ __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_grad
   const int64_t base = b * a.M;
   Coefs cf;
   cf.load(a.coef + b * a.coef_sb, a.K);
-  const float f = __ldg(a.state + b * NSTATE) * __ldg(a.go + b * a.go_sb);
-  const bool bad = __ldg(a.state + b * NSTATE + 2) > 0.0f;
   const bool has_mask = a.flags & F_MASK, huber = a.flags & F_HUBER, to_num_ = a.flags & F_TO_NUM;
+  // to_num maps the op's own gradient, then the upstream gradient multiplies it (a GradScaler's overflow stays inf)
+  const float go = __ldg(a.go + b * a.go_sb);
+  const float f = to_num_ ? __ldg(a.state + b * NSTATE) : __ldg(a.state + b * NSTATE) * go;
+  const bool bad = __ldg(a.state + b * NSTATE + 2) > 0.0f;
   const bool write_x = a.flags & F_WRITE_X;
   const float cc = a.huber_c * a.huber_c, alpha = a.alpha;
   const float vmax = DT<T>::max_finite();
@@ -539,7 +541,7 @@ __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_grad
       } else {
         g[j] = m[j] * cf.a[0] * c1[j];
       }
-      g[j] = to_num_ ? to_num(g[j], vmax) : (bad ? 0.0f : g[j]);
+      g[j] = to_num_ ? to_num(g[j], vmax) * go : (bad ? 0.0f : g[j]);
     }
     if (write_x) store_tile<T, VECTOR>(static_cast<T*>(a.gx) + base, chunk, a.M, g);
     if constexpr (OP == OP_SID) {
@@ -550,7 +552,7 @@ __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_grad
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const float v = m[j] * (cf.a[k + 1] * c1[j] + cf.bb[k + 1] * c2[j]);
-            gt[j] = to_num_ ? to_num(v, vmax) : (bad ? 0.0f : v);
+            gt[j] = to_num_ ? to_num(v, vmax) * go : (bad ? 0.0f : v);
           }
           store_tile<T, VECTOR>(static_cast<T*>(a.gterms.p[k]) + base, chunk, a.M, gt);
         }

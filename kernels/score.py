@@ -372,7 +372,12 @@ def _score_grad_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, state_ptr, go_
     TWO: tl.constexpr = OP == 1  # (the launcher passes USE2 = 0 unless OP is SID)
     # SCORE's d never contains x (its row-0 x coefficient is 0 by construction): skip the read.
     NEED_X: tl.constexpr = OP != 0
-    f = tl.load(state_ptr + b * 4).to(ACC) * tl.load(go_ptr + b * go_sb).to(ACC)
+    go = tl.load(go_ptr + b * go_sb).to(ACC)
+    # TO_NUM maps the op's own gradient, then the upstream gradient multiplies it (a GradScaler's overflow stays inf)
+    if TO_NUM:
+        f = tl.load(state_ptr + b * 4).to(ACC)
+    else:
+        f = tl.load(state_ptr + b * 4).to(ACC) * go
     bad = tl.load(state_ptr + b * 4 + 2) > 0
     a0 = tl.load(coef_ptr).to(ACC)
     b0 = tl.load(coef_ptr + (K + 1)).to(ACC)
@@ -402,7 +407,7 @@ def _score_grad_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, state_ptr, go_
                 if (TGRAD >> k) & 1:
                     gt = m * (tl.load(coef_ptr + 1 + k).to(ACC) * dfr + tl.load(coef_ptr + (K + 2) + k).to(ACC) * dff)
                     if TO_NUM:  # in term k's own dtype range (within ACC)
-                        gt = _to_num_code(gt, (TDT >> (2 * k)) & 3)
+                        gt = _to_num_code(gt, (TDT >> (2 * k)) & 3) * go
                     else:
                         gt = tl.where(bad, 0.0, gt)
                     tl.store(gterms[k] + base + offs, gt.to(gterms[k].dtype.element_ty), mask=inb)
@@ -412,7 +417,7 @@ def _score_grad_kernel(x_ptr, terms, coef_ptr, coef_sb, mask_ptr, state_ptr, go_
             gx = m * a0 * c1
         if WRITE_X:
             if TO_NUM:
-                gx = _to_num(gx, GMAX)
+                gx = _to_num(gx, GMAX) * go
             else:
                 gx = tl.where(bad, 0.0, gx)
             tl.store(gx_ptr + base + offs, gx.to(gx_ptr.dtype.element_ty), mask=inb)

@@ -1001,15 +1001,30 @@ def _saturate(v, dtype):
 @example(case=PIN_MIXED_TERM_DTYPES)
 def test_to_num_saturates_each_gradient_in_its_dtype(case):
     """fp16 (terms fp16 or fp32) with large magnitudes, nan="to_num": every gradient element is the exact
-    (fp64 reference) value put through nan_to_num in the dtype of the tensor it belongs to: saturated to
-    ±65504 for an fp16 tensor, unsaturated for an fp32 one (Triton vs the fp64 reference; tolerance: twice
-    the error of the documented formula run in fp32, saturated alike, plus one rounding of the dtype)."""
+    (fp64 reference) gradient for an upstream gradient of 1, put through nan_to_num in the dtype of the tensor it
+    belongs to (saturated to ±65504 for an fp16 tensor, unsaturated for an fp32 one), times the drawn upstream
+    gradient; beyond the dtype's range after that it is ±inf (a GradScaler's overflow, docs/score_ops.md). Triton
+    vs the fp64 reference; tolerance: twice the error of the documented formula run in fp32, mapped alike, plus
+    one rounding of the dtype."""
     note(repr(case))
-    ref = run_op(case, "reference", oracle=True)
+    one = dataclasses.replace(case, up=[1.0] * case.B if isinstance(case.up, list) else 1.0)
+    ref = run_op(one, "reference", oracle=True)
     got = run_op(case, "triton")
-    base = run_formula(case, F32)
+    base = run_formula(one, F32)
     for key, g in _full_grads(got).items():
         dt = g.dtype
-        want = _saturate(ref[key], dt)
-        err = rel_err(_saturate(base[key], dt).to(dt), want)
-        assert_rel(g, want, 2 * err + torch.finfo(dt).eps + 1e-6, f"{key} ({dt})")
+        big = torch.finfo(dt).max
+        want = _times_upstream(case, _saturate(ref[key], dt))
+        over, fine = want.abs() > 1.01 * big, want.abs() < 0.99 * big  # (between: the cast's rounding decides)
+        gd = g.double()
+        assert torch.isinf(gd[over]).all() and torch.equal(gd[over].sign(), want[over].sign()), \
+            f"{key} ({dt}): a scaled overflow must be inf"
+        err = rel_err(_times_upstream(case, _saturate(base[key], dt))[fine].to(dt), want[fine])
+        assert_rel(gd[fine], want[fine], 2 * err + torch.finfo(dt).eps + 1e-6, f"{key} ({dt})")
+
+
+def _times_upstream(case, v):
+    """``v`` (per sample along dim 0) times the case's upstream gradient, in float64."""
+    if isinstance(case.up, list):
+        return v.double() * torch.tensor(case.up, dtype=F64).reshape(-1, *([1] * (v.dim() - 1)))
+    return v.double() * float(case.up)

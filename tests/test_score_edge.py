@@ -123,8 +123,8 @@ def _args():
      r"terms\[1\]: expected a floating"),
     (lambda a: a.update(terms=[a["terms"][0], torch.randn(2, 3, 4, device="meta")]),
      r"terms\[1\]: expected device"),
-    (lambda a: a.update(coeffs=[1.0, 2.0, 3.0]), r"terms coefficients: expected 2 coefficients"),
-    (lambda a: a.update(coeffs=torch.ones(3, 2)), r"terms coefficients: expected shape \[2\] or \[2, 2\]"),
+    (lambda a: a.update(coeffs=[1.0, 2.0, 3.0]), r"^coeffs: expected 2 coefficients"),
+    (lambda a: a.update(coeffs=torch.ones(3, 2)), r"^coeffs: expected shape \[2\] or \[2, 2\]"),
     (lambda a: a.update(norm_coeffs=None), r"norm_coeffs: required"),
     (lambda a: a.update(reduction="avg"), r"reduction: expected one of"),
     (lambda a: a.update(nan="ignore"), r"nan: expected one of"),
@@ -135,9 +135,10 @@ def _args():
     (lambda a: a.update(x=torch.tensor(1.0)), r"x: expected a tensor of shape \[B, ...\]"),
     (lambda a: a.update(terms=a["terms"][0]), r"terms: expected a list of tensors"),
     (lambda a: a.update(accum_dtype=torch.float16), r"accum_dtype"),
-    (lambda a: a.update(coeffs="ab"), r"terms coefficients: expected a sequence of 2 floats"),
-    (lambda a: a.update(coeffs=[1.0, float("nan")]), r"terms coefficients: expected finite"),
-    (lambda a: a.update(scale=torch.ones(2)), r"scale: expected a float .*per-sample values"),
+    (lambda a: a.update(coeffs="ab"), r"^coeffs: expected a sequence of 2 floats"),
+    (lambda a: a.update(coeffs=[1.0, float("nan")]), r"^coeffs: expected finite"),
+    (lambda a: a.update(scale=torch.ones(2)),
+     r"^scale: expected a float \(or a one-element CPU tensor\), got a tensor of shape \(2,\)"),
     (lambda a: a.update(phi="pseudo_huber", huber_c=float("nan")), r"huber_c: expected a finite number"),
     # c² below fp32's normal range: φ(0) = 0/0 (before: NaN on the reference backend, every sample flagged bad on
     # Triton through its padded lanes); fp64 accumulation takes it
@@ -533,6 +534,21 @@ def overflow_pins(backend):
             assert bad.tolist() == [want_bad] and torch.isfinite(pred.grad).all(), (p0, pc)
             if not want_bad:
                 assert pred.grad.tolist() == [[1000.0] * 4] and loss_i.tolist() == [2e5]
+        # nan="to_num" with an upstream gradient s (a GradScaler's scale, 1/accumulation steps): the gradient for an
+        # upstream gradient of 1 is mapped into the output dtype, then s multiplies it, so the backward is linear in
+        # s and a scaled fp16 overflow is inf, which GradScaler must see to skip the step (before: the clamp came
+        # after s, turning that overflow into a silently clipped ±65504 step)
+        t = torch.full((1, 4), 100.0, dtype=F16)
+        for s_, want in ((1.0, 100.0), (1024.0, float("inf")), (0.5, 50.0)):
+            x = torch.zeros(1, 4, dtype=F16, requires_grad=True)
+            (fd.score_distill(x, [t], [1.0], norm=None, nan="to_num", reduction="sum") * s_).backward()
+            assert x.grad.tolist() == [[want] * 4], (s_, x.grad)
+        # and a term's gradient (sid: ∂/∂a = 400·200 = 80000, beyond fp16 at s = 1: mapped to 65504, then × s)
+        for s_, want in ((1.0, 65504.0), (0.25, 16376.0), (2.0, float("inf"))):
+            y, a = z.clone().requires_grad_(), (z + 0.5).requires_grad_()
+            (fd.sid_loss(y, ([a], [400.0]), z.clone(), alpha=0.0, w_clamp=1.0, scale=100.0, nan="to_num",
+                         reduction="sum") * s_).backward()
+            assert a.grad.tolist() == [[want] * 4] and y.grad.tolist() == [[-100.0 * s_] * 4], (s_, a.grad)
         # score_distill without a normaliser does not read x: an inf in x flags the sample, and to_num
         # keeps its (x-independent) loss and gradient
         t = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
@@ -631,3 +647,85 @@ def test_float_parameters_reach_the_kernels_in_the_accumulation_dtype(monkeypatc
         assert prm, "the parameter tensor"
     vals = {v for args in seen for a in args if isinstance(a, torch.Tensor) and a.numel() == 7 for v in a.tolist()}
     assert {1.2, 1 / 0.3, 0.1, 0.37} <= vals, vals
+
+
+def test_coeffs_as_a_list_of_per_sample_tensors(use):
+    """``coeffs=[C, -C * s, -C * (1 - s)]`` with per-sample [B] tensors (how DMD2-style code writes it) equals the
+    stacked [B, K] tensor (before: "expected a sequence of 2 floats or a tensor, got list"; a list of 0-d tensors
+    was read on the host, a recompilation per step under torch.compile)."""
+    g = torch.Generator().manual_seed(5)
+    B = 3
+    x = torch.randn(B, 2, 8, generator=g, dtype=F64)
+    terms = [torch.randn(B, 2, 8, generator=g, dtype=F64) for _ in range(3)]
+    C, s = torch.rand(B, generator=g, dtype=F64) + 0.5, torch.rand(B, generator=g, dtype=F64) * 3
+    listed = [C, -C * s, -C * (1 - s)]
+    stacked = torch.stack(listed, 1)
+    with fastdistill_backend(use):
+        grads = []
+        for coeffs, norm_coeffs in ((listed, [C * s, 0.25, torch.tensor(0.5, dtype=F64)]),
+                                    (stacked, torch.stack([C * s, torch.full((B,), 0.25, dtype=F64),
+                                                           torch.full((B,), 0.5, dtype=F64)], 1))):
+            xx = x.clone().requires_grad_()
+            loss = fd.score_distill(xx, terms, coeffs, norm_terms=terms, norm_coeffs=norm_coeffs, reduction="sum")
+            loss.backward()
+            grads.append((loss.detach(), xx.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-12) and torch.allclose(grads[0][1], grads[1][1],
+                                                                                   rtol=1e-12)
+
+
+def test_score_argument_errors_name_the_argument():
+    x = torch.zeros(2, 4)
+    t = [torch.ones(2, 4), torch.zeros(2, 4)]
+    with pytest.raises(ValueError, match=r"^coeffs: expected 2 coefficients"):  # (before: "terms coefficients")
+        fd.score_distill(x, t, [1.0, -1.0, 2.0], norm=None)
+    with pytest.raises(ValueError, match=r"^norm_coeffs: expected 2 coefficients"):
+        fd.score_distill(x, t, [1.0, -1.0], norm_terms=t, norm_coeffs=[1.0])
+    with pytest.raises(ValueError, match=r"^coeffs\[1\]: expected a float or a tensor of shape \[\] or \[2\]"):
+        fd.score_distill(x, t, [1.0, torch.ones(3)], norm=None)
+    with pytest.raises(TypeError, match=r"^coeffs\[0\]: expected a float or a tensor"):
+        fd.score_distill(x, t, ["a", torch.ones(2)], norm=None)
+    with pytest.raises(TypeError, match=r"^alpha: expected a float \(or a one-element CPU tensor\), got a tensor of "
+                                        r"shape \(2,\) on cpu$"):  # (before: a hint at weight / sample_weight)
+        fd.sid_loss(x, t[0], t[1], alpha=torch.ones(2))
+
+
+def test_one_element_weight_tensor_is_the_batch_weight():
+    """A one-element weight tensor weighs every sample (before: it worked at B = 1 only, and raised "expected shape
+    [3]" at B = 3, while the docs listed it among the float options that accept one)."""
+    g = torch.Generator().manual_seed(2)
+    F_ = torch.randn(3, 8, generator=g, dtype=F64)
+    T = [torch.randn(3, 8, generator=g, dtype=F64)]
+    pred = torch.randn(3, 8, generator=g, dtype=F64)
+    for w in (torch.tensor(2.5, dtype=F64), torch.tensor([2.5], dtype=F64)):
+        assert torch.equal(fd.scm_tangent_loss(F_, T, [1.0], weight=w), fd.scm_tangent_loss(F_, T, [1.0], weight=2.5))
+        assert torch.equal(fd.denoise_regression_loss(pred, T, [1.0], weight=w),
+                           fd.denoise_regression_loss(pred, T, [1.0], weight=2.5))
+
+
+def test_compiled_options_and_per_sample_coeffs():
+    """Under torch.compile(fullgraph=True): per-sample coefficients given as a list stay one graph across steps
+    whose values change; a tensor given for a float option raises naming it (before: an internal dynamo error
+    about List[float] that named nothing)."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, generator=g)
+    t = [torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)]
+    counts = {"frames": 0}
+
+    def backend(gm, example_inputs):
+        counts["frames"] += 1
+        return gm.forward
+
+    with fd.use_backend("reference"):
+        f = torch.compile(lambda x, C: fd.score_distill(x, t, [C, -C], norm=None), fullgraph=True, backend=backend)
+        for step in range(3):
+            C = torch.rand(2, generator=g) + step
+            assert torch.allclose(f(x, C), fd.score_distill(x, t, torch.stack([C, -C], 1), norm=None))
+        assert counts["frames"] == 1, counts
+        h = torch.compile(lambda x: fd.score_distill(x, t, [1.0, -1.0], norm=None, scale=torch.tensor(2.0)),
+                          fullgraph=True, backend=backend)
+        with pytest.raises(Exception, match=r"scale: pass a Python float under torch.compile"):
+            h(x)
+    dynamo.reset()

@@ -134,10 +134,12 @@ def real_option(name: str, v) -> float:
     """A float option: a number (int, float, numpy scalar or 0-d array, Decimal, ...) or a one-element CPU tensor
     (no host synchronisation), finite; errors name it."""
     if isinstance(v, torch.Tensor):
+        if torch.compiler.is_compiling():  # .item() would break the graph (fullgraph: an error naming nothing)
+            raise TypeError(f"{name}: pass a Python float under torch.compile, not a tensor (its value would be "
+                            "read on the host inside the graph)")
         if v.numel() != 1 or v.device.type != "cpu":
             raise TypeError(f"{name}: expected a float (or a one-element CPU tensor), got a tensor of shape "
-                            f"{tuple(v.shape)} on {v.device}" + (" (per-sample values: weight / sample_weight)"
-                                                                  if v.numel() > 1 else ""))
+                            f"{tuple(v.shape)} on {v.device}")
         v = v.item()
     if isinstance(v, (str, bytes, bool)):
         raise TypeError(f"{name}: expected a float, got {type(v).__name__}")

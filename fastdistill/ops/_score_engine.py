@@ -6,6 +6,7 @@ autograd wiring (eager ``autograd.Function`` and ``torch.library`` custom ops fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -122,17 +123,52 @@ def _coef_block(name: str, c, k: int, B: int, device) -> torch.Tensor | tuple[fl
         if c.dim() == 2 and c.shape[1] == k and c.shape[0] in (1, B):
             return c
         raise ValueError(f"{name}: expected shape [{k}] or [{B}, {k}] ({k} terms, {B} samples), got {tuple(c.shape)}")
+    if isinstance(c, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in c):
+        return _mixed_block(name, c, k, B, device)
     try:
         if isinstance(c, (str, bytes)):
             raise TypeError
         vals = tuple(float(v) for v in c)
     except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a sequence of {k} floats or a tensor, got {type(c).__name__}") from None
+        raise TypeError(f"{name}: expected a sequence of {k} floats (or per-sample [{B}] tensors) or a [{B}, {k}] "
+                        f"tensor, got {type(c).__name__}") from None
     if not all(is_finite(v) for v in vals):
         raise ValueError(f"{name}: expected finite coefficients, got {vals}")
     if len(vals) != k:
         raise ValueError(f"{name}: expected {k} coefficients (one per term), got {len(vals)}")
     return vals
+
+
+def _mixed_block(name: str, c, k: int, B: int, device) -> torch.Tensor:
+    """A sequence of k entries, each a float or a tensor of shape [], [1] or [B] (per-sample), as one [1|B, k]
+    tensor: e.g. ``coeffs=[C, -C * w, -C * (1 - w)]`` with per-sample ``C`` and ``w``. Stacked on the device (no
+    host synchronisation, no recompilation under torch.compile when the values change)."""
+    if len(c) != k:
+        raise ValueError(f"{name}: expected {k} coefficients (one per term), got {len(c)}")
+    rows = 1
+    for i, v in enumerate(c):
+        if isinstance(v, torch.Tensor):
+            if v.device != device:
+                raise ValueError(f"{name}[{i}]: expected device {device}, got {v.device}")
+            if not v.is_floating_point():
+                raise TypeError(f"{name}[{i}]: expected a floating dtype, got {v.dtype}")
+            if v.dim() > 1 or v.numel() not in (1, B):
+                raise ValueError(f"{name}[{i}]: expected a float or a tensor of shape [] or [{B}] (one value per "
+                                 f"sample), got shape {tuple(v.shape)}")
+            rows = max(rows, v.numel())
+        else:
+            try:
+                if isinstance(v, (str, bytes, bool)):
+                    raise TypeError
+                f = float(v)
+            except (TypeError, ValueError):
+                raise TypeError(f"{name}[{i}]: expected a float or a tensor, got {type(v).__name__}") from None
+            if not is_finite(f):
+                raise ValueError(f"{name}[{i}]: expected a finite coefficient, got {f}")
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in c if isinstance(v, torch.Tensor)])
+    cols = [v.to(dtype).reshape(-1).expand(rows) if isinstance(v, torch.Tensor)
+            else torch.full((rows,), float(v), dtype=dtype, device=device) for v in c]
+    return torch.stack(cols, 1)
 
 
 Row = list  # of (columns, block): block is a tuple of floats or a [1|B, k] tensor; column 0 is x, k+1 term k
@@ -177,7 +213,8 @@ def unify_terms(groups: list[tuple[str, Sequence[torch.Tensor], object]], x: tor
     for name, ts, coeffs in groups:
         if isinstance(ts, torch.Tensor) or not isinstance(ts, (list, tuple)):
             raise TypeError(f"{name}: expected a list of tensors, got {type(ts).__name__}")
-        block = _coef_block(f"{name} coefficients", coeffs, len(ts), B, x.device)
+        cname = {"terms": "coeffs", "norm_terms": "norm_coeffs"}.get(name, f"{name} coefficients")
+        block = _coef_block(cname, coeffs, len(ts), B, x.device)
         cols = []
         use = 0
         for k, t in enumerate(ts):

@@ -73,12 +73,14 @@ def score_distill(
 
     ``x``: ``[B, *S]`` generator output (fp32/bf16/fp16/fp64). ``terms``: tensors of ``x``'s
     shape (predictions, ``x_t``, noise), stop-gradient. ``d = Σ_k coeffs[:, k]·terms[k]``
-    (``coeffs`` ``[K]`` or ``[B, K]``). With ``norm="mean_abs"`` the per-sample normaliser is
+    (``coeffs``: ``K`` floats, a ``[K]`` or ``[B, K]`` tensor, or ``K`` entries each a float or a per-sample
+    ``[B]`` tensor, stacked on the device). With ``norm="mean_abs"`` the per-sample normaliser is
     ``w = max(mean|x − Σ norm_coeffs·norm_terms|, norm_clamp) + norm_eps`` (``"mean_abs_global"``:
     one over the batch; ``None``: 1). ``norm_terms`` defaults to ``terms``; a tensor in both lists
     is read once. ``φ`` is ``d`` (``"l2"``) or ``d/sqrt(d²+c²)`` (``"pseudo_huber"``).
     ``κ = scale × (1/N_valid | 1 | 1/B | 1)`` for reduction ``"mean" | "sum" | "batchmean" | "none"``.
-    Returns the fp32 loss (``[B]`` for ``"none"``); with ``return_stats`` also a dict of
+    Returns the loss in the accumulation dtype (fp32; fp64 for fp64 inputs or ``accum_dtype=torch.float64``),
+    ``[B]`` for ``"none"``; with ``return_stats`` also a dict of
     ``loss_per_sample``, ``normalizer`` and ``bad`` flags.
 
     Example (DMD2, flow matching ``x0 = x_t − σ·v``, CFG scale s)::
@@ -271,5 +273,7 @@ def _weight_arg(weight, B: int, device) -> tuple[float, torch.Tensor | None]:
     if weight is None:
         return 1.0, None
     if isinstance(weight, torch.Tensor):
+        if weight.numel() == 1 and B != 1:  # one weight for the batch, on the device: every sample's
+            weight = _constant("weight", weight).reshape(1).expand(B)
         return 1.0, per_sample("weight", _constant("weight", weight), B, device)
     return real_option("weight", weight), None

@@ -198,7 +198,10 @@ def _finalize(p, s, B, M, weight, logvar, gmax):
 def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
     B, M = x.shape
     acc = p.accum_dtype
-    f = (state[:, 0] * grad_out.to(acc)).unsqueeze(1)
+    go = grad_out.to(acc).reshape(-1, 1)  # [1, 1] or [B, 1]
+    # to_num maps the op's own gradient, then the upstream gradient multiplies it: a GradScaler's scale that makes
+    # it overflow gives inf, which the scaler must see (clamping after the scale hid it: a clipped step)
+    f = state[:, 0].unsqueeze(1) if p.to_num else state[:, 0].unsqueeze(1) * go
     bad = (state[:, 2] > 0).unsqueeze(1)
     gx = torch.empty_like(x) if need_x else None
     gterms = [torch.empty_like(t) if need else None for t, need in zip(terms, need_terms)]
@@ -206,7 +209,7 @@ def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
     b0 = coef[:, 1, 0:1].to(acc)
 
     def put(dst, sl, v):
-        v = _nan_to_num(v, dst.dtype) if p.to_num else torch.where(bad, torch.zeros_like(v), v)
+        v = _nan_to_num(v, dst.dtype) * go if p.to_num else torch.where(bad, torch.zeros_like(v), v)
         dst[:, sl] = v.to(dst.dtype)
 
     for sl in _chunks(B, M):
