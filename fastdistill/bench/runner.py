@@ -411,6 +411,9 @@ def run(families: list[str] | None = None, quick: bool = False, out_csv: str | N
     print(f"fastdistill bench on {env['gpu']} ({device}); torch {env['torch']}, triton {env['triton']}, "
           f"cuda {env['cuda']}, git {env['git_sha']}{', quick' if quick else ''}"
           f"{'; TRITON_INTERPRET=1: Triton rows time the interpreter' if interp else ''}")
+    if on_gpu and "H200" not in env["gpu"]:
+        print(f"note: %floor uses H200 figures ({HBM_BYTES_PER_S / 1e12:.1f} TB/s, {BF16_FLOPS_PER_S / 1e12:.0f} "
+              f"TFLOP/s), not this GPU's")
     all_rows = []
     for fam in families:
         mod = importlib.import_module(f"fastdistill.bench.{FAMILIES[fam]}")
