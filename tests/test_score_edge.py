@@ -682,7 +682,7 @@ def test_score_argument_errors_name_the_argument():
         fd.score_distill(x, t, [1.0, -1.0], norm_terms=t, norm_coeffs=[1.0])
     with pytest.raises(ValueError, match=r"^coeffs\[1\]: expected a float or a tensor of shape \[\] or \[2\]"):
         fd.score_distill(x, t, [1.0, torch.ones(3)], norm=None)
-    with pytest.raises(TypeError, match=r"^coeffs\[0\]: expected a float or a tensor"):
+    with pytest.raises(TypeError, match=r"^coeffs\[0\]: expected a float, got str"):
         fd.score_distill(x, t, ["a", torch.ones(2)], norm=None)
     with pytest.raises(TypeError, match=r"^alpha: expected a float \(or a one-element CPU tensor\), got a tensor of "
                                         r"shape \(2,\) on cpu$"):  # (before: a hint at weight / sample_weight)

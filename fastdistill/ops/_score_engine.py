@@ -12,7 +12,14 @@ from collections.abc import Sequence
 import torch
 
 from fastdistill import _backend
-from fastdistill.ops._common import first_order, is_finite, save_constants, saved_constants, select_backend
+from fastdistill.ops._common import (
+    first_order,
+    is_finite,
+    real_option,
+    save_constants,
+    saved_constants,
+    select_backend,
+)
 from fastdistill.reference import score as _ref
 
 OP_SCORE, OP_SID, OP_SCM, OP_DENOISE = 0, 1, 2, 3
@@ -157,14 +164,7 @@ def _mixed_block(name: str, c, k: int, B: int, device) -> torch.Tensor:
                                  f"sample), got shape {tuple(v.shape)}")
             rows = max(rows, v.numel())
         else:
-            try:
-                if isinstance(v, (str, bytes, bool)):
-                    raise TypeError
-                f = float(v)
-            except (TypeError, ValueError):
-                raise TypeError(f"{name}[{i}]: expected a float or a tensor, got {type(v).__name__}") from None
-            if not is_finite(f):
-                raise ValueError(f"{name}[{i}]: expected a finite coefficient, got {f}")
+            real_option(f"{name}[{i}]", v)  # a finite number
     dtype = functools.reduce(torch.promote_types, [v.dtype for v in c if isinstance(v, torch.Tensor)])
     cols = [v.to(dtype).reshape(-1).expand(rows) if isinstance(v, torch.Tensor)
             else torch.full((rows,), float(v), dtype=dtype, device=device) for v in c]
