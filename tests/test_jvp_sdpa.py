@@ -305,6 +305,57 @@ def test_torch_compile_fullgraph_and_guards(monkeypatch):
     assert len(served) == n
 
 
+def test_torch_compile_fullgraph_stock_paths():
+    """fullgraph=True also for the calls fastdistill does not serve: plain calls with the default plain="sdpa",
+    masked calls (a fallback) with plain="fastdistill", and fallbacks under torch.func.jvp (a mask, is_causal with
+    L != S). Before, each raised dynamo's "Unsupported context manager" (the lock and thread-local writes of the
+    stock path); without fullgraph, silent graph breaks."""
+    torch._dynamo.reset()
+    q, k, v, tq, *_ = _qkv((1, 2, 6, 8), (1, 2, 6, 8), seed=4)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    fp = lambda q: F.scaled_dot_product_attention(q, k, v) * 2
+    fm = lambda q: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    fl = lambda q: F.scaled_dot_product_attention(q, k[:, :, :4], v[:, :, :4], is_causal=True)
+    jvp = lambda f: (lambda q: torch.func.jvp(f, (q,), (tq,)))
+    for name, fn, plain in (("plain, plain='sdpa'", fp, "sdpa"), ("mask, plain='sdpa'", fm, "sdpa"),
+                            ("mask, plain='fastdistill'", fm, "fastdistill"), ("jvp served", jvp(fp), "sdpa"),
+                            ("jvp mask", jvp(fm), "sdpa"), ("jvp causal L != S", jvp(fl), "fastdistill")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with jvp_sdpa(plain=plain):
+                got = torch.compile(fn, backend="aot_eager", fullgraph=True)(q)
+        with sdpa_kernel(SDPBackend.MATH):
+            want = fn(q)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            _close(a, b, what=name)
+    torch._dynamo.reset()
+
+
+def test_heads_stock_sdpa_decides():
+    """One key/value head without enable_gqa: stock SDPA broadcasts it to every query head, so it is multi-query
+    attention, served by the fused path and counted (before: stock math SDPA, silently, with no count); a GQA ratio
+    that is not an integer raises stock SDPA's RuntimeError (before: fastdistill's own ValueError); the fallback
+    warning points at the line that calls SDPA."""
+    q, k, v, tq, tk, tv = _qkv((2, 4, 5, 8), (2, 1, 7, 8), seed=6)
+    f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    want = _math_jvp(f, (q, k, v), (tq, tk, tv))
+    sdpa_stats(reset=True)
+    with jvp_sdpa():
+        got = torch.func.jvp(f, (q, k, v), (tq, tk, tv))
+    assert sdpa_stats() == {"jvp": 1}, sdpa_stats()
+    _close(got[0], want[0], what="MQA o")
+    _close(got[1], want[1], what="MQA tangent")
+    k3, v3 = torch.randn(2, 3, 7, 8, dtype=F64), torch.randn(2, 3, 7, 8, dtype=F64)
+    with jvp_sdpa(), pytest.raises(RuntimeError):
+        torch.func.jvp(lambda q: F.scaled_dot_product_attention(q, k3, v3, enable_gqa=True), (q,), (tq,))
+    _sdpa_mod._warned.clear()
+    with jvp_sdpa(plain="fastdistill"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool), enable_gqa=True)
+    mine = [w for w in seen if "fastdistill.jvp_sdpa" in str(w.message)]
+    assert mine and mine[0].filename == __file__, [(w.filename, w.lineno) for w in mine]
+
+
 # ----------------------------------------------------------------------------- transforms, autocast, wrappers
 def test_nested_transforms_fall_back_to_math_sdpa():
     """jvp of jvp, jacfwd, vmap with jvp: beyond the fused path's one tangent level, so stock math SDPA serves them

@@ -30,14 +30,21 @@ a loss that reaches it raises, as does a double backward through a served call. 
 SDPA over the patch, calls that come back through its wrapper while fastdistill delegates reach the
 builtin SDPA (no recursion).
 
-Under ``torch.compile`` the patched call traces into the graph (``fullgraph=True`` works, plain and
-inside ``torch.func.jvp``); dynamo guards on the activation state, so a graph compiled inside a block
-is not reused outside it. Enter the block outside the compiled function: dynamo does not trace the
+Under ``torch.compile`` the patched call traces into the graph (``fullgraph=True`` works: served calls,
+plain ones with either ``plain`` choice, and fallbacks, also inside ``torch.func.jvp``); dynamo guards on
+the activation state, so a graph compiled inside a block is not reused outside it. Traced fallbacks do
+not warn (an eager call does, once per reason). Enter the block outside the compiled function: dynamo does not trace the
 context manager itself (``fullgraph=True`` raises "Unsupported context manager"; without it, a graph
 break). ``sdpa_stats()`` counts eager calls only.
 
-Query/key/value with different head counts need ``enable_gqa=True``, exactly as in stock SDPA (without
-it the call goes to stock SDPA, which raises). The patch replaces the attribute of
+Query/key/value with different head counts need ``enable_gqa=True``, exactly as in stock SDPA; without it
+stock SDPA decides (it raises), except a single key/value head, which stock SDPA broadcasts to every query
+head: served as multi-query attention (the same result). A GQA ratio that is not an integer goes to stock
+SDPA too (which raises its own error).
+
+Concurrent forward-mode AD (``torch.func.jvp`` in several threads at once) is not supported by PyTorch
+(stock SDPA usually raises "invalid forward AD level" there); under the patch it can instead give a zero
+tangent. Run JVPs from one thread per process. The patch replaces the attribute of
 ``torch.nn.functional``: code that bound the function itself at import time
 (``from torch.nn.functional import scaled_dot_product_attention``) is not affected.
 """
@@ -108,6 +115,8 @@ def _uninstall() -> None:
 
 def original_sdpa():
     """The SDPA function fastdistill replaced (stock ``scaled_dot_product_attention`` when not installed)."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the lock (and the state only changes in eager code)
+        return _state["orig"] if _state["installed"] else F.scaled_dot_product_attention
     with _lock:
         return _state["orig"] if _state["installed"] else F.scaled_dot_product_attention
 
@@ -197,9 +206,18 @@ def _why_not(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> str
         return "zero heads or an empty head dim"
     if is_causal and q.shape[-2] != k.shape[-2]:
         return ("is_causal=True with L != S (stock SDPA aligns the causal mask top-left, fastdistill bottom-right)")
-    if q.dim() >= 4 and q.shape[-3] != k.shape[-3] and not enable_gqa:
-        return None  # stock SDPA decides (it raises): not a fastdistill limitation
     return None
+
+
+def _stock_decides(q, k, enable_gqa) -> bool:
+    """Head counts that stock SDPA handles itself (its result or its error), not fastdistill: different head
+    counts without enable_gqa (it broadcasts a single query head; else it raises), and a GQA ratio that is not
+    an integer (it raises)."""
+    if q.dim() < 4 or q.shape[-3] == k.shape[-3]:
+        return False
+    if not enable_gqa:
+        return not (k.shape[-3] == 1)  # one key/value head broadcast to every query head: MQA, served as such
+    return q.shape[-3] % k.shape[-3] != 0
 
 
 def _heads4(x: torch.Tensor) -> torch.Tensor:
@@ -216,10 +234,15 @@ def _stock(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra, t
     kw = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra)
     if enable_gqa:
         kw["enable_gqa"] = enable_gqa
+    compiling = torch.compiler.is_compiling()
+    if compiling and fn is _sdpa:  # (a wrapper over ours would call back: trace the builtin instead)
+        fn = torch._C._nn.scaled_dot_product_attention
     # Other code may have wrapped SDPA after fastdistill (its wrapper calling ours): a call that comes back
-    # to _sdpa while we delegate goes to the builtin instead of recursing.
+    # to _sdpa while we delegate goes to the builtin instead of recursing. (Under torch.compile the flag is not
+    # set: dynamo traces no thread-local writes; a wrapper traced there calls back into a graph, not Python.)
     outer = getattr(_tls, "in_stock", False)
-    _tls.in_stock = True
+    if not compiling:
+        _tls.in_stock = True
     try:
         if not tangent:
             return fn(q, k, v, **kw)
@@ -228,7 +251,8 @@ def _stock(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra, t
         with sdpa_kernel(SDPBackend.MATH):  # the only SDPA backend with forward-mode AD
             return fn(q, k, v, **kw)
     finally:
-        _tls.in_stock = outer
+        if not compiling:
+            _tls.in_stock = outer
 
 
 def _autocast_on(dev: str) -> bool:
@@ -268,13 +292,14 @@ def _checkpointed(*xs) -> bool:
 
 
 def _fallback(reason: str, *args, tangent: bool):
-    with _lock:
-        first = reason not in _warned
-        _warned.add(reason)
-    if first:
-        warnings.warn(f"fastdistill.jvp_sdpa: this scaled_dot_product_attention call runs stock SDPA: {reason}. "
-                      "(warned once per reason)", stacklevel=4)
-    _count(f"fallback: {reason}")
+    if not torch.compiler.is_compiling():  # (traced code: no warning, no count; the eager call warns)
+        with _lock:
+            first = reason not in _warned
+            _warned.add(reason)
+        if first:
+            warnings.warn(f"fastdistill.jvp_sdpa: this scaled_dot_product_attention call runs stock SDPA: {reason}. "
+                          "(warned once per reason)", stacklevel=3)
+        _count(f"fallback: {reason}")
     return _stock(*args, tangent=tangent)
 
 
@@ -301,7 +326,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     reason = _why_not(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra)
     if reason is not None:
         return _fallback(reason, *args, tangent=tangent)
-    if query.dim() >= 4 and query.shape[-3] != key.shape[-3] and not enable_gqa:
+    if _stock_decides(query, key, enable_gqa):
         return _stock(*args, tangent=tangent)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (_heads4(query), _heads4(key), _heads4(value)))
     try:
