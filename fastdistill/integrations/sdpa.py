@@ -190,7 +190,8 @@ def _why_not(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> str
     if extra:
         return f"keyword argument(s) {sorted(extra)} unknown to fastdistill"
     if attn_mask is not None:
-        return "attn_mask is given (fastdistill serves no mask or is_causal only)"
+        return ("attn_mask is given (fastdistill serves no mask or is_causal only; a batch without padding needs no "
+                "mask: transformers drops an all-ones attention_mask, or pass attention_mask=None)")
     if dropout_p > 0:
         return "dropout_p > 0 (fastdistill has no attention dropout)"
     if any(x.is_nested for x in (q, k, v)):
