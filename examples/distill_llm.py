@@ -6,11 +6,11 @@ The loss never builds ``[tokens, vocab]`` logits: it takes the models' final hid
 ``lm_head`` weights, and runs the KD softmax chunk by chunk (GEMM with fp32 logits, fused divergence
 and gradient, dW accumulated in fp32)::
 
-    h_s = student.model(input_ids).last_hidden_state           # [B, T, H_s]
+    h_s = student.model(input_ids).last_hidden_state[:, :-1]   # [B, T-1, H_s]: row i predicts token i + 1
     with torch.no_grad():
-        h_t = teacher.model(input_ids).last_hidden_state       # [B, T, H_t]
+        h_t = teacher.model(input_ids).last_hidden_state[:, :-1]  # [B, T-1, H_t]
     loss = fastdistill.fused_linear_kd_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight,
-                                            divergence="jsd", beta=0.5, temperature=1.0, labels=labels)
+                                            divergence="jsd", beta=0.5, temperature=1.0, labels=labels[:, 1:])
 
 ``--loss eager`` runs the same objective the way most training code does today (full logits, then
 log-softmax KD in PyTorch) for a side-by-side time / memory comparison.
@@ -126,15 +126,17 @@ def train(args, loss_kind: str) -> dict:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         try:
-            h_s = student.model(ids).last_hidden_state
+            # row i predicts token i + 1: the last row has no target, and labels (aligned with ids, as in
+            # transformers) are shifted by one as transformers' own loss does
+            h_s = student.model(ids).last_hidden_state[:, :-1]
             with torch.no_grad():
-                h_t = teacher.model(ids).last_hidden_state
+                h_t = teacher.model(ids).last_hidden_state[:, :-1]
             w_s, w_t = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
             if loss_kind == "fused":
                 loss = fastdistill.fused_linear_kd_loss(h_s, w_s, h_t, w_t, divergence=args.divergence, beta=0.5,
-                                                        temperature=args.temperature, labels=labels)
+                                                        temperature=args.temperature, labels=labels[:, 1:])
             else:
-                loss = eager_kd(h_s, w_s, h_t, w_t, labels, args.divergence, 0.5, args.temperature)
+                loss = eager_kd(h_s, w_s, h_t, w_t, labels[:, 1:], args.divergence, 0.5, args.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -929,3 +929,39 @@ def test_kd_expm1_helper_accuracy(dtype):
     exact = torch.expm1(x.double())
     rel = ((y.double() - exact).abs() / exact.abs().clamp_min(1e-300)).max().item()
     assert rel <= 2 * torch.finfo(dtype).eps, rel / torch.finfo(dtype).eps
+
+
+def test_num_items_divides_outside_the_op_one_graph():
+    """num_items (new at every step of gradient accumulation: HF's num_items_in_batch) divides the summed loss
+    outside the op: under torch.compile one graph serves every value (before: each value was a graph constant, a
+    recompilation per step until the recompile limit, then eager), and a one-element tensor works there too."""
+    import torch._dynamo as dynamo
+
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(6, 33, generator=g, dtype=torch.float64)
+    t = torch.randn(6, 33, generator=g, dtype=torch.float64)
+    frames = [0]
+
+    def backend(gm, example_inputs):
+        frames[0] += 1
+        return gm.forward
+
+    dynamo.reset()
+    with fd.use_backend("reference"):
+        for red in ("batchmean", "mean"):
+            f = torch.compile(lambda s, n, red=red: fd.kd_loss(s, t, divergence="jsd", reduction=red, num_items=n),
+                              backend=backend)
+            frames[0] = 0
+            for n in (7, 9, 13, 20, 31):
+                x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
+                got = f(x, n)
+                want = fd.kd_loss(y, t, divergence="jsd", reduction="sum") / (n * (33 if red == "mean" else 1))
+                got.backward()
+                want.backward()
+                assert torch.allclose(got, want, rtol=1e-12) and torch.allclose(x.grad, y.grad, rtol=1e-12), (red, n)
+            assert frames[0] <= 2, (red, frames[0])  # the first value, then one dynamic graph
+        h = torch.compile(lambda s, n: fd.kd_loss(s, t, num_items=n), backend=backend, fullgraph=True)
+        got = h(s, torch.tensor(9))
+        assert torch.allclose(got, fd.kd_loss(s, t, reduction="sum") / 9, rtol=1e-12)
+        assert torch.equal(h(s, torch.tensor(0)), torch.zeros_like(got))  # a tensor 0: loss 0, not inf / NaN
+    dynamo.reset()

@@ -132,16 +132,9 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
     if hard_label_alpha > 0 and not has_labels:
         raise ValueError("labels: required when hard_label_alpha > 0 (the cross-entropy term)")
     if num_items is not None:
-        if reduction not in ("batchmean", "mean"):
-            raise ValueError(f"num_items: divides the 'batchmean' / 'mean' reductions; with reduction={reduction!r} "
-                             "it would be ignored")
-        if isinstance(num_items, bool) or (isinstance(num_items, torch.Tensor) and num_items.dtype == torch.bool):
-            raise TypeError(f"num_items: expected a number of items, got {num_items!r}")
-        if isinstance(num_items, torch.Tensor) and (num_items.device.type != "cpu" or num_items.numel() != 1):
-            raise TypeError("num_items: expected an int (a CUDA tensor would need a host synchronisation)")
-        num_items = real_option("num_items", num_items)
-        if not 0 < num_items < _FP32_MAX:
-            raise ValueError(f"num_items: expected a number > 0 that float32 holds, got {num_items}")
+        num_items = check_num_items(num_items, reduction)
+        if isinstance(num_items, torch.Tensor):
+            raise TypeError("num_items: expected a number here (a tensor's value would need a host synchronisation)")
     div = DIVERGENCES[divergence]
     if div == 2 and beta in (0.0, 1.0):
         div = 0 if beta == 0.0 else 1
@@ -155,6 +148,35 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
                   num_items=float(num_items) if num_items is not None else 0.0,
                   softcap=float(softcap) if softcap is not None else 0.0,
                   logit_scale=float(logit_scale) if logit_scale is not None else 1.0)
+
+
+def check_num_items(num_items, reduction: str) -> float | torch.Tensor:
+    """``num_items`` checked: a float (a number, or a one-element CPU tensor in eager mode), or a one-element
+    tensor kept as such (on a GPU, or under torch.compile: its value is not checked, which would need a host
+    synchronisation). Errors name it."""
+    if reduction not in ("batchmean", "mean"):
+        raise ValueError(f"num_items: divides the 'batchmean' / 'mean' reductions; with reduction={reduction!r} "
+                         "it would be ignored")
+    if isinstance(num_items, bool) or (isinstance(num_items, torch.Tensor) and num_items.dtype == torch.bool):
+        raise TypeError(f"num_items: expected a number of items, got {num_items!r}")
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise TypeError(f"num_items: expected a number or a one-element tensor, got shape "
+                            f"{tuple(num_items.shape)}")
+        if num_items.device.type != "cpu" or torch.compiler.is_compiling():
+            return num_items.reshape(())
+    num_items = real_option("num_items", num_items)
+    if not 0 < num_items < _FP32_MAX:
+        raise ValueError(f"num_items: expected a number > 0 that float32 holds, got {num_items}")
+    return num_items
+
+
+def _divide(loss: torch.Tensor, num_items, V: int, reduction: str) -> torch.Tensor:
+    """A "sum" loss divided by num_items (× V for "mean"); 0 where a tensor num_items is not positive."""
+    if isinstance(num_items, torch.Tensor):
+        n = num_items.to(device=loss.device, dtype=loss.dtype) * (V if reduction == "mean" else 1)
+        return loss * torch.where(n > 0, 1.0 / n.clamp_min(torch.finfo(loss.dtype).tiny), torch.zeros_like(n))
+    return loss * (1.0 / (num_items * (V if reduction == "mean" else 1)))
 
 
 # ----------------------------------------------------------------------------- backends
@@ -358,9 +380,11 @@ def kd_loss(
     ``"fkl"`` KL(P‖Q), ``"rkl"`` KL(Q‖P), ``"jsd"`` generalised JSD(β) (β=0 → fkl, β=1 → rkl),
     ``"skl"`` / ``"srkl"`` skew KL / skew reverse KL (λ = ``skew``), ``"tvd"``. ``temperature`` on
     both (``teacher_temperature`` separately), ``t2_scale`` multiplies the KD term by T²,
-    ``hard_label_alpha`` mixes ``α·CE(labels) + (1−α)·KD``. Rows with ``labels == ignore_index``
-    or ``mask`` false are ignored; ``reduction="batchmean"`` divides by the valid rows (or
-    ``num_items``). ``teacher_topk=(ids, logprobs)`` replaces ``teacher_logits`` for offline
+    ``hard_label_alpha`` mixes ``α·CE(labels) + (1−α)·KD``; ``labels[i]`` is row ``i``'s target (shift
+    transformers-style labels as its loss does: ``s[:, :-1]``, ``labels[:, 1:]``). Rows with
+    ``labels == ignore_index`` or ``mask`` false are ignored; ``reduction="batchmean"`` divides by the
+    valid rows (or ``num_items``: a number or a one-element tensor on any device).
+    ``teacher_topk=(ids, logprobs)`` replaces ``teacher_logits`` for offline
     top-k teachers (``topk_semantics``: ``"tail_bucket"`` | ``"zero_tail"`` | ``"renorm"``).
     Returns an fp32 scalar (``[lead]`` for ``"none"``); fp64 statistics and loss for fp64 student logits
     (``accum_dtype=None`` follows the student; pass ``torch.float32`` / ``torch.float64`` to force). Exact
@@ -368,8 +392,8 @@ def kd_loss(
 
     Example::
 
-        loss = kd_loss(student(x).logits, teacher_logits, divergence="jsd", beta=0.5, temperature=2.0,
-                       t2_scale=True, labels=labels)
+        loss = kd_loss(student(x).logits[:, :-1], teacher_logits[:, :-1], divergence="jsd", beta=0.5,
+                       temperature=2.0, t2_scale=True, labels=labels[:, 1:])
     """
     refuse_transforms("kd_loss")
     s = student_logits
@@ -416,9 +440,14 @@ def kd_loss(
     lead, V, Vt = s.shape[:-1], s.shape[-1], t.shape[-1]
     N = s.numel() // V if V else int(torch.Size(lead).numel())
     labels2 = _rows("labels", labels, lead, N, s.device, dtypes=(torch.int64, torch.int32), kind="int64 / int32 labels")
+    check_choice("reduction", reduction, tuple(REDUCTIONS))
+    # num_items divides the summed loss outside the op: its value (new each step of gradient accumulation) is
+    # then no graph constant (one graph under torch.compile, not one per value), and may be a device tensor
+    n_items = check_num_items(num_items, reduction) if num_items is not None else None
     p = make_plan(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                   teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
-                  reduction=reduction, num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap,
+                  reduction="sum" if n_items is not None else reduction, num_items=None,
+                  hard_label_alpha=hard_label_alpha, softcap=softcap,
                   logit_scale=logit_scale, topk=topk, accum_dtype=resolve_accum(accum_dtype, s),
                   has_labels=labels2 is not None)
     if p.div == 1 and Vt < V and not topk:
@@ -461,4 +490,6 @@ def kd_loss(
         out, _, _ = _kd_fwd_op(s2, t2, ids2, labels2, mask_u8, w2, ip, fp, backend)
     else:
         out = _KDFunction.apply(p, backend, bool(inplace_grad), s2, t2, ids2, labels2, mask_u8, w2)
+    if n_items is not None:
+        return _divide(out, n_items, V, reduction)
     return out.view(lead) if p.red == 3 else out
