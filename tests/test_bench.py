@@ -158,19 +158,21 @@ def test_failed_fastdistill_rows_fail_the_run(tmp_path, monkeypatch, capsys):
         raise RuntimeError("kernel compile failed")
 
     errs = {"eager": 1e-3, "fastdistill-good": 2e-3, "fastdistill-wrong": 0.9, "anchor-tool": 1e-3}
-    ok = Case(shape="toy", mode="fwd", providers={n: (lambda: None) for n in errs}, error=lambda n: errs[n],
-              anchor="anchor-tool")
+    # fastdistill-nocheck: its error check raises (KeyError), e.g. an output of the wrong shape
+    ok = Case(shape="toy", mode="fwd", providers={n: (lambda: None) for n in [*errs, "fastdistill-nocheck"]},
+              error=lambda n: errs[n], anchor="anchor-tool")
     bad = Case(shape="toy2", mode="fwd", providers={"eager": lambda: None, "fastdistill-x": boom,
                                                    "other-tool": boom})
     _toy_family(monkeypatch, [ok, bad])
     out = tmp_path / "rows.csv"
     assert main(["bench", "--family", "toy", "--csv", str(out), "--device", "cpu"]) == 1
     text = capsys.readouterr().out
-    assert "FAILED: 2 fastdistill row(s)" in text, text
+    assert "FAILED: 3 fastdistill row(s)" in text, text
     with open(out, newline="") as f:
         rows = {(r["shape"], r["provider"]): r for r in csv.DictReader(f)}
     assert rows[("toy", "fastdistill-wrong")]["note"].startswith("FAILED: rel_err 0.9 above 0.05")
     assert "FAILED" not in rows[("toy", "fastdistill-good")]["note"]
+    assert rows[("toy", "fastdistill-nocheck")]["note"].startswith("FAILED: raised")
     assert rows[("toy2", "fastdistill-x")]["note"].startswith("FAILED: raised")
     assert "FAILED" not in rows[("toy2", "other-tool")]["note"] and "skipped" in rows[("toy2", "other-tool")]["note"]
     good = rows[("toy", "fastdistill-good")]

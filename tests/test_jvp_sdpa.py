@@ -345,6 +345,19 @@ def test_heads_stock_sdpa_decides():
     assert sdpa_stats() == {"jvp": 1}, sdpa_stats()
     _close(got[0], want[0], what="MQA o")
     _close(got[1], want[1], what="MQA tangent")
+    # one query head over several key/value heads (stock SDPA broadcasts q): a counted, warned fallback (before:
+    # stock SDPA, uncounted and silent)
+    q1, tq1 = q[:, :1], tq[:, :1]
+    kk, vv = torch.randn(2, 4, 7, 8, dtype=F64), torch.randn(2, 4, 7, 8, dtype=F64)
+    g1 = lambda q: F.scaled_dot_product_attention(q, kk, vv)
+    want1 = _math_jvp(g1, (q1,), (tq1,))
+    sdpa_stats(reset=True)
+    with jvp_sdpa(), warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        got1 = torch.func.jvp(g1, (q1,), (tq1,))
+    assert list(sdpa_stats()) == ["fallback: a single query head broadcast over several key/value heads (stock "
+                                  "SDPA's batch broadcasting)"], sdpa_stats()
+    _close(got1[1], want1[1], what="q-broadcast tangent")
     k3, v3 = torch.randn(2, 3, 7, 8, dtype=F64), torch.randn(2, 3, 7, 8, dtype=F64)
     with jvp_sdpa(), pytest.raises(RuntimeError):
         torch.func.jvp(lambda q: F.scaled_dot_product_attention(q, k3, v3, enable_gqa=True), (q,), (tq,))

@@ -673,6 +673,19 @@ def test_coeffs_as_a_list_of_per_sample_tensors(use):
                                                                                    rtol=1e-12)
 
 
+def test_coeffs_list_floats_keep_their_value_next_to_bf16_tensors():
+    """A float next to a bf16 / fp16 per-sample tensor keeps its value (before: the stack took the tensors' dtype:
+    -0.3 became -0.30078 next to bf16, and 1e5 overflowed next to fp16 with an unexplained RuntimeError)."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 16, generator=g)
+    t = [torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)]
+    for dt, c in ((torch.bfloat16, -0.3), (torch.float16, 1e5)):
+        one = torch.ones(2, dtype=dt)
+        a = fd.score_distill(x, t, [one, c], norm=None, reduction="sum")
+        b = fd.score_distill(x, t, [1.0, c], norm=None, reduction="sum")
+        assert torch.allclose(a, b, rtol=1e-6), (dt, a, b)
+
+
 def test_score_argument_errors_name_the_argument():
     x = torch.zeros(2, 4)
     t = [torch.ones(2, 4), torch.zeros(2, 4)]

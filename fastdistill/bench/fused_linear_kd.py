@@ -90,12 +90,17 @@ def _torch_lce():
     kw = {"options": opts()} if opts is not None else {}
     note = "torch-linear-ce takes torch's reference path (no LinearCrossEntropyOptions here)"
     if opts is not None:
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            fn(torch.zeros(2, 4), torch.zeros(3, 4), torch.full((2, 3), 1 / 3), reduction="mean", **kw)
-        fell_back = any("options" in str(w.message) and "ignored" in str(w.message) for w in seen)
-        note = ("torch-linear-ce: probability targets take torch's reference path (its chunked path needs int64 "
-                "targets)" if fell_back else "torch-linear-ce: torch's chunked path")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                fn(torch.zeros(2, 4), torch.zeros(3, 4), torch.full((2, 3), 1 / 3), reduction="mean", **kw)
+        except Exception as exc:  # this torch's chunked path refuses the call: the reference path then
+            kw, seen = {}, []
+            note = f"torch-linear-ce: torch's reference path (options refused: {type(exc).__name__})"
+        else:
+            fell_back = any("options" in str(w.message) and "ignored" in str(w.message) for w in seen)
+            note = ("torch-linear-ce: probability targets take torch's reference path (its chunked path needs "
+                    "int64 targets)" if fell_back else "torch-linear-ce: torch's chunked path")
 
     def lce(div, hs, ws, ht, wt):
         with torch.no_grad():

@@ -230,8 +230,16 @@ def _measure(case: Case, name: str, fn: Callable[[], object], device: str, quick
     if case.error is not None:
         try:
             r["rel_err"] = float(case.error(name))
-        except Exception as exc:
+        except Exception as exc:  # (it reruns the provider: a kernel fault may first show here)
             r["note"].append(f"error check failed: {_reason(exc)}")
+            r["raised"] = True
+            if device.startswith("cuda"):
+                try:
+                    torch.cuda.empty_cache()
+                except Exception as exc2:
+                    raise DeviceLost(r) from exc2
+                if _sticky(exc):
+                    raise DeviceLost(r) from exc
     return r
 
 
@@ -431,14 +439,19 @@ def run(families: list[str] | None = None, quick: bool = False, out_csv: str | N
                 print(f"\ninterrupted: appended {len(all_rows)} rows to {out_csv or '(no CSV)'}")
                 raise KeyboardInterrupt
             if stop:
+                _report_failed(all_rows)
                 print(f"\nSTOPPED: a CUDA error left the context unusable (see the last row); appended "
                       f"{len(all_rows)} rows to {out_csv or '(no CSV)'}")
                 raise DeviceLost(all_rows)
     if out_csv:
         print(f"\nappended {len(all_rows)} rows to {out_csv}")
-    failed = [r for r in all_rows if r.get("failed")]
+    _report_failed(all_rows)
+    return all_rows
+
+
+def _report_failed(rows: list[dict]) -> None:
+    failed = [r for r in rows if r.get("failed")]
     if failed:
         print(f"\nFAILED: {len(failed)} fastdistill row(s):")
         for r in failed:
             print(f"  {r['family']} {r['shape']} {r['mode']} {r['provider']}: {r['failed']}")
-    return all_rows

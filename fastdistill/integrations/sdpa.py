@@ -11,7 +11,9 @@ reason — never a silently different result:
 - ``attn_mask`` given (any mask: fastdistill has causal masking only);
 - ``dropout_p > 0``;
 - ``is_causal=True`` with ``L != S``: SDPA aligns its causal mask top-left, fastdistill bottom-right;
-- batch dims that broadcast between query and key/value, nested tensors, mixed or unsupported dtypes;
+- batch dims that broadcast between query and key/value (a single query head over several key/value
+  heads too; one key/value head over several query heads is multi-query attention, served), nested
+  tensors, mixed or unsupported dtypes;
 - zero heads or an empty head dim;
 - no fastdistill backend can run the inputs (e.g. head dim > 256 on the GPU kernels);
 - torch.func transforms beyond one forward-mode level (``jvp`` of ``jvp``, ``jacfwd``, ``vmap`` with
@@ -205,6 +207,8 @@ def _why_not(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> str
         return "batch dims broadcast between query and key/value"
     if (q.dim() >= 4 and 0 in (q.shape[-3], k.shape[-3])) or q.shape[-1] == 0 or v.shape[-1] == 0:
         return "zero heads or an empty head dim"
+    if q.dim() >= 4 and q.shape[-3] == 1 and k.shape[-3] > 1 and not enable_gqa:
+        return "a single query head broadcast over several key/value heads (stock SDPA's batch broadcasting)"
     if is_causal and q.shape[-2] != k.shape[-2]:
         return ("is_causal=True with L != S (stock SDPA aligns the causal mask top-left, fastdistill bottom-right)")
     return None

@@ -165,7 +165,8 @@ def _mixed_block(name: str, c, k: int, B: int, device) -> torch.Tensor:
             rows = max(rows, v.numel())
         else:
             real_option(f"{name}[{i}]", v)  # a finite number
-    dtype = functools.reduce(torch.promote_types, [v.dtype for v in c if isinstance(v, torch.Tensor)])
+    # at least fp32: a float next to a bf16 tensor keeps its value (and 1e5 fits; fp16 would overflow)
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in c if isinstance(v, torch.Tensor)], torch.float32)
     cols = [v.to(dtype).reshape(-1).expand(rows) if isinstance(v, torch.Tensor)
             else torch.full((rows,), float(v), dtype=dtype, device=device) for v in c]
     return torch.stack(cols, 1)
