@@ -117,11 +117,13 @@ def oracle_kd(student, teacher, *, divergence="fkl", beta=0.5, skew=0.1, tempera
 
 
 def oracle_transform(z, logit_scale, softcap):
-    """docs/kd_ops.md's logit transforms: logit_scale, then softcap (both models); −inf stays −inf."""
+    """docs/kd_ops.md's logit transforms: logit_scale, then softcap (both models); −inf stays −inf, with the
+    softcap's derivative there its limit, 0 (the −inf entries reach the result as constants)."""
     if logit_scale is not None:
         z = logit_scale * z
     if softcap is not None:
-        z = torch.where(z == -math.inf, z, softcap * torch.tanh(z / softcap))
+        neg = z == -math.inf
+        z = torch.where(neg, -math.inf, softcap * torch.tanh(torch.where(neg, 0.0, z) / softcap))
     return z
 
 
