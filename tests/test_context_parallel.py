@@ -299,6 +299,11 @@ def _extras(x: dict, W: int, r: int) -> dict:
         a = cp(*xs, *xs, group=groups[r], causal=False, return_lse=True)
         b = fd.jvp_attention(*xs, *xs, return_lse=True)
         out["group1_equal"] = all(torch.equal(u, w) for u, w in zip(a, b))
+        # a group this process is not in: dist.new_group gives it a sentinel (before: "expected a ProcessGroup,
+        # got int")
+        mine_not = dist.new_group([0])
+        out["err_not_member"] = ("skipped" if r == 0 else
+                                 _expect_error(lambda: cp(*xs, *xs, group=mine_not)))
     return out
 
 
@@ -326,6 +331,12 @@ def _one_rank_differs(W: int, r: int, agree_group, local_group) -> dict:
     out["err_after_agreed_call"] = _expect_error(lambda: cp(y, y, y, group=agree_group))
     # ... or a scale that differs on one rank (ulysses would mix the scales across heads silently)
     out["err_scale_one_rank"] = _expect_error(lambda: cp(x, x, x, group=agree_group, scale=0.3 if odd else 0.25))
+    # ... or another mode / dtype: the message names the values, not internal codes (before: "[0, 1]")
+    xh = torch.randn(1, 4, W, D, generator=g, dtype=F64)  # heads divisible by W: ulysses is valid alone
+    out["err_mode_one_rank"] = _expect_error(lambda: cp(xh, xh, xh, group=agree_group,
+                                                        mode="ulysses" if odd else "ring"))
+    xd = x.float() if odd else x
+    out["err_dtype_one_rank"] = _expect_error(lambda: cp(xd, xd, xd, group=agree_group))
     out["usable_after_mismatch"] = usable(agree_group)
     # 2. an argument error that only the last rank's local checks see
     z = x[:, :3] if odd else x
@@ -505,6 +516,7 @@ def test_zigzag_helpers(world):
     ("err_zigzag_size", "ValueError", "x: size 3"),
     ("err_mode", "ValueError", "mode:"),
     ("err_group", "TypeError", "group:"),
+    ("err_not_member", "ValueError", "group: this process (global rank 1) is not a member"),
     ("err_ranks_differ", "ValueError", "q: local sequence length differs between the ranks"),
     ("err_stop_gradient", "RuntimeError", "stop-gradient"),
     ("err_stop_gradient_func", "RuntimeError", "stop-gradient"),
@@ -513,6 +525,8 @@ def test_zigzag_helpers(world):
     ("err_double_backward", "RuntimeError", "double backward is not supported"),
     ("err_after_agreed_call", "ValueError", "q: local sequence length differs between the ranks"),
     ("err_scale_one_rank", "ValueError", "scale differs between the ranks"),
+    ("err_mode_one_rank", "ValueError", "'ring', 'ulysses'] on ranks 0.."),
+    ("err_dtype_one_rank", "ValueError", "'torch.float64', 'torch.float32']"),
     ("err_zigzag_odd_one_rank", "ValueError", "q, k: zigzag shards hold two equal chunks"),
     ("err_mode_check_off", "ValueError", "mode"),
     ("err_ulysses_heads_one_rank", "ValueError", "q: mode='ulysses'"),
@@ -526,7 +540,9 @@ def test_zigzag_helpers(world):
 def test_errors(world, key, exc, words):
     W, _, ranks = world
     for r, rk in enumerate(ranks):
-        msg = rk["extras"][key]
+        msg = rk["extras"].get(key) if key == "err_not_member" else rk["extras"][key]  # (W = 2 only)
+        if msg in ("skipped", None):
+            continue
         assert msg.startswith(exc) and words in msg, f"W={W} rank {r}: {key}: expected {exc} with {words!r}, got {msg}"
 
 

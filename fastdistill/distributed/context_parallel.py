@@ -59,6 +59,10 @@ SEQ_LAYOUTS = ("contiguous", "zigzag")
 # ----------------------------------------------------------------------------- process group
 def _group_info(group) -> tuple[object, int, int]:
     """(group, world size, this rank's index in it); no initialised default group and group=None: one rank."""
+    if dist.is_available() and group is not None and group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+        # dist.new_group gives the processes outside the group this sentinel, not a ProcessGroup
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the given process "
+                         "group (dist.new_group returned GroupMember.NON_GROUP_MEMBER here)")
     if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         raise TypeError(f"group: expected a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     if not (dist.is_available() and dist.is_initialized()):
@@ -142,6 +146,8 @@ def _agree(group, W: int, q, err: BaseException | None, names: tuple[str, ...], 
         if len(set(vals)) > 1:
             if name == "scale":  # carried as the float64's bits
                 vals = [struct.unpack("<d", struct.pack("<q", v))[0] for v in vals]
+            elif name in _SIG_DECODE:  # codes -> the argument's values
+                vals = [_SIG_DECODE[name][v] if 0 <= v < len(_SIG_DECODE[name]) else v for v in vals]
             raise ValueError(f"{name} differs between the ranks of the group ({vals} on ranks 0..{W - 1}): {need}")
 
 
@@ -598,6 +604,8 @@ _SIG_NAMES = ("mode", "causal", "seq_layout", "layout", "q: batch", "q: local se
               "q: head dim", "k: local sequence length", "k: heads", "v: head dim", "tq (None or not)",
               "tk (None or not)", "tv (None or not)", "dtype", "tangent_dtype", "scale")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_SIG_DECODE = {"mode": MODES, "causal": (False, True), "seq_layout": SEQ_LAYOUTS, "layout": tuple(LAYOUTS),
+               "dtype": tuple(str(d) for d in _DTYPE_CODES), "tangent_dtype": ("the input dtype", "torch.float32")}
 
 
 @torch.compiler.disable  # point-to-point rings and all-to-alls run eagerly: a graph break, never a wrong trace
