@@ -1019,6 +1019,8 @@ def test_to_num_saturates_each_gradient_in_its_dtype(case):
         gd = g.double()
         assert torch.isinf(gd[over]).all() and torch.equal(gd[over].sign(), want[over].sign()), \
             f"{key} ({dt}): a scaled overflow must be inf"
+        if not fine.any():  # every element saturated at the dtype's max (checked as inf above where beyond it)
+            continue
         err = rel_err(_times_upstream(case, _saturate(base[key], dt))[fine].to(dt), want[fine])
         assert_rel(gd[fine], want[fine], 2 * err + torch.finfo(dt).eps + 1e-6, f"{key} ({dt})")
 
