@@ -236,7 +236,7 @@ class LogVar(nn.Module):
         self.dim = dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.lin(timestep_embedding(t, self.dim).to(self.lin.weight.dtype)).squeeze(-1)
+        return self.lin(timestep_embedding(t, self.dim).to(self.lin.weight.dtype)).sum(-1)  # [B] (not a view: FSDP2)
 
 
 # ----------------------------------------------------------------------------- the sCM step
@@ -377,6 +377,9 @@ def init_context_parallel(args) -> ContextParallel | None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise SystemExit(f"--cp {args.cp}: run under torchrun, e.g. torchrun --nproc-per-node 2 "
+                             f"examples/scm_step.py --cp {args.cp} (RANK / WORLD_SIZE are not set)")
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"

@@ -58,6 +58,16 @@ def test_scm_step_cli_runs():
     assert ex.main(["--steps", "2", "--attn", "both", "--quiet", "--device", "cpu"]) == 0
 
 
+def test_scm_step_cp_outside_torchrun_says_how_to_launch(monkeypatch):
+    """--cp without torchrun: a message naming torchrun (before: torch's raw env:// traceback, "environment variable
+    RANK expected")."""
+    ex = _load("scm_step")
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match=r"--cp ring: run under torchrun"):
+        ex.main(["--steps", "1", "--cp", "ring", "--quiet", "--device", "cpu"])
+
+
 def test_distill_llm_fused_trains_like_eager_and_learns(tmp_path):
     """examples/distill_llm.py: the fused-linear loss drives the same training trajectory as the eager
     full-logits loss (fp32, same data), the KD loss goes down, the plot and CSV are written."""
