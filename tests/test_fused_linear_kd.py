@@ -637,3 +637,17 @@ def test_flkd_fsdp2_gloo(tmp_path):
         pytest.skip("torch.distributed with gloo is not available")
     pytest.importorskip("torch.distributed.fsdp").fully_shard  # noqa: B018
     torch.multiprocessing.spawn(_fsdp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
+def test_fullgraph_compile_says_why_it_runs_eagerly():
+    """fullgraph=True around fused_linear_kd_loss fails (its row loop runs eagerly); dynamo's error gives the reason
+    (before: "Skip calling torch.compiler.disable()d function (reason: None)")."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    h, W = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g)
+    f = torch.compile(lambda h: fd.fused_linear_kd_loss(h, W, h, W), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="fused_linear_kd_loss runs eagerly"):
+        f(h)
+    dynamo.reset()

@@ -31,7 +31,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
-from fastdistill.ops._common import check_bool, check_choice, first_order, reached, select_backend
+from fastdistill.ops._common import check_bool, check_choice, eager_only, first_order, reached, select_backend
 from fastdistill.ops.jvp_attention import (
     _STOP_GRAD,
     LAYOUTS,
@@ -608,7 +608,8 @@ _SIG_DECODE = {"mode": MODES, "causal": (False, True), "seq_layout": SEQ_LAYOUTS
                "dtype": tuple(str(d) for d in _DTYPE_CODES), "tangent_dtype": ("the input dtype", "torch.float32")}
 
 
-@torch.compiler.disable  # point-to-point rings and all-to-alls run eagerly: a graph break, never a wrong trace
+@eager_only("context-parallel attention runs eagerly: point-to-point rings and all-to-alls (a graph break, "
+            "never a wrong trace)")
 def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None = None,
                                    tk: torch.Tensor | None = None, tv: torch.Tensor | None = None, *, group=None,
                                    mode: str = "ring", causal: bool = False, scale: float | None = None,

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from fastdistill.ops._common import (
     check_choice,
+    eager_only,
     first_order,
     refuse_transforms,
     resolve_accum,
@@ -701,7 +702,7 @@ def plan_options(p: KDPlan) -> dict:
 
 
 # ----------------------------------------------------------------------------- public API
-@torch.compiler.disable  # collectives and host-side layout checks: always eager
+@eager_only("vocab-parallel KD runs eagerly: collectives and host-side layout checks")
 def vocab_parallel_kd_loss(
     student_logits_shard: torch.Tensor,
     teacher_logits_shard: torch.Tensor | None = None,
@@ -767,7 +768,7 @@ def vocab_parallel_kd_loss(
     return out.view(lead) if run.p.red == 3 else out
 
 
-@torch.compiler.disable  # collectives and host-side layout checks: always eager
+@eager_only("vocab-parallel KD runs eagerly: collectives and host-side layout checks")
 def vocab_parallel_topk(
     teacher_logits_shard: torch.Tensor,
     k: int,

@@ -14,6 +14,7 @@ import fastdistill.distributed.vocab_parallel as _vp
 from fastdistill.distributed.vocab_parallel import _CONTRIB, _FLOAT_DTYPES, NSTATE, _common, _reduce, _Shard
 from fastdistill.ops._common import (
     autocast_off,
+    eager_only,
     first_order,
     graph_anchor,
     refuse_transforms,
@@ -201,7 +202,7 @@ def _auto_rows(sh: _Shard, N: int, Vr: int, H: int, device) -> int:
     return max(1, min(rows, N))
 
 
-@torch.compiler.disable  # collectives and host-side layout checks: always eager
+@eager_only("vocab-parallel KD runs eagerly: collectives and host-side layout checks")
 def vocab_parallel_fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight_shard: torch.Tensor,

@@ -218,6 +218,15 @@ def graph_anchor(x: torch.Tensor | None) -> torch.Tensor | None:
     return x.reshape(-1)[:1] * 0.0  # (its graph: mul by a scalar, slice, reshape: none saves x)
 
 
+def eager_only(reason: str):
+    """``torch.compiler.disable`` with the reason dynamo prints at the graph break (fullgraph=True: "Skip calling
+    torch.compiler.disable()d function (reason: ...)"); a torch without ``reason=`` gets the plain decorator."""
+    try:
+        return torch.compiler.disable(reason=reason)
+    except TypeError:
+        return torch.compiler.disable
+
+
 def first_order(op: str):
     """Decorator for the backward of an op whose backward kernels have no derivative of their own.
 

@@ -21,6 +21,7 @@ import torch
 from fastdistill.ops._common import (
     autocast_off,
     check_choice,
+    eager_only,
     first_order,
     graph_anchor,
     refuse_transforms,
@@ -294,7 +295,7 @@ class _FusedLinearKD(torch.autograd.Function):
         return (None, None, *grads, *rest)
 
 
-@torch.compiler.disable
+@eager_only("fused_linear_kd_loss runs eagerly: a Python loop over row chunks (cuBLAS GEMMs, the KD kernel per chunk)")
 def _run(cfg: _Cfg, tensors: tuple, grad: bool):
     """Eager, also under torch.compile (a graph break): the row loop is Python and its GEMMs are cuBLAS'."""
     with autocast_off(tensors[0].device.type):  # autocast would round the logits GEMM
