@@ -218,29 +218,27 @@ def _measure(case: Case, name: str, fn: Callable[[], object], device: str, quick
     except Exception as exc:
         r["note"].append(f"skipped: {_reason(exc)}")
         r["ms"] = r["ms_p20"] = r["ms_p80"] = r["extra_peak_mb"] = None
-        r["raised"] = True
-        if device.startswith("cuda"):
-            try:
-                torch.cuda.empty_cache()
-            except Exception as exc2:  # the context is gone: empty_cache raises the same error
-                raise DeviceLost(r) from exc2
-            if _sticky(exc):
-                raise DeviceLost(r) from exc
+        _raised(r, exc, device)
         return r
     if case.error is not None:
         try:
             r["rel_err"] = float(case.error(name))
         except Exception as exc:  # (it reruns the provider: a kernel fault may first show here)
             r["note"].append(f"error check failed: {_reason(exc)}")
-            r["raised"] = True
-            if device.startswith("cuda"):
-                try:
-                    torch.cuda.empty_cache()
-                except Exception as exc2:
-                    raise DeviceLost(r) from exc2
-                if _sticky(exc):
-                    raise DeviceLost(r) from exc
+            _raised(r, exc, device)
     return r
+
+
+def _raised(r: dict, exc: BaseException, device: str) -> None:
+    """Mark the row as raised; on CUDA free the cache, and raise DeviceLost(r) if the context is gone."""
+    r["raised"] = True
+    if device.startswith("cuda"):
+        try:
+            torch.cuda.empty_cache()
+        except Exception as exc2:  # the context is gone: empty_cache raises the same error
+            raise DeviceLost(r) from exc2
+        if _sticky(exc):
+            raise DeviceLost(r) from exc
 
 
 def _blank(case: Case, name: str, why: str) -> dict:

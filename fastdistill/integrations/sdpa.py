@@ -221,7 +221,7 @@ def _stock_decides(q, k, enable_gqa) -> bool:
     if q.dim() < 4 or q.shape[-3] == k.shape[-3]:
         return False
     if not enable_gqa:
-        return not (k.shape[-3] == 1)  # one key/value head broadcast to every query head: MQA, served as such
+        return k.shape[-3] != 1  # one key/value head broadcast to every query head: MQA, served as such
     return q.shape[-3] % k.shape[-3] != 0
 
 
