@@ -511,21 +511,47 @@ def test_batch_beyond_the_launch_grid_dispatches_to_reference():
     assert (out.double() - ref).abs().max() < 1e-5
 
 
-def test_reference_ignores_autocast():
-    """Under torch.autocast the reference backend computed fp32 inputs with bf16 matmuls (error ~1e-2 on an fp32
-    output; Triton: ~1e-7). It now turns autocast off inside, as fused_linear_kd_loss does: forward, tangent and
-    backward at fp32 accuracy."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_as_stock_sdpa(backend):
+    """Under torch.autocast the op computes in autocast's dtype, as stock SDPA (on autocast's lower-precision list):
+    fp32 q/k/v and tangents are cast, the result is bitwise the call on the cast inputs outside autocast (the
+    reference backend turns autocast off inside: no bf16 matmul of its own), the gradients come back in the
+    inputs' fp32, and an fp32 q (after an fp32 RoPE) with bf16 k/v runs. Before, the direct op ignored autocast:
+    fp32 attention (the slow correctness path on a GPU) and a TypeError for the mixed case."""
+    if backend == "triton" and not fd._backend.interpreting():
+        pytest.skip("the Triton backend runs on the CPU only under TRITON_INTERPRET=1")
     q, k, v, tq, tk, tv = qkv(B=1, Sq=16, Sk=16, Hq=2, Hkv=2, D=32, Dv=32, seed=18)
-    outs = {}
-    for ac in (False, True):
+    BF = torch.bfloat16
+    with fd.use_backend(backend):
         x = [t.clone().requires_grad_() for t in (q, k, v)]
-        with fd.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+        with torch.autocast("cpu", dtype=BF):
             o, to = fd.jvp_attention(*x, tq, tk, tv)
-            o.backward(torch.ones_like(o))
-        assert o.dtype == to.dtype == torch.float32
-        outs[ac] = (o, to, *(t.grad for t in x))
-    for a, b in zip(outs[True], outs[False]):
-        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+        assert o.dtype == to.dtype == BF
+        o.float().square().sum().backward()
+        y = [t.clone().to(BF).requires_grad_() for t in (q, k, v)]
+        o2, to2 = fd.jvp_attention(*y, *(t.to(BF) for t in (tq, tk, tv)))
+        o2.float().square().sum().backward()
+        assert torch.equal(o, o2) and torch.equal(to, to2)
+        for a, b in zip(x, y):
+            assert a.grad.dtype == F32 and torch.equal(a.grad, b.grad.float())
+        with torch.autocast("cpu", dtype=BF):
+            o3, to3 = fd.jvp_attention(q, k.to(BF), v.to(BF), tq, tk.to(BF), tv.to(BF))
+            o4, to4 = torch.func.jvp(lambda a, b, c: fd.jvp_attention(a, b, c)[0], (q, k, v), (tq, tk, tv))
+        assert torch.equal(o3, o2) and torch.equal(to3, to2)
+        assert o4.dtype == to4.dtype == BF and torch.equal(o4, o2) and torch.equal(to4, to2)
+
+
+def test_tangent_dtype_refused_under_forward_ad():
+    """Under torch.func.jvp the tangent of o must have o's dtype: an fp32 tangent for a bf16 output made the next
+    layer fail with an unrelated dtype error (F.linear: 'expected m1 and m2 to have the same dtype'). It raises
+    naming tangent_dtype; explicit pairs keep the option."""
+    q, k, v, tq, tk, tv = (t.to(torch.bfloat16) for t in qkv(B=1, Sq=8, Sk=8, Hq=2, Hkv=2, D=16, Dv=16, seed=3))
+    with fd.use_backend("reference"):
+        with pytest.raises(ValueError, match="tangent_dtype: under torch.func.jvp"):
+            torch.func.jvp(lambda a: fd.jvp_attention(a, k, v, tangent_dtype=F32)[0], (q,), (tq,))
+        o, to = torch.func.jvp(lambda a: fd.jvp_attention(a, k, v, tangent_dtype=torch.bfloat16)[0], (q,), (tq,))
+        assert to.dtype == torch.bfloat16
+        assert fd.jvp_attention(q, k, v, tq, tk, tv, tangent_dtype=F32)[1].dtype == F32
 
 
 def test_fp32_without_fp64_tensor_cores(monkeypatch):

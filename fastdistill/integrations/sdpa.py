@@ -64,12 +64,11 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from fastdistill._backend import BackendUnavailableError
-from fastdistill.ops._common import check_choice
+from fastdistill.ops._common import autocast_cast, check_choice
 from fastdistill.ops.jvp_attention import TransformLimitError, jvp_attention, transform_limit
 
 PLAIN = ("sdpa", "fastdistill")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_LOW_OR_FP32 = (torch.float16, torch.bfloat16, torch.float32)  # what autocast casts (never float64)
 
 _lock = threading.RLock()
 _tls = threading.local()
@@ -260,10 +259,6 @@ def _stock(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra, t
             _tls.in_stock = outer
 
 
-def _autocast_on(dev: str) -> bool:
-    return dev in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(dev)
-
-
 def _builtin_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra):
     kw = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **extra)
     if enable_gqa:
@@ -324,10 +319,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         return _stock(*args, tangent=False)
     if not tangent and _stack() and not _global_serves_plain() and _checkpointed(query, key, value):
         return _fallback(_CHECKPOINT_REASON, *args, tangent=False)
-    dev = query.device.type
-    if _autocast_on(dev) and all(isinstance(x, torch.Tensor) for x in (query, key, value)):
-        dt = torch.get_autocast_dtype(dev)  # as stock SDPA (on autocast's lower-precision list): in its dtype
-        query, key, value = (x.to(dt) if x.dtype in _LOW_OR_FP32 else x for x in (query, key, value))
+    query, key, value = autocast_cast(query, key, value)  # as stock SDPA (autocast's lower-precision list)
     reason = _why_not(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra)
     if reason is not None:
         return _fallback(reason, *args, tangent=tangent)
@@ -335,8 +327,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         return _stock(*args, tangent=tangent)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (_heads4(query), _heads4(key), _heads4(value)))
     try:
-        with torch.autocast(dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext():
-            o = jvp_attention(q, k, v, causal=bool(is_causal), scale=scale, layout="bhsd")[0]
+        o = jvp_attention(q, k, v, causal=bool(is_causal), scale=scale, layout="bhsd")[0]
     except BackendUnavailableError as exc:
         return _fallback(f"no fastdistill backend can run these inputs ({exc})", *args, tangent=tangent)
     except TransformLimitError as exc:  # e.g. torch.func.grad around the kernel backends

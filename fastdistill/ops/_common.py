@@ -209,6 +209,20 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def autocast_cast(*xs):
+    """Cast the tensors as autocast casts the inputs of an op on its lower-precision list (``F.linear``, stock
+    SDPA): fp16/bf16/fp32 tensors to the autocast dtype of their device type while autocast is on there; any
+    other tensor (fp64, integer) and ``None`` unchanged. A dual tensor's tangent is cast with it."""
+    out = []
+    for x in xs:
+        if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            dev = x.device.type
+            if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+                x = x.to(torch.get_autocast_dtype(dev))
+        out.append(x)
+    return tuple(out)
+
+
 def graph_anchor(x: torch.Tensor | None) -> torch.Tensor | None:
     """A one-element tensor that depends on ``x`` in the autograd graph but holds none of its storage: an anchor
     for ``first_order`` (``ctx.fd_anchors``) of an input the op does not save. Call it outside the Function (grad

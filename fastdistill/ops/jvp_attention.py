@@ -19,6 +19,7 @@ import torch.autograd.forward_ad as fwAD
 from fastdistill import _backend
 from fastdistill.ops._common import (  # noqa: F401  (TransformLimitError: re-exported, its home was here)
     TransformLimitError,
+    autocast_cast,
     check_bool,
     check_choice,
     first_order,
@@ -392,7 +393,8 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
         causal: bottom-right aligned as in flash-attn: query i sees key j iff ``j <= i + Sk − Sq``.
             A query row that sees no key gets ``o = 0``, ``to = 0``, ``lse = −inf``, ``dlse = 0``.
         return_lse: also return ``lse`` ``[B, Hq, Sq]`` (float32, natural log) and its tangent ``dlse = μ``.
-        tangent_dtype: ``torch.float32`` for an fp32 ``to`` from bf16/fp16 inputs (default: q's dtype).
+        tangent_dtype: ``torch.float32`` for an fp32 ``to`` from bf16/fp16 inputs (default: q's dtype); explicit
+            pairs only (under ``torch.func.jvp`` / dual tensors the tangent has o's dtype: another one raises).
 
     Returns:
         ``(o, to)`` or ``(o, to, lse, dlse)``; ``o`` in q's layout and dtype. ``to`` and ``dlse`` are
@@ -407,6 +409,7 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     """
     check_choice("layout", layout, LAYOUTS)
     lay = LAYOUTS[layout]
+    q, k, v, tq, tk, tv = autocast_cast(q, k, v, tq, tk, tv)  # as stock SDPA: in autocast's dtype
     limit = transform_limit()
     if limit is not None:
         raise TransformLimitError(f"jvp_attention: {limit}")
@@ -419,6 +422,10 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
         tq, tk, tv = (t if t is None or t.numel() == 0 or t.stride(-1) == 1 else t.contiguous() for t in duals)
     causal, return_lse = check_bool("causal", causal), check_bool("return_lse", return_lse)
     Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
+    if dual and tangent_dtype is not None and tangent_dtype != q.dtype:
+        raise ValueError(f"tangent_dtype: under torch.func.jvp / forward-AD dual tensors the tangent of o has o's "
+                         f"dtype ({q.dtype}; the next layer would get a {tangent_dtype} tangent); pass explicit "
+                         f"(tq, tk, tv) pairs for a {tangent_dtype} tangent output")
     scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
     if not is_finite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale}")
