@@ -93,25 +93,27 @@ def kd_configs(quick: bool = False):
         flags = {"HAS_SCALE": True, "HAS_SOFTCAP": True, "BLOCK_V": block, "ACC": tl.float32}
         for div in (KD.DIV_FKL, KD.DIV_RKL, 99):
             sig = dict(common, lab_ptr="*i64", mask_ptr="*u8", w_ptr="*fp32", st_ptr="*fp32", prm_ptr="*fp32",
-                       V="i32", Vt="i32", s_stride="i64", t_stride="i64", ignore_index="i32")
+                       V="i32", Vt="i32", s_stride="i64", t_stride="i64", R="i32", s_gstride="i64",
+                       t_gstride="i64", ignore_index="i32")
             ce = dict(flags, DIV=div, HAS_LABELS=True, HAS_MASK=True, HAS_W=True, CE=True, CE_SEP=True,
                       TOPK=div == 99)
             yield f"kd stats div={div} {dt}", KD._kd_stats_kernel, sig, ce, nw
         for div in range(KD.DIV_JSD, KD.DIV_TVD + 1):
             sig = dict(common, w_ptr="*fp32", st_ptr="*fp32", prm_ptr="*fp32", V="i32", Vt="i32", s_stride="i64",
-                       t_stride="i64")
+                       t_stride="i64", R="i32", s_gstride="i64", t_gstride="i64")
             yield f"kd div   div={div} {dt}", KD._kd_div_kernel, sig, dict(flags, DIV=div, HAS_W=True), nw
         for div in range(KD.DIV_FKL, KD.DIV_TVD + 1):
             sig = dict(common, lab_ptr="*i64", w_ptr="*fp32", st_ptr="*fp32", prm_ptr="*fp32", factor_ptr="*fp32",
                        go_ptr="*fp32", go_stride="i32", out_ptr=f"*{dt}", V="i32", Vt="i32", s_stride="i64",
-                       t_stride="i64", o_stride="i64")
+                       t_stride="i64", o_stride="i64", R="i32", s_gstride="i64", t_gstride="i64", o_gstride="i64")
             sig.update(ids_ptr="*i64", ids_stride="i64", K="i32")
             ce = dict(flags, DIV=div, HAS_LABELS=True, HAS_W=True, CE=True, MODE=0, KB=1)
             yield f"kd grad  div={div} {dt}", KD._kd_grad_kernel, sig, ce, nw
             yield f"kd grad  div={div} {dt} top-k", KD._kd_grad_kernel, sig, dict(ce, MODE=1, KB=128), nw
         for mode in (1, 2, 3):
             sig = dict(s_ptr=f"*{dt}", ids_ptr="*i64", lps_ptr="*fp32", w_ptr="*fp32", st_ptr="*fp32",
-                       prm_ptr="*fp32", V="i32", K="i32", s_stride="i64", ids_stride="i64", lps_stride="i64")
+                       prm_ptr="*fp32", V="i32", K="i32", s_stride="i64", ids_stride="i64", lps_stride="i64",
+                       R="i32", s_gstride="i64")
             ce = dict(DIV=KD.DIV_JSD if mode != 2 else KD.DIV_FKL, MODE=mode, HAS_W=True, HAS_SCALE=True,
                       HAS_SOFTCAP=True, KB=128, TB=KD._tail_block(128), ACC=tl.float32)
             yield f"kd topk  mode={mode} {dt} k=128", KD._kd_topk_kernel, sig, ce, 4

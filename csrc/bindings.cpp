@@ -40,12 +40,13 @@ cudaError_t fd_score_bwd(int op, int dtype, const void* x, const void* const* te
 cudaError_t fd_kd_fwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
                       const uint8_t* mask, const float* weights, const float* prm, float* st, float* loss,
                       float* factor, int64_t N, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride,
-                      int64_t ignore_index, int div, int red, bool ce, bool ce_sep, bool softcap, float num_items,
-                      cudaStream_t stream);
+                      int64_t rows_per_group, int64_t s_gstride, int64_t t_gstride, int64_t ignore_index, int div,
+                      int red, bool ce, bool ce_sep, bool softcap, float num_items, cudaStream_t stream);
 cudaError_t fd_kd_bwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
                       const float* weights, const float* prm, const float* st, const float* factor,
                       const float* grad_out, int64_t go_stride, void* out, int64_t N, int64_t V, int64_t Vt,
-                      int64_t s_stride, int64_t t_stride, int64_t o_stride, int div, bool ce, bool softcap,
+                      int64_t s_stride, int64_t t_stride, int64_t o_stride, int64_t rows_per_group,
+                      int64_t s_gstride, int64_t t_gstride, int64_t o_gstride, int div, bool ce, bool softcap,
                       cudaStream_t stream);
 
 namespace {
@@ -184,8 +185,8 @@ void kd_require_ptr(std::uintptr_t p, const char* name) {
 
 // Checks shared by kd_fwd and kd_bwd.
 void kd_check_common(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std::uintptr_t prm,
-                     std::uintptr_t st, int64_t N, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride, int div,
-                     bool ce) {
+                     std::uintptr_t st, int64_t N, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride,
+                     int64_t rows_per_group, int64_t s_gstride, int64_t t_gstride, int div, bool ce) {
   if (dtype < 0 || dtype > 2)
     bad_kd("dtype: expected 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
   if (div < 0 || div > 5)
@@ -199,6 +200,12 @@ void kd_check_common(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr
   if (s_stride < 0 || t_stride < 0)
     bad_kd("s_stride, t_stride: expected >= 0 (row strides in elements), got " + std::to_string(s_stride) + ", " +
            std::to_string(t_stride));
+  if (rows_per_group < 1 || (N > rows_per_group && N % rows_per_group != 0))
+    bad_kd("rows_per_group: expected >= 1 and a divisor of N=" + std::to_string(N) + " (or >= N), got " +
+           std::to_string(rows_per_group));
+  if (s_gstride < 0 || t_gstride < 0)
+    bad_kd("s_gstride, t_gstride: expected >= 0 (group strides in elements), got " + std::to_string(s_gstride) +
+           ", " + std::to_string(t_gstride));
   if (div == 1 && Vt < V)
     bad_kd("div=1 (rkl) with Vt=" + std::to_string(Vt) + " < V=" + std::to_string(V) +
            ": reverse KL is infinite where the student has mass and the teacher none");
@@ -213,9 +220,11 @@ void kd_check_common(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr
 
 void kd_fwd(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, bool labels_i64, std::uintptr_t mask,
             std::uintptr_t weights, std::uintptr_t prm, std::uintptr_t st, std::uintptr_t loss, std::uintptr_t factor,
-            int64_t N, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride, int64_t ignore_index, int div, int red,
-            bool ce, bool ce_sep, bool softcap, double num_items, std::uintptr_t stream) {
-  kd_check_common(dtype, s, t, labels, prm, st, N, V, Vt, s_stride, t_stride, div, ce);
+            int64_t N, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride, int64_t rows_per_group,
+            int64_t s_gstride, int64_t t_gstride, int64_t ignore_index, int div, int red, bool ce, bool ce_sep,
+            bool softcap, double num_items, std::uintptr_t stream) {
+  kd_check_common(dtype, s, t, labels, prm, st, N, V, Vt, s_stride, t_stride, rows_per_group, s_gstride, t_gstride,
+                  div, ce);
   if (red < 0 || red > 3)
     bad_kd("red: expected 0 (batchmean), 1 (sum), 2 (mean) or 3 (none), got " + std::to_string(red));
   if (ce_sep && !ce) bad_kd("ce_sep: a separate untempered lse exists only with ce");
@@ -231,7 +240,8 @@ void kd_fwd(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels
                     reinterpret_cast<const void*>(labels), labels_i64, reinterpret_cast<const uint8_t*>(mask),
                     reinterpret_cast<const float*>(weights), reinterpret_cast<const float*>(prm),
                     reinterpret_cast<float*>(st), reinterpret_cast<float*>(loss), reinterpret_cast<float*>(factor), N,
-                    V, Vt, s_stride, t_stride, ignore_index, div, red, ce, ce_sep, softcap, (float)num_items,
+                    V, Vt, s_stride, t_stride, rows_per_group, s_gstride, t_gstride, ignore_index, div, red, ce, ce_sep,
+                    softcap, (float)num_items,
                     reinterpret_cast<cudaStream_t>(stream));
   }
   check_cuda(err, "kd_fwd");
@@ -240,18 +250,23 @@ void kd_fwd(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels
 void kd_bwd(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, bool labels_i64,
             std::uintptr_t weights, std::uintptr_t prm, std::uintptr_t st, std::uintptr_t factor,
             std::uintptr_t grad_out, int64_t go_stride, std::uintptr_t out, int64_t N, int64_t V, int64_t Vt,
-            int64_t s_stride, int64_t t_stride, int64_t o_stride, int div, bool ce, bool softcap,
-            std::uintptr_t stream) {
-  kd_check_common(dtype, s, t, labels, prm, st, N, V, Vt, s_stride, t_stride, div, ce);
+            int64_t s_stride, int64_t t_stride, int64_t o_stride, int64_t rows_per_group, int64_t s_gstride,
+            int64_t t_gstride, int64_t o_gstride, int div, bool ce, bool softcap, std::uintptr_t stream) {
+  kd_check_common(dtype, s, t, labels, prm, st, N, V, Vt, s_stride, t_stride, rows_per_group, s_gstride, t_gstride,
+                  div, ce);
   if (go_stride != 0 && go_stride != 1)
     bad_kd("go_stride: expected 0 (scalar upstream gradient) or 1 ([N]), got " + std::to_string(go_stride));
-  if (o_stride < 0) bad_kd("o_stride: expected >= 0, got " + std::to_string(o_stride));
+  if (o_stride < 0 || o_gstride < 0)
+    bad_kd("o_stride, o_gstride: expected >= 0, got " + std::to_string(o_stride) + ", " + std::to_string(o_gstride));
   if (N > 0 && V > 0) {
     kd_require_ptr(factor, "factor");
     kd_require_ptr(grad_out, "grad_out");
     kd_require_ptr(out, "out");
-    if (N > 1 && o_stride < V)
+    const int64_t R = rows_per_group < N ? rows_per_group : N;
+    if (R > 1 && o_stride < V)
       bad_kd("o_stride: rows of out overlap (o_stride=" + std::to_string(o_stride) + " < V=" + std::to_string(V) + ")");
+    if (N > R && o_gstride < (R - 1) * o_stride + V)
+      bad_kd("o_gstride: groups of rows of out overlap (o_gstride=" + std::to_string(o_gstride) + ")");
   }
   cudaError_t err;
   {
@@ -260,7 +275,8 @@ void kd_bwd(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels
                     reinterpret_cast<const void*>(labels), labels_i64, reinterpret_cast<const float*>(weights),
                     reinterpret_cast<const float*>(prm), reinterpret_cast<const float*>(st),
                     reinterpret_cast<const float*>(factor), reinterpret_cast<const float*>(grad_out), go_stride,
-                    reinterpret_cast<void*>(out), N, V, Vt, s_stride, t_stride, o_stride, div, ce, softcap,
+                    reinterpret_cast<void*>(out), N, V, Vt, s_stride, t_stride, o_stride, rows_per_group, s_gstride,
+                    t_gstride, o_gstride, div, ce, softcap,
                     reinterpret_cast<cudaStream_t>(stream));
   }
   check_cuda(err, "kd_bwd");
@@ -298,11 +314,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("kd_fwd", &kd_fwd, py::arg("dtype"), py::arg("s"), py::arg("t"), py::arg("labels"), py::arg("labels_i64"),
         py::arg("mask"), py::arg("weights"), py::arg("prm"), py::arg("st"), py::arg("loss"), py::arg("factor"),
-        py::arg("N"), py::arg("V"), py::arg("Vt"), py::arg("s_stride"), py::arg("t_stride"), py::arg("ignore_index"),
-        py::arg("div"), py::arg("red"), py::arg("ce"), py::arg("ce_sep"), py::arg("softcap"), py::arg("num_items"),
+        py::arg("N"), py::arg("V"), py::arg("Vt"), py::arg("s_stride"), py::arg("t_stride"),
+        py::arg("rows_per_group"), py::arg("s_gstride"), py::arg("t_gstride"), py::arg("ignore_index"), py::arg("div"), py::arg("red"), py::arg("ce"), py::arg("ce_sep"), py::arg("softcap"), py::arg("num_items"),
         py::arg("stream"),
         "Forward passes of kd_loss on student s [N, V] and teacher t [N, Vt] logits of one dtype (0 float32, "
-        "1 float16, 2 bfloat16; unit column stride, row strides s_stride / t_stride in elements). labels int32 / "
+        "1 float16, 2 bfloat16; unit column stride, row strides s_stride / t_stride in elements; rows come "
+        "rows_per_group a group, group-major, groups s_gstride / t_gstride apart: row r starts at "
+        "(r / rows_per_group) * gstride + (r % rows_per_group) * stride; one group: rows_per_group = N). labels int32 / "
         "int64 [N] (labels_i64) or 0, mask uint8 [N] or 0, weights float32 [N] or 0, prm float32 [10] "
         "(inv_T, inv_Tt, alpha, t2, logit_scale, softcap or 1, beta, skew). div: 0 fkl .. 5 tvd; red: 0 batchmean, "
         "1 sum, 2 mean, 3 none; ce: the alpha*CE term; ce_sep: T != 1 (a separate untempered lse); softcap: "
@@ -310,8 +328,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("kd_bwd", &kd_bwd, py::arg("dtype"), py::arg("s"), py::arg("t"), py::arg("labels"), py::arg("labels_i64"),
         py::arg("weights"), py::arg("prm"), py::arg("st"), py::arg("factor"), py::arg("grad_out"),
         py::arg("go_stride"), py::arg("out"), py::arg("N"), py::arg("V"), py::arg("Vt"), py::arg("s_stride"),
-        py::arg("t_stride"), py::arg("o_stride"), py::arg("div"), py::arg("ce"), py::arg("softcap"), py::arg("stream"),
+        py::arg("t_stride"), py::arg("o_stride"), py::arg("rows_per_group"), py::arg("s_gstride"),
+        py::arg("t_gstride"), py::arg("o_gstride"), py::arg("div"), py::arg("ce"), py::arg("softcap"), py::arg("stream"),
         "Backward pass of kd_loss: the gradient w.r.t. the raw student logits into out [N, V] (the student dtype, "
-        "row stride o_stride; may be s itself). grad_out float32 [1] (go_stride 0) or [N] (go_stride 1); st and "
+        "row stride o_stride, group stride o_gstride; may be s itself). grad_out float32 [1] (go_stride 0) or [N] (go_stride 1); st and "
         "factor from kd_fwd.");
 }

@@ -63,7 +63,7 @@ static_assert(RED_THREADS % 32 == 0 && RED_THREADS <= 1024, "FD_KD_RED_THREADS: 
 constexpr int F_LABELS = 1, F_LAB64 = 2, F_MASK = 4, F_W = 8, F_CE = 16, F_CE_SEP = 32, F_SOFTCAP = 64;
 
 struct KdArgs {
-  const void* s;        // student logits [N, V] (row stride s_stride, unit column stride)
+  const void* s;        // student logits [N, V] (row stride s_stride, unit column stride; see RowMap)
   const void* t;        // teacher logits [N, Vt]
   const void* labels;   // int32 / int64 [N] (F_LABELS, F_LAB64) or null
   const uint8_t* mask;  // [N] or null
@@ -75,8 +75,15 @@ struct KdArgs {
   int64_t go_stride;    // ... with stride 0 or 1
   void* out;            // grad: [N, V] in the student dtype (may alias s)
   int64_t s_stride, t_stride, o_stride, ignore_index;
+  // rows R a group, group-major: row r starts at (r / R)·gstride + (r % R)·stride (the shifted logits[:, :-1]
+  // of [B, T, V] logits, read in place); a plain [N, V] matrix is one group (R = N)
+  int64_t rows_per_group, s_gstride, t_gstride, o_gstride;
   int V, Vt, flags;
 };
+
+__device__ __forceinline__ int64_t row_offset(const KdArgs& a, int64_t row, int64_t stride, int64_t gstride) {
+  return (row / a.rows_per_group) * gstride + (row % a.rows_per_group) * stride;
+}
 
 // ----------------------------------------------------------------------------- per-thread tiles
 // A tile is the blockDim.x·VEC columns [chunk, chunk + blockDim.x·VEC) of a row; each thread owns
@@ -370,8 +377,8 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
   const int64_t row = blockIdx.x;
   Prm p;
   p.load(a.prm);
-  const T* s_row = static_cast<const T*>(a.s) + row * a.s_stride;
-  const T* t_row = static_cast<const T*>(a.t) + row * a.t_stride;
+  const T* s_row = static_cast<const T*>(a.s) + row_offset(a, row, a.s_stride, a.s_gstride);
+  const T* t_row = static_cast<const T*>(a.t) + row_offset(a, row, a.t_stride, a.t_gstride);
   const int V = a.V, Vs = a.V < a.Vt ? a.V : a.Vt, tile = (int)blockDim.x * VEC;
   const bool softcap = a.flags & F_SOFTCAP, ce_sep = a.flags & F_CE_SEP;
   const float inv_T = p.inv_T, inv_Tt = p.inv_Tt;
@@ -474,8 +481,8 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_div_kernel
   const int64_t row = blockIdx.x;
   Prm p;
   p.load(a.prm);
-  const T* s_row = static_cast<const T*>(a.s) + row * a.s_stride;
-  const T* t_row = static_cast<const T*>(a.t) + row * a.t_stride;
+  const T* s_row = static_cast<const T*>(a.s) + row_offset(a, row, a.s_stride, a.s_gstride);
+  const T* t_row = static_cast<const T*>(a.t) + row_offset(a, row, a.t_stride, a.t_gstride);
   float* st = a.st + row * NSTATE;
   const float lse_s = st[0], lse_t = st[1], lo_s = st[8], lo_t = st[9];
   const int V = a.V, Vs = a.V < a.Vt ? a.V : a.Vt, tile = (int)blockDim.x * VEC;
@@ -555,7 +562,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
   constexpr int VEC = DT<T>::kVec, U = UNR<VECTOR>;
   const int64_t row = blockIdx.x;
   const int V = a.V, Vs = a.V < a.Vt ? a.V : a.Vt, tile = (int)blockDim.x * VEC;
-  T* o_row = static_cast<T*>(a.out) + row * a.o_stride;
+  T* o_row = static_cast<T*>(a.out) + row_offset(a, row, a.o_stride, a.o_gstride);
   const float* st = a.st + row * NSTATE;
   // invalid row, or weight 0 (a zero gradient like a masked row, whatever the row holds): zeros, nothing read
   if (!(__ldg(st + 7) > 0.0f) || ((a.flags & F_W) && __ldg(a.w + row) == 0.0f)) {
@@ -565,8 +572,8 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
   }
   Prm p;
   p.load(a.prm);
-  const T* s_row = static_cast<const T*>(a.s) + row * a.s_stride;
-  const T* t_row = static_cast<const T*>(a.t) + row * a.t_stride;
+  const T* s_row = static_cast<const T*>(a.s) + row_offset(a, row, a.s_stride, a.s_gstride);
+  const T* t_row = static_cast<const T*>(a.t) + row_offset(a, row, a.t_stride, a.t_gstride);
   const float lse_s = __ldg(st + 0), lse_t = __ldg(st + 1), lse_1 = __ldg(st + 2), D = __ldg(st + 3);
   const float lo_s = __ldg(st + 8), lo_t = __ldg(st + 9);
   const float S = __ldg(st + 4);
@@ -631,9 +638,10 @@ inline int row_threads(int V, int per_thread) {
 inline bool use_vector(const KdArgs& a, int64_t N, int vec, bool grad) {
   const int Vs = a.V < a.Vt ? a.V : a.Vt;
   auto stride_ok = [&](int64_t st) { return N == 1 || st % vec == 0; };
+  auto gstride_ok = [&](int64_t st) { return N <= a.rows_per_group || st % vec == 0; };
   bool v = a.V % vec == 0 && Vs % vec == 0 && aligned16(a.s) && aligned16(a.t) && stride_ok(a.s_stride) &&
-           stride_ok(a.t_stride);
-  if (grad) v = v && aligned16(a.out) && stride_ok(a.o_stride);
+           stride_ok(a.t_stride) && gstride_ok(a.s_gstride) && gstride_ok(a.t_gstride);
+  if (grad) v = v && aligned16(a.out) && stride_ok(a.o_stride) && gstride_ok(a.o_gstride);
   return v;
 }
 
@@ -696,10 +704,12 @@ cudaError_t dispatch(int dtype, int div, const KdArgs& a, int64_t N, cudaStream_
 
 KdArgs kd_args(const void* s, const void* t, const void* labels, bool labels_i64, const uint8_t* mask,
                const float* weights, const float* prm, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride,
-               int64_t ignore_index, bool ce, bool softcap) {
+               int64_t rows_per_group, int64_t s_gstride, int64_t t_gstride, int64_t ignore_index, bool ce,
+               bool softcap) {
   KdArgs a = {};
   a.s = s, a.t = t, a.labels = labels, a.mask = mask, a.w = weights, a.prm = prm;
   a.s_stride = s_stride, a.t_stride = t_stride, a.ignore_index = ignore_index;
+  a.rows_per_group = rows_per_group, a.s_gstride = s_gstride, a.t_gstride = t_gstride;
   a.V = (int)V, a.Vt = (int)Vt;
   a.flags = (labels ? F_LABELS : 0) | (labels && labels_i64 ? F_LAB64 : 0) | (mask ? F_MASK : 0) |
             (weights ? F_W : 0) | (ce ? F_CE : 0) | (softcap ? F_SOFTCAP : 0);
@@ -718,14 +728,15 @@ KdArgs kd_args(const void* s, const void* t, const void* labels, bool labels_i64
 cudaError_t fd_kd_fwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
                       const uint8_t* mask, const float* weights, const float* prm, float* st, float* loss,
                       float* factor, int64_t N, int64_t V, int64_t Vt, int64_t s_stride, int64_t t_stride,
-                      int64_t ignore_index, int div, int red, bool ce, bool ce_sep, bool softcap, float num_items,
-                      cudaStream_t stream) {
+                      int64_t rows_per_group, int64_t s_gstride, int64_t t_gstride, int64_t ignore_index, int div,
+                      int red, bool ce, bool ce_sep, bool softcap, float num_items, cudaStream_t stream) {
   using namespace fd_kd;
   if (N <= 0 || V <= 0) return cudaSuccess;
-  if (div < DIV_FKL || div > DIV_TVD || red < 0 || red > 3 || (ce_sep && !ce) || (ce && !labels))
+  if (div < DIV_FKL || div > DIV_TVD || red < 0 || red > 3 || (ce_sep && !ce) || (ce && !labels) ||
+      rows_per_group <= 0)
     return cudaErrorInvalidValue;
-  KdArgs a = kd_args(s, t, labels, labels_i64, mask, weights, prm, V, Vt, s_stride, t_stride, ignore_index, ce,
-                     softcap);
+  KdArgs a = kd_args(s, t, labels, labels_i64, mask, weights, prm, V, Vt, s_stride, t_stride, rows_per_group,
+                     s_gstride, t_gstride, ignore_index, ce, softcap);
   a.flags |= ce_sep ? F_CE_SEP : 0;
   a.st = st;
   cudaError_t err = dispatch<Pass::STATS>(dtype, div, a, N, stream);
@@ -741,12 +752,15 @@ cudaError_t fd_kd_fwd(int dtype, const void* s, const void* t, const void* label
 cudaError_t fd_kd_bwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
                       const float* weights, const float* prm, const float* st, const float* factor,
                       const float* grad_out, int64_t go_stride, void* out, int64_t N, int64_t V, int64_t Vt,
-                      int64_t s_stride, int64_t t_stride, int64_t o_stride, int div, bool ce, bool softcap,
+                      int64_t s_stride, int64_t t_stride, int64_t o_stride, int64_t rows_per_group,
+                      int64_t s_gstride, int64_t t_gstride, int64_t o_gstride, int div, bool ce, bool softcap,
                       cudaStream_t stream) {
   using namespace fd_kd;
   if (N <= 0 || V <= 0) return cudaSuccess;
-  if (div < DIV_FKL || div > DIV_TVD || (ce && !labels)) return cudaErrorInvalidValue;
-  KdArgs a = kd_args(s, t, labels, labels_i64, nullptr, weights, prm, V, Vt, s_stride, t_stride, 0, ce, softcap);
+  if (div < DIV_FKL || div > DIV_TVD || (ce && !labels) || rows_per_group <= 0) return cudaErrorInvalidValue;
+  KdArgs a = kd_args(s, t, labels, labels_i64, nullptr, weights, prm, V, Vt, s_stride, t_stride, rows_per_group,
+                     s_gstride, t_gstride, 0, ce, softcap);
+  a.o_gstride = o_gstride;
   a.st = const_cast<float*>(st);
   a.factor = factor, a.go = grad_out, a.go_stride = go_stride, a.out = out, a.o_stride = o_stride;
   return dispatch<Pass::GRAD>(dtype, div, a, N, stream);

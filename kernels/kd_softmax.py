@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from fastdistill._backend import on_tensor_device
+from fastdistill.ops._common import n_rows, row_groups, row_strides
 
 DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
 NSTATE = 10
@@ -223,6 +224,15 @@ def _logp(z, inv_T, hi, lo):
 
 
 @triton.jit
+def _row(ptr, row, R, gstride, stride):
+    """Row ``row`` of a [G, R, ·] view (group stride ``gstride``, row stride ``stride``; rows are numbered group-major:
+    e.g. shifted [B, T − 1, V] logits sliced from [B, T, V] ones, read without a copy). A [N, ·] matrix is one
+    group (R = N)."""
+    r = row.to(tl.int64)
+    return ptr + (r // R) * gstride + (r % R) * stride
+
+
+@triton.jit
 def _row_valid(row, lab_ptr, mask_ptr, ignore_index, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr):
     ok = row >= 0
     if HAS_LABELS:
@@ -301,14 +311,14 @@ def _weighted(loss, w_ptr, row, HAS_W: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stride,
-                     ignore_index,
+                     R, s_gstride, t_gstride, ignore_index,
                      DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
                      CE: tl.constexpr, CE_SEP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      BLOCK_V: tl.constexpr, ACC: tl.constexpr, TOPK: tl.constexpr = False):
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
-    s_row = s_ptr + row.to(tl.int64) * s_stride
-    t_row = t_ptr + row.to(tl.int64) * t_stride
+    s_row = _row(s_ptr, row, R, s_gstride, s_stride)
+    t_row = _row(t_ptr, row, R, t_gstride, t_stride)
     Vs = tl.minimum(V, Vt)
     ar = tl.arange(0, BLOCK_V)
     zero = tl.zeros([1], ACC).sum(0)
@@ -394,14 +404,14 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
 
 
 @triton.jit
-def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stride,
+def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stride, R, s_gstride, t_gstride,
                    DIV: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0)
     inv_T, inv_Tt, _, _, logit_scale, softcap, beta, skew = _params(prm_ptr)  # alpha, t2: after the loop
     omb, oms = _mix_weights(prm_ptr)
-    s_row = s_ptr + row.to(tl.int64) * s_stride
-    t_row = t_ptr + row.to(tl.int64) * t_stride
+    s_row = _row(s_ptr, row, R, s_gstride, s_stride)
+    t_row = _row(t_ptr, row, R, t_gstride, t_stride)
     st = st_ptr + row * 10
     lse_s = tl.load(st + 0)
     lse_t = tl.load(st + 1)
@@ -431,7 +441,8 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
 
 
 @triton.jit
-def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_stride, ids_stride, lps_stride,
+def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_stride, ids_stride, lps_stride, R,
+                    s_gstride,
                     DIV: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, TB: tl.constexpr, ACC: tl.constexpr):
     """Top-k teacher (MODE 1 tail bucket, 2 zero tail, 3 renormalised): the divergence over the
@@ -449,7 +460,7 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
     ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
     good = tl.sum(tl.where(km & ((ids < 0) | (ids >= V)), 1, 0), 0) == 0
     ids = tl.minimum(tl.maximum(ids, 0), V - 1)  # never an out-of-row read; a bad row's loss is NaN
-    s_row = s_ptr + row.to(tl.int64) * s_stride
+    s_row = _row(s_ptr, row, R, s_gstride, s_stride)
     uk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
     uk = uk * inv_T
     lpk = tl.load(lps_ptr + row.to(tl.int64) * lps_stride + kk, mask=km, other=float("-inf")).to(ACC)
@@ -552,7 +563,7 @@ def _grad_store(o_row, du, z, dz, cols, cm, label, lse_1, coeff, kd_scale, alpha
 
 @triton.jit
 def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, go_ptr, go_stride, out_ptr, V, Vt,
-                    s_stride, t_stride, o_stride, ids_ptr, ids_stride, K,
+                    s_stride, t_stride, o_stride, R, s_gstride, t_gstride, o_gstride, ids_ptr, ids_stride, K,
                     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_W: tl.constexpr, CE: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
                     MODE: tl.constexpr = 0, KB: tl.constexpr = 1):
@@ -562,9 +573,9 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
     omb, oms = _mix_weights(prm_ptr)
-    s_row = s_ptr + row.to(tl.int64) * s_stride
-    t_row = t_ptr + row.to(tl.int64) * t_stride
-    o_row = out_ptr + row.to(tl.int64) * o_stride
+    s_row = _row(s_ptr, row, R, s_gstride, s_stride)
+    t_row = _row(t_ptr, row, R, t_gstride, t_stride)
+    o_row = _row(out_ptr, row, R, o_gstride, o_stride)
     st = st_ptr + row * 10
     lse_s = tl.load(st + 0)
     lo_s = tl.load(st + 8)
@@ -684,7 +695,9 @@ def kd_fwd(p, s, t, labels, mask, weights):
     ``t``: teacher logits [N, Vt], or (ids, logprobs) [N, k] each for a top-k teacher (p.topk)."""
     import torch
 
-    N, V = s.shape
+    N, V = n_rows(s), s.shape[-1]
+    R = row_groups(s)
+    s_gs, s_rs = row_strides(s, R)
     acc = p.accum_dtype
     ACC = _TL_ACC[str(acc).removeprefix("torch.")]
     st = torch.empty((N, NSTATE), dtype=acc, device=s.device)
@@ -696,10 +709,11 @@ def kd_fwd(p, s, t, labels, mask, weights):
     dummy = st
     prm = params(p, s.device, acc)
     tt = t[1] if p.topk else t
+    t_gs, t_rs = row_strides(tt, R)
     _kd_stats_kernel[(N,)](
         s, tt, labels if labels is not None else dummy, mask if mask is not None else dummy,
-        weights if weights is not None else dummy, st, prm, V, 0 if p.topk else tt.shape[1], s.stride(0),
-        tt.stride(0), ignore_index=p.ignore_index, DIV=99 if p.topk or p.div > DIV_RKL else p.div,
+        weights if weights is not None else dummy, st, prm, V, 0 if p.topk else tt.shape[-1], s_rs, t_rs, R, s_gs,
+        t_gs, ignore_index=p.ignore_index, DIV=99 if p.topk or p.div > DIV_RKL else p.div,
         HAS_LABELS=labels is not None, HAS_MASK=mask is not None, HAS_W=weights is not None, CE=ce,
         CE_SEP=ce and p.temperature != 1.0, TOPK=bool(p.topk), BLOCK_V=BLOCK_V, num_warps=nw, **flags,
     )
@@ -707,13 +721,13 @@ def kd_fwd(p, s, t, labels, mask, weights):
         ids, lps = t
         K = ids.shape[1]
         _kd_topk_kernel[(N,)](
-            s, ids, lps, weights if weights is not None else dummy, st, prm, V, K, s.stride(0), ids.stride(0),
-            lps.stride(0), DIV=p.div, MODE=p.topk, HAS_W=weights is not None, KB=triton.next_power_of_2(K),
+            s, ids, lps, weights if weights is not None else dummy, st, prm, V, K, s_rs, ids.stride(0),
+            lps.stride(0), R, s_gs, DIV=p.div, MODE=p.topk, HAS_W=weights is not None, KB=triton.next_power_of_2(K),
             TB=_tail_block(K), num_warps=4, **flags, **NO_FP_FUSION,
         )
     elif p.div > DIV_RKL:
         _kd_div_kernel[(N,)](
-            s, tt, weights if weights is not None else dummy, st, prm, V, tt.shape[1], s.stride(0), tt.stride(0),
+            s, tt, weights if weights is not None else dummy, st, prm, V, tt.shape[-1], s_rs, t_rs, R, s_gs, t_gs,
             DIV=p.div, HAS_W=weights is not None, BLOCK_V=BLOCK_V, num_warps=nw, **flags, **NO_FP_FUSION,
         )
     _kd_reduce_kernel[(1,)](st, loss, factor, N, V, float(p.num_items), RED=p.red, BLOCK_R=1024, ACC=ACC,
@@ -723,7 +737,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
 
 @on_tensor_device
 def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
-    N, V = s.shape
+    N, V = n_rows(s), s.shape[-1]
+    R = row_groups(s)
     ACC = _TL_ACC[str(p.accum_dtype).removeprefix("torch.")]
     BLOCK_V, nw = _cfg(V)
     ce = labels is not None and p.alpha > 0
@@ -732,10 +747,12 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
         K = ids.shape[1]
     else:
         ids, tt, K = st, t, 1
+    (s_gs, s_rs), (t_gs, t_rs), (o_gs, o_rs) = (row_strides(x, R) for x in (s, tt, out))
+    rs, gs = (s_rs, t_rs, o_rs), (R, s_gs, t_gs, o_gs)
     _kd_grad_kernel[(N,)](
         s, tt, labels if labels is not None else st, weights if weights is not None else st, st,
         params(p, s.device, p.accum_dtype), factor, grad_out, 1 if grad_out.numel() > 1 else 0, out, V,
-        0 if p.topk else tt.shape[1], s.stride(0), tt.stride(0), out.stride(0), ids, ids.stride(0), K,
+        0 if p.topk else tt.shape[-1], *rs, *gs, ids, ids.stride(0), K,
         DIV=p.div, HAS_LABELS=labels is not None, HAS_W=weights is not None, CE=ce,
         HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, BLOCK_V=BLOCK_V, ACC=ACC, num_warps=nw,
         MODE=p.topk, KB=triton.next_power_of_2(K), **NO_FP_FUSION,

@@ -389,6 +389,15 @@ def test_emulated_kd_softcap_keeps_neginf(kd_cuda_on_cpu):
         check_softcap_neginf()
 
 
+def test_emulated_kd_shifted_views_read_in_place(kd_cuda_on_cpu):
+    """logits[:, :-1] of a batch read in place by the CUDA kernels (rows R a group, group-major): no copy, bitwise
+    the result on contiguous copies, inplace_grad into the shifted rows only (tests/test_kd.py, the same check)."""
+    from test_kd import check_shifted_views_read_in_place
+
+    with fastdistill.use_backend(kd_cuda_on_cpu):
+        check_shifted_views_read_in_place(topk=False)
+
+
 def test_emulated_kd_softcap_saturated_gradient(kd_cuda_on_cpu):
     from test_kd import check_softcap_saturated
 
@@ -425,20 +434,23 @@ def test_emulated_kd_state_matches_reference(kd_cuda_on_cpu):
 
 def test_emulated_kd_argument_errors(emulated_ext):
     fwd = dict(dtype=2, s=16, t=16, labels=0, labels_i64=True, mask=0, weights=0, prm=16, st=16, loss=16, factor=16,
-               N=2, V=8, Vt=8, s_stride=8, t_stride=8, ignore_index=-100, div=0, red=0, ce=False, ce_sep=False,
-               softcap=False, num_items=0.0, stream=0)
+               N=2, V=8, Vt=8, s_stride=8, t_stride=8, rows_per_group=2, s_gstride=16, t_gstride=16,
+               ignore_index=-100, div=0, red=0, ce=False, ce_sep=False, softcap=False, num_items=0.0, stream=0)
     for bad, match in ((dict(dtype=3), "dtype: expected"), (dict(div=6), "div: expected"),
                        (dict(red=4), "red: expected"), (dict(s=0), "s: expected a device pointer"),
                        (dict(ce=True), "needs labels"), (dict(ce_sep=True, labels=16), "ce_sep"),
                        (dict(div=1, Vt=7), "reverse KL is infinite"), (dict(N=-1), "non-negative"),
                        (dict(V=2**31), "at most 2\\^30 columns"), (dict(num_items=-1.0), "num_items"),
-                       (dict(t_stride=-8), "t_stride")):
+                       (dict(t_stride=-8), "t_stride"), (dict(rows_per_group=0), "rows_per_group"),
+                       (dict(N=4, rows_per_group=3), "rows_per_group: expected >= 1 and a divisor"),
+                       (dict(s_gstride=-1), "s_gstride")):
         with pytest.raises(ValueError, match=match):
             emulated_ext.kd_fwd(**{**fwd, **bad})
     bwd = {k: v for k, v in fwd.items() if k not in ("mask", "loss", "red", "ce_sep", "num_items", "ignore_index")}
-    bwd.update(grad_out=16, go_stride=0, out=16, o_stride=8)
+    bwd.update(grad_out=16, go_stride=0, out=16, o_stride=8, o_gstride=16)
     for bad, match in ((dict(go_stride=2), "go_stride"), (dict(out=0), "out: expected a device pointer"),
-                       (dict(o_stride=4), "rows of out overlap"), (dict(div=-1), "div: expected")):
+                       (dict(o_stride=4), "rows of out overlap"), (dict(div=-1), "div: expected"),
+                       (dict(N=4, o_gstride=8), "groups of rows of out overlap"), (dict(o_gstride=-1), "o_gstride")):
         with pytest.raises(ValueError, match=match):
             emulated_ext.kd_bwd(**{**bwd, **bad})
     emulated_ext.kd_fwd(**{**fwd, "N": 0})  # nothing to do: no launch, no pointer read

@@ -551,6 +551,86 @@ def test_kd_inplace_grad(use, div):
     assert_rel(storage, x1.grad, 1e-13, "logits storage holds the gradient")
 
 
+class BigAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op whose output is new memory (no view of an input) of at least ``n`` elements (a full
+    [N, V] temporary)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.ops = n, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {x.untyped_storage().data_ptr() for x in torch.utils._pytree.tree_leaves((args, kwargs))
+               if isinstance(x, torch.Tensor)}
+        for o in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(o, torch.Tensor) and o.numel() >= self.n and o.untyped_storage().data_ptr() not in ins:
+                self.ops.append(str(func))
+        return out
+
+
+def check_shifted_views_read_in_place(topk: bool = True) -> None:
+    """The shifted logits of a batch (``logits[:, :-1]`` of [B, T, V], what HF-style code and TRL's GKD pass) are
+    read in place on the kernel backends: no [N, V] copy of the student or the teacher in the forward (before:
+    reshape(N, V) copied each whole, and kept both copies alive until backward: 4.2 GB at 8192 x 128256 bf16), with
+    the results bitwise those of contiguous copies; inplace_grad writes the gradient into the shifted rows only
+    (the row past the slice keeps its logits). The reference backend copies (it is the small-shape oracle)."""
+    g = gen(31)
+    B, T, V = 3, 6, 77
+    S = torch.randn(B, T, V, generator=g, dtype=F64).float() * 2
+    Tl = torch.randn(B, T, V + 3, generator=g, dtype=F64).float() * 2  # a larger teacher vocabulary
+    lab = make_labels((B, T - 1), V, g)
+    kernels = fd._backend.forced_backend() != "reference"
+    views = ((slice(0, -1), lambda x: x[:, :-1], lambda x: x[:, :-1]),  # both shifted
+             (slice(1, None), lambda x: x[:, 1:], lambda x: x[:, :-1].contiguous()),  # student shifted the other way
+             (slice(0, -1), lambda x: x[:, :-1].contiguous(), lambda x: x[:, 1:]))  # only the teacher a slice
+    for div in ("fkl", "jsd"):
+        for red in ("batchmean", "none"):
+            kw = dict(divergence=div, labels=lab, hard_label_alpha=0.25, temperature=1.5, reduction=red)
+            for rows, sv, tv in views:
+                x = S.clone().requires_grad_()
+                s_in, t_in = sv(x), tv(Tl)
+                with BigAllocations(B * (T - 1) * V) as log:
+                    loss = fd.kd_loss(s_in, t_in, **kw)
+                assert not kernels or not log.ops, log.ops
+                loss.sum().backward()
+                y = S[:, rows].contiguous().requires_grad_()
+                ref = fd.kd_loss(y, tv(Tl).contiguous(), **kw)
+                ref.sum().backward()
+                assert torch.equal(loss, ref), (div, red)
+                expect = torch.zeros_like(S)
+                expect[:, rows] = y.grad
+                assert torch.equal(x.grad, expect), (div, red)
+    kw = dict(divergence="jsd", labels=lab, hard_label_alpha=0.25)
+    x = S.clone().requires_grad_()
+    z = x * 1.0  # the logits as an lm_head produces them (a non-leaf)
+    storage, last = z.detach(), z[:, -1].detach().clone()
+    fd.kd_loss(z[:, :-1], Tl[:, :-1], inplace_grad=True, **kw).backward()
+    y = S[:, :-1].contiguous().requires_grad_()
+    fd.kd_loss(y, Tl[:, :-1], **kw).backward()
+    assert torch.equal(x.grad[:, :-1], y.grad) and not x.grad[:, -1].any()
+    if kernels:
+        assert torch.equal(storage[:, :-1], y.grad) and torch.equal(storage[:, -1], last)
+    if not topk:
+        return
+    ids = torch.stack([torch.randperm(V, generator=g)[:5] for _ in range(B * (T - 1))]).view(B, T - 1, 5)
+    lps = torch.randn(B, T - 1, 5, generator=g).log_softmax(-1)
+    for sem in ("tail_bucket", "zero_tail", "renorm"):
+        x = S.clone().requires_grad_()
+        with BigAllocations(B * (T - 1) * V) as log:
+            loss = fd.kd_loss(x[:, :-1], teacher_topk=(ids, lps), topk_semantics=sem)
+        assert not kernels or not log.ops, log.ops
+        loss.backward()
+        y = S[:, :-1].contiguous().requires_grad_()
+        ref = fd.kd_loss(y, teacher_topk=(ids, lps), topk_semantics=sem)
+        ref.backward()
+        assert torch.equal(loss, ref) and torch.equal(x.grad[:, :-1], y.grad), sem
+
+
+def test_kd_shifted_views_read_in_place(use):
+    check_shifted_views_read_in_place()
+
+
 def test_kd_inplace_grad_refuses_a_teacher_overlapping_other_rows(use):
     """inplace_grad=True with a teacher that is another window of the student's buffer (rows shifted by one,
     or a column slice) would race (one row's gradient overwrites teacher logits another row reads): an error

@@ -223,6 +223,25 @@ def autocast_cast(*xs):
     return tuple(out)
 
 
+# kd row operands: [N, C] or [G, R, C] views (the shifted logits[:, :-1] of [B, T, C] logits, read in place)
+def n_rows(s: torch.Tensor) -> int:
+    """Rows of a kd row operand: ``[N, C]``, or ``[G, R, C]`` (rows R a group, group-major)."""
+    return s.shape[0] * (s.shape[1] if s.dim() == 3 else 1)
+
+
+def row_groups(s: torch.Tensor) -> int:
+    """Rows per group R of the student logits: ``[N, V]`` is one group (R = N), ``[G, R, V]`` (rows group-major,
+    e.g. logits[:, :-1] of contiguous [B, T, V] logits, whose rows no single stride reaches) G groups."""
+    return max(s.shape[1] if s.dim() == 3 else s.shape[0], 1)
+
+
+def row_strides(x: torch.Tensor, R: int) -> tuple[int, int]:
+    """(group stride, row stride) of ``x`` (``[N, ·]`` or ``[G, R, ·]``) in units of elements, for R rows a group."""
+    if x.dim() == 3:
+        return x.stride(0), x.stride(1)
+    return R * x.stride(0), x.stride(0)
+
+
 def graph_anchor(x: torch.Tensor | None) -> torch.Tensor | None:
     """A one-element tensor that depends on ``x`` in the autograd graph but holds none of its storage: an anchor
     for ``first_order`` (``ctx.fd_anchors``) of an input the op does not save. Call it outside the Function (grad

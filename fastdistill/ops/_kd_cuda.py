@@ -3,7 +3,8 @@
 
 Same contract as ``fastdistill.kernels.kd_softmax.kd_fwd / kd_bwd`` and the reference
 (docs/kd_ops.md): student ``[N, V]`` and teacher ``[N, Vt]`` logits with unit column stride (any row
-stride), of one dtype (float32 / float16 / bfloat16); labels int32 / int64 ``[N]``, mask uint8
+stride; or ``[G, R, V]`` / ``[G, R, Vt]``: rows R a group, group-major, any group stride), of one dtype
+(float32 / float16 / bfloat16); labels int32 / int64 ``[N]``, mask uint8
 ``[N]``, weights ``[N]`` (any float dtype, read as float32); state, loss and factor float32; the
 gradient written in the student dtype into ``out`` (which may be the student logits). The
 extension is torch-free: this module allocates every output with torch and passes raw device
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastdistill._backend import device_constant
+from fastdistill.ops._common import n_rows, row_groups, row_strides
 from fastdistill.ops._cuda_common import DTYPE_CODE, ext, ptr, require_cuda
 
 NSTATE = 10  # the layout of fastdistill.reference.kd_softmax / csrc/kd_softmax.cu
@@ -36,11 +38,11 @@ def _check(p, s: torch.Tensor, t: torch.Tensor) -> int:
     if t.device != s.device:
         raise ValueError(f"teacher_logits: expected device {s.device}, got {t.device}")
     for name, x in (("student_logits", s), ("teacher_logits", t)):
-        if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
-            raise ValueError(f"{name}: expected a [rows, vocab] view with unit column stride, got shape "
-                             f"{tuple(x.shape)} strides {x.stride()}")
-    if t.shape[0] != s.shape[0]:
-        raise ValueError(f"teacher_logits: expected {s.shape[0]} rows, got {t.shape[0]}")
+        if x.dim() not in (2, 3) or (x.shape[-1] > 1 and x.stride(-1) != 1):
+            raise ValueError(f"{name}: expected a [rows, vocab] or [groups, rows, vocab] view with unit column "
+                             f"stride, got shape {tuple(x.shape)} strides {x.stride()}")
+    if t.shape[:-1] != s.shape[:-1]:
+        raise ValueError(f"teacher_logits: expected leading dims {tuple(s.shape[:-1])}, got {tuple(t.shape[:-1])}")
     return DTYPE_CODE[s.dtype]
 
 
@@ -69,8 +71,9 @@ def kd_fwd(p, s, t, labels, mask, weights):
     """(loss [1], contrib [N], state [N, 10], factor [1]), float32 — see fastdistill.reference.kd_softmax."""
     dtype = _check(p, s, t)
     mod = ext()
-    N, V = s.shape
-    Vt = t.shape[1]
+    N, V, R = n_rows(s), s.shape[-1], row_groups(s)
+    Vt = t.shape[-1]
+    (s_gs, s_rs), (t_gs, t_rs) = row_strides(s, R), row_strides(t, R)
     dev = s.device
     f32 = torch.float32
     st = torch.empty((N, NSTATE), dtype=f32, device=dev)
@@ -88,7 +91,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
         mod.kd_fwd(
             dtype=dtype, s=s.data_ptr(), t=t.data_ptr(), labels=ptr(lab), labels_i64=lab64, mask=ptr(mask),
             weights=ptr(w), prm=prm.data_ptr(), st=st.data_ptr(), loss=loss.data_ptr(), factor=factor.data_ptr(),
-            N=N, V=V, Vt=Vt, s_stride=s.stride(0), t_stride=t.stride(0), ignore_index=p.ignore_index, div=p.div,
+            N=N, V=V, Vt=Vt, s_stride=s_rs, t_stride=t_rs, rows_per_group=R, s_gstride=s_gs, t_gstride=t_gs,
+            ignore_index=p.ignore_index, div=p.div,
             red=p.red, ce=ce, ce_sep=ce and p.temperature != 1.0, softcap=p.softcap > 0,
             num_items=float(p.num_items), stream=_stream(dev),
         )
@@ -99,8 +103,8 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     """Gradient w.r.t. the raw student logits, written into ``out`` (may alias ``s``); returns ``out``."""
     dtype = _check(p, s, t)
     mod = ext()
-    N, V = s.shape
-    if out.shape != s.shape or out.dtype != s.dtype or out.device != s.device or (V > 1 and out.stride(1) != 1):
+    N, V, R = n_rows(s), s.shape[-1], row_groups(s)
+    if out.shape != s.shape or out.dtype != s.dtype or out.device != s.device or (V > 1 and out.stride(-1) != 1):
         raise ValueError(f"out: expected a {tuple(s.shape)} {s.dtype} tensor on {s.device} with unit column "
                          f"stride, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
     go = grad_out.reshape(-1).to(torch.float32).contiguous()
@@ -111,13 +115,15 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     lab, lab64 = _labels(labels)
     w = _vec(weights)
     ce = labels is not None and p.alpha > 0
+    (s_gs, s_rs), (t_gs, t_rs), (o_gs, o_rs) = (row_strides(x, R) for x in (s, t, out))
     dev = s.device
     with torch.cuda.device(dev):
         mod.kd_bwd(
             dtype=dtype, s=s.data_ptr(), t=t.data_ptr(), labels=ptr(lab), labels_i64=lab64, weights=ptr(w),
             prm=params(p, dev).data_ptr(), st=st.data_ptr(), factor=factor.data_ptr(), grad_out=go.data_ptr(),
-            go_stride=1 if go.numel() > 1 else 0, out=out.data_ptr(), N=N, V=V, Vt=t.shape[1],
-            s_stride=s.stride(0), t_stride=t.stride(0), o_stride=out.stride(0), div=p.div, ce=ce,
+            go_stride=1 if go.numel() > 1 else 0, out=out.data_ptr(), N=N, V=V, Vt=t.shape[-1],
+            s_stride=s_rs, t_stride=t_rs, o_stride=o_rs, rows_per_group=R, s_gstride=s_gs, t_gstride=t_gs,
+            o_gstride=o_gs, div=p.div, ce=ce,
             softcap=p.softcap > 0, stream=_stream(dev),
         )
     return out

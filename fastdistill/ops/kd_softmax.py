@@ -12,6 +12,7 @@ from fastdistill.ops._common import (
     check_choice,
     first_order,
     int_option,
+    n_rows,
     real_option,
     refuse_transforms,
     resolve_accum,
@@ -226,8 +227,8 @@ def _teacher(p, t, ids):
 
 
 def _fwd(p, backend, s, t, labels, mask, weights):
-    N = s.shape[0]
-    if N == 0 or s.shape[1] == 0:
+    N = n_rows(s)
+    if N == 0 or s.shape[-1] == 0:
         z = torch.zeros(1, dtype=p.accum_dtype, device=s.device)
         return z, torch.zeros(N, dtype=p.accum_dtype, device=s.device), \
             torch.zeros(N, 10, dtype=p.accum_dtype, device=s.device), z.clone()
@@ -277,7 +278,7 @@ def _kd_fwd_op(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None, label
 def _(s, t, ids, labels, mask, weights, ip, fp, backend):
     p = KDPlan.unpack(ip, fp)
     acc = p.accum_dtype
-    N = s.shape[0]
+    N = n_rows(s)
     return s.new_empty((N,) if p.red == 3 else (), dtype=acc), s.new_empty((N, 10), dtype=acc), \
         s.new_empty((1,), dtype=acc)
 
@@ -313,6 +314,39 @@ torch.library.register_autograd("fastdistill::kd_fwd", _backward, setup_context=
 
 
 # ----------------------------------------------------------------------------- public API
+def _row_view(x: torch.Tensor, N: int) -> torch.Tensor | None:
+    """``x`` ``[..., C]`` as ``[N, C]`` rows with a unit column stride, without a copy; None where no such view
+    exists (e.g. ``logits[:, :-1]`` of ``[B, T, V]`` logits: no single row stride reaches its rows)."""
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        return None
+    try:
+        return x.view(N, x.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def _as_rows(x: torch.Tensor, N: int, grouped: bool) -> torch.Tensor:
+    """The kernels' row operand: ``[N, C]`` (a view where one exists), ``[G, R, C]`` (``grouped``: a view whose rows
+    are R a group, group-major, as the leading dims of a sliced ``[B, T, C]`` tensor), else a contiguous copy."""
+    C = x.shape[-1]
+    flat = _row_view(x, N)
+    if grouped and x.dim() >= 3 and (C <= 1 or x.stride(-1) == 1):
+        try:
+            return x.view(-1, x.shape[-2], C)
+        except RuntimeError:
+            pass
+    return flat if flat is not None else x.reshape(N, C).contiguous()
+
+
+def _rows_overlap(x: torch.Tensor) -> bool:
+    """Whether two rows of the row operand ``x`` (``[N, C]`` or ``[G, R, C]``) share memory (an expanded tensor)."""
+    C = x.shape[-1]
+    if x.dim() == 2:
+        return x.shape[0] > 1 and x.stride(0) < C
+    G, R = x.shape[:2]
+    return (R > 1 and x.stride(1) < C) or (G > 1 and x.stride(0) < (R - 1) * x.stride(1) + C)
+
+
 def _overlap_elsewhere(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``b`` shares memory with ``a`` other than as the very same view (same start, shape, strides)."""
     if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
@@ -460,12 +494,15 @@ def kd_loss(
                              f"got {labels2[bad][:4].tolist()}")
     mask2 = _rows("mask", mask, lead, N, s.device, dtypes=(torch.bool,), kind="a bool mask")
     w2 = _rows("weights", weights, lead, N, s.device, dtypes=_FLOAT_DTYPES, kind="a floating dtype")
-    s2 = s.reshape(N, V)
-    t2 = t.reshape(N, Vt)
-    if s2.stride(-1) != 1:
-        s2 = s2.contiguous()
-    if t2.stride(-1) != 1:
-        t2 = t2.contiguous()
+    backend = select_backend("kd_loss", s, fp64=p.fp64, teacher_dtype=t.dtype, topk=bool(topk))
+    # rows the kernels read in place: [N, V] views, or [G, R, V] views where the logits are sliced along a leading
+    # dim (the shifted logits[:, :-1] of a batch, which reshape(N, V) would copy whole); the reference copies
+    grouped = backend != "reference" and len(lead) >= 2 and N > 0 and (
+        _row_view(s, N) is None or (not topk and _row_view(t, N) is None))
+    s2 = _as_rows(s, N, grouped)
+    t2 = _as_rows(t, N, grouped and not topk)
+    if s2.dim() != t2.dim() and not topk:  # one grouped, the other not viewable so: both as copies' row views
+        s2, t2 = (x if x.dim() == 3 else x.view(-1, lead[-1], x.shape[-1]) for x in (s2, t2))
     ids2 = ids.reshape(N, Vt).contiguous() if ids is not None else None
     check_row_args(p, ids2, labels2, mask2, w2)
     mask_u8 = mask2.view(torch.uint8) if mask2 is not None else None
@@ -475,16 +512,15 @@ def kd_loss(
             raise ValueError("inplace_grad: student_logits is a leaf that requires grad (or a view of one): its "
                              "gradient would overwrite the tensor itself (and alias its .grad); pass "
                              "inplace_grad=False")
-        if s2.numel() and s2.shape[0] > 1 and s2.stride(0) < V and s2.data_ptr() == s.data_ptr():
-            raise ValueError(f"inplace_grad: the rows of student_logits overlap in memory (row stride "
-                             f"{s2.stride(0)} < V = {V}, e.g. an expanded tensor): one gradient row would overwrite "
-                             "another's logits; pass inplace_grad=False")
+        if s2.numel() and _rows_overlap(s2) and s2.data_ptr() == s.data_ptr():
+            raise ValueError(f"inplace_grad: the rows of student_logits overlap in memory (strides {s.stride()}, "
+                             f"V = {V}, e.g. an expanded tensor): one gradient row would overwrite another's logits; "
+                             "pass inplace_grad=False")
     if inplace_grad and not torch.compiler.is_compiling() and any(
             x is not None and _overlap_elsewhere(s2, x) for x in (t2, w2)):
         raise ValueError("inplace_grad: teacher_logits (or weights) share memory with student_logits other than as "
                          "the same view: the gradient written over one student row would overwrite values that "
                          "another row still reads; pass inplace_grad=False or a separate teacher tensor")
-    backend = select_backend("kd_loss", s, fp64=p.fp64, teacher_dtype=t.dtype, topk=bool(topk))
     if torch.compiler.is_compiling():
         ip, fp = p.pack()
         out, _, _ = _kd_fwd_op(s2, t2, ids2, labels2, mask_u8, w2, ip, fp, backend)
