@@ -111,10 +111,16 @@ def _extensions():
     gencode, arch_names = _arch_flags()
     macros = [("FD_EXT_ABI", str(EXT_ABI)), ("FD_CUDA_ARCHS", f'"{arch_names}"'),
               ("FD_BUILD_TORCH", f'"{torch.__version__}"')]
+    csrc = os.path.join(ROOT, "csrc")
+    sources = sorted(os.path.join("csrc", f) for f in os.listdir(csrc) if f.endswith((".cu", ".cpp"))) \
+        if os.path.isdir(csrc) else []
+    if not sources:
+        raise RuntimeError(f"fastdistill: the CUDA extension is to be built ({why}) but {csrc} holds no CUDA sources "
+                           "(an sdist made without MANIFEST.in?); build from a checkout, or set "
+                           "FASTDISTILL_SKIP_CUDA_BUILD=1 for the Triton / reference backends only")
     ext = Extension(
         "fastdistill._C",
-        sources=sorted(os.path.join("csrc", f) for f in os.listdir(os.path.join(ROOT, "csrc"))
-                       if f.endswith((".cu", ".cpp"))),
+        sources=sources,
         include_dirs=[pybind11.get_include(), os.path.join(ROOT, "csrc"), os.path.join(CUDA_HOME, "include")],
         library_dirs=[os.path.join(CUDA_HOME, "lib64"), os.path.join(CUDA_HOME, "lib")],
         libraries=["cudart_static", "rt", "pthread", "dl"],

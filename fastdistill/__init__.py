@@ -13,6 +13,36 @@ from fastdistill.ops.score import denoise_regression_loss, scm_tangent_loss, sco
 __version__ = "0.1.0"
 
 
+def _source_tree_kernels() -> None:
+    """``fastdistill.kernels`` is the top-level ``kernels/`` of a checkout (setup.py maps it; installed, it sits in
+    the package). A checkout imported from its root, e.g. ``python -m fastdistill`` there after a non-editable
+    ``pip install .``, shadows the installed package with ``fastdistill/`` alone: register ``kernels/`` beside it
+    (before, every Triton call failed with "No module named 'fastdistill.kernels'")."""
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    src = os.path.join(os.path.dirname(here), "kernels")
+    init = os.path.join(src, "__init__.py")
+    if "fastdistill.kernels" in sys.modules or os.path.isdir(os.path.join(here, "kernels")) \
+            or not os.path.isfile(init) or not os.path.isfile(os.path.join(src, "kd_softmax.py")):
+        return
+    try:  # an editable install's finder (or another mapping) already provides it: leave it to that
+        if importlib.util.find_spec("fastdistill.kernels") is not None:
+            return
+    except (ImportError, ValueError):
+        pass
+    spec = importlib.util.spec_from_file_location("fastdistill.kernels", init, submodule_search_locations=[src])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fastdistill.kernels"] = mod
+    spec.loader.exec_module(mod)
+    globals()["kernels"] = mod  # as the import system binds a submodule on its parent
+
+
+_source_tree_kernels()
+
+
 def available_backends(op: str, x, **kwargs) -> dict[str, list[str]]:
     """For each backend, the reasons it cannot run ``op`` on tensors like ``x`` (empty: it can)."""
     from fastdistill import _backend

@@ -35,3 +35,40 @@ def test_wheel_contains_every_package(tmp_path):
     for pkg in sorted(packages):
         assert f"{pkg}/__init__.py" in names, f"{pkg} is missing from the wheel"
     assert "fastdistill/kernels/jvp_attention.py" in names
+
+
+def test_checkout_imported_from_its_root_finds_its_kernels():
+    """A checkout imported from its root without the editable install's mapping (``python -m fastdistill`` in the
+    repo after a non-editable ``pip install .``: the source ``fastdistill/`` shadows the installed one) finds
+    ``kernels/`` as ``fastdistill.kernels``. Before: "No module named 'fastdistill.kernels'" on every Triton call."""
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in str(f)]\n"
+        "sys.path_hooks[:] = [h for h in sys.path_hooks if '__editable__' not in str(h)]\n"
+        "sys.path_importer_cache.clear()\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import fastdistill, fastdistill.kernels, importlib\n"
+        "print(fastdistill.__file__); print(fastdistill.kernels.__file__)\n"
+        "importlib.import_module('fastdistill.kernels.kd_softmax')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pkg, kern = r.stdout.split()
+    assert Path(pkg) == ROOT / "fastdistill" / "__init__.py"
+    assert Path(kern) == ROOT / "kernels" / "__init__.py"
+
+
+def test_sdist_carries_the_cuda_sources(tmp_path):
+    """The sdist holds csrc/ (setup.py compiles it where torch has CUDA), docs/ (cited by error messages) and the
+    tests. Before: no MANIFEST.in, and a wheel built from the sdist with a CUDA torch failed in os.listdir."""
+    r = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT, env=dict(os.environ, FASTDISTILL_SKIP_CUDA_BUILD="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    import tarfile
+
+    (sdist,) = tmp_path.glob("fastdistill-*.tar.gz")
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    for f in ("csrc/kd_softmax.cu", "csrc/score.cu", "csrc/bindings.cpp", "csrc/fd_common.cuh",
+              "kernels/kd_softmax.py", "docs/kd_ops.md", "tests/conftest.py", "MANIFEST.in"):
+        assert f in names, f"{f} is missing from the sdist"
+    assert not any("__pycache__" in n or n.endswith(".so") for n in names)
