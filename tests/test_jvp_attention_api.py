@@ -703,33 +703,56 @@ def test_opcheck(use, variant):
                               (do, q.detach(), k.detach(), v.detach(), o, lse, lo, dlse, True, 0.3, lay, use))
 
 
-def test_compile_forward_ad():
-    """Forward-AD inside a compiled function: dynamo traces ``fwAD.unpack_dual`` and the fused
-    ``_DualFunction`` (its ``jvp`` included) into one graph; the tangent equals the eager one."""
-    q, k, v, tq, tk, tv = qkv(seed=23)
-    eager = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True)
-    assert eager[1].abs().max() > 0.1
+def test_compile_forward_ad(use):
+    """Forward-AD inside a compiled function runs the fused pass eagerly (torch.compiler.disable, a graph break):
+    dynamo does not run an autograd.Function's custom jvp, so a traced pass differentiated the kernel launch
+    itself. Before: on the Triton backend dynamo traced into the launch (under the interpreter it failed; on a GPU a
+    zero or wrong tangent); the tests ran the reference backend only, whose differentiable math hid it. Now on
+    every backend: torch.func.jvp (with a backward through the primal) and dual tensors equal eager bitwise, also
+    as the sequence length changes; fullgraph=True raises with the reason."""
+    for S in (9, 12):
+        q, k, v, tq, tk, tv = qkv(Sq=S, Sk=S + 3, seed=23)
+        eager = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True)
+        assert eager[1].abs().max() > 0.1
 
-    def f(q, k, v, tq, tk, tv):
-        return torch.func.jvp(lambda q, k, v: fd.jvp_attention(q, k, v, causal=True)[0], (q, k, v), (tq, tk, tv))
+        def f(q, k, v, tq, tk, tv):
+            return torch.func.jvp(lambda q, k, v: fd.jvp_attention(q, k, v, causal=True)[0], (q, k, v),
+                                  (tq, tk, tv))
 
-    compiled, cnt = _compiled(f)
-    with fd.use_backend("reference"):
+        if S == 9:
+            torch._dynamo.reset()
+            compiled = torch.compile(f, backend="aot_eager")
         o, t = compiled(q, k, v, tq, tk, tv)
-    assert cnt.frame_count == 1
-    assert torch.allclose(o, eager[0], rtol=1e-5, atol=1e-5)
-    assert torch.allclose(t, eager[1], rtol=1e-5, atol=1e-5)
+        assert torch.equal(o, eager[0]) and torch.equal(t, eager[1]), S
 
-    def g(q, k, v, tq):
-        with fwAD.dual_level():
-            return fwAD.unpack_dual(fd.jvp_attention(fwAD.make_dual(q, tq), k, v, causal=True)[0])
+        x, y = q.clone().requires_grad_(), q.clone().requires_grad_()  # the MeanFlow pattern: jvp, then backward
+        (o, t), (o2, t2) = compiled(x, k, v, tq, tk, tv), f(y, k, v, tq, tk, tv)
+        (o * t.detach()).sum().backward()
+        (o2 * t2.detach()).sum().backward()
+        assert torch.equal(o, o2) and torch.equal(t, t2) and torch.equal(x.grad, y.grad), S
 
+        def g(q, k, v, tq):  # (dual tensors that enter a separately compiled frame with requires_grad hit PyTorch's
+            with fwAD.dual_level():  # "You must implement the jvp function" for any op: not covered here)
+                p, t = fwAD.unpack_dual(fd.jvp_attention(fwAD.make_dual(q, tq), k, v, causal=True)[0])
+                return p * 2, t
+
+        def g2(q, k, v, tq):  # a graph break before the call: dynamo compiles the attention's frame on its own,
+            with fwAD.dual_level():  # where the dual q looks plain (before: its tangent silently dropped, None)
+                d = fwAD.make_dual(q, tq)
+                torch._dynamo.graph_break()
+                p, t = fwAD.unpack_dual(fd.jvp_attention(d, k, v, causal=True)[0])
+                return p * 2, t
+
+        p2, t2 = g(q, k, v, tq)
+        for fn in (g, g2):
+            torch._dynamo.reset()
+            p, t = torch.compile(fn, backend="aot_eager")(q, k, v, tq)
+            assert t is not None and torch.equal(p, p2) and torch.equal(t, t2), (S, fn.__name__)
+        assert torch.equal(t2, fd.jvp_attention(q, k, v, tq, causal=True)[1])
     torch._dynamo.reset()
-    with fd.use_backend("reference"):
-        p, t = torch.compile(g, backend="aot_eager")(q, k, v, tq)
-    assert torch.allclose(p, eager[0], rtol=1e-5, atol=1e-5)
-    assert t is not None
-    assert torch.allclose(t, fd.jvp_attention(q, k, v, tq, causal=True)[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="forward-AD tangents"):
+        torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, tq, tk, tv)
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -314,8 +314,15 @@ def transform_limit(backend: str | None = None, dual: bool = True) -> str | None
     return None
 
 
+def _in_dual_level() -> bool:
+    """Inside ``forward_ad.dual_level()`` at run time. Read while dynamo traces a frame that it compiles on its own
+    (after a graph break in the caller): there a dual input looks like a plain tensor (its tangent is not traced),
+    so the call's duality cannot be read off q, k, v; dynamo guards on this global."""
+    return getattr(fwAD, "_current_level", -1) >= 0
+
+
 def _dual_tangent(x: torch.Tensor) -> torch.Tensor | None:
-    # dynamo traces unpack_dual and _DualFunction (its jvp included), so this holds under torch.compile too
+    # (under torch.compile dynamo traces unpack_dual; the dual path itself then runs eagerly: _dual_outside_graph)
     return fwAD.unpack_dual(x).tangent
 
 
@@ -372,6 +379,18 @@ def _check(q, k, v, tq, tk, tv, layout: int, tangent_dtype):
 
 
 # ----------------------------------------------------------------------------- public
+_DUAL_EAGER = ("fastdistill.jvp_attention with forward-AD tangents: dynamo does not run an autograd.Function's "
+               "custom jvp (it would differentiate the kernel launch: a zero or wrong tangent), so the fused pass runs "
+               "eagerly")
+
+
+@torch.compiler.disable(reason=_DUAL_EAGER)  # also when dynamo runs a transform's frames one by one (no tracing below)
+def _dual_outside_graph(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend):
+    o, to, lse, mu, _lo = _DualFunction.apply(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend,
+                                                 _Box(autograd_levels()))
+    return o, to, lse, mu
+
+
 def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None = None,
                   tk: torch.Tensor | None = None, tv: torch.Tensor | None = None, *, causal: bool = False,
                   scale: float | None = None, layout: str = "bshd", return_lse: bool = False,
@@ -407,6 +426,14 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
         o, to = fastdistill.jvp_attention(q, k, v, tq, tk, tv)              # rCM-style pairs
         o, do_dt = torch.func.jvp(lambda q: fastdistill.jvp_attention(q, k, v)[0], (q,), (tq,))
     """
+    kw = dict(causal=causal, scale=scale, layout=layout, return_lse=return_lse, tangent_dtype=tangent_dtype)
+    if torch.compiler.is_compiling() and (_in_dual_level() or any(
+            isinstance(x, torch.Tensor) and _dual_tangent(x) is not None for x in (q, k, v))):
+        return _jvp_attention_eager(q, k, v, tq, tk, tv, **kw)  # forward-AD under torch.compile: a graph break
+    return _jvp_attention(q, k, v, tq, tk, tv, **kw)
+
+
+def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, tangent_dtype):
     check_choice("layout", layout, LAYOUTS)
     lay = LAYOUTS[layout]
     q, k, v, tq, tk, tv = autocast_cast(q, k, v, tq, tk, tv)  # as stock SDPA: in autocast's dtype
@@ -436,8 +463,7 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     if limit is not None:
         raise TransformLimitError(f"jvp_attention: {limit}")
     if dual:
-        o, to, lse, mu, _lo = _DualFunction.apply(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend,
-                                                     _Box(autograd_levels()))
+        o, to, lse, mu = _dual_outside_graph(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend)
     else:
         o, to, lse, mu, _lo = _fwd_op(q, k, v, tq, tk, tv, bool(causal), scale, lay, want_t, t_dtype, backend)
         if want_t:
@@ -445,3 +471,8 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     if not want_t:
         to = mu = None
     return (o, to, lse, mu) if return_lse else (o, to)
+
+
+# forward-AD tangents under torch.compile: the whole call runs eagerly (dynamo does not run an autograd.Function's
+# custom jvp, and an AOT-compiled region that computes on dual tensors has no jvp either)
+_jvp_attention_eager = torch.compiler.disable(_jvp_attention, reason=_DUAL_EAGER)
