@@ -162,7 +162,8 @@ def _mixed_block(name: str, c, k: int, B: int, device) -> torch.Tensor:
             if v.dim() > 1 or v.numel() not in (1, B):
                 raise ValueError(f"{name}[{i}]: expected a float or a tensor of shape [] or [{B}] (one value per "
                                  f"sample), got shape {tuple(v.shape)}")
-            rows = max(rows, v.numel())
+            if v.dim() == 1 and v.numel() == B:
+                rows = B  # per-sample (B = 0 included: an empty batch)
         else:
             real_option(f"{name}[{i}]", v)  # a finite number
     # at least fp32: a float next to a bf16 tensor keeps its value (and 1e5 fits; fp16 would overflow)
@@ -209,7 +210,6 @@ def unify_terms(groups: list[tuple[str, Sequence[torch.Tensor], object]], x: tor
     """Merge term lists of several combinations by identity (a tensor shared by two
     combinations is read once). Returns (terms, [row per group], [use bitmask per group])."""
     terms: list[torch.Tensor] = []
-    index: dict[int, int] = {}
     rows, uses = [], []
     for name, ts, coeffs in groups:
         if isinstance(ts, torch.Tensor) or not isinstance(ts, (list, tuple)):
@@ -220,11 +220,14 @@ def unify_terms(groups: list[tuple[str, Sequence[torch.Tensor], object]], x: tor
         use = 0
         for k, t in enumerate(ts):
             check_tensor(f"{name}[{k}]", t, x)
-            if id(t) not in index:
-                index[id(t)] = len(terms)
+            # identity by `is`, not id(): under torch.compile an id() is a guard on the very object, so fresh
+            # tensors every step (any training loop) recompiled every call until the recompile limit
+            j = next((i for i, u in enumerate(terms) if u is t), None)
+            if j is None:
+                j = len(terms)
                 terms.append(t)
-            cols.append(index[id(t)] + 1)
-            use |= 1 << index[id(t)]
+            cols.append(j + 1)
+            use |= 1 << j
         rows.append([(tuple(cols), block)])
         uses.append(use)
     if len(terms) > 8:
