@@ -651,3 +651,59 @@ def test_fullgraph_compile_says_why_it_runs_eagerly():
     with pytest.raises(Exception, match="fused_linear_kd_loss runs eagerly"):
         f(h)
     dynamo.reset()
+
+
+def test_flkd_shifted_teacher_logits_and_dw_read_in_place(use):
+    """Shifted teacher logits (logits[:, :-1] of [B, T, Vt]) are read a chunk at a time, never copied whole
+    (before: reshape(N, Vt) copied them, 2.1 GB at flkd-128k bf16, live for the whole forward), also with chunks that
+    cross a sequence boundary; and dW is scaled in place (before: dW_acc * f was a second fp32 [V, H], the op's
+    peak). Values and gradients bitwise those of a contiguous teacher. Found by a memory audit."""
+    from test_kd import BigAllocations
+
+    g = gen(41)
+    B, T, H, V, Vt = 3, 6, 8, 64, 70
+    N = B * (T - 1)
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64).float()
+    W = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3).float()
+    TL = torch.randn(B, T, Vt, generator=g, dtype=torch.float64).float() * 2
+    lab = make_labels((B, T - 1), V, g)
+    for chunk in (4, 5, 7):  # 4, 7: chunks cross sequences (a copy of such a chunk alone); 5: a sequence a chunk
+        kw = dict(divergence="jsd", labels=lab, hard_label_alpha=0.2, chunk_size=chunk)
+        x, w = h.clone().requires_grad_(), W.clone().requires_grad_()
+        t_in = TL[:, :-1]
+        with BigAllocations(N * Vt) as log:
+            loss = fused_linear_kd_loss(x[:, :-1], w, teacher_logits=t_in, **kw)
+        assert not log.ops, (chunk, log.ops)
+        with BigAllocations(V * H) as log:
+            loss.backward()
+        x2, w2 = h.clone().requires_grad_(), W.clone().requires_grad_()
+        ref = fused_linear_kd_loss(x2[:, :-1], w2, teacher_logits=TL[:, :-1].contiguous(), **kw)
+        ref.backward()
+        assert torch.equal(loss, ref) and torch.equal(x.grad, x2.grad) and torch.equal(w.grad, w2.grad), chunk
+    w = W.clone().requires_grad_()
+    with BigAllocations(V * H) as log:  # the scalar path computes dW in the forward: dW_acc is the one [V, H]
+        fused_linear_kd_loss(h, w, teacher_logits=TL, divergence="fkl", chunk_size=5)
+    assert len(log.ops) == 1, log.ops
+
+
+def test_flkd_fp64_teacher_keeps_the_student_fp32():
+    """An fp64 teacher head (or fp64 teacher logits) next to an fp32 student: the student's logits, GEMMs and dW
+    accumulator stay fp32 (before: an fp64 teacher head turned them fp64, an fp64 copy of the student weight and an
+    fp64 dW: 2 x 8·V·H bytes, and fp64 GEMMs on a GPU). The result matches the all-fp32 call to fp32 rounding."""
+    from test_kd import BigAllocations
+
+    g = gen(43)
+    N, H, Ht, V = 12, 8, 6, 64
+    h, th = torch.randn(N, H, generator=g), torch.randn(N, Ht, generator=g, dtype=torch.float64)
+    W, tW = torch.randn(V, H, generator=g) * 0.3, torch.randn(V, Ht, generator=g, dtype=torch.float64) * 0.3
+    w = W.clone().requires_grad_()
+    with BigAllocations(V * H) as log:
+        loss = fused_linear_kd_loss(h, w, th, tW, divergence="jsd", chunk_size=5)
+        loss.backward()
+    assert not [o for o in log.outs if o[1] == torch.float64 and o[2] == (V, H)], log.outs
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
+    w2 = W.clone().requires_grad_()
+    ref = fused_linear_kd_loss(h, w2, th.float(), tW.float(), divergence="jsd", chunk_size=5)
+    ref.backward()
+    assert_rel(loss.double(), ref.double(), 1e-5, "loss")
+    assert_rel(w.grad.double(), w2.grad.double(), 1e-4, "dW")

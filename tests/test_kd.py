@@ -557,7 +557,7 @@ class BigAllocations(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __init__(self, n: int):
         super().__init__()
-        self.n, self.ops = n, []
+        self.n, self.ops, self.outs = n, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -566,6 +566,7 @@ class BigAllocations(torch.utils._python_dispatch.TorchDispatchMode):
         for o in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(o, torch.Tensor) and o.numel() >= self.n and o.untyped_storage().data_ptr() not in ins:
                 self.ops.append(str(func))
+                self.outs.append((str(func), o.dtype, tuple(o.shape)))
         return out
 
 

@@ -242,6 +242,29 @@ def row_strides(x: torch.Tensor, R: int) -> tuple[int, int]:
     return R * x.stride(0), x.stride(0)
 
 
+def row_view(x: torch.Tensor, N: int) -> torch.Tensor | None:
+    """``x`` ``[..., C]`` as ``[N, C]`` rows with a unit column stride, without a copy; None where no such view
+    exists (e.g. ``logits[:, :-1]`` of ``[B, T, V]`` logits: no single row stride reaches its rows)."""
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        return None
+    try:
+        return x.view(N, x.shape[-1])
+    except RuntimeError:
+        return None
+
+
+def row_chunk(x: torch.Tensor, r: slice) -> torch.Tensor:
+    """Rows ``r`` (a slice of 0..N) of ``x``: ``[N, C]``, or ``[G, R, C]`` (rows R a group, group-major); a view,
+    except where the chunk crosses a group boundary (then a copy of the chunk alone)."""
+    if x.dim() == 2:
+        return x[r]
+    R = x.shape[1]
+    g0, g1 = r.start // R, (r.stop - 1) // R
+    if g0 == g1:
+        return x[g0, r.start - g0 * R : r.stop - g0 * R]
+    return torch.cat([x[g, max(r.start - g * R, 0) : min(r.stop - g * R, R)] for g in range(g0, g1 + 1)])
+
+
 def graph_anchor(x: torch.Tensor | None) -> torch.Tensor | None:
     """A one-element tensor that depends on ``x`` in the autograd graph but holds none of its storage: an anchor
     for ``first_order`` (``ctx.fd_anchors``) of an input the op does not save. Call it outside the Function (grad

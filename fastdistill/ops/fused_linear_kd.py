@@ -26,6 +26,8 @@ from fastdistill.ops._common import (
     graph_anchor,
     refuse_transforms,
     resolve_accum,
+    row_chunk,
+    row_view,
     save_constants,
     saved_constants,
     select_backend,
@@ -200,7 +202,8 @@ def _sweep(cfg: _Cfg, hs, W, b, th, tW, tb, tlog, ids, lps, labels, mask, weight
         elif ids is not None:
             t = (ids[r], lps[r])
         else:
-            t = tlog[r].to(cfg.ldt) if cast_teacher else tlog[r]
+            t = row_chunk(tlog, r)
+            t = t.to(cfg.ldt) if cast_teacher else t
         lab = labels[r] if labels is not None else None
         wt = weights[r] if weights is not None else None
         _, c, st, _ = _fwd(p, cfg.backend, s, t, lab, mask[r] if mask is not None else None, wt)
@@ -258,8 +261,9 @@ def _scalar(cfg: _Cfg, tensors, grad: bool):
     if dh is not None and cfg.num_items <= 0 and cfg.red != RED_SUM:
         # rows invalid only by the all −inf rule leave n < n0: dh was scaled by 1/n0 (exactly 1 when n = n0)
         dh.mul_(torch.where(n > 0, n0 / n.clamp_min(1), torch.ones_like(n)))
-    dW = (dW_acc * f).to(_held(W.dtype)) if dW_acc is not None else None
-    db = (db_acc * f).to(_held(b.dtype)) if db_acc is not None else None
+    # scaled in place: (dW_acc * f) was a second fp32 [V, H] (2.1 GB at 128256 x 4096), the op's peak
+    dW = dW_acc.mul_(f).to(_held(W.dtype)) if dW_acc is not None else None
+    db = db_acc.mul_(f).to(_held(b.dtype)) if db_acc is not None else None
     return loss, dh, dW, db
 
 
@@ -471,9 +475,9 @@ def fused_linear_kd_loss(
             raise ValueError(f"teacher_logits: expected leading dims {tuple(lead)} (those of student_hidden), "
                              f"got shape {tuple(tlog.shape)}")
         Vt = tlog.shape[-1]
-        tlog = tlog.reshape(N, Vt)
-        if tlog.stride(-1) != 1:
-            tlog = tlog.contiguous()
+        flat = row_view(tlog, N)  # the shifted logits[:, :-1] of a batch: kept [B, T, Vt], read a chunk at a time
+        if flat is not None or tlog.dim() != 3 or (Vt > 1 and tlog.stride(-1) != 1):
+            tlog = flat if flat is not None else tlog.reshape(N, Vt).contiguous()
     else:
         if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
             raise TypeError("teacher_topk: expected a pair (ids, logprobs)")
@@ -533,8 +537,9 @@ def fused_linear_kd_loss(
     num_items = p.num_items if p.num_items > 0 else None
     fp64 = p.fp64
     p = dataclasses.replace(p, red=RED_SUM, num_items=0.0)  # the kernels sum; this op applies the reduction
-    dense = [x for x in (hs, W, th, tW) if x is not None]
-    ldt = torch.float64 if fp64 or any(x.dtype == torch.float64 for x in dense) else torch.float32
+    # the student's logits dtype follows the student (and accum_dtype): an fp64 teacher head or teacher logits do
+    # not turn the student's GEMMs and its dW accumulator into fp64 (the teacher's logits are cast per chunk)
+    ldt = torch.float64 if fp64 or any(x.dtype == torch.float64 for x in (hs, W)) else torch.float32
     tdt = ldt if tlog is None else tlog.dtype
     backend = select_backend("kd_loss", torch.empty(0, device=dev, dtype=ldt), fp64=fp64, teacher_dtype=tdt,
                              topk=bool(topk))
@@ -542,16 +547,19 @@ def fused_linear_kd_loss(
         tdt = ldt  # the teacher chunk is cast to the logits' dtype for the CUDA kernels
     # per-row bytes of the chunk temporaries: student logits (+ the low-precision gradient copy on CUDA, or
     # the separate gradient buffer of a top-k teacher), teacher logits when computed or cast here
+    # under autocast on CUDA the GEMM operands take autocast's dtype (as F.linear's would), the output stays fp32
+    op_dtype = torch.get_autocast_dtype("cuda") if dev.type == "cuda" and torch.is_autocast_enabled("cuda") else None
     isz = ldt.itemsize
-    per_row = isz * V + (isz * V if topk else 0) + (2 * V if W.dtype in _LOWP and dev.type == "cuda" else 0)
+    lowp_grad = dev.type == "cuda" and (W.dtype in _LOWP or op_dtype in _LOWP)  # the gradient's operand copy
+    per_row = isz * V + (isz * V if topk else 0) + (2 * V if lowp_grad else 0)
     if th is not None or (tlog is not None and tdt != tlog.dtype):
         per_row += isz * Vt
+    elif tlog is not None and tlog.dim() == 3:  # a chunk that crosses a sequence boundary is copied (row_chunk)
+        per_row += tlog.itemsize * Vt
     rows = _chunk_rows(chunk_size, memory_budget_mb, N, per_row)
 
     need = (hs.requires_grad, W.requires_grad, b is not None and b.requires_grad)
     grad = torch.is_grad_enabled() and any(need)
-    # under autocast on CUDA the GEMM operands take autocast's dtype (as F.linear's would), the output stays fp32
-    op_dtype = torch.get_autocast_dtype("cuda") if dev.type == "cuda" and torch.is_autocast_enabled("cuda") else None
     cfg = _Cfg(p=p, red=REDUCTIONS[reduction], backend=backend, rows=rows, ldt=ldt, V=V,
                num_items=float(num_items) if num_items is not None else 0.0, need=need, op_dtype=op_dtype,
                lead=tuple(lead))

@@ -16,6 +16,7 @@ from fastdistill.ops._common import (
     real_option,
     refuse_transforms,
     resolve_accum,
+    row_view,
     save_constants,
     saved_constants,
     select_backend,
@@ -314,22 +315,11 @@ torch.library.register_autograd("fastdistill::kd_fwd", _backward, setup_context=
 
 
 # ----------------------------------------------------------------------------- public API
-def _row_view(x: torch.Tensor, N: int) -> torch.Tensor | None:
-    """``x`` ``[..., C]`` as ``[N, C]`` rows with a unit column stride, without a copy; None where no such view
-    exists (e.g. ``logits[:, :-1]`` of ``[B, T, V]`` logits: no single row stride reaches its rows)."""
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
-        return None
-    try:
-        return x.view(N, x.shape[-1])
-    except RuntimeError:
-        return None
-
-
 def _as_rows(x: torch.Tensor, N: int, grouped: bool) -> torch.Tensor:
     """The kernels' row operand: ``[N, C]`` (a view where one exists), ``[G, R, C]`` (``grouped``: a view whose rows
     are R a group, group-major, as the leading dims of a sliced ``[B, T, C]`` tensor), else a contiguous copy."""
     C = x.shape[-1]
-    flat = _row_view(x, N)
+    flat = row_view(x, N)
     if grouped and x.dim() >= 3 and (C <= 1 or x.stride(-1) == 1):
         try:
             return x.view(-1, x.shape[-2], C)
@@ -498,7 +488,7 @@ def kd_loss(
     # rows the kernels read in place: [N, V] views, or [G, R, V] views where the logits are sliced along a leading
     # dim (the shifted logits[:, :-1] of a batch, which reshape(N, V) would copy whole); the reference copies
     grouped = backend != "reference" and len(lead) >= 2 and N > 0 and (
-        _row_view(s, N) is None or (not topk and _row_view(t, N) is None))
+        row_view(s, N) is None or (not topk and row_view(t, N) is None))
     s2 = _as_rows(s, N, grouped)
     t2 = _as_rows(t, N, grouped and not topk)
     if s2.dim() != t2.dim() and not topk:  # one grouped, the other not viewable so: both as copies' row views
