@@ -778,3 +778,35 @@ def test_dual_tangent_with_strided_head_dim():
         o, t = torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (t_exp,))
         o2, t2 = fd.jvp_attention(q, k, v, t_exp.contiguous())
     assert torch.equal(o, o2) and torch.allclose(t, t2, rtol=1e-6, atol=1e-6)
+
+
+def test_outputs_follow_q_layout_and_no_zero_gradients(use):
+    """o and its tangent take q's order of the sequence and head dims: for the transposed view of [B, S, H, D] memory
+    that models pass (layout="bhsd"), o.transpose(1, 2).reshape(B, S, H·D) is a view (before: a contiguous o, so
+    the model copied it and kept the copy for its next layer). A backward through o alone allocates no zero
+    gradients for the unused outputs (before: the size of o and three [B, H, S]); through lse alone it works.
+    Values bitwise those of contiguous inputs. Found by a memory audit."""
+    from test_kd import BigAllocations
+
+    g = gen(51)
+    B, S, H, D = 2, 9, 3, 8
+    x, y, z = (torch.randn(B, S, H * D, generator=g) for _ in range(3))
+    q, k, v = (t.view(B, S, H, D).transpose(1, 2).requires_grad_() for t in (x.clone(), y.clone(), z.clone()))
+    tq = torch.randn(B, S, H * D, generator=g).view(B, S, H, D).transpose(1, 2)
+    o, to = fd.jvp_attention(q, k, v, tq, None, None, layout="bhsd")
+    assert o.transpose(1, 2).is_contiguous() and to.transpose(1, 2).is_contiguous()
+    assert o.transpose(1, 2).reshape(B, S, H * D).data_ptr() == o.data_ptr()
+    c = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    o2, to2 = fd.jvp_attention(*c, tq.contiguous(), None, None, layout="bhsd")
+    assert torch.equal(o, o2) and torch.equal(to, to2)
+    go = torch.randn(o.shape, generator=g)
+    with BigAllocations(B * H * S) as log:
+        o.backward(go)
+    assert not [op for op in log.ops if "zeros" in op], log.ops
+    o2.backward(go)
+    for a, b in zip((q, k, v), c):
+        assert torch.equal(a.grad, b.grad)
+    q2 = q.detach().clone().requires_grad_()
+    _, _, lse, _ = fd.jvp_attention(q2, k.detach(), v.detach(), tq, return_lse=True, layout="bhsd")
+    lse.sum().backward()
+    assert q2.grad is not None and q2.grad.abs().sum() > 0

@@ -106,8 +106,15 @@ def _stat_dtype(q: torch.Tensor) -> torch.dtype:
 def _outputs(q, v, layout: int, want_t: bool, t_dtype: int):
     """Uninitialised (o, to, lse, mu, lse_lo); ``to``/``mu`` are empty without tangents, ``lse_lo`` (the low word
     of lse, a residual for the backward) is empty unless q is float32. Also the fake impl."""
-    o = q.new_empty(_out_shape(q, v, layout))
-    to = o.new_empty(o.shape, dtype=torch.float32 if t_dtype == 1 else q.dtype) if want_t else o.new_empty(0)
+    shape = _out_shape(q, v, layout)
+    # o (and its tangent) in q's order of the sequence and head dims: a model's q is often the transposed view of
+    # [B, S, H, D] memory (diffusers, transformers), and its o.transpose(1, 2).reshape(B, S, H·D) is then a view
+    # (a contiguous o would be copied there, and the copy kept for the next layer's backward)
+    swap = q.dim() == 4 and not q.is_contiguous() and q.transpose(1, 2).is_contiguous()
+    alloc = (lambda dt: q.new_empty((shape[0], shape[2], shape[1], shape[3]), dtype=dt).transpose(1, 2)) if swap \
+        else (lambda dt: q.new_empty(shape, dtype=dt))
+    o = alloc(q.dtype)
+    to = alloc(torch.float32 if t_dtype == 1 else q.dtype) if want_t else o.new_empty(0)
     B, H, S = (q.shape[0], q.shape[2], q.shape[1]) if layout == 0 else q.shape[:3]
     lse = q.new_empty((B, H, S), dtype=_stat_dtype(q))
     lo = torch.empty_like(lse) if q.dtype == torch.float32 else lse.new_empty(0)
@@ -165,6 +172,8 @@ def _setup_context(ctx, inputs, output):
     o, _to, lse, _mu, lo = output
     ctx.save_for_backward(q, k, v, o, lse, lo)
     ctx.cfg = (causal, scale, layout, backend)
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs the loss does not use (to, mu, lo: the
+    # size of o and three [B, H, S] fp32 a call)
 
 
 @first_order(OP)
@@ -172,6 +181,10 @@ def _backward(ctx, do, _dto, dlse, _dmu, _dlo):
     # the tangent outputs are stop-gradient: eager calls guard them (_NoGrad), compiled calls detach them
     q, k, v, o, lse, lo = ctx.saved_tensors
     causal, scale, layout, backend = ctx.cfg
+    if do is None and dlse is None:
+        return (None,) * 12
+    if do is None:  # only lse reached the loss
+        do = torch.zeros_like(o)
     dq, dk, dv = _bwd_op(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, lo, dlse, causal, scale,
                          layout, backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
