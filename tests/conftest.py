@@ -112,8 +112,8 @@ def _patch_interpreter_bf16_dot() -> None:
 
 def _patch_interpreter_bf16_cast() -> None:
     """Triton's interpreter (3.6–3.9) converts fp32 → bf16 by truncation (``cast_impl`` passes no
-    rounding mode); GPUs round to nearest even. Round like the GPU, so that bf16 results of the
-    interpreted kernels are held to the same tolerance as on a GPU."""
+    rounding mode) and fp64 → bf16 into garbage; GPUs round to nearest even. Round like the GPU, so that
+    bf16 results of the interpreted kernels are held to the same tolerance as on a GPU."""
     try:
         import numpy as np
         import triton.language as tl
@@ -126,8 +126,9 @@ def _patch_interpreter_bf16_cast() -> None:
     original = builder.cast_impl
 
     def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+        if src.dtype.scalar in (tl.float32, tl.float64) and dst_type.scalar == tl.bfloat16:  # (fp64: garbage before)
+            npt = np.float32 if src.dtype.scalar == tl.float32 else np.float64
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=npt)).to(torch.bfloat16)
             return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
         return original(self, src, dst_type)
 

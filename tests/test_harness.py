@@ -40,10 +40,11 @@ def test_interpreter_bf16_cast_rounds_to_nearest():
         tl.store(y_ptr + r, tl.load(x_ptr + r).to(tl.bfloat16))
 
     torch.manual_seed(0)
-    x = torch.randn(1024)
-    y = torch.empty(1024, dtype=torch.bfloat16)
-    _cast_kernel[(1,)](x, y, N=1024)
-    assert torch.equal(y, x.to(torch.bfloat16))
+    for dt in (torch.float32, torch.float64):  # fp64 -> bf16: garbage in the unpatched interpreter
+        x = torch.randn(1024, dtype=dt)
+        y = torch.empty(1024, dtype=torch.bfloat16)
+        _cast_kernel[(1,)](x, y, N=1024)
+        assert torch.equal(y, x.to(torch.bfloat16)), dt
 
 
 def test_device_constant_cached_and_traceable():
@@ -104,3 +105,46 @@ def test_torch_func_transforms_refused_with_the_op_name():
             with pytest.raises(TransformLimitError, match=f"^{op}: torch.func transforms"):
                 torch.func.vmap(f)(arg[None])
             f(arg)  # outside a transform: fine
+
+
+@pytest.mark.parametrize("value", ["1", "0", "true", "false", "yes", "no", "on", "off", "TRUE", ""])
+def test_interpreting_reads_triton_interpret_as_triton(monkeypatch, value):
+    """fastdistill's TRITON_INTERPRET reading agrees with Triton's own (before: any value but "" and "0" was on,
+    so TRITON_INTERPRET=false sent CPU tensors to a Triton that was not interpreting: '0 active drivers')."""
+    triton = pytest.importorskip("triton")
+    from fastdistill._backend import interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() == (value.lower() in ("1", "true", "yes", "on"))
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        assert interpreting() == bool(knobs.runtime.interpret), value
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_fp64_accumulation_with_low_precision_tensors(dt):
+    """accum_dtype=float64 with bf16/fp16 tensors on the Triton kernels (fp64 statistics, a gradient rounded once
+    to the input dtype) equals the reference backend: kd_loss, denoise_regression_loss, and sid_loss with an fp64
+    y next to a bf16/fp16 f_fake. Untested before: the interpreter's fp64 -> bf16 cast was garbage (now patched to
+    round like the GPU), so these paths had no CPU check."""
+    import fastdistill as fd
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 40, generator=g).to(dt), torch.randn(4, 40, generator=g)
+    x, a = torch.randn(2, 30, generator=g).to(dt), torch.randn(2, 30, generator=g)
+    y = torch.randn(2, 30, generator=g, dtype=torch.float64)
+    fr, ff = torch.randn(2, 30, generator=g, dtype=torch.float64), torch.randn(2, 30, generator=g).to(dt)
+    runs = {}
+    for b in ("reference", "triton"):
+        with fd.use_backend(b):
+            leaves = [u.clone().requires_grad_() for u in (s, x, ff)]
+            l1 = fd.kd_loss(leaves[0], t, accum_dtype=torch.float64)
+            l2 = fd.denoise_regression_loss(leaves[1], [a], [-1.0], accum_dtype=torch.float64)
+            l3 = fd.sid_loss(y, fr, leaves[2], alpha=1.2)
+            (l1 + l2 + l3).backward()
+            runs[b] = (l1, l2, l3, *(u.grad for u in leaves))
+    for name, u, v in zip(("kd", "denoise", "sid", "kd grad", "denoise grad", "sid grad"), *runs.values()):
+        assert u.dtype == v.dtype and torch.isfinite(u).all(), name
+        tol = 1e-12 if u.dtype == torch.float64 else 0.0  # a gradient rounded once: equal in the input dtype
+        assert (u.double() - v.double()).abs().max() <= tol * v.double().abs().max(), name
