@@ -71,6 +71,11 @@ KD_CASES = dict([
     K("fkl-batchmean-num-items-3d", divergence="fkl", reduction="batchmean", num_items=23, labels=True, lead=(2, 3),
       layout="uneven"),
     K("rkl-softcap-scale-3d-none", divergence="rkl", softcap=2.0, logit_scale=1.7, lead=(3, 2), reduction="none"),
+    # the shards as the shifted logits[:, :-1] of [B, T + 1, V] (rows no single stride reaches): read in place, a
+    # chunk of two rows crossing a sequence copied alone (before: reshape copied the shard whole)
+    K("jsd-shifted-shards-chunked", divergence="jsd", labels=True, hard_label_alpha=0.3, lead=(2, 3), shifted=True,
+      chunk=True, layout="uneven", V=67),
+    K("fkl-shifted-shards-none", divergence="fkl", lead=(3, 2), shifted=True, reduction="none", V=64),
     K("jsd-alpha-softcap-chunked", divergence="jsd", hard_label_alpha=0.5, labels=True, temperature=2.0,
       t2_scale=True, softcap=2.5, chunk=True, lead=(7,), layout="uneven"),
     K("fkl-chunked-empty-shard", divergence="fkl", labels=True, hard_label_alpha=0.4, temperature=1.5, chunk=True,
@@ -356,13 +361,27 @@ def _case_on_rank(name: str, rank: int, world: int, group) -> dict:
     try:
         if kind == "fused":
             return _fused_on_rank(c, d, a, b, kw, vp)
-        x = d["s"][..., a:b].clone().requires_grad_()
-        if kind == "topk":
-            loss = vp.vocab_parallel_kd_loss(x, teacher_topk=d["topk"], **kw)
+        if c.get("shifted"):  # each shard a view of [B, T + 1, V_r] logits without their last position
+            pad = lambda z: torch.cat([z, torch.randn_like(z[:, :1])], 1)[:, :, a:b].clone()
+            base, tb = pad(d["s"]).requires_grad_(), pad(d["t"])
+            x, t_in = base[:, :-1], tb[:, :-1]
+            assert b - a == 0 or x.reshape(-1, b - a).data_ptr() != x.data_ptr()  # (reshape would copy)
         else:
-            loss = vp.vocab_parallel_kd_loss(x, d["t"][..., a:b], **kw)
+            base = x = d["s"][..., a:b].clone().requires_grad_()
+            t_in = d["t"][..., a:b]
+        from test_kd import BigAllocations
+
+        with BigAllocations(max(x.numel(), 1)) as log:  # a copy of the whole shard
+            if kind == "topk":
+                loss = vp.vocab_parallel_kd_loss(x, teacher_topk=d["topk"], **kw)
+            else:
+                loss = vp.vocab_parallel_kd_loss(x, t_in, **kw)
         loss.backward(upstream(loss).to(loss.dtype))
-        return {"loss": loss.detach(), "grad": x.grad}
+        grad = base.grad[:, :-1] if c.get("shifted") else x.grad
+        if c.get("shifted"):
+            assert not base.grad[:, -1].any()
+        big = [o for o in log.outs if o[2][-1:] == (b - a,) and math.prod(o[2]) >= x.numel()]
+        return {"loss": loss.detach(), "grad": grad, "big": big}
     finally:
         vp.CHUNK_ELEMS = old
 
@@ -670,6 +689,8 @@ def test_loss_and_grad_match_kd_loss(world, name):
         _assert_close(grad, ref_grad, tol, "grad")
     if c.get("all_ignored") or c.get("all_masked"):
         assert (losses[0] == 0).all() and (grad == 0).all()
+    if c.get("shifted") and c.get("chunk"):  # chunks of two rows: no copy of a whole shard in the forward
+        assert not any(res[r][name]["big"] for r in range(w)), [res[r][name]["big"] for r in range(w)]
     if c.get("nan_row") is not None:  # (_assert_close compares the finite entries only)
         assert torch.isnan(ref_loss.view(-1)[c["nan_row"]]), ref_loss
         assert torch.isnan(losses[0].view(-1)[c["nan_row"]]), losses[0]

@@ -36,8 +36,11 @@ from fastdistill.ops._common import (
     check_choice,
     eager_only,
     first_order,
+    n_rows,
     refuse_transforms,
     resolve_accum,
+    row_chunk,
+    row_view,
     save_constants,
     saved_constants,
 )
@@ -544,19 +547,19 @@ def _reduce(p: KDPlan, st, V):
 def _forward(run: _Run, s, t, ids, labels, mask, weights):
     """All rows: stage A in chunks, collectives 1 + 2 over all rows, stage B + collective 3 (3-pass
     divergences). ``t``: the teacher shard, or the top-k log-probs with ``ids``. Returns (st, uk, V)."""
-    N, Vr = s.shape
+    N, Vr = n_rows(s), s.shape[-1]
     acc = run.p.accum_dtype
     mx = torch.empty((N, 3), dtype=acc, device=s.device)
     sm = torch.empty((N, run.nsum), dtype=acc, device=s.device)
     for sl in _chunks(N, Vr):
-        tb = t[sl] if run.dense else (ids[sl], t[sl])
-        mx[sl], sm[sl] = run.stage_a(s[sl], tb, labels[sl] if labels is not None else None)
+        tb = row_chunk(t, sl) if run.dense else (ids[sl], t[sl])
+        mx[sl], sm[sl] = run.stage_a(row_chunk(s, sl), tb, labels[sl] if labels is not None else None)
     A, G, V = run.collect(mx, sm)
     part = None
     if run.three:
         part = torch.empty((N, 2), dtype=acc, device=s.device)
         for sl in _chunks(N, Vr):
-            part[sl] = run.stage_b(s[sl], t[sl], A[sl], G[sl])
+            part[sl] = run.stage_b(row_chunk(s, sl), row_chunk(t, sl), A[sl], G[sl])
         dist.all_reduce(part, op=dist.ReduceOp.SUM, group=run.sh.group)
     st, uk = run.finish(A, G, part, None if run.dense else t, labels, mask, weights, V)
     return st, uk, V
@@ -580,18 +583,31 @@ class _VocabParallelKD(torch.autograd.Function):
         s, t, ids, labels, weights, st, uk, factor = saved_constants(ctx)
         run = ctx.run
         acc = run.p.accum_dtype
-        out = torch.empty_like(s)
+        out = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+        o2 = out.view(n_rows(s), s.shape[-1])
         go = g.reshape(-1).to(acc)
-        for sl in _chunks(*s.shape):
+        for sl in _chunks(n_rows(s), s.shape[-1]):
             rowscale = factor * (go[sl][:, None] if go.numel() > 1 else go)
-            teacher = t[sl] if run.dense else (ids[sl], t[sl])
-            out[sl] = run.grad(s[sl], teacher, labels[sl] if labels is not None else None,
+            teacher = row_chunk(t, sl) if run.dense else (ids[sl], t[sl])
+            o2[sl] = run.grad(row_chunk(s, sl), teacher, labels[sl] if labels is not None else None,
                                weights[sl] if weights is not None else None, st[sl],
                                uk[sl] if uk is not None else None, rowscale).to(out.dtype)
         return None, out, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- argument checks
+def _as_rows(x: torch.Tensor, N: int) -> torch.Tensor:
+    """``[N, V_r]`` rows of a shard without a copy where a view exists, else the ``[B, T, V_r]`` tensor itself when
+    only its leading dims are sliced (the shifted ``logits[:, :-1]`` of a batch: read a chunk at a time by
+    ``row_chunk``, a chunk that crosses a sequence copied alone), else a contiguous copy."""
+    flat = row_view(x, N)
+    if flat is not None:
+        return flat
+    if x.dim() == 3 and (x.shape[-1] <= 1 or x.stride(-1) == 1):
+        return x
+    return x.reshape(N, x.shape[-1]).contiguous()
+
+
 def _rows(name, v, lead, N, device, dtypes, kind):
     if v is None:
         return None
@@ -620,8 +636,7 @@ def _teacher_args(lead, N, device, teacher_logits, teacher_topk, topk_semantics,
         if t.shape[:-1] != lead or t.shape[-1] != Vr:
             raise ValueError(f"{tname}: expected shape {(*lead, Vr)} (the student shard's: the same rows and the "
                              f"same vocab slice), got {tuple(t.shape)}")
-        t2 = t.reshape(N, Vr)
-        return (t2 if t2.stride(-1) == 1 else t2.contiguous()), None, 0, 0
+        return _as_rows(t, N), None, 0, 0
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
         raise TypeError("teacher_topk: expected a pair (ids, logprobs)")
     ids, lps = teacher_topk
@@ -761,10 +776,7 @@ def vocab_parallel_kd_loss(
         temperature=temperature, teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
         reduction=reduction, num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap,
         logit_scale=logit_scale, accum_dtype=resolve_accum(accum_dtype, s))
-    s2 = s.reshape(N, Vr)
-    if s2.stride(-1) != 1:
-        s2 = s2.contiguous()
-    out = _VocabParallelKD.apply(run, s2, t2, ids, labels2, mask2, w2)
+    out = _VocabParallelKD.apply(run, _as_rows(s, N), t2, ids, labels2, mask2, w2)
     return out.view(lead) if run.p.red == 3 else out
 
 
