@@ -41,6 +41,9 @@ def _probe_triton() -> tuple[object | None, str | None]:
 
         return triton, None
     except Exception as exc:  # ImportError, or a broken install
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "numpy":  # imported by the interpreter only
+            return None, ("triton is not importable: Triton's interpreter (TRITON_INTERPRET=1) needs numpy, which "
+                          "is not installed (pip install numpy)")
         return None, f"triton is not importable ({type(exc).__name__}: {exc})"
 
 
@@ -306,7 +309,8 @@ def print_info() -> None:
         print(f"CUDA extension: built (with torch {getattr(ext, 'BUILD_TORCH', '?')}, "
               f"CUDA runtime {getattr(ext, 'CUDA_RUNTIME', '?')}, archs {getattr(ext, 'CUDA_ARCHS', '?')})")
     else:
-        print(f"CUDA extension: unavailable — {_EXT_ERR}")
+        print(f"CUDA extension: unavailable — {_EXT_ERR}\n  (built by `pip install --no-build-isolation -e .` where "
+              "torch has CUDA and nvcc is found; the Triton and reference backends do not need it)")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}  "
           f"FASTDISTILL_BACKEND={os.environ.get('FASTDISTILL_BACKEND', '')!s}")
     print(f"\nbackends for float32 tensors on {dev} (priority {' > '.join(BACKENDS)}):")
@@ -316,3 +320,4 @@ def print_info() -> None:
         print(f"  {op}")
         for b in BACKENDS:
             print(f"    {b:10s} {'can run' if not why[b] else 'no: ' + '; '.join(why[b])}")
+    print("  fused_linear_kd_loss, vocab_parallel_kd_loss: their chunks run kd_loss's backends (above)")

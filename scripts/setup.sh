@@ -13,10 +13,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 "$VPY" -m pip install -q --upgrade pip setuptools wheel
-if ! "$VPY" -c "import torch" 2>/dev/null; then
+# a kept torch / triton must meet pyproject.toml's bounds (torch>=2.6, triton>=3.2): an older one is replaced
+at_least() {  # module, minimum "major.minor": importable and at least that version
+  "$VPY" -c "import sys, $1 as m; v = tuple(int(x) for x in m.__version__.split('+')[0].split('.')[:2]); \
+sys.exit(0 if v >= tuple(int(x) for x in '$2'.split('.')) else 1)" 2>/dev/null
+}
+if ! at_least torch 2.6; then
+  "$VPY" -c "import torch; print('setup: torch', torch.__version__, 'is older than 2.6: installing torch==2.13.0')" \
+    2>/dev/null || true
   "$VPY" -m pip install -q "torch==2.13.0"
 fi
-if ! "$VPY" -c "import triton" 2>/dev/null; then
+if ! at_least triton 3.2; then
   "$VPY" -m pip install -q "triton==3.9.0"
 fi
 "$VPY" -m pip install -q "pytest>=7" "pytest-xdist>=3" "hypothesis>=6" numpy ninja "pybind11>=2.10"

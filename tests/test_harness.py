@@ -148,3 +148,22 @@ def test_fp64_accumulation_with_low_precision_tensors(dt):
         assert u.dtype == v.dtype and torch.isfinite(u).all(), name
         tol = 1e-12 if u.dtype == torch.float64 else 0.0  # a gradient rounded once: equal in the input dtype
         assert (u.double() - v.double()).abs().max() <= tol * v.double().abs().max(), name
+
+
+def test_triton_probe_names_numpy_for_the_interpreter(monkeypatch):
+    """Triton's interpreter imports numpy: without it the reason said only "No module named 'numpy'" under
+    "triton is not importable", with triton installed; it now says what to install."""
+    import builtins
+
+    from fastdistill import _backend
+
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name == "triton":
+            raise ModuleNotFoundError("No module named 'numpy'", name="numpy")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    mod, why = _backend._probe_triton()
+    assert mod is None and "needs numpy" in why and "pip install numpy" in why

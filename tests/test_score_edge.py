@@ -260,6 +260,9 @@ def test_info_runs(capsys):
     _backend.print_info()
     out = capsys.readouterr().out
     assert "score_distill" in out and "reference  can run" in out
+    assert "fused_linear_kd_loss" in out  # every public op (its chunks run kd_loss's backends)
+    if "CUDA extension: unavailable" in out:
+        assert "pip install --no-build-isolation -e ." in out  # how to build it
 
 
 # ----------------------------------------------------------------------------- compile, opcheck, determinism

@@ -413,8 +413,9 @@ def fused_linear_kd_loss(
         h_s = student.model(x).last_hidden_state            # [B, T, Hs]
         with torch.no_grad():
             h_t = teacher.model(x).last_hidden_state        # [B, T, Ht]
-        loss = fused_linear_kd_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight,
-                                    divergence="jsd", temperature=2.0, labels=labels)
+        # position t predicts token t + 1: drop the last position, shift the labels (transformers' convention)
+        loss = fused_linear_kd_loss(h_s[:, :-1], student.lm_head.weight, h_t[:, :-1], teacher.lm_head.weight,
+                                    divergence="jsd", temperature=2.0, labels=labels[:, 1:])
     """
     refuse_transforms("fused_linear_kd_loss")
     hs = _tensor("student_hidden", student_hidden)
