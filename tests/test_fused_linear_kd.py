@@ -707,3 +707,17 @@ def test_flkd_fp64_teacher_keeps_the_student_fp32():
     ref.backward()
     assert_rel(loss.double(), ref.double(), 1e-5, "loss")
     assert_rel(w.grad.double(), w2.grad.double(), 1e-4, "dW")
+
+
+def test_flkd_chunk_budget_counts_every_student_temporary():
+    """chunk_size="auto": the per-row bytes count, on CUDA, the gradient's operand copy also for fp32 weights under
+    bf16 autocast (before: only for bf16/fp16 weights), and the fp32 vocabulary-slice products of dW where torch's
+    addmm has no fp32 accumulator (before: uncounted, a 2 GiB budget held ~3.4 GiB). Found by the audits."""
+    bf, f32 = torch.bfloat16, torch.float32
+    V = 1000
+    assert flk._student_row_bytes(V, f32, False, False, f32, None, (False, False)) == 4 * V  # the CPU
+    assert flk._student_row_bytes(V, f32, True, False, f32, None, (False, False)) == 8 * V  # top-k's buffer
+    assert flk._student_row_bytes(V, f32, False, True, bf, bf, (True, True)) == 6 * V
+    assert flk._student_row_bytes(V, f32, False, True, f32, bf, (True, True)) == 6 * V  # fp32 W, bf16 autocast
+    assert flk._student_row_bytes(V, f32, False, True, bf, bf, (True, False)) == 10 * V  # no fp32 addmm
+    assert flk._student_row_bytes(V, torch.float64, False, True, bf, bf, (True, False)) == 10 * V  # fp64 logits

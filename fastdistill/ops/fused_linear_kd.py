@@ -355,6 +355,20 @@ def _eager_cpu(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling()
 
 
+def _student_row_bytes(V: int, ldt: torch.dtype, topk: bool, cuda: bool, w_dtype: torch.dtype,
+                       op: torch.dtype | None, gemm_ok: tuple[bool, bool]) -> int:
+    """Per-row bytes of the student's chunk temporaries: its logits in ``ldt`` (a separate gradient buffer for a
+    top-k teacher), on CUDA the gradient's copy in the GEMM operands' dtype (bf16/fp16 weights, or fp32 ones under
+    autocast: ``op``), and where torch's addmm has no fp32 accumulator for them (``gemm_ok`` = (mm, addmm) is
+    (True, False)) the fp32 products of dW over vocabulary slices as large as the logits chunk."""
+    per_row = ldt.itemsize * V * (2 if topk else 1)
+    if cuda and (w_dtype in _LOWP or op in _LOWP):
+        per_row += 2 * V
+    if cuda and op in _LOWP and ldt == torch.float32 and gemm_ok == (True, False):
+        per_row += 4 * V
+    return per_row
+
+
 def _chunk_rows(chunk_size, memory_budget_mb, N: int, bytes_per_row: int) -> int:
     if chunk_size == "auto":
         budget = (DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else float(memory_budget_mb)) * 2**20
@@ -550,9 +564,10 @@ def fused_linear_kd_loss(
     # the separate gradient buffer of a top-k teacher), teacher logits when computed or cast here
     # under autocast on CUDA the GEMM operands take autocast's dtype (as F.linear's would), the output stays fp32
     op_dtype = torch.get_autocast_dtype("cuda") if dev.type == "cuda" and torch.is_autocast_enabled("cuda") else None
+    op = op_dtype or (W.dtype if hs.dtype == W.dtype else None)  # the student head's GEMM operands (_Head)
+    per_row = _student_row_bytes(V, ldt, bool(topk), dev.type == "cuda", W.dtype, op,
+                                 _lowp_gemm(dev, op) if op in _LOWP else (False, False))
     isz = ldt.itemsize
-    lowp_grad = dev.type == "cuda" and (W.dtype in _LOWP or op_dtype in _LOWP)  # the gradient's operand copy
-    per_row = isz * V + (isz * V if topk else 0) + (2 * V if lowp_grad else 0)
     if th is not None or (tlog is not None and tdt != tlog.dtype):
         per_row += isz * Vt
     elif tlog is not None and tlog.dim() == 3:  # a chunk that crosses a sequence boundary is copied (row_chunk)
