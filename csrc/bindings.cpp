@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifndef FD_EXT_ABI
@@ -262,10 +263,14 @@ void kd_bwd(int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels
     kd_require_ptr(factor, "factor");
     kd_require_ptr(grad_out, "grad_out");
     kd_require_ptr(out, "out");
-    const int64_t R = rows_per_group < N ? rows_per_group : N;
-    if (R > 1 && o_stride < V)
-      bad_kd("o_stride: rows of out overlap (o_stride=" + std::to_string(o_stride) + " < V=" + std::to_string(V) + ")");
-    if (N > R && o_gstride < (R - 1) * o_stride + V)
+    // rows disjoint: the (count, stride) pairs of the row and group dims sorted by stride (either order: e.g.
+    // seq-first logits transposed), the smaller stride at least V, the larger spanning the smaller's rows
+    const int64_t R = rows_per_group < N ? rows_per_group : N, G = N > R ? N / R : 1;
+    int64_t na = R, sa = o_stride, nb = G, sb = o_gstride;
+    if (na > 1 && nb > 1 && sb < sa) std::swap(na, nb), std::swap(sa, sb);
+    if (na > 1 && sa < V)
+      bad_kd("o_stride: rows of out overlap (stride " + std::to_string(sa) + " < V=" + std::to_string(V) + ")");
+    if (nb > 1 && sb < (na > 1 ? (na - 1) * sa : 0) + V)
       bad_kd("o_gstride: groups of rows of out overlap (o_gstride=" + std::to_string(o_gstride) + ")");
   }
   cudaError_t err;

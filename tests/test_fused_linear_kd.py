@@ -721,3 +721,22 @@ def test_flkd_chunk_budget_counts_every_student_temporary():
     assert flk._student_row_bytes(V, f32, False, True, f32, bf, (True, True)) == 6 * V  # fp32 W, bf16 autocast
     assert flk._student_row_bytes(V, f32, False, True, bf, bf, (True, False)) == 10 * V  # no fp32 addmm
     assert flk._student_row_bytes(V, torch.float64, False, True, bf, bf, (True, False)) == 10 * V  # fp64 logits
+
+
+def test_flkd_shifted_teacher_logits_under_compile():
+    """fused_linear_kd_loss with teacher_logits=logits[:, :-1] inside torch.compile (the op itself runs eagerly):
+    equal to eager. Before, a view probed with try/except before the eager boundary failed while dynamo traced
+    ("Cannot view a tensor ..."; found by a review)."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    g = gen(45)
+    h, W = torch.randn(2, 5, 8, generator=g), torch.randn(30, 8, generator=g) * 0.3
+    TL = torch.randn(2, 5, 30, generator=g)
+    f = lambda h, w, tl: fused_linear_kd_loss(h[:, :-1], w, teacher_logits=tl[:, :-1], divergence="jsd", chunk_size=3)
+    w1, w2 = W.clone().requires_grad_(), W.clone().requires_grad_()
+    a, b = torch.compile(f, backend="aot_eager")(h, w1, TL), f(h, w2, TL)
+    a.backward()
+    b.backward()
+    assert torch.equal(a, b) and torch.equal(w1.grad, w2.grad)
+    dynamo.reset()

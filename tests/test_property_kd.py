@@ -149,6 +149,7 @@ class Case:
     kw: dict
     inplace: bool = False
     pad: int = 0
+    shift: bool = False  # [B, T, V] values: a view of [B, T + 1, V + pad] (logits[:, :-1]: grouped rows)
 
     def __repr__(self) -> str:  # the falsifying example, readable: small tensors in full, large ones summarised
         def show(t):
@@ -162,7 +163,7 @@ class Case:
         tk = None if self.topk is None else tuple(show(t) for t in self.topk)
         kw = "{" + ", ".join(f"{k!r}: {show(v)}" for k, v in self.kw.items()) + "}"
         return (f"Case(values={show(self.values)}, teacher={show(self.teacher)}, topk={tk}, kw={kw}, "
-                f"inplace={self.inplace}, pad={self.pad})")
+                f"inplace={self.inplace}, pad={self.pad}, shift={self.shift})")
 
     def _repr_pretty_(self, p, cycle):  # hypothesis prints falsifying examples with this
         p.text(repr(self))
@@ -190,10 +191,20 @@ def run_op(case: Case, backend: str, upstream=None, *, accum_dtype=None, **overr
     buffer must hold the gradient afterwards (docs: "Gradient buffer")."""
     v = case.values
     V = v.shape[-1]
-    buf = torch.zeros(*v.shape[:-1], V + case.pad, dtype=v.dtype)
-    buf[..., :V] = v
+    shift = case.shift and v.dim() == 3
+    T = v.shape[1] if shift else None  # rows [:, :T] of a buffer one position longer (the shifted logits)
+    if shift:
+        buf = torch.zeros(v.shape[0], T + 1, V + case.pad, dtype=v.dtype)
+        buf[:, :T, :V] = v
+        buf[:, T:, :V] = 1.5  # logits past the rows: inplace_grad must leave them alone
+        last = buf[:, T:].clone()
+    else:
+        buf = torch.zeros(*v.shape[:-1], V + case.pad, dtype=v.dtype)
+        buf[..., :V] = v
     x = buf.requires_grad_()
     z = x * 1.0 if case.inplace else x
+    if shift:
+        z = z[:, :T]
     kw = dict(case.kw, **override)
     if kw.get("reduction", "batchmean") in ("sum", "none"):
         kw.pop("num_items", None)  # it divides batchmean / mean only (kd_loss raises where it would be ignored)
@@ -207,11 +218,16 @@ def run_op(case: Case, backend: str, upstream=None, *, accum_dtype=None, **overr
         up = upstream_for(loss.detach()) if upstream is None else upstream
         loss.backward(up.to(loss.dtype))
     assert x.grad is not None and x.grad.dtype == v.dtype
-    assert (x.grad[..., V:] == 0).all(), "gradient leaked into the padding columns"
-    if case.inplace:
-        same = (z.detach()[..., :V] == x.grad[..., :V]) | (z.detach()[..., :V].isnan() & x.grad[..., :V].isnan())
+    xg = x.grad
+    if shift:  # the position past the shifted rows: no gradient, and inplace_grad leaves its logits alone
+        assert (x.grad[:, T:] == 0).all(), "gradient leaked into the position past the shifted rows"
+        assert not case.inplace or torch.equal(z._base.detach()[:, T:], last), "inplace_grad wrote past the rows"
+        xg = x.grad[:, :T]
+    assert (xg[..., V:] == 0).all(), "gradient leaked into the padding columns"
+    if case.inplace and not (shift and backend == "reference"):  # (the reference copies shifted logits: docs)
+        same = (z.detach()[..., :V] == xg[..., :V]) | (z.detach()[..., :V].isnan() & xg[..., :V].isnan())
         assert same.all(), "inplace_grad: the logits buffer does not hold the gradient"
-    return loss.detach(), x.grad[..., :V]
+    return loss.detach(), xg[..., :V]
 
 
 def _randn(g, *shape):
@@ -327,7 +343,7 @@ def dense_cases(draw, dtypes=DTYPES, infinite_ok=False, positive_weights=False, 
     tbuf[:, :Vt] = t
     teacher = tbuf[:, :Vt].reshape(*lead, Vt)
     return Case(s.reshape(*lead, V), teacher, None, kw, inplace=draw(st.booleans()),
-                pad=draw(st.sampled_from([0, 0, 2])))
+                pad=draw(st.sampled_from([0, 0, 2])), shift=draw(st.booleans()))
 
 
 @st.composite
@@ -389,7 +405,7 @@ def topk_cases(draw, dtypes=DTYPES, semantics=SEMANTICS, positive_weights=False,
     s, lps = s.to(dtype), lps.to(draw(st.sampled_from([dtype, torch.float32])))
     ids = ids.to(draw(st.sampled_from([torch.int64, torch.int32])))
     return Case(s.reshape(*lead, V), None, (ids.reshape(*lead, k), lps.reshape(*lead, k)), kw,
-                inplace=draw(st.booleans()), pad=draw(st.sampled_from([0, 0, 2])))
+                inplace=draw(st.booleans()), pad=draw(st.sampled_from([0, 0, 2])), shift=draw(st.booleans()))
 
 
 def expected_error(case: Case) -> str | None:

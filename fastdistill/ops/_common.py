@@ -247,10 +247,26 @@ def row_view(x: torch.Tensor, N: int) -> torch.Tensor | None:
     exists (e.g. ``logits[:, :-1]`` of ``[B, T, V]`` logits: no single row stride reaches its rows)."""
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         return None
-    try:
-        return x.view(N, x.shape[-1])
-    except RuntimeError:
+    # decided from the strides (a failing view cannot be caught while dynamo traces): the leading dims other
+    # than those of size 1 must collapse into one, each stride the next one's times its size
+    lead = [(n, st) for n, st in zip(x.shape[:-1], x.stride()[:-1]) if n != 1]
+    if any(s0 != n1 * s1 for (_, s0), (n1, s1) in zip(lead, lead[1:])):
         return None
+    return x.view(N, x.shape[-1])
+
+
+def rows_overlap(x: torch.Tensor) -> bool:
+    """Whether two rows of a row operand (``[N, C]``, or ``[G, R, C]`` with any order of the group and row strides,
+    e.g. seq-first logits transposed) share memory (an expanded tensor). The two (count, stride) pairs sorted by
+    stride: rows are disjoint iff the smaller stride is at least C and the larger spans the smaller's rows."""
+    C = x.shape[-1]
+    dims = sorted(((n, abs(st)) for n, st in zip(x.shape[:-1], x.stride()[:-1]) if n > 1), key=lambda d: d[1])
+    span = C  # elements from a row's start to its end, over the dims taken so far
+    for n, st in dims:
+        if st < span:
+            return True
+        span = (n - 1) * st + span
+    return False
 
 
 def row_chunk(x: torch.Tensor, r: slice) -> torch.Tensor:

@@ -17,6 +17,7 @@ from fastdistill.ops._common import (
     refuse_transforms,
     resolve_accum,
     row_view,
+    rows_overlap,
     save_constants,
     saved_constants,
     select_backend,
@@ -319,22 +320,10 @@ def _as_rows(x: torch.Tensor, N: int, grouped: bool) -> torch.Tensor:
     """The kernels' row operand: ``[N, C]`` (a view where one exists), ``[G, R, C]`` (``grouped``: a view whose rows
     are R a group, group-major, as the leading dims of a sliced ``[B, T, C]`` tensor), else a contiguous copy."""
     C = x.shape[-1]
+    if grouped and x.dim() == 3 and (C <= 1 or x.stride(-1) == 1):
+        return x
     flat = row_view(x, N)
-    if grouped and x.dim() >= 3 and (C <= 1 or x.stride(-1) == 1):
-        try:
-            return x.view(-1, x.shape[-2], C)
-        except RuntimeError:
-            pass
     return flat if flat is not None else x.reshape(N, C).contiguous()
-
-
-def _rows_overlap(x: torch.Tensor) -> bool:
-    """Whether two rows of the row operand ``x`` (``[N, C]`` or ``[G, R, C]``) share memory (an expanded tensor)."""
-    C = x.shape[-1]
-    if x.dim() == 2:
-        return x.shape[0] > 1 and x.stride(0) < C
-    G, R = x.shape[:2]
-    return (R > 1 and x.stride(1) < C) or (G > 1 and x.stride(0) < (R - 1) * x.stride(1) + C)
 
 
 def _overlap_elsewhere(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -502,7 +491,7 @@ def kd_loss(
             raise ValueError("inplace_grad: student_logits is a leaf that requires grad (or a view of one): its "
                              "gradient would overwrite the tensor itself (and alias its .grad); pass "
                              "inplace_grad=False")
-        if s2.numel() and _rows_overlap(s2) and s2.data_ptr() == s.data_ptr():
+        if s2.numel() and rows_overlap(s2) and s2.data_ptr() == s.data_ptr():
             raise ValueError(f"inplace_grad: the rows of student_logits overlap in memory (strides {s.stride()}, "
                              f"V = {V}, e.g. an expanded tensor): one gradient row would overwrite another's logits; "
                              "pass inplace_grad=False")
