@@ -28,11 +28,14 @@ def _source_tree_kernels() -> None:
     if "fastdistill.kernels" in sys.modules or os.path.isdir(os.path.join(here, "kernels")) \
             or not os.path.isfile(init) or not os.path.isfile(os.path.join(src, "kd_softmax.py")):
         return
-    try:  # an editable install's finder (or another mapping) already provides it: leave it to that
-        if importlib.util.find_spec("fastdistill.kernels") is not None:
+    try:  # an editable install's finder that maps this very checkout's kernels/: leave it to that
+        found = importlib.util.find_spec("fastdistill.kernels")
+        origin = os.path.realpath(found.origin) if found is not None and found.origin else ""
+        ours = (os.path.realpath(src), os.path.realpath(os.path.join(here, "kernels")))
+        if origin and os.path.dirname(origin) in ours:
             return
     except (ImportError, ValueError):
-        pass
+        pass  # (another checkout's mapping, e.g. a venv's editable install of a different clone: this one's wins)
     spec = importlib.util.spec_from_file_location("fastdistill.kernels", init, submodule_search_locations=[src])
     mod = importlib.util.module_from_spec(spec)
     sys.modules["fastdistill.kernels"] = mod

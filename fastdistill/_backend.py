@@ -30,7 +30,7 @@ def interpreting() -> bool:
     """True when Triton kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1), read as Triton reads it
     (``true`` / ``yes`` / ``on`` are on, ``false`` / ``off`` off: before, any value but "" and "0" was on, so
     TRITON_INTERPRET=false sent CPU tensors to a Triton that was not interpreting)."""
-    v = os.environ.get("TRITON_INTERPRET", "").strip().lower()
+    v = os.environ.get("TRITON_INTERPRET", "").lower()  # (no strip: Triton reads " 1" as off)
     return v in ("1", "true", "yes", "on", "y")
 
 

@@ -271,6 +271,19 @@ def _extras(x: dict, W: int, r: int) -> dict:
     q2 = q[:, :, :2]
     out["check_off_equal"] = torch.equal(cp(q2, q2, q2, check=False)[0], cp(q2, q2, q2)[0])
     out["err_mode_check_off"] = _expect_error(lambda: cp(q, q, q, mode="ringg", check=False))
+    # as jvp_attention: under autocast q, k, v, tangents in the autocast dtype (an fp32 q with bf16 k / v too);
+    # tangent_dtype other than q's under forward-AD raises (before: fp32 o, a TypeError, an fp32 tangent)
+    qa, ka, va, ta = (torch.randn(1, 4, 2, D, generator=torch.Generator().manual_seed(9 + i)) for i in range(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        oa, toa = cp(qa, ka, va, ta)
+        om, _ = cp(qa, ka.bfloat16(), va.bfloat16())
+    ob, tob = cp(*(x.bfloat16() for x in (qa, ka, va, ta)))
+    out["autocast_as_jvp_attention"] = (oa.dtype == toa.dtype == om.dtype == torch.bfloat16 and torch.equal(oa, ob)
+                                        and torch.equal(toa, tob) and torch.equal(om, ob))
+    with fwAD.dual_level():
+        qd = fwAD.make_dual(qa.bfloat16(), ta.bfloat16())
+        out["err_dual_tangent_dtype"] = _expect_error(lambda: cp(qd, ka.bfloat16(), va.bfloat16(),
+                                                                 tangent_dtype=torch.float32))
     # shards of different lengths on different ranks: caught by the agreement check on every rank
     qq = torch.randn(1, 4 + r, 2, D, dtype=F64)
     out["err_ranks_differ"] = _expect_error(lambda: cp(qq, qq, qq))
@@ -284,8 +297,6 @@ def _extras(x: dict, W: int, r: int) -> dict:
     out["err_stop_gradient_func"] = _expect_error(lambda: (o.sum() + to.sum()).backward())
     o, to = torch.func.jvp(lambda x: cp(x, x, x)[0], (qg,), (torch.ones_like(qg),))
     out["func_primal_backward"] = _expect_error(lambda: (o.sum() + to.detach().sum()).backward())
-    import torch.autograd.forward_ad as fwAD
-
     with fwAD.dual_level():
         o, to = fwAD.unpack_dual(cp(fwAD.make_dual(qg, torch.ones_like(qg)), qg, qg)[0])
         out["err_stop_gradient_dual"] = _expect_error(lambda: (o.sum() + to.sum()).backward())
@@ -529,6 +540,7 @@ def test_zigzag_helpers(world):
     ("err_dtype_one_rank", "ValueError", "'torch.float64', 'torch.float32']"),
     ("err_zigzag_odd_one_rank", "ValueError", "q, k: zigzag shards hold two equal chunks"),
     ("err_mode_check_off", "ValueError", "mode"),
+    ("err_dual_tangent_dtype", "ValueError", "tangent_dtype: under torch.func.jvp"),
     ("err_ulysses_heads_one_rank", "ValueError", "q: mode='ulysses'"),
     ("err_causal_lengths_one_rank", "ValueError", "q, k: causal"),
     ("err_tangent_dtype_one_rank", "TypeError", "tq: dtype"),
@@ -544,6 +556,11 @@ def test_errors(world, key, exc, words):
         if msg in ("skipped", None):
             continue
         assert msg.startswith(exc) and words in msg, f"W={W} rank {r}: {key}: expected {exc} with {words!r}, got {msg}"
+
+
+def test_autocast_as_jvp_attention(world):
+    W, _, ranks = world
+    assert all(rk["extras"]["autocast_as_jvp_attention"] for rk in ranks)
 
 
 def test_group_of_one_is_the_single_device_op(world):

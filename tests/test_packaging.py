@@ -72,3 +72,18 @@ def test_sdist_carries_the_cuda_sources(tmp_path):
               "kernels/kd_softmax.py", "docs/kd_ops.md", "tests/conftest.py", "MANIFEST.in"):
         assert f in names, f"{f} is missing from the sdist"
     assert not any("__pycache__" in n or n.endswith(".so") for n in names)
+
+
+def test_another_checkout_imported_from_its_root_uses_its_own_kernels(tmp_path):
+    """A second checkout imported from its root, in a venv whose editable install maps another checkout: its
+    fastdistill/ and its kernels/ go together (before: the other checkout's kernels were kept, a mismatched pair;
+    found by a review)."""
+    clone = tmp_path / "clone"
+    for name in ("fastdistill", "kernels"):
+        shutil.copytree(ROOT / name, clone / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    code = "import fastdistill, fastdistill.kernels; print(fastdistill.__file__); print(fastdistill.kernels.__file__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=clone)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pkg, kern = (Path(x).resolve() for x in r.stdout.split())
+    assert pkg == (clone / "fastdistill" / "__init__.py").resolve()
+    assert kern == (clone / "kernels" / "__init__.py").resolve()

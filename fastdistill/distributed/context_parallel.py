@@ -31,7 +31,15 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 
-from fastdistill.ops._common import check_bool, check_choice, eager_only, first_order, reached, select_backend
+from fastdistill.ops._common import (
+    autocast_cast,
+    check_bool,
+    check_choice,
+    eager_only,
+    first_order,
+    reached,
+    select_backend,
+)
 from fastdistill.ops.jvp_attention import (
     _STOP_GRAD,
     LAYOUTS,
@@ -48,6 +56,7 @@ from fastdistill.ops.jvp_attention import (
     _out_shape,
     _stat_dtype,
     autograd_levels,
+    check_dual_tangent_dtype,
     jvp_attention,
     transform_limit,
 )
@@ -654,6 +663,7 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         check_choice("seq_layout", seq_layout, SEQ_LAYOUTS)
         return jvp_attention(q, k, v, tq, tk, tv, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
                              tangent_dtype=tangent_dtype)
+    q, k, v, tq, tk, tv = autocast_cast(q, k, v, tq, tk, tv)  # as jvp_attention (and stock SDPA) under autocast
     # every local check before the first collective; a failure is carried to the other ranks by _agree
     try:
         a, err = _local_args(q, k, v, tq, tk, tv, W, mode, causal, scale, layout, seq_layout, tangent_dtype), None
@@ -706,6 +716,8 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
     if dual:
         tq, tk, tv = (t if t is None or t.numel() == 0 or t.stride(-1) == 1 else t.contiguous() for t in duals)
     Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
+    if dual:
+        check_dual_tangent_dtype(q, tangent_dtype)
     sd = 1 if lay == 0 else 2
     hd = 3 - sd
     B, sq, Hq, sk, Hkv = q.shape[0], q.shape[sd], q.shape[hd], k.shape[sd], k.shape[hd]

@@ -327,6 +327,14 @@ def transform_limit(backend: str | None = None, dual: bool = True) -> str | None
     return None
 
 
+def check_dual_tangent_dtype(q: torch.Tensor, tangent_dtype) -> None:
+    """Under forward-AD the tangent of o has o's dtype: another ``tangent_dtype`` (an explicit-pairs option) raises."""
+    if tangent_dtype is not None and tangent_dtype != q.dtype:
+        raise ValueError(f"tangent_dtype: under torch.func.jvp / forward-AD dual tensors the tangent of o has o's "
+                         f"dtype ({q.dtype}; the next layer would get a {tangent_dtype} tangent); pass explicit "
+                         f"(tq, tk, tv) pairs for a {tangent_dtype} tangent output")
+
+
 def _in_dual_level() -> bool:
     """Inside ``forward_ad.dual_level()`` at run time. Read while dynamo traces a frame that it compiles on its own
     (after a graph break in the caller): there a dual input looks like a plain tensor (its tangent is not traced),
@@ -462,10 +470,8 @@ def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
         tq, tk, tv = (t if t is None or t.numel() == 0 or t.stride(-1) == 1 else t.contiguous() for t in duals)
     causal, return_lse = check_bool("causal", causal), check_bool("return_lse", return_lse)
     Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
-    if dual and tangent_dtype is not None and tangent_dtype != q.dtype:
-        raise ValueError(f"tangent_dtype: under torch.func.jvp / forward-AD dual tensors the tangent of o has o's "
-                         f"dtype ({q.dtype}; the next layer would get a {tangent_dtype} tangent); pass explicit "
-                         f"(tq, tk, tv) pairs for a {tangent_dtype} tangent output")
+    if dual:
+        check_dual_tangent_dtype(q, tangent_dtype)
     scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
     if not is_finite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale}")
