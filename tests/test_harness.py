@@ -167,3 +167,24 @@ def test_triton_probe_names_numpy_for_the_interpreter(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     mod, why = _backend._probe_triton()
     assert mod is None and "needs numpy" in why and "pip install numpy" in why
+
+
+def test_dtensor_inputs():
+    """DTensor arguments (tensor / sequence parallelism, FSDP2) raise a TypeError naming the argument and the tool
+    (vocab_parallel_kd_loss for vocabulary-sharded logits, .to_local(), context_parallel_jvp_attention, FSDP2's
+    forward for a sharded weight), and jvp_sdpa falls back to stock SDPA for them. Before: internal errors ("invalid
+    python storage", "no sharding strategy"), and on a GPU a kernel launch on address 0 (a DTensor's data_ptr).
+    Found by a DTensor audit. Runs in its own process (a one-rank gloo group)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch.distributed.tensor")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    here = os.path.dirname(__file__)
+    r = subprocess.run([sys.executable, os.path.join(here, "dtensor_inputs_check.py")], capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, PYTHONPATH=here + os.pathsep +
+                                                        os.environ.get("PYTHONPATH", "")))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") == 11, r.stdout

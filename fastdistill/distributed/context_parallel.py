@@ -38,6 +38,7 @@ from fastdistill.ops._common import (
     eager_only,
     first_order,
     reached,
+    reject_dtensor,
     select_backend,
 )
 from fastdistill.ops.jvp_attention import (
@@ -700,6 +701,8 @@ class _Args(NamedTuple):
 
 def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_layout, tangent_dtype) -> _Args:
     """This rank's argument checks (no communication) and what the call needs; raises on bad arguments."""
+    reject_dtensor("context_parallel_jvp_attention", {"q": q, "k": k, "v": v, "tq": tq, "tk": tk, "tv": tv},
+                   hint=" (this rank's sequence shard, which context_parallel_jvp_attention expects)")
     check_choice("mode", mode, MODES)
     causal = check_bool("causal", causal)
     check_choice("seq_layout", seq_layout, SEQ_LAYOUTS)

@@ -65,7 +65,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from fastdistill._backend import BackendUnavailableError
-from fastdistill.ops._common import autocast_cast, check_choice
+from fastdistill.ops._common import autocast_cast, check_choice, is_dtensor
 from fastdistill.ops.jvp_attention import TransformLimitError, jvp_attention, transform_limit
 
 PLAIN = ("sdpa", "fastdistill")
@@ -198,6 +198,8 @@ def _why_not(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> str
         return "dropout_p > 0 (fastdistill has no attention dropout)"
     if any(x.is_nested for x in (q, k, v)):
         return "nested tensors"
+    if any(is_dtensor(x) for x in (q, k, v)):
+        return "DTensor inputs (stock SDPA has their sharding rules)"
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (needs one of float16, bfloat16, float32, float64 for all)"
     if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():

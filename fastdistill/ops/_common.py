@@ -281,6 +281,34 @@ def row_chunk(x: torch.Tensor, r: slice) -> torch.Tensor:
     return torch.cat([x[g, max(r.start - g * R, 0) : min(r.stop - g * R, R)] for g in range(g0, g1 + 1)])
 
 
+try:  # (imported by torch.distributed users anyway; a plain global: traced by dynamo without a graph break)
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # torch without distributed
+    _DTensor = None
+
+
+def is_dtensor(x) -> bool:
+    return _DTensor is not None and isinstance(x, _DTensor)
+
+
+def reject_dtensor(op: str, tensors: dict, *, vocab_hint: str | None = None, hint: str = "") -> None:
+    """A clear TypeError for a DTensor argument (tensor parallelism, sequence parallelism, FSDP2): the kernels take
+    plain tensors (a DTensor's data pointer is 0: a kernel launch on address 0). ``vocab_hint``: what to use for
+    logits sharded on their last (vocabulary) dim; ``hint``: for any other placement."""
+    if _DTensor is None:
+        return
+    for name, x in tensors.items():
+        if not isinstance(x, _DTensor):
+            continue
+        pl = tuple(x.placements)
+        last = any(p.is_shard() and p.dim in (x.dim() - 1, -1) for p in pl)
+        if vocab_hint is not None and last:
+            raise TypeError(f"{name}: a DTensor sharded on its last (vocabulary) dim {pl}; {op} takes whole rows: "
+                            f"{vocab_hint}")
+        raise TypeError(f"{name}: a DTensor {pl}; {op} takes plain tensors: pass {name}.to_local() (this rank's "
+                        f"shard) or {name}.full_tensor(){hint}")
+
+
 def graph_anchor(x: torch.Tensor | None) -> torch.Tensor | None:
     """A one-element tensor that depends on ``x`` in the autograd graph but holds none of its storage: an anchor
     for ``first_order`` (``ctx.fd_anchors``) of an input the op does not save. Call it outside the Function (grad

@@ -16,6 +16,7 @@ from fastdistill.ops._common import (
     first_order,
     is_finite,
     real_option,
+    reject_dtensor,
     save_constants,
     saved_constants,
     select_backend,
@@ -76,6 +77,8 @@ class Plan:
 def check_tensor(name: str, t, like: torch.Tensor | None = None, *, shape_of: str = "x") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    reject_dtensor("each score op", {name: t}, hint=" (samples sharded: a loss per rank, as with any data-parallel "
+                                                    "shard)")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
     if like is not None:

@@ -24,7 +24,9 @@ from fastdistill.ops._common import (
     eager_only,
     first_order,
     graph_anchor,
+    is_dtensor,
     refuse_transforms,
+    reject_dtensor,
     resolve_accum,
     row_chunk,
     row_view,
@@ -320,14 +322,14 @@ def _run_eager(cfg: _Cfg, tensors: tuple, grad: bool):
 def _tensor(name: str, v, *, dim: int | None = None, dtypes=_FLOAT_DTYPES, kind="a floating dtype"):
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(v).__name__}")
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch without distributed
-        DTensor = ()
-    if isinstance(v, DTensor):
-        raise TypeError(f"{name}: got a DTensor (a sharded FSDP2 / tensor-parallel parameter?): call "
-                        "fused_linear_kd_loss inside the FSDP2 module's forward, where its parameters are unsharded "
-                        "plain tensors, or unshard() the module first (docs/kd_ops.md, 'Fused linear KD')")
+    if is_dtensor(v) and name.endswith(("weight", "bias")):
+        raise TypeError(f"{name}: got a DTensor {tuple(v.placements)}: an FSDP2-sharded parameter is a plain tensor "
+                        "inside the FSDP2 module's forward (call fused_linear_kd_loss there, or unshard() the module "
+                        "first); a tensor-parallel (vocab-sharded) lm_head goes to "
+                        "fastdistill.distributed.vocab_parallel_fused_linear_kd_loss(h, W.to_local(), ..., "
+                        "group=<the tensor-parallel group>) (docs/kd_ops.md, 'Fused linear KD')")
+    reject_dtensor("fused_linear_kd_loss", {name: v}, vocab_hint="use fastdistill.distributed."
+                   "vocab_parallel_fused_linear_kd_loss on each rank's vocabulary shard")
     if dtypes is not None and v.dtype not in dtypes:
         raise TypeError(f"{name}: expected {kind}, got {v.dtype}")
     if dim is not None and v.dim() != dim:

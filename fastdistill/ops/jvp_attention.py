@@ -26,6 +26,7 @@ from fastdistill.ops._common import (  # noqa: F401  (TransformLimitError: re-ex
     functorch_levels,
     is_finite,
     reached,
+    reject_dtensor,
     select_backend,
 )
 from fastdistill.reference import jvp_attention as _ref
@@ -353,6 +354,9 @@ def _name(dt: torch.dtype) -> str:
 
 
 def _check(q, k, v, tq, tk, tv, layout: int, tangent_dtype):
+    reject_dtensor("jvp_attention", {"q": q, "k": k, "v": v, "tq": tq, "tk": tk, "tv": tv},
+                   hint=" (sequence-sharded q / k / v: fastdistill.distributed.context_parallel_jvp_attention on the "
+                        "local shards)")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")

@@ -15,6 +15,7 @@ from fastdistill.ops._common import (
     n_rows,
     real_option,
     refuse_transforms,
+    reject_dtensor,
     resolve_accum,
     row_view,
     rows_overlap,
@@ -410,6 +411,13 @@ def kd_loss(
     """
     refuse_transforms("kd_loss")
     s = student_logits
+    topk_pair = teacher_topk if isinstance(teacher_topk, (tuple, list)) else (None, None)
+    reject_dtensor("kd_loss", {"student_logits": s, "teacher_logits": teacher_logits, "labels": labels, "mask": mask,
+                               "weights": weights, "num_items": num_items,
+                               **dict(zip(("teacher_topk ids", "teacher_topk logprobs"), topk_pair))},
+                   vocab_hint="use fastdistill.distributed.vocab_parallel_kd_loss(student.to_local(), "
+                              "teacher.to_local(), group=...) on each rank's vocabulary shard",
+                   hint=" (rows sharded: num_items=<the global count> keeps batchmean global)")
     if not isinstance(s, torch.Tensor):
         raise TypeError(f"student_logits: expected a tensor, got {type(s).__name__}")
     if s.dtype not in _FLOAT_DTYPES:
