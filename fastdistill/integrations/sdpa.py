@@ -33,8 +33,8 @@ SDPA over the patch, calls that come back through its wrapper while fastdistill 
 builtin SDPA (no recursion).
 
 Under ``torch.compile`` the patched call traces into the graph (``fullgraph=True`` works: plain calls with
-either ``plain`` choice, and fallbacks, also inside ``torch.func.jvp``), except a served call with a tangent:
-its fused pass runs eagerly (a graph break; ``jvp_attention``'s forward-AD path, see its docs); dynamo guards on
+either ``plain`` choice, and fallbacks, also inside ``torch.func.jvp``; a call with a tangent that dynamo
+traces is math attention in the graph, ``jvp_attention``'s forward-AD contract under compile); dynamo guards on
 the activation state, so a graph compiled inside a block is not reused outside it. Traced fallbacks do
 not warn (an eager call does, once per reason). Enter the block outside the compiled function: dynamo does not trace the
 context manager itself (``fullgraph=True`` raises "Unsupported context manager"; without it, a graph

@@ -285,8 +285,12 @@ class _DualFunction(torch.autograd.Function):
         causal, scale, layout, backend = ctx.cfg
         if do is None:  # only lse reached the loss
             do = torch.zeros_like(o)
-        dq, dk, dv = _bwd(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, lo, dlse, causal, scale,
-                          layout, backend)
+        # the kernel backends through the custom op: a backward that runs inside a compiled region (a compiled step
+        # calling .backward()) is then one opaque op for dynamo, not a traced kernel launch; the reference backend
+        # directly (torch.func.grad around a forward-AD call reaches this with functorch-wrapped tensors)
+        bwd = _bwd if backend == "reference" else _bwd_op
+        dq, dk, dv = bwd(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, lo, dlse, causal, scale,
+                         layout, backend)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -404,9 +408,9 @@ def _check(q, k, v, tq, tk, tv, layout: int, tangent_dtype):
 
 
 # ----------------------------------------------------------------------------- public
-_DUAL_EAGER = ("fastdistill.jvp_attention with forward-AD tangents: dynamo does not run an autograd.Function's "
-               "custom jvp (it would differentiate the kernel launch: a zero or wrong tangent), so the fused pass runs "
-               "eagerly")
+_DUAL_EAGER = ("fastdistill.jvp_attention's fused forward-AD pass (an autograd.Function with a custom jvp, which "
+               "dynamo does not run) is not traced: under torch.compile forward-AD calls take the math path in the "
+               "graph")
 
 
 @torch.compiler.disable(reason=_DUAL_EAGER)  # also when dynamo runs a transform's frames one by one (no tracing below)
@@ -454,8 +458,44 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     kw = dict(causal=causal, scale=scale, layout=layout, return_lse=return_lse, tangent_dtype=tangent_dtype)
     if torch.compiler.is_compiling() and (_in_dual_level() or any(
             isinstance(x, torch.Tensor) and _dual_tangent(x) is not None for x in (q, k, v))):
-        return _jvp_attention_eager(q, k, v, tq, tk, tv, **kw)  # forward-AD under torch.compile: a graph break
+        # forward-AD traced by dynamo (torch.func.jvp or dual tensors inside the compiled function): math attention
+        # in the graph, differentiated by PyTorch as stock SDPA's is. The fused pass is an autograd.Function whose
+        # custom jvp dynamo does not run, and a graph break here split the dual region into frames whose dual
+        # inputs dynamo sees as plain tensors (inductor then dropped their tangents: None, silently)
+        return _math_in_graph(q, k, v, tq, tk, tv, **kw)
     return _jvp_attention(q, k, v, tq, tk, tv, **kw)
+
+
+def _math_in_graph(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, tangent_dtype):
+    """jvp_attention's contract on forward-AD dual tensors by differentiable math (traced under torch.compile):
+    O = softmax(s·q kᵀ) v with GQA, bottom-right causal alignment, rows that see no key 0 (lse −inf)."""
+    check_choice("layout", layout, LAYOUTS)
+    lay = LAYOUTS[layout]
+    q, k, v, tq, tk, tv = autocast_cast(q, k, v, tq, tk, tv)
+    if any(t is not None for t in (tq, tk, tv)):
+        raise ValueError("tq, tk, tv: q/k/v already carry forward-AD tangents (torch.func.jvp or dual tensors); "
+                         "pass the tangents one way, not both")
+    Dqk, Dv = _check(q, k, v, None, None, None, lay, tangent_dtype)
+    check_dual_tangent_dtype(q, tangent_dtype)
+    scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
+    qb, kb, vb = (_bhsd(x, lay) for x in (q, k, v))
+    G = qb.shape[1] // max(kb.shape[1], 1)
+    if G > 1:
+        kb, vb = kb.repeat_interleave(G, 1), vb.repeat_interleave(G, 1)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sc = torch.matmul(qb.to(acc), kb.to(acc).transpose(-1, -2)) * scale
+    Sq, Sk = sc.shape[-2], sc.shape[-1]
+    if causal:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        sc = sc.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    lse = torch.logsumexp(sc, -1)
+    seen = torch.isfinite(lse)
+    p = torch.where(seen[..., None], torch.exp(sc - torch.where(seen, lse, 0.0)[..., None]), 0.0)
+    ob = torch.matmul(p, vb.to(acc)).to(q.dtype)
+    o = ob if lay == 1 else ob.transpose(1, 2)
+    to, mu = fwAD.unpack_dual(o).tangent, fwAD.unpack_dual(lse).tangent  # o and lse stay dual, as the fused path's
+    return (o, to, lse.float() if acc == torch.float32 else lse, mu) if return_lse else (o, to)
 
 
 def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, tangent_dtype):
@@ -494,8 +534,3 @@ def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
     if not want_t:
         to = mu = None
     return (o, to, lse, mu) if return_lse else (o, to)
-
-
-# forward-AD tangents under torch.compile: the whole call runs eagerly (dynamo does not run an autograd.Function's
-# custom jvp, and an AOT-compiled region that computes on dual tensors has no jvp either)
-_jvp_attention_eager = torch.compiler.disable(_jvp_attention, reason=_DUAL_EAGER)
