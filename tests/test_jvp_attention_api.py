@@ -834,3 +834,25 @@ def test_outputs_follow_q_layout_and_no_zero_gradients(use):
     _, _, lse, _ = fd.jvp_attention(q2, k.detach(), v.detach(), tq, return_lse=True, layout="bhsd")
     lse.sum().backward()
     assert q2.grad is not None and q2.grad.abs().sum() > 0
+
+
+def test_compile_forward_ad_lse_and_rows_without_keys(use):
+    """The compiled forward-AD path (math in the graph) keeps the contract: lse and dlse, rows that see no key
+    (causal, Sq > Sk) give o = 0, to = 0, lse = -inf, dlse = 0 and no NaN; GQA; equal to the eager fused pass."""
+    q, k, v, tq, tk, tv = qkv(Sq=11, Sk=6, Hq=4, Hkv=2, seed=29)
+
+    def f(q, k, v):
+        return fd.jvp_attention(q, k, v, causal=True, return_lse=True)
+
+    eager = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True, return_lse=True)
+    torch._dynamo.reset()
+    (o, _, lse, _), (t_o, _, t_lse, _) = torch.compile(
+        lambda q, k, v, tq, tk, tv: torch.func.jvp(f, (q, k, v), (tq, tk, tv)), backend="aot_eager",
+        fullgraph=True)(q, k, v, tq, tk, tv)
+    torch._dynamo.reset()
+    assert not any(torch.isnan(x).any() for x in (o, t_o, lse, t_lse))
+    assert torch.isneginf(lse[..., :5]).all() and (o[:, :5] == 0).all() and (t_o[:, :5] == 0).all()
+    for name, a, b in (("o", o, eager[0]), ("to", t_o, eager[1]), ("dlse", t_lse, eager[3])):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    fin = torch.isfinite(eager[2])
+    assert torch.equal(fin, torch.isfinite(lse)) and torch.allclose(lse[fin], eager[2][fin], rtol=1e-5, atol=1e-6)

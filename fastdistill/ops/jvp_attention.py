@@ -348,7 +348,7 @@ def _in_dual_level() -> bool:
 
 
 def _dual_tangent(x: torch.Tensor) -> torch.Tensor | None:
-    # (under torch.compile dynamo traces unpack_dual; the dual path itself then runs eagerly: _dual_outside_graph)
+    # (traced by dynamo too; under torch.compile a dual call takes _math_in_graph)
     return fwAD.unpack_dual(x).tangent
 
 
@@ -475,9 +475,12 @@ def _math_in_graph(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
     if any(t is not None for t in (tq, tk, tv)):
         raise ValueError("tq, tk, tv: q/k/v already carry forward-AD tangents (torch.func.jvp or dual tensors); "
                          "pass the tangents one way, not both")
+    causal, return_lse = check_bool("causal", causal), check_bool("return_lse", return_lse)
     Dqk, Dv = _check(q, k, v, None, None, None, lay, tangent_dtype)
     check_dual_tangent_dtype(q, tangent_dtype)
     scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
+    if not is_finite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale}")
     qb, kb, vb = (_bhsd(x, lay) for x in (q, k, v))
     G = qb.shape[1] // max(kb.shape[1], 1)
     if G > 1:
@@ -489,13 +492,19 @@ def _math_in_graph(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
         i = torch.arange(Sq, device=q.device)[:, None]
         j = torch.arange(Sk, device=q.device)[None, :]
         sc = sc.masked_fill(j > i + (Sk - Sq), float("-inf"))
-    lse = torch.logsumexp(sc, -1)
-    seen = torch.isfinite(lse)
-    p = torch.where(seen[..., None], torch.exp(sc - torch.where(seen, lse, 0.0)[..., None]), 0.0)
+    # a row that sees no key: o = 0, lse = -inf, tangents 0 (its scores replaced by zeros before the logsumexp, whose
+    # derivative at an all -inf row would be NaN)
+    seen = (sc > float("-inf")).any(-1)
+    sc = torch.where(seen[..., None], sc, 0.0)
+    lse_s = torch.logsumexp(sc, -1)
+    p = torch.where(seen[..., None], torch.exp(sc - lse_s[..., None]), 0.0)
+    lse = torch.where(seen, lse_s, float("-inf"))
     ob = torch.matmul(p, vb.to(acc)).to(q.dtype)
     o = ob if lay == 1 else ob.transpose(1, 2)
-    to, mu = fwAD.unpack_dual(o).tangent, fwAD.unpack_dual(lse).tangent  # o and lse stay dual, as the fused path's
-    return (o, to, lse.float() if acc == torch.float32 else lse, mu) if return_lse else (o, to)
+    # o and lse stay dual, as the fused path's; the tangents come back detached (stop-gradient, as every compiled
+    # call's: docs)
+    to, mu = (None if t is None else t.detach() for t in (fwAD.unpack_dual(o).tangent, fwAD.unpack_dual(lse).tangent))
+    return (o, to, lse, mu) if return_lse else (o, to)
 
 
 def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, tangent_dtype):
