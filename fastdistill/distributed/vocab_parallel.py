@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from fastdistill.ops._common import (
+    as_rows,
     check_choice,
     eager_only,
     first_order,
@@ -596,18 +597,6 @@ class _VocabParallelKD(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _as_rows(x: torch.Tensor, N: int) -> torch.Tensor:
-    """``[N, V_r]`` rows of a shard without a copy where a view exists, else the ``[B, T, V_r]`` tensor itself when
-    only its leading dims are sliced (the shifted ``logits[:, :-1]`` of a batch: read a chunk at a time by
-    ``row_chunk``, a chunk that crosses a sequence copied alone), else a contiguous copy."""
-    flat = row_view(x, N)
-    if flat is not None:
-        return flat
-    if x.dim() == 3 and (x.shape[-1] <= 1 or x.stride(-1) == 1):
-        return x
-    return x.reshape(N, x.shape[-1]).contiguous()
-
-
 def _rows(name, v, lead, N, device, dtypes, kind):
     if v is None:
         return None
@@ -636,7 +625,7 @@ def _teacher_args(lead, N, device, teacher_logits, teacher_topk, topk_semantics,
         if t.shape[:-1] != lead or t.shape[-1] != Vr:
             raise ValueError(f"{tname}: expected shape {(*lead, Vr)} (the student shard's: the same rows and the "
                              f"same vocab slice), got {tuple(t.shape)}")
-        return _as_rows(t, N), None, 0, 0
+        return as_rows(t, N, row_view(t, N) is None), None, 0, 0
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
         raise TypeError("teacher_topk: expected a pair (ids, logprobs)")
     ids, lps = teacher_topk
@@ -776,7 +765,7 @@ def vocab_parallel_kd_loss(
         temperature=temperature, teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
         reduction=reduction, num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap,
         logit_scale=logit_scale, accum_dtype=resolve_accum(accum_dtype, s))
-    out = _VocabParallelKD.apply(run, _as_rows(s, N), t2, ids, labels2, mask2, w2)
+    out = _VocabParallelKD.apply(run, as_rows(s, N, row_view(s, N) is None), t2, ids, labels2, mask2, w2)
     return out.view(lead) if run.p.red == 3 else out
 
 

@@ -255,6 +255,17 @@ def row_view(x: torch.Tensor, N: int) -> torch.Tensor | None:
     return x.view(N, x.shape[-1])
 
 
+def as_rows(x: torch.Tensor, N: int, grouped: bool) -> torch.Tensor:
+    """A row operand (kd kernels, vocab-parallel chunks): ``[N, C]`` (a view where one exists), ``[G, R, C]``
+    (``grouped``: the ``[B, T, C]`` tensor itself, rows R a group, group-major: e.g. a sliced ``logits[:, :-1]``),
+    else a contiguous copy."""
+    C = x.shape[-1]
+    if grouped and x.dim() == 3 and (C <= 1 or x.stride(-1) == 1):
+        return x
+    flat = row_view(x, N)
+    return flat if flat is not None else x.reshape(N, C).contiguous()
+
+
 def rows_overlap(x: torch.Tensor) -> bool:
     """Whether two rows of a row operand (``[N, C]``, or ``[G, R, C]`` with any order of the group and row strides,
     e.g. seq-first logits transposed) share memory (an expanded tensor). The two (count, stride) pairs sorted by

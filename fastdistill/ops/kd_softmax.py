@@ -9,6 +9,7 @@ import torch
 
 from fastdistill import _backend
 from fastdistill.ops._common import (
+    as_rows,
     check_choice,
     first_order,
     int_option,
@@ -317,16 +318,6 @@ torch.library.register_autograd("fastdistill::kd_fwd", _backward, setup_context=
 
 
 # ----------------------------------------------------------------------------- public API
-def _as_rows(x: torch.Tensor, N: int, grouped: bool) -> torch.Tensor:
-    """The kernels' row operand: ``[N, C]`` (a view where one exists), ``[G, R, C]`` (``grouped``: a view whose rows
-    are R a group, group-major, as the leading dims of a sliced ``[B, T, C]`` tensor), else a contiguous copy."""
-    C = x.shape[-1]
-    if grouped and x.dim() == 3 and (C <= 1 or x.stride(-1) == 1):
-        return x
-    flat = row_view(x, N)
-    return flat if flat is not None else x.reshape(N, C).contiguous()
-
-
 def _overlap_elsewhere(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``b`` shares memory with ``a`` other than as the very same view (same start, shape, strides)."""
     if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
@@ -486,8 +477,8 @@ def kd_loss(
     # dim (the shifted logits[:, :-1] of a batch, which reshape(N, V) would copy whole); the reference copies
     grouped = backend != "reference" and len(lead) >= 2 and N > 0 and (
         row_view(s, N) is None or (not topk and row_view(t, N) is None))
-    s2 = _as_rows(s, N, grouped)
-    t2 = _as_rows(t, N, grouped and not topk)
+    s2 = as_rows(s, N, grouped)
+    t2 = as_rows(t, N, grouped and not topk)
     if s2.dim() != t2.dim() and not topk:  # one grouped, the other not viewable so: both as copies' row views
         s2, t2 = (x if x.dim() == 3 else x.view(-1, lead[-1], x.shape[-1]) for x in (s2, t2))
     ids2 = ids.reshape(N, Vt).contiguous() if ids is not None else None
