@@ -1070,3 +1070,59 @@ def test_num_items_divides_outside_the_op_one_graph():
         assert torch.allclose(got, fd.kd_loss(s, t, reduction="sum") / 9, rtol=1e-12)
         assert torch.equal(h(s, torch.tensor(0)), torch.zeros_like(got))  # a tensor 0: loss 0, not inf / NaN
     dynamo.reset()
+
+
+class _SameStorage(torch.autograd.Function):
+    """The identity as a new autograd node: a non-leaf on the input's memory."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernels through the interpreter")
+def test_kd_row_offsets_past_2_31():
+    """Row offsets past 2^31 elements while every stride is below it (logits[:, :-1] of a [B, T, V] batch with
+    B·T·V above 2^31: 4.3 GB in bf16 at B = 4, T = 8192, V = 128256): group × group stride and row × row stride
+    are formed in 64 bits in every kernel (stats, divergence pass, gradient, top-k), the gradient written in place
+    included. Lazily allocated storages (4.3 GB virtual each, a few pages touched); the results equal those of
+    contiguous copies bit for bit."""
+    V, big = 37, 2**30
+    try:
+        s_store = torch.empty(2 * big + 3 * V, dtype=torch.float16)
+        t_store = torch.empty(2 * big + 3 * V, dtype=torch.float16)
+    except RuntimeError as exc:  # no virtual memory for the lazy allocation
+        pytest.skip(f"cannot reserve the strided storages: {exc}")
+    g = gen(41)
+    # [3, 2, V] with group stride 2^30 (group 2 at 2^31), and [3, V] with row stride 2^30 (row 2 at 2^31 + 2V)
+    layouts = (((3, 2, V), (big, V, 1), 0), ((3, V), (big, 1), 2 * V))
+    for shape, strides, off in layouts:
+        s, t = (x.as_strided(shape, strides, off) for x in (s_store, t_store))
+        with torch.no_grad():
+            s.copy_(torch.randn(shape, generator=g) * 2)
+            t.copy_(torch.randn(shape, generator=g) * 2)
+        lead = shape[:-1]
+        lab = make_labels(lead, V, g)
+        ids = torch.stack([torch.randperm(V, generator=g)[:4] for _ in range(math.prod(lead))]).view(*lead, 4)
+        lps = torch.randn(*lead, 4, generator=g).log_softmax(-1)
+        calls = ((True, dict(divergence="fkl", labels=lab, hard_label_alpha=0.3, reduction="none")),
+                 (True, dict(divergence="jsd", beta=0.3)), (False, dict(teacher_topk=(ids, lps), divergence="rkl")))
+        with fd.use_backend("triton"):
+            for dense, kw in calls:
+                y = s.detach().contiguous().requires_grad_()
+                ref = fd.kd_loss(y, t.contiguous() if dense else None, **kw)
+                gy, = torch.autograd.grad(ref.sum(), y)
+                x = s.detach().requires_grad_()
+                loss = fd.kd_loss(x, t if dense else None, **kw)
+                gx, = torch.autograd.grad(loss.sum(), x)
+                assert torch.equal(loss, ref) and torch.equal(gx, gy), (shape, kw["divergence"])
+                if kw["divergence"] == "jsd":
+                    g_jsd = gy
+            # the logits as an lm_head produces them: a non-leaf, here on the big storage without a copy of it
+            z = _SameStorage.apply(s_store.detach().requires_grad_()).as_strided(shape, strides, off)
+            gz, = torch.autograd.grad(fd.kd_loss(z, t, divergence="jsd", beta=0.3, inplace_grad=True), z)
+            assert torch.equal(gz, g_jsd) and torch.equal(s, g_jsd), (shape, "inplace_grad")
