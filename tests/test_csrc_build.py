@@ -398,6 +398,15 @@ def test_emulated_kd_shifted_views_read_in_place(kd_cuda_on_cpu):
         check_shifted_views_read_in_place(topk=False)
 
 
+def test_emulated_kd_row_offsets_past_2_31(kd_cuda_on_cpu):
+    """Row addresses past 2^31 elements with every stride below it, the in-place gradient included (tests/test_kd.py,
+    the same check; top-k teachers do not run on the CUDA backend)."""
+    from test_kd import check_row_offsets_past_2_31
+
+    with fastdistill.use_backend(kd_cuda_on_cpu):
+        check_row_offsets_past_2_31(topk=False)
+
+
 def test_emulated_kd_softcap_saturated_gradient(kd_cuda_on_cpu):
     from test_kd import check_softcap_saturated
 
