@@ -856,3 +856,40 @@ def test_compile_forward_ad_lse_and_rows_without_keys(use):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
     fin = torch.isfinite(eager[2])
     assert torch.equal(fin, torch.isfinite(lse)) and torch.allclose(lse[fin], eager[2][fin], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_inside_a_dual_level_explicit_pairs_and_autocast(use):
+    """Under torch.compile inside a forward-AD dual level: (1) explicit (tq, tk, tv) pairs with plain q, k, v are
+    the custom op's, as outside a dual level (before: sent to the math path, which raised "already carry
+    forward-AD tangents"; with fullgraph=True an Unsupported error); (2) the math path keeps its scores and P·V
+    in fp32 under autocast, as the eager fused pass does (before: autocast rounded its matmuls to bf16: o's error
+    10x and to's 10x the eager pass's, against fp64 on the bf16-cast inputs). Found by a review."""
+    q, k, v, tq, tk, tv = qkv(Sq=10, Sk=12, seed=71)
+    ref = fd.jvp_attention(q, k, v, tq, tk, tv, causal=True)
+    f = lambda *xs: fd.jvp_attention(*xs, causal=True)
+    torch._dynamo.reset()
+    with fwAD.dual_level():
+        o, to = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, tq, tk, tv)
+    assert torch.allclose(o, ref[0], rtol=1e-5, atol=1e-6) and torch.allclose(to, ref[1], rtol=1e-5, atol=1e-6)
+
+    g = gen(72)
+    S, D = 48, 32
+    q, k, v, tq = (torch.randn(1, S, 2, D, generator=g) * 2 for _ in range(4))
+    qb, kb, vb, tqb = (x.to(torch.bfloat16).double() for x in (q, k, v, tq))
+
+    def math(q):  # fp64 oracle on the inputs autocast gives the op
+        sc = torch.einsum("bqhd,bkhd->bhqk", q, kb) / D ** 0.5
+        return torch.einsum("bhqk,bkhd->bqhd", sc.softmax(-1), vb)
+
+    o64, to64 = torch.func.jvp(math, (qb,), (tqb,))
+    h = lambda q, k, v, tq: torch.func.jvp(lambda q: fd.jvp_attention(q, k, v)[0], (q,), (tq,))
+    errs = {}
+    torch._dynamo.reset()
+    for name, fn in (("eager", h), ("compiled", torch.compile(h, backend="aot_eager", fullgraph=True))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o, to = fn(q, k, v, tq)
+        assert o.dtype == to.dtype == torch.bfloat16, name
+        errs[name] = [(a.double() - b).abs().max().item() for a, b in ((o, o64), (to, to64))]
+    torch._dynamo.reset()
+    for (e_c, e_e), what in zip(zip(errs["compiled"], errs["eager"]), ("o", "to")):
+        assert e_c <= 2 * e_e, (what, errs)

@@ -87,3 +87,25 @@ def test_another_checkout_imported_from_its_root_uses_its_own_kernels(tmp_path):
     pkg, kern = (Path(x).resolve() for x in r.stdout.split())
     assert pkg == (clone / "fastdistill" / "__init__.py").resolve()
     assert kern == (clone / "kernels" / "__init__.py").resolve()
+
+
+def test_imports_on_the_oldest_supported_torch_compiler_api():
+    """pyproject.toml allows torch >= 2.6, whose ``torch.compiler.disable(fn=None, recursive=True)`` takes no
+    ``reason=`` (added in 2.8): with that signature in place, fastdistill and every op module import and a
+    compiler.disable'd path still runs (before: ``import fastdistill`` raised a TypeError from a decorator applied
+    at import time; found by a review)."""
+    code = (
+        "import torch, torch.compiler\n"
+        "_orig = torch.compiler.disable\n"
+        "def disable(fn=None, recursive=True):\n"
+        "    return _orig(fn, recursive=recursive)\n"
+        "torch.compiler.disable = disable\n"
+        "import fastdistill as fd, fastdistill.integrations, fastdistill.distributed\n"
+        "import torch.autograd.forward_ad as fwAD\n"
+        "q, k, v, t = (torch.randn(1, 3, 1, 8) for _ in range(4))\n"
+        "with fd.use_backend('reference'), fwAD.dual_level():\n"
+        "    o = fd.jvp_attention(fwAD.make_dual(q, t), k, v)[0]\n"
+        "    assert fwAD.unpack_dual(o).tangent is not None\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -20,8 +20,10 @@ from fastdistill import _backend
 from fastdistill.ops._common import (  # noqa: F401  (TransformLimitError: re-exported, its home was here)
     TransformLimitError,
     autocast_cast,
+    autocast_off,
     check_bool,
     check_choice,
+    eager_only,
     first_order,
     functorch_levels,
     is_finite,
@@ -413,7 +415,7 @@ _DUAL_EAGER = ("fastdistill.jvp_attention's fused forward-AD pass (an autograd.F
                "graph")
 
 
-@torch.compiler.disable(reason=_DUAL_EAGER)  # also when dynamo runs a transform's frames one by one (no tracing below)
+@eager_only(_DUAL_EAGER)  # also when dynamo runs a transform's frames one by one (no tracing below)
 def _dual_outside_graph(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend):
     o, to, lse, mu, _lo = _DualFunction.apply(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend,
                                                  _Box(autograd_levels()))
@@ -446,9 +448,12 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
 
     Returns:
         ``(o, to)`` or ``(o, to, lse, dlse)``; ``o`` in q's layout and dtype. ``to`` and ``dlse`` are
-        ``None`` when there is no tangent at all (plain attention). Backward through ``o`` (and ``lse``)
-        gives dq, dk, dv (no gradient reaches the tangents). ``to`` and ``dlse`` are stop-gradient:
-        a backward that reaches them raises (under ``torch.compile`` they are returned detached).
+        ``None`` when there is no tangent at all (plain attention), and under ``torch.compile`` when q, k, v are
+        dual tensors made outside the compiled function (dynamo does not see their tangents: read o's with
+        ``forward_ad.unpack_dual``; inductor drops such tangents for every op, a PyTorch limitation).
+        Backward through ``o`` (and ``lse``) gives dq, dk, dv (no gradient reaches the tangents). ``to`` and
+        ``dlse`` are stop-gradient: a backward that reaches them raises (under ``torch.compile`` they are returned
+        detached).
 
     Example::
 
@@ -456,12 +461,16 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
         o, do_dt = torch.func.jvp(lambda q: fastdistill.jvp_attention(q, k, v)[0], (q,), (tq,))
     """
     kw = dict(causal=causal, scale=scale, layout=layout, return_lse=return_lse, tangent_dtype=tangent_dtype)
-    if torch.compiler.is_compiling() and (_in_dual_level() or any(
-            isinstance(x, torch.Tensor) and _dual_tangent(x) is not None for x in (q, k, v))):
+    if torch.compiler.is_compiling() and (any(
+            isinstance(x, torch.Tensor) and _dual_tangent(x) is not None for x in (q, k, v)) or (
+            _in_dual_level() and all(t is None for t in (tq, tk, tv)))):
         # forward-AD traced by dynamo (torch.func.jvp or dual tensors inside the compiled function): math attention
         # in the graph, differentiated by PyTorch as stock SDPA's is. The fused pass is an autograd.Function whose
         # custom jvp dynamo does not run, and a graph break here split the dual region into frames whose dual
-        # inputs dynamo sees as plain tensors (inductor then dropped their tangents: None, silently)
+        # inputs dynamo sees as plain tensors (inductor then dropped their tangents: None, silently). Inside a dual
+        # level a call whose q, k, v show no tangent may still get dual tensors at run time (passed into the
+        # compiled function: dynamo does not see their tangents), so it takes the math path too; explicit pairs
+        # there are the custom op's (a dual q, k or v with them would raise at run time, as eagerly)
         return _math_in_graph(q, k, v, tq, tk, tv, **kw)
     return _jvp_attention(q, k, v, tq, tk, tv, **kw)
 
@@ -486,6 +495,11 @@ def _math_in_graph(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
     if G > 1:
         kb, vb = kb.repeat_interleave(G, 1), vb.repeat_interleave(G, 1)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with autocast_off(q.device.type):  # the scores and P·V in acc (autocast would round them to its dtype)
+        return _math_attention(q, qb, kb, vb, acc, causal, scale, lay, return_lse)
+
+
+def _math_attention(q, qb, kb, vb, acc, causal, scale, lay, return_lse):
     sc = torch.matmul(qb.to(acc), kb.to(acc).transpose(-1, -2)) * scale
     Sq, Sk = sc.shape[-2], sc.shape[-1]
     if causal:
