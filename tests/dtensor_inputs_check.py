@@ -48,6 +48,21 @@ def main():
     x, a = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
     expect("score_distill x", lambda: fd.score_distill(dt(x, Shard(0)), [a], [1.0], norm=None), "x: a DTensor")
     expect("sid_loss f_fake", lambda: fd.sid_loss(x, a, dt(a, Replicate())), "f_fake[0]: a DTensor")
+    # the other tensor arguments of the score ops (before: internal errors, "invalid python storage")
+    m = torch.ones(2, 8, dtype=torch.bool)
+    expect("score_distill sample_weight", lambda: fd.score_distill(
+        x, [a], [1.0], norm=None, sample_weight=dt(torch.rand(2), Replicate())), "sample_weight: a DTensor")
+    expect("score_distill mask", lambda: fd.score_distill(x, [a], [1.0], norm=None, mask=dt(m, Replicate())),
+           "mask: a DTensor")
+    expect("score_distill per-sample coefficient", lambda: fd.score_distill(
+        x, [a], [dt(torch.rand(2), Replicate())], norm=None), "coeffs[0]: a DTensor")
+    expect("score_distill [B, k] coefficients", lambda: fd.score_distill(
+        x, [a], dt(torch.rand(2, 1), Replicate()), norm=None), "coeffs: a DTensor")
+    expect("scm_tangent_loss logvar", lambda: fd.scm_tangent_loss(
+        x, [a], [1.0], logvar=dt(torch.zeros(2), Replicate())), "logvar: a DTensor")
+    expect("scm_tangent_loss weight", lambda: fd.scm_tangent_loss(
+        x, [a], [1.0], weight=dt(torch.rand(2), Replicate())), "weight: a DTensor")
+    expect("sid_loss mask", lambda: fd.sid_loss(x, a, a + 1, mask=dt(m, Replicate())), "mask: a DTensor")
     q = torch.randn(1, 2, 6, 8, generator=g)
     expect("jvp_attention", lambda: fd.jvp_attention(dt(q, Shard(1)), q, q, layout="bhsd"), "q: a DTensor",
            "context_parallel_jvp_attention")

@@ -174,7 +174,8 @@ def test_dtensor_inputs():
     (vocab_parallel_kd_loss for vocabulary-sharded logits, .to_local(), context_parallel_jvp_attention, FSDP2's
     forward for a sharded weight), and jvp_sdpa falls back to stock SDPA for them. Before: internal errors ("invalid
     python storage", "no sharding strategy"), and on a GPU a kernel launch on address 0 (a DTensor's data_ptr).
-    Found by a DTensor audit. Runs in its own process (a one-rank gloo group)."""
+    Found by a DTensor audit (the score ops' masks, weights, logvar and coefficients by a review). Runs in its own
+    process (a one-rank gloo group)."""
     import os
     import subprocess
     import sys
@@ -187,4 +188,4 @@ def test_dtensor_inputs():
                        text=True, timeout=600, env=dict(os.environ, PYTHONPATH=here + os.pathsep +
                                                         os.environ.get("PYTHONPATH", "")))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") == 11, r.stdout
+    assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") == 18, r.stdout

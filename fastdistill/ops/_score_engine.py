@@ -74,11 +74,16 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- argument checks
+def no_dtensor(name: str, t) -> None:
+    """Every tensor argument of a score op (inputs, masks, weights, coefficients) is a plain tensor."""
+    reject_dtensor("each score op", {name: t}, hint=" (samples sharded: a loss per rank, as with any data-parallel "
+                                                    "shard)")
+
+
 def check_tensor(name: str, t, like: torch.Tensor | None = None, *, shape_of: str = "x") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    reject_dtensor("each score op", {name: t}, hint=" (samples sharded: a loss per rank, as with any data-parallel "
-                                                    "shard)")
+    no_dtensor(name, t)
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
     if like is not None:
@@ -97,6 +102,7 @@ def per_sample(name: str, v, B: int, device) -> torch.Tensor | None:
         return None
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor of shape [{B}] or None, got {type(v).__name__}")
+    no_dtensor(name, v)
     if v.device != device:
         raise ValueError(f"{name}: expected device {device}, got {v.device}")
     if v.numel() != B or (v.dim() > 0 and v.shape[0] != B):
@@ -111,6 +117,7 @@ def mask_2d(mask, x: torch.Tensor, B: int, M: int) -> torch.Tensor | None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    no_dtensor("mask", mask)
     if mask.device != x.device:
         raise ValueError(f"mask: expected device {x.device}, got {mask.device}")
     try:
@@ -124,6 +131,7 @@ def mask_2d(mask, x: torch.Tensor, B: int, M: int) -> torch.Tensor | None:
 def _coef_block(name: str, c, k: int, B: int, device) -> torch.Tensor | tuple[float, ...]:
     """Validate a coefficient argument for k terms: a tuple of floats, or a [1|B, k] tensor."""
     if isinstance(c, torch.Tensor):
+        no_dtensor(name, c)
         if c.device != device:
             raise ValueError(f"{name}: expected device {device}, got {c.device}")
         if not c.is_floating_point():
@@ -158,6 +166,7 @@ def _mixed_block(name: str, c, k: int, B: int, device) -> torch.Tensor:
     rows = 1
     for i, v in enumerate(c):
         if isinstance(v, torch.Tensor):
+            no_dtensor(f"{name}[{i}]", v)
             if v.device != device:
                 raise ValueError(f"{name}[{i}]: expected device {device}, got {v.device}")
             if not v.is_floating_point():
@@ -241,6 +250,7 @@ def unify_terms(groups: list[tuple[str, Sequence[torch.Tensor], object]], x: tor
 def x_coef(name: str, v, B: int, device) -> tuple:
     """The coefficient of x itself in a row: a float or a per-sample tensor."""
     if isinstance(v, torch.Tensor):
+        no_dtensor(name, v)
         if v.device != device:
             raise ValueError(f"{name}: expected device {device}, got {v.device}")
         if v.dim() == 0:
