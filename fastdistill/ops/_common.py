@@ -268,8 +268,10 @@ def as_rows(x: torch.Tensor, N: int, grouped: bool) -> torch.Tensor:
 
 def rows_overlap(x: torch.Tensor) -> bool:
     """Whether two rows of a row operand (``[N, C]``, or ``[G, R, C]`` with any order of the group and row strides,
-    e.g. seq-first logits transposed) share memory (an expanded tensor). The two (count, stride) pairs sorted by
-    stride: rows are disjoint iff the smaller stride is at least C and the larger spans the smaller's rows."""
+    e.g. seq-first logits transposed) may share memory (an expanded tensor). The two (count, stride) pairs sorted
+    by stride: rows are disjoint if the smaller stride is at least C and the larger spans the smaller's rows. A
+    sufficient test, not a necessary one: an interleaved disjoint layout (e.g. shape (2, 3, C), strides (3C, 2C, 1))
+    counts as overlapping (inplace_grad refuses it: a false alarm, never a race)."""
     C = x.shape[-1]
     dims = sorted(((n, abs(st)) for n, st in zip(x.shape[:-1], x.stride()[:-1]) if n > 1), key=lambda d: d[1])
     span = C  # elements from a row's start to its end, over the dims taken so far
