@@ -154,6 +154,25 @@ def test_score_distill_bad_args(mutate, match):
         fd.score_distill(a.pop("x"), a.pop("terms"), a.pop("coeffs"), **a)
 
 
+def test_one_dim_mask_of_batch_length():
+    """A 1-D mask of length B broadcasts along x's last dim (PyTorch's rule), not per sample: where that dim is also
+    B it raises as ambiguous with both spellings (before: a silently different loss, the wrong samples trained;
+    found by a DMD2 audit), and a [B] mask that does not broadcast says how to make a per-sample one. Each spelling
+    gives the loss of the mask it means."""
+    g = torch.Generator().manual_seed(9)
+    x, f = (torch.randn(2, 3, 2, generator=g, dtype=F64) for _ in range(2))
+    keep = torch.tensor([True, False])
+    with pytest.raises(ValueError, match=r"mask: a 1-D mask of length 2 .* ambiguous.*mask.view\(2, 1, 1\).*"
+                                         r"mask.view\(1, 1, 2\)"):
+        fd.denoise_regression_loss(x, [f], [-1.0], mask=keep, reduction="sum")
+    per_sample = fd.denoise_regression_loss(x, [f], [-1.0], mask=keep.view(2, 1, 1), reduction="sum")
+    last_dim = fd.denoise_regression_loss(x, [f], [-1.0], mask=keep.view(1, 1, 2), reduction="sum")
+    d2 = (x - f) ** 2
+    assert torch.allclose(per_sample, d2[0].mean()) and torch.allclose(last_dim, d2[..., 0].mean(1).sum())
+    with pytest.raises(ValueError, match=r"does not broadcast .* mask.view\(2, 1, 1\)"):
+        fd.score_distill(torch.randn(2, 3, 4), [torch.randn(2, 3, 4)], [1.0], norm=None, mask=keep)
+
+
 def test_tiny_huber_c_in_fp64(use):
     """huber_c = 1e-23 with fp64 accumulation: φ(0) = 0, finite loss and gradient (c² is normal in fp64)."""
     x, f, c = (t.double() for t in _args())
@@ -287,8 +306,9 @@ def test_torch_compile_fullgraph(use, compiler):
 
 def test_torch_compile_fullgraph_float_options_that_change():
     """A float option that changes between calls (a scheduled scale, SiD's alpha, a CFG coefficient, a float
-    weight) under torch.compile(fullgraph=True): from its second value dynamo makes it symbolic, and the ops'
-    finiteness check must trace (before: math.isfinite raised "Unsupported" there, and dynamic=True failed on the
+    weight) under torch.compile(fullgraph=True): each value compiles once more (docs/score_ops.md: a value that
+    changes every step belongs in a tensor, test_compiled_tensor_schedules_one_graph), and the ops' finiteness
+    check must trace (before: math.isfinite raised "Unsupported" there, and dynamic=True failed on the
     first call). Results match eager for every value; a non-finite option still raises. (The reference backend:
     the options are checked before any backend runs; the CPU suite's time.)"""
     with fd.use_backend("reference"):
@@ -332,6 +352,48 @@ def test_opcheck(use):
     ip, fp = Plan(op=0, use1=3, use2=2, norm=1).pack()
     torch.library.opcheck(_score_fwd_op, (x, [f, c], coef, None, None, None, ip, fp, use),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_opcheck_backward_channels_last(use):
+    """The backward op's fake gives its gradients the real op's (contiguous) strides for a channels-last or permuted
+    x (before: empty_like kept x's strides, and inductor's stride assertion failed in the backward of a compiled
+    step on a channels-last generator output or a permuted video latent; found by a DMD2 audit)."""
+    from fastdistill.ops._score_engine import Plan, _score_bwd_op, _score_fwd_op
+
+    g = torch.Generator().manual_seed(5)
+    x, f, c = (torch.randn(2, 4, 3, 5, generator=g) for _ in range(3))
+    coef = torch.tensor([[[0.0, 1.0, -1.0], [0.0, 0.0, 0.0]]])
+    ip, fp = Plan(op=0, use1=3).pack()
+    for xin in (x.to(memory_format=torch.channels_last), x.permute(0, 2, 1, 3)):
+        fc = [t.permute(0, 2, 1, 3) if xin.dim() == 4 and xin.shape[1] == 3 else t for t in (f, c)]
+        _, _, state = _score_fwd_op(xin, fc, coef, None, None, None, ip, fp, use)
+        args = (xin, fc, coef, None, state, torch.tensor(1.0), ip, fp, True, [True, False], use)
+        torch.library.opcheck(_score_bwd_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_score_ops_refuse_a_loss_that_trains_nothing(use):
+    """Terms are stop-gradient: a main input that does not require grad while a term does (swapped arguments, e.g.
+    denoise_regression_loss(noise, [eps_pred], [-1.0])) raises naming it; before, the loss required grad and its
+    backward gave the network nothing, silently (plain MSE is symmetric and still trains). A detached term, grad
+    mode off, or a logvar that requires grad (scm) is fine. Found by a DMD2 audit."""
+    g = torch.Generator().manual_seed(6)
+    target, x0 = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    pred = x0.clone().requires_grad_()
+    with pytest.raises(ValueError, match="pred: does not require grad while a term does"):
+        fd.denoise_regression_loss(target, [pred], [-1.0])
+    with pytest.raises(ValueError, match="x: does not require grad"):
+        fd.score_distill(target, [pred, x0], [1.0, -1.0], norm=None)
+    with pytest.raises(ValueError, match="F: does not require grad"):
+        fd.scm_tangent_loss(target, [pred], [1.0])
+    fd.denoise_regression_loss(target, [pred.detach()], [-1.0])
+    with torch.no_grad():
+        fd.denoise_regression_loss(target, [pred], [-1.0])
+    lv = torch.zeros(3, requires_grad=True)
+    fd.scm_tangent_loss(target, [pred], [1.0], logvar=lv).backward()
+    assert lv.grad is not None
+    loss = fd.denoise_regression_loss(pred, [target], [-1.0])
+    loss.backward()
+    assert torch.allclose(pred.grad, 2 * (x0 - target) / x0.numel())
 
 
 def test_deterministic(use):
@@ -782,6 +844,37 @@ def test_compiled_fresh_tensors_every_step(op):
         for u, w in ((x, x2), (a, a2), (b, b2)):
             assert (u.grad is None) == (w.grad is None) and (u.grad is None or torch.allclose(u.grad, w.grad)), op
     assert counts["frames"] <= 2, counts
+    dynamo.reset()
+
+
+def test_compiled_tensor_schedules_one_graph():
+    """What docs/score_ops.md advises for values that change every step (a ramped weight, a scheduled CFG scale):
+    0-d and per-sample coefficient tensors, sample_weight and a tensor weight compile one graph for all values
+    under fullgraph=True, with results equal to eager (Python floats compile once per value)."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    counts = {"frames": 0}
+
+    def backend(gm, example_inputs):
+        counts["frames"] += 1
+        return gm.forward
+
+    def fn(x, a, b, s, w):
+        return (fd.score_distill(x, [a, b], [s, -s * w], norm=None, sample_weight=w)
+                + fd.scm_tangent_loss(x, [a], [s], weight=w) + fd.denoise_regression_loss(x, [a], [-s], weight=w))
+
+    f = torch.compile(fn, fullgraph=True, backend=backend)
+    g = torch.Generator().manual_seed(8)
+    a, b, x0 = (torch.randn(3, 5, generator=g, dtype=F64) for _ in range(3))
+    for step in range(10):
+        s, w = torch.tensor(1.0 + 0.25 * step, dtype=F64), torch.rand(3, generator=g, dtype=F64) + step
+        x, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+        got, want = f(x, a, b, s, w), fn(x2, a, b, s, w)
+        got.backward()
+        want.backward()
+        assert torch.allclose(got, want, rtol=1e-12, atol=0) and torch.allclose(x.grad, x2.grad, rtol=1e-12), step
+    assert counts["frames"] == 1, counts
     dynamo.reset()
 
 

@@ -120,10 +120,17 @@ def mask_2d(mask, x: torch.Tensor, B: int, M: int) -> torch.Tensor | None:
     no_dtensor("mask", mask)
     if mask.device != x.device:
         raise ValueError(f"mask: expected device {x.device}, got {mask.device}")
+    per_sample_hint = f"a per-sample mask is [B, 1, ...]: mask.view({B}{', 1' * (x.dim() - 1)})"
+    if mask.dim() == 1 and x.dim() > 1 and mask.shape[0] == B == x.shape[-1]:
+        # broadcasting puts a 1-D mask on x's last dim: one of length B there is most likely meant per sample
+        raise ValueError(f"mask: a 1-D mask of length {B} (the batch size, and x's last dim) is ambiguous: it would "
+                         f"broadcast along x's last dim, not per sample; {per_sample_hint}, a last-dim one "
+                         f"mask.view({', '.join(['1'] * (x.dim() - 1))}, {B})")
     try:
         full = mask.expand(x.shape)
     except RuntimeError:
-        raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}") from None
+        raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)} (masks "
+                         f"broadcast as in PyTorch, from the last dim; {per_sample_hint})") from None
     return full.reshape(B, M).contiguous().view(torch.uint8)
 
 
@@ -419,8 +426,10 @@ def _score_bwd_op(x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor
 
 @_score_bwd_op.register_fake
 def _(x, terms, coef, mask, state, grad_out, ip, fp, need_x, need_terms, backend):
-    out = [torch.empty_like(x) if need_x else x.new_empty(0)]
-    return out + [torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(terms, need_terms)]
+    # contiguous, as the real op's (a channels-last / permuted x: empty_like kept its strides, and inductor's
+    # stride assertion failed in the backward)
+    out = [x.new_empty(x.shape) if need_x else x.new_empty(0)]
+    return out + [t.new_empty(t.shape) if n else t.new_empty(0) for t, n in zip(terms, need_terms)]
 
 
 def _setup_context(ctx, inputs, output):

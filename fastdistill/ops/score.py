@@ -44,6 +44,16 @@ def _common(x: torch.Tensor, name: str, nan: str, accum_dtype: torch.dtype) -> t
     return B, (x.numel() // B if B else 0)
 
 
+def _trains_something(op: str, name: str, x: torch.Tensor, terms: Sequence[torch.Tensor], logvar=None) -> None:
+    """Terms are stop-gradient in these ops: with grad mode on, a loss whose main input does not require grad while
+    a term does would train nothing (swapped arguments: ``denoise_regression_loss(target, [pred], ...)``)."""
+    if (torch.is_grad_enabled() and not x.requires_grad and not (logvar is not None and logvar.requires_grad)
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in terms)):
+        raise ValueError(f"{name}: does not require grad while a term does; terms are stop-gradient (constants) in "
+                         f"{op}, so the loss would train nothing: swapped arguments? ({name} is the tensor trained; "
+                         "detach the terms to evaluate the loss as is)")
+
+
 def _nan_flags(nan: str) -> dict:
     return {"to_num": nan != "zero_sample", "raise_": nan == "raise"}
 
@@ -114,6 +124,7 @@ def score_distill(
     all_terms, rows, uses = unify_terms(groups, x, B)
     if len(all_terms) == 0:
         raise ValueError("terms: expected at least one tensor")
+    _trains_something("score_distill", "x", x, all_terms)
     acc = accum_dtype
     # row 0: d = Σ c·T; row 1: the normaliser reference Σ c'·N (the kernels form x − ref)
     coef = pack_coef([rows[0], rows[1] if norm is not None else []], len(all_terms), B, x.device, acc)
@@ -218,6 +229,7 @@ def scm_tangent_loss(
              rms=norm == "rms", fp64=accum_dtype == torch.float64, c=real_option("c", c), scale=scale,
              **_nan_flags(nan))
     lv = per_sample("logvar", logvar, B, F.device)
+    _trains_something("scm_tangent_loss", "F", F, all_terms, lv)
     return run(p, F, all_terms, coef, None, wvec, lv, return_stats)
 
 
@@ -248,6 +260,7 @@ def denoise_regression_loss(
     row0 = rows[0] + [x_coef("pred_coeff", pred_coeff, B, pred.device)]
     coef = pack_coef([row0, []], len(all_terms), B, pred.device, accum_dtype)
     scale, wvec = _weight_arg(weight, B, pred.device)
+    _trains_something("denoise_regression_loss", "pred", pred, all_terms)
     p = Plan(op=OP_DENOISE, use1=uses[0], red=_RED_BATCH[reduction], sample_mean=sample_reduction == "mean",
              fp64=accum_dtype == torch.float64, scale=scale, **_nan_flags(nan))
     return run(p, pred, all_terms, coef, mask_2d(mask, pred, B, M), wvec, None, return_stats)
