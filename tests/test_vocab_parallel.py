@@ -195,6 +195,12 @@ FUSED_CASES = dict([
     K("fused-jsd-mixed-uneven-auto", kind="fused", teacher="logits", divergence="jsd", layout="mixed", short=True),
     K("fused-jsd-auto-cached", kind="fused", teacher="hidden", divergence="jsd", layout="uneven", V=41,
       cache_auto=True, short=True),
+    # HF's shifted teacher logits[:, :-1] (and seq-first ones): before, an internal error on every rank (the 3-D
+    # rows were sliced by batch); found by a review
+    K("fused-jsd-shifted-teacher", kind="fused", teacher="logits", divergence="jsd", lead=(2, 3), chunk_size=2,
+      shifted_teacher="batch_first", layout="uneven", labels=True, hard_label_alpha=0.2),
+    K("fused-fkl-seq-first-teacher-none", kind="fused", teacher="logits", divergence="fkl", lead=(3, 2),
+      shifted_teacher="seq_first", reduction="none"),
 ])
 
 ERROR_CASES = dict([
@@ -397,7 +403,13 @@ def _fused_on_rank(c, d, a, b, kw, vp):
         tkw = dict(teacher_hidden=d["th"], teacher_weight_shard=d["tW"][a:b],
                    teacher_bias_shard=d["tb"][a:b] if d["tb"] is not None else None)
     elif c["teacher"] == "logits":
-        tkw = dict(teacher_logits_shard=d["t"][..., a:b])
+        t = d["t"][..., a:b]
+        if c.get("shifted_teacher"):  # logits[:, :-1] of [B, T + 1, V_r] (seq-first too): rows no stride reaches
+            full = torch.cat([t, t[:, :1] + 1.0], 1)
+            if c["shifted_teacher"] == "seq_first":
+                full = full.transpose(0, 1).contiguous().transpose(0, 1)
+            t = full[:, :-1]
+        tkw = dict(teacher_logits_shard=t)
     else:
         tkw = dict(teacher_topk=d["topk"])
     loss = vp.vocab_parallel_fused_linear_kd_loss(

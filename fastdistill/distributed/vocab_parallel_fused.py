@@ -19,6 +19,7 @@ from fastdistill.ops._common import (
     graph_anchor,
     refuse_transforms,
     resolve_accum,
+    row_chunk,
     save_constants,
     saved_constants,
 )
@@ -95,7 +96,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
         V = torch.ones((), dtype=acc, device=h.device)
         for sl in _rows_chunks(N, cfg["rows"]):
             zs = stu.logits(sl)
-            tb_ = (tea.logits(sl) if tea is not None else t[sl]) if run.dense else (ids[sl], t[sl])
+            tb_ = (tea.logits(sl) if tea is not None else row_chunk(t, sl)) if run.dense else (ids[sl], t[sl])
             lab = labels[sl] if labels is not None else None
             mx, sm = run.stage_a(zs, tb_, lab)
             A, G, V = run.collect(mx, sm)
@@ -153,7 +154,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
             gor = go.reshape(-1).to(acc)
             for sl in _rows_chunks(h.shape[0], cfg["rows"]):
                 zs = stu.logits(sl)
-                tb_ = (tea.logits(sl) if tea is not None else t[sl]) if run.dense else (ids[sl], t[sl])
+                tb_ = (tea.logits(sl) if tea is not None else row_chunk(t, sl)) if run.dense else (ids[sl], t[sl])
                 rowscale = factor * (gor[sl][:, None] if gor.numel() > 1 else gor)
                 g = run.grad(zs, tb_, labels[sl] if labels is not None else None,
                              weights[sl] if weights is not None else None, st[sl],
