@@ -318,10 +318,20 @@ def _rows(x: torch.Tensor | None, s: slice) -> torch.Tensor | None:
     return None if x is None else x[:, :, s]
 
 
+def _ref64(cfg: _Cfg, q: torch.Tensor) -> bool:
+    """fp32 blocks that the reference backend computes in fp64 (see _block_fwd)."""
+    return cfg.backend == "reference" and q.dtype == torch.float32
+
+
 def _block_fwd(q, k, v, tq, tk, tv, cfg: _Cfg, causal: bool, acc: torch.dtype):
-    """One key block on [B, H, S, D] views, outputs in ``acc`` (fp32, fp64 for fp64 inputs). fp32 inputs also
-    get the low word of the block's lse (``lse_lo``, docs/jvp_attention.md); the 4th item is then
-    ``lse + lse_lo`` in fp64, else None."""
+    """One key block on [B, H, S, D] views, outputs in ``acc`` (fp32, fp64 for fp64 inputs), and the block's lse in
+    fp64 as the 5th item: with fp32 inputs ``lse + lse_lo`` (the kernels' low word, docs/jvp_attention.md). The
+    reference backend (no low word, μ in its compute dtype) computes fp32 blocks in fp64: in fp32 their rounding,
+    carried through the merge weights and (μ_c − μ)·O_c, gave up to 19x the single-device error at logits ×30."""
+    q_in = q
+    if _ref64(cfg, q):
+        q, k, v, tq, tk, tv = (None if x is None else x.double() for x in (q, k, v, tq, tk, tv))
+        acc = torch.float64
     B, H, S, _ = q.shape
     o = q.new_empty((B, H, S, v.shape[-1]), dtype=acc)
     lse = q.new_empty((B, H, S), dtype=acc)
@@ -329,7 +339,9 @@ def _block_fwd(q, k, v, tq, tk, tv, cfg: _Cfg, causal: bool, acc: torch.dtype):
     mu = torch.empty_like(lse) if cfg.want_t else None
     lo = torch.empty_like(lse) if q.dtype == torch.float32 else None
     _impl(cfg.backend).attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal=causal, scale=cfg.scale, lse_lo=lo)
-    return o, to, lse, mu, None if lo is None else lse.double() + lo.double()
+    if lo is None:  # (the reference's fp64 blocks of fp32 inputs: the running lse in fp32 as the kernels')
+        return o, to, lse.to(_stat_dtype(q_in)), mu, lse.double()
+    return o, to, lse, mu, lse.double() + lo.double()
 
 
 def _lse_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -339,20 +351,22 @@ def _lse_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _merge(state, rows: slice, blk) -> None:
-    """Fold a block's (O_c, Ȯ_c, lse_c, μ_c, lse_c in fp64 | None) into the running (O, T, lse, μ, lse in fp64 |
-    None) on query rows ``rows``. fp32 inputs merge in fp64 (the state's O, T, μ and the fp64 lse): at large
-    logits the weights exp(lse_c − lse) and the sum T − μ·O lose ~ulp(|lse|) and ~ulp(|μ·O|) in fp32."""
+    """Fold a block's (O_c, Ȯ_c, lse_c, μ_c, lse_c in fp64) into the running (O, T, lse, μ, lse in fp64) on query
+    rows ``rows``. The weights exp(lse_c − lse) and μ are formed in fp64 (in fp32 they lose ~ulp(|lse|) at large
+    logits: dlse 10x the single-device error in bf16); O and T are fp64 for fp32 inputs and for an fp32 tangent
+    output (T − μ·O loses ~ulp(|μ·O|) in fp32), else fp32."""
     O, T, L, M, L64 = (None if x is None else x[:, :, rows] for x in state)
     o, to, lse, mu, lse64 = blk
-    Lw, lw = (L, lse) if L64 is None else (L64, lse64)
+    Lw, lw = L64, lse64
     new = _lse_add(Lw, lw)
     ref = torch.where(torch.isfinite(new), new, 0.0)
     a, b = torch.exp(Lw - ref), torch.exp(lw - ref)  # −inf rows weigh 0
     dt = O.dtype
-    O.mul_(a.unsqueeze(-1)).add_(o.to(dt) * b.unsqueeze(-1))
+    a_, b_ = a.to(dt).unsqueeze(-1), b.to(dt).unsqueeze(-1)
+    O.mul_(a_).add_(o.to(dt) * b_)
     if T is not None:
-        T.mul_(a.unsqueeze(-1)).add_((to.to(dt) + mu.to(dt).unsqueeze(-1) * o.to(dt)) * b.unsqueeze(-1))
-        M.mul_(a).add_(mu.to(dt) * b)
+        T.mul_(a_).add_((to.to(dt) + mu.to(dt).unsqueeze(-1) * o.to(dt)) * b_)
+        M.mul_(a).add_(mu.double() * b)
     L.copy_(new)
     if L64 is not None:
         L64.copy_(new)
@@ -389,8 +403,10 @@ def _ring_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
             blk = _block_fwd(_rows(qb, rows), kb, vb, _rows(tqb, rows), tkb, tvb, cfg, causal, acc)
             if state is None:  # step 0: the own key shard, every query row
                 o, to, lse, mu, lse64 = blk
-                if lse64 is not None:  # fp32 inputs: the running state in fp64 (see _merge)
-                    o, to, mu = (None if x is None else x.double() for x in (o, to, mu))
+                if q.dtype == torch.float32 or cfg.t_dtype == 1:  # fp32 inputs, or an fp32 tangent output from
+                    # bf16 / fp16 ones: O and T in fp64 too (see _merge)
+                    o, to = (None if x is None else x.double() for x in (o, to))
+                mu = None if mu is None else mu.double()
                 state = (o, None if to is None else to.add_(mu.unsqueeze(-1) * o), lse, mu, lse64)
             else:
                 _merge(state, rows, blk)
@@ -399,9 +415,9 @@ def _ring_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
             cur = nxt
     O, T, L, M, L64 = state
     lo = None
-    if L64 is not None:  # the merged lse's low word: fp64 lse − its fp32 rounding (0 on rows that see no key)
-        L.copy_(L64)
-        lo = torch.where(torch.isfinite(L64), L64 - L.double(), 0.0).float()
+    if L64 is not None:  # the merged lse's low word: fp64 lse − its fp32 rounding (0 on rows that see no key);
+        L.copy_(L64)  # the kernels take one for fp32 inputs only
+        lo = torch.where(torch.isfinite(L64), L64 - L.double(), 0.0).float() if q.dtype == torch.float32 else None
     out = q.new_empty(_out_shape(q, v, lay))
     _bhsd(out, lay).copy_(O)
     to = mu = None
@@ -416,6 +432,9 @@ def _ring_bwd(do, q, k, v, o, lse, lo, dlse, cfg: _Cfg):
     lay, W, r = cfg.lay, cfg.W, cfg.r
     acc = _stat_dtype(q)
     qb, ob, dob = _bhsd(q, lay), _bhsd(o, lay), _bhsd(do, lay)
+    up = (lambda x: x) if not _ref64(cfg, q) else (lambda x: None if x is None else x.double())
+    if _ref64(cfg, q):  # as the forward's blocks (_block_fwd), with the merged lse's low word
+        acc, lse, lo = torch.float64, lse.double() + (0.0 if lo is None else lo.double()), None
     sq = qb.shape[2]
     dq = torch.zeros(qb.shape, dtype=acc, device=q.device)
     cur, spare = _kv_buffers([k, v], W)
@@ -434,12 +453,12 @@ def _ring_bwd(do, q, k, v, o, lse, lo, dlse, cfg: _Cfg):
         part = None
         if plan is not None:
             rows, keys, causal = plan
-            kb, vb = (_bhsd(x, lay)[:, :, keys] for x in cur)
-            qr = _rows(qb, rows)
+            kb, vb = (up(_bhsd(x, lay)[:, :, keys]) for x in cur)
+            qr = up(_rows(qb, rows))
             part = torch.empty(qr.shape, dtype=acc, device=q.device)
             dk_b = torch.empty(kb.shape, dtype=acc, device=q.device)
             dv_b = torch.empty(vb.shape, dtype=acc, device=q.device)
-            impl.attn_bwd(_rows(dob, rows), qr, kb, vb, _rows(ob, rows), lse[:, :, rows],
+            impl.attn_bwd(up(_rows(dob, rows)), qr, kb, vb, up(_rows(ob, rows)), lse[:, :, rows],
                           None if dlse is None else dlse[:, :, rows], part, dk_b, dv_b,
                           causal=causal, scale=cfg.scale, lse_lo=None if lo is None else lo[:, :, rows])
             dq[:, :, rows] += part
