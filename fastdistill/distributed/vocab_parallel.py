@@ -802,8 +802,8 @@ def vocab_parallel_topk(
     sh.set_options("vocab_parallel_topk", k=k, temperature=float(temperature), rows=N, accum_dtype=str(acc))
     z2 = z.reshape(N, Vr)
     kl = min(k, Vr)
-    # per row: k values, k global ids (padding: value −inf, id −1), the logsumexp; row N: the layout row
-    pack = torch.full((N + 1, max(2 * k + 1, LAYOUT_COLS)), _NEG_INF, dtype=torch.float64, device=z.device)
+    # per row: k values, k global ids (padding: value −inf, id −1), the logsumexp as hi, lo; row N: the layout row
+    pack = torch.full((N + 1, max(2 * k + 2, LAYOUT_COLS)), _NEG_INF, dtype=torch.float64, device=z.device)
     pack[:N, k : 2 * k] = -1.0
     sh.fill_row(pack[N])
     for sl in _chunks(N, Vr):
@@ -811,11 +811,11 @@ def vocab_parallel_topk(
         if kl:
             v, i = u.topk(kl, 1)
             pack[sl, :kl], pack[sl, k : k + kl] = v.double(), (i + sh.start).double()
-        if Vr:  # hi + lo in fp64: the local logsumexp as accurate as log_softmax's (u − m) − log l
+        if Vr:  # hi, lo kept apart (their fp64 sum drops lo once |hi| passes ~1e15: finfo.min rows, −1e30)
             hi, lo = lse_split(u)
-            pack[sl, 2 * k] = hi.double() + lo.double()
+            pack[sl, 2 * k], pack[sl, 2 * k + 1] = hi.double(), lo.double()
         else:
-            pack[sl, 2 * k] = _NEG_INF
+            pack[sl, 2 * k], pack[sl, 2 * k + 1] = _NEG_INF, 0.0
     parts = [torch.empty_like(pack) for _ in range(sh.world)]
     dist.all_gather(parts, pack, group=sh.group)
     allp = torch.stack(parts, 1)  # [N + 1, W, max(2k + 1, LAYOUT_COLS)]
@@ -830,8 +830,13 @@ def vocab_parallel_topk(
     vals, gids = vals.gather(1, real_first), gids.gather(1, real_first)
     top, pos = vals.sort(dim=1, descending=True, stable=True)
     top, ids = top[:, :k], gids.gather(1, pos[:, :k]).long()
-    lse = torch.logsumexp(allp[:N, :, 2 * k], 1)
-    lps = torch.where(top == _NEG_INF, top, top - lse[:, None])  # an all −inf row: −inf, not NaN
+    # log-probs (top − H) − log Σ_r e^{(hi_r − H) + lo_r} with H the largest hi: top − H and hi_r − H are exact
+    # differences of nearby values, as log_softmax's (u − m) − log l
+    his, los = allp[:N, :, 2 * k], allp[:N, :, 2 * k + 1]
+    H = his.amax(1) if sh.world else his.new_full((N,), _NEG_INF)
+    Hs = torch.where(torch.isfinite(H), H, 0.0)
+    logs = torch.log(torch.exp((his - Hs[:, None]) + torch.where(torch.isfinite(los), los, 0.0)).sum(1))
+    lps = torch.where(top == _NEG_INF, top, (top - Hs[:, None]) - logs[:, None])  # an all −inf row: −inf, not NaN
     if sh.on_device:  # cached group: an invalid layout (or k > V) gives NaN log-probs, on every rank alike
         lps = lps + _poison(_device_ok(allp[N, :, :LAYOUT_COLS], k), lps.dtype)
         ids = ids.clamp_min(0)
