@@ -359,6 +359,9 @@ def _one_rank_differs(W: int, r: int, agree_group, local_group) -> dict:
                                                         mode="ulysses" if odd else "ring"))
     xd = x.float() if odd else x
     out["err_dtype_one_rank"] = _expect_error(lambda: cp(xd, xd, xd, group=agree_group))
+    # ... or q requiring grad on one rank only: its backward would wait for the others in the ring backward
+    xg = x.detach().requires_grad_(odd)
+    out["err_requires_grad_one_rank"] = _expect_error(lambda: cp(xg, x, x, group=agree_group))
     out["usable_after_mismatch"] = usable(agree_group)
     # 2. an argument error that only the last rank's local checks see
     z = x[:, :3] if odd else x
@@ -549,6 +552,7 @@ def test_zigzag_helpers(world):
     ("err_scale_one_rank", "ValueError", "scale differs between the ranks"),
     ("err_mode_one_rank", "ValueError", "'ring', 'ulysses'] on ranks 0.."),
     ("err_dtype_one_rank", "ValueError", "'torch.float64', 'torch.float32']"),
+    ("err_requires_grad_one_rank", "ValueError", "requires_grad (grad mode on and q, k or v requiring grad) differs"),
     ("err_zigzag_odd_one_rank", "ValueError", "q, k: zigzag shards hold two equal chunks"),
     ("err_mode_check_off", "ValueError", "mode"),
     ("err_dual_tangent_dtype", "ValueError", "tangent_dtype: under torch.func.jvp"),

@@ -631,10 +631,12 @@ class _ContextParallel(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public
 _SIG_NAMES = ("mode", "causal", "seq_layout", "layout", "q: batch", "q: local sequence length", "q: heads",
               "q: head dim", "k: local sequence length", "k: heads", "v: head dim", "tq (None or not)",
-              "tk (None or not)", "tv (None or not)", "dtype", "tangent_dtype", "scale")
+              "tk (None or not)", "tv (None or not)", "dtype", "tangent_dtype", "scale",
+              "requires_grad (grad mode on and q, k or v requiring grad)")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _SIG_DECODE = {"mode": MODES, "causal": (False, True), "seq_layout": SEQ_LAYOUTS, "layout": tuple(LAYOUTS),
-               "dtype": tuple(str(d) for d in _DTYPE_CODES), "tangent_dtype": ("the input dtype", "torch.float32")}
+               "dtype": tuple(str(d) for d in _DTYPE_CODES), "tangent_dtype": ("the input dtype", "torch.float32"),
+               "requires_grad (grad mode on and q, k or v requiring grad)": (False, True)}
 
 
 @eager_only("context-parallel attention runs eagerly: point-to-point rings and all-to-alls (a graph break, "
@@ -761,7 +763,9 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     sig = (MODES.index(mode), int(causal), SEQ_LAYOUTS.index(seq_layout), lay, B, sq, Hq, Dqk, sk, Hkv, Dv,
            int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype,
-           struct.unpack("<q", struct.pack("<d", scale))[0])  # the scale's bits: ranks must use the very same
+           struct.unpack("<q", struct.pack("<d", scale))[0],  # the scale's bits: ranks must use the very same
+           # a backward on some ranks only would leave the others waiting in the ring / all-to-all backward
+           int(torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))))
     backend = select_backend(OP, q, head_dims=(Dqk, Dv), grid_too_big=_grid_too_big(B, Hq))
     limit = transform_limit(backend)
     if limit is not None:
