@@ -171,6 +171,11 @@ def test_one_dim_mask_of_batch_length():
     assert torch.allclose(per_sample, d2[0].mean()) and torch.allclose(last_dim, d2[..., 0].mean(1).sum())
     with pytest.raises(ValueError, match=r"does not broadcast .* mask.view\(2, 1, 1\)"):
         fd.score_distill(torch.randn(2, 3, 4), [torch.randn(2, 3, 4)], [1.0], norm=None, mask=keep)
+    # B ≤ 1: both readings agree (an empty batch: nothing to mask), so no error (a review caught the first cut)
+    x1, f1 = x[:1, :, :1], f[:1, :, :1]
+    assert torch.equal(fd.denoise_regression_loss(x1, [f1], [-1.0], mask=torch.tensor([True])),
+                       fd.denoise_regression_loss(x1, [f1], [-1.0], mask=torch.ones(1, 1, 1, dtype=torch.bool)))
+    assert fd.denoise_regression_loss(x[:0, 0, :0], [f[:0, 0, :0]], [-1.0], mask=keep[:0]) == 0
 
 
 def test_tiny_huber_c_in_fp64(use):

@@ -407,7 +407,7 @@ def _ring_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
                     # bf16 / fp16 ones: O and T in fp64 too (see _merge)
                     o, to = (None if x is None else x.double() for x in (o, to))
                 mu = None if mu is None else mu.double()
-                state = (o, None if to is None else to.add_(mu.unsqueeze(-1) * o), lse, mu, lse64)
+                state = (o, None if to is None else to.add_(mu.to(to.dtype).unsqueeze(-1) * o), lse, mu, lse64)
             else:
                 _merge(state, rows, blk)
         _wait(reqs)
@@ -423,7 +423,7 @@ def _ring_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
     to = mu = None
     if cfg.want_t:
         to = out.new_empty(out.shape, dtype=torch.float32 if cfg.t_dtype == 1 else q.dtype)
-        _bhsd(to, lay).copy_(T.sub_(M.unsqueeze(-1) * O))
+        _bhsd(to, lay).copy_(T.sub_(M.to(T.dtype).unsqueeze(-1) * O))  # (an fp64 product only for an fp64 T)
         mu = M.to(L.dtype)
     return out, to, L, mu, lo
 

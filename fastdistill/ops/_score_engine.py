@@ -121,7 +121,7 @@ def mask_2d(mask, x: torch.Tensor, B: int, M: int) -> torch.Tensor | None:
     if mask.device != x.device:
         raise ValueError(f"mask: expected device {x.device}, got {mask.device}")
     per_sample_hint = f"a per-sample mask is [B, 1, ...]: mask.view({B}{', 1' * (x.dim() - 1)})"
-    if mask.dim() == 1 and x.dim() > 1 and mask.shape[0] == B == x.shape[-1]:
+    if mask.dim() == 1 and x.dim() > 1 and mask.shape[0] == B == x.shape[-1] and B > 1:  # (B ≤ 1: one reading)
         # broadcasting puts a 1-D mask on x's last dim: one of length B there is most likely meant per sample
         raise ValueError(f"mask: a 1-D mask of length {B} (the batch size, and x's last dim) is ambiguous: it would "
                          f"broadcast along x's last dim, not per sample; {per_sample_hint}, a last-dim one "

@@ -470,7 +470,8 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
         # inputs dynamo sees as plain tensors (inductor then dropped their tangents: None, silently). Inside a dual
         # level a call whose q, k, v show no tangent may still get dual tensors at run time (passed into the
         # compiled function: dynamo does not see their tangents), so it takes the math path too; explicit pairs
-        # there are the custom op's (a dual q, k or v with them would raise at run time, as eagerly)
+        # there are the custom op's (with dual q, k, v passed in from outside, which eagerly raise, the compiled
+        # call cannot tell: their tangents are dropped, the documented limitation of such inputs)
         return _math_in_graph(q, k, v, tq, tk, tv, **kw)
     return _jvp_attention(q, k, v, tq, tk, tv, **kw)
 
