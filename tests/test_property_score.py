@@ -271,8 +271,10 @@ class Draft:
         kind = draw(st.sampled_from(["none", "none", "full", "sample", "lead", "tail"]))
         if kind == "none":
             return None
+        # (a 1-D tail mask of length B when S[-1] = B > 1 raises as ambiguous: it is then spelled [1, S[-1]])
+        tail = (S[-1],) if S[-1] != B or B <= 1 else (1, S[-1])
         shape = {"full": (B, *S), "sample": (B,) + (1,) * len(S), "lead": (B, S[0]) + (1,) * (len(S) - 1),
-                 "tail": (S[-1],)}[kind]
+                 "tail": tail}[kind]
         p = draw(st.sampled_from([0.1, 0.5, 0.9]))
         m = torch.rand(shape, generator=self.g, dtype=F64) < p
         if kind != "tail":
