@@ -458,7 +458,10 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
   ok = ok && lse_s != -INFINITY && lse_t != -INFINITY;
   float ce = 0.0f;
   if (a.flags & F_CE) {
-    if (label >= 0 && label < V) ce = lse_1 - transform(DT<T>::template load1<true>(s_row + label), p, softcap);
+    // (m − z_label) + log l, as cross_entropy's log_softmax: lse_1 − z_label carries lse_1's rounding at |m|
+    // (T = 1 without ce_sep: the student's u is z)
+    const float zl = transform(DT<T>::template load1<true>(s_row + label), p, softcap);
+    if (label >= 0 && label < V) ce = ((ce_sep ? o.m1 : o.ms) - zl) + log_row(ce_sep ? o.l1 : o.ls);
     else ce = __int_as_float(0x7fc00000);  // NaN: an out-of-range label
   }
   float D = 0.0f;

@@ -398,6 +398,14 @@ def test_emulated_kd_shifted_views_read_in_place(kd_cuda_on_cpu):
         check_shifted_views_read_in_place(topk=False)
 
 
+def test_emulated_kd_ce_large_offset(kd_cuda_on_cpu):
+    """The CE term's accuracy at a logit offset of 300 (tests/test_kd_close_teacher.py, the same check)."""
+    from test_kd_close_teacher import check_ce_large_offset
+
+    with fastdistill.use_backend(kd_cuda_on_cpu):
+        check_ce_large_offset()
+
+
 def test_emulated_kd_row_offsets_past_2_31(kd_cuda_on_cpu):
     """Row addresses past 2^31 elements with every stride below it, the in-place gradient included (tests/test_kd.py,
     the same check; top-k teachers do not run on the CUDA backend)."""

@@ -117,3 +117,27 @@ def test_close_teacher_topk_tail_bucket_fp32(use, offset):
     e_grad, p_grad = _rel(x.grad, exact_x.grad), _rel(plain_x.grad, exact_x.grad)
     assert e_loss <= 2 * p_loss + 1e-9, (e_loss, p_loss)
     assert e_grad <= 2 * p_grad + 1e-9, (e_grad, p_grad)
+
+
+def check_ce_large_offset() -> None:
+    """The hard-label CE term (hard_label_alpha = 1) of fp32 logits at an offset of 300, confident rows (CE ~ 1e-4)
+    and ordinary ones: per-row losses within 2x F.cross_entropy's fp32 error against fp64 (before: lse − z_label,
+    lse rounded at |max z|: 170x on the confident rows, every backend; found by a review). T = 1 and T = 2 (the
+    untempered logsumexp of CE kept apart from the student's tempered one)."""
+    import torch.nn.functional as Fn
+
+    g = torch.Generator().manual_seed(4)
+    N, V = 64, 50
+    z = torch.randn(N, V, generator=g, dtype=F64)
+    lab = torch.randint(0, V, (N,), generator=g)
+    z[torch.arange(N // 2), lab[: N // 2]] += 12.0
+    zf = (z + 300.0).float()
+    want = Fn.cross_entropy(zf.double(), lab, reduction="none")
+    e_plain = _rel(Fn.cross_entropy(zf, lab, reduction="none"), want)
+    for T in (1.0, 2.0):
+        got = fd.kd_loss(zf, zf.clone(), labels=lab, hard_label_alpha=1.0, temperature=T, reduction="none")
+        assert _rel(got, want) <= 2 * e_plain, (T, _rel(got, want), e_plain)
+
+
+def test_ce_large_offset(use):
+    check_ce_large_offset()

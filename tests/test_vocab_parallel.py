@@ -123,6 +123,12 @@ CLOSE_CASES = dict([
       V=1030, lead=(32,), layout="uneven", topk_semantics="tail_bucket"),  # the eager gradient; loss not checked
 ])
 
+# the hard-label CE term alone at a logit offset of 300 in fp32 (test_ce_large_offset)
+CE_CASES = dict([
+    K("ce-fp32-off300", divergence="fkl", fp32=True, close=300.0, V=1030, lead=(32,), layout="uneven",
+      reduction="none", hard_label_alpha=1.0),
+])
+
 # tail_bucket with k = V: the ids cover the vocabulary, no tail bucket (p_tail = 0, not the rounding noise of
 # 1 − Σ p, which made forward KL +inf against the student's exactly-zero tail)
 KEQV_CASES = dict([
@@ -246,8 +252,8 @@ ERROR_CASES = dict([
 # values the plan resolved: teacher_temperature None is the temperature, −0.0 is 0.0, num_items 5 is 5.0)
 EQUIV_CASES = dict([K("ok-options-spelled-differently", kind="error", bad="opt_equiv", layout="uneven")])
 
-ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **KEQV_CASES, **TOPK_CASES, **VPTOPK_CASES, **VPTOPK32_CASES,
-       **FUSED_CASES, **ERROR_CASES, **EQUIV_CASES}
+ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **CE_CASES, **KEQV_CASES, **TOPK_CASES, **VPTOPK_CASES,
+       **VPTOPK32_CASES, **FUSED_CASES, **ERROR_CASES, **EQUIV_CASES}
 LOSS_KEYS = ("divergence", "beta", "skew", "temperature", "teacher_temperature", "t2_scale", "ignore_index",
              "reduction", "num_items", "hard_label_alpha", "softcap", "logit_scale", "topk_semantics")
 
@@ -818,6 +824,24 @@ def test_fp32_close_teacher_large_offset(world, name):
     for what, got, plain, ref in checks:
         err, err_plain = _rel2(got, ref), _rel2(plain, ref)
         assert err <= 2 * err_plain, f"{what}: error {err:.2e} > 2x plain fp32 PyTorch's {err_plain:.2e}"
+
+
+@pytest.mark.parametrize("name", list(CE_CASES))
+def test_ce_large_offset(world, name):
+    """The CE term (hard_label_alpha = 1) of fp32 logits at an offset of 300: per-row losses within 2x
+    F.cross_entropy's fp32 error against fp64 (before: lse − z_label, the merged lse rounded at |max z|: ~40x; found
+    by a review)."""
+    import torch.nn.functional as Fn
+
+    w, res = world
+    d = build(name)
+    s32, lab = d["s"].float(), d["kw"]["labels"]
+    want = Fn.cross_entropy(s32.double(), lab, reduction="none")
+    plain = Fn.cross_entropy(s32, lab, reduction="none")
+    for r in range(w):
+        got = res[r][name]["loss"]
+        err, err_plain = _rel2(got, want), _rel2(plain, want)
+        assert err <= 2 * err_plain, f"rank {r}: error {err:.2e} > 2x F.cross_entropy fp32's {err_plain:.2e}"
 
 
 @pytest.mark.parametrize("name", list(KEQV_CASES))

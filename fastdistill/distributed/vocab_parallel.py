@@ -408,7 +408,8 @@ class _Run:
         if self.ce:
             lse1 = A[:, 2] + G[:, 2].log()
             st[:, _LSE1] = lse1
-            ce = torch.where(G[:, 5] == 1, lse1 - G[:, 4], torch.full_like(es, math.nan))  # label out of range
+            # (A − z_label) + log G: lse1 − z_label carries lse1's rounding at |A| (a label out of range: NaN)
+            ce = torch.where(G[:, 5] == 1, (A[:, 2] - G[:, 4]) + G[:, 2].log(), torch.full_like(es, math.nan))
             ce = torch.where(lab == p.ignore_index, torch.zeros_like(ce), ce)
         D = torch.where(ok, D, torch.zeros_like(D))
         if p.topk != _TOPK_ZERO:  # true divergences, below 0 only by rounding; zero_tail's formula is not one

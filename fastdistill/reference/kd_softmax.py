@@ -267,7 +267,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
             lab = labels[sl]
             lab_ok = (lab >= 0) & (lab < V)
             zl = z.gather(1, lab.clamp(0, V - 1)[:, None])[:, 0]
-            ce = torch.where(lab_ok, lse1 - zl, torch.full_like(lse1, float("nan")))
+            hi1, lo1 = lse_split(z)  # (hi − z_label) + lo: lse1 − z_label carries lse1's rounding at |max z|
+            ce = torch.where(lab_ok, (hi1 - zl) + lo1, torch.full_like(lse1, float("nan")))
         if p.topk != TOPK_ZERO:  # true divergences, below 0 only by rounding; zero_tail's formula is not one
             D = D.clamp_min(0)
         if p.topk:
