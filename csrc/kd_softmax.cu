@@ -459,10 +459,14 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
   float ce = 0.0f;
   if (a.flags & F_CE) {
     // (m − z_label) + log l, as cross_entropy's log_softmax: lse_1 − z_label carries lse_1's rounding at |m|
-    // (T = 1 without ce_sep: the student's u is z)
-    const float zl = transform(DT<T>::template load1<true>(s_row + label), p, softcap);
-    if (label >= 0 && label < V) ce = ((ce_sep ? o.m1 : o.ms) - zl) + log_row(ce_sep ? o.l1 : o.ls);
-    else ce = __int_as_float(0x7fc00000);  // NaN: an out-of-range label
+    // (T = 1 without ce_sep: the student's u is z). The label's logit is read only for a label in range (an
+    // ignore_index or out-of-range label must not read outside the row)
+    if (label >= 0 && label < V) {
+      const float zl = transform(DT<T>::template load1<true>(s_row + label), p, softcap);
+      ce = ((ce_sep ? o.m1 : o.ms) - zl) + log_row(ce_sep ? o.l1 : o.ls);
+    } else {
+      ce = __int_as_float(0x7fc00000);  // NaN: an out-of-range label
+    }
   }
   float D = 0.0f;
   // Σ p (log p − log q) = A/l_t + (m_t − m_s) − lse_t + lse_s = A/l_t + ln(l_s / l_t): free of the offset too

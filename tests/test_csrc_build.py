@@ -406,6 +406,59 @@ def test_emulated_kd_ce_large_offset(kd_cuda_on_cpu):
         check_ce_large_offset()
 
 
+def _guarded_rows(N: int, V: int, before: bool):
+    """[N, V] fp32 logits right after (``before``) or right before an unreadable page: a read outside the rows
+    segfaults. Returns the tensor and the mapping that owns it."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    mm = mmap.mmap(-1, 3 * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    buf = torch.frombuffer(mm, dtype=torch.float32)
+    n = N * V
+    if before:
+        x = buf[page // 4 : page // 4 + n].view(N, V)
+        guard = base
+    else:
+        x = buf[2 * page // 4 - n : 2 * page // 4].view(N, V)
+        guard = base + 2 * page
+    if libc.mprotect(guard, page, 0) != 0:
+        pytest.skip("mprotect is not available")
+    return x, mm
+
+
+def test_emulated_kd_labels_never_read_outside_the_row(kd_cuda_on_cpu, monkeypatch):
+    """The CE term reads the label's logit only for a label in range: ignore_index on the first row and an
+    out-of-range label on the last (the CPU range check bypassed, as on a GPU, where labels are not read on the
+    host) next to unreadable pages give 0 and NaN for those rows, the others the reference's values (a first
+    cut of 08dc92b read s_row[label] before the range check: a segfault here, an illegal address on a GPU;
+    found by a review)."""
+    from fastdistill.ops import kd_softmax as ops
+
+    monkeypatch.setattr(ops, "_eager_cpu", lambda t: False)
+    g = torch.Generator().manual_seed(0)
+    N, V = 4, 8
+    for before, row, val in ((True, 0, -100), (False, N - 1, V), (False, N - 1, V + 5000)):
+        x, mm = _guarded_rows(N, V, before)
+        x.copy_(torch.randn(N, V, generator=g))
+        t = torch.randn(N, V, generator=g)
+        lab = torch.randint(0, V, (N,), generator=g)
+        lab[row] = val
+        with fastdistill.use_backend(kd_cuda_on_cpu):
+            got = fastdistill.kd_loss(x, t, labels=lab, hard_label_alpha=0.5, reduction="none")
+        keep = torch.arange(N) != row
+        lab_ok = lab.clone()
+        lab_ok[row] = -100
+        with fastdistill.use_backend("reference"):
+            want = fastdistill.kd_loss(x.clone(), t, labels=lab_ok, hard_label_alpha=0.5, reduction="none")
+        assert torch.allclose(got[keep], want[keep], rtol=1e-5, atol=1e-6), (before, val)
+        assert (got[row] == 0) if val == -100 else torch.isnan(got[row]), (before, val, got)
+        del x, mm
+
+
 def test_emulated_kd_row_offsets_past_2_31(kd_cuda_on_cpu):
     """Row addresses past 2^31 elements with every stride below it, the in-place gradient included (tests/test_kd.py,
     the same check; top-k teachers do not run on the CUDA backend)."""
