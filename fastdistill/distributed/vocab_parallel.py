@@ -819,7 +819,7 @@ def vocab_parallel_topk(
             pack[sl, 2 * k], pack[sl, 2 * k + 1] = _NEG_INF, 0.0
     parts = [torch.empty_like(pack) for _ in range(sh.world)]
     dist.all_gather(parts, pack, group=sh.group)
-    allp = torch.stack(parts, 1)  # [N + 1, W, max(2k + 1, LAYOUT_COLS)]
+    allp = torch.stack(parts, 1)  # [N + 1, W, max(2k + 2, LAYOUT_COLS)]
     sh.check(allp[N, :, :LAYOUT_COLS])
     if sh.V is not None and k > sh.V:
         raise ValueError(f"k: {k} exceeds the global vocabulary {sh.V}")
