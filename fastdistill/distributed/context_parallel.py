@@ -368,8 +368,7 @@ def _merge(state, rows: slice, blk) -> None:
         T.mul_(a_).add_((to.to(dt) + mu.to(dt).unsqueeze(-1) * o.to(dt)) * b_)
         M.mul_(a).add_(mu.double() * b)
     L.copy_(new)
-    if L64 is not None:
-        L64.copy_(new)
+    L64.copy_(new)
 
 
 def _kv_buffers(xs: list[torch.Tensor], W: int):
@@ -414,10 +413,10 @@ def _ring_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
         if reqs is not None:
             cur = nxt
     O, T, L, M, L64 = state
-    lo = None
-    if L64 is not None:  # the merged lse's low word: fp64 lse − its fp32 rounding (0 on rows that see no key);
-        L.copy_(L64)  # the kernels take one for fp32 inputs only
-        lo = torch.where(torch.isfinite(L64), L64 - L.double(), 0.0).float() if q.dtype == torch.float32 else None
+    L.copy_(L64)  # the merged lse's low word: fp64 lse − its fp32 rounding (0 on rows that see no key); the
+    lo = None  # kernels take one for fp32 inputs only
+    if q.dtype == torch.float32:
+        lo = torch.where(torch.isfinite(L64), L64 - L.double(), 0.0).float()
     out = q.new_empty(_out_shape(q, v, lay))
     _bhsd(out, lay).copy_(O)
     to = mu = None

@@ -834,7 +834,7 @@ def vocab_parallel_topk(
     # log-probs (top − H) − log Σ_r e^{(hi_r − H) + lo_r} with H the largest hi: top − H and hi_r − H are exact
     # differences of nearby values, as log_softmax's (u − m) − log l
     his, los = allp[:N, :, 2 * k], allp[:N, :, 2 * k + 1]
-    H = his.amax(1) if sh.world else his.new_full((N,), _NEG_INF)
+    H = his.amax(1)
     Hs = torch.where(torch.isfinite(H), H, 0.0)
     logs = torch.log(torch.exp((his - Hs[:, None]) + torch.where(torch.isfinite(los), los, 0.0)).sum(1))
     lps = torch.where(top == _NEG_INF, top, (top - Hs[:, None]) - logs[:, None])  # an all −inf row: −inf, not NaN
