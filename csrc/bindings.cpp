@@ -329,7 +329,7 @@ PYBIND11_MODULE(_C, m) {
         "int64 [N] (labels_i64) or 0, mask uint8 [N] or 0, weights float32 [N] or 0, prm float32 [10] "
         "(inv_T, inv_Tt, alpha, t2, logit_scale, softcap or 1, beta, skew). div: 0 fkl .. 5 tvd; red: 0 batchmean, "
         "1 sum, 2 mean, 3 none; ce: the alpha*CE term; ce_sep: T != 1 (a separate untempered lse); softcap: "
-        "apply prm[5]; num_items > 0 replaces the valid-row count. Writes st [N, 10], loss [1], factor [1] (float32).");
+        "apply prm[5]; num_items > 0 replaces the valid-row count. Writes st [N, 11], loss [1], factor [1] (float32).");
   m.def("kd_bwd", &kd_bwd, py::arg("dtype"), py::arg("s"), py::arg("t"), py::arg("labels"), py::arg("labels_i64"),
         py::arg("weights"), py::arg("prm"), py::arg("st"), py::arg("factor"), py::arg("grad_out"),
         py::arg("go_stride"), py::arg("out"), py::arg("N"), py::arg("V"), py::arg("Vt"), py::arg("s_stride"),

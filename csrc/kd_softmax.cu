@@ -13,8 +13,8 @@
 //   3. kd_reduce_kernel  one CTA: the valid-row count and the reduced loss, fixed order.
 //   4. kd_grad_kernel    grid (N): the gradient w.r.t. the raw student logits, written in the
 //      student dtype (into the logits themselves for inplace_grad).
-// Per-row state (fp32, [N, 10]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo (the
-// logsumexps as hi + lo, log-probs formed as (u − hi) − lo: Triton's _lse2). The float
+// Per-row state (fp32, [N, 11]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo, lse_s1_lo
+// (the logsumexps as hi + lo, log-probs formed as (u − hi) − lo: Triton's _lse2). The float
 // parameters come from a device fp32 tensor [10]: inv_T, inv_Tt, alpha, t2, logit_scale, softcap
 // (1 when off), beta, skew, 1 − beta, 1 − skew (KDPlan.kernel_params()).
 //
@@ -43,7 +43,7 @@ using namespace fd;
 
 constexpr int DIV_FKL = 0, DIV_RKL = 1, DIV_JSD = 2, DIV_SKL = 3, DIV_SRKL = 4, DIV_TVD = 5;
 constexpr int SDIV_NONE = 2;  // the stats pass of the 3-pass divergences: no running divergence sum
-constexpr int NSTATE = 10;
+constexpr int NSTATE = 11;
 constexpr int MAX_THREADS = 256;  // per row CTA; fewer (a power of two >= 32) for short rows
 // CTAs of 256 threads per SM: 4 (<= 64 registers) on the 16-byte path, 3 (<= 80) on the scalar path
 template <bool VECTOR>
@@ -69,7 +69,7 @@ struct KdArgs {
   const uint8_t* mask;  // [N] or null
   const float* w;       // [N] or null
   const float* prm;     // [10]
-  float* st;            // [N, 10]
+  float* st;            // [N, 11]
   const float* factor;  // grad: [1]
   const float* go;      // grad: upstream gradient [1] or [N] ...
   int64_t go_stride;    // ... with stride 0 or 1
@@ -446,7 +446,8 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
   float lse_s, lse_t, lo_s, lo_t;
   lse2(o.ms, o.ls, lse_s, lo_s);
   lse2(o.mt, o.lt, lse_t, lo_t);
-  const float lse_1 = ce_sep ? o.m1 + log_row(o.l1) : lse_s;
+  float lse_1 = lse_s, lo_1 = lo_s;  // CE's untempered logsumexp (T = 1 without ce_sep: the student's u is z)
+  if (ce_sep) lse2(o.m1, o.l1, lse_1, lo_1);
   bool ok = true;
   int64_t label = 0;
   if (a.flags & F_LABELS) {
@@ -477,7 +478,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_stats_kern
   float* st = a.st + row * NSTATE;
   st[0] = lse_s, st[1] = lse_t, st[2] = lse_1, st[3] = D;
   st[4] = 0.0f, st[5] = ok ? loss : 0.0f, st[6] = ce, st[7] = ok ? 1.0f : 0.0f;
-  st[8] = lo_s, st[9] = lo_t;
+  st[8] = lo_s, st[9] = lo_t, st[10] = lo_1;
 }
 
 // ----------------------------------------------------------------------------- pass 2: divergence
@@ -582,7 +583,7 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
   const T* s_row = static_cast<const T*>(a.s) + row_offset(a, row, a.s_stride, a.s_gstride);
   const T* t_row = static_cast<const T*>(a.t) + row_offset(a, row, a.t_stride, a.t_gstride);
   const float lse_s = __ldg(st + 0), lse_t = __ldg(st + 1), lse_1 = __ldg(st + 2), D = __ldg(st + 3);
-  const float lo_s = __ldg(st + 8), lo_t = __ldg(st + 9);
+  const float lo_s = __ldg(st + 8), lo_t = __ldg(st + 9), lo_1 = __ldg(st + 10);
   const float S = __ldg(st + 4);
   float coeff = __ldg(a.factor) * __ldg(a.go + row * a.go_stride);
   if (a.flags & F_W) coeff = coeff * __ldg(a.w + row);
@@ -621,7 +622,8 @@ __global__ void __launch_bounds__(MAX_THREADS, MIN_BLOCKS<VECTOR>) kd_grad_kerne
           du = q * (g - S);
         }
         float v = kd_scale != 0.0f ? kd_scale * du : 0.0f;  // alpha = 1: no KD term at all (not 0·NaN)
-        if (ce) v += p.alpha * (__expf(z - lse_1) - ((int64_t)col == label ? 1.0f : 0.0f));
+        // CE: e^{(z − hi) − lo} (e^{z − lse} with lse rounded to one float carries its rounding at |max z|)
+        if (ce) v += p.alpha * (__expf((z - lse_1) - lo_1) - ((int64_t)col == label ? 1.0f : 0.0f));
         v = v * coeff;
         if (softcap) v = v * sech2(__fdividef(zr, p.softcap));
         gz[j] = v * p.scale;
@@ -730,7 +732,7 @@ KdArgs kd_args(const void* s, const void* t, const void* labels, bool labels_i64
 
 // dtype: 0 float32, 1 float16, 2 bfloat16 (student and teacher alike). div: 0 fkl, 1 rkl, 2 jsd,
 // 3 skl, 4 srkl, 5 tvd. red: 0 batchmean, 1 sum, 2 mean, 3 none. labels int32 / int64 [N] or null,
-// mask uint8 [N] or null, weights fp32 [N] or null, prm fp32 [10]. Writes st [N, 10], loss [1],
+// mask uint8 [N] or null, weights fp32 [N] or null, prm fp32 [10]. Writes st [N, 11], loss [1],
 // factor [1] (fp32). ce: the α·CE term (needs labels); ce_sep: its untempered lse separately (T != 1).
 cudaError_t fd_kd_fwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
                       const uint8_t* mask, const float* weights, const float* prm, float* st, float* loss,

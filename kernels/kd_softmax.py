@@ -11,7 +11,7 @@ in blocks of BLOCK_V with online max / sum-exp for student and teacher together.
   _kd_reduce_kernel  one program: the valid-row count and the reduced loss (fixed order).
   _kd_grad_kernel    backward: the gradient w.r.t. the raw student logits, written directly
                      (into the logits buffer itself when inplace_grad).
-Per-row state (fp32, [N, 10]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo.
+Per-row state (fp32, [N, 11]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo, lse_s1_lo.
 The logsumexps are kept as hi + lo (``_lse2``) and log-probs formed as (u − hi) − lo: as accurate as
 log_softmax's (u − m) − log l, where u − hi alone would carry ulp(m) in every log-prob.
 """
@@ -25,7 +25,8 @@ from fastdistill._backend import on_tensor_device
 from fastdistill.ops._common import n_rows, row_groups, row_strides
 
 DIV_FKL, DIV_RKL, DIV_JSD, DIV_SKL, DIV_SRKL, DIV_TVD = range(6)
-NSTATE = 10
+NSTATE = 11
+ST = tl.constexpr(NSTATE)  # the state's row stride inside the kernels
 # The kernels that form an exact log-ratio (_log_ratio's TwoSum of tempered logits zt·inv_Tt, z·inv_T) are launched
 # without fp fusion: a product that the compiler contracts into the TwoSum's subtraction (an fma) leaves its error
 # term off by the product's rounding. They are memory bound (no fma-heavy loops). The stats kernel keeps fusion
@@ -372,11 +373,12 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
     lse_s, lo_s = _lse2(m_s, l_s)
     lse_t, lo_t = _lse2(m_t, l_t)
     if CE_SEP:
-        lse_1 = m_1 + tl.log(l_1)
+        lse_1, lo_1 = _lse2(m_1, l_1)
         m_ce = m_1
         l_ce = l_1
     else:
         lse_1 = lse_s
+        lo_1 = lo_s
         m_ce = m_s  # (T = 1: the student's u is z)
         l_ce = l_s
     ok = _row_valid(row, lab_ptr, mask_ptr, ignore_index, HAS_LABELS, HAS_MASK)
@@ -396,9 +398,10 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
     elif DIV == 1:
         D = _clamp0(acc / l_s + tl.log(l_t / l_s))
     loss = _weighted(_mix(D, ce, alpha, t2), w_ptr, row, HAS_W, ACC)
-    st = st_ptr + row * 10
+    st = st_ptr + row * ST
     tl.store(st + 8, lo_s)
     tl.store(st + 9, lo_t)
+    tl.store(st + 10, lo_1)
     tl.store(st + 0, lse_s)
     tl.store(st + 1, lse_t)
     tl.store(st + 2, lse_1)
@@ -418,7 +421,7 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
     omb, oms = _mix_weights(prm_ptr)
     s_row = _row(s_ptr, row, R, s_gstride, s_stride)
     t_row = _row(t_ptr, row, R, t_gstride, t_stride)
-    st = st_ptr + row * 10
+    st = st_ptr + row * ST
     lse_s = tl.load(st + 0)
     lse_t = tl.load(st + 1)
     lo_s = tl.load(st + 8)
@@ -458,7 +461,7 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
     omb, oms = _mix_weights(prm_ptr)
-    st = st_ptr + row * 10
+    st = st_ptr + row * ST
     lse_s = tl.load(st + 0)
     lo_s = tl.load(st + 8)
     kk = tl.arange(0, KB)
@@ -538,8 +541,8 @@ def _kd_reduce_kernel(st_ptr, loss_ptr, factor_ptr, N, V, num_items, RED: tl.con
     for r0 in range(0, N, BLOCK_R):
         rows = r0 + ar
         rm = rows < N
-        cs += tl.load(st_ptr + rows * 10 + 5, mask=rm, other=0.0)
-        vs += tl.load(st_ptr + rows * 10 + 7, mask=rm, other=0.0)
+        cs += tl.load(st_ptr + rows * ST + 5, mask=rm, other=0.0)
+        vs += tl.load(st_ptr + rows * ST + 7, mask=rm, other=0.0)
     n = tl.sum(vs, 0)
     if num_items > 0:
         n = n * 0.0 + num_items
@@ -554,12 +557,13 @@ def _kd_reduce_kernel(st_ptr, loss_ptr, factor_ptr, N, V, num_items, RED: tl.con
 
 
 @triton.jit
-def _grad_store(o_row, du, z, dz, cols, cm, label, lse_1, coeff, kd_scale, alpha, ok,
+def _grad_store(o_row, du, z, dz, cols, cm, label, lse_1, lo_1, coeff, kd_scale, alpha, ok,
                 CE: tl.constexpr, CHAIN: tl.constexpr):
     """dL/dz from dD/du: KD scale, CE mixing, the row factor, the softcap / logit_scale chain rule dz."""
     gz = tl.where(kd_scale != 0.0, kd_scale * du, 0.0)  # hard_label_alpha = 1: no KD term at all (not 0·NaN)
     if CE:
-        gz += alpha * (tl.exp(z - lse_1) - tl.where(cols == label, 1.0, 0.0))
+        # e^{(z − hi) − lo}: e^{z − lse_1} with lse_1 one rounded number carries its rounding at |max z|
+        gz += alpha * (tl.exp((z - lse_1) - lo_1) - tl.where(cols == label, 1.0, 0.0))
     gz = gz * coeff
     if CHAIN:
         gz = gz * dz
@@ -582,11 +586,14 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
     s_row = _row(s_ptr, row, R, s_gstride, s_stride)
     t_row = _row(t_ptr, row, R, t_gstride, t_stride)
     o_row = _row(out_ptr, row, R, o_gstride, o_stride)
-    st = st_ptr + row * 10
+    st = st_ptr + row * ST
     lse_s = tl.load(st + 0)
     lo_s = tl.load(st + 8)
     lse_t = tl.load(st + 1)  # top-k: the tail term (1, see _kd_topk_kernel), Σ p (2), lse over the k ids (3)
     lse_1 = tl.load(st + 2)
+    lo_1 = 0.0
+    if CE:
+        lo_1 = tl.load(st + 10)
     D = tl.load(st + 3)
     S = tl.load(st + 4)
     ok = tl.load(st + 7) > 0
@@ -649,7 +656,8 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
                 dl, qt = _tvd_terms(zt * inv_Tt, lse_t, lo_t, z * inv_T, lse_s, lo_s, DIV)
                 _, qg, q = _div_terms(lq, lp, dl, qt, beta, skew, omb, oms, DIV)
                 du = _kd_du(qg, q, S)
-        _grad_store(o_row, du, z, dz, cols, cm, label, lse_1, coeff, kd_scale, alpha, ok, CE, HAS_SCALE or HAS_SOFTCAP)
+        _grad_store(o_row, du, z, dz, cols, cm, label, lse_1, lo_1, coeff, kd_scale, alpha, ok, CE,
+                    HAS_SCALE or HAS_SOFTCAP)
     if MODE > 0:
         tl.debug_barrier()  # the fix-up below overwrites elements other threads of this CTA stored
         lo_s = tl.load(st + 8)  # read again: not held in a register across the loop (sm_90a spills otherwise)
@@ -670,7 +678,8 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
             dl, qt = _tvd_terms(lpk, 0.0, 0.0, z * inv_T, lse_s, lo_s, DIV)
             _, qg, q = _div_terms(_logp(z, inv_T, lse_s, lo_s), lpk, dl, qt, beta, skew, omb, oms, DIV)
             du = _kd_du(qg, q, S)
-        _grad_store(o_row, du, z, dzk, ids, km, label, lse_1, coeff, kd_scale, alpha, ok, CE, HAS_SCALE or HAS_SOFTCAP)
+        _grad_store(o_row, du, z, dzk, ids, km, label, lse_1, lo_1, coeff, kd_scale, alpha, ok, CE,
+                    HAS_SCALE or HAS_SOFTCAP)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -697,7 +706,7 @@ def params(p, device, dtype):
 
 @on_tensor_device
 def kd_fwd(p, s, t, labels, mask, weights):
-    """(loss [1], contrib [N], state [N, 10], factor [1]) — see fastdistill.reference.kd_softmax.
+    """(loss [1], contrib [N], state [N, 11], factor [1]) — see fastdistill.reference.kd_softmax.
     ``t``: teacher logits [N, Vt], or (ids, logprobs) [N, k] each for a top-k teacher (p.topk)."""
     import torch
 

@@ -475,8 +475,8 @@ def test_emulated_kd_softcap_saturated_gradient(kd_cuda_on_cpu):
 
 
 def test_emulated_kd_state_matches_reference(kd_cuda_on_cpu):
-    """The per-row state [N, 10] itself (lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo) and the
-    factor, for a 2-pass and a 3-pass divergence with every row kind (invalid by label / −inf, an
+    """The per-row state [N, 11] itself (lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo,
+    lse_s1_lo) and the factor, for a 2-pass and a 3-pass divergence with every row kind (invalid by label / −inf, an
     out-of-range label)."""
     from fastdistill.ops import _kd_cuda
     from fastdistill.ops.kd_softmax import KDPlan

@@ -973,7 +973,7 @@ def test_kd_fkl_rkl_teacher_offset_accuracy(use, div):
 
 @pytest.mark.parametrize("N", [0, 3], ids=["empty", "rows"])
 def test_kd_custom_op_opcheck(use, N):
-    """The torch.compile custom op: its registered fake (state [N, 10]) matches the real outputs, the empty
+    """The torch.compile custom op: its registered fake (state [N, 11]) matches the real outputs, the empty
     batch's shortcut included (torch.library.opcheck)."""
     from fastdistill.ops.kd_softmax import KDPlan
 

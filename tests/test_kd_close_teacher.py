@@ -121,9 +121,10 @@ def test_close_teacher_topk_tail_bucket_fp32(use, offset):
 
 def check_ce_large_offset() -> None:
     """The hard-label CE term (hard_label_alpha = 1) of fp32 logits at an offset of 300, confident rows (CE ~ 1e-4)
-    and ordinary ones: per-row losses within 2x F.cross_entropy's fp32 error against fp64 (before: lse − z_label,
-    lse rounded at |max z|: 170x on the confident rows, every backend; found by a review). T = 1 and T = 2 (the
-    untempered logsumexp of CE kept apart from the student's tempered one)."""
+    and ordinary ones: per-row losses and the gradient within 2x F.cross_entropy's fp32 error against fp64 (before:
+    lse − z_label, lse rounded at |max z|: 170x on the confident rows, every backend; found by a review; the
+    gradient e^{z − lse} − onehot with the rounded lse: ~80x). T = 1 and T = 2 (the untempered logsumexp of CE kept
+    apart from the student's tempered one)."""
     import torch.nn.functional as Fn
 
     g = torch.Generator().manual_seed(4)
@@ -132,11 +133,18 @@ def check_ce_large_offset() -> None:
     lab = torch.randint(0, V, (N,), generator=g)
     z[torch.arange(N // 2), lab[: N // 2]] += 12.0
     zf = (z + 300.0).float()
-    want = Fn.cross_entropy(zf.double(), lab, reduction="none")
-    e_plain = _rel(Fn.cross_entropy(zf, lab, reduction="none"), want)
+    exact_x, plain_x = zf.double().requires_grad_(), zf.clone().requires_grad_()
+    want = Fn.cross_entropy(exact_x, lab, reduction="none")
+    plain = Fn.cross_entropy(plain_x, lab, reduction="none")
+    want.sum().backward()
+    plain.sum().backward()
+    e_plain, g_plain = _rel(plain, want.detach()), _rel(plain_x.grad, exact_x.grad)
     for T in (1.0, 2.0):
-        got = fd.kd_loss(zf, zf.clone(), labels=lab, hard_label_alpha=1.0, temperature=T, reduction="none")
-        assert _rel(got, want) <= 2 * e_plain, (T, _rel(got, want), e_plain)
+        x = zf.clone().requires_grad_()
+        got = fd.kd_loss(x, zf.clone(), labels=lab, hard_label_alpha=1.0, temperature=T, reduction="none")
+        got.sum().backward()
+        assert _rel(got, want.detach()) <= 2 * e_plain, (T, _rel(got, want.detach()), e_plain)
+        assert _rel(x.grad, exact_x.grad) <= 2 * g_plain, ("grad", T, _rel(x.grad, exact_x.grad), g_plain)
 
 
 def test_ce_large_offset(use):

@@ -828,20 +828,27 @@ def test_fp32_close_teacher_large_offset(world, name):
 
 @pytest.mark.parametrize("name", list(CE_CASES))
 def test_ce_large_offset(world, name):
-    """The CE term (hard_label_alpha = 1) of fp32 logits at an offset of 300: per-row losses within 2x
-    F.cross_entropy's fp32 error against fp64 (before: lse − z_label, the merged lse rounded at |max z|: ~40x; found
-    by a review)."""
+    """The CE term (hard_label_alpha = 1) of fp32 logits at an offset of 300: per-row losses and the gradient within
+    2x F.cross_entropy's fp32 error against fp64 (before: lse − z_label, the merged lse rounded at |max z|: ~40x;
+    found by a review; the gradient e^{z − lse} with that lse: ~35x)."""
     import torch.nn.functional as Fn
 
     w, res = world
     d = build(name)
     s32, lab = d["s"].float(), d["kw"]["labels"]
-    want = Fn.cross_entropy(s32.double(), lab, reduction="none")
-    plain = Fn.cross_entropy(s32, lab, reduction="none")
+    exact_x, plain_x = s32.double().requires_grad_(), s32.clone().requires_grad_()
+    want, plain = Fn.cross_entropy(exact_x, lab, reduction="none"), Fn.cross_entropy(plain_x, lab, reduction="none")
+    want.backward(upstream(want))
+    plain.backward(upstream(plain))
+    want = want.detach()
     for r in range(w):
         got = res[r][name]["loss"]
         err, err_plain = _rel2(got, want), _rel2(plain, want)
         assert err <= 2 * err_plain, f"rank {r}: error {err:.2e} > 2x F.cross_entropy fp32's {err_plain:.2e}"
+    ranks, gw = _groups(name, w)[0]
+    grad = _gather(name, res, ranks, gw, "grad")
+    err, err_plain = _rel2(grad, exact_x.grad), _rel2(plain_x.grad, exact_x.grad)
+    assert err <= 2 * err_plain, f"gradient: error {err:.2e} > 2x F.cross_entropy fp32's {err_plain:.2e}"
 
 
 @pytest.mark.parametrize("name", list(KEQV_CASES))

@@ -73,8 +73,8 @@ _TOPK_TAIL, _TOPK_ZERO, _TOPK_RENORM = 1, 2, 3
 # logsumexp over the k ids), lse of the untempered student, D, S = Σ q·g, contrib, ce, valid, and the low words of
 # the student's logsumexp and of the extra column where it is a logsumexp (dense, renorm; else 0); the global
 # shifts and sum-exps of the student and (dense) the teacher, from which dense fkl / rkl form their probabilities
-_LSE_S, _EXTRA, _LSE1, _D, _S, _CONTRIB, _CE, _VALID, _LO_S, _LO_X, _M_S, _E_S = range(12)
-NSTATE = 12
+_LSE_S, _EXTRA, _LSE1, _D, _S, _CONTRIB, _CE, _VALID, _LO_S, _LO_X, _M_S, _E_S, _LO1 = range(13)
+NSTATE = 13
 # Groups whose layout passed the host check, keyed on what every member shares: (the group's global ranks,
 # device type). Hit or miss is then the same on every rank; later calls check the layout on the device.
 _LAYOUTS: set = set()
@@ -373,7 +373,7 @@ class _Run:
     # ---------------------------------------------------------------- per-row loss
     def finish(self, A, G, part, lps, lab, mask, w, V):
         """Global per-row statistics st [n, NSTATE] (lse_s, extra, lse1, D, S, contrib, ce, valid, lo_s, lo_x,
-        m_s, e_s) and the student's tempered logits at the top-k ids uk [n, k] (top-k teachers; else
+        m_s, e_s, lo1) and the student's tempered logits at the top-k ids uk [n, k] (top-k teachers; else
         None). ``V``: the global vocabulary (a tensor, from ``collect``)."""
         p = self.p
         n = G.shape[0]
@@ -406,9 +406,9 @@ class _Run:
             ok &= mask
         ce = torch.zeros_like(es)
         if self.ce:
-            lse1 = A[:, 2] + G[:, 2].log()
-            st[:, _LSE1] = lse1
-            # (A − z_label) + log G: lse1 − z_label carries lse1's rounding at |A| (a label out of range: NaN)
+            # CE as (A − z_label) + log G, its gradient e^{(z − hi) − lo}: lse1 = A + log G rounded to one number
+            # carries its rounding at |A| into both (a label out of range: NaN)
+            st[:, _LSE1], st[:, _LO1] = _split(A[:, 2], G[:, 2])
             ce = torch.where(G[:, 5] == 1, (A[:, 2] - G[:, 4]) + G[:, 2].log(), torch.full_like(es, math.nan))
             ce = torch.where(lab == p.ignore_index, torch.zeros_like(ce), ce)
         D = torch.where(ok, D, torch.zeros_like(D))
@@ -460,7 +460,7 @@ class _Run:
         # α = 1: no KD term at all (not 0·NaN where D is +inf)
         gz = (1 - p.alpha) * p.t2 / p.temperature * du if p.alpha < 1 else torch.zeros_like(du)
         if self.ce:
-            gz = gz + p.alpha * (z - st[:, _LSE1 : _LSE1 + 1]).exp()
+            gz = gz + p.alpha * _logp(z, col(_LSE1), col(_LO1)).exp()
             loc = lab - sh.start
             own = (lab != p.ignore_index) & (loc >= 0) & (loc < sh.Vr)
             if sh.Vr:

@@ -19,7 +19,7 @@ from fastdistill._backend import device_constant
 from fastdistill.ops._common import n_rows, row_groups, row_strides
 from fastdistill.ops._cuda_common import DTYPE_CODE, ext, ptr, require_cuda
 
-NSTATE = 10  # the layout of fastdistill.reference.kd_softmax / csrc/kd_softmax.cu
+NSTATE = 11  # the layout of fastdistill.reference.kd_softmax / csrc/kd_softmax.cu
 DIV_RKL = 1
 
 
@@ -68,7 +68,7 @@ def _stream(dev: torch.device) -> int:
 
 
 def kd_fwd(p, s, t, labels, mask, weights):
-    """(loss [1], contrib [N], state [N, 10], factor [1]), float32 — see fastdistill.reference.kd_softmax."""
+    """(loss [1], contrib [N], state [N, 11], factor [1]), float32 — see fastdistill.reference.kd_softmax."""
     dtype = _check(p, s, t)
     mod = ext()
     N, V, R = n_rows(s), s.shape[-1], row_groups(s)

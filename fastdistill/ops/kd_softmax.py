@@ -235,7 +235,7 @@ def _fwd(p, backend, s, t, labels, mask, weights):
     if N == 0 or s.shape[-1] == 0:
         z = torch.zeros(1, dtype=p.accum_dtype, device=s.device)
         return z, torch.zeros(N, dtype=p.accum_dtype, device=s.device), \
-            torch.zeros(N, 10, dtype=p.accum_dtype, device=s.device), z.clone()
+            torch.zeros(N, _ref.NSTATE, dtype=p.accum_dtype, device=s.device), z.clone()
     return _impl(backend).kd_fwd(p, s, t, labels, mask, weights)
 
 
@@ -283,7 +283,7 @@ def _(s, t, ids, labels, mask, weights, ip, fp, backend):
     p = KDPlan.unpack(ip, fp)
     acc = p.accum_dtype
     N = n_rows(s)
-    return s.new_empty((N,) if p.red == 3 else (), dtype=acc), s.new_empty((N, 10), dtype=acc), \
+    return s.new_empty((N,) if p.red == 3 else (), dtype=acc), s.new_empty((N, _ref.NSTATE), dtype=acc), \
         s.new_empty((1,), dtype=acc)
 
 
