@@ -459,6 +459,14 @@ def test_emulated_kd_labels_never_read_outside_the_row(kd_cuda_on_cpu, monkeypat
         del x, mm
 
 
+def test_emulated_kd_posinf_logit_is_nan(kd_cuda_on_cpu):
+    """+inf logits count as NaN inputs, the CE term alone included (tests/test_kd.py, the same check)."""
+    from test_kd import check_posinf_logit_is_nan
+
+    with fastdistill.use_backend(kd_cuda_on_cpu):
+        check_posinf_logit_is_nan()
+
+
 def test_emulated_kd_row_offsets_past_2_31(kd_cuda_on_cpu):
     """Row addresses past 2^31 elements with every stride below it, the in-place gradient included (tests/test_kd.py,
     the same check; top-k teachers do not run on the CUDA backend)."""

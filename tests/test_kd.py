@@ -497,6 +497,27 @@ def test_kd_nan_teacher_logit_shows(use, div):
     check_nan_teacher_logit(div)
 
 
+def check_posinf_logit_is_nan() -> None:
+    """+inf logits count as NaN inputs (docs/kd_ops.md): their row's loss is NaN, also for the hard-label CE alone
+    (hard_label_alpha = 1, T = 1 and 2) with the +inf off the label — where the reference gave +inf (its logsumexp
+    kept m + log l = +inf) and the kernels NaN; as F.cross_entropy does. Other rows stay finite."""
+    g = gen(33)
+    s = torch.randn(4, 40, generator=g)
+    t = s + 0.1 * torch.randn(4, 40, generator=g)
+    lab = torch.tensor([2, 3, 1, 7])
+    s[0, 5], s[1, 3], t[2, 9] = math.inf, math.inf, math.inf  # off the label, on the label, in the teacher
+    for kw in (dict(hard_label_alpha=1.0), dict(hard_label_alpha=1.0, temperature=2.0), dict(hard_label_alpha=0.5),
+               dict()):
+        loss = fd.kd_loss(s, t, labels=lab, reduction="none", **kw)
+        ce_only = kw.get("hard_label_alpha") == 1.0  # CE alone: the teacher's +inf is never read
+        bad, good = ([0, 1], [2, 3]) if ce_only else ([0, 1, 2], [3])
+        assert torch.isnan(loss[bad]).all() and torch.isfinite(loss[good]).all(), (kw, loss)
+
+
+def test_kd_posinf_logit_is_nan(use):
+    check_posinf_logit_is_nan()
+
+
 def test_kd_tvd_sign_at_overflowing_log_ratio(use):
     """TVD with finite logits of opposite sign near the fp32 range: u_t − u_s overflows to inf, and the exact
     log-ratio (TwoSum) gave inf − inf = NaN, read as a tie: the gradient's sign 0 (found by a review). Now the plain

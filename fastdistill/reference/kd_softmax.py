@@ -60,7 +60,9 @@ def lse_split(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ms = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     l = torch.exp(u - ms[:, None]).sum(1)
     hi, lo = hi_lo(ms, l)
-    hi = torch.where(torch.isfinite(m), hi, m + torch.log(l))  # −inf (empty / all −inf row), or NaN / +inf
+    # −inf: an empty / all −inf row; NaN where a logit is NaN or +inf (counted as NaN inputs, as the kernels' e^{u − m}
+    # = e^{inf − inf} and log_softmax do: m + log l would be +inf there, and CE = (hi − z_label) + lo +inf)
+    hi = torch.where(m == float("-inf"), m, torch.where(torch.isfinite(m), hi, torch.full_like(m, float("nan"))))
     return hi, lo
 
 
