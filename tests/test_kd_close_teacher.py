@@ -119,12 +119,13 @@ def test_close_teacher_topk_tail_bucket_fp32(use, offset):
     assert e_grad <= 2 * p_grad + 1e-9, (e_grad, p_grad)
 
 
-def check_ce_large_offset() -> None:
+def check_ce_large_offset(topk: bool = True) -> None:
     """The hard-label CE term (hard_label_alpha = 1) of fp32 logits at an offset of 300, confident rows (CE ~ 1e-4)
     and ordinary ones: per-row losses and the gradient within 2x F.cross_entropy's fp32 error against fp64 (before:
     lse − z_label, lse rounded at |max z|: 170x on the confident rows, every backend; found by a review; the
-    gradient e^{z − lse} − onehot with the rounded lse: ~80x). T = 1 and T = 2 (the untempered logsumexp of CE kept
-    apart from the student's tempered one)."""
+    gradient e^{z − lse} − onehot with the rounded lse: 110x). T = 1 and T = 2 (the untempered logsumexp of CE kept
+    apart from the student's tempered one); a dense teacher and (``topk``) top-k teachers of every semantics, whose
+    gradient pass writes the k ids' columns (the label's among them on the confident rows) a second time."""
     import torch.nn.functional as Fn
 
     g = torch.Generator().manual_seed(4)
@@ -139,12 +140,19 @@ def check_ce_large_offset() -> None:
     want.sum().backward()
     plain.sum().backward()
     e_plain, g_plain = _rel(plain, want.detach()), _rel(plain_x.grad, exact_x.grad)
+    lps, ids = torch.log_softmax(z, -1).topk(8, -1)
+    teachers = [dict(teacher_logits=zf.clone())]
+    if topk:
+        teachers += [dict(teacher_topk=(ids, lps.float()), topk_semantics=m) for m in ("tail_bucket", "zero_tail",
+                                                                                        "renorm")]
     for T in (1.0, 2.0):
-        x = zf.clone().requires_grad_()
-        got = fd.kd_loss(x, zf.clone(), labels=lab, hard_label_alpha=1.0, temperature=T, reduction="none")
-        got.sum().backward()
-        assert _rel(got, want.detach()) <= 2 * e_plain, (T, _rel(got, want.detach()), e_plain)
-        assert _rel(x.grad, exact_x.grad) <= 2 * g_plain, ("grad", T, _rel(x.grad, exact_x.grad), g_plain)
+        for teacher in teachers:
+            x = zf.clone().requires_grad_()
+            got = fd.kd_loss(x, labels=lab, hard_label_alpha=1.0, temperature=T, reduction="none", **teacher)
+            got.sum().backward()
+            what = (T, teacher.get("topk_semantics", "dense"))
+            assert _rel(got, want.detach()) <= 2 * e_plain, (what, _rel(got, want.detach()), e_plain)
+            assert _rel(x.grad, exact_x.grad) <= 2 * g_plain, ("grad", what, _rel(x.grad, exact_x.grad), g_plain)
 
 
 def test_ce_large_offset(use):

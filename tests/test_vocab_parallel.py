@@ -127,6 +127,10 @@ CLOSE_CASES = dict([
 CE_CASES = dict([
     K("ce-fp32-off300", divergence="fkl", fp32=True, close=300.0, V=1030, lead=(32,), layout="uneven",
       reduction="none", hard_label_alpha=1.0),
+    K("ce-fp32-off300-T2", divergence="fkl", fp32=True, close=300.0, V=1030, lead=(32,), layout="uneven",
+      reduction="none", hard_label_alpha=1.0, temperature=2.0),
+    K("ce-fused-fp32-off300-T2", kind="fused", teacher="logits", divergence="fkl", fp32=True, close=300.0, V=1030,
+      lead=(32,), layout="uneven", reduction="none", chunk_size=7, hard_label_alpha=1.0, temperature=2.0),
 ])
 
 # tail_bucket with k = V: the ids cover the vocabulary, no tail bucket (p_tail = 0, not the rounding noise of
@@ -828,9 +832,9 @@ def test_fp32_close_teacher_large_offset(world, name):
 
 @pytest.mark.parametrize("name", list(CE_CASES))
 def test_ce_large_offset(world, name):
-    """The CE term (hard_label_alpha = 1) of fp32 logits at an offset of 300: per-row losses and the gradient within
-    2x F.cross_entropy's fp32 error against fp64 (before: lse − z_label, the merged lse rounded at |max z|: ~40x;
-    found by a review; the gradient e^{z − lse} with that lse: ~35x)."""
+    """The CE term (hard_label_alpha = 1) of fp32 logits at an offset of 300 (T = 1 and 2; logits and fused-linear):
+    per-row losses and the gradient within 2x F.cross_entropy's fp32 error against fp64 (before: lse − z_label, the
+    merged lse rounded at |max z|: ~40x; found by a review; the gradient e^{z − lse} with that lse: ~35x)."""
     import torch.nn.functional as Fn
 
     w, res = world
@@ -846,7 +850,10 @@ def test_ce_large_offset(world, name):
         err, err_plain = _rel2(got, want), _rel2(plain, want)
         assert err <= 2 * err_plain, f"rank {r}: error {err:.2e} > 2x F.cross_entropy fp32's {err_plain:.2e}"
     ranks, gw = _groups(name, w)[0]
-    grad = _gather(name, res, ranks, gw, "grad")
+    if ALL[name]["kind"] == "fused":  # h = I: the gradient of the logits is dWᵀ
+        grad = _cat0(name, res, w, "dW").t()
+    else:
+        grad = _gather(name, res, ranks, gw, "grad")
     err, err_plain = _rel2(grad, exact_x.grad), _rel2(plain_x.grad, exact_x.grad)
     assert err <= 2 * err_plain, f"gradient: error {err:.2e} > 2x F.cross_entropy fp32's {err_plain:.2e}"
 
