@@ -576,7 +576,7 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
                     s_stride, t_stride, o_stride, R, s_gstride, t_gstride, o_gstride, ids_ptr, ids_stride, K,
                     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_W: tl.constexpr, CE: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
-                    MODE: tl.constexpr = 0, KB: tl.constexpr = 1):
+                    MODE: tl.constexpr = 0, KB: tl.constexpr = 1, CE_SEP: tl.constexpr = False):
     """MODE 0: dense teacher (t_ptr: logits). MODE 1/2/3: top-k teacher (t_ptr: log-probs [N, K],
     ids_ptr: ids): the full row gets the off-ids formula, then (after a CTA barrier) the k ids are
     overwritten with their exact values."""
@@ -590,9 +590,10 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
     lse_s = tl.load(st + 0)
     lo_s = tl.load(st + 8)
     lse_t = tl.load(st + 1)  # top-k: the tail term (1, see _kd_topk_kernel), Σ p (2), lse over the k ids (3)
-    lse_1 = tl.load(st + 2)
-    lo_1 = 0.0
-    if CE:
+    lse_1 = lse_s  # CE's untempered logsumexp hi + lo: the student's at T = 1 (no register more)
+    lo_1 = lo_s
+    if CE_SEP:
+        lse_1 = tl.load(st + 2)
         lo_1 = tl.load(st + 10)
     D = tl.load(st + 3)
     S = tl.load(st + 4)
@@ -661,6 +662,9 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
     if MODE > 0:
         tl.debug_barrier()  # the fix-up below overwrites elements other threads of this CTA stored
         lo_s = tl.load(st + 8)  # read again: not held in a register across the loop (sm_90a spills otherwise)
+        lo_1 = lo_s
+        if CE_SEP:
+            lo_1 = tl.load(st + 10)
         z = zk
         lpk = tl.load(t_row + kk, mask=km, other=float("-inf")).to(ACC)
         if MODE == 3:
@@ -770,6 +774,6 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
         0 if p.topk else tt.shape[-1], *rs, *gs, ids, ids.stride(0), K,
         DIV=p.div, HAS_LABELS=labels is not None, HAS_W=weights is not None, CE=ce,
         HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, BLOCK_V=BLOCK_V, ACC=ACC, num_warps=nw,
-        MODE=p.topk, KB=triton.next_power_of_2(K), **NO_FP_FUSION,
+        MODE=p.topk, KB=triton.next_power_of_2(K), CE_SEP=ce and p.temperature != 1.0, **NO_FP_FUSION,
     )
     return out
