@@ -499,21 +499,28 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
             S = S * 0.0
         else:
             q_t = 1.0 - tl.sum(tl.where(km, q, 0.0), 0)
-            if q_t < TAIL_EXACT:  # 1 − Σ q has lost its digits: sum the columns off the ids instead
+            lq_t = tl.log(q_t)  # (q_t < TAIL_EXACT, or NaN: replaced below)
+            if q_t < TAIL_EXACT:  # 1 − Σ q has lost its digits: the logsumexp of the log-probs off the ids instead
+                # online: a running max m and per-lane sums relative to it (log q_tail = m + log Σ). A linear Σ q_j
+                # keeps only a few digits on a confident row whose tail lies below fp32's normal range (e^{−87}:
+                # denormals) and is 0 below e^{−103}: forward KL's p_tail·log(p_tail / q_tail) was +inf
+                m = tl.zeros([1], ACC).sum(0) + float("-inf")
                 tail = tl.zeros([TB], ACC)
                 tc = tl.arange(0, TB)
                 for v0 in range(0, V, TB):
                     cols = v0 + tc
                     hit = tl.sum(tl.where((cols[:, None] == ids[None, :]) & km[None, :], 1, 0), 1) > 0
                     z = _logits(s_row, cols, (cols < V) & ~hit, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-                    tail += tl.exp(_logp(z, inv_T, lse_s, lo_s))
-                q_t = tl.sum(tail, 0)
-            q_t = tl.maximum(q_t, 0.0)
+                    lq = _logp(z, inv_T, lse_s, lo_s)  # −inf on the ids and past V
+                    m_new = tl.maximum(m, tl.max(lq, 0))
+                    tail = tail * tl.exp(m - _safe(m_new)) + tl.exp(lq - _safe(m_new))
+                    m = m_new
+                lq_t = m + tl.log(tl.sum(tail, 0))  # −inf: no column off the ids has mass
             p_t = tl.maximum(1.0 - tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0), 0.0)
             p_t = tl.where(K >= V, 0.0, p_t)  # the (unique) ids cover the vocabulary: no tail, only rounding
-            lq_t = tl.log(q_t)
             lp_t = tl.log(p_t)
-            d_t, qg_t, _ = _div_terms(lq_t, lp_t, lp_t - lq_t, tl.exp(lq_t), beta, skew, omb, oms, DIV)
+            q_t = tl.exp(lq_t)  # may underflow to 0 where lq_t is finite: forward KL's terms use lq_t only
+            d_t, qg_t, _ = _div_terms(lq_t, lp_t, lp_t - lq_t, q_t, beta, skew, omb, oms, DIV)
             D += d_t
             S += qg_t
             if DIV == 0:
@@ -634,8 +641,8 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
             # q_j = e^{u − hi}·e^{−lo}: lo goes into the row constants (no per-element op, and no spill on sm_90a)
             lq = z * inv_T - lse_s
             q = tl.exp(lq)
-            if DIV == 0:
-                qg = tl.where(q > 0, -tl.exp(lq + t_lo), 0.0)
+            if DIV == 0:  # by log q_j, not q_j > 0: q_j and q_tail may both underflow while their ratio is O(1)
+                qg = tl.where(lq > float("-inf"), -tl.exp(lq + t_lo), 0.0)
             else:
                 qg = tl.where(q > 0, q * t_lo, 0.0)
             du = _kd_du(qg, q, s_lo)

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from test_kd import DIVS, assert_finite_rel, assert_rel, gen, make_labels, oracle_kd, rel_err, upstream_for
-from test_kd_topk import _oracle_D
+from test_kd_topk import _oracle_D, _rel, confident_student_case, tail_bucket_logspace
 from torch.utils.checkpoint import checkpoint
 
 import fastdistill as fd
@@ -188,6 +188,29 @@ def test_flkd_topk(use, mode, div, opts):
     ref.backward(up)
     assert_rel(x.grad, x2.grad, TOL, "dh")
     assert_rel(w_.grad, w2.grad, TOL, "dW")
+
+
+@pytest.mark.parametrize("boost", [95.0, 120.0])
+def test_flkd_topk_tail_bucket_confident_student_fp32(use, boost):
+    """A top-k teacher through fused_linear_kd_loss runs kd_loss's kernels per chunk, tail_bucket's off-id tail
+    included: test_kd_topk's confident fp32 student (tail mass e^{−boost}, in or below fp32's denormals) with h = I,
+    so that the logits are Wᵀ exactly and dW is their gradient transposed. Forward KL's per-row losses and gradient
+    finite and within 2x plain fp32 PyTorch's error (before, on Triton: +inf at 120)."""
+    s, ids, lps = confident_student_case(boost, N=24)
+    N = s.shape[0]
+    W = s.t().contiguous().requires_grad_()
+    loss = fused_linear_kd_loss(torch.eye(N), W, teacher_topk=(ids, lps), topk_semantics="tail_bucket",
+                                divergence="fkl", reduction="none", chunk_size=7)
+    loss.sum().backward()
+    exact_x, plain_x = s.double().requires_grad_(), s.clone().requires_grad_()
+    exact, plain = tail_bucket_logspace("fkl", exact_x, ids, lps), tail_bucket_logspace("fkl", plain_x, ids, lps)
+    exact.sum().backward()
+    plain.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(W.grad).all(), loss
+    e_loss, p_loss = _rel(loss.detach(), exact.detach()), _rel(plain.detach(), exact.detach())
+    e_grad, p_grad = _rel(W.grad.t(), exact_x.grad), _rel(plain_x.grad, exact_x.grad)
+    assert e_loss <= 2 * p_loss + 1e-9, (e_loss, p_loss)
+    assert e_grad <= 2 * p_grad + 1e-9, (e_grad, p_grad)
 
 
 # ----------------------------------------------------------------------------- empty and all-ignored

@@ -15,8 +15,11 @@ F64 = torch.float64
 DIVS = ["fkl", "rkl", "jsd", "skl", "srkl", "tvd"]
 
 
-def _div(name, p, q, beta=0.5, lam=0.1):
-    lp, lq = p.log(), q.log()
+def _div(name, p, q, beta=0.5, lam=0.1, lp=None, lq=None):
+    """The divergence of p and q along the last dim; lp, lq: their logs where given (a q that underflows to 0
+    while log q is finite: forward KL's log p − log q stays finite)."""
+    lp = p.log() if lp is None else lp
+    lq = q.log() if lq is None else lq
     xl = lambda w, a: torch.where(w > 0, w * a, torch.zeros_like(a))
     if name == "fkl":
         return xl(p, lp - lq).sum(-1)
@@ -112,6 +115,52 @@ def test_topk_inplace_grad(use, mode):
     buf = x * 1.0  # a non-leaf buffer the gradient may overwrite
     fd.kd_loss(buf, inplace_grad=True, **kw).backward()
     assert torch.allclose(x.grad, expected, rtol=1e-10, atol=1e-14)
+
+
+def tail_bucket_logspace(div, x, ids, lps):
+    """tail_bucket in plain PyTorch in x's dtype, the student's tail as a logsumexp of its off-id log-probs (q_tail
+    itself underflows to 0 on a confident row while log q_tail is finite; _oracle_D's linear sum gives +inf)."""
+    ls = torch.log_softmax(x, -1)
+    lq = torch.cat([ls.gather(1, ids), torch.logsumexp(ls.scatter(1, ids, float("-inf")), -1, keepdim=True)], 1)
+    lp = lps.to(x.dtype)
+    lp = torch.cat([lp, (1 - lp.exp().sum(-1, keepdim=True)).clamp_min(0).log()], 1)
+    return _div(div, lp.exp(), lq.exp(), lp=lp, lq=lq)
+
+
+def confident_student_case(boost, N=64, V=300, k=17, seed=41):
+    """fp32 student logits ~ N(0, 1) with ``boost`` added at the k teacher ids: its tail mass is ~e^{−boost}; teacher
+    log-probs of an unrelated distribution (fp32), whose tail p_tail = 1 − Σ p is O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, V, generator=g, dtype=F64)
+    lps, ids = torch.log_softmax(2 * torch.randn(N, V, generator=g, dtype=F64), -1).topk(k, -1)
+    return base.scatter_add(1, ids, torch.full((N, k), boost, dtype=F64)).float(), ids, lps.float()
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("boost", [95.0, 120.0])
+@pytest.mark.parametrize("div", DIVS)
+def test_topk_tail_bucket_confident_student_fp32(use, div, boost):
+    """tail_bucket with an extremely confident fp32 student (+boost at the k ids): its tail mass e^{−boost} is in
+    fp32's denormals (95) or below them (120), while the teacher's p_tail is O(1), so forward KL
+    p_tail·log(p_tail / q_tail) is large but finite. Per-row losses and the gradient within 2x the error of plain fp32
+    PyTorch (the tail as a logsumexp of log_softmax: finite) against the same formula in fp64. Before: Triton summed
+    q_tail linearly (+inf forward KL at 120; at 95, 6x / 9x plain's loss / gradient error from the denormals'
+    digits), and the off-id forward-KL gradient −p_tail·q_j/q_tail was dropped where q_j underflowed to 0 (reference
+    and Triton: 0.12 relative gradient error at 120)."""
+    s, ids, lps = confident_student_case(boost)
+    exact_x, plain_x, x = s.double().requires_grad_(), s.clone().requires_grad_(), s.clone().requires_grad_()
+    exact, plain = tail_bucket_logspace(div, exact_x, ids, lps), tail_bucket_logspace(div, plain_x, ids, lps)
+    got = fd.kd_loss(x, teacher_topk=(ids, lps), topk_semantics="tail_bucket", divergence=div, reduction="none")
+    for v in (exact, plain, got):
+        v.sum().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(x.grad).all()
+    e_loss, p_loss = _rel(got.detach(), exact.detach()), _rel(plain.detach(), exact.detach())
+    e_grad, p_grad = _rel(x.grad, exact_x.grad), _rel(plain_x.grad, exact_x.grad)
+    assert e_loss <= 2 * p_loss + 1e-9, (e_loss, p_loss)
+    assert e_grad <= 2 * p_grad + 1e-9, (e_grad, p_grad)
 
 
 def test_topk_bad_args():

@@ -123,6 +123,16 @@ CLOSE_CASES = dict([
       V=1030, lead=(32,), layout="uneven", topk_semantics="tail_bucket"),  # the eager gradient; loss not checked
 ])
 
+# fp32, an extremely confident student: +boost at the k = 50 teacher ids of a close-teacher case (offset 0), so its
+# tail mass ~e^{−boost} lies in fp32's denormals (95) or below them (120) while the teacher's p_tail is O(1); checked
+# as CLOSE_CASES. Before: the off-id sum-exp, relative to the student's global maximum, underflowed (forward KL +inf at
+# 120; a few denormal digits at 95), and the off-id forward-KL gradient was dropped where q_j underflowed to 0
+CONFIDENT_CASES = dict([
+    *(K(f"confident-topk-tail-{div}-boost{b}", kind="topk", divergence=div, fp32=True, close=0.0, boost=float(b),
+        V=1030, lead=(32,), layout="uneven", reduction="none", topk_semantics="tail_bucket")
+      for div, b in (("fkl", 120), ("fkl", 95), ("rkl", 120), ("jsd", 120))),
+])
+
 # the hard-label CE term alone at a logit offset of 300 in fp32 (test_ce_large_offset)
 CE_CASES = dict([
     K("ce-fp32-off300", divergence="fkl", fp32=True, close=300.0, V=1030, lead=(32,), layout="uneven",
@@ -256,8 +266,8 @@ ERROR_CASES = dict([
 # values the plan resolved: teacher_temperature None is the temperature, −0.0 is 0.0, num_items 5 is 5.0)
 EQUIV_CASES = dict([K("ok-options-spelled-differently", kind="error", bad="opt_equiv", layout="uneven")])
 
-ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **CE_CASES, **KEQV_CASES, **TOPK_CASES, **VPTOPK_CASES,
-       **VPTOPK32_CASES, **FUSED_CASES, **ERROR_CASES, **EQUIV_CASES}
+ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **CONFIDENT_CASES, **CE_CASES, **KEQV_CASES, **TOPK_CASES,
+       **VPTOPK_CASES, **VPTOPK32_CASES, **FUSED_CASES, **ERROR_CASES, **EQUIV_CASES}
 LOSS_KEYS = ("divergence", "beta", "skew", "temperature", "teacher_temperature", "t2_scale", "ignore_index",
              "reduction", "num_items", "hard_label_alpha", "softcap", "logit_scale", "topk_semantics")
 
@@ -319,6 +329,8 @@ def build(name: str) -> dict:
     elif c.get("close") is not None and (c["kind"] == "topk" or c.get("teacher") == "topk"):  # fp32 log-probs
         lps, ids = torch.log_softmax(t, -1).topk(50, -1)
         d["topk"] = (ids, lps.float())
+        if c.get("boost"):  # the student +boost at the teacher's ids (fp32-representable)
+            d["s"] = s = s.scatter_add(-1, ids, torch.full(ids.shape, c["boost"], dtype=F64)).float().double()
     elif c["kind"] == "topk" or c.get("teacher") == "topk":
         lps, ids = torch.log_softmax(t, -1).topk(4, -1)
         if c.get("renorm_dead"):  # a row without teacher mass at its k ids: invalid under renorm
@@ -802,12 +814,14 @@ def _tvd_decided(s, t, topk):
     return ok.expand_as(lq)
 
 
-@pytest.mark.parametrize("name", list(CLOSE_CASES))
+@pytest.mark.parametrize("name", list(CLOSE_CASES) + list(CONFIDENT_CASES))
 def test_fp32_close_teacher_large_offset(world, name):
     """DESIGN's tolerance rule at fp32 with a teacher close to the student at logit offsets 0–300 (fkl / rkl / tvd;
     dense, top-k, fused): the relative L2 error of the gradient and of the per-row losses against the fp64 result on the
     same fp32 inputs is at most 2x that of plain fp32 PyTorch. A logsumexp kept as one fp32 number (no low word)
-    failed the gradient (2–100x plain, growing with the offset) and the top-k loss (8–36x at offsets 60 / 300)."""
+    failed the gradient (2–100x plain, growing with the offset) and the top-k loss (8–36x at offsets 60 / 300).
+    CONFIDENT_CASES: tail_bucket with the student's tail mass below fp32's range (plain's tail is a logsumexp of
+    log_softmax, finite; the loss and gradient must be finite too)."""
     w, res = world
     c, d = ALL[name], build(name)
     s32, t32, tk = d["s"].float(), d["t"].float(), d.get("topk")
@@ -821,6 +835,8 @@ def test_fp32_close_teacher_large_offset(world, name):
     else:
         grad = _gather(name, res, ranks, gw, "grad")
     assert grad.dtype == torch.float32
+    if c.get("boost"):
+        assert torch.isfinite(res[0][name]["loss"]).all() and torch.isfinite(grad).all(), res[0][name]["loss"]
     keep = _tvd_decided(s32.double(), t32.double(), tk64) if c["divergence"] == "tvd" else slice(None)
     checks = [("grad", grad[keep], pl_grad[keep], ref_grad[keep])]
     if red == "none":

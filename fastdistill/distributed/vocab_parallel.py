@@ -6,8 +6,9 @@ The loss and the student-shard gradients equal ``fastdistill.kd_loss`` on the ga
 every option of docs/kd_ops.md. Semantics, communication and memory: docs/vocab_parallel_kd.md.
 
 Communication per call (the rows' statistics stacked into one tensor per collective):
-1. all_reduce MAX: the per-row maxima of both models (+ the untempered student for the CE term),
-   with every rank's shard layout ``(start, end, vocab_start given)`` and a fingerprint of its options
+1. all_reduce MAX: the per-row maxima of both models (+ the untempered student for the CE term; a
+   tail_bucket top-k teacher: the student's maximum off the ids in the teacher's column), with every rank's
+   shard layout ``(start, end, vocab_start given)`` and a fingerprint of its options
    piggybacked (no extra collective);
 2. all_reduce SUM: the sum-exps rescaled to the global maxima, forward/reverse KL's partial sums,
    the label's logit (held by one rank) and, for top-k teachers, the student's logits at the k ids;
@@ -248,8 +249,8 @@ class _Run:
         self.three = self.dense and p.div not in (_FKL, _RKL)
         self.checked = False
         self.poison: torch.Tensor | None = None  # NaN when the device-side layout check fails (cached groups)
-        # SUM columns: es, et, e1, A (dense fkl/rkl; top-k: the student's sum-exp off the ids), zl, own (label),
-        # ownk, uk[k]
+        # SUM columns: es, et (tail_bucket: the student's sum-exp off the ids, relative to its own maximum there),
+        # e1, A (dense fkl/rkl), zl, own (label), ownk, uk[k]
         self.nsum = 7 + (k if not self.dense else 0)
 
     def post_checks(self) -> None:
@@ -274,8 +275,9 @@ class _Run:
 
     # ---------------------------------------------------------------- stage A: local statistics
     def stage_a(self, zs_raw, teacher, lab):
-        """One pass over a block of rows of the shard: the local maxima [n, 3] (student, teacher,
-        untempered student) and the local sums [n, nsum] relative to those maxima."""
+        """One pass over a block of rows of the shard: the local maxima [n, 3] (student, teacher or, for a
+        tail_bucket teacher, the student off the ids, untempered student) and the local sums [n, nsum] relative
+        to those maxima."""
         p, sh = self.p, self.sh
         acc = p.accum_dtype
         z = transform(p, zs_raw.to(acc))
@@ -318,7 +320,11 @@ class _Run:
                 if p.topk == _TOPK_TAIL:  # the tail mass summed off the ids, never 1 − Σ q (it cancels)
                     idx = torch.where(own, loc, torch.full_like(loc, sh.Vr))  # other ranks' ids: a spare column
                     hit = qs.new_zeros((n, sh.Vr + 1), dtype=torch.bool).scatter_(1, idx, True)[:, : sh.Vr]
-                    sm[:, 3] = torch.where(hit, torch.zeros_like(qs), qs).sum(1)
+                    # relative to its own maximum (the teacher's idle column): relative to the student's, the
+                    # sum underflows on a confident row whose tail is below the dtype's range (+inf forward KL)
+                    uo = torch.where(hit, torch.full_like(us, _NEG_INF), us)
+                    mo = _rowmax(uo)
+                    mx[:, 1], sm[:, 1] = mo, (uo - _safe(mo)[:, None]).exp().sum(1)
             sm[:, 6] = own.to(acc).sum(1)
         return mx, sm
 
@@ -346,9 +352,7 @@ class _Run:
             i, o = (1, 0) if self.p.div == _FKL else (0, 1)
             corr = sm[:, i] * ((a[:, i] - A[:, i]) - (a[:, o] - A[:, o]))
             sm[:, 3] = torch.where(r[:, i] > 0, r[:, i] * (sm[:, 3] + corr), torch.zeros_like(corr))
-        elif not self.dense:
-            sm[:, 3] *= r[:, 0]  # the off-id sum-exp, in the student's frame
-        sm[:, 0:3] *= r
+        sm[:, 0:3] *= r  # (tail_bucket: column 1 is the off-id sum-exp, moved to the global off-id maximum)
         dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=sh.group)
         V = lay_g[:, 1].max()
         if self.poison is not None:  # an invalid layout on a cached group: NaN statistics, on every rank alike
@@ -395,7 +399,10 @@ class _Run:
             extra = lse_t
         else:
             uk = G[:, 7:]
-            lq_tail = G[:, 3].log() - es.log()
+            # log q_tail = logsumexp of the off-id log-probs (u − hi) − lo, as the reference: ((m_off − hi) − lo)
+            # + log Σ_off e^{u − m_off}. −inf where no column off the ids has mass (m_off = −inf; renorm and
+            # zero_tail leave column 1 at −inf, unused)
+            lq_tail = ((A[:, 1] - _safe(lse_s)) - lo_s) + G[:, 1].log()
             D, S, extra, lo_x = _topk_rows(p, uk, lse_s, lo_s, lps.to(G.dtype), lq_tail, V)
             D = torch.where(G[:, 6] == uk.shape[1], D, torch.full_like(D, math.nan))  # an id no rank holds
             if p.topk == _TOPK_RENORM:  # k teacher log-probs all −inf: no teacher distribution (row invalid)

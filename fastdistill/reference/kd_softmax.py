@@ -351,15 +351,16 @@ def tail_state(p, lq_t, lp_t):
     if p.div == DIV_FKL:
         return torch.where(lp_t == float("-inf"), lp_t, lp_t - lq_t)
     _, qg = bucket_div(p, lq_t[:, None], lp_t[:, None])
-    lq = lq_t[:, None]
-    return torch.where(lq > float("-inf"), qg / lq.exp(), torch.zeros_like(qg))[:, 0]
+    q = lq_t[:, None].exp()  # 0 where log q_tail is finite but below the dtype's range: so is every q_j off the ids
+    return torch.where(q > 0, qg / torch.where(q > 0, q, torch.ones_like(q)), torch.zeros_like(qg))[:, 0]
 
 
 def tail_qg(p, lq, q, extra):
     """q_j·g_tail on the columns off the ids from the tail state ``extra`` (tail_state): forward KL
-    −p_tail·q_j/q_tail = −e^{log q_j + log(p_tail/q_tail)}, finite whatever q_tail; 0 where q_j = 0."""
+    −p_tail·q_j/q_tail = −e^{log q_j + log(p_tail/q_tail)}, finite whatever q_tail, 0 where log q_j = −inf (not
+    where q_j = 0: on a confident row q_j and q_tail both underflow while q_j/q_tail is O(1)); else 0 where q_j = 0."""
     if p.div == DIV_FKL:
-        return torch.where(q > 0, -torch.exp(lq + extra), torch.zeros_like(q))
+        return torch.where(lq > float("-inf"), -torch.exp(lq + extra), torch.zeros_like(q))
     return torch.where(q > 0, q * extra, torch.zeros_like(q))
 
 
