@@ -30,9 +30,13 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastdistill.kernels import jvp_attention as A
-from fastdistill.kernels import kd_softmax as KD
-from fastdistill.kernels import score as S
+# the checkout this script sits in, ahead of an installed fastdistill (an editable install of another checkout, e.g.
+# the main one when this runs from a git worktree, would have it report on that checkout's kernels)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastdistill.kernels import jvp_attention as A  # noqa: E402
+from fastdistill.kernels import kd_softmax as KD  # noqa: E402
+from fastdistill.kernels import score as S  # noqa: E402
 
 FMAX = {"fp32": 3.4028234663852886e38, "bf16": 3.3895313892515355e38, "fp16": 65504.0}  # torch.finfo(...).max
 TDT = {"fp16": 0, "bf16": 1, "fp32": 2}  # kernels/score.py dtype codes (0x5555: the same code for all 8 terms)
