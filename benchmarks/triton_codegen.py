@@ -111,7 +111,7 @@ def kd_configs(quick: bool = False):
                        go_ptr="*fp32", go_stride="i32", out_ptr=f"*{dt}", V="i32", Vt="i32", s_stride="i64",
                        t_stride="i64", o_stride="i64", R="i32", s_gstride="i64", t_gstride="i64", o_gstride="i64")
             sig.update(ids_ptr="*i64", ids_stride="i64", K="i32")
-            ce = dict(flags, DIV=div, HAS_LABELS=True, HAS_W=True, CE=True, MODE=0, KB=1)
+            ce = dict(flags, DIV=div, HAS_LABELS=True, HAS_W=True, CE=True, MODE=0, KB=1, CE_SEP=True)
             yield f"kd grad  div={div} {dt}", KD._kd_grad_kernel, sig, ce, nw
             yield f"kd grad  div={div} {dt} top-k", KD._kd_grad_kernel, sig, dict(ce, MODE=1, KB=128), nw
         for mode in (1, 2, 3):
