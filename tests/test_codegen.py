@@ -7,7 +7,13 @@ memory too (≤ 99 KiB, what sm_86 / sm_89 allow). sm_80 once had 4-byte spills 
 and the fp32 top-k gradient kernels, and sm_90a in the kd top-k gradient, while row constants were held across
 their loops; the gate keeps them out.
 Runs ``benchmarks/triton_codegen.py`` in a subprocess (it needs real JIT functions, so
-TRITON_INTERPRET is removed from its environment); the same script prints the full report."""
+TRITON_INTERPRET is removed from its environment); the same script prints the full report.
+
+fp16 attention and kd are left to CI (.ci/run compiles them on both architectures after the test command, gated
+alike): their kernels differ from bf16's only in the input type, and all 156 of those configurations per
+architecture gave the same registers, spills, stack and shared memory in fp16 as in bf16 on sm_90a and sm_80 when
+this was split off; they were 45% of these two tests' time. The score kernels' fp16 scaling differs from bf16's
+(other register counts): they stay here."""
 
 import os
 import re
@@ -17,24 +23,26 @@ import sys
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_codegen.py")
+NOT_FP16 = r"^(?!(attn|kd) .* fp16\b)"  # (--only: re.search on the configuration's name)
 
 
 def test_no_spills_sm90a():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, SCRIPT, "--arch", "90", "--gated-only"], capture_output=True, text=True,
-                       env=env, timeout=900)
+    r = subprocess.run([sys.executable, SCRIPT, "--arch", "90", "--gated-only", "--only", NOT_FP16],
+                       capture_output=True, text=True, env=env, timeout=900)
     report = r.stdout + r.stderr
     assert "stats op=0" in r.stdout and "attn fwd jvp   bf16 D128/128" in r.stdout, f"codegen report missing:\n{report}"
+    assert not re.search(r"^(attn|kd) .* fp16\b", r.stdout, re.M), "fp16 attention / kd: compiled by .ci/run"
     assert r.returncode == 0, f"a configuration spills registers (or failed to compile):\n{report}"
     assert "SPILLS" not in r.stdout
 
 
 def test_no_spills_sm80_attention_fits_shared_memory():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, SCRIPT, "--arch", "80", "--gated-only"],
+    r = subprocess.run([sys.executable, SCRIPT, "--arch", "80", "--gated-only", "--only", NOT_FP16],
                        capture_output=True, text=True, env=env, timeout=900)
     report = r.stdout + r.stderr
-    for row in ("stats op=0", "kd div   div=2 fp16", "kd grad  div=2 fp32 top-k", "attn fwd plain bf16 D128/128"):
+    for row in ("stats op=0", "kd div   div=2 bf16", "kd grad  div=2 fp32 top-k", "attn fwd plain bf16 D128/128"):
         assert row in r.stdout, f"codegen report missing {row!r}:\n{report}"
     assert r.returncode == 0 and "SPILLS" not in r.stdout, f"a configuration spills on sm_80:\n{report}"
     smem = [int(line.split()[-1]) for line in r.stdout.splitlines() if line.startswith("attn ")]

@@ -414,8 +414,9 @@ def test_deterministic(use):
 
 @pytest.mark.slow
 def test_long_single_sample(use):
-    """B = 1 with 2^21 + 3 elements: many blocks per sample, a masked tail, fp32 accumulation."""
-    M = (1 << 21) + 3
+    """B = 1 with 2^20 + 3 elements: many blocks per sample, each program reducing two of them (n_iter = 2; the
+    grid has at most MAX_BLOCKS_PER_SAMPLE = 1024 programs per sample), a masked tail, fp32 accumulation."""
+    M = (1 << 20) + 3
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, M, generator=g).requires_grad_()
     f, c, xt = (torch.randn(1, M, generator=g) for _ in range(3))
