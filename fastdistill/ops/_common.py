@@ -201,10 +201,18 @@ def int_option(name: str, v) -> int:
     return int(v.__index__())
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available``, a constant to dynamo: torch 2.11's dynamo cannot trace the C function
+    behind it (``torch._C._is_autocast_available`` is a skipped builtin; ``fullgraph=True`` raises Unsupported,
+    without it a graph break); torch 2.13's can."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocast_off(device_type: str):
     """``torch.autocast(device_type, enabled=False)`` where autocast exists for the device type; a no-op context
     elsewhere (e.g. ``meta``, where ``torch.autocast`` itself raises)."""
-    if torch.amp.is_autocast_available(device_type):
+    if _autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -217,7 +225,7 @@ def autocast_cast(*xs):
     for x in xs:
         if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
             dev = x.device.type
-            if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            if _autocast_available(dev) and torch.is_autocast_enabled(dev):
                 x = x.to(torch.get_autocast_dtype(dev))
         out.append(x)
     return tuple(out)
