@@ -28,14 +28,13 @@ def _flag(name: str) -> bool:
 
 
 def _cuda_home():
-    """torch's CUDA_HOME; a CPU build of torch leaves that None, so then (for a forced build) the
-    toolkit from $CUDA_HOME / $CUDA_PATH, /usr/local/cuda, or nvcc on PATH."""
+    """torch's CUDA_HOME where it holds the toolkit; a CPU build of torch leaves that None, and a CUDA build guesses
+    it as two levels above nvcc on PATH (``/usr/local`` for a wrapper script in /usr/local/bin, without the CUDA
+    headers): then the toolkit from $CUDA_HOME / $CUDA_PATH, /usr/local/cuda, or the real nvcc on PATH."""
     from torch.utils import cpp_extension
 
-    if cpp_extension.CUDA_HOME is not None:
-        return cpp_extension.CUDA_HOME
     nvcc = shutil.which("nvcc")
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+    for home in (cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None):
         if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and \
                 os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
