@@ -482,6 +482,12 @@ def main(argv=None) -> int:
     if args.fsdp and not args.cp:
         print("error: --fsdp shards over the context-parallel ranks: use it with --cp", file=sys.stderr)
         return 2
+    if (args.fsdp or args.checkpoint) and tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (
+            2, 13):
+        print(f"error: --fsdp / --checkpoint need torch >= 2.13: torch.func.jvp through FSDP2 modules and through "
+              f"non-reentrant checkpointing raises in PyTorch {torch.__version__} (docs/jvp_attention.md)",
+              file=sys.stderr)
+        return 2
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.cp and args.attn != "fastdistill":

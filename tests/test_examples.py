@@ -164,6 +164,16 @@ def test_scm_two_forward_schedule_and_checkpointing_match_one_forward():
     assert ex.main(["--checkpoint", "--schedule", "one-forward", "--steps", "1", "--device", "cpu"]) == 2
 
 
+@pytest.mark.parametrize("flags", [["--checkpoint"], ["--cp", "ring", "--fsdp"]])
+def test_scm_step_cli_needs_torch_2_13_for_fsdp_and_checkpoint(flags, capsys, monkeypatch):
+    """Before torch 2.13 (2.11 checked) torch.func.jvp through FSDP2 modules and through non-reentrant checkpointing
+    raises inside PyTorch: the example exits 2 with the reason before building anything."""
+    ex = _load("scm_step")
+    monkeypatch.setattr(ex.torch, "__version__", "2.11.0+cu130")
+    assert ex.main([*flags, "--steps", "1", "--quiet", "--device", "cpu"]) == 2
+    assert "need torch >= 2.13" in capsys.readouterr().err
+
+
 def _scm_cp_worker(rank: int, world: int, tmp: str, mode: str, fsdp: bool = False) -> None:
     import os
 
