@@ -41,7 +41,8 @@
 # .whl/ is git-ignored, so a remote run must carry it):
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
-#         -d .whl liger-kernel==0.8.5 jvp-flash-attention==0.14.0
+#         -d .whl liger-kernel==0.8.5 jvp-flash-attention==0.14.0 wheel==0.45.1
+# (wheel: the editable install of step 01 needs it where the image's setuptools is older than 70.1)
 # Without them those rows are reported as skipped ("... not installed"). rCM's JVP kernel is
 # never vendored: its rows run only when FASTDISTILL_RCM_JVP_PATH names NVlabs/rcm's
 # rcm/utils/flash_attention_jvp_triton.py (and its autotune takes about a minute per new shape,
@@ -128,6 +129,12 @@ if ! "$PY" -c "import fastdistill.kernels" 2>/dev/null; then
     echo "=== no install after 01_build: installing without the CUDA extension" | tee -a "$OUT/01_build.log"
     FASTDISTILL_SKIP_CUDA_BUILD=1 timeout 60 "$PY" -m pip install --no-build-isolation --no-deps -e . \
         >>"$OUT/01_build.log" 2>&1
+fi
+# no install at all (pip or setuptools unable to build an editable wheel): the checkout itself on PYTHONPATH
+# (fastdistill registers kernels/ from a source tree), without the CUDA extension
+if ! "$PY" -c "import fastdistill.kernels" 2>/dev/null; then
+    echo "=== no install: running from the checkout on PYTHONPATH, without the CUDA extension" | tee -a "$OUT/01_build.log"
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 step 02_info 15 "$PY -m fastdistill info"
