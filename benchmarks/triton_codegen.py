@@ -99,9 +99,12 @@ def kd_configs(quick: bool = False):
             sig = dict(common, lab_ptr="*i64", mask_ptr="*u8", w_ptr="*fp32", st_ptr="*fp32", prm_ptr="*fp32",
                        V="i32", Vt="i32", s_stride="i64", t_stride="i64", R="i32", s_gstride="i64",
                        t_gstride="i64", ignore_index="i32")
+            sig.update(ids_ptr="*i64", ids_stride="i64", K="i32")
             ce = dict(flags, DIV=div, HAS_LABELS=True, HAS_MASK=True, HAS_W=True, CE=True, CE_SEP=True,
-                      TOPK=div == 99)
+                      TOPK=div == 99, TAIL=False, KB=1)
             yield f"kd stats div={div} {dt}", KD._kd_stats_kernel, sig, ce, nw
+            if div == 99:  # top-k tail_bucket: the float64 sum-exp and the ids' terms (k = 128)
+                yield f"kd stats div={div} {dt} tail k=128", KD._kd_stats_kernel, sig, dict(ce, TAIL=True, KB=128), nw
         for div in range(KD.DIV_JSD, KD.DIV_TVD + 1):
             sig = dict(common, w_ptr="*fp32", st_ptr="*fp32", prm_ptr="*fp32", V="i32", Vt="i32", s_stride="i64",
                        t_stride="i64", R="i32", s_gstride="i64", t_gstride="i64")

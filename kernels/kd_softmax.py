@@ -11,7 +11,8 @@ in blocks of BLOCK_V with online max / sum-exp for student and teacher together.
   _kd_reduce_kernel  one program: the valid-row count and the reduced loss (fixed order).
   _kd_grad_kernel    backward: the gradient w.r.t. the raw student logits, written directly
                      (into the logits buffer itself when inplace_grad).
-Per-row state (fp32, [N, 11]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo, lse_s1_lo.
+Per-row state (fp32, [N, 11]): lse_s, lse_t, lse_s1, D, S, contrib, ce, valid, lse_s_lo, lse_t_lo, lse_s1_lo
+(top-k tail_bucket: the stats pass leaves log q_tail in slot 1, which _kd_topk_kernel reads, then overwrites).
 The logsumexps are kept as hi + lo (``_lse2``) and log-probs formed as (u − hi) − lo: as accurate as
 log_softmax's (u − m) − log l, where u − hi alone would carry ulp(m) in every log-prob.
 """
@@ -34,9 +35,15 @@ ST = tl.constexpr(NSTATE)  # the state's row stride inside the kernels
 NO_FP_FUSION = {"enable_fp_fusion": False}
 LAUNCH_OPTS = {name: NO_FP_FUSION for name in ("_kd_div_kernel", "_kd_topk_kernel", "_kd_grad_kernel")}
 MAX_BLOCK_V = 2048
-# tail_bucket: below this student tail mass 1 − Σ q_ids (fp32: ≳ k·6e-8 absolute error), the tail is summed
-# over the columns off the ids instead (a second read of the row, for confident rows only)
-TAIL_EXACT = tl.constexpr(1.0 / 64)
+# tail_bucket: the stats pass forms the student's tail mass as l_tail / l, l_tail = l − Σ_ids e^{u_i − G}, the
+# row's sum-exp l taken in float64 in a frame G that starts at the ids' largest logit and moves only when the row's
+# max passes it by FRAME_SLACK: the ids' terms are then the very fp32 numbers summed into l, so l_tail is the float64
+# sum of the off-id terms to float64's rounding, ≲ (log2 BLOCK_V + V / BLOCK_V)·2⁻⁵³·l (8e-15·l at V = 128k), no
+# 1 − Σ q cancellation (1 − Σ q_ids in fp32: up to 11x plain fp32's loss error at q_tail ≈ 0.02). Below TAIL_EXACT that
+# bound would reach ~0.1 ulp of q_tail, and the tail may lie in fp32's denormals: the log-space sum over the columns
+# off the ids instead (a second read of the row, for confident rows only)
+TAIL_EXACT = tl.constexpr(2.0 ** -20)
+FRAME_SLACK = tl.constexpr(64.0)  # e^64 ≈ 6e27: a term never overflows fp32
 
 
 @triton.jit
@@ -206,7 +213,7 @@ def _lse2(m, l):
     log l rounded in fp32 would be off by ulp(log l) ~ eps·log V, a shift of every log-prob that the divergence
     of a close teacher magnifies (softmax's common error is only 1/l's rounding, eps). fp64: TwoSum."""
     ms = _safe(m)
-    if l.dtype == tl.float64:
+    if m.dtype == tl.float64:  # (fp32 m with a float64 l: the tail_bucket stats pass's sum, fp32 hi + lo below)
         ll = tl.log(l)
         hi = ms + ll
         bb = hi - ms
@@ -311,11 +318,46 @@ def _weighted(loss, w_ptr, row, HAS_W: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _tail_terms(z, inv_T, g):
+    """e^{u − G} of tempered logits u = z·inv_T, with z·inv_T − G rounded once (an fma): the stats loop and its
+    epilogue then form the very same fp32 numbers whatever the compiler contracts (tail_bucket, see TAIL_EXACT)."""
+    return tl.exp(tl.fma(z, inv_T, -_safe(g)))
+
+
+@triton.jit
+def _tail_ids(ids_ptr, ids_stride, row, K, V, KB: tl.constexpr, AGAIN: tl.constexpr = False):
+    kk = tl.arange(0, KB)
+    km = kk < K
+    ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0, volatile=AGAIN).to(tl.int64)
+    return tl.minimum(tl.maximum(ids, 0), V - 1), km  # never an out-of-row read (_kd_topk_kernel: NaN loss)
+
+
+@triton.jit
+def _tail_ids_max(s_row, ids_ptr, ids_stride, row, K, V, inv_T, logit_scale, softcap, HAS_SCALE: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, ACC: tl.constexpr):
+    ids, km = _tail_ids(ids_ptr, ids_stride, row, K, V, KB)
+    zk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+    return tl.max(zk * inv_T, 0)
+
+
+@triton.jit
+def _tail_ids_terms(s_row, ids_ptr, ids_stride, row, K, V, inv_T, g, logit_scale, softcap, HAS_SCALE: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, ACC: tl.constexpr):
+    """The ids' terms e^{u − G} (0 off the k), read again after the loop (not held across it in registers)."""
+    ids, km = _tail_ids(ids_ptr, ids_stride, row, K, V, KB, True)
+    zk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+    return tl.where(km, _tail_terms(zk, inv_T, g), 0.0)
+
+
+@triton.jit
 def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stride,
                      R, s_gstride, t_gstride, ignore_index,
                      DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_W: tl.constexpr,
                      CE: tl.constexpr, CE_SEP: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     BLOCK_V: tl.constexpr, ACC: tl.constexpr, TOPK: tl.constexpr = False):
+                     BLOCK_V: tl.constexpr, ACC: tl.constexpr, TOPK: tl.constexpr = False,
+                     ids_ptr=None, ids_stride=0, K=1, TAIL: tl.constexpr = False, KB: tl.constexpr = 1):
+    """TAIL (top-k tail_bucket; ids_ptr, ids_stride, K: the ids): the student's sum-exp in float64 in a lazy frame
+    from the ids' largest logit, and log q_tail (see TAIL_EXACT) into state slot 1."""
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
     s_row = _row(s_ptr, row, R, s_gstride, s_stride)
@@ -334,34 +376,49 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
     label = 0
     if HAS_LABELS:
         label = tl.load(lab_ptr + row).to(tl.int64)
+    if TAIL:  # the frame G: the ids' largest (tempered) logit; l64: Σ e^{u − G} in float64
+        g = _tail_ids_max(s_row, ids_ptr, ids_stride, row, K, V, inv_T, logit_scale, softcap, HAS_SCALE,
+                          HAS_SOFTCAP, KB, ACC)
+        l64 = tl.zeros([1], tl.float64).sum(0)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + ar
         z = _logits(s_row, cols, cols < V, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-        if TOPK:  # the teacher is handled by _kd_topk_kernel
-            zt = tl.full([BLOCK_V], 0.0, ACC)
+        if TAIL:  # the teacher is handled by _kd_topk_kernel
+            ms_new = tl.maximum(m_s, tl.max(z * inv_T, 0))
+            # the frame moves only where the row's max passes it by FRAME_SLACK (then the ids' terms are < e^{−64}
+            # of the largest one) or where it has none yet (ids all −inf); its rescale in float64, skipped otherwise
+            g_new = tl.where((g == float("-inf")) | (ms_new > g + FRAME_SLACK), ms_new, g)
+            if g_new != g:
+                l64 = _rescale(l64, tl.exp(g.to(tl.float64) - _safe(g_new).to(tl.float64)))
+            l64 += tl.sum(_tail_terms(z, inv_T, g_new).to(tl.float64), 0)
+            g = g_new
         else:
-            zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-        us = z * inv_T
-        ut = zt * inv_Tt
-        ms_new = tl.maximum(m_s, tl.max(us, 0))
-        mt_new = tl.maximum(m_t, tl.max(ut, 0))
-        es = tl.exp(us - _safe(ms_new))
-        et = tl.exp(ut - _safe(mt_new))
-        rs = tl.exp(m_s - _safe(ms_new))
-        rt = tl.exp(m_t - _safe(mt_new))
-        # fkl / rkl: Σ w·(d_w − d_o) with d = u − m in each model's own frame (never u_t − u_s: that carries the
-        # two models' logit offset, ulp(offset) in every term); moving frames re-bases the old sum by
-        # δ = (m_w,new − m_w,old) − (m_o,new − m_o,old) times its old weight (l before this block), then rescales
-        if DIV == 0:
-            dlt = (_safe(mt_new) - _safe(m_t)) - (_safe(ms_new) - _safe(m_s))
-            d = (ut - _safe(mt_new)) - (us - _safe(ms_new))
-            acc = _rescale(acc - dlt * l_t, rt) + tl.sum(tl.where(et > 0, et * d, 0.0), 0)
-        elif DIV == 1:
-            dlt = (_safe(ms_new) - _safe(m_s)) - (_safe(mt_new) - _safe(m_t))
-            d = (us - _safe(ms_new)) - (ut - _safe(mt_new))
-            acc = _rescale(acc - dlt * l_s, rs) + tl.sum(tl.where(es > 0, es * d, 0.0), 0)
-        l_s = l_s * rs + tl.sum(es, 0)
-        l_t = l_t * rt + tl.sum(et, 0)
+            if TOPK:  # the teacher is handled by _kd_topk_kernel
+                zt = tl.full([BLOCK_V], 0.0, ACC)
+            else:
+                zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+            us = z * inv_T
+            ut = zt * inv_Tt
+            ms_new = tl.maximum(m_s, tl.max(us, 0))
+            mt_new = tl.maximum(m_t, tl.max(ut, 0))
+            es = tl.exp(us - _safe(ms_new))
+            et = tl.exp(ut - _safe(mt_new))
+            rs = tl.exp(m_s - _safe(ms_new))
+            rt = tl.exp(m_t - _safe(mt_new))
+            # fkl / rkl: Σ w·(d_w − d_o) with d = u − m in each model's own frame (never u_t − u_s: that carries the
+            # two models' logit offset, ulp(offset) in every term); moving frames re-bases the old sum by
+            # δ = (m_w,new − m_w,old) − (m_o,new − m_o,old) times its old weight (l before this block), then rescales
+            if DIV == 0:
+                dlt = (_safe(mt_new) - _safe(m_t)) - (_safe(ms_new) - _safe(m_s))
+                d = (ut - _safe(mt_new)) - (us - _safe(ms_new))
+                acc = _rescale(acc - dlt * l_t, rt) + tl.sum(tl.where(et > 0, et * d, 0.0), 0)
+            elif DIV == 1:
+                dlt = (_safe(ms_new) - _safe(m_s)) - (_safe(mt_new) - _safe(m_t))
+                d = (us - _safe(ms_new)) - (ut - _safe(mt_new))
+                acc = _rescale(acc - dlt * l_s, rs) + tl.sum(tl.where(es > 0, es * d, 0.0), 0)
+            l_s = l_s * rs + tl.sum(es, 0)
+            l_t = l_t * rt + tl.sum(et, 0)
+            m_t = mt_new
         if CE_SEP:
             m1_new = tl.maximum(m_1, tl.max(z, 0))
             l_1 = l_1 * tl.exp(m_1 - _safe(m1_new)) + tl.sum(tl.exp(z - _safe(m1_new)), 0)
@@ -369,9 +426,21 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
         if CE:
             zl += tl.sum(tl.where(cols == label, z, 0.0), 0)
         m_s = ms_new
-        m_t = mt_new
-    lse_s, lo_s = _lse2(m_s, l_s)
-    lse_t, lo_t = _lse2(m_t, l_t)
+    if TAIL:
+        lse_s, lo_s = _lse2(g, l64)
+        # log q_tail = log(l_tail / l): l_tail = l − the ids' terms, recomputed as in the loop (the same fp32 numbers
+        # where the frame never moved; where it did, they are < e^{−64} of l). NaN: a NaN logit, shown in D anyway
+        # inv_T, logit_scale, softcap read again: not held across the loop (8 bytes spilled on sm_90a otherwise)
+        inv_T, _, _, _, logit_scale, softcap, _, _ = _params(prm_ptr)
+        l_tail = l64 - tl.sum(_tail_ids_terms(s_row, ids_ptr, ids_stride, row, K, V, inv_T, g, logit_scale, softcap,
+                                              HAS_SCALE, HAS_SOFTCAP, KB, ACC).to(tl.float64), 0)
+        lse_t = tl.log(tl.where(l_tail > 0, l_tail, 0.0) / l64).to(ACC)  # (state slot 1: log q_tail)
+        lo_t = zero
+        m_s = g  # CE at T = 1 below: m + log l in the frame G
+        l_s = l64
+    else:
+        lse_s, lo_s = _lse2(m_s, l_s)
+        lse_t, lo_t = _lse2(m_t, l_t)
     if CE_SEP:
         lse_1, lo_1 = _lse2(m_1, l_1)
         m_ce = m_1
@@ -390,7 +459,7 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
     if CE:
         # (m − z_label) + log l, as cross_entropy's log_softmax: lse_1 − z_label carries lse_1's rounding at |m|
         # (170x its error on a confident row at a logit offset of 300)
-        ce = tl.where((label >= 0) & (label < V), (m_ce - zl) + tl.log(l_ce), float("nan"))
+        ce = tl.where((label >= 0) & (label < V), ((m_ce - zl) + tl.log(l_ce)).to(ACC), float("nan"))
     D = zero
     # Σ p (log p − log q) = A/l_t + (m_t − m_s) − lse_t + lse_s = A/l_t + ln(l_s / l_t): no offset either
     if DIV == 0:
@@ -498,9 +567,8 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
             extra = tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0)
             S = S * 0.0
         else:
-            q_t = 1.0 - tl.sum(tl.where(km, q, 0.0), 0)
-            lq_t = tl.log(q_t)  # (q_t < TAIL_EXACT, or NaN: replaced below)
-            if q_t < TAIL_EXACT:  # 1 − Σ q has lost its digits: the logsumexp of the log-probs off the ids instead
+            lq_t = tl.load(st + 1)  # log q_tail from the stats pass (see TAIL_EXACT)
+            if tl.exp(lq_t) < TAIL_EXACT:  # the logsumexp of the log-probs off the ids instead
                 # online: a running max m and per-lane sums relative to it (log q_tail = m + log Σ). A linear Σ q_j
                 # keeps only a few digits on a confident row whose tail lies below fp32's normal range (e^{−87}:
                 # denormals) and is 0 below e^{−103}: forward KL's p_tail·log(p_tail / q_tail) was +inf
@@ -736,12 +804,15 @@ def kd_fwd(p, s, t, labels, mask, weights):
     prm = params(p, s.device, acc)
     tt = t[1] if p.topk else t
     t_gs, t_rs = row_strides(tt, R)
+    tail = p.topk == 1  # tail_bucket: the stats pass also forms log q_tail (see TAIL_EXACT)
+    ids_k = dict(ids_ptr=t[0], ids_stride=t[0].stride(0), K=t[0].shape[1], TAIL=True,
+                 KB=triton.next_power_of_2(t[0].shape[1])) if tail else {}
     _kd_stats_kernel[(N,)](
         s, tt, labels if labels is not None else dummy, mask if mask is not None else dummy,
         weights if weights is not None else dummy, st, prm, V, 0 if p.topk else tt.shape[-1], s_rs, t_rs, R, s_gs,
         t_gs, ignore_index=p.ignore_index, DIV=99 if p.topk or p.div > DIV_RKL else p.div,
         HAS_LABELS=labels is not None, HAS_MASK=mask is not None, HAS_W=weights is not None, CE=ce,
-        CE_SEP=ce and p.temperature != 1.0, TOPK=bool(p.topk), BLOCK_V=BLOCK_V, num_warps=nw, **flags,
+        CE_SEP=ce and p.temperature != 1.0, TOPK=bool(p.topk), BLOCK_V=BLOCK_V, num_warps=nw, **flags, **ids_k,
     )
     if p.topk:
         ids, lps = t
