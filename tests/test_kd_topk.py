@@ -140,6 +140,18 @@ def _rel(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
+def _tail_bucket_three_ways(div, s, ids, lps):
+    """tail_bucket per-row losses of fp32 logits ``s`` by the formula in fp64 and in fp32 and by fastdistill, each
+    summed and backpropagated: (exact_x, plain_x, x, exact, plain, got); fastdistill's finite."""
+    exact_x, plain_x, x = s.double().requires_grad_(), s.clone().requires_grad_(), s.clone().requires_grad_()
+    exact, plain = tail_bucket_logspace(div, exact_x, ids, lps), tail_bucket_logspace(div, plain_x, ids, lps)
+    got = fd.kd_loss(x, teacher_topk=(ids, lps), topk_semantics="tail_bucket", divergence=div, reduction="none")
+    for v in (exact, plain, got):
+        v.sum().backward()
+    assert torch.isfinite(got).all() and torch.isfinite(x.grad).all()
+    return exact_x, plain_x, x, exact, plain, got
+
+
 @pytest.mark.parametrize("boost", [95.0, 120.0])
 @pytest.mark.parametrize("div", DIVS)
 def test_topk_tail_bucket_confident_student_fp32(use, div, boost):
@@ -151,17 +163,11 @@ def test_topk_tail_bucket_confident_student_fp32(use, div, boost):
     digits), and the off-id forward-KL gradient −p_tail·q_j/q_tail was dropped where q_j underflowed to 0 (reference
     and Triton: 0.12 relative gradient error at 120)."""
     s, ids, lps = confident_student_case(boost)
-    exact_x, plain_x, x = s.double().requires_grad_(), s.clone().requires_grad_(), s.clone().requires_grad_()
-    exact, plain = tail_bucket_logspace(div, exact_x, ids, lps), tail_bucket_logspace(div, plain_x, ids, lps)
-    got = fd.kd_loss(x, teacher_topk=(ids, lps), topk_semantics="tail_bucket", divergence=div, reduction="none")
-    for v in (exact, plain, got):
-        v.sum().backward()
-    assert torch.isfinite(got).all() and torch.isfinite(x.grad).all()
+    exact_x, plain_x, x, exact, plain, got = _tail_bucket_three_ways(div, s, ids, lps)
     e_loss, p_loss = _rel(got.detach(), exact.detach()), _rel(plain.detach(), exact.detach())
     e_grad, p_grad = _rel(x.grad, exact_x.grad), _rel(plain_x.grad, exact_x.grad)
     assert e_loss <= 2 * p_loss + 1e-9, (e_loss, p_loss)
     assert e_grad <= 2 * p_grad + 1e-9, (e_grad, p_grad)
-
 
 
 MID_TAILS = (0.5, 0.2, 0.05, 0.02, 1 / 64 + 1e-3, 0.01)
@@ -199,12 +205,7 @@ def test_topk_tail_bucket_mid_tail_fp32(use, div, k):
     (forward KL) and 3.1x (skew KL). 1 − Σ q_ids from float64 log-probs summed in float64 still reached 4.7x (forward
     KL's loss): the fp32 sum-exp behind the logsumexp, off by ~4e-8, shifts 1 − Σ q by as much."""
     s, ids, lps = mid_tail_case(k)
-    exact_x, plain_x, x = s.double().requires_grad_(), s.clone().requires_grad_(), s.clone().requires_grad_()
-    exact, plain = tail_bucket_logspace(div, exact_x, ids, lps), tail_bucket_logspace(div, plain_x, ids, lps)
-    got = fd.kd_loss(x, teacher_topk=(ids, lps), topk_semantics="tail_bucket", divergence=div, reduction="none")
-    for v in (exact, plain, got):
-        v.sum().backward()
-    assert torch.isfinite(got).all() and torch.isfinite(x.grad).all()
+    exact_x, plain_x, x, exact, plain, got = _tail_bucket_three_ways(div, s, ids, lps)
     keep = torch.ones(s.shape[0], dtype=torch.bool)
     if div == "tvd":  # ½ sign(q − p) jumps where p = q: rows with a bucket within fp32's resolution of a tie left out
         lq = torch.log_softmax(s.double(), -1)
