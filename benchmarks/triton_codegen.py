@@ -103,8 +103,9 @@ def kd_configs(quick: bool = False):
             ce = dict(flags, DIV=div, HAS_LABELS=True, HAS_MASK=True, HAS_W=True, CE=True, CE_SEP=True,
                       TOPK=div == 99, TAIL=False, KB=1)
             yield f"kd stats div={div} {dt}", KD._kd_stats_kernel, sig, ce, nw
-            if div == 99:  # top-k tail_bucket: the float64 sum-exp and the ids' terms (k = 128)
-                yield f"kd stats div={div} {dt} tail k=128", KD._kd_stats_kernel, sig, dict(ce, TAIL=True, KB=128), nw
+            if div == 99:  # top-k tail_bucket: the float64 sum-exp and the ids' terms (every k: chunks of K_CHUNK)
+                yield (f"kd stats div={div} {dt} tail", KD._kd_stats_kernel, sig,
+                       dict(ce, TAIL=True, KB=KD._k_block(1 << 20)), nw)
         for div in range(KD.DIV_JSD, KD.DIV_TVD + 1):
             sig = dict(common, w_ptr="*fp32", st_ptr="*fp32", prm_ptr="*fp32", V="i32", Vt="i32", s_stride="i64",
                        t_stride="i64", R="i32", s_gstride="i64", t_gstride="i64")
@@ -113,17 +114,26 @@ def kd_configs(quick: bool = False):
             sig = dict(common, lab_ptr="*i64", w_ptr="*fp32", st_ptr="*fp32", prm_ptr="*fp32", factor_ptr="*fp32",
                        go_ptr="*fp32", go_stride="i32", out_ptr=f"*{dt}", V="i32", Vt="i32", s_stride="i64",
                        t_stride="i64", o_stride="i64", R="i32", s_gstride="i64", t_gstride="i64", o_gstride="i64")
-            sig.update(ids_ptr="*i64", ids_stride="i64", K="i32")
-            ce = dict(flags, DIV=div, HAS_LABELS=True, HAS_W=True, CE=True, MODE=0, KB=1, CE_SEP=True)
+            sig.update(ids_ptr="*i64", ids_stride="i64", K="i32", stash_ptr=f"*{dt}")
+            ce = dict(flags, DIV=div, HAS_LABELS=True, HAS_W=True, CE=True, MODE=0, KB=1, CE_SEP=True, STASH=False)
             yield f"kd grad  div={div} {dt}", KD._kd_grad_kernel, sig, ce, nw
-            yield f"kd grad  div={div} {dt} top-k", KD._kd_grad_kernel, sig, dict(ce, MODE=1, KB=128), nw
+            # top-k: KB = K_CHUNK serves every k >= 128 (the kernels loop over the ids in chunks); STASH: inplace_grad
+            kb = KD._k_block(1 << 20)
+            for mode in (1, 2, 3):
+                if mode == 2 and div != KD.DIV_FKL:  # zero_tail: forward KL only
+                    continue
+                for stash in ((False, True) if mode == 1 and div in (KD.DIV_FKL, KD.DIV_JSD) else (True,)):
+                    yield (f"kd grad  div={div} {dt} top-k mode={mode}{' stash' if stash else ''}", KD._kd_grad_kernel,
+                           sig, dict(ce, MODE=mode, KB=kb, STASH=stash), nw)
+        kb = KD._k_block(1 << 20)
         for mode in (1, 2, 3):
             sig = dict(s_ptr=f"*{dt}", ids_ptr="*i64", lps_ptr="*fp32", w_ptr="*fp32", st_ptr="*fp32",
                        prm_ptr="*fp32", V="i32", K="i32", s_stride="i64", ids_stride="i64", lps_stride="i64",
                        R="i32", s_gstride="i64")
-            ce = dict(DIV=KD.DIV_JSD if mode != 2 else KD.DIV_FKL, MODE=mode, HAS_W=True, HAS_SCALE=True,
-                      HAS_SOFTCAP=True, KB=128, TB=KD._tail_block(128), ACC=tl.float32)
-            yield f"kd topk  mode={mode} {dt} k=128", KD._kd_topk_kernel, sig, ce, 4
+            for div in ((KD.DIV_FKL,) if mode == 2 else (KD.DIV_FKL, KD.DIV_JSD, KD.DIV_TVD)):
+                ce = dict(DIV=div, MODE=mode, HAS_W=True, HAS_SCALE=True, HAS_SOFTCAP=True, KB=kb,
+                          TB=KD._tail_block(kb), ACC=tl.float32)
+                yield f"kd topk  mode={mode} div={div} {dt}", KD._kd_topk_kernel, sig, ce, 4
 
 
 SMEM_LIMIT = {80: 99 * 1024, 90: 227 * 1024}  # bytes per block: sm_86 / sm_89 allow 99 KiB (sm_80 163), sm_90 227

@@ -143,11 +143,24 @@ def _rescale(acc, r):
 
 
 @triton.jit
-def _renorm_teacher(lp, km):
-    """The logsumexp of the k stored (tempered) teacher log-probs as hi + lo (_lse2): renormalised, they are
-    (lp − hi) − lo."""
-    mp = tl.max(tl.where(km, lp, float("-inf")), 0)
-    return _lse2(mp, tl.sum(tl.where(km, tl.exp(lp - _safe(mp)), 0.0), 0))
+def _online_lse(m, l, x, km):
+    """A chunk of values x (where km) into a running (max m, sum-exp l relative to it): m + log l is their
+    logsumexp so far. m = −inf, l = 0 to start; one chunk gives the plain max-then-sum."""
+    m_new = tl.maximum(m, tl.max(tl.where(km, x, float("-inf")), 0))
+    return m_new, l * tl.exp(m - _safe(m_new)) + tl.sum(tl.where(km, tl.exp(x - _safe(m_new)), 0.0), 0)
+
+
+@triton.jit
+def _renorm_teacher(lp_row, K, inv_Tt, KB: tl.constexpr, ACC: tl.constexpr):
+    """The logsumexp of the k stored teacher log-probs, tempered (lp·inv_Tt), as hi + lo (_lse2): renormalised, they
+    are (lp·inv_Tt − hi) − lo. Read in chunks of KB."""
+    m = tl.zeros([1], ACC).sum(0) + float("-inf")
+    l = tl.zeros([1], ACC).sum(0)
+    for k0 in range(0, K, KB):
+        kk = k0 + tl.arange(0, KB)
+        km = kk < K
+        m, l = _online_lse(m, l, tl.load(lp_row + kk, mask=km, other=float("-inf")).to(ACC) * inv_Tt, km)
+    return _lse2(m, l)
 
 
 @triton.jit
@@ -325,28 +338,47 @@ def _tail_terms(z, inv_T, g):
 
 
 @triton.jit
-def _tail_ids(ids_ptr, ids_stride, row, K, V, KB: tl.constexpr, AGAIN: tl.constexpr = False):
-    kk = tl.arange(0, KB)
+def _ids_chunk(ids_ptr, ids_stride, row, k0, K, V, KB: tl.constexpr, AGAIN: tl.constexpr = False):
+    """Ids k0 .. k0 + KB of a row, clamped into [0, V) (never an out-of-row read; _kd_topk_kernel makes a bad row's
+    loss NaN), and their mask. The kernels walk the k ids in chunks of KB ≤ K_CHUNK: never k values per row held in
+    registers (k = 4096 took up to 255 registers and spilled on sm_90a)."""
+    kk = k0 + tl.arange(0, KB)
     km = kk < K
     ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0, volatile=AGAIN).to(tl.int64)
-    return tl.minimum(tl.maximum(ids, 0), V - 1), km  # never an out-of-row read (_kd_topk_kernel: NaN loss)
+    return tl.minimum(tl.maximum(ids, 0), V - 1), km
+
+
+@triton.jit
+def _ids_checked(ids_ptr, ids_stride, row, k0, K, V, KB: tl.constexpr):
+    """_ids_chunk, and how many of its ids lie outside [0, V)."""
+    kk = k0 + tl.arange(0, KB)
+    km = kk < K
+    ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
+    bad = tl.sum(tl.where(km & ((ids < 0) | (ids >= V)), 1, 0), 0)
+    return tl.minimum(tl.maximum(ids, 0), V - 1), km, bad
 
 
 @triton.jit
 def _tail_ids_max(s_row, ids_ptr, ids_stride, row, K, V, inv_T, logit_scale, softcap, HAS_SCALE: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, ACC: tl.constexpr):
-    ids, km = _tail_ids(ids_ptr, ids_stride, row, K, V, KB)
-    zk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-    return tl.max(zk * inv_T, 0)
+    g = tl.zeros([1], ACC).sum(0) + float("-inf")
+    for k0 in range(0, K, KB):
+        ids, km = _ids_chunk(ids_ptr, ids_stride, row, k0, K, V, KB)
+        zk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        g = tl.maximum(g, tl.max(zk * inv_T, 0))
+    return g
 
 
 @triton.jit
-def _tail_ids_terms(s_row, ids_ptr, ids_stride, row, K, V, inv_T, g, logit_scale, softcap, HAS_SCALE: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, ACC: tl.constexpr):
-    """The ids' terms e^{u − G} (0 off the k), read again after the loop (not held across it in registers)."""
-    ids, km = _tail_ids(ids_ptr, ids_stride, row, K, V, KB, True)
-    zk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-    return tl.where(km, _tail_terms(zk, inv_T, g), 0.0)
+def _tail_ids_sum(s_row, ids_ptr, ids_stride, row, K, V, inv_T, g, logit_scale, softcap, HAS_SCALE: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, ACC: tl.constexpr):
+    """Σ of the ids' terms e^{u − G} in float64, read again after the loop (not held across it in registers)."""
+    acc = tl.zeros([1], tl.float64).sum(0)
+    for k0 in range(0, K, KB):
+        ids, km = _ids_chunk(ids_ptr, ids_stride, row, k0, K, V, KB, True)
+        zk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+        acc += tl.sum(tl.where(km, _tail_terms(zk, inv_T, g), 0.0).to(tl.float64), 0)
+    return acc
 
 
 @triton.jit
@@ -359,7 +391,7 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
     """TAIL (top-k tail_bucket; ids_ptr, ids_stride, K: the ids): the student's sum-exp in float64 in a lazy frame
     from the ids' largest logit, and log q_tail (see TAIL_EXACT) into state slot 1."""
     row = tl.program_id(0)
-    inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
+    inv_T, inv_Tt, _, _, logit_scale, softcap, _, _ = _params(prm_ptr)
     s_row = _row(s_ptr, row, R, s_gstride, s_stride)
     t_row = _row(t_ptr, row, R, t_gstride, t_stride)
     Vs = tl.minimum(V, Vt)
@@ -432,8 +464,8 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
         # where the frame never moved; where it did, they are < e^{−64} of l). NaN: a NaN logit, shown in D anyway
         # inv_T, logit_scale, softcap read again: not held across the loop (8 bytes spilled on sm_90a otherwise)
         inv_T, _, _, _, logit_scale, softcap, _, _ = _params(prm_ptr)
-        l_tail = l64 - tl.sum(_tail_ids_terms(s_row, ids_ptr, ids_stride, row, K, V, inv_T, g, logit_scale, softcap,
-                                              HAS_SCALE, HAS_SOFTCAP, KB, ACC).to(tl.float64), 0)
+        l_tail = l64 - _tail_ids_sum(s_row, ids_ptr, ids_stride, row, K, V, inv_T, g, logit_scale, softcap, HAS_SCALE,
+                                     HAS_SOFTCAP, KB, ACC)
         lse_t = tl.log(tl.where(l_tail > 0, l_tail, 0.0) / l64).to(ACC)  # (state slot 1: log q_tail)
         lo_t = zero
         m_s = g  # CE at T = 1 below: m + log l in the frame G
@@ -466,6 +498,7 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
         D = _clamp0(acc / l_t + tl.log(l_s / l_t))
     elif DIV == 1:
         D = _clamp0(acc / l_s + tl.log(l_t / l_s))
+    _, _, alpha, t2, _, _, _, _ = _params(prm_ptr)  # read here: not held across the loop (sm_90a spills otherwise)
     loss = _weighted(_mix(D, ce, alpha, t2), w_ptr, row, HAS_W, ACC)
     st = st_ptr + row * ST
     tl.store(st + 8, lo_s)
@@ -528,43 +561,65 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
     State slot 1 receives: MODE 1 what the off-id gradient needs of the tail bucket (forward KL
     log(p_tail / q_tail), else g_tail), MODE 2 Σ p, MODE 3 the student's lse over the k ids."""
     row = tl.program_id(0)
-    inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
+    inv_T, inv_Tt, _, _, logit_scale, softcap, beta, skew = _params(prm_ptr)
     omb, oms = _mix_weights(prm_ptr)
     st = st_ptr + row * ST
     lse_s = tl.load(st + 0)
     lo_s = tl.load(st + 8)
-    kk = tl.arange(0, KB)
-    km = kk < K
-    ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
-    good = tl.sum(tl.where(km & ((ids < 0) | (ids >= V)), 1, 0), 0) == 0
-    ids = tl.minimum(tl.maximum(ids, 0), V - 1)  # never an out-of-row read; a bad row's loss is NaN
     s_row = _row(s_ptr, row, R, s_gstride, s_stride)
-    uk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
-    uk = uk * inv_T
-    lpk = tl.load(lps_ptr + row.to(tl.int64) * lps_stride + kk, mask=km, other=float("-inf")).to(ACC)
-    extra = tl.zeros([1], ACC).sum(0)
+    lp_row = lps_ptr + row.to(tl.int64) * lps_stride
+    ar = tl.arange(0, KB)
+    zero = tl.zeros([1], ACC).sum(0)
+    D = zero
+    S = zero
+    extra = zero
+    n_bad = 0  # ids outside [0, V): the row's loss is NaN
     t_live = True  # renorm: a row whose k teacher log-probs are all −inf has no teacher (invalid, as a dense one)
     if MODE == 3:
-        t_live = tl.sum(tl.where(km & (lpk == float("-inf")), 1, 0), 0) < K  # (a NaN keeps the row: NaN)
-        mk = tl.max(tl.where(km, uk, float("-inf")), 0)
-        lse_k, lo_k = _lse2(mk, tl.sum(tl.where(km, tl.exp(uk - _safe(mk)), 0.0), 0))
-        lqk = (uk - lse_k) - lo_k  # hi + lo: hi alone is rounded at |m| (ulp(m) off in every log-prob)
+        # pass 1 over the ids: the student's logsumexp over them and the teacher's renormaliser
+        m_k = zero + float("-inf")
+        l_k = zero
+        m_t = zero + float("-inf")
+        l_t = zero
+        n_inf = 0
+        for k0 in range(0, K, KB):
+            ids, km, nb = _ids_checked(ids_ptr, ids_stride, row, k0, K, V, KB)
+            n_bad += nb
+            uk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC) * inv_T
+            m_k, l_k = _online_lse(m_k, l_k, uk, km)
+            lpk = tl.load(lp_row + k0 + ar, mask=km, other=float("-inf")).to(ACC)
+            m_t, l_t = _online_lse(m_t, l_t, lpk * inv_Tt, km)  # as _renorm_teacher (the gradient's)
+            n_inf += tl.sum(tl.where(km & (lpk == float("-inf")), 1, 0), 0)
+        t_live = n_inf < K  # (a NaN keeps the row: NaN)
+        lse_k, lo_k = _lse2(m_k, l_k)
         tl.store(st + 9, lo_k)
-        ut = lpk * inv_Tt
-        hi_t, lo_t = _renorm_teacher(ut, km)
-        dl, qt = _tvd_terms(ut, hi_t, lo_t, uk, lse_k, lo_k, DIV)
-        d, qg, q = _div_terms(lqk, (ut - hi_t) - lo_t, dl, qt, beta, skew, omb, oms, DIV)
-        D = _clamp0(tl.sum(tl.where(km, d, 0.0), 0))
-        S = tl.sum(tl.where(km, qg, 0.0), 0)
+        hi_t, lo_t = _lse2(m_t, l_t)
+        for k0 in range(0, K, KB):  # pass 2: the divergence over the k
+            ids, km = _ids_chunk(ids_ptr, ids_stride, row, k0, K, V, KB)
+            uk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC) * inv_T
+            lqk = (uk - lse_k) - lo_k  # hi + lo: hi alone is rounded at |m| (ulp(m) off in every log-prob)
+            ut = tl.load(lp_row + k0 + ar, mask=km, other=float("-inf")).to(ACC) * inv_Tt
+            dl, qt = _tvd_terms(ut, hi_t, lo_t, uk, lse_k, lo_k, DIV)
+            d, qg, q = _div_terms(lqk, (ut - hi_t) - lo_t, dl, qt, beta, skew, omb, oms, DIV)
+            D += tl.sum(tl.where(km, d, 0.0), 0)
+            S += tl.sum(tl.where(km, qg, 0.0), 0)
+        D = _clamp0(D)
         extra = lse_k
     else:
-        lqk = (uk - lse_s) - lo_s
-        dl, qt = _tvd_terms(lpk, 0.0, 0.0, uk, lse_s, lo_s, DIV)
-        d, qg, q = _div_terms(lqk, lpk, dl, qt, beta, skew, omb, oms, DIV)
-        D = tl.sum(tl.where(km, d, 0.0), 0)
-        S = tl.sum(tl.where(km, qg, 0.0), 0)
+        P = zero  # Σ p over the k ids
+        for k0 in range(0, K, KB):
+            ids, km, nb = _ids_checked(ids_ptr, ids_stride, row, k0, K, V, KB)
+            n_bad += nb
+            uk = _logits(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC) * inv_T
+            lpk = tl.load(lp_row + k0 + ar, mask=km, other=float("-inf")).to(ACC)
+            lqk = (uk - lse_s) - lo_s
+            dl, qt = _tvd_terms(lpk, 0.0, 0.0, uk, lse_s, lo_s, DIV)
+            d, qg, q = _div_terms(lqk, lpk, dl, qt, beta, skew, omb, oms, DIV)
+            D += tl.sum(tl.where(km, d, 0.0), 0)
+            S += tl.sum(tl.where(km, qg, 0.0), 0)
+            P += tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0)
         if MODE == 2:  # the documented formula, not a divergence when Σ p < 1: not clamped at 0
-            extra = tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0)
+            extra = P
             S = S * 0.0
         else:
             lq_t = tl.load(st + 1)  # log q_tail from the stats pass (see TAIL_EXACT)
@@ -572,19 +627,23 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
                 # online: a running max m and per-lane sums relative to it (log q_tail = m + log Σ). A linear Σ q_j
                 # keeps only a few digits on a confident row whose tail lies below fp32's normal range (e^{−87}:
                 # denormals) and is 0 below e^{−103}: forward KL's p_tail·log(p_tail / q_tail) was +inf
-                m = tl.zeros([1], ACC).sum(0) + float("-inf")
+                m = zero + float("-inf")
                 tail = tl.zeros([TB], ACC)
                 tc = tl.arange(0, TB)
                 for v0 in range(0, V, TB):
                     cols = v0 + tc
-                    hit = tl.sum(tl.where((cols[:, None] == ids[None, :]) & km[None, :], 1, 0), 1) > 0
-                    z = _logits(s_row, cols, (cols < V) & ~hit, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+                    hits = tl.zeros([TB], tl.int32)
+                    for k0 in range(0, K, KB):  # a [TB, KB] comparison per chunk of ids
+                        ids, km = _ids_chunk(ids_ptr, ids_stride, row, k0, K, V, KB)
+                        hits += tl.sum(tl.where((cols[:, None] == ids[None, :]) & km[None, :], 1, 0), 1)
+                    z = _logits(s_row, cols, (cols < V) & (hits == 0), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP,
+                                ACC)
                     lq = _logp(z, inv_T, lse_s, lo_s)  # −inf on the ids and past V
                     m_new = tl.maximum(m, tl.max(lq, 0))
                     tail = tail * tl.exp(m - _safe(m_new)) + tl.exp(lq - _safe(m_new))
                     m = m_new
                 lq_t = m + tl.log(tl.sum(tail, 0))  # −inf: no column off the ids has mass
-            p_t = tl.maximum(1.0 - tl.sum(tl.where(km, tl.exp(lpk), 0.0), 0), 0.0)
+            p_t = tl.maximum(1.0 - P, 0.0)
             p_t = tl.where(K >= V, 0.0, p_t)  # the (unique) ids cover the vocabulary: no tail, only rounding
             lp_t = tl.log(p_t)
             q_t = tl.exp(lq_t)  # may underflow to 0 where lq_t is finite: forward KL's terms use lq_t only
@@ -597,8 +656,10 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
                 extra = tl.where(q_t > 0, qg_t / tl.where(q_t > 0, q_t, 1.0), 0.0)
         if MODE != 2:
             D = _clamp0(D)
+    good = n_bad == 0
     D = tl.where(good, D, float("nan"))
     ok = (tl.load(st + 7) > 0) & t_live
+    _, _, alpha, t2, _, _, _, _ = _params(prm_ptr)  # read here: not held across the loops (sm_90a spills otherwise)
     loss = _weighted(_mix(D, tl.load(st + 6), alpha, t2), w_ptr, row, HAS_W, ACC)
     tl.store(st + 7, ok.to(ACC))
     tl.store(st + 1, extra)
@@ -649,12 +710,15 @@ def _grad_store(o_row, du, z, dz, cols, cm, label, lse_1, lo_1, coeff, kd_scale,
 @triton.jit
 def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, go_ptr, go_stride, out_ptr, V, Vt,
                     s_stride, t_stride, o_stride, R, s_gstride, t_gstride, o_gstride, ids_ptr, ids_stride, K,
+                    stash_ptr,
                     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_W: tl.constexpr, CE: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
-                    MODE: tl.constexpr = 0, KB: tl.constexpr = 1, CE_SEP: tl.constexpr = False):
+                    MODE: tl.constexpr = 0, KB: tl.constexpr = 1, CE_SEP: tl.constexpr = False,
+                    STASH: tl.constexpr = False):
     """MODE 0: dense teacher (t_ptr: logits). MODE 1/2/3: top-k teacher (t_ptr: log-probs [N, K],
     ids_ptr: ids): the full row gets the off-ids formula, then (after a CTA barrier) the k ids are
-    overwritten with their exact values."""
+    overwritten with their exact values, in chunks of KB ids. STASH (out is the logits buffer, inplace_grad): the
+    raw logits at the ids are first copied to stash_ptr ([N, K], the logits' dtype), which the fix-up reads."""
     row = tl.program_id(0)
     inv_T, inv_Tt, alpha, t2, logit_scale, softcap, beta, skew = _params(prm_ptr)
     omb, oms = _mix_weights(prm_ptr)
@@ -692,14 +756,11 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
     Vs = tl.minimum(V, Vt)
     ar = tl.arange(0, BLOCK_V)
     kk = tl.arange(0, KB)
-    km = kk < K
-    ids = tl.zeros([KB], tl.int64)
-    zk = tl.zeros([KB], ACC)
-    dzk = tl.zeros([KB], ACC)
-    if MODE > 0:  # the student logits at the k ids, read before the loop may overwrite them (inplace_grad)
-        ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
-        ids = tl.minimum(tl.maximum(ids, 0), V - 1)
-        zk, dzk = _logits_d(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+    stash_row = stash_ptr + row.to(tl.int64) * K
+    if MODE > 0 and STASH:  # the raw logits at the k ids, copied before the loop below overwrites them
+        for k0 in range(0, K, KB):
+            ids, km = _ids_chunk(ids_ptr, ids_stride, row, k0, K, V, KB)
+            tl.store(stash_row + k0 + kk, tl.load(s_row + ids, mask=km), mask=km)
         tl.debug_barrier()  # every thread of the CTA has read them before any store below
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + ar
@@ -740,25 +801,31 @@ def _kd_grad_kernel(s_ptr, t_ptr, lab_ptr, w_ptr, st_ptr, prm_ptr, factor_ptr, g
         lo_1 = lo_s
         if CE_SEP:
             lo_1 = tl.load(st + 10)
-        z = zk
-        lpk = tl.load(t_row + kk, mask=km, other=float("-inf")).to(ACC)
         if MODE == 3:
             lo_k = tl.load(st + 9)
-            uk = z * inv_T
-            lqk = (uk - lse_t) - lo_k
-            ut = lpk * inv_Tt
-            hi_t, lo_t = _renorm_teacher(ut, km)
-            dl, qt = _tvd_terms(ut, hi_t, lo_t, uk, lse_t, lo_k, DIV)
-            _, qg, q = _div_terms(lqk, (ut - hi_t) - lo_t, dl, qt, beta, skew, omb, oms, DIV)
-            du = _kd_du(qg, q, S)
-        elif MODE == 2:
-            du = tl.exp(_logp(z, inv_T, lse_s, lo_s)) * lse_t - tl.exp(lpk)
-        else:
-            dl, qt = _tvd_terms(lpk, 0.0, 0.0, z * inv_T, lse_s, lo_s, DIV)
-            _, qg, q = _div_terms(_logp(z, inv_T, lse_s, lo_s), lpk, dl, qt, beta, skew, omb, oms, DIV)
-            du = _kd_du(qg, q, S)
-        _grad_store(o_row, du, z, dzk, ids, km, label, lse_1, lo_1, coeff, kd_scale, alpha, ok, CE,
-                    HAS_SCALE or HAS_SOFTCAP)
+            hi_t, lo_t = _renorm_teacher(t_row, K, inv_Tt, KB, ACC)
+        for k0 in range(0, K, KB):
+            ids, km = _ids_chunk(ids_ptr, ids_stride, row, k0, K, V, KB)
+            if STASH:
+                z, dzk = _logits_d(stash_row + k0, kk, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+            else:
+                z, dzk = _logits_d(s_row, ids, km, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+            lpk = tl.load(t_row + k0 + kk, mask=km, other=float("-inf")).to(ACC)
+            if MODE == 3:
+                uk = z * inv_T
+                lqk = (uk - lse_t) - lo_k
+                ut = lpk * inv_Tt
+                dl, qt = _tvd_terms(ut, hi_t, lo_t, uk, lse_t, lo_k, DIV)
+                _, qg, q = _div_terms(lqk, (ut - hi_t) - lo_t, dl, qt, beta, skew, omb, oms, DIV)
+                du = _kd_du(qg, q, S)
+            elif MODE == 2:
+                du = tl.exp(_logp(z, inv_T, lse_s, lo_s)) * lse_t - tl.exp(lpk)
+            else:
+                dl, qt = _tvd_terms(lpk, 0.0, 0.0, z * inv_T, lse_s, lo_s, DIV)
+                _, qg, q = _div_terms(_logp(z, inv_T, lse_s, lo_s), lpk, dl, qt, beta, skew, omb, oms, DIV)
+                du = _kd_du(qg, q, S)
+            _grad_store(o_row, du, z, dzk, ids, km, label, lse_1, lo_1, coeff, kd_scale, alpha, ok, CE,
+                        HAS_SCALE or HAS_SOFTCAP)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -770,9 +837,16 @@ def _cfg(V: int) -> tuple[int, int]:
     return block, max(4, block // 256)  # 8 elements per thread: one 16-byte load of bf16 (see triton_codegen.py)
 
 
-def _tail_block(K: int) -> int:
-    """Columns per step of the exact tail sum: a [TB, KB] id comparison of ~8k elements."""
-    return max(16, 8192 // triton.next_power_of_2(K))
+K_CHUNK = 128  # top-k ids per step of the kernels' loops over them (see _ids_chunk)
+
+
+def _k_block(K: int) -> int:
+    return min(triton.next_power_of_2(K), K_CHUNK)
+
+
+def _tail_block(KB: int) -> int:
+    """Columns per step of the exact tail sum: a [TB, KB] id comparison of 2k elements per chunk of ids."""
+    return max(16, 2048 // KB)
 
 
 def params(p, device, dtype):
@@ -806,7 +880,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
     t_gs, t_rs = row_strides(tt, R)
     tail = p.topk == 1  # tail_bucket: the stats pass also forms log q_tail (see TAIL_EXACT)
     ids_k = dict(ids_ptr=t[0], ids_stride=t[0].stride(0), K=t[0].shape[1], TAIL=True,
-                 KB=triton.next_power_of_2(t[0].shape[1])) if tail else {}
+                 KB=_k_block(t[0].shape[1])) if tail else {}
     _kd_stats_kernel[(N,)](
         s, tt, labels if labels is not None else dummy, mask if mask is not None else dummy,
         weights if weights is not None else dummy, st, prm, V, 0 if p.topk else tt.shape[-1], s_rs, t_rs, R, s_gs,
@@ -819,8 +893,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
         K = ids.shape[1]
         _kd_topk_kernel[(N,)](
             s, ids, lps, weights if weights is not None else dummy, st, prm, V, K, s_rs, ids.stride(0),
-            lps.stride(0), R, s_gs, DIV=p.div, MODE=p.topk, HAS_W=weights is not None, KB=triton.next_power_of_2(K),
-            TB=_tail_block(K), num_warps=4, **flags, **NO_FP_FUSION,
+            lps.stride(0), R, s_gs, DIV=p.div, MODE=p.topk, HAS_W=weights is not None, KB=_k_block(K),
+            TB=_tail_block(_k_block(K)), num_warps=4, **flags, **NO_FP_FUSION,
         )
     elif p.div > DIV_RKL:
         _kd_div_kernel[(N,)](
@@ -834,14 +908,19 @@ def kd_fwd(p, s, t, labels, mask, weights):
 
 @on_tensor_device
 def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
+    import torch
+
     N, V = n_rows(s), s.shape[-1]
     R = row_groups(s)
     ACC = _TL_ACC[str(p.accum_dtype).removeprefix("torch.")]
     BLOCK_V, nw = _cfg(V)
     ce = labels is not None and p.alpha > 0
+    stash = None
     if p.topk:
         ids, tt = t
         K = ids.shape[1]
+        if out.untyped_storage().data_ptr() == s.untyped_storage().data_ptr():  # inplace_grad: see STASH
+            stash = torch.empty((N, K), dtype=s.dtype, device=s.device)
     else:
         ids, tt, K = st, t, 1
     (s_gs, s_rs), (t_gs, t_rs), (o_gs, o_rs) = (row_strides(x, R) for x in (s, tt, out))
@@ -849,9 +928,9 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     _kd_grad_kernel[(N,)](
         s, tt, labels if labels is not None else st, weights if weights is not None else st, st,
         params(p, s.device, p.accum_dtype), factor, grad_out, 1 if grad_out.numel() > 1 else 0, out, V,
-        0 if p.topk else tt.shape[-1], *rs, *gs, ids, ids.stride(0), K,
+        0 if p.topk else tt.shape[-1], *rs, *gs, ids, ids.stride(0), K, stash if stash is not None else s,
         DIV=p.div, HAS_LABELS=labels is not None, HAS_W=weights is not None, CE=ce,
         HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, BLOCK_V=BLOCK_V, ACC=ACC, num_warps=nw,
-        MODE=p.topk, KB=triton.next_power_of_2(K), CE_SEP=ce and p.temperature != 1.0, **NO_FP_FUSION,
+        MODE=p.topk, KB=_k_block(K), CE_SEP=ce and p.temperature != 1.0, STASH=stash is not None, **NO_FP_FUSION,
     )
     return out

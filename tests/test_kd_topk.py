@@ -117,6 +117,38 @@ def test_topk_inplace_grad(use, mode):
     assert torch.allclose(x.grad, expected, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("mode,div", CASES, ids=[f"{m}-{d}" for m, d in CASES])
+def test_topk_many_ids(use, mode, div, inplace):
+    """k = 300, more ids than the kernels take per step (K_CHUNK = 128): three chunks, the last partial. With every
+    option: T (and the teacher's for renorm), CE with labels inside a later chunk and off the ids, weights, softcap.
+    inplace_grad: the logits at the ids are stashed before the row is overwritten. Rows 0 and 1 are confident (the
+    ids hold all but ~1e-7 of the student's mass): tail_bucket's exact tail sum, its id comparison chunked too."""
+    N, V, k = 4, 700, 300
+    s, ids, lps = _case(N=N, V=V, k=k, seed=5)
+    s = s.detach().scatter_add(1, ids, torch.tensor([[40.0], [40.0], [0.0], [0.0]], dtype=F64).expand(N, k))
+    s.requires_grad_()
+    lab = torch.stack([ids[0, 250], ids[1, 3], torch.tensor(5), ids[3, 140]])
+    lab[2] = next(j for j in range(V) if j not in set(ids[2].tolist()))
+    w = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=F64)
+    Tt = 1.25 if mode == "renorm" else None
+    kw = dict(teacher_topk=(ids, lps), topk_semantics=mode, divergence=div, temperature=1.5, teacher_temperature=Tt,
+              labels=lab, hard_label_alpha=0.25, weights=w, softcap=30.0, accum_dtype=F64)
+    x = s.detach().clone().requires_grad_()
+    buf = x * 1.0 if inplace else x  # a non-leaf buffer the gradient may overwrite
+    loss = fd.kd_loss(buf, inplace_grad=inplace, **kw)
+    loss.backward()
+    z = 30 * torch.tanh(s / 30)
+    D = _oracle_D(mode, div, z, ids, lps, 1.5, Tt or 1.0)
+    ref = ((0.75 * D + 0.25 * F.cross_entropy(z, lab, reduction="none")) * w).sum() / N
+    ref.backward()
+    if mode == "tail_bucket":  # the confident rows' tail: below TAIL_EXACT (2^-20), on the exact path
+        q = torch.softmax(z / 1.5, -1)
+        assert (q.scatter(1, ids, 0.0).sum(-1)[:2] < 2.0 ** -20).all()
+    assert torch.allclose(loss, ref, rtol=1e-11, atol=1e-14)
+    assert torch.allclose(x.grad, s.grad, rtol=1e-10, atol=1e-14)
+
+
 def tail_bucket_logspace(div, x, ids, lps):
     """tail_bucket in plain PyTorch in x's dtype, the student's tail as a logsumexp of its off-id log-probs (q_tail
     itself underflows to 0 on a confident row while log q_tail is finite; _oracle_D's linear sum gives +inf)."""
