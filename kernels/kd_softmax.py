@@ -424,11 +424,12 @@ def _kd_stats_kernel(s_ptr, t_ptr, lab_ptr, mask_ptr, w_ptr, st_ptr, prm_ptr, V,
                 l64 = _rescale(l64, tl.exp(g.to(tl.float64) - _safe(g_new).to(tl.float64)))
             l64 += tl.sum(_tail_terms(z, inv_T, g_new).to(tl.float64), 0)
             g = g_new
+        elif TOPK:  # renorm / zero_tail: the student's sum-exp only (the teacher is handled by _kd_topk_kernel)
+            us = z * inv_T
+            ms_new = tl.maximum(m_s, tl.max(us, 0))
+            l_s = l_s * tl.exp(m_s - _safe(ms_new)) + tl.sum(tl.exp(us - _safe(ms_new)), 0)
         else:
-            if TOPK:  # the teacher is handled by _kd_topk_kernel
-                zt = tl.full([BLOCK_V], 0.0, ACC)
-            else:
-                zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
+            zt = _logits(t_row, cols, cols < Vs, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
             us = z * inv_T
             ut = zt * inv_Tt
             ms_new = tl.maximum(m_s, tl.max(us, 0))
