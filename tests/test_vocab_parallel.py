@@ -190,6 +190,8 @@ VPTOPK_CASES = dict([
     # logsumexp folded into one fp64 number lost its low word; found by a review)
     K("vptopk-huge-magnitude-rows", kind="vptopk", k=3, layout="uneven", huge=True),
 ])
+# a +inf (row 0, in the last rank's slice) and a NaN (row 2) teacher logit: test_vocab_parallel_topk_posinf_nan_rows
+VPTOPK_NAN_CASES = dict([K("vptopk-posinf-nan-rows", kind="vptopk", k=4, layout="uneven", posinf_nan=True)])
 
 # fp32 logits at |z| ~ 300: the log-probs as accurate as torch.log_softmax in fp32 (test_vocab_parallel_topk_fp32)
 VPTOPK32_CASES = dict([
@@ -267,7 +269,7 @@ ERROR_CASES = dict([
 EQUIV_CASES = dict([K("ok-options-spelled-differently", kind="error", bad="opt_equiv", layout="uneven")])
 
 ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **CONFIDENT_CASES, **CE_CASES, **KEQV_CASES, **TOPK_CASES,
-       **VPTOPK_CASES, **VPTOPK32_CASES, **FUSED_CASES, **ERROR_CASES, **EQUIV_CASES}
+       **VPTOPK_CASES, **VPTOPK_NAN_CASES, **VPTOPK32_CASES, **FUSED_CASES, **ERROR_CASES, **EQUIV_CASES}
 LOSS_KEYS = ("divergence", "beta", "skew", "temperature", "teacher_temperature", "t2_scale", "ignore_index",
              "reduction", "num_items", "hard_label_alpha", "softcap", "logit_scale", "topk_semantics")
 
@@ -294,6 +296,8 @@ def build(name: str) -> dict:
         s2[4, V - 3 :], t2[4, V - 3 :] = -math.inf, -math.inf  # a rank's whole slice (world 4)
     if c.get("huge"):
         t.view(-1, V)[0], t.view(-1, V)[1] = torch.finfo(torch.float32).min, -1e30
+    if c.get("posinf_nan"):
+        t.view(-1, V)[0, V - 2], t.view(-1, V)[2, 1] = math.inf, math.nan
     if c.get("topk_neginf"):  # fewer than k finite logits (ties of −inf with padding slots), an all −inf row
         t2 = t.view(-1, V)
         keep = torch.zeros_like(t2, dtype=torch.bool)
@@ -931,6 +935,25 @@ def test_vocab_parallel_topk(world, name):
     for r in range(w):
         _check_topk(res[r][name]["ids"], res[r][name]["lps"], u, c["k"], f"rank {r}",
                     exact_ids=not (c.get("topk_neginf") or c.get("huge")))
+
+
+def test_vocab_parallel_topk_posinf_nan_rows(world):
+    """A +inf or NaN teacher logit: that row's k log-probs are all NaN, as torch.log_softmax's (+inf logits count as
+    NaN inputs, docs/kd_ops.md), never finite values that look valid; its ids stay distinct and in [0, V); the other
+    rows are exact."""
+    w, res = world
+    name = "vptopk-posinf-nan-rows"
+    c, d = ALL[name], build(name)
+    u = d["t"]
+    bad = torch.zeros(u.shape[:-1], dtype=torch.bool)
+    bad.view(-1)[[0, 2]] = True
+    for r in range(w):
+        ids, lps = res[r][name]["ids"], res[r][name]["lps"]
+        assert torch.isnan(lps[bad]).all(), f"rank {r}: {lps[bad]}"
+        assert ((ids >= 0) & (ids < u.shape[-1])).all(), f"rank {r}: ids outside [0, V): {ids}"
+        srt = ids[bad].sort(-1).values
+        assert (srt[..., 1:] != srt[..., :-1]).all(), f"rank {r}: repeated ids: {ids[bad]}"
+        _check_topk(ids[~bad], lps[~bad], u[~bad], c["k"], f"rank {r}")
 
 
 @pytest.mark.parametrize("name", list(VPTOPK32_CASES))
