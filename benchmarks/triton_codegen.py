@@ -122,7 +122,7 @@ def kd_configs(quick: bool = False):
             for mode in (1, 2, 3):
                 if mode == 2 and div != KD.DIV_FKL:  # zero_tail: forward KL only
                     continue
-                for stash in ((False, True) if mode == 1 and div in (KD.DIV_FKL, KD.DIV_JSD) else (True,)):
+                for stash in (False, True):  # out a separate buffer (the default), and inplace_grad's stash
                     yield (f"kd grad  div={div} {dt} top-k mode={mode}{' stash' if stash else ''}", KD._kd_grad_kernel,
                            sig, dict(ce, MODE=mode, KB=kb, STASH=stash), nw)
         kb = KD._k_block(1 << 20)
