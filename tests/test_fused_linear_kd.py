@@ -738,12 +738,12 @@ def test_flkd_chunk_budget_counts_every_student_temporary():
     addmm has no fp32 accumulator (before: uncounted, a 2 GiB budget held ~3.4 GiB). Found by the audits."""
     bf, f32 = torch.bfloat16, torch.float32
     V = 1000
-    assert flk._student_row_bytes(V, f32, False, False, f32, None, (False, False)) == 4 * V  # the CPU
-    assert flk._student_row_bytes(V, f32, True, False, f32, None, (False, False)) == 8 * V  # top-k's buffer
-    assert flk._student_row_bytes(V, f32, False, True, bf, bf, (True, True)) == 6 * V
-    assert flk._student_row_bytes(V, f32, False, True, f32, bf, (True, True)) == 6 * V  # fp32 W, bf16 autocast
-    assert flk._student_row_bytes(V, f32, False, True, bf, bf, (True, False)) == 10 * V  # no fp32 addmm
-    assert flk._student_row_bytes(V, torch.float64, False, True, bf, bf, (True, False)) == 10 * V  # fp64 logits
+    assert flk._student_row_bytes(V, f32, 0, False, f32, None, (False, False)) == 4 * V  # the CPU
+    assert flk._student_row_bytes(V, f32, 64, False, f32, None, (False, False)) == 4 * (V + 64)  # top-k's stash
+    assert flk._student_row_bytes(V, f32, 0, True, bf, bf, (True, True)) == 6 * V
+    assert flk._student_row_bytes(V, f32, 0, True, f32, bf, (True, True)) == 6 * V  # fp32 W, bf16 autocast
+    assert flk._student_row_bytes(V, f32, 0, True, bf, bf, (True, False)) == 10 * V  # no fp32 addmm
+    assert flk._student_row_bytes(V, torch.float64, 0, True, bf, bf, (True, False)) == 10 * V  # fp64 logits
 
 
 def test_flkd_shifted_teacher_logits_under_compile():

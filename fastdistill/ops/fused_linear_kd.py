@@ -213,11 +213,10 @@ def _sweep(cfg: _Cfg, hs, W, b, th, tW, tb, tlog, ids, lps, labels, mask, weight
         valid[r] = st[:, 7]
         if not grad:
             continue
-        # the gradient overwrites the logits chunk; top-k teachers get their own buffer (the Triton top-k
-        # backward re-reads the logits at the ids after writing the row)
-        out = s if ids is None else torch.empty_like(s)
-        g = _bwd(p, cfg.backend, s, t, lab, wt, st, one, go[r] if go is not None else one, out)
-        del s, t, out  # the teacher chunk is not needed for the GEMMs
+        # the gradient overwrites the logits chunk (a top-k teacher's too: the Triton backward stashes the logits at
+        # the k ids before it writes the row, kernels/kd_softmax.py STASH)
+        g = _bwd(p, cfg.backend, s, t, lab, wt, st, one, go[r] if go is not None else one, s)
+        del s, t  # the teacher chunk is not needed for the GEMMs
         d = head.backward(g, x, dh_dtype if need_dh else None, scale, dW_acc)
         if d is not None:
             dh[r] = d
@@ -357,13 +356,14 @@ def _eager_cpu(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling()
 
 
-def _student_row_bytes(V: int, ldt: torch.dtype, topk: bool, cuda: bool, w_dtype: torch.dtype,
+def _student_row_bytes(V: int, ldt: torch.dtype, k: int, cuda: bool, w_dtype: torch.dtype,
                        op: torch.dtype | None, gemm_ok: tuple[bool, bool]) -> int:
-    """Per-row bytes of the student's chunk temporaries: its logits in ``ldt`` (a separate gradient buffer for a
-    top-k teacher), on CUDA the gradient's copy in the GEMM operands' dtype (bf16/fp16 weights, or fp32 ones under
-    autocast: ``op``), and where torch's addmm has no fp32 accumulator for them (``gemm_ok`` = (mm, addmm) is
-    (True, False)) the fp32 products of dW over vocabulary slices as large as the logits chunk."""
-    per_row = ldt.itemsize * V * (2 if topk else 1)
+    """Per-row bytes of the student's chunk temporaries: its logits in ``ldt`` (which take the gradient in place;
+    with a top-k teacher, ``k`` > 0, the logits at the ids are stashed first: k more), on CUDA the gradient's copy
+    in the GEMM operands' dtype (bf16/fp16 weights, or fp32 ones under autocast: ``op``), and where torch's addmm
+    has no fp32 accumulator for them (``gemm_ok`` = (mm, addmm) is (True, False)) the fp32 products of dW over
+    vocabulary slices as large as the logits chunk."""
+    per_row = ldt.itemsize * (V + k)
     if cuda and (w_dtype in _LOWP or op in _LOWP):
         per_row += 2 * V
     if cuda and op in _LOWP and ldt == torch.float32 and gemm_ok == (True, False):
@@ -562,12 +562,12 @@ def fused_linear_kd_loss(
                              topk=bool(topk))
     if backend == "cuda" and tlog is not None:
         tdt = ldt  # the teacher chunk is cast to the logits' dtype for the CUDA kernels
-    # per-row bytes of the chunk temporaries: student logits (+ the low-precision gradient copy on CUDA, or
-    # the separate gradient buffer of a top-k teacher), teacher logits when computed or cast here
+    # per-row bytes of the chunk temporaries: student logits (+ the low-precision gradient copy on CUDA, and
+    # a top-k teacher's stash of the logits at its ids), teacher logits when computed or cast here
     # under autocast on CUDA the GEMM operands take autocast's dtype (as F.linear's would), the output stays fp32
     op_dtype = torch.get_autocast_dtype("cuda") if dev.type == "cuda" and torch.is_autocast_enabled("cuda") else None
     op = op_dtype or (W.dtype if hs.dtype == W.dtype else None)  # the student head's GEMM operands (_Head)
-    per_row = _student_row_bytes(V, ldt, bool(topk), dev.type == "cuda", W.dtype, op,
+    per_row = _student_row_bytes(V, ldt, ids.shape[-1] if topk else 0, dev.type == "cuda", W.dtype, op,
                                  _lowp_gemm(dev, op) if op in _LOWP else (False, False))
     isz = ldt.itemsize
     if th is not None or (tlog is not None and tdt != tlog.dtype):
