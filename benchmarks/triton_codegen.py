@@ -134,6 +134,9 @@ def kd_configs(quick: bool = False):
                 ce = dict(DIV=div, MODE=mode, HAS_W=True, HAS_SCALE=True, HAS_SOFTCAP=True, KB=kb,
                           TB=KD._tail_block(kb), ACC=tl.float32)
                 yield f"kd topk  mode={mode} div={div} {dt}", KD._kd_topk_kernel, sig, ce, 4
+                if mode == 1:  # k in 33..64: another exact-tail tile ([16, 64]; at [32, 64] sm_80 spilled 4 bytes)
+                    yield (f"kd topk  mode={mode} div={div} {dt} k<=64", KD._kd_topk_kernel, sig,
+                           dict(ce, KB=64, TB=KD._tail_block(64)), 4)
 
 
 SMEM_LIMIT = {80: 99 * 1024, 90: 227 * 1024}  # bytes per block: sm_86 / sm_89 allow 99 KiB (sm_80 163), sm_90 227

@@ -846,8 +846,9 @@ def _k_block(K: int) -> int:
 
 
 def _tail_block(KB: int) -> int:
-    """Columns per step of the exact tail sum: a [TB, KB] id comparison of 2k elements per chunk of ids."""
-    return max(16, 2048 // KB)
+    """Columns per step of the exact tail sum: a [TB, KB] id comparison of 1k elements (2k for KB = 128) per chunk of
+    ids (at 2k, KB = 64, sm_80 spilled 4 bytes in the loop; at 8k, KB = 128, sm_90a took 190 registers)."""
+    return max(16, 1024 // KB)
 
 
 def params(p, device, dtype):
