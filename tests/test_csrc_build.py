@@ -4,22 +4,24 @@
    reports no register spills for any kernel; csrc/kd_softmax.cu likewise for sm_90a and sm_80.
 2. csrc/bindings.cpp compiles with the host compiler (pybind11 + the CUDA headers).
 3. The kernels themselves run on the CPU: score.cu, kd_softmax.cu and bindings.cpp are compiled
-   by g++ against a host emulation of the CUDA execution model (block threads as std::threads,
-   __syncthreads as a barrier, warp shuffles through a per-warp exchange; 128-thread finalize /
-   reduce blocks), the emulated ``_C`` module stands in for the extension behind
+   by g++ against a host emulation of the CUDA execution model (block threads as fibers on one OS
+   thread, __syncthreads as a barrier, warp shuffles through a per-warp exchange, each block's
+   threads run lowest-first or highest-first between barriers: EMULATION_HEADER; 128-thread
+   finalize / reduce blocks), the emulated ``_C`` module stands in for the extension behind
    fastdistill.ops._score_cuda and fastdistill.ops._kd_cuda, and the GPU tier's cases (a subset
    of tests/gpu/test_score_cuda.py, all of tests/gpu/test_kd_cuda.py) are compared against the
-   reference backend.
+   reference backend, each in both thread orders.
 4. The dispatcher's reasons for refusing the CUDA backend (score: mixed term dtypes, more than 8
    terms; kd_loss: teacher dtype, fp64, top-k teachers).
 
-Each test is skipped with a reason when its toolchain (nvcc, g++ with C++20, the CUDA headers,
-pybind11) is missing.
+Each test is skipped with a reason when its toolchain (nvcc, g++ with C++20 and <ucontext.h>, the CUDA
+headers, pybind11) is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import math
 import os
@@ -131,6 +133,12 @@ def test_bindings_compile(tmp_path):
 # ----------------------------------------------------------------------------- host emulation
 EMULATION_HEADER = r"""
 // Host emulation of the CUDA execution model for csrc/*.cu (tests/test_csrc_build.py).
+// The threads of a block are fibers (ucontext) on the calling thread; __syncthreads and every warp
+// shuffle are barriers at which the fiber yields. The scheduler always resumes the lowest-numbered
+// runnable thread (even blocks of a launch) or the highest (odd blocks; fd_emu_set_order(1) swaps
+// the two). So each thread runs a barrier-free stretch whole, as far ahead of (or behind) the others
+// as the barriers allow, and an access to __shared__ that lacks its barrier reads the wrong value in
+// one of the two orders every time, not by chance.
 #pragma once
 #define __shared__ static
 #define __launch_bounds__(...)
@@ -138,31 +146,54 @@ EMULATION_HEADER = r"""
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <vector_functions.h>
-#include <barrier>
+#include <sys/mman.h>
+#include <ucontext.h>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 struct FdEmuIdx { unsigned x = 0, y = 0, z = 0; };
-inline thread_local FdEmuIdx threadIdx, blockIdx;
+inline FdEmuIdx threadIdx, blockIdx;  // the running fiber's: the scheduler sets them at every resume
 inline FdEmuIdx blockDim, gridDim;
-struct FdEmuWarp { std::barrier<> bar{32}; unsigned long long buf[32]; };
-inline std::barrier<>* fd_emu_block_bar = nullptr;
+struct FdEmuBarrier { unsigned n = 0, arrived = 0; unsigned long long gen = 0; };
+struct FdEmuFiber {
+  ucontext_t ctx;
+  const FdEmuBarrier* wait = nullptr;  // blocked until wait->gen moves past gen
+  unsigned long long gen = 0;
+  FdEmuIdx blk;
+  bool done = false;
+};
+struct FdEmuWarp { FdEmuBarrier bar{32}; unsigned long long buf[2][32]; unsigned char par[32] = {}; };
+inline ucontext_t fd_emu_sched;
+inline FdEmuFiber* fd_emu_cur = nullptr;
+inline FdEmuBarrier* fd_emu_block_bar = nullptr;
 inline FdEmuWarp* fd_emu_warps = nullptr;
+inline void (*fd_emu_fn)(void*) = nullptr;
+inline void* fd_emu_arg = nullptr;
+inline unsigned fd_emu_flip = 0;
+extern "C" __attribute__((weak, visibility("default"))) void fd_emu_set_order(int flip) { fd_emu_flip = flip & 1; }
 
-inline void __syncthreads() { fd_emu_block_bar->arrive_and_wait(); }
+inline void fd_emu_sync(FdEmuBarrier& b) {  // arrive, then yield (the last arrival releases all, itself included)
+  FdEmuFiber* me = fd_emu_cur;
+  me->wait = &b;
+  me->gen = b.gen;
+  if (++b.arrived == b.n) b.arrived = 0, ++b.gen;
+  swapcontext(&me->ctx, &fd_emu_sched);
+}
+inline void __syncthreads() { fd_emu_sync(*fd_emu_block_bar); }
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int o) {  // every lane of the warp takes part, as on the GPU
   static_assert(sizeof(T) <= 8);
   FdEmuWarp& w = fd_emu_warps[threadIdx.x >> 5];
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, p = w.par[lane];
+  w.par[lane] ^= 1;  // two buffers: a lane can be one shuffle ahead of a partner that has not read yet
   unsigned long long bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  w.buf[lane] = bits;
-  w.bar.arrive_and_wait();
-  bits = w.buf[lane ^ o];
-  w.bar.arrive_and_wait();
+  w.buf[p][lane] = bits;
+  fd_emu_sync(w.bar);
+  bits = w.buf[p][lane ^ o];
   T r;
   std::memcpy(&r, &bits, sizeof(T));
   return r;
@@ -188,29 +219,76 @@ inline const char* fd_emu_error(cudaError_t) { return "emulated"; }
 #define cudaGetErrorName fd_emu_error
 #define cudaGetErrorString fd_emu_error
 
-// kernel<<<grid, block>>>(args): block.x threads, each running every block of the grid in turn,
-// with a block barrier after each block (the __shared__ statics serve the next block).
+constexpr size_t FD_EMU_STACK = 256 << 10;  // per fiber, below it a guard page (an overflow faults)
+inline char* fd_emu_stack(unsigned i) {
+  static std::vector<char*> pool;
+  while (pool.size() <= i) {
+    void* m = mmap(nullptr, FD_EMU_STACK + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (m == MAP_FAILED || mprotect(m, 4096, PROT_NONE) != 0) std::perror("fd_emu: fiber stack"), std::abort();
+    pool.push_back(static_cast<char*>(m) + 4096);
+  }
+  return pool[i];
+}
+template <typename F>
+void fd_emu_tramp(void* f) { (*static_cast<F*>(f))(); }
+inline void fd_emu_entry() {
+  FdEmuFiber* me = fd_emu_cur;
+  fd_emu_fn(fd_emu_arg);
+  me->done = true;  // returning resumes the scheduler (uc_link)
+}
+
+// kernel<<<grid, block>>>(args): block.x fibers, each running every block of the grid in turn,
+// with a barrier after each block (the __shared__ statics serve the next block). No runnable fiber
+// before all are done (a barrier that not every thread reaches) aborts the process.
 template <typename K, typename... Args>
 void fd_emu_launch(K kernel, dim3 grid, dim3 block, Args... args) {
   const unsigned nt = block.x;
+  if (nt == 0 || nt % 32 != 0 || nt > 1024) std::fprintf(stderr, "fd_emu: %u threads\n", nt), std::abort();
   blockDim = {block.x, 1, 1};
   gridDim = {grid.x, grid.y, 1};
-  std::barrier<> bar(nt);
+  FdEmuBarrier bar{nt}, end{nt};  // __syncthreads; the end of a block (apart: a stray __syncthreads deadlocks)
   std::vector<FdEmuWarp> warps(nt / 32);
+  std::vector<FdEmuFiber> fibers(nt);
   fd_emu_block_bar = &bar;
   fd_emu_warps = warps.data();
-  std::vector<std::thread> threads;
-  for (unsigned t = 0; t < nt; ++t)
-    threads.emplace_back([&, t] {
-      threadIdx = {t, 0, 0};
-      for (unsigned by = 0; by < grid.y; ++by)
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
-          blockIdx = {bx, by, 0};
-          kernel(args...);
-          bar.arrive_and_wait();
-        }
-    });
-  for (auto& t : threads) t.join();
+  auto body = [&] {
+    FdEmuFiber* me = fd_emu_cur;
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        blockIdx = me->blk = {bx, by, 0};
+        kernel(args...);
+        fd_emu_sync(end);
+      }
+  };
+  fd_emu_fn = &fd_emu_tramp<decltype(body)>;
+  fd_emu_arg = &body;
+  for (unsigned t = 0; t < nt; ++t) {
+    ucontext_t& c = fibers[t].ctx;
+    getcontext(&c);
+    c.uc_stack.ss_sp = fd_emu_stack(t);
+    c.uc_stack.ss_size = FD_EMU_STACK;
+    c.uc_link = &fd_emu_sched;
+    makecontext(&c, fd_emu_entry, 0);
+  }
+  for (unsigned left = nt; left > 0;) {
+    const bool down = (end.gen + fd_emu_flip) & 1;  // end.gen: the blocks done
+    unsigned t = nt;
+    for (unsigned k = 0; k < nt && t == nt; ++k) {
+      const unsigned i = down ? nt - 1 - k : k;
+      const FdEmuFiber& f = fibers[i];
+      if (!f.done && (f.wait == nullptr || f.wait->gen != f.gen)) t = i;
+    }
+    if (t == nt)
+      std::fprintf(stderr, "fd_emu: deadlock (a barrier or shuffle that not every thread reaches)\n"), std::abort();
+    FdEmuFiber& f = fibers[t];
+    f.wait = nullptr;
+    threadIdx = {t, 0, 0};
+    blockIdx = f.blk;
+    fd_emu_cur = &f;
+    swapcontext(&fd_emu_sched, &f.ctx);
+    left -= f.done;
+  }
 }
 #define FD_LAUNCH(kernel, grid, block, stream, ...) fd_emu_launch(kernel, grid, block, __VA_ARGS__)
 """
@@ -225,8 +303,8 @@ def emulated_ext(tmp_path_factory):
     (d / "fd_emu.h").write_text(EMULATION_HEADER)
     so = d / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
     # FD_SCORE_FIN_THREADS / FD_KD_RED_THREADS: the finalize / reduce blocks are written in terms of
-    # blockDim; 128 emulated threads instead of 1024 make each case ~4x faster (a barrier wakes
-    # every thread on this CPU).
+    # blockDim; 128 emulated threads instead of 1024 make each barrier 8x cheaper (every thread is
+    # resumed at each); 300 samples reach the finalize's loop past the thread count.
     flags = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-include", str(d / "fd_emu.h"), "-DFD_EXT_ABI=1",
              "-DFD_SCORE_FIN_THREADS=128", "-DFD_KD_RED_THREADS=128", f"-I{inc}", f"-I{pyb}",
              f"-I{sysconfig.get_paths()['include']}"]
@@ -239,13 +317,32 @@ def emulated_ext(tmp_path_factory):
     r = subprocess.CompletedProcess([], max(pr.returncode for pr in procs), "", err)
     if r.returncode == 0:
         r = _run([gxx, "-shared", "-pthread", *[str(d / f"{src.stem}.o") for src in sources], "-o", str(so)], d)
-    if r.returncode != 0 and "barrier" in r.stderr and "error" in r.stderr and ".cu" not in r.stderr:
-        pytest.skip(f"the host compiler lacks C++20 <barrier>: {r.stderr[-500:]}")
+    if r.returncode != 0 and "ucontext" in r.stderr and "error" in r.stderr and ".cu" not in r.stderr:
+        pytest.skip(f"the host C library lacks <ucontext.h> (the emulation's fibers): {r.stderr[-500:]}")
     assert r.returncode == 0, f"emulation build failed:\n{r.stderr[-4000:]}"
     spec = importlib.util.spec_from_file_location("_C", so)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextlib.contextmanager
+def _other_order(ext):
+    """Launches inside run each block's threads in the other order (EMULATION_HEADER: fd_emu_set_order)."""
+    lib = ctypes.CDLL(ext.__file__)  # the loaded module itself (dlopen of the same path)
+    lib.fd_emu_set_order(1)
+    try:
+        yield
+    finally:
+        lib.fd_emu_set_order(0)
+
+
+def _bitwise_equal(a: dict, b: dict) -> None:
+    bits = lambda x: x.new_empty(x.numel()).copy_(x.reshape(-1)).view(torch.uint8)
+    for k, v in a.items():
+        assert (v is None) == (b[k] is None), k
+        if v is not None:
+            assert v.dtype == b[k].dtype and torch.equal(bits(v), bits(b[k])), k
 
 
 def _load_gpu_cases(name: str = "test_score_cuda"):
@@ -261,9 +358,11 @@ G = _load_gpu_cases()
 EMU_CASES = (G.cases(sizes=((3, (1,)), (2, (4, 32, 32)))) + G.cases(sizes=((2, (7,)),), dtypes=(torch.bfloat16,))
              + [c for c in G.NAN_CASES if c.dtype != torch.float32]
              + [c for c in G.EDGE_CASES if c.misaligned and c.dtype == torch.bfloat16]
-             # the finalize's loop over samples (stride FIN_THREADS = 128 here: 300 = 2·128 + 44) and a sample of
-             # several block iterations (2^20 + 5 elements: n_iter 2 over 513 blocks, the last one partial)
+             # the finalize's loop over samples (stride FIN_THREADS = 128 here: 300 = 2·128 + 44), samples in more
+             # than one warp of it that read its block sums (64 of them, mean over the valid elements), and a sample
+             # of several block iterations (2^20 + 5 elements: n_iter 2 over 513 blocks, the last one partial)
              + [G.Case("scm", torch.float16, 300, (9,), kw=(("logvar", True), ("reduction", "none"))),
+                next(c for c in G.EDGE_CASES if c.B == 64),
                 G.Case("denoise", torch.bfloat16, 1, (2**20 + 5,), per_sample=True, mask="rand")])
 
 
@@ -294,8 +393,13 @@ def test_emulated_blocking_matches_triton(emulated_ext):
 
 
 @pytest.mark.parametrize("case", EMU_CASES, ids=lambda c: c.id)
-def test_emulated_kernels_match_reference(cuda_on_cpu, case):
+def test_emulated_kernels_match_reference(emulated_ext, cuda_on_cpu, case):
+    """Each case twice, the threads of every block in the two orders (a missing __syncthreads gives a wrong
+    value in one of them): bitwise the same results (the kernels' reductions have a fixed order, as
+    tests/gpu/test_score_cuda.py checks on a GPU), and the reference's within the GPU tier's tolerance."""
     got = G.run_case(case, "cuda", "cpu")
+    with _other_order(emulated_ext):
+        _bitwise_equal(got, G.run_case(case, "cuda", "cpu"))
     ref = G.run_case(case, "reference", "cpu")
     G.compare(case, got, ref)
 
@@ -328,7 +432,9 @@ def test_emulated_argument_errors(emulated_ext):
 
 # ----------------------------------------------------------------------------- kd_loss (emulated)
 K = _load_gpu_cases("test_kd_cuda")
-KD_EMU_CASES = K.ALL_CASES  # the whole GPU grid: rows are independent CTAs, so the emulation is cheap here
+# the whole GPU grid (rows are independent CTAs, so the emulation is cheap here), and rows in more than one warp of
+# the reduce kernel (its sums over the warps; at most 6 rows elsewhere)
+KD_EMU_CASES = K.ALL_CASES + [K.Case("fkl", torch.float32, 40, 64, labels="some")]
 
 
 @pytest.fixture
@@ -349,8 +455,11 @@ def kd_cuda_on_cpu(emulated_ext, monkeypatch):
 
 
 @pytest.mark.parametrize("case", KD_EMU_CASES, ids=lambda c: c.id)
-def test_emulated_kd_kernels_match_reference(kd_cuda_on_cpu, case):
+def test_emulated_kd_kernels_match_reference(emulated_ext, kd_cuda_on_cpu, case):
+    """As test_emulated_kernels_match_reference: both thread orders, bitwise the same, the GPU tier's rule."""
     got = K.run_case(case, "cuda", "cpu")
+    with _other_order(emulated_ext):
+        _bitwise_equal(got, K.run_case(case, "cuda", "cpu"))
     r32 = K.run_case(case, "reference", "cpu")
     r64 = K.run_case(case, "reference", "cpu", fp64=True)
     K.compare(case, got, r32, r64, floor=1e-6)
