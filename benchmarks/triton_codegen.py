@@ -211,32 +211,70 @@ def attn_configs(quick: bool = False, arch: int = 90):
                 yield attn_kernel(kind, dt, dqk, dv, A.bwd_config(dqk, dv, f32, arch))
 
 
-def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90, num_stages: int = 3) -> dict:
-    sig = dict(signature)
-    sig.update({k: "constexpr" for k in constexprs})
-    # the kernel's launch options from its module (kernels/kd_softmax.py: LAUNCH_OPTS, no fp fusion), as launched
-    extra = getattr(inspect.getmodule(kernel.fn), "LAUNCH_OPTS", {}).get(kernel.fn.__name__, {})
-    ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": num_warps, "num_stages": num_stages, **extra})
-    ptx = ck.asm["ptx"]
+def _assemble(ptx: str, arch: int) -> tuple[str, str, bytes]:
+    """``ptxas -v`` on ``ptx`` for ``arch``, by the first of ``_ptxas(arch)`` that assembles it: (its report, its
+    name, the cubin)."""
     err = None
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
+        path, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
         with open(path, "w") as f:
             f.write(ptx)
         for ptxas in _ptxas(arch):
             gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"  # arch-specific features exist from sm_90a
-            r = subprocess.run([ptxas, f"-arch={gpu}", "-v", path, "-o", os.path.join(d, "k.cubin")],
-                               capture_output=True, text=True)
+            r = subprocess.run([ptxas, f"-arch={gpu}", "-v", path, "-o", cubin], capture_output=True, text=True)
             if r.returncode == 0:
-                out = r.stdout + r.stderr
-                regs = int(re.search(r"Used (\d+) registers", out).group(1))
-                spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
-                stack = re.search(r"(\d+) bytes stack frame", out)
-                return {"registers": regs, "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2)),
-                        "stack": int(stack.group(1)), "shared": ck.metadata.shared, "ptxas": os.path.basename(ptxas)}
+                with open(cubin, "rb") as f:
+                    return r.stdout + r.stderr, os.path.basename(ptxas), f.read()
             err = r.stderr.strip().splitlines()[-1] if r.stderr else f"rc={r.returncode}"
     raise RuntimeError(f"no ptxas could assemble the PTX ({err})")
+
+
+def compile_report(kernel, signature, constexprs, num_warps: int, arch: int = 90, num_stages: int = 3) -> dict:
+    """Compiles one configuration and reports ptxas's registers, spills and stack, and the shared memory. ptxas runs
+    once: the ``_assemble`` run that is reported stands in for the assembly stage of Triton's pipeline (which would
+    assemble the same PTX again, with its own flags). Its cubins go to a Triton cache of their own (this script's:
+    ``codegen_cache_dir``), so that no launch ever loads one."""
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    sig = dict(signature)
+    sig.update({k: "constexpr" for k in constexprs})
+    # the kernel's launch options from its module (kernels/kd_softmax.py: LAUNCH_OPTS, no fp fusion), as launched
+    extra = getattr(inspect.getmodule(kernel.fn), "LAUNCH_OPTS", {}).get(kernel.fn.__name__, {})
+    done = {}
+
+    def add_stages(self, stages, options, *rest):
+        add_stages_triton(self, stages, options, *rest)
+
+        def cubin(src, metadata):
+            done["asm"] = _assemble(src, arch)
+            return done["asm"][2]
+
+        stages["cubin"] = cubin
+
+    add_stages_triton, cache_dir = CUDABackend.add_stages, os.environ.get("TRITON_CACHE_DIR")
+    CUDABackend.add_stages, os.environ["TRITON_CACHE_DIR"] = add_stages, codegen_cache_dir()
+    try:
+        ck = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages, **extra})
+    finally:
+        CUDABackend.add_stages = add_stages_triton
+        if cache_dir is None:
+            del os.environ["TRITON_CACHE_DIR"]
+        else:
+            os.environ["TRITON_CACHE_DIR"] = cache_dir
+    out, ptxas, _ = done.get("asm") or _assemble(ck.asm["ptx"], arch)  # (a cache hit runs no stage)
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    stack = re.search(r"(\d+) bytes stack frame", out)
+    return {"registers": regs, "spill_stores": int(spill.group(1)), "spill_loads": int(spill.group(2)),
+            "stack": int(stack.group(1)), "shared": ck.metadata.shared, "ptxas": ptxas}
+
+
+def codegen_cache_dir() -> str:
+    """The Triton cache of this script's compilations, beside the user's (TRITON_CACHE_DIR or ~/.triton/cache)."""
+    base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return base.rstrip(os.sep) + "-fd-codegen"
 
 
 def isolated(fn, *args):
