@@ -28,7 +28,7 @@ import triton
 sys.path.insert(0, os.path.dirname(__file__))
 from fastdistill.kernels import jvp_attention as A  # noqa: E402
 from triton_codegen import SMEM_LIMIT as SMEM  # noqa: E402
-from triton_codegen import attn_kernel, compile_report, isolated  # noqa: E402
+from triton_codegen import attn_kernel, compile_report, isolated, warm  # noqa: E402
 
 # worst-case (Dqk, Dv) per bucket: the table entry must not spill for any dims the bucket serves
 BUCKETS = {32: [(32, 32)], 64: [(64, 64)], 128: [(128, 128), (96, 96), (128, 64), (64, 128)], 256: [(256, 256)]}
@@ -73,6 +73,7 @@ def main(argv=None) -> int:
                 for cfg in itertools.product(g["BM"], g["BN"], g["W"], g["S"]):
                     jobs.append((kind, a.dtype, dqk, dv, cfg, a.arch))
     rows = []
+    warm(a.arch)
     with ProcessPoolExecutor(max(1, a.jobs), mp_context=multiprocessing.get_context("fork")) as ex:
         for (kind, dt, dqk, dv, cfg, arch), r in ex.map(_job, jobs):
             ok = "error" not in r and not (r["spill_stores"] or r["spill_loads"]) and r["shared"] <= limit

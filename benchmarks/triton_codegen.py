@@ -323,6 +323,32 @@ class CompilerAbort(RuntimeError):
 _TODO: list = []  # the configurations of this run (forked into the worker processes)
 
 
+@triton.jit
+def _warm_kernel(x_ptr, n, B: tl.constexpr):
+    o = tl.arange(0, B)
+    tl.store(x_ptr + o, tl.load(x_ptr + o, mask=o < n) * 2.0, mask=o < n)
+
+
+def warm(arch: int) -> None:
+    """Does in this process, before the compiling processes fork from it, what every compilation would otherwise do
+    again in its own forked child: Triton's cache key (``triton_key`` hashes its 500 MB libtriton, ~0.45 s) and the
+    backend's, and the compiler's first-use setup (a small kernel compiled for ``arch``, into a throwaway cache)."""
+    cache_dir = os.environ.get("TRITON_CACHE_DIR")
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            os.environ["TRITON_CACHE_DIR"] = d
+            triton.compile(ASTSource(fn=_warm_kernel, signature={"x_ptr": "*fp32", "n": "i32", "B": "constexpr"},
+                                     constexprs={"B": 128}), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": 4})
+    except Exception as e:  # noqa: BLE001 - only time is lost
+        print(f"(warm-up: {type(e).__name__}: {e})", file=sys.stderr)
+    finally:
+        if cache_dir is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = cache_dir
+
+
 def _report(args) -> dict:
     i, arch = args
     _, kern, sig, ce, nw, *ns = _TODO[i]
@@ -352,6 +378,7 @@ def main(argv=None) -> int:
     if a.only:
         todo = [c for c in todo if re.search(a.only, c[0])]
     _TODO[:] = todo
+    warm(a.arch)
     with ProcessPoolExecutor(max(1, a.jobs), mp_context=multiprocessing.get_context("fork")) as ex:
         reports = ex.map(_report, [(i, a.arch) for i in range(len(todo))])
         for (name, *_), r in zip(todo, reports):
