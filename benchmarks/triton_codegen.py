@@ -377,6 +377,11 @@ def main(argv=None) -> int:
         todo = [c for c in todo if not c[0].startswith("attn") or any(f" {d} " in c[0] for d in GATED)]
     if a.only:
         todo = [c for c in todo if re.search(a.only, c[0])]
+    uniq = {}  # one compilation of each (attention's tangent shift is the same kernel for every Dv of a Dqk)
+    for c in todo:
+        if uniq.setdefault(c[0], c) is not c and [*uniq[c[0]][1:4], *uniq[c[0]][4:]] != [*c[1:4], *c[4:]]:
+            raise ValueError(f"two configurations named {c[0]!r}")
+    todo = list(uniq.values())
     _TODO[:] = todo
     warm(a.arch)
     with ProcessPoolExecutor(max(1, a.jobs), mp_context=multiprocessing.get_context("fork")) as ex:

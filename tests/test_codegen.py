@@ -26,40 +26,46 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_cod
 NOT_FP16 = r"^(?!(attn|kd) .* fp16\b)"  # (--only: re.search on the configuration's name)
 
 
-def test_no_spills_sm90a():
+def _codegen(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, SCRIPT, "--arch", "90", "--gated-only", "--only", NOT_FP16],
-                       capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_no_spills_sm90a():
+    """The gated configurations on sm_90a, and in the same run (one process pool) the fp32 attention kernels at
+    head dim 128 (reported, not gated for spills; check_attention_fp32_compiles_sm90a says why)."""
+    r = _codegen("--arch", "90", "--only", NOT_FP16 + r"(?!attn .* fp32 D(?!128/))")
     report = r.stdout + r.stderr
     assert "stats op=0" in r.stdout and "attn fwd jvp   bf16 D128/128" in r.stdout, f"codegen report missing:\n{report}"
     assert not re.search(r"^(attn|kd) .* fp16\b", r.stdout, re.M), "fp16 attention / kd: compiled by .ci/run"
     assert r.returncode == 0, f"a configuration spills registers (or failed to compile):\n{report}"
     assert "SPILLS" not in r.stdout
+    check_attention_fp32_compiles_sm90a(r)
 
 
 def test_no_spills_sm80_attention_fits_shared_memory():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, SCRIPT, "--arch", "80", "--gated-only", "--only", NOT_FP16],
-                       capture_output=True, text=True, env=env, timeout=900)
+    """The gated configurations on sm_80, and in the same run (one process pool) the fp32 attention kernels at head
+    dims 128 and 256, which must fit too (check_attention_fp32_fits_shared_memory_sm80)."""
+    r = _codegen("--arch", "80", "--only", NOT_FP16 + r"(?!attn .* fp32 D(?!(128|256)/))")
     report = r.stdout + r.stderr
     for row in ("stats op=0", "kd div   div=2 bf16", "kd grad  div=2 fp32 top-k", "attn fwd plain bf16 D128/128"):
         assert row in r.stdout, f"codegen report missing {row!r}:\n{report}"
     assert r.returncode == 0 and "SPILLS" not in r.stdout, f"a configuration spills on sm_80:\n{report}"
-    smem = [int(line.split()[-1]) for line in r.stdout.splitlines() if line.startswith("attn ")]
+    smem = [int(m.group(1)) for line in r.stdout.splitlines() if line.startswith("attn ")
+            for m in [re.search(r" \d+/\d+ +\d+ +(\d+)(  |$)", line)]]  # (regs, spill st/ld, stack, smem, flags)
     assert smem and max(smem) <= 99 * 1024, f"shared memory above 99 KiB on sm_80:\n{report}"
+    check_attention_fp32_fits_shared_memory_sm80(r)
 
 
-def test_attention_fp32_fits_shared_memory_sm80():
+def check_attention_fp32_fits_shared_memory_sm80(r: subprocess.CompletedProcess):
     """fp32 attention (not gated for spills) must still launch on sm_80: at head dim 256 its configuration is
     the smallest; at head dims 65-128 (padded to 128) the float64 logit operands take 96 KiB (A100 gives a
     block 163 KiB; the 99 KiB checked here is the limit the Ampere tables are built for). On sm_86 / sm_89
     fp32 runs on the reference backend (test_attention_sm89_no_spills_fits_shared_memory)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, SCRIPT, "--arch", "80", "--family", "attn", "--only",
-                        "fp32 D(128|256)/"], capture_output=True, text=True, env=env, timeout=900)
     report = r.stdout + r.stderr
     for row in ("attn dkdv fp32 D256/256", "attn fwd 2pass fp32 D128/128", "attn dq   fp32 D128/64"):
         assert row in r.stdout, f"codegen report missing {row!r}:\n{report}"
+    assert not re.search(r"^attn .* fp32 D(?!(128|256)/)", r.stdout, re.M), "fp32: head dims 128 and 256 only"
     assert "SMEM" not in r.stdout and r.returncode == 0, f"fp32 needs more shared memory than 99 KiB:\n{report}"
 
 
@@ -73,9 +79,7 @@ def test_attention_sm89_no_spills_fits_shared_memory():
     none may spill, abort (an LLVM assertion inside Triton would kill a user's process:
     benchmarks/repro/triton39_slp_abort.py) or need more than 99 KiB. fp16 is not compiled here (the CPU
     suite's time); it spilled nowhere on sm_89, sm_86 and sm_120 when the tables were made."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, SCRIPT, "--arch", "89", "--family", "attn", "--only", "bf16"],
-                       capture_output=True, text=True, env=env, timeout=900)
+    r = _codegen("--arch", "89", "--family", "attn", "--only", "bf16")
     report = r.stdout + r.stderr
     from fastdistill.kernels import jvp_attention as A
 
@@ -87,38 +91,40 @@ def test_attention_sm89_no_spills_fits_shared_memory():
     if A._TRITON_VER < (3, 9):  # documented (docs/jvp_attention.md): the tangent shift's 4 bytes at 80 / 96
         bad = [x for x in bad if not re.match(r"attn shift bf16 D(80|96) +\d+ +4/4 ", x)]
     assert not bad and (r.returncode == 0 or A._TRITON_VER < (3, 9)), f"sm_89:\n{report}"
-    r = subprocess.run([sys.executable, SCRIPT, "--arch", "89", "--family", "attn", "--only", "fp32"],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and not [x for x in r.stdout.splitlines() if x.startswith("attn ")], \
-        f"the dispatcher serves no fp32 kernel on sm_89 (the reference backend does):\n{r.stdout + r.stderr}"
+    T = _script_module()  # the configurations the script would compile (listed here, no compiler run)
+    fp32 = [c[0] for c in T.attn_configs(False, 89) if " fp32 " in c[0]]
+    assert not fp32, f"the dispatcher serves no fp32 kernel on sm_89 (the reference backend does): {fp32}"
 
 
-def test_attention_fp32_compiles_sm90a():
+def check_attention_fp32_compiles_sm90a(r: subprocess.CompletedProcess):
     """The fp32 kernels the dispatcher picks compile for sm_90a (fp32 spills are reported, not gated). Their
     float64 logits (kernels/jvp_attention.py, _logits) crashed LLVM's SLP vectorizer inside Triton 3.9 in the
     fused JVP pass at head dims 64-128 (an assertion that aborts the process, so a user's first fp32 call would
     kill it): fp32 takes two_pass, and this compiles its kernels at head dim 128 (all 40 fp32 configurations
     compiled under Triton 3.9 and 3.6 when this was written; the CPU suite's time keeps the test to one bucket)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, SCRIPT, "--arch", "90", "--family", "attn", "--only", "fp32 D128/"],
-                       capture_output=True, text=True, env=env, timeout=900)
     report = r.stdout + r.stderr
     for row in ("attn fwd plain fp32 D128/128", "attn fwd 2pass fp32 D128/128", "attn dkdv fp32 D128/64",
                 "attn dq   fp32 D128/128"):
         assert row in r.stdout, f"codegen report missing {row!r}:\n{report}"
+    assert not re.search(r"^attn .* fp32 D(?!128/)", r.stdout, re.M), "fp32: head dim 128 only"
     assert "attn fwd jvp   fp32" not in r.stdout, "fp32 must not take the fused pass"
     assert r.returncode == 0, f"an fp32 configuration failed to compile:\n{report}"
+
+
+def _script_module():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import triton_codegen
+    finally:
+        sys.path.remove(os.path.dirname(SCRIPT))
+    return triton_codegen
 
 
 def test_isolated_compile_survives_an_abort():
     """benchmarks/triton_codegen.py compiles each configuration in a forked child (``isolated``): an abort (LLVM
     asserting inside Triton: benchmarks/repro/triton39_slp_abort.py) becomes CompilerAbort for that row instead
     of killing the report; another signal or an exception comes back as RuntimeError with its text."""
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        import triton_codegen as T
-    finally:
-        sys.path.remove(os.path.dirname(SCRIPT))
+    T = _script_module()
     assert T.isolated(lambda n: {"x": list(range(n))}, 300_000) == {"x": list(range(300_000))}  # > a pipe's buffer
     with pytest.raises(T.CompilerAbort, match="SIGABRT"):
         T.isolated(os.abort)
