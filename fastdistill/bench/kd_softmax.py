@@ -16,6 +16,12 @@ seconds of compilation, which the GPU run's time budget cannot spend on all six)
 ``LigerKLDIVLoss`` for fkl and ``LigerJSD(beta=0.5)`` for jsd on the eager fp32 log-softmax
 they need, ``LigerTVDLoss`` on fp32 softmax probabilities for tvd).
 
+Top-k teacher rows (``<shape>/topk128-<semantics>-fkl``, semantics tail_bucket and renorm): forward KL against the
+ids and fp32 log-probs of the teacher's 128 most likely tokens (DistillKit-style offline logits), from the same
+``t``; providers ``fastdistill-triton`` / ``-reference`` and ``eager`` (the documented formulas in fp32 PyTorch,
+``eager_topk_fkl``; no liger-kernel or torch.compile baseline in ANCHORS.md). Bytes: read s and the k ids and
+log-probs (12 bytes each), and for ``full`` write ∂s.
+
 Error column: ``full``: max_j |g_j − g64_j| / max_j |g64_j| on the student-logit gradient;
 ``fwd``: the relative error of the loss value. The oracle is the eager math on float64 copies
 of the inputs, computed once per (shape, divergence). At the standard shapes the fp64 gradient
@@ -107,6 +113,24 @@ EAGER: dict[str, Callable[..., torch.Tensor]] = {
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 
 
+def eager_topk_fkl(s, t, semantics, T=TEMPERATURE):
+    """Forward KL against a top-k teacher ``t = (ids, logprobs)`` (docs/kd_ops.md, "Top-k (offline) teachers") in
+    fp32 PyTorch (float64 for float64 logits): ``tail_bucket`` over the k ids and the tail bucket, the student's
+    tail a logsumexp of its log-probs off the ids; ``renorm`` over the k ids, both sides renormalised there."""
+    ids, lps = t
+    lp = lps.to(_up(s).dtype)
+    if semantics == "renorm":
+        lq = F.log_softmax(_up(s).gather(1, ids) / T, dim=-1)
+        lpn = F.log_softmax(lp, dim=-1)
+        return _batchmean((lpn.exp() * (lpn - lq)).sum(-1), s.shape[0])
+    lq_all = F.log_softmax(_up(s) / T, dim=-1)
+    lq = lq_all.gather(1, ids)
+    lq_tail = torch.logsumexp(lq_all.scatter(1, ids, float("-inf")), dim=-1)
+    p_tail = (1 - lp.exp().sum(-1)).clamp_min(0)
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(torch.finfo(lp.dtype).tiny).log() - lq_tail), 0.0)
+    return _batchmean((lp.exp() * (lp - lq)).sum(-1) + tail, s.shape[0])
+
+
 def _compiled(div: str) -> Callable[..., torch.Tensor]:
     """``torch.compile`` of the eager loss, one per divergence (static shapes: one graph per shape)."""
     if div not in _COMPILED:
@@ -138,9 +162,10 @@ def _fastdistill_providers(s: torch.Tensor, t: torch.Tensor, small: bool) -> tup
             skipped[name] = "at the small shapes only (--quick or a CPU): PyTorch math, like the eager row"
             continue
 
-        def fn(s, t, div, backend=backend):
+        def fn(s, t, div, semantics=None, backend=backend):
+            teacher = dict(teacher_topk=t, topk_semantics=semantics) if semantics else dict(teacher_logits=t)
             with fastdistill.use_backend(backend):
-                return kd_loss(s, t, divergence=div, beta=BETA, skew=SKEW, temperature=TEMPERATURE,
+                return kd_loss(s, **teacher, divergence=div, beta=BETA, skew=SKEW, temperature=TEMPERATURE,
                                reduction="batchmean")
 
         fns[name] = fn
@@ -197,11 +222,20 @@ def _inputs(N: int, V: int, device: str, dtype: torch.dtype = torch.bfloat16) ->
     return s.requires_grad_(True), t
 
 
-class _Oracle:
-    """fp64 loss (all rows) and student gradient (rows ``self.rows``) of one divergence, computed once."""
+def _rows(t, idx):
+    """Rows of a teacher: logits, or (ids, logprobs)."""
+    return tuple(x[idx] for x in t) if isinstance(t, tuple) else t[idx]
 
-    def __init__(self, div: str, s: torch.Tensor, t: torch.Tensor):
-        self.div, self.s, self.t = div, s, t
+
+def _f64(t):
+    return tuple(x.double() if x.is_floating_point() else x for x in t) if isinstance(t, tuple) else t.double()
+
+
+class _Oracle:
+    """fp64 loss (all rows) and student gradient (rows ``self.rows``) of one loss ``fn(s, t)``, computed once."""
+
+    def __init__(self, fn: Callable, s: torch.Tensor, t):
+        self.fn, self.s, self.t = fn, s, t
         N = s.shape[0]
         if N > 2 * ORACLE_ROWS:
             self.rows = torch.cat([torch.arange(ORACLE_ROWS), torch.arange(N - ORACLE_ROWS, N)]).to(s.device)
@@ -212,12 +246,13 @@ class _Oracle:
 
     def loss(self) -> torch.Tensor:
         if self._loss is None:
-            fn, N = EAGER[self.div], self.s.shape[0]
+            N = self.s.shape[0]
             total = torch.zeros((), dtype=torch.float64, device=self.s.device)
             with torch.no_grad():
                 for r0 in range(0, N, ORACLE_CHUNK):  # batchmean of a chunk, reweighted to 1/N
-                    sc, tc = self.s[r0:r0 + ORACLE_CHUNK].double(), self.t[r0:r0 + ORACLE_CHUNK].double()
-                    total += fn(sc, tc) * (sc.shape[0] / N)
+                    sl = slice(r0, r0 + ORACLE_CHUNK)
+                    sc, tc = self.s[sl].double(), _f64(_rows(self.t, sl))
+                    total += self.fn(sc, tc) * (sc.shape[0] / N)
             self._loss = total
         return self._loss
 
@@ -225,9 +260,9 @@ class _Oracle:
         if self._grad is None:
             s, t, N = self.s.detach(), self.t, self.s.shape[0]
             if self.rows is not None:
-                s, t = s[self.rows], t[self.rows]
+                s, t = s[self.rows], _rows(t, self.rows)
             s64 = s.double().requires_grad_(True)
-            loss = EAGER[self.div](s64, t.double()) * (s64.shape[0] / N)  # the full batch's 1/N
+            loss = self.fn(s64, _f64(t)) * (s64.shape[0] / N)  # the full batch's 1/N
             (self._grad,) = torch.autograd.grad(loss, s64)
         return self._grad
 
@@ -235,10 +270,10 @@ class _Oracle:
 _ORACLE: dict[tuple, _Oracle] = {}  # one (shape, divergence) at a time: cases run in order
 
 
-def _oracle(key: tuple, div: str, s: torch.Tensor, t: torch.Tensor) -> _Oracle:
+def _oracle(key: tuple, fn: Callable, s: torch.Tensor, t) -> _Oracle:
     if key not in _ORACLE:
         _ORACLE.clear()
-        _ORACLE[key] = _Oracle(div, s, t)
+        _ORACLE[key] = _Oracle(fn, s, t)
     return _ORACLE[key]
 
 
@@ -260,6 +295,57 @@ def _step(loss_fn: Callable, s: torch.Tensor, t: torch.Tensor, mode: str) -> Cal
 
 
 # ----------------------------------------------------------------------------- cases
+TOPK_K = 128  # top-k teacher rows: k ids per row (DistillKit-style offline logits), forward KL
+TOPK_SEMANTICS = ("tail_bucket", "renorm")
+TOPK_ORDER = ["fastdistill-triton", "fastdistill-cuda", "fastdistill-reference", "eager"]
+
+
+def _topk_teacher(t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, fp32 log-probs) of the teacher's k most likely tokens, made in row chunks (bounded fp32 temporaries)."""
+    N = t.shape[0]
+    ids = torch.empty(N, k, dtype=torch.long, device=t.device)
+    lps = torch.empty(N, k, dtype=torch.float32, device=t.device)
+    for r0 in range(0, N, 1024):
+        v, i = F.log_softmax(t[r0:r0 + 1024].float() / TEMPERATURE, dim=-1).topk(k, dim=-1)
+        lps[r0:r0 + 1024], ids[r0:r0 + 1024] = v, i
+    return ids, lps
+
+
+def _mode_cases(shape: str, losses: dict, skipped: dict, order: list, anchor, s, t, loss_fn: Callable, key: tuple,
+                nbytes: dict[str, int], base_note: str) -> list[Case]:
+    """One Case per mode (fwd, full) of the losses ``losses[name](s, t)``; error against ``loss_fn`` in fp64."""
+    out = []
+    N = s.shape[0]
+    for mode in MODES:
+        providers = {name: _step(fn, s, t, mode) for name, fn in losses.items()}
+
+        def error(name, mode=mode, providers=providers):
+            oracle = _oracle(key, loss_fn, s, t)
+            loss = providers[name]()
+            if mode == "fwd":
+                return _rel_err(loss, oracle.loss())
+            g = s.grad if oracle.rows is None else s.grad[oracle.rows]
+            return _rel_err(g, oracle.grad())
+
+        def reset():  # before each provider's memory measurement: drop the last ∂s and the
+            s.grad = None  # blocks earlier providers (other shapes, the fp64 oracle) left cached
+            if s.is_cuda:
+                torch.cuda.empty_cache()
+
+        if mode == "fwd":
+            err_note = "rel_err of the loss value"
+        elif N > 2 * ORACLE_ROWS:
+            err_note = (f"rel_err of s.grad on rows 0-{ORACLE_ROWS - 1} and {N - ORACLE_ROWS}-{N - 1} "
+                        f"(fp64 oracle on {2 * ORACLE_ROWS} of {N} rows)")
+        else:
+            err_note = ""
+        note = "; ".join(filter(None, [base_note, err_note]))
+        out.append(Case(shape=shape, mode=mode, providers=providers, bytes=nbytes[mode], error=error,
+                        skipped=dict(skipped), reset=reset, baseline="eager", order=order, anchor=anchor,
+                        note=note))
+    return out
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     small = quick or not device.startswith("cuda")
     shapes = SMALL if small else STANDARD
@@ -269,6 +355,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     for shape_name, (N, V) in shapes.items():
         s, t = _inputs(N, V, device)
         fd, fd_skipped = _fastdistill_providers(s, t, small)
+        esize = s.element_size()
         for div in DIVERGENCES:
             losses: dict[str, Callable] = {n: (lambda s, t, fn=fn, div=div: fn(s, t, div)) for n, fn in fd.items()}
             losses["eager"] = EAGER[div]
@@ -287,36 +374,22 @@ def cases(device: str, quick: bool) -> list[Case]:
                     losses["liger"] = liger[div]
                 else:
                     skipped["liger"] = liger_why
-            for mode in MODES:
-                # bytes of the ideal fused step (N·V elements of the input dtype each):
-                #   fwd:  read s, read t                    2·N·V·esize
-                #   full: read s, read t, write ∂s          3·N·V·esize   (per-row fp32 stats: negligible)
-                nbytes = (2 + (mode == "full")) * N * V * s.element_size()
-                providers = {name: _step(fn, s, t, mode) for name, fn in losses.items()}
-                key = (device, shape_name, div)
-
-                def error(name, mode=mode, providers=providers, key=key, div=div, s=s, t=t):
-                    oracle = _oracle(key, div, s, t)
-                    loss = providers[name]()
-                    if mode == "fwd":
-                        return _rel_err(loss, oracle.loss())
-                    g = s.grad if oracle.rows is None else s.grad[oracle.rows]
-                    return _rel_err(g, oracle.grad())
-
-                def reset(s=s):  # before each provider's memory measurement: drop the last ∂s and the
-                    s.grad = None  # blocks earlier providers (other shapes, the fp64 oracle) left cached
-                    if s.is_cuda:
-                        torch.cuda.empty_cache()
-
-                if mode == "fwd":
-                    err_note = "rel_err of the loss value"
-                elif N > 2 * ORACLE_ROWS:
-                    err_note = (f"rel_err of s.grad on rows 0-{ORACLE_ROWS - 1} and {N - ORACLE_ROWS}-{N - 1} "
-                                f"(fp64 oracle on {2 * ORACLE_ROWS} of {N} rows)")
-                else:
-                    err_note = ""
-                note = "; ".join(filter(None, [base_note, err_note]))
-                out.append(Case(shape=f"{shape_name}/{div}", mode=mode, providers=providers, bytes=nbytes,
-                                error=error, skipped=skipped, reset=reset, baseline="eager", order=order,
-                                anchor="liger" if div in ("fkl", "jsd", "tvd") else None, note=note))
+            # bytes of the ideal fused step (N·V elements of the input dtype each):
+            #   fwd:  read s, read t                    2·N·V·esize
+            #   full: read s, read t, write ∂s          3·N·V·esize   (per-row fp32 stats: negligible)
+            out += _mode_cases(f"{shape_name}/{div}", losses, skipped, order, "liger" if div in ("fkl", "jsd", "tvd")
+                               else None, s, t, EAGER[div], (device, shape_name, div),
+                               {m: (2 + (m == "full")) * N * V * esize for m in MODES}, base_note)
+        # a top-k teacher (ids + fp32 log-probs of the teacher's TOPK_K most likely tokens), forward KL
+        tk = _topk_teacher(t, TOPK_K)
+        for sem in TOPK_SEMANTICS:
+            losses = {n: (lambda s, t, fn=fn, sem=sem: fn(s, t, "fkl", sem)) for n, fn in fd.items()
+                      if n != "fastdistill-cuda"}
+            losses["eager"] = lambda s, t, sem=sem: eager_topk_fkl(s, t, sem)
+            skipped = {n: why for n, why in fd_skipped.items() if n != "fastdistill-cuda"}
+            skipped["fastdistill-cuda"] = "top-k teachers: not implemented by the CUDA kernels (Triton serves them)"
+            # bytes of the ideal fused step: read s (N·V·esize) and the k ids + log-probs (12·N·k); full: write ∂s
+            out += _mode_cases(f"{shape_name}/topk{TOPK_K}-{sem}-fkl", losses, skipped, TOPK_ORDER, None, s, tk,
+                               lambda s, t, sem=sem: eager_topk_fkl(s, t, sem), (device, shape_name, "topk", sem),
+                               {m: (1 + (m == "full")) * N * V * esize + 12 * N * TOPK_K for m in MODES}, base_note)
     return out
