@@ -129,14 +129,13 @@ def kd_configs(quick: bool = False):
         for mode in (1, 2, 3):
             sig = dict(s_ptr=f"*{dt}", ids_ptr="*i64", lps_ptr="*fp32", w_ptr="*fp32", st_ptr="*fp32",
                        prm_ptr="*fp32", V="i32", K="i32", s_stride="i64", ids_stride="i64", lps_stride="i64",
-                       R="i32", s_gstride="i64")
+                       R="i32", s_gstride="i64", sid_ptr="*i64", sid_stride="i64")
             for div in ((KD.DIV_FKL,) if mode == 2 else (KD.DIV_FKL, KD.DIV_JSD, KD.DIV_TVD)):
-                ce = dict(DIV=div, MODE=mode, HAS_W=True, HAS_SCALE=True, HAS_SOFTCAP=True, KB=kb,
-                          TB=KD._tail_block(kb), ACC=tl.float32)
+                ce = dict(DIV=div, MODE=mode, HAS_W=True, HAS_SCALE=True, HAS_SOFTCAP=True, KB=kb, TB=KD.TAIL_TB,
+                          TW=KD.TAIL_TW, ACC=tl.float32)
                 yield f"kd topk  mode={mode} div={div} {dt}", KD._kd_topk_kernel, sig, ce, 4
-                if mode == 1:  # k in 33..64: another exact-tail tile ([16, 64]; at [32, 64] sm_80 spilled 4 bytes)
-                    yield (f"kd topk  mode={mode} div={div} {dt} k<=64", KD._kd_topk_kernel, sig,
-                           dict(ce, KB=64, TB=KD._tail_block(64)), 4)
+                if mode == 1:  # k in 33..64: the chunk loops' other block ([32, 64] exact-tail tiles spilled on sm_80)
+                    yield f"kd topk  mode={mode} div={div} {dt} k<=64", KD._kd_topk_kernel, sig, dict(ce, KB=64), 4
 
 
 SMEM_LIMIT = {80: 99 * 1024, 90: 227 * 1024}  # bytes per block: sm_86 / sm_89 allow 99 KiB (sm_80 163), sm_90 227

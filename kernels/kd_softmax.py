@@ -359,6 +359,27 @@ def _ids_checked(ids_ptr, ids_stride, row, k0, K, V, KB: tl.constexpr):
 
 
 @triton.jit
+def _off_ids(sid_row, p, K, cols, hi, TB: tl.constexpr, TW: tl.constexpr):
+    """Which of the tile's columns (cols, all < hi) are off the ids, from the row's ids sorted ascending (sid_row),
+    those before p lying below the tile: a merge walk, windows of TW ids until one reaches past the tile. O(V·TW +
+    k·TB) comparisons for all of a row's tiles (comparing every column with every id was O(V·k)). Returns (off, p
+    moved past the tile's ids)."""
+    hits = tl.zeros([TB], tl.int32)
+    aw = tl.arange(0, TW)
+    more = True
+    while more:
+        kw = p + aw
+        sid = tl.load(sid_row + kw, mask=kw < K, other=0)
+        sid = tl.minimum(tl.maximum(sid, -1), hi).to(tl.int32)  # monotone: still sorted; int32 compares
+        inw = (kw < K) & (sid < hi)  # sorted: the window's ids below hi are a prefix of it
+        hits += tl.sum(tl.where((cols[:, None] == sid[None, :]) & inw[None, :], 1, 0), 1)
+        n = tl.sum(inw.to(tl.int32), 0)
+        p += n
+        more = n == TW  # the whole window lay in the tile: there may be more
+    return hits == 0, p
+
+
+@triton.jit
 def _tail_ids_max(s_row, ids_ptr, ids_stride, row, K, V, inv_T, logit_scale, softcap, HAS_SCALE: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, ACC: tl.constexpr):
     g = tl.zeros([1], ACC).sum(0) + float("-inf")
@@ -554,13 +575,15 @@ def _kd_div_kernel(s_ptr, t_ptr, w_ptr, st_ptr, prm_ptr, V, Vt, s_stride, t_stri
 
 @triton.jit
 def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_stride, ids_stride, lps_stride, R,
-                    s_gstride,
+                    s_gstride, sid_ptr, sid_stride,
                     DIV: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, TB: tl.constexpr, ACC: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, KB: tl.constexpr, TB: tl.constexpr, TW: tl.constexpr,
+                    ACC: tl.constexpr):
     """Top-k teacher (MODE 1 tail bucket, 2 zero tail, 3 renormalised): the divergence over the
     buckets from the k gathered student logits and the stored teacher log-probs.
     State slot 1 receives: MODE 1 what the off-id gradient needs of the tail bucket (forward KL
-    log(p_tail / q_tail), else g_tail), MODE 2 Σ p, MODE 3 the student's lse over the k ids."""
+    log(p_tail / q_tail), else g_tail), MODE 2 Σ p, MODE 3 the student's lse over the k ids.
+    sid_ptr, sid_stride (MODE 1): the row's ids sorted ascending, for the exact tail's walk (see _off_ids)."""
     row = tl.program_id(0)
     inv_T, inv_Tt, _, _, logit_scale, softcap, beta, skew = _params(prm_ptr)
     omb, oms = _mix_weights(prm_ptr)
@@ -631,14 +654,12 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
                 m = zero + float("-inf")
                 tail = tl.zeros([TB], ACC)
                 tc = tl.arange(0, TB)
+                sid_row = sid_ptr + row.to(tl.int64) * sid_stride
+                p = 0  # the sorted ids before p lie below this tile
                 for v0 in range(0, V, TB):
                     cols = v0 + tc
-                    hits = tl.zeros([TB], tl.int32)
-                    for k0 in range(0, K, KB):  # a [TB, KB] comparison per chunk of ids
-                        ids, km = _ids_chunk(ids_ptr, ids_stride, row, k0, K, V, KB)
-                        hits += tl.sum(tl.where((cols[:, None] == ids[None, :]) & km[None, :], 1, 0), 1)
-                    z = _logits(s_row, cols, (cols < V) & (hits == 0), logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP,
-                                ACC)
+                    off, p = _off_ids(sid_row, p, K, cols, v0 + TB, TB, TW)
+                    z = _logits(s_row, cols, (cols < V) & off, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, ACC)
                     lq = _logp(z, inv_T, lse_s, lo_s)  # −inf on the ids and past V
                     m_new = tl.maximum(m, tl.max(lq, 0))
                     tail = tail * tl.exp(m - _safe(m_new)) + tl.exp(lq - _safe(m_new))
@@ -845,10 +866,8 @@ def _k_block(K: int) -> int:
     return min(triton.next_power_of_2(K), K_CHUNK)
 
 
-def _tail_block(KB: int) -> int:
-    """Columns per step of the exact tail sum: a [TB, KB] id comparison of 1k elements (2k for KB = 128) per chunk of
-    ids (at 2k, KB = 64, sm_80 spilled 4 bytes in the loop; at 8k, KB = 128, sm_90a took 190 registers)."""
-    return max(16, 1024 // KB)
+TAIL_TB = 256  # columns per step of the exact tail sum (_off_ids) ...
+TAIL_TW = 4  # ... and sorted ids per window of its walk: a [256, 4] comparison; ~k·256/V ids fall in a tile
 
 
 def params(p, device, dtype):
@@ -893,10 +912,12 @@ def kd_fwd(p, s, t, labels, mask, weights):
     if p.topk:
         ids, lps = t
         K = ids.shape[1]
+        # tail_bucket: the ids sorted, for the exact tail's walk (confident rows; which are is known in the kernel only)
+        sid = torch.sort(ids, dim=1).values if tail else ids
         _kd_topk_kernel[(N,)](
             s, ids, lps, weights if weights is not None else dummy, st, prm, V, K, s_rs, ids.stride(0),
-            lps.stride(0), R, s_gs, DIV=p.div, MODE=p.topk, HAS_W=weights is not None, KB=_k_block(K),
-            TB=_tail_block(_k_block(K)), num_warps=4, **flags, **NO_FP_FUSION,
+            lps.stride(0), R, s_gs, sid, sid.stride(0), DIV=p.div, MODE=p.topk, HAS_W=weights is not None,
+            KB=_k_block(K), TB=TAIL_TB, TW=TAIL_TW, num_warps=4, **flags, **NO_FP_FUSION,
         )
     elif p.div > DIV_RKL:
         _kd_div_kernel[(N,)](

@@ -149,6 +149,45 @@ def test_topk_many_ids(use, mode, div, inplace):
     assert torch.allclose(x.grad, s.grad, rtol=1e-10, atol=1e-14)
 
 
+def _exact_tail_layouts(k, V):
+    """Id sets that stress the exact tail's walk over the sorted ids (kernels/kd_softmax.py _off_ids: tiles of 256
+    columns, windows of 4 ids): runs across tile boundaries and into the last partial tile, ids on both edges of
+    every tile, a run from column 0, any order (descending, shuffled)."""
+    g = torch.Generator().manual_seed(k)
+    edges = [c for t in range(0, V, 256) for c in (t, t + 255) if c < V] + [V - 1]
+    rows = [torch.arange(256 - k // 2, 256 - k // 2 + k),  # 8x a window's width, across a tile boundary
+            torch.arange(V - k, V).flip(0),  # up to the last column, descending
+            torch.tensor(list(dict.fromkeys(edges + torch.randperm(V, generator=g).tolist()))[:k]),
+            torch.arange(k),
+            torch.randperm(V, generator=g)[:k]]
+    return torch.stack([r[torch.randperm(k, generator=g)] if i >= 2 else r for i, r in enumerate(rows)])
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("k", [1, 6, 40])
+@pytest.mark.parametrize("div", ["fkl", "jsd"])
+def test_topk_tail_bucket_exact_tail_id_layouts(use, div, k, ids_dtype):
+    """Confident rows (tail below TAIL_EXACT: the exact tail sum over the columns off the ids) with the id layouts of
+    _exact_tail_layouts at V = 777 (three full tiles and a partial one): loss and gradient per row against the fp64
+    oracle. A walk that drops an id sums its column into the tail (a tail ~e^{−40} of the row gains e^{+40}); one
+    that skips a column past an id loses that column's tail term."""
+    N, V = 5, 777
+    ids = _exact_tail_layouts(k, V)
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(N, V, generator=g, dtype=F64).scatter_add(1, ids, torch.full((N, k), 40.0, dtype=F64))
+    lps = torch.log_softmax(torch.randn(N, k, generator=g, dtype=F64), -1) + math.log(0.7)
+    x = s.clone().requires_grad_()
+    loss = fd.kd_loss(x, teacher_topk=(ids.to(ids_dtype), lps), topk_semantics="tail_bucket", divergence=div,
+                      reduction="none", accum_dtype=F64)
+    loss.sum().backward()
+    ref_x = s.clone().requires_grad_()
+    ref = _oracle_D("tail_bucket", div, ref_x, ids, lps, 1.0)
+    ref.sum().backward()
+    assert (torch.softmax(s, -1).scatter(1, ids, 0.0).sum(-1) < 2.0 ** -20).all()  # every row on the exact path
+    assert torch.allclose(loss, ref, rtol=1e-11, atol=0), (loss, ref)
+    assert torch.allclose(x.grad, ref_x.grad, rtol=1e-10, atol=1e-14)
+
+
 def tail_bucket_logspace(div, x, ids, lps):
     """tail_bucket in plain PyTorch in x's dtype, the student's tail as a logsumexp of its off-id log-probs (q_tail
     itself underflows to 0 on a confident row while log q_tail is finite; _oracle_D's linear sum gives +inf)."""
