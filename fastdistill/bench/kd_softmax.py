@@ -19,8 +19,10 @@ they need, ``LigerTVDLoss`` on fp32 softmax probabilities for tvd).
 Top-k teacher rows (``<shape>/topk128-<semantics>-fkl``, semantics tail_bucket and renorm): forward KL against the
 ids and fp32 log-probs of the teacher's 128 most likely tokens (DistillKit-style offline logits), from the same
 ``t``; providers ``fastdistill-triton`` / ``-reference`` and ``eager`` (the documented formulas in fp32 PyTorch,
-``eager_topk_fkl``; no liger-kernel or torch.compile baseline in ANCHORS.md). Bytes: read s and the k ids and
-log-probs (12 bytes each), and for ``full`` write ∂s.
+``eager_topk_fkl``; no liger-kernel or torch.compile baseline in ANCHORS.md). ``topk128-tail_bucket-fkl-confident``:
+the same with a student confident on every row (``_confident``), whose tail mass below 2⁻²⁰ takes the exact tail
+sum, a second read of the row (docs/kd_ops.md): the worst case of tail_bucket's cost. Bytes: read s and the k ids
+and log-probs (12 bytes each), and for ``full`` write ∂s (the confident rows' second read is not counted).
 
 Error column: ``full``: max_j |g_j − g64_j| / max_j |g64_j| on the student-logit gradient;
 ``fwd``: the relative error of the loss value. The oracle is the eager math on float64 copies
@@ -311,6 +313,20 @@ def _topk_teacher(t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, lps
 
 
+CONFIDENT_BOOST = 30.0
+CONFIDENT_NOTE = ("student confident on every row (its top-1 id's logit set to the row max + 30: q_tail ≲ V·e^-30 < "
+                  "2^-20, the exact tail sum's second read of the row)")
+
+
+def _confident(s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """A copy of the student ``s`` (a new leaf) whose logit at each row's first id is the row's max + CONFIDENT_BOOST:
+    its mass off the ids is ≲ V·e^{−30} (1.2e-8 at V = 128k), below TAIL_EXACT (2⁻²⁰) on every row."""
+    with torch.no_grad():
+        c = s.detach().clone()
+        c.scatter_(1, ids[:, :1], c.amax(1, keepdim=True) + CONFIDENT_BOOST)
+    return c.requires_grad_()
+
+
 def _mode_cases(shape: str, losses: dict, skipped: dict, order: list, anchor, s, t, loss_fn: Callable, key: tuple,
                 nbytes: dict[str, int], base_note: str) -> list[Case]:
     """One Case per mode (fwd, full) of the losses ``losses[name](s, t)``; error against ``loss_fn`` in fp64."""
@@ -382,14 +398,19 @@ def cases(device: str, quick: bool) -> list[Case]:
                                {m: (2 + (m == "full")) * N * V * esize for m in MODES}, base_note)
         # a top-k teacher (ids + fp32 log-probs of the teacher's TOPK_K most likely tokens), forward KL
         tk = _topk_teacher(t, TOPK_K)
-        for sem in TOPK_SEMANTICS:
+        for sem, student, tag in [(sem, s, "") for sem in TOPK_SEMANTICS] + [("tail_bucket", None, "-confident")]:
+            note = base_note
+            if student is None:  # every row confident: tail_bucket's exact tail sum (a second read of each row)
+                student = _confident(s, tk[0])
+                note = "; ".join(filter(None, [base_note, CONFIDENT_NOTE]))
             losses = {n: (lambda s, t, fn=fn, sem=sem: fn(s, t, "fkl", sem)) for n, fn in fd.items()
                       if n != "fastdistill-cuda"}
             losses["eager"] = lambda s, t, sem=sem: eager_topk_fkl(s, t, sem)
             skipped = {n: why for n, why in fd_skipped.items() if n != "fastdistill-cuda"}
             skipped["fastdistill-cuda"] = "top-k teachers: not implemented by the CUDA kernels (Triton serves them)"
             # bytes of the ideal fused step: read s (N·V·esize) and the k ids + log-probs (12·N·k); full: write ∂s
-            out += _mode_cases(f"{shape_name}/topk{TOPK_K}-{sem}-fkl", losses, skipped, TOPK_ORDER, None, s, tk,
-                               lambda s, t, sem=sem: eager_topk_fkl(s, t, sem), (device, shape_name, "topk", sem),
-                               {m: (1 + (m == "full")) * N * V * esize + 12 * N * TOPK_K for m in MODES}, base_note)
+            out += _mode_cases(f"{shape_name}/topk{TOPK_K}-{sem}-fkl{tag}", losses, skipped, TOPK_ORDER, None, student,
+                               tk, lambda s, t, sem=sem: eager_topk_fkl(s, t, sem),
+                               (device, shape_name, "topk", sem + tag),
+                               {m: (1 + (m == "full")) * N * V * esize + 12 * N * TOPK_K for m in MODES}, note)
     return out
