@@ -342,18 +342,21 @@ def _ids_chunk(ids_ptr, ids_stride, row, k0, K, V, KB: tl.constexpr, AGAIN: tl.c
     """Ids k0 .. k0 + KB of a row, clamped into [0, V) (never an out-of-row read; _kd_topk_kernel makes a bad row's
     loss NaN), and their mask. The kernels walk the k ids in chunks of KB ≤ K_CHUNK: never k values per row held in
     registers (k = 4096 took up to 255 registers and spilled on sm_90a)."""
+    ids, km = _ids_raw(ids_ptr, ids_stride, row, k0, K, KB, AGAIN)
+    return tl.minimum(tl.maximum(ids, 0), V - 1), km
+
+
+@triton.jit
+def _ids_raw(ids_ptr, ids_stride, row, k0, K, KB: tl.constexpr, AGAIN: tl.constexpr = False):
     kk = k0 + tl.arange(0, KB)
     km = kk < K
-    ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0, volatile=AGAIN).to(tl.int64)
-    return tl.minimum(tl.maximum(ids, 0), V - 1), km
+    return tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0, volatile=AGAIN).to(tl.int64), km
 
 
 @triton.jit
 def _ids_checked(ids_ptr, ids_stride, row, k0, K, V, KB: tl.constexpr):
     """_ids_chunk, and how many of its ids lie outside [0, V)."""
-    kk = k0 + tl.arange(0, KB)
-    km = kk < K
-    ids = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + kk, mask=km, other=0).to(tl.int64)
+    ids, km = _ids_raw(ids_ptr, ids_stride, row, k0, K, KB)
     bad = tl.sum(tl.where(km & ((ids < 0) | (ids >= V)), 1, 0), 0)
     return tl.minimum(tl.maximum(ids, 0), V - 1), km, bad
 
