@@ -389,3 +389,27 @@ def test_decoupled_dmd_two_noisy_inputs(use):
     loss.backward()
     assert_rel(x.grad, g_ref, 1e-11, "grad")
     assert_rel(loss.detach(), 0.5 * (g_ref**2).sum() * x.numel(), 1e-11, "loss")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_score_double_backward_raises_toward_the_inputs(use, layout):
+    """The double-backward guard reaches the op's real inputs: a gradient penalty taken with
+    ``torch.autograd.grad(penalty, params)`` through sid_loss (whose gradients for f_r, f_f and y depend on
+    them) raises, on contiguous and permuted inputs alike (before: the guard hung on copies made inside the
+    op, so autograd.grad toward the parameters skipped it and treated the op's gradients as constants, a
+    silently wrong second derivative; with a permuted input there was no guard at all). The same for
+    denoise_regression_loss differentiated twice toward pred."""
+    B = 2
+    g = torch.Generator().manual_seed(29)
+    W = torch.randn(4, 4, generator=g, dtype=F64, requires_grad=True)
+    y = torch.randn(B, 3, 4, generator=g, dtype=F64, requires_grad=True)
+    tr = (lambda t: t.transpose(1, 2)) if layout == "transposed" else (lambda t: t)
+    loss = fd.sid_loss(tr(y), tr(torch.tanh(y @ W)), tr(0.5 * y @ W.t()), accum_dtype=F64)
+    gW, = torch.autograd.grad(loss, W, create_graph=True)
+    with pytest.raises(RuntimeError, match="score ops: double backward is not supported"):
+        torch.autograd.grad(gW.square().sum(), W, allow_unused=True)
+    pred = torch.randn(B, 3, 4, generator=g, dtype=F64, requires_grad=True)
+    loss = fd.denoise_regression_loss(tr(pred), [tr(torch.randn(B, 3, 4, generator=g, dtype=F64))], [-1.0])
+    gp, = torch.autograd.grad(loss, pred, create_graph=True)
+    with pytest.raises(RuntimeError, match="score ops: double backward is not supported"):
+        torch.autograd.grad(gp.square().sum(), pred, allow_unused=True)

@@ -354,15 +354,14 @@ def _flat(t: torch.Tensor, B: int, M: int) -> torch.Tensor:
 
 class _ScoreFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, p, backend, x, coef, mask, weight, logvar, *terms):
-        B = x.shape[0]
-        M = x.numel() // B if B else 0
-        x2 = _flat(x, B, M)
-        t2 = [_flat(t, B, M) for t in terms]
-        loss, loss_i, state = _fwd(p, backend, x2, t2, coef, mask, weight, logvar)
-        ctx.p, ctx.backend, ctx.shape = p, backend, x.shape
+    def forward(ctx, p, backend, x2, coef, mask, weight, logvar, *t2):
+        """``x2`` and ``t2``: the ``[B, M]`` contiguous forms of x and the terms, made by the caller (``run``)
+        with grad mode on: saved as the Function's inputs they keep their link to the caller's graph, which
+        ``first_order`` needs (copies made in here were leaves: a double backward toward the parameters that
+        produced x or the terms skipped the guard and treated the gradients as constants)."""
+        loss, loss_i, state = _fwd(p, backend, x2, list(t2), coef, mask, weight, logvar)
+        ctx.p, ctx.backend = p, backend
         ctx.fd_anchors = (logvar,)  # first_order: a second derivative depends on it too (not saved; [B], small)
-        ctx.term_shapes = [t.shape for t in terms]
         save_constants(ctx, x2, coef, mask, state, *t2)
         ctx.mark_non_differentiable(loss_i, state)
         ctx.set_materialize_grads(False)  # no zero tensors for the grads of loss_i / state
@@ -383,8 +382,6 @@ class _ScoreFunction(torch.autograd.Function):
         glv = None
         if need_lv:
             glv = state[:, 3] * g_out.to(state.dtype)
-        gx = gx.view(ctx.shape) if gx is not None else None
-        gterms = [g.view(s) if g is not None else None for g, s in zip(gterms, ctx.term_shapes)]
         return (None, None, gx, None, None, None, glv, *gterms)
 
 
@@ -472,7 +469,10 @@ def run(p: Plan, x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor,
         ip, fp = p.pack()
         out, loss_i, state = _score_fwd_op(x, list(terms), coef, mask, weight, logvar, ip, fp, backend)
     else:
-        out, loss_i, state = _ScoreFunction.apply(p, backend, x, coef, mask, weight, logvar, *terms)
+        B = x.shape[0]
+        M = x.numel() // B if B else 0
+        out, loss_i, state = _ScoreFunction.apply(p, backend, _flat(x, B, M), coef, mask, weight, logvar,
+                                                  *[_flat(t, B, M) for t in terms])
     if p.raise_ and x.device.type != "meta":  # (meta tensors: shapes only, no values to check)
         bad = state[:, 2] > 0
         if bool(bad.any()):  # the documented host synchronisation of nan="raise"
