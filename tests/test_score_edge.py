@@ -773,6 +773,26 @@ def test_score_argument_errors_name_the_argument():
         fd.sid_loss(x, t[0], t[1], alpha=torch.ones(2))
 
 
+def test_float_option_tensor_that_requires_grad_raises():
+    """A one-element tensor given for a float option that requires grad (a learnable loss scale, an SiD alpha
+    schedule made by a module) raises naming the option with grad mode on, as a weight that requires grad does:
+    the op reads its value on the host, so no gradient could reach it (before: accepted, and its .grad silently
+    stayed None). Under no_grad, or detached, its value is taken."""
+    x = torch.randn(2, 4, requires_grad=True)
+    t = [torch.randn(2, 4), torch.randn(2, 4)]
+    s = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^scale: requires grad"):
+        fd.score_distill(x, t, [1.0, -1.0], norm=None, scale=s)
+    with pytest.raises(ValueError, match=r"^alpha: requires grad"):
+        fd.sid_loss(x, t[0], t[1], alpha=s)
+    with pytest.raises(ValueError, match=r"^c: requires grad"):
+        fd.scm_tangent_loss(x, t, [1.0, -1.0], c=s)
+    ref = fd.score_distill(x, t, [1.0, -1.0], norm=None, scale=2.0)
+    assert torch.equal(fd.score_distill(x, t, [1.0, -1.0], norm=None, scale=s.detach()), ref)
+    with torch.no_grad():
+        assert torch.equal(fd.score_distill(x, t, [1.0, -1.0], norm=None, scale=s), ref)
+
+
 def test_one_element_weight_tensor_is_the_batch_weight():
     """A one-element weight tensor weighs every sample (before: it worked at B = 1 only, and raised "expected shape
     [3]" at B = 3, while the docs listed it among the float options that accept one)."""

@@ -132,8 +132,13 @@ def is_finite(v) -> bool:
 
 def real_option(name: str, v) -> float:
     """A float option: a number (int, float, numpy scalar or 0-d array, Decimal, ...) or a one-element CPU tensor
-    (no host synchronisation), finite; errors name it."""
+    (no host synchronisation), finite; errors name it. A tensor that requires grad (with grad mode on) raises: its
+    value is read on the host, so no gradient could reach it (a learnable scale or temperature would silently get
+    none)."""
     if isinstance(v, torch.Tensor):
+        if v.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name}: requires grad, but a float option is read as a number (no gradient reaches "
+                             f"it); pass {name}.detach() or a Python float")
         if torch.compiler.is_compiling():  # .item() would break the graph (fullgraph: an error naming nothing)
             raise TypeError(f"{name}: pass a Python float under torch.compile, not a tensor (its value would be "
                             "read on the host inside the graph)")
