@@ -866,6 +866,23 @@ def test_kd_bad_inputs(use, name):
         fd.kd_loss(student, teacher, accum_dtype=F64, **kw)
 
 
+@pytest.mark.parametrize("opt", ["temperature", "beta", "skew", "hard_label_alpha", "softcap"])
+def test_kd_float_option_that_requires_grad_raises(opt):
+    """A learnable temperature (or beta, ...) passed as a tensor that requires grad would silently get no gradient
+    (float options are read as numbers): it raises naming the option; detached, or under no_grad, its value is used."""
+    s, t, _ = make((5,), 37)
+    lab = torch.tensor([0, 3, 36, 5, 9])
+    kw = dict(divergence="jsd" if opt == "beta" else "skl" if opt == "skew" else "fkl",
+              labels=lab if opt == "hard_label_alpha" else None)
+    v = torch.tensor(0.3 if opt in ("beta", "skew", "hard_label_alpha") else 2.0, requires_grad=True)
+    with pytest.raises(ValueError, match=f"^{opt}: requires grad"):
+        fd.kd_loss(s, t, **kw, **{opt: v})
+    want = fd.kd_loss(s, t, **kw, **{opt: v.item()})
+    assert torch.equal(fd.kd_loss(s, t, **kw, **{opt: v.detach()}), want)
+    with torch.no_grad():
+        assert torch.equal(fd.kd_loss(s, t, **kw, **{opt: v}), want)
+
+
 def test_kd_repeated_topk_ids_in_ignored_rows_pass(use):
     """Ignored / masked rows may carry padding ids (repeated): only counted rows are checked."""
     s, _, _ = make((3,), 11)
