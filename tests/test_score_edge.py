@@ -136,7 +136,10 @@ def _args():
     (lambda a: a.update(terms=a["terms"][0]), r"terms: expected a list of tensors"),
     (lambda a: a.update(accum_dtype=torch.float16), r"accum_dtype"),
     (lambda a: a.update(coeffs="ab"), r"^coeffs: expected a sequence of 2 floats"),
-    (lambda a: a.update(coeffs=[1.0, float("nan")]), r"^coeffs: expected finite"),
+    (lambda a: a.update(coeffs=[1.0, float("nan")]), r"^coeffs\[1\]: expected a finite number"),
+    (lambda a: a.update(coeffs=[True, -1.0]), r"^coeffs\[0\]: expected a float, got bool"),  # (was read as 1.0)
+    (lambda a: a.update(coeffs=[torch.ones(1, 2), -1.0]), r"^coeffs\[0\]: expected a float or a tensor of shape"),
+    (lambda a: a.update(sample_weight=True), r"^sample_weight: expected a float, got bool"),
     (lambda a: a.update(scale=torch.ones(2)),
      r"^scale: expected a float \(or a one-element CPU tensor\), got a tensor of shape \(2,\)"),
     (lambda a: a.update(phi="pseudo_huber", huber_c=float("nan")), r"huber_c: expected a finite number"),
@@ -911,3 +914,33 @@ def test_empty_batch_with_per_sample_coefficient_list():
     c = torch.ones(0, dtype=F64)
     assert fd.score_distill(x, [a, b], [c, -c], norm=None).item() == 0.0
     assert fd.score_distill(x, [a, b], torch.stack([c, -c], 1), norm=None).item() == 0.0
+
+
+def test_score_distill_broadcast_shaped_coefficients_and_scalar_sample_weight(use):
+    """Argument forms users have at hand: coefficient entries shaped [B, 1, ...] (x0_coeffs of a sigma viewed to
+    broadcast against x, sigma.view(B, 1, 1, 1)) and a sample_weight given as a float or a one-element tensor (as
+    scm_tangent_loss / denoise_regression_loss take their weight). Before, both raised."""
+    g = torch.Generator().manual_seed(2)
+    B = 3
+    x = torch.randn(B, 2, 4, 5, generator=g, dtype=F64)
+    xt, v_fake, v_real = (torch.randn(B, 2, 4, 5, generator=g, dtype=F64) for _ in range(3))
+    sigma = torch.rand(B, generator=g, dtype=F64) + 0.1
+    A4, C4 = fd.coeffs.x0_coeffs("flow", sigma=sigma.view(B, 1, 1, 1))
+    A, C = fd.coeffs.x0_coeffs("flow", sigma=sigma)
+    w = torch.rand(B, generator=g, dtype=F64) + 0.5
+    kw = dict(norm_terms=[v_real, xt], reduction="sum", accum_dtype=F64)
+
+    def run(coeffs, norm_coeffs, sample_weight):
+        y = x.clone().requires_grad_()
+        loss = fd.score_distill(y, [v_fake, v_real], coeffs, norm_coeffs=norm_coeffs, sample_weight=sample_weight,
+                                **kw)
+        loss.backward()
+        return loss, y.grad
+
+    want = run([C, -C], [C, A], w)
+    got = run([C4, -C4], [C4, A4], w.view(B, 1, 1, 1))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    want = run([C, -C], [C, A], torch.full((B,), 0.7, dtype=F64))
+    for sw in (0.7, torch.tensor(0.7, dtype=F64), torch.tensor([0.7], dtype=F64)):
+        got = run([C, -C], [C, A], sw)
+        assert torch.allclose(got[0], want[0], rtol=1e-14) and torch.allclose(got[1], want[1], rtol=1e-14), sw

@@ -153,12 +153,11 @@ def _coef_block(name: str, c, k: int, B: int, device) -> torch.Tensor | tuple[fl
     try:
         if isinstance(c, (str, bytes)):
             raise TypeError
-        vals = tuple(float(v) for v in c)
-    except (TypeError, ValueError):
+        items = list(c)
+    except TypeError:
         raise TypeError(f"{name}: expected a sequence of {k} floats (or per-sample [{B}] tensors) or a [{B}, {k}] "
                         f"tensor, got {type(c).__name__}") from None
-    if not all(is_finite(v) for v in vals):
-        raise ValueError(f"{name}: expected finite coefficients, got {vals}")
+    vals = tuple(real_option(f"{name}[{i}]", v) for i, v in enumerate(items))  # finite numbers (not bools, not str)
     if len(vals) != k:
         raise ValueError(f"{name}: expected {k} coefficients (one per term), got {len(vals)}")
     return vals
@@ -178,10 +177,11 @@ def _mixed_block(name: str, c, k: int, B: int, device) -> torch.Tensor:
                 raise ValueError(f"{name}[{i}]: expected device {device}, got {v.device}")
             if not v.is_floating_point():
                 raise TypeError(f"{name}[{i}]: expected a floating dtype, got {v.dtype}")
-            if v.dim() > 1 or v.numel() not in (1, B):
+            # [B, 1, ...]: a per-sample value shaped to broadcast against x (x0_coeffs of a sigma.view(B, 1, ...))
+            if v.numel() not in (1, B) or any(d != 1 for d in v.shape[1:]):
                 raise ValueError(f"{name}[{i}]: expected a float or a tensor of shape [] or [{B}] (one value per "
-                                 f"sample), got shape {tuple(v.shape)}")
-            if v.dim() == 1 and v.numel() == B:
+                                 f"sample; or [{B}, 1, ...]), got shape {tuple(v.shape)}")
+            if v.dim() >= 1 and v.shape[0] == B and v.numel() == B:
                 rows = B  # per-sample (B = 0 included: an empty batch)
         else:
             real_option(f"{name}[{i}]", v)  # a finite number

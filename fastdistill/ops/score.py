@@ -71,7 +71,7 @@ def score_distill(
     norm_on: str = "grad",
     phi: str = "l2",
     huber_c: float = 1e-3,
-    sample_weight: torch.Tensor | None = None,
+    sample_weight: float | torch.Tensor | None = None,
     reduction: str = "mean",
     scale: float = 1.0,
     mask: torch.Tensor | None = None,
@@ -88,7 +88,8 @@ def score_distill(
     ``w = max(mean|x − Σ norm_coeffs·norm_terms|, norm_clamp) + norm_eps`` (``"mean_abs_global"``:
     one over the batch; ``None``: 1). ``norm_terms`` defaults to ``terms``; a tensor in both lists
     is read once. ``φ`` is ``d`` (``"l2"``) or ``d/sqrt(d²+c²)`` (``"pseudo_huber"``).
-    ``κ = scale × (1/N_valid | 1 | 1/B | 1)`` for reduction ``"mean" | "sum" | "batchmean" | "none"``.
+    ``κ = scale × (1/N_valid | 1 | 1/B | 1)`` for reduction ``"mean" | "sum" | "batchmean" | "none"``;
+    ``sample_weight`` ``h``: a ``[B]`` tensor, or a float / one-element tensor for every sample.
     Returns the loss in the accumulation dtype (fp32; fp64 for fp64 inputs or ``accum_dtype=torch.float64``),
     ``[B]`` for ``"none"``; with ``return_stats`` also a dict of
     ``loss_per_sample``, ``normalizer`` and ``bad`` flags.
@@ -125,16 +126,16 @@ def score_distill(
     if len(all_terms) == 0:
         raise ValueError("terms: expected at least one tensor")
     _trains_something("score_distill", "x", x, all_terms)
+    w_scale, weight = _weight_arg(sample_weight, B, x.device, "sample_weight")
     acc = accum_dtype
     # row 0: d = Σ c·T; row 1: the normaliser reference Σ c'·N (the kernels form x − ref)
     coef = pack_coef([rows[0], rows[1] if norm is not None else []], len(all_terms), B, x.device, acc)
     p = Plan(op=OP_SCORE, use1=uses[0], use2=uses[1] if norm is not None else 0, phi_huber=phi == "pseudo_huber",
              norm_on_loss=norm_on == "loss", norm={None: 0, "mean_abs": 1, "mean_abs_global": 2}[norm],
              red=_RED[reduction], fp64=acc == torch.float64, huber_c=real_option("huber_c", huber_c),
-             scale=real_option("scale", scale),
+             scale=real_option("scale", scale) * w_scale,
              clamp=real_option("norm_clamp", norm_clamp), eps=_non_negative("norm_eps", norm_eps),
              **_nan_flags(nan))
-    weight = per_sample("sample_weight", _constant("sample_weight", sample_weight), B, x.device)
     return run(p, x, all_terms, coef, mask_2d(mask, x, B, M), weight, None, return_stats)
 
 
@@ -282,11 +283,13 @@ def _constant(name: str, v):
     return v
 
 
-def _weight_arg(weight, B: int, device) -> tuple[float, torch.Tensor | None]:
+def _weight_arg(weight, B: int, device, name: str = "weight") -> tuple[float, torch.Tensor | None]:
+    """A per-sample weight given as a float (a factor on the loss: returned first) or a tensor of one element or
+    [B] (or [B, 1, ...]), on the device (returned second, dense)."""
     if weight is None:
         return 1.0, None
     if isinstance(weight, torch.Tensor):
         if weight.numel() == 1 and B != 1:  # one weight for the batch, on the device: every sample's
-            weight = _constant("weight", weight).reshape(1).expand(B)
-        return 1.0, per_sample("weight", _constant("weight", weight), B, device)
-    return real_option("weight", weight), None
+            weight = _constant(name, weight).reshape(1).expand(B)
+        return 1.0, per_sample(name, _constant(name, weight), B, device)
+    return real_option(name, weight), None
