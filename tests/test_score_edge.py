@@ -181,6 +181,25 @@ def test_one_dim_mask_of_batch_length():
     assert fd.denoise_regression_loss(x[:0, 0, :0], [f[:0, 0, :0]], [-1.0], mask=keep[:0]) == 0
 
 
+def test_multi_dim_mask_of_batch_length():
+    """The 1-D rule with more dims: x [B, C, T, H, W] with C = B and a mask [B, T, H, W] (one per sample, the channel
+    dim left out) would broadcast onto (C, T, H, W), every sample trained under sample 0's mask (found by an
+    audit). It raises, naming both spellings, and each spelling gives the loss of the mask it means."""
+    g = torch.Generator().manual_seed(4)
+    x, f = (torch.randn(3, 3, 2, 2, generator=g, dtype=F64) for _ in range(2))
+    keep = torch.zeros(3, 2, 2, dtype=torch.bool)
+    keep[0] = True
+    with pytest.raises(ValueError, match=r"mask: shape \(3, 2, 2\) has fewer dims .* batch size 3, as x's dim 1 .*"
+                                         r"mask\[:, None\] if it is per sample .* mask\[None\] if it is shared"):
+        fd.score_distill(x, [f], [-1.0], norm=None, mask=keep, reduction="sum")
+    loss = lambda m: fd.score_distill(x, [f], [-1.0], norm=None, mask=m, reduction="sum")
+    assert torch.equal(loss(keep[:, None]), loss(keep[:, None].expand(x.shape).clone()))
+    assert torch.equal(loss(keep[None]), loss(keep[None].expand(x.shape).clone()))
+    assert loss(keep[:, None]) != loss(keep[None])  # the two readings differ here
+    # fewer dims whose first is not the batch size: unambiguous, as before
+    assert torch.equal(loss(keep[0]), loss(keep[0].expand(x.shape).clone()))
+
+
 def test_tiny_huber_c_in_fp64(use):
     """huber_c = 1e-23 with fp64 accumulation: φ(0) = 0, finite loss and gradient (c² is normal in fp64)."""
     x, f, c = (t.double() for t in _args())

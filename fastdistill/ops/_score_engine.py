@@ -126,6 +126,13 @@ def mask_2d(mask, x: torch.Tensor, B: int, M: int) -> torch.Tensor | None:
         raise ValueError(f"mask: a 1-D mask of length {B} (the batch size, and x's last dim) is ambiguous: it would "
                          f"broadcast along x's last dim, not per sample; {per_sample_hint}, a last-dim one "
                          f"mask.view({', '.join(['1'] * (x.dim() - 1))}, {B})")
+    j = x.dim() - mask.dim()
+    if 1 <= j and mask.dim() > 1 and B > 1 and mask.shape[0] == B == x.shape[j]:
+        # the same with more dims: a [B, T, H, W] mask on a [B, C, T, H, W] x with C = B lands on (C, T, H, W)
+        raise ValueError(f"mask: shape {tuple(mask.shape)} has fewer dims than x {tuple(x.shape)} and its first dim "
+                         f"has the batch size {B}, as x's dim {j} does: it would broadcast from x's dim {j}, not per "
+                         f"sample; give every dim: mask[{', '.join([':'] + ['None'] * j)}] if it is per sample "
+                         f"(dims {list(range(1, j + 1))} broadcast), mask[{', '.join(['None'] * j)}] if it is shared")
     try:
         full = mask.expand(x.shape)
     except RuntimeError:
