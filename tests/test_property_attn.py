@@ -539,9 +539,11 @@ def test_layouts_and_strides_agree(c, stores):
 @given(c=configs(budget=24, tangents=True, bwd=False), factor=st.sampled_from([2.0, -1.0, 4.0, -2.0]))
 def test_tangent_linearity(c, factor):
     """The tangent outputs are linear in the tangents: scaling every tangent by a power of two (or −1) scales dlse
-    exactly, and to exactly for fp32 and bf16 inputs (fp16 inputs: within one fp16 ulp of max |to|, whatever
-    tangent_dtype: the kernel casts P̃⊙Ṡ to fp16, whose subnormals do not scale exactly); o and lse are bitwise
-    unchanged."""
+    exactly, and to exactly for fp32 and bf16 inputs except in the subnormal range (fp16 inputs: within one fp16
+    ulp of max |to|, whatever tangent_dtype: the kernel casts P̃⊙Ṡ to fp16, whose subnormals do not scale exactly);
+    o and lse are bitwise unchanged. Subnormal products P̃·Ṡ round on a fixed grid, so 2·round(x) and round(2x)
+    may differ by one subnormal step (found: fp32, head dim 1, scale 30: to off by 2⁻¹⁴⁹): to may differ by at most
+    Sk such steps of the product's dtype, far below any real departure from linearity."""
     note(repr(c))
     args, _ = make_inputs(c)
     with triton(c):
@@ -554,7 +556,11 @@ def test_tangent_linearity(c, factor):
         err = rel_err(b[1], a[1].double() * factor)
         assert err <= 2.0 ** -10, f"to: to(t·{factor}) vs {factor}·to(t): {err:.3e}"
     else:
-        _equal("to", a[1] * factor, b[1])
+        step = torch.finfo(c.dtype).smallest_normal * torch.finfo(c.dtype).eps  # the smallest subnormal
+        want = a[1] * factor
+        assert want.dtype == b[1].dtype and want.shape == b[1].shape
+        diff = (want.double() - b[1].double()).abs().nan_to_num(float("inf"))
+        assert (diff <= max(c.Sk, 1) * step).all(), f"to: differs by up to {diff.max().item():.3e}"
 
 
 @examples(7)
