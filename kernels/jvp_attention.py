@@ -225,6 +225,16 @@ def _ld(ptrs, msk, MASK: tl.constexpr):
 
 
 @triton.jit
+def _kbias(ptrs, msk, MASK: tl.constexpr, BOOL: tl.constexpr):
+    """The per-key additive bias of a key mask (HAS_KB), fp32 in natural units: a float mask's values (SDPA's
+    attn_mask semantics: added to the scaled scores), or 0 / −inf for a boolean mask (read as uint8: True keeps
+    the key). Keys past Sk (MASK) read 0: their scores are −inf anyway."""
+    if BOOL:
+        return tl.where(_ld(ptrs, msk, MASK) != 0, 0.0, float("-inf"))
+    return _ld(ptrs, msk, MASK).to(tl.float32)
+
+
+@triton.jit
 def _logits(x64, scale):
     """fp32 logits from a float64 dot (S64, fp32 inputs): scaled in float64, rounded to fp32 once. The products of
     fp32 values are exact in float64 and the sum keeps 29 more bits, so a logit is within half an ulp of its
@@ -250,15 +260,18 @@ def _dot64(a, b):
 
 @triton.jit
 def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
-              k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
+              k_base, v_base, tk_base, tv_base, kb_base, sks, svs, stks, stvs, skbk, Sq, Sk, qk2, scale,
               DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
               PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, BASE2: tl.constexpr,
-              HAS_LO: tl.constexpr, ARG: tl.constexpr, S64: tl.constexpr):
+              HAS_LO: tl.constexpr, ARG: tl.constexpr, S64: tl.constexpr, HAS_KB: tl.constexpr,
+              KB_BOOL: tl.constexpr):
     """One key block of the forward (see the module docstring). MASKED: the block may hold keys
     past Sk or (causal) keys above the diagonal; unmasked blocks skip every sequence mask. S64 (fp32
-    inputs, never the fused pass): the logits S and Ṡ from float64 dots, scaled, then rounded once (_logits)."""
+    inputs, never the fused pass): the logits S and Ṡ from float64 dots, scaled, then rounded once (_logits).
+    HAS_KB: S gets the key mask's bias (natural units: the launcher clears BASE2), after the scale as in SDPA."""
     tl.static_assert(not (S64 and PRIMAL and TANGENT), "float64 logits: not in the fused pass (see _logits)")
+    tl.static_assert(not (HAS_KB and BASE2), "a key bias is added in natural units (BASE2 off)")
     cols = n0 + offs_n
     col_ok = cols < Sk
     kt_msk = dq_ok[:, None] & col_ok[None, :]
@@ -272,6 +285,8 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, of
         s = _logits(_dot64(q, kt), qk2)
     else:
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk2
+    if HAS_KB:  # a masked key's −inf never meets another −inf here: m_use is 0 where a whole row is −inf
+        s += _kbias(kb_base + cols * skbk, col_ok, MASKED, KB_BOOL)[None, :]
     if MASKED:
         ok = col_ok[None, :]
         if CAUSAL:
@@ -344,16 +359,16 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, of
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, TQ, TK, TV, O, TO, LSE, MU, LO,
+    Q, K, V, TQ, TK, TV, O, TO, LSE, MU, LO, KB,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
     stqb, stqh, stqs, stkb, stkh, stks, stvb, stvh, stvs,
-    sob, soh, sos, stob, stoh, stos, slb, slh,
+    sob, soh, sos, stob, stoh, stos, slb, slh, skbb, skbh, skbk,
     G, Sq, Sk, scale,
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr, BASE2: tl.constexpr,
-    HAS_LO: tl.constexpr, ARG: tl.constexpr, S64: tl.constexpr,
+    HAS_LO: tl.constexpr, ARG: tl.constexpr, S64: tl.constexpr, HAS_KB: tl.constexpr, KB_BOOL: tl.constexpr,
 ):
     # PRIMAL and TANGENT: the fused pass. PRIMAL only: plain flash attention (O, lse); ARG: also each row's
     # arg-max key index, into MU (the primal pass of two_pass). TANGENT only: the second pass of two_pass (reads
@@ -383,6 +398,7 @@ def _attn_fwd_kernel(
     v_base = V + b * svb + hk * svh
     tk_base = TK + b * stkb + hk * stkh
     tv_base = TV + b * stvb + hk * stvh
+    kb_base = KB + b * skbb + h * skbh  # the key bias of query head h (read only under HAS_KB)
     qk2 = scale * (1.4426950408889634 if BASE2 else 1.0)  # scores in the log2 domain (BASE2)
 
     if PRIMAL:
@@ -417,15 +433,15 @@ def _attn_fwd_kernel(
     for n0 in range(0, n_full, BN):
         m_i, l_i, acc, r_i, c_i, tacc = _fwd_step(
             q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
-            k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
+            k_base, v_base, tk_base, tv_base, kb_base, sks, svs, stks, stvs, skbk, Sq, Sk, qk2, scale,
             DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO,
-            ARG, S64)
+            ARG, S64, HAS_KB, KB_BOOL)
     for n0 in range(n_full, hi, BN):
         m_i, l_i, acc, r_i, c_i, tacc = _fwd_step(
             q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
-            k_base, v_base, tk_base, tv_base, sks, svs, stks, stvs, Sq, Sk, qk2, scale,
+            k_base, v_base, tk_base, tv_base, kb_base, sks, svs, stks, stvs, skbk, Sq, Sk, qk2, scale,
             DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO,
-            ARG, S64)
+            ARG, S64, HAS_KB, KB_BOOL)
 
     o_msk = row_ok[:, None] & dv_ok[None, :]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
@@ -482,13 +498,13 @@ def _check_rows(name: str, x: torch.Tensor | None) -> None:
         raise ValueError(f"{name}: the Triton kernels need a sequence stride of 1, got strides {x.stride()}")
 
 
-def _lo_ok(lse_lo: torch.Tensor | None, lse: torch.Tensor, q: torch.Tensor) -> bool:
-    """Whether the low word of lse is used: fp32 inputs only (the kernels' natural-unit path), same strides
-    as lse."""
+def _lo_ok(lse_lo: torch.Tensor | None, lse: torch.Tensor, q: torch.Tensor, kb: torch.Tensor | None = None) -> bool:
+    """Whether the low word of lse is used: fp32 inputs, or any with a key bias (the kernels' natural-unit paths),
+    same strides as lse."""
     if lse_lo is None:
         return False
-    if q.dtype != torch.float32:
-        raise ValueError(f"lse_lo: only for float32 inputs (q is {q.dtype})")
+    if q.dtype != torch.float32 and kb is None:
+        raise ValueError(f"lse_lo: only for float32 inputs or with a key bias (q is {q.dtype})")
     if lse_lo.shape != lse.shape or lse_lo.stride() != lse.stride() or lse_lo.dtype != torch.float32:
         raise ValueError(f"lse_lo: expected float32 {tuple(lse.shape)} with lse's strides {lse.stride()}, got "
                          f"{lse_lo.dtype} {tuple(lse_lo.shape)} strides {lse_lo.stride()}")
@@ -502,29 +518,65 @@ def _as_f32(x: float) -> float:
     return array.array("f", [x])[0]  # fp32 rounding (inf past its range) without a tensor per call
 
 
-def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, tangent, cfg):
+def _kb_args(kb: torch.Tensor | None, lse: torch.Tensor) -> tuple:
+    """(pointer, batch / head / key strides) of a key bias ``[B, H, Sk]`` (any strides: 0 where it broadcasts), a
+    bool mask as its uint8 view (no copy); without one, lse's pointer and zeros (never read: HAS_KB off)."""
+    if kb is None:
+        return lse, 0, 0, 0
+    return (kb.view(torch.uint8) if kb.dtype == torch.bool else kb), *kb.stride()
+
+
+def _kb_flags(kb: torch.Tensor | None) -> dict:
+    return dict(HAS_KB=kb is not None, KB_BOOL=kb is not None and kb.dtype == torch.bool)
+
+
+def _kb_wide(kb: torch.Tensor | None) -> bool:
+    return kb is not None and kb.shape[2] * abs(kb.stride(2)) >= 2**31
+
+
+def _check_kbias(kb: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> None:
+    """A key bias is a [B, Hq, Sk] view (the op layer broadcasts the caller's mask there), bool or float."""
+    if kb is None:
+        return
+    want = (q.shape[0], q.shape[1], k.shape[2])
+    if kb.dim() != 3 or tuple(kb.shape) != want:
+        raise ValueError(f"key_bias: expected shape {want} ([B, Hq, Sk]), got {tuple(kb.shape)}")
+    if kb.dtype != torch.bool and not kb.dtype.is_floating_point:
+        raise TypeError(f"key_bias: expected bool or a float dtype, got {kb.dtype}")
+    if kb.device != q.device:
+        raise ValueError(f"key_bias: device {kb.device} differs from q's {q.device}")
+
+
+def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, tangent, cfg, kb=None):
     B, H, Sq, Dqk = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BM, BN, warps, stages = cfg
     grid = (triton.cdiv(Sq, BM), H, B)
+    kb_ptr, *kb_strides = _kb_args(kb, lse)
     _attn_fwd_kernel[grid](
         q, k, v, q if tq is None else tq, k if tk is None else tk, v if tv is None else tv,
-        o, o if to is None else to, lse, lse if mu is None else mu, lse if lo is None else lo,
+        o, o if to is None else to, lse, lse if mu is None else mu, lse if lo is None else lo, kb_ptr,
         *_s3(q, q), *_s3(k, k), *_s3(v, v), *_s3(tq, q), *_s3(tk, k), *_s3(tv, v),
-        *_s3(o, o), *_s3(to, o), lse.stride(0), lse.stride(1),
+        *_s3(o, o), *_s3(to, o), lse.stride(0), lse.stride(1), *kb_strides,
         H // Hkv, Sq, Sk, scale,
         DQK=Dqk, DV=Dv, BDQK=max(16, triton.next_power_of_2(Dqk)), BDV=max(16, triton.next_power_of_2(Dv)),
         BM=BM, BN=BN, CAUSAL=bool(causal), HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
-        PRIMAL=primal, TANGENT=tangent, DOT_PREC=_dot_prec(q), WIDE=_wide(q, k, v, tq, tk, tv, o, to),
-        BASE2=q.dtype != torch.float32, HAS_LO=lo is not None, ARG=primal and not tangent and mu is not None,
-        S64=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        PRIMAL=primal, TANGENT=tangent, DOT_PREC=_dot_prec(q),
+        WIDE=_wide(q, k, v, tq, tk, tv, o, to) or _kb_wide(kb),
+        # a key bias is added in natural units (BASE2 off): any finite bias, finfo.min included, stays finite (in
+        # the log2 domain, bias·log2(e) overflows to −inf below −2.4e38 and a row masked by finfo(fp32).min alone
+        # would see no key, where SDPA averages its values)
+        BASE2=q.dtype != torch.float32 and kb is None, HAS_LO=lo is not None,
+        ARG=primal and not tangent and mu is not None, S64=q.dtype == torch.float32, **_kb_flags(kb),
+        num_warps=warps, num_stages=stages,
     )
 
 
 @triton.jit
-def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, sqb, sqh, sqs, skb, skh, sks, stqb, stqh, stqs, stkb, stkh, stks,
-                      slb, slh, G, Sq, Sk, scale, DQK: tl.constexpr, BDQK: tl.constexpr, BM: tl.constexpr,
-                      HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_LO: tl.constexpr, WIDE: tl.constexpr):
+def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, KB, sqb, sqh, sqs, skb, skh, sks, stqb, stqh, stqs, stkb, stkh,
+                      stks, slb, slh, skbb, skbh, skbk, G, Sq, Sk, scale, DQK: tl.constexpr, BDQK: tl.constexpr,
+                      BM: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_LO: tl.constexpr,
+                      WIDE: tl.constexpr, HAS_KB: tl.constexpr, KB_BOOL: tl.constexpr):
     """two_pass, between its passes: MU holds each row's arg-max key j (the primal pass, ARG); replace it with the
     tangent shift c = P_j·Ṡ_j = exp(s·q·k_j − lse)·s·(q̇·k_j + q·k̇_j), row-wise dots in fp32 (0 for a row that
     sees no key). A kernel of its own: formed in the tangent pass's prologue it spills registers."""
@@ -551,7 +603,10 @@ def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, sqb, sqh, sqs, skb, skh, sks, s
     if HAS_TK:
         tkj = tl.load(TK + b * stkb + hk * stkh + key[:, None] * stks + offs_d[None, :], mask=msk, other=0.0)
         sd += tl.sum(q * tkj.to(tl.float32), 1)
-    ls = tl.sum(q * kj, 1) * scale - tl.where(ok, lse, 0.0)  # ln P_j
+    sj = tl.sum(q * kj, 1) * scale
+    if HAS_KB:  # the bias before lse, as the forward's S (a row that sees a key has its arg-max at a finite S)
+        sj += tl.where(ok, _kbias(KB + b * skbb + h * skbh + key * skbk, ok, True, KB_BOOL), 0.0)
+    ls = sj - tl.where(ok, lse, 0.0)  # ln P_j
     if HAS_LO:
         ls -= tl.load(LO + b * slb + h * slh + offs_m, mask=ok, other=0.0)
     c = tl.where(ok, tl.exp(tl.minimum(ls, 0.0)) * (sd * scale), 0.0)
@@ -561,25 +616,28 @@ def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, sqb, sqh, sqs, skb, skh, sks, s
 ARG_SHIFT_BM, ARG_SHIFT_WARPS = (32, 4) if _TRITON_VER >= (3, 9) else (16, 8)  # 32x4 spills under Triton 3.6
 
 
-def _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale):
+def _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale, kb=None):
     B, H, Sq, Dqk = q.shape
     BM = ARG_SHIFT_BM
+    kb_ptr, *kb_strides = _kb_args(kb, lse)
     _arg_shift_kernel[(triton.cdiv(Sq, BM), H, B)](
-        q, k, q if tq is None else tq, k if tk is None else tk, lse, lse if lo is None else lo, mu,
-        *_s3(q, q), *_s3(k, k), *_s3(tq, q), *_s3(tk, k), lse.stride(0), lse.stride(1), H // k.shape[1], Sq,
-        k.shape[2], scale,
+        q, k, q if tq is None else tq, k if tk is None else tk, lse, lse if lo is None else lo, mu, kb_ptr,
+        *_s3(q, q), *_s3(k, k), *_s3(tq, q), *_s3(tk, k), lse.stride(0), lse.stride(1), *kb_strides, H // k.shape[1],
+        Sq, k.shape[2], scale,
         DQK=Dqk, BDQK=max(16, triton.next_power_of_2(Dqk)), BM=BM, HAS_TQ=tq is not None, HAS_TK=tk is not None,
-        HAS_LO=lo is not None, WIDE=_wide(q, k, tq, tk), num_warps=ARG_SHIFT_WARPS,
+        HAS_LO=lo is not None, WIDE=_wide(q, k, tq, tk) or _kb_wide(kb), **_kb_flags(kb), num_warps=ARG_SHIFT_WARPS,
     )
 
 
 @on_tensor_device
 def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
-             lse_lo: torch.Tensor | None = None) -> None:
+             lse_lo: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> None:
     """Write O, lse and (when ``to``/``mu`` are given) Ȯ, μ; see the module docstring. ``lse_lo`` (float32
     inputs): also write the rounding error of lse = m + ln l, so that lse + lse_lo is m + ln l exactly; the
     backward (and the tangent pass of two_pass) subtracts it after S − lse, which keeps P = exp(S − lse)
-    accurate to a few ulp at large logits, where rounding lse alone costs up to ulp(lse)/2 relative."""
+    accurate to a few ulp at large logits, where rounding lse alone costs up to ulp(lse)/2 relative.
+    ``key_bias``: a key mask, ``[B, Hq, Sk]`` with any strides (0 where it broadcasts), bool (False: the key is
+    masked) or float (added to the scaled scores); a row whose every key is masked is a row that sees no key."""
     B, H, Sq, Dqk = q.shape
     if B * H * Sq == 0:
         return
@@ -587,6 +645,8 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     _check_grid(B, H)
     for name, x in (("lse", lse), ("mu", mu), ("lse_lo", lse_lo)):
         _check_rows(name, x)
+    _check_kbias(key_bias, q, k)
+    kb = key_bias
     tangent = to is not None
     if tangent and mu is None:
         mu = torch.empty_like(lse)
@@ -595,19 +655,19 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
         raise ValueError(f"mu: expected lse's strides {lse.stride()}, got {mu.stride()}")
     Dv = v.shape[3]
     f32 = q.dtype == torch.float32
-    lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
+    lo = lse_lo if _lo_ok(lse_lo, lse, q, kb) else None
     arch = device_arch(q)
     _check_fp32_arch(q, arch)
     fused = tangent and jvp_mode(Dqk, Dv, arch, f32) == "fused"  # FASTDISTILL_ATTN_JVP is read only with tangents
     if not fused:  # two_pass; with Ṡ, the primal pass leaves each row's arg-max key in mu for the shift c
         shift = tangent and (tq is not None or tk is not None)
         _launch_fwd(q, k, v, None, None, None, o, None, lse, mu if shift else None, lo, causal, scale, True, False,
-                    fwd_config(Dqk, Dv, False, f32, arch))
+                    fwd_config(Dqk, Dv, False, f32, arch), kb)
         if shift:
-            _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale)
+            _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale, kb)
     if tangent:
         _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, fused, True,
-                    fwd_config(Dqk, Dv, True, f32, arch))
+                    fwd_config(Dqk, Dv, True, f32, arch), kb)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -634,13 +694,13 @@ def _attn_bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, sos, sdb, sdh, sds, slb, 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, LO, DELTA, DK, DV_,
-    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh,
+    Q, K, V, DO, LSE, LO, DELTA, KB, DK, DV_,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, skbb, skbh, skbk,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs,
     H, G, Sq, Sk, scale,
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    HAS_LO: tl.constexpr, S64: tl.constexpr,
+    HAS_LO: tl.constexpr, S64: tl.constexpr, HAS_KB: tl.constexpr, KB_BOOL: tl.constexpr,
 ):
     # one key block of one key/value head; loops over the query blocks of its G query heads:
     # dv = Σ Pᵀ dO, dk = s·Σ dSᵀ q with dS = P ⊙ (dO vᵀ − Δ). Transposed tiles: [BN, BM].
@@ -675,6 +735,8 @@ def _attn_bwd_dkdv_kernel(
         lse_base = LSE + b * slb + h * slh  # per query head: hoisted out of the query-block loop
         lo_base = LO + b * slb + h * slh
         delta_base = DELTA + (b * H + h) * Sq
+        if HAS_KB:  # the key bias of query head h, per key of this block
+            kb_t = _kbias(KB + b * skbb + h * skbh + offs_n * skbk, col_ok, True, KB_BOOL)
         for m0 in range(lo, Sq, BM):
             offs_m = m0 + offs_m0
             row_ok = offs_m < Sq
@@ -683,6 +745,8 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * sds + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :],
                          other=0.0)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+            if HAS_KB:  # a row the key mask hides entirely (lse = −inf): P = exp(S − ∞) = 0, also at S = −inf
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)
             lse_lo = tl.zeros([BM], tl.float32)
             if HAS_LO:
                 lse_lo = tl.load(lo_base + offs_m, mask=row_ok, other=0.0)
@@ -691,6 +755,8 @@ def _attn_bwd_dkdv_kernel(
                 st = _logits(_dot64(k, tl.trans(q)), scale)
             else:
                 st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale
+            if HAS_KB:
+                st += kb_t[:, None]
             ok = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 ok = ok & (offs_n[:, None] <= offs_m[None, :] + (Sk - Sq))
@@ -709,12 +775,12 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, LO, DELTA, DQ,
-    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, sdqb, sdqh, sdqs,
+    Q, K, V, DO, LSE, LO, DELTA, KB, DQ,
+    sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdb, sdh, sds, slb, slh, skbb, skbh, skbk, sdqb, sdqh, sdqs,
     H, G, Sq, Sk, scale,
     DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr,
-    HAS_LO: tl.constexpr, S64: tl.constexpr,
+    HAS_LO: tl.constexpr, S64: tl.constexpr, HAS_KB: tl.constexpr, KB_BOOL: tl.constexpr,
 ):
     # one query block: dq = s·Σ_j dS k, dS = P ⊙ (dO vᵀ − Δ)
     pid = tl.program_id(0)
@@ -738,11 +804,14 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_dv[None, :],
                  mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
     lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
+    if HAS_KB:  # a row the key mask hides entirely (lse = −inf): P = exp(S − ∞) = 0, also at S = −inf
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
     lse_lo = tl.zeros([BM], tl.float32)
     if HAS_LO:
         lse_lo = tl.load(LO + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BM, BDQK], tl.float32)
+    kb_base = KB + b * skbb + h * skbh
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     hi = Sk
@@ -757,6 +826,8 @@ def _attn_bwd_dq_kernel(
             s = _logits(_dot64(q, tl.trans(k)), scale)
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+        if HAS_KB:
+            s += _kbias(kb_base + cols * skbk, col_ok, True, KB_BOOL)[None, :]
         ok = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             ok = ok & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
@@ -770,9 +841,10 @@ def _attn_bwd_dq_kernel(
 
 @on_tensor_device
 def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float,
-             lse_lo: torch.Tensor | None = None) -> None:
+             lse_lo: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> None:
     """dq, dk, dv of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None); ``lse_lo``: the
-    low word of lse from ``attn_fwd`` (float32 inputs), None to recompute P from lse alone."""
+    low word of lse from ``attn_fwd`` (float32 inputs), None to recompute P from lse alone; ``key_bias``: the
+    forward's key mask (``attn_fwd``), which gets no gradient."""
     B, H, Sq, Dqk = q.shape
     scale = _as_f32(scale)
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -786,6 +858,7 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
     _check_grid(B, H)
     for name, x in (("lse", lse), ("lse_lo", lse_lo)):  # dlse may have any strides (read with its own)
         _check_rows(name, x)
+    _check_kbias(key_bias, q, k)
     arch = device_arch(q)
     _check_fp32_arch(q, arch)
     BM, BN, warps, stages = bwd_config(Dqk, Dv, q.dtype == torch.float32, arch)
@@ -795,14 +868,16 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
         o, do, lse if dlse is None else dlse, delta, *_s3(o, o), *_s3(do, do),
         *(dlse.stride() if dlse is not None else (0, 0, 0)), H, Sq,  # any upstream strides (expanded zeros)
         DV=Dv, BDV=bdv, BM=64, HAS_DLSE=dlse is not None, WIDE=_wide(o, do), num_warps=4)
-    lo = lse_lo if _lo_ok(lse_lo, lse, q) else None
+    kb = key_bias
+    lo = lse_lo if _lo_ok(lse_lo, lse, q, kb) else None
     common = dict(DQK=Dqk, DV=Dv, BDQK=bdq, BDV=bdv, BM=BM, BN=BN, CAUSAL=bool(causal), DOT_PREC=_dot_prec(q),
-                  WIDE=_wide(q, k, v, do, dq, dk, dv), HAS_LO=lo is not None, S64=q.dtype == torch.float32,
-                  num_warps=warps, num_stages=stages)
-    strides = (*_s3(q, q), *_s3(k, k), *_s3(v, v), *_s3(do, do), lse.stride(0), lse.stride(1))
+                  WIDE=_wide(q, k, v, do, dq, dk, dv) or _kb_wide(kb), HAS_LO=lo is not None,
+                  S64=q.dtype == torch.float32, **_kb_flags(kb), num_warps=warps, num_stages=stages)
+    kb_ptr, *kb_strides = _kb_args(kb, lse)
+    strides = (*_s3(q, q), *_s3(k, k), *_s3(v, v), *_s3(do, do), lse.stride(0), lse.stride(1), *kb_strides)
     lo_arg = lse if lo is None else lo  # a valid pointer either way; read only under HAS_LO
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BN), Hkv, B)](
-        q, k, v, do, lse, lo_arg, delta, dk, dv, *strides, *_s3(dk, dk), *_s3(dv, dv), H, H // Hkv, Sq, Sk, scale,
-        **common)
+        q, k, v, do, lse, lo_arg, delta, kb_ptr, dk, dv, *strides, *_s3(dk, dk), *_s3(dv, dv), H, H // Hkv, Sq, Sk,
+        scale, **common)
     _attn_bwd_dq_kernel[(triton.cdiv(Sq, BM), H, B)](
-        q, k, v, do, lse, lo_arg, delta, dq, *strides, *_s3(dq, dq), H, H // Hkv, Sq, Sk, scale, **common)
+        q, k, v, do, lse, lo_arg, delta, kb_ptr, dq, *strides, *_s3(dq, dq), H, H // Hkv, Sq, Sk, scale, **common)

@@ -41,10 +41,11 @@ NEG_INF = float("-inf")
 
 
 # ----------------------------------------------------------------------------- oracle
-def math_attention(q, k, v, *, causal: bool, scale: float, rows=None, Sq: int | None = None):
+def math_attention(q, k, v, *, causal: bool, scale: float, rows=None, Sq: int | None = None, bias=None):
     """Plain math attention on ``[B, H, S, D]`` tensors, in their dtype: ``(o [B, Hq, Sq, Dv], lse [B, Hq, Sq])``.
     ``rows``/``Sq``: q holds only the query rows at positions ``rows`` of a query sequence of length ``Sq`` (every
-    row depends only on itself, k and v: long sequences are checked on a subset of rows)."""
+    row depends only on itself, k and v: long sequences are checked on a subset of rows). ``bias``: a key mask as
+    an additive ``[B, Hq, Sk]`` bias (−inf: masked), added to the scaled scores."""
     G = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(G, dim=1)
     v = v.repeat_interleave(G, dim=1)
@@ -54,25 +55,36 @@ def math_attention(q, k, v, *, causal: bool, scale: float, rows=None, Sq: int | 
     j = torch.arange(Sk, device=q.device)[None, :]
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     seen = (j <= i + (Sk - Sq)) if causal else torch.ones(i.shape[0], Sk, dtype=torch.bool, device=q.device)
-    row = seen.any(-1, keepdim=True)  # [rows, 1]: the query row sees at least one key
+    if bias is not None:
+        bias = bias.to(s.dtype).unsqueeze(-2)  # [B, Hq, 1, Sk]
+        s = s + bias
+        seen = seen & (bias > NEG_INF)
+    row = seen.any(-1, keepdim=True)  # [(B, Hq,) rows, 1]: the query row sees at least one key
     s = torch.where(seen, s, NEG_INF)
     s = torch.where(row, s, 0.0)  # rows that see nothing: a harmless finite row, zeroed below
     p = torch.where(row, torch.softmax(s, -1), 0.0)
     o = torch.matmul(p, v)
-    lse = torch.where(row.squeeze(-1), torch.logsumexp(s, -1), NEG_INF)
+    if bias is None:
+        lse_s = torch.logsumexp(s, -1)
+    else:  # m + ln Σ exp(S − m), m the row max held constant: logsumexp's own derivative, exp(S − lse), is 1 for
+        # every key of a row whose every score is about finfo.min (lse rounds to m there), where P is 1/n
+        m = s.amax(-1, keepdim=True).detach()
+        lse_s = (m + torch.log(torch.exp(s - m).sum(-1, keepdim=True))).squeeze(-1)
+    lse = torch.where(row.squeeze(-1), lse_s, NEG_INF)
     return o, lse
 
 
 def oracle(q, k, v, tq=None, tk=None, tv=None, *, causal=False, scale=None, dtype=F64, go=None, glse=None, rows=None,
-           Sq=None):
+           Sq=None, bias=None):
     """Math attention of ``[B, H, S, D]`` inputs cast to ``dtype``: o, lse, their tangents (``torch.func.jvp``;
     None tangents are zeros) and, given upstream gradients ``go`` (and ``glse``), dq, dk, dv (autograd).
     ``dtype=F64``: the oracle; the input dtype: "plain PyTorch" of the tolerance rule. ``rows``, ``Sq``: see
-    math_attention (q and tq then hold those query rows only)."""
+    math_attention (q and tq then hold those query rows only); ``bias``: see math_attention (cast to ``dtype``)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     prim = [x.detach().to(dtype) for x in (q, k, v)]
     tans = [torch.zeros_like(p) if t is None else t.detach().to(dtype) for p, t in zip(prim, (tq, tk, tv))]
-    f = lambda q_, k_, v_: math_attention(q_, k_, v_, causal=causal, scale=scale, rows=rows, Sq=Sq)
+    bias = None if bias is None else bias.to(dtype)
+    f = lambda q_, k_, v_: math_attention(q_, k_, v_, causal=causal, scale=scale, rows=rows, Sq=Sq, bias=bias)
     (o, lse), (to, tlse) = torch.func.jvp(f, tuple(prim), tuple(tans))
     out = dict(o=o, to=to, lse=lse, dlse=tlse)
     if go is not None:
@@ -230,13 +242,15 @@ def upstream(c: Case, o_dtype: torch.dtype):
     return go, glse
 
 
-def run_case(c: Case) -> dict:
-    """Call jvp_attention on c (return_lse=True); check every output against the oracle; returns the results."""
+def run_case(c: Case, key_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> dict:
+    """Call jvp_attention on c (return_lse=True); check every output against the oracle; returns the results.
+    ``key_mask``: passed to jvp_attention, with ``bias`` its [B, Hq, Sk] float64 bias for the oracle."""
     (q, k, v, tq, tk, tv), exact_in = make_inputs(c)
     if c.bwd:
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))  # detach keeps the strides
     o, to, lse, dlse = fd.jvp_attention(q, k, v, tq, tk, tv, causal=c.causal, scale=scale_of(c), layout=c.layout,
-                                        return_lse=True, tangent_dtype=c.tangent_dtype)
+                                        return_lse=True, tangent_dtype=c.tangent_dtype,
+                                        **({} if key_mask is None else {"key_mask": key_mask}))
     shape_o = (c.B, c.Sq, c.Hq, c.dv) if c.layout == "bshd" else (c.B, c.Hq, c.Sq, c.dv)
     assert o.shape == shape_o and o.dtype == c.dtype, (o.shape, o.dtype)
     assert lse.shape == (c.B, c.Hq, c.Sq) and lse.dtype == F32, (lse.shape, lse.dtype)
@@ -248,7 +262,7 @@ def run_case(c: Case) -> dict:
     go = glse = None
     if c.bwd:
         go, glse = upstream(c, o.dtype)
-    kw = dict(causal=c.causal, scale=scale_of(c), go=go, glse=glse)
+    kw = dict(causal=c.causal, scale=scale_of(c), go=go, glse=glse, bias=bias)
     exact = oracle(*exact_in, **kw)
     plain = oracle(*exact_in, dtype=c.dtype, **kw)
     check("o", to_bhsd(o, c.layout), exact["o"], plain["o"], c.floor)

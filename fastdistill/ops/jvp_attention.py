@@ -106,9 +106,11 @@ def _stat_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _outputs(q, v, layout: int, want_t: bool, t_dtype: int):
+def _outputs(q, v, layout: int, want_t: bool, t_dtype: int, masked: bool = False):
     """Uninitialised (o, to, lse, mu, lse_lo); ``to``/``mu`` are empty without tangents, ``lse_lo`` (the low word
-    of lse, a residual for the backward) is empty unless q is float32. Also the fake impl."""
+    of lse, a residual for the backward) is empty unless q is float32 or (``masked``) a key mask is given to
+    fp16 / bf16 inputs: a float mask's large bias (finfo.min, −1e4) puts lse where its fp32 ulp exceeds ln of
+    the row's weight, and P = exp(S − lse) needs the low word there. Also the fake impl."""
     shape = _out_shape(q, v, layout)
     # o (and its tangent) in q's order of the sequence and head dims: a model's q is often the transposed view of
     # [B, S, H, D] memory (diffusers, transformers), and its o.transpose(1, 2).reshape(B, S, H·D) is then a view
@@ -120,7 +122,8 @@ def _outputs(q, v, layout: int, want_t: bool, t_dtype: int):
     to = alloc(torch.float32 if t_dtype == 1 else q.dtype) if want_t else o.new_empty(0)
     B, H, S = (q.shape[0], q.shape[2], q.shape[1]) if layout == 0 else q.shape[:3]
     lse = q.new_empty((B, H, S), dtype=_stat_dtype(q))
-    lo = torch.empty_like(lse) if q.dtype == torch.float32 else lse.new_empty(0)
+    lo = torch.empty_like(lse) if q.dtype == torch.float32 or (masked and q.dtype != torch.float64) \
+        else lse.new_empty(0)
     return o, to, lse, torch.empty_like(lse) if want_t else lse.new_empty(0), lo
 
 
@@ -128,20 +131,27 @@ def _lo(lo: torch.Tensor) -> torch.Tensor | None:
     return lo if lo.numel() else None
 
 
-def _fwd(q, k, v, tq, tk, tv, causal: bool, scale: float, layout: int, want_t: bool, t_dtype: int, backend: str):
-    o, to, lse, mu, lo = _outputs(q, v, layout, want_t, t_dtype)
+def _fwd(q, k, v, tq, tk, tv, causal: bool, scale: float, layout: int, want_t: bool, t_dtype: int, backend: str,
+         kb: torch.Tensor | None = None):
+    o, to, lse, mu, lo = _outputs(q, v, layout, want_t, t_dtype, kb is not None)
     _impl(backend).attn_fwd(_bhsd(q, layout), _bhsd(k, layout), _bhsd(v, layout), _bhsd(tq, layout),
                             _bhsd(tk, layout), _bhsd(tv, layout), _bhsd(o, layout),
                             _bhsd(to, layout) if want_t else None, lse, mu if want_t else None,
-                            causal=causal, scale=scale, lse_lo=_lo(lo))
+                            causal=causal, scale=scale, lse_lo=_lo(lo), **_kb_kw(kb))
     return o, to, lse, mu, lo
 
 
-def _bwd(do, q, k, v, o, lse, lo, dlse, causal: bool, scale: float, layout: int, backend: str):
+def _kb_kw(kb: torch.Tensor | None) -> dict:
+    # (the keyword only with a key mask: backends / wrappers without it keep working on unmasked calls)
+    return {} if kb is None else {"key_bias": kb}
+
+
+def _bwd(do, q, k, v, o, lse, lo, dlse, causal: bool, scale: float, layout: int, backend: str,
+         kb: torch.Tensor | None = None):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _impl(backend).attn_bwd(_bhsd(do, layout), _bhsd(q, layout), _bhsd(k, layout), _bhsd(v, layout),
                             _bhsd(o, layout), lse, dlse, _bhsd(dq, layout), _bhsd(dk, layout), _bhsd(dv, layout),
-                            causal=causal, scale=scale, lse_lo=_lo(lo))
+                            causal=causal, scale=scale, lse_lo=_lo(lo), **_kb_kw(kb))
     return dq, dk, dv
 
 
@@ -149,31 +159,33 @@ def _bwd(do, q, k, v, o, lse, lo, dlse, causal: bool, scale: float, layout: int,
 @torch.library.custom_op("fastdistill::jvp_attn_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None, tk: torch.Tensor | None,
             tv: torch.Tensor | None, causal: bool, scale: float, layout: int, want_t: bool, t_dtype: int,
-            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd(q, k, v, tq, tk, tv, causal, scale, layout, want_t, t_dtype, backend)
+            backend: str, key_bias: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``key_bias``: a key mask as a [B, Hq, Sk] view (``_key_bias``), no gradient."""
+    return _fwd(q, k, v, tq, tk, tv, causal, scale, layout, want_t, t_dtype, backend, key_bias)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, tq, tk, tv, causal, scale, layout, want_t, t_dtype, backend):
-    return _outputs(q, v, layout, want_t, t_dtype)
+def _(q, k, v, tq, tk, tv, causal, scale, layout, want_t, t_dtype, backend, key_bias=None):
+    return _outputs(q, v, layout, want_t, t_dtype, key_bias is not None)
 
 
 @torch.library.custom_op("fastdistill::jvp_attn_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
             lse_lo: torch.Tensor, dlse: torch.Tensor | None, causal: bool, scale: float, layout: int,
-            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd(do, q, k, v, o, lse, lse_lo, dlse, causal, scale, layout, backend)
+            backend: str, key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd(do, q, k, v, o, lse, lse_lo, dlse, causal, scale, layout, backend, key_bias)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, lse_lo, dlse, causal, scale, layout, backend):
+def _(do, q, k, v, o, lse, lse_lo, dlse, causal, scale, layout, backend, key_bias=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, _tq, _tk, _tv, causal, scale, layout, _want_t, _t_dtype, backend = inputs
+    q, k, v, _tq, _tk, _tv, causal, scale, layout, _want_t, _t_dtype, backend, kb = inputs
     o, _to, lse, _mu, lo = output
-    ctx.save_for_backward(q, k, v, o, lse, lo)
+    ctx.save_for_backward(q, k, v, o, lse, lo, kb)
     ctx.cfg = (causal, scale, layout, backend)
     ctx.set_materialize_grads(False)  # no zero gradients for the outputs the loss does not use (to, mu, lo: the
     # size of o and three [B, H, S] fp32 a call)
@@ -182,15 +194,15 @@ def _setup_context(ctx, inputs, output):
 @first_order(OP)
 def _backward(ctx, do, _dto, dlse, _dmu, _dlo):
     # the tangent outputs are stop-gradient: eager calls guard them (_NoGrad), compiled calls detach them
-    q, k, v, o, lse, lo = ctx.saved_tensors
+    q, k, v, o, lse, lo, kb = ctx.saved_tensors
     causal, scale, layout, backend = ctx.cfg
     if do is None and dlse is None:
-        return (None,) * 12
+        return (None,) * 13
     if do is None:  # only lse reached the loss
         do = torch.zeros_like(o)
     dq, dk, dv = _bwd_op(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, lo, dlse, causal, scale,
-                         layout, backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                         layout, backend, kb)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastdistill::jvp_attn_fwd", _backward, setup_context=_setup_context)
@@ -253,14 +265,14 @@ class _DualFunction(torch.autograd.Function):
     ``jvp`` hands back the Ȯ and μ it computed (no second primal forward)."""
 
     @staticmethod
-    def forward(q, k, v, tq, tk, tv, causal, scale, layout, t_dtype, backend, box):
-        return _fwd(q, k, v, tq, tk, tv, causal, scale, layout, True, t_dtype, backend)
+    def forward(q, k, v, tq, tk, tv, causal, scale, layout, t_dtype, backend, box, kb):
+        return _fwd(q, k, v, tq, tk, tv, causal, scale, layout, True, t_dtype, backend, kb)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _tq, _tk, _tv, causal, scale, layout, _t_dtype, backend, box = inputs
+        q, k, v, _tq, _tk, _tv, causal, scale, layout, _t_dtype, backend, box, kb = inputs
         o, to, lse, mu, lo = output
-        ctx.save_for_backward(q, k, v, o, lse, lo)
+        ctx.save_for_backward(q, k, v, o, lse, lo, kb)
         ctx.cfg = (causal, scale, layout, backend)
         box.contexts += 1
         guard = box.levels and box.contexts <= box.levels and not torch.compiler.is_compiling()
@@ -283,7 +295,7 @@ class _DualFunction(torch.autograd.Function):
     def backward(ctx, do, dto, dlse, dmu, _dlo):
         if reached(dto, dmu):
             raise RuntimeError(_STOP_GRAD)
-        q, k, v, o, lse, lo = ctx.saved_tensors
+        q, k, v, o, lse, lo, kb = ctx.saved_tensors
         causal, scale, layout, backend = ctx.cfg
         if do is None:  # only lse reached the loss
             do = torch.zeros_like(o)
@@ -292,8 +304,8 @@ class _DualFunction(torch.autograd.Function):
         # directly (torch.func.grad around a forward-AD call reaches this with functorch-wrapped tensors)
         bwd = _bwd if backend == "reference" else _bwd_op
         dq, dk, dv = bwd(do.contiguous() if do.stride(-1) != 1 else do, q, k, v, o, lse, lo, dlse, causal, scale,
-                         layout, backend)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                         layout, backend, kb)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 def autograd_levels() -> int:
@@ -409,6 +421,54 @@ def _check(q, k, v, tq, tk, tv, layout: int, tangent_dtype):
     return Dqk, Dv
 
 
+def _key_bias(key_mask, q: torch.Tensor, k: torch.Tensor, lay: int) -> torch.Tensor | None:
+    """``key_mask`` checked and viewed as ``[B, Hq, Sk]`` (``expand``: no copy of a broadcast mask). Accepted: bool
+    (True keeps the key) or a float dtype (an additive bias, SDPA's attn_mask semantics), shaped ``[Sk]``,
+    ``[B | 1, Hq | 1, Sk]`` or ``[B | 1, Hq | 1, 1, Sk]`` (a query dim of size Sq and stride 0, an expanded key mask,
+    too), on q's device, without a gradient or a tangent. Under autocast a float mask is cast as stock SDPA
+    casts it."""
+    if key_mask is None:
+        return None
+    reject_dtensor("jvp_attention", {"key_mask": key_mask})
+    if not isinstance(key_mask, torch.Tensor):
+        raise TypeError(f"key_mask: expected a torch.Tensor or None, got {type(key_mask).__name__}")
+    qb, kb = _bhsd(q, lay), _bhsd(k, lay)
+    B, Hq, Sq, Sk = qb.shape[0], qb.shape[1], qb.shape[2], kb.shape[2]
+    m = key_mask
+    if m.dtype != torch.bool and not m.dtype.is_floating_point:
+        raise TypeError(f"key_mask: expected bool (True keeps the key) or a float dtype (an additive bias), got "
+                        f"{_name(m.dtype)}")
+    if m.device != q.device:
+        raise ValueError(f"key_mask: device {m.device} differs from q's {q.device}")
+    if m.dtype != torch.bool and m.requires_grad:
+        raise ValueError("key_mask: a float mask that requires grad (jvp_attention gives the mask no gradient: it is "
+                         "a constant bias); pass key_mask.detach()")
+    if m.dtype != torch.bool and _dual_tangent(m) is not None:
+        raise ValueError("key_mask: carries a forward-AD tangent (torch.func.jvp or a dual tensor); the mask is a "
+                         "constant of the attention and gets no tangent: compute it outside the differentiated "
+                         "function, or detach it")
+    want = f"[Sk], [B, Hq, Sk] or [B, Hq, 1, Sk] (each of B, Hq may be 1) with B={B}, Hq={Hq}, Sk={Sk}"
+    if m.dim() == 4:
+        if m.shape[2] != 1 and m.stride(2) != 0:
+            raise ValueError(f"key_mask: varies along the query dimension (shape {tuple(m.shape)}, strides "
+                             f"{tuple(m.stride())}): only key masks are supported, {want} (a query dim of size Sq is "
+                             "accepted with stride 0)")
+        if m.shape[2] not in (1, Sq):
+            raise ValueError(f"key_mask: shape {tuple(m.shape)}: expected {want}")
+        m = m.select(2, 0)
+    elif m.dim() == 1:
+        m = m.view(1, 1, -1)
+    elif m.dim() != 3:
+        raise ValueError(f"key_mask: expected {want}, got shape {tuple(m.shape)}"
+                         + (" (2-D is ambiguous: a [B, Sk] padding mask is key_mask[:, None, :])" if m.dim() == 2
+                            else ""))
+    if m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq) or m.shape[2] != Sk:
+        raise ValueError(f"key_mask: shape {tuple(key_mask.shape)}: expected {want}")
+    if m.dtype != torch.bool:
+        m, = autocast_cast(m)  # (after the query dim is gone: a cast of a broadcast view copies it)
+    return m.expand(B, Hq, Sk)
+
+
 # ----------------------------------------------------------------------------- public
 _DUAL_EAGER = ("fastdistill.jvp_attention's fused forward-AD pass (an autograd.Function with a custom jvp, which "
                "dynamo does not run) is not traced: under torch.compile forward-AD calls take the math path in the "
@@ -416,16 +476,16 @@ _DUAL_EAGER = ("fastdistill.jvp_attention's fused forward-AD pass (an autograd.F
 
 
 @eager_only(_DUAL_EAGER)  # also when dynamo runs a transform's frames one by one (no tracing below)
-def _dual_outside_graph(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend):
+def _dual_outside_graph(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend, kb=None):
     o, to, lse, mu, _lo = _DualFunction.apply(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend,
-                                                 _Box(autograd_levels()))
+                                                 _Box(autograd_levels()), kb)
     return o, to, lse, mu
 
 
 def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None = None,
                   tk: torch.Tensor | None = None, tv: torch.Tensor | None = None, *, causal: bool = False,
                   scale: float | None = None, layout: str = "bshd", return_lse: bool = False,
-                  tangent_dtype: torch.dtype | None = None):
+                  tangent_dtype: torch.dtype | None = None, key_mask: torch.Tensor | None = None):
     """Softmax attention and its forward-mode derivative (JVP) in one fused pass.
 
     Shapes (``layout="bshd"``): q ``[B, Sq, Hq, Dqk]``, k ``[B, Sk, Hkv, Dqk]``, v ``[B, Sk, Hkv, Dv]``;
@@ -442,6 +502,12 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
             passing both is an error.
         causal: bottom-right aligned as in flash-attn: query i sees key j iff ``j <= i + Sk − Sq``.
             A query row that sees no key gets ``o = 0``, ``to = 0``, ``lse = −inf``, ``dlse = 0``.
+        key_mask: a mask over the keys (the same for every query row: a key-padding mask), indexed (batch, query
+            head, key) whatever the layout: ``[Sk]``, ``[B, Hq, Sk]`` or ``[B, Hq, 1, Sk]``, B and Hq may be 1
+            (broadcast, never copied). Bool: True keeps the key (SDPA's boolean attn_mask); float: added to the
+            scaled scores, ``S = s·q kᵀ + key_mask`` (SDPA's float attn_mask; −inf masks a key). It gets no
+            gradient and no tangent (a float mask that requires grad or carries a tangent raises). Combines with
+            ``causal``; a row whose keys are all masked (False / −inf) sees no key (as stock math SDPA: 0).
         return_lse: also return ``lse`` ``[B, Hq, Sq]`` (float32, natural log) and its tangent ``dlse = μ``.
         tangent_dtype: ``torch.float32`` for an fp32 ``to`` from bf16/fp16 inputs (default: q's dtype); explicit
             pairs only (under ``torch.func.jvp`` / dual tensors the tangent has o's dtype: another one raises).
@@ -460,7 +526,8 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
         o, to = fastdistill.jvp_attention(q, k, v, tq, tk, tv)              # rCM-style pairs
         o, do_dt = torch.func.jvp(lambda q: fastdistill.jvp_attention(q, k, v)[0], (q,), (tq,))
     """
-    kw = dict(causal=causal, scale=scale, layout=layout, return_lse=return_lse, tangent_dtype=tangent_dtype)
+    kw = dict(causal=causal, scale=scale, layout=layout, return_lse=return_lse, tangent_dtype=tangent_dtype,
+              key_mask=key_mask)
     if torch.compiler.is_compiling() and (any(
             isinstance(x, torch.Tensor) and _dual_tangent(x) is not None for x in (q, k, v)) or (
             _in_dual_level() and all(t is None for t in (tq, tk, tv)))):
@@ -476,7 +543,7 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
     return _jvp_attention(q, k, v, tq, tk, tv, **kw)
 
 
-def _math_in_graph(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, tangent_dtype):
+def _math_in_graph(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, tangent_dtype, key_mask):
     """jvp_attention's contract on forward-AD dual tensors by differentiable math (traced under torch.compile):
     O = softmax(s·q kᵀ) v with GQA, bottom-right causal alignment, rows that see no key 0 (lse −inf)."""
     check_choice("layout", layout, LAYOUTS)
@@ -488,6 +555,7 @@ def _math_in_graph(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
     causal, return_lse = check_bool("causal", causal), check_bool("return_lse", return_lse)
     Dqk, Dv = _check(q, k, v, None, None, None, lay, tangent_dtype)
     check_dual_tangent_dtype(q, tangent_dtype)
+    bias = _key_bias(key_mask, q, k, lay)
     scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
     if not is_finite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale}")
@@ -497,11 +565,14 @@ def _math_in_graph(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
         kb, vb = kb.repeat_interleave(G, 1), vb.repeat_interleave(G, 1)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     with autocast_off(q.device.type):  # the scores and P·V in acc (autocast would round them to its dtype)
-        return _math_attention(q, qb, kb, vb, acc, causal, scale, lay, return_lse)
+        return _math_attention(q, qb, kb, vb, acc, causal, scale, lay, return_lse, bias)
 
 
-def _math_attention(q, qb, kb, vb, acc, causal, scale, lay, return_lse):
+def _math_attention(q, qb, kb, vb, acc, causal, scale, lay, return_lse, bias=None):
     sc = torch.matmul(qb.to(acc), kb.to(acc).transpose(-1, -2)) * scale
+    if bias is not None:  # [B, Hq, Sk]: the same for every query row
+        bias = torch.where(bias, 0.0, float("-inf")) if bias.dtype == torch.bool else bias
+        sc = sc + bias.to(acc).unsqueeze(-2)
     Sq, Sk = sc.shape[-2], sc.shape[-1]
     if causal:
         i = torch.arange(Sq, device=q.device)[:, None]
@@ -522,7 +593,7 @@ def _math_attention(q, qb, kb, vb, acc, causal, scale, lay, return_lse):
     return (o, to, lse, mu) if return_lse else (o, to)
 
 
-def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, tangent_dtype):
+def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, tangent_dtype, key_mask):
     check_choice("layout", layout, LAYOUTS)
     lay = LAYOUTS[layout]
     q, k, v, tq, tk, tv = autocast_cast(q, k, v, tq, tk, tv)  # as stock SDPA: in autocast's dtype
@@ -540,6 +611,7 @@ def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
     Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
     if dual:
         check_dual_tangent_dtype(q, tangent_dtype)
+    kb = _key_bias(key_mask, q, k, lay)
     scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
     if not is_finite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale}")
@@ -550,9 +622,9 @@ def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
     if limit is not None:
         raise TransformLimitError(f"jvp_attention: {limit}")
     if dual:
-        o, to, lse, mu = _dual_outside_graph(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend)
+        o, to, lse, mu = _dual_outside_graph(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend, kb)
     else:
-        o, to, lse, mu, _lo = _fwd_op(q, k, v, tq, tk, tv, bool(causal), scale, lay, want_t, t_dtype, backend)
+        o, to, lse, mu, _lo = _fwd_op(q, k, v, tq, tk, tv, bool(causal), scale, lay, want_t, t_dtype, backend, kb)
         if want_t:
             to, mu = _guard(to, q, k, v), _guard(mu, q, k, v)
     if not want_t:

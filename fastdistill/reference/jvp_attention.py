@@ -6,9 +6,11 @@ Layout: ``[B, H, S, D]`` views (any strides). GQA: ``q`` has ``Hq = G·Hkv`` hea
     S = s·q kᵀ, P = softmax(S), O = P v, lse = logsumexp(S)
     Ṡ = s·(q̇ kᵀ + q k̇ᵀ), μ = Σ_j P_ij Ṡ_ij (= d lse), Ȯ = (P⊙Ṡ) v + P v̇ − μ O
 
-Causal masks are bottom-right aligned (flash-attn): query i sees key j iff j ≤ i + Sk − Sq.
-A query row that sees no key gets O = Ȯ = 0, μ = 0 and lse = −inf. Memory: one
-``[B, Hq, chunk, Sk]`` score block at a time (``chunk`` from a fixed element budget), never S×S.
+Causal masks are bottom-right aligned (flash-attn): query i sees key j iff j ≤ i + Sk − Sq. A key mask
+(``key_bias``, ``[B, Hq, Sk]``, any strides) adds its bias to S after the scale (SDPA's attn_mask: a float
+mask's values, 0 / −inf for a boolean one). A query row that sees no key gets O = Ȯ = 0, μ = 0 and
+lse = −inf. Memory: one ``[B, Hq, chunk, Sk]`` score block at a time (``chunk`` from a fixed element budget),
+never S×S.
 Arithmetic in float32 (float64 when an input is float64), autocast off (under ``torch.autocast`` the
 matmuls would otherwise run in the autocast dtype: fp32 inputs computed in bf16 / fp16).
 """
@@ -54,9 +56,24 @@ def _chunks(B: int, Hq: int, Sq: int, Sk: int):
         yield i0, min(Sq, i0 + step)
 
 
-def _scores(qc: torch.Tensor, k: torch.Tensor, scale: float, i0: int, Sq: int, causal: bool) -> torch.Tensor:
-    """s·q kᵀ for query rows [i0, i0 + rows) with masked entries at −inf; [B, Hkv, G, rows, Sk]."""
+def _bias(kb: torch.Tensor | None, hkv: int, dt: torch.dtype) -> torch.Tensor | None:
+    """A key bias [B, Hq, Sk] (bool: True keeps the key) as [B, Hkv, G, 1, Sk] in ``dt`` (a view, then cast)."""
+    if kb is None:
+        return None
+    B, H, Sk = kb.shape
+    x = kb.reshape(B, hkv, H // hkv, 1, Sk)
+    if x.dtype == torch.bool:
+        return torch.where(x, 0.0, float("-inf")).to(dt)
+    return x.to(dt)
+
+
+def _scores(qc: torch.Tensor, k: torch.Tensor, scale: float, i0: int, Sq: int, causal: bool,
+            kb: torch.Tensor | None = None) -> torch.Tensor:
+    """s·q kᵀ (+ the key bias ``kb``, [B, Hkv, G, 1, Sk]) for query rows [i0, i0 + rows) with masked entries at
+    −inf; [B, Hkv, G, rows, Sk]."""
     s = torch.matmul(qc, k.transpose(-1, -2)) * scale
+    if kb is not None:
+        s = s + kb
     if causal:
         Sk = k.shape[-2]
         rows = torch.arange(i0, i0 + qc.shape[-2], device=s.device).unsqueeze(1)
@@ -71,11 +88,15 @@ def _ungroup(x: torch.Tensor) -> torch.Tensor:
 
 @_no_autocast
 def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
-             lse_lo: torch.Tensor | None = None) -> None:
+             lse_lo: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> None:
     """Write O (``o``), Ȯ (``to``, may be None: no tangent wanted), lse and μ (``mu``, may be
     None) for ``[B, H, S, D]`` inputs into the given ``[B, H, S, ·]`` / ``[B, H, S]`` outputs.
     ``lse_lo`` (the Triton kernels' low word of lse) is written as 0: this backend's lse is its own
-    rounding of logsumexp, and the backward recomputes P from it alone."""
+    rounding of logsumexp, and the backward recomputes P from it alone. ``key_bias``: a key mask (module
+    docstring); with it ``lse_lo`` is the rounding error of lse (lse + lse_lo = m + ln l), which the
+    backward subtracts after S − lse: a large bias (finfo.min) on every key of a row puts lse where ln l is
+    below its ulp, and P = exp(S − lse) alone would be 1 for every key there."""
+    lo_word = lse_lo is not None and key_bias is not None
     if lse_lo is not None:
         lse_lo.zero_()
     B, Hq, Sq, _ = q.shape
@@ -90,10 +111,11 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
         return
     dt = _compute_dtype(q, k, v, tq, tk, tv)
     kk, vv, tkk, tvv = _kv(k, dt), _kv(v, dt), _kv(tk, dt), _kv(tv, dt)
+    kb = _bias(key_bias, Hkv, dt)
     want_t = to is not None or mu is not None
     for i0, i1 in _chunks(B, Hq, Sq, Sk):
         qc = _grouped(q[:, :, i0:i1], Hkv, dt)
-        s = _scores(qc, kk, scale, i0, Sq, causal)
+        s = _scores(qc, kk, scale, i0, Sq, causal, kb)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see no key
         e = torch.exp(s - m)  # masked entries: exp(−inf) = 0
@@ -101,7 +123,15 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
         p = e / torch.where(l_ > 0, l_, torch.ones_like(l_))
         oc = torch.matmul(p, vv)
         o[:, :, i0:i1] = _ungroup(oc).to(o.dtype)
-        lse[:, :, i0:i1] = _ungroup(torch.where(l_ > 0, m + torch.log(l_), float("-inf"))).squeeze(-1).to(lse.dtype)
+        if lo_word:  # lse rounded to its dtype, and what it lost: (m − hi) is exact, ln l far below m's ulp is kept
+            m64, ll64 = m.double(), torch.log(l_.double())
+            hi = (m64 + ll64).to(lse.dtype)
+            lse[:, :, i0:i1] = _ungroup(torch.where(l_ > 0, hi, float("-inf"))).squeeze(-1)
+            lo = (m64 - hi.double()) + ll64
+            lse_lo[:, :, i0:i1] = _ungroup(torch.where(l_ > 0, lo, 0.0)).squeeze(-1).to(lse_lo.dtype)
+        else:
+            lse[:, :, i0:i1] = _ungroup(torch.where(l_ > 0, m + torch.log(l_), float("-inf"))).squeeze(-1).to(
+                lse.dtype)
         if not want_t:
             continue
         ts = None
@@ -131,23 +161,28 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
 
 
 @_no_autocast
-def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float, lse_lo=None) -> None:
+def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: float, lse_lo=None,
+             key_bias: torch.Tensor | None = None) -> None:
     """Gradients of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None)
     with respect to q, k, v, from the saved lse: P = exp(S − lse), dP = dO vᵀ,
     dS = P ⊙ (dP − rowsum(dO ⊙ O) + dlse), dq = s·dS k, dk = s·dSᵀ q, dv = Pᵀ dO. ``lse_lo`` is ignored
-    (its forward writes 0)."""
+    (its forward writes 0) unless a key mask (``key_bias``, no gradient) is given: then P = exp((S − lse) − lse_lo)."""
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dt = _compute_dtype(q, k, v, do)
     kk, vv = _kv(k, dt), _kv(v, dt)
+    kb = _bias(key_bias, Hkv, dt)
     dk_acc = torch.zeros(B, Hkv, Sk, k.shape[-1], dtype=dt, device=q.device)
     dv_acc = torch.zeros(B, Hkv, Sk, v.shape[-1], dtype=dt, device=q.device)
     for i0, i1 in _chunks(B, Hq, Sq, Sk) if B * Hq * Sq else ():
         qc = _grouped(q[:, :, i0:i1], Hkv, dt)
         doc = _grouped(do[:, :, i0:i1], Hkv, dt)
         lc = _grouped(lse[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
-        s = _scores(qc, kk, scale, i0, Sq, causal)
-        p = torch.where(torch.isfinite(lc), torch.exp(s - torch.where(torch.isfinite(lc), lc, 0.0)), 0.0)
+        s = _scores(qc, kk, scale, i0, Sq, causal, kb)
+        arg = s - torch.where(torch.isfinite(lc), lc, 0.0)
+        if kb is not None and lse_lo is not None:  # S − lse first (exact near the row max), then the low word
+            arg = arg - _grouped(lse_lo[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
+        p = torch.where(torch.isfinite(lc), torch.exp(arg), 0.0)
         delta = (doc * _grouped(o[:, :, i0:i1], Hkv, dt)).sum(-1, keepdim=True)
         if dlse is not None:
             delta = delta - _grouped(dlse[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
