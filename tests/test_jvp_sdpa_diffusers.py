@@ -6,8 +6,8 @@ The step is ``torch.func.jvp`` of the whole model w.r.t. the noisy latent and th
 tangent and dt = 1, text / image conditioning without a tangent (closed over, as in sCM), then a gradient pass
 through the primal output of that same forward (MeanFlow / DMF pattern). Output, tangent and every parameter's
 gradient must agree to 1e-11 relative; ``sdpa_stats()`` must show the fused path served every attention call with a
-tangent (no silent fallback), and fallbacks (padded-text masks, activation checkpointing under ``jvp_sdpa()``) must
-warn with their reason and still give the math result.
+tangent (no silent fallback), padded-text key masks included, and fallbacks (activation checkpointing under
+``jvp_sdpa()``) must warn with their reason and still give the math result.
 
 The diffusers models compute some steps in float32 even in a float64 model (``FP32LayerNorm``, Wan's blocks and
 RoPE / timestep embeddings all call ``.float()``). Left in, those islands round both runs' activations to fp32: a
@@ -21,10 +21,10 @@ served model here beyond the 1e-11 tolerance (checked by hand: outputs by 2e-11 
 
 Coverage: Wan 2.1 t2v / i2v and Wan 2.2 per-token timesteps, Flux.1, SD3.5, CogVideoX 1.0 / 1.5, Sana (as Sana-Sprint),
 Qwen-Image, LTX-Video, Z-Image, Cosmos-Predict2, Flux.2, Lumina-Image 2.0, Mochi (padded text, one call per sample),
-PixArt-Sigma (served); padded-text masks in Sana, Qwen-Image, LTX-Video and HunyuanVideo, which
-always builds a mask (fallbacks); dual tensors and rCM's checkpointed two-forward schedule on Wan; the Triton kernels
-(interpreter, fp32) on Wan and Flux. No model needs an xfail: every one, complex-valued RoPE included, runs under
-forward-mode AD in torch 2.13.
+PixArt-Sigma; padded-text key masks in Sana, Qwen-Image, LTX-Video, Lumina-Image 2.0 and HunyuanVideo, which always
+builds a mask (all served: bool [B, 1, 1, S] and float −1e4 biases [B, H, 1, S]); dual tensors and rCM's checkpointed
+two-forward schedule on Wan; the Triton kernels (interpreter, fp32) on Wan, Flux and padded-text LTX-Video. No model
+needs an xfail: every one, complex-valued RoPE included, runs under forward-mode AD in torch 2.13.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ diffusers = pytest.importorskip("diffusers")
 F64 = torch.float64
 STOCK = F.scaled_dot_product_attention
 TOL = 1e-11
-MASK_REASON = "fallback: attn_mask is given"
 
 
 @pytest.fixture(autouse=True)
@@ -202,15 +201,16 @@ def _qwen_image(mask=None):
     return (model, f, *_xt(x, torch.tensor([0.3, 0.75], dtype=F64)))
 
 
-def _ltx(mask=None):
+def _ltx(mask=None, dt=F64):
     """LTX-Video: self-attention with 3-D RoPE, cross-attention to the text."""
     model = diffusers.LTXVideoTransformer3DModel(
         in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
         num_layers=2, caption_channels=12).to(F64)
     x = torch.randn(2, 2 * 3 * 4, 8, dtype=F64)
     ctx = torch.randn(2, 5, 12, dtype=F64)
+    model, ctx = _cast(dt, model, ctx)
     f = lambda x, t: model(x, ctx, t, mask, num_frames=2, height=3, width=4).sample
-    return (model, f, *_xt(x, torch.tensor([300.0, 700.5], dtype=F64)))
+    return (model, f, *_xt(x, torch.tensor([300.0, 700.5], dtype=F64), dt=dt))
 
 
 def _z_image():
@@ -269,16 +269,17 @@ def _flux2():
     return (model, f, *_xt(x, torch.tensor([0.3, 0.75], dtype=F64)))
 
 
-def _lumina2():
+def _lumina2(mask=None):
     """Lumina-Image 2.0: grouped key/value heads (4 query heads over 2, repeated by the model), complex RoPE, a
     caption refiner (a mask, no tangent: stock) and a noise refiner; an unpadded caption gives the joint layers no
-    mask."""
+    mask, a padded one a key mask."""
     model = diffusers.Lumina2Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=1, num_refiner_layers=1,
         num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(64, 32, 32),
         cap_feat_dim=12).to(F64)
     x = torch.randn(2, 4, 8, 8, dtype=F64)
-    ctx, caption_mask = torch.randn(2, 5, 12, dtype=F64), torch.ones(2, 5, dtype=torch.bool)
+    ctx = torch.randn(2, 5, 12, dtype=F64)
+    caption_mask = torch.ones(2, 5, dtype=torch.bool) if mask is None else mask.bool()
     f = lambda x, t: model(x, t, ctx, caption_mask).sample
     return (model, f, *_xt(x, torch.tensor([0.3, 0.75], dtype=F64)))
 
@@ -348,27 +349,30 @@ def test_model_jvp_and_grads_match_math_sdpa(name):
 
 PADDED = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # the second prompt is 3 tokens, padded to 5
 MASKED = {
-    # name: (builder, expected sdpa_stats()): the masked calls fall back, the rest are served
-    "sana-padded-text": (lambda: _sana(PADDED), {MASK_REASON: 2}),
-    "qwen-image-padded-text": (lambda: _qwen_image(PADDED), {MASK_REASON: 2}),
-    "ltx-video-padded-text": (lambda: _ltx(PADDED), {"jvp": 2, MASK_REASON: 2}),  # self-attention served
-    "hunyuan-video": (_hunyuan_video, {"stock": 1, MASK_REASON: 2}),  # the refiner has no tangent: stock
+    # name: (builder, expected sdpa_stats()): every call with a tangent served, its key-padding mask included
+    "sana-padded-text": (lambda: _sana(PADDED), {"jvp": 2}),  # float −1e4 bias [B, H, 1, S] (cross-attention)
+    "qwen-image-padded-text": (lambda: _qwen_image(PADDED), {"jvp": 2}),  # bool [B, 1, 1, S] (joint attention)
+    "ltx-video-padded-text": (lambda: _ltx(PADDED), {"jvp": 4}),  # float −1e4 bias (cross-attention), self unmasked
+    "lumina2-padded-text": (lambda: _lumina2(PADDED), {"stock": 1, "jvp": 2}),  # the caption refiner: no tangent
+    "hunyuan-video": (_hunyuan_video, {"stock": 1, "jvp": 2}),  # always a bool mask; the refiner: no tangent
 }
 
 
 @pytest.mark.parametrize("name", list(MASKED))
-def test_padded_text_masks_fall_back_with_a_warning(name):
-    """A key-padding mask for padded text is an ``attn_mask``, which fastdistill's kernels do not take: those calls
-    run stock math SDPA, warn once naming the reason, and the step still matches math SDPA."""
+def test_padded_text_masks_are_served(name):
+    """A key-padding mask for padded text (an ``attn_mask`` the same for every query row) is served by the fused path
+    (before: every such call fell back to stock math SDPA with a warning): no warning, the calls counted as served,
+    and the step matches math SDPA to 1e-11."""
     build, expect = MASKED[name]
     torch.manual_seed(0)
     model, f, primals, tangents = build()
     ref = _math_step(model, f, primals, tangents)
-    with jvp_sdpa(), pytest.warns(UserWarning, match="runs stock SDPA: attn_mask is given") as seen:
-        got = _step(model, f, primals, tangents)
-    assert sum("fastdistill.jvp_sdpa" in str(w.message) for w in seen) == 1, "warned once per reason"
-    stats = {(MASK_REASON if k.startswith(MASK_REASON) else k): v for k, v in sdpa_stats().items()}
-    assert stats == expect, f"{name}: {sdpa_stats()}"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with jvp_sdpa():
+            got = _step(model, f, primals, tangents)
+    assert not [w for w in seen if "fastdistill" in str(w.message)], [str(w.message) for w in seen]
+    assert sdpa_stats() == expect, f"{name}: {sdpa_stats()}"
     _compare(got, ref, name)
 
 
@@ -426,7 +430,7 @@ def test_wan_rcm_schedule_with_gradient_checkpointing(mode):
     _compare(got, ref, f"wan rCM schedule, {mode}")
 
 
-@pytest.mark.parametrize("name", ["wan-t2v", "flux"])
+@pytest.mark.parametrize("name", ["wan-t2v", "flux", "ltx-video-padded-text"])
 def test_triton_kernels_fp32(name):
     """The GPU path's kernels (Triton, through the interpreter on the CPU) on a float32 model: the fused JVP pass and
     the flash backward at the model's shapes (head dims 12 and 16, padded inside the kernel; 7 text keys against 12
@@ -436,7 +440,7 @@ def test_triton_kernels_fp32(name):
 
     if not fastdistill._backend.interpreting():
         pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 (the README test command sets it)")
-    build = {"wan-t2v": _wan, "flux": _flux}[name]
+    build = {"wan-t2v": _wan, "flux": _flux, "ltx-video-padded-text": lambda dt: _ltx(PADDED, dt=dt)}[name]
     torch.manual_seed(0)
     oracle = _math_step(*build(dt=F64))
     torch.manual_seed(0)
@@ -445,7 +449,7 @@ def test_triton_kernels_fp32(name):
     model, f, primals, tangents = build(dt=torch.float32)
     with fastdistill.use_backend("triton"), jvp_sdpa():
         got = _step(model, f, primals, tangents)
-    assert sdpa_stats() == SERVED[name][1], sdpa_stats()
+    assert sdpa_stats() == {**SERVED, **MASKED}[name][1], sdpa_stats()
     pairs = [("output", got[0], plain[0], oracle[0]), ("tangent", got[1], plain[1], oracle[1])]
     grads = enumerate(zip(got[2], plain[2], oracle[2]))
     pairs += [(f"grad of parameter {i}", *x) for i, x in grads if x[2] is not None]

@@ -6,9 +6,20 @@ Inside, a call whose query, key or value carries a forward-AD tangent (``torch.f
 output and its tangent, a flash-style backward for the primal. Calls without a tangent go to stock
 SDPA (``plain="sdpa"``, the default) or to fastdistill's plain attention (``plain="fastdistill"``).
 
+A key mask is served: an ``attn_mask`` that broadcasts to ``[B, H, 1, S]`` (the same for every query row: size 1
+or stride 0 along the query dimension after broadcasting to ``[..., H, L, S]``; ``[B, 1, 1, S]``, ``[B, H, 1, S]``,
+``[S]``, ``[1, S]``...), bool or float, without a tangent and not requiring grad: the padding masks of text
+conditioning (Sana, LTX-Video, Qwen-Image, HunyuanVideo, Lumina 2 cross / joint attention) and of padded batches.
+It reaches the kernels as a view with the caller's strides (a broadcast mask is never copied). A row whose every key
+is masked gives 0 (o, tangent, gradient), as stock math SDPA does in torch 2.13 for bool and −inf masks; stock's
+fused GPU kernels may give NaN there.
+
 Arguments fastdistill cannot serve exactly fall back to stock SDPA with a one-time warning naming the
 reason — never a silently different result:
-- ``attn_mask`` given (any mask: fastdistill has causal masking only);
+- an ``attn_mask`` that varies along the query dimension (a causal-and-padding mask, a block mask), that carries
+  a forward-AD tangent or requires grad (fastdistill gives the mask neither), a nested or DTensor mask; one stock
+  SDPA refuses (a dtype other than bool, float32 or the query's; a shape that does not broadcast; together with
+  ``is_causal=True``, which math SDPA rejects) goes to stock SDPA as is, which decides;
 - ``dropout_p > 0``;
 - ``is_causal=True`` with ``L != S``: SDPA aligns its causal mask top-left, fastdistill bottom-right;
 - batch dims that broadcast between query and key/value (a single query head over several key/value
@@ -188,12 +199,13 @@ def _has_tangent(x: torch.Tensor) -> bool:
     return fwAD.unpack_dual(x).tangent is not None
 
 
+_NO_MASK_ADVICE = ("a batch without padding needs no mask: give the model none (attention_mask=None in transformers, "
+                   "which also drops an all-ones one; encoder_attention_mask=None in diffusers)")
+
+
 def _why_not(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> str | None:
     if extra:
         return f"keyword argument(s) {sorted(extra)} unknown to fastdistill"
-    if attn_mask is not None:
-        return ("attn_mask is given (fastdistill serves no mask or is_causal only; a batch without padding needs no "
-                "mask: transformers drops an all-ones attention_mask, or pass attention_mask=None)")
     if dropout_p > 0:
         return "dropout_p > 0 (fastdistill has no attention dropout)"
     if any(x.is_nested for x in (q, k, v)):
@@ -213,7 +225,51 @@ def _why_not(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, extra) -> str
         return "a single query head broadcast over several key/value heads (stock SDPA's batch broadcasting)"
     if is_causal and q.shape[-2] != k.shape[-2]:
         return ("is_causal=True with L != S (stock SDPA aligns the causal mask top-left, fastdistill bottom-right)")
+    return None if attn_mask is None else _mask_why_not(attn_mask)
+
+
+def _mask_why_not(m) -> str | None:
+    """Why an attn_mask (of a call whose query, key, value fastdistill serves) cannot be served as a key mask, before
+    its shape is looked at (``_key_mask``)."""
+    if not isinstance(m, torch.Tensor):
+        return None  # (stock SDPA's error)
+    if m.is_nested or is_dtensor(m):
+        return "attn_mask is a nested tensor or a DTensor (stock SDPA has their rules)"
+    if m.dtype != torch.bool and m.requires_grad:
+        return "attn_mask requires grad (fastdistill gives the mask no gradient; stock SDPA does)"
+    if m.dtype != torch.bool and _has_tangent(m):
+        return "attn_mask carries a forward-AD tangent (fastdistill's mask has none; stock math SDPA differentiates it)"
     return None
+
+
+def _mask_stock_decides(m, q, k, is_causal) -> bool:
+    """An attn_mask stock SDPA refuses (or broadcasts the output by): its own error or result, not fastdistill's."""
+    if not isinstance(m, torch.Tensor) or is_causal:  # (math SDPA refuses attn_mask with is_causal=True)
+        return True
+    if m.dtype != torch.bool and m.dtype not in (torch.float32, q.dtype):
+        return True
+    if m.device != q.device:
+        return True
+    target = (*q.shape[:-1], k.shape[-2])
+    try:
+        return tuple(torch.broadcast_shapes(m.shape, target)) != target
+    except RuntimeError:
+        return True
+
+
+def _key_mask(m, q, k) -> tuple[torch.Tensor | None, str | None]:
+    """(the attn_mask as jvp_attention's ``key_mask`` [B, H, S] for the [B, H, L, E] view of ``q`` (``_heads4``), None)
+    or (None, why not): it must not vary along the query dimension (size 1, or stride 0 once broadcast)."""
+    full = m.expand(*q.shape[:-1], k.shape[-2])  # (a view; broadcastable: _mask_stock_decides)
+    if full.shape[-2] != 1 and full.stride(-2) != 0:
+        return None, ("attn_mask varies along the query dimension (fastdistill serves key masks, broadcastable to "
+                      "[B, H, 1, S]: padding masks, and is_causal; " + _NO_MASK_ADVICE + ")")
+    km = full.select(-2, 0)  # [..., H, S] or [N, S]
+    if km.dim() == 2:
+        km = km.unsqueeze(1)
+    elif km.dim() > 3:
+        km = km.reshape(-1, *km.shape[-2:])  # (a copy only where the batch dims cannot merge: [B, H, S] elements)
+    return km, None
 
 
 def _stock_decides(q, k, enable_gqa) -> bool:
@@ -326,11 +382,19 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     reason = _why_not(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra)
     if reason is not None:
         return _fallback(reason, *args, tangent=tangent)
-    if _stock_decides(query, key, enable_gqa):
+    if _stock_decides(query, key, enable_gqa) or (
+            attn_mask is not None and _mask_stock_decides(attn_mask, query, key, is_causal)):
         return _stock(*args, tangent=tangent)
+    mask = None
+    if attn_mask is not None:
+        mask, reason = _key_mask(attn_mask, query, key)
+        if reason is not None:
+            return _fallback(reason, *args, tangent=tangent)
+        if mask.dtype != torch.bool:
+            mask, = autocast_cast(mask)  # as stock SDPA casts it (after the query dim is gone: no copy of a broadcast)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (_heads4(query), _heads4(key), _heads4(value)))
     try:
-        o = jvp_attention(q, k, v, causal=bool(is_causal), scale=scale, layout="bhsd")[0]
+        o = jvp_attention(q, k, v, causal=bool(is_causal), scale=scale, layout="bhsd", key_mask=mask)[0]
     except BackendUnavailableError as exc:
         return _fallback(f"no fastdistill backend can run these inputs ({exc})", *args, tangent=tangent)
     except TransformLimitError as exc:  # e.g. torch.func.grad around the kernel backends
