@@ -166,6 +166,143 @@ def test_fallbacks_warn_once_and_match_stock(name):
     assert torch.equal(o, o_ref) and torch.equal(to, to_ref)
 
 
+def _pad_keys(B, S, dtype=torch.bool, lens=None, fill=float("-inf")):
+    """A [B, S] key-padding mask (True / 0 keeps a key); ``lens``: valid keys per sample (0: every key masked)."""
+    lens = torch.tensor(lens if lens is not None else [S - i % 3 for i in range(B)])
+    keep = torch.arange(S)[None, :] < lens[:, None]
+    return keep if dtype == torch.bool else torch.where(keep, 0.0, fill).to(dtype)
+
+
+KEY_MASKS = {
+    # name: (q shape, k shape, sdpa kwargs, attn_mask): masks the same for every query row, served by the fused path
+    "bool-B11S": ((2, 3, 9, 16), (2, 3, 11, 16), {}, lambda: _pad_keys(2, 11)[:, None, None, :]),
+    "float-BH1S": ((2, 3, 9, 16), (2, 3, 11, 16), {}, lambda: torch.randn(2, 3, 1, 11, dtype=F64).clamp_max(0.5)
+                   + _pad_keys(2, 11, F64)[:, None, None, :]),
+    "float-1e4-gqa": ((2, 4, 7, 8), (2, 2, 7, 8), {"enable_gqa": True},
+                      lambda: _pad_keys(2, 7, F64, fill=-1e4)[:, None, None, :].expand(2, 4, 1, 7)),
+    "bool-S": ((1, 2, 5, 8), (1, 2, 13, 8), {}, lambda: _pad_keys(1, 13, lens=[8])[0]),
+    "float-1S": ((1, 2, 5, 8), (1, 2, 13, 8), {"scale": 0.4}, lambda: _pad_keys(1, 13, F64, lens=[8])),
+    "bool-expanded-query": ((2, 2, 6, 8), (2, 2, 6, 8), {},  # [B, H, L, S] with stride 0 along the queries
+                            lambda: _pad_keys(2, 6)[:, None, None, :].expand(2, 2, 6, 6)),
+    "3d": ((3, 7, 8), (3, 5, 8), {}, lambda: _pad_keys(3, 5)[:, None, :]),
+    "5d": ((2, 2, 2, 5, 8), (2, 2, 2, 6, 8), {}, lambda: _pad_keys(4, 6).view(2, 2, 1, 1, 6)),
+    "fully-masked-sample": ((2, 2, 5, 8), (2, 2, 6, 8), {}, lambda: _pad_keys(2, 6, lens=[6, 0])[:, None, None, :]),
+    "fully-masked-float": ((2, 2, 5, 8), (2, 2, 6, 8), {}, lambda: _pad_keys(2, 6, F64, lens=[0, 4])[:, None, None, :]),
+}
+
+
+@pytest.mark.parametrize("name", list(KEY_MASKS))
+def test_key_masks_served(name):
+    """attn_mask broadcastable to [B, H, 1, S] (bool or float, per head or broadcast, any rank of query): the fused path
+    serves it (sdpa_stats) and matches torch.func.jvp / autograd of math SDPA with the same mask in float64; a sample
+    whose every key is masked gives 0 (output, tangent, gradient), as math SDPA does in torch 2.13."""
+    sq, sk, kw, make = KEY_MASKS[name]
+    q, k, v, tq, tk, tv = _qkv(sq, sk, seed=11)
+    mask = make()
+    w = torch.randn(*sq[:-1], sk[-1], dtype=F64)
+    f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+    results = []
+    for ctx in (None, jvp_sdpa):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        if ctx is None:
+            o, to = _math_jvp(f, (qq, kk, vv), (tq, tk, tv))
+        else:
+            with ctx(), warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                o, to = torch.func.jvp(f, (qq, kk, vv), (tq, tk, tv))
+            assert not [w for w in seen if "fastdistill" in str(w.message)]
+        (o * w).sum().backward()
+        results.append((o, to, qq.grad, kk.grad, vv.grad))
+    assert sdpa_stats() == {"jvp": 1}, sdpa_stats()
+    for what, a, b in zip(("o", "to", "dq", "dk", "dv"), results[1], results[0]):
+        _close(a, b, what=f"{name} {what}")
+    if name.startswith("fully-masked"):
+        dead = 1 if name.endswith("sample") else 0
+        for x in (*results[1][:3], *results[0][:3]):
+            assert (x[dead] == 0).all()
+
+
+def test_key_mask_plain_calls_and_autocast():
+    """Without a tangent, plain="fastdistill" serves a key mask too; under torch.autocast a float mask is cast as stock
+    SDPA casts it (to the autocast dtype), so the bf16 results agree with stock's to bf16 rounding."""
+    q, k, v, tq, *_ = _qkv((2, 2, 6, 16), (2, 2, 9, 16), dtype=torch.float32, seed=12)
+    mask = _pad_keys(2, 9, torch.float32)[:, None, None, :] + 0.3 * torch.randn(2, 2, 1, 9)
+    att = lambda q: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = STOCK(q, k, v, attn_mask=mask)
+    with jvp_sdpa(plain="fastdistill"):
+        got = att(q)
+    assert sdpa_stats(reset=True) == {"plain": 1}
+    _close(got, ref, 1e-6, "plain")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_o, ref_t = _math_jvp(att, (q,), (tq,))
+        with jvp_sdpa():
+            o, to = torch.func.jvp(att, (q,), (tq,))
+    assert sdpa_stats() == {"jvp": 1} and o.dtype == ref_o.dtype == torch.bfloat16
+    _close(o, ref_o, 1e-2, "autocast o")
+    _close(to, ref_t, 2e-2, "autocast to")
+
+
+def test_key_mask_torch_compile_fullgraph():
+    """A served key mask traces into one graph too (plain="fastdistill", and torch.func.jvp inside the compiled
+    function: math attention in the graph), equal to math SDPA."""
+    torch._dynamo.reset()
+    q, k, v, tq, *_ = _qkv((2, 2, 6, 8), (2, 2, 9, 8), seed=14)
+    for mask in (_pad_keys(2, 9)[:, None, None, :], _pad_keys(2, 9, F64, fill=-1e4)[:, None, None, :]):
+        f = lambda q, m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m) * 2
+        g = lambda q, f=f: torch.func.jvp(f, (q,), (tq,))
+        with jvp_sdpa(plain="fastdistill"), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            o = torch.compile(f, backend="aot_eager", fullgraph=True)(q)
+            o2, t2 = torch.compile(g, backend="aot_eager", fullgraph=True)(q)
+        assert not [w for w in seen if "fastdistill" in str(w.message)]
+        o_ref, t_ref = _math_jvp(f, (q,), (tq,))
+        _close(o, o_ref, what="compiled plain")
+        _close(o2, o_ref, what="compiled jvp o")
+        _close(t2, t_ref, what="compiled jvp tangent")
+    torch._dynamo.reset()
+
+
+def test_masks_not_served():
+    """Masks fastdistill cannot serve exactly: the varying ones fall back with a warning naming the reason (its advice
+    names transformers' and diffusers' arguments), and give math SDPA's result; masks stock SDPA refuses raise stock
+    SDPA's error, as without the patch."""
+    q, k, v, tq, tk, tv = _qkv((2, 2, 5, 8), (2, 2, 5, 8), seed=13)
+    causal_pad = torch.ones(5, 5, dtype=torch.bool).tril() & _pad_keys(2, 5)[:, None, None, :]
+    bias = torch.zeros(2, 1, 1, 5, dtype=F64, requires_grad=True)
+    cases = {
+        "attn_mask varies along the query dimension": (lambda q: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_pad), (q,), (tq,)),
+        "attn_mask requires grad": (lambda q: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), (q,), (tq,)),
+        "attn_mask carries a forward-AD tangent": (lambda q, b: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=b), (q, torch.zeros(2, 1, 1, 5, dtype=F64)), (tq, torch.randn(2, 1, 1, 5, dtype=F64))),
+    }
+    for reason, (f, prim, tans) in cases.items():
+        want = _math_jvp(f, prim, tans)
+        sdpa_stats(reset=True)
+        with jvp_sdpa(), pytest.warns(UserWarning, match=reason) as seen:
+            got = torch.func.jvp(f, prim, tans)
+        assert list(sdpa_stats()) == [next(iter(sdpa_stats()))] and next(iter(sdpa_stats())).startswith(
+            "fallback: " + reason), sdpa_stats()
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), reason
+        assert str(seen[0].message).startswith("fastdistill.jvp_sdpa"), reason
+    _sdpa_mod._warned.clear()
+    with jvp_sdpa(), pytest.warns(UserWarning) as seen:
+        torch.func.jvp(cases["attn_mask varies along the query dimension"][0], (q,), (tq,))
+    advice = str(seen[0].message)
+    assert "attention_mask=None in transformers" in advice and "encoder_attention_mask=None in diffusers" in advice
+    sdpa_stats(reset=True)
+    for kw in ({"attn_mask": _pad_keys(2, 5)[:, None, None, :], "is_causal": True},  # math SDPA refuses both
+               {"attn_mask": _pad_keys(2, 5, torch.float16)[:, None, None, :]}):  # fp16 mask, fp64 query
+        f = lambda q, kw=kw: F.scaled_dot_product_attention(q, k, v, **kw)
+        with pytest.raises(RuntimeError) as stock_err:
+            _math_jvp(f, (q,), (tq,))
+        with jvp_sdpa(), pytest.raises(RuntimeError) as err:
+            torch.func.jvp(f, (q,), (tq,))
+        assert str(err.value) == str(stock_err.value)
+    assert sdpa_stats() == {}, sdpa_stats()
+
+
 def test_gqa_without_enable_gqa_is_stock_behaviour():
     q, k, v, tq, tk, tv = _qkv((1, 4, 5, 8), (1, 2, 5, 8))
     with jvp_sdpa(), pytest.raises(RuntimeError):
