@@ -224,9 +224,10 @@ def test_key_masks_served(name):
 
 def test_key_mask_plain_calls_and_autocast():
     """Without a tangent, plain="fastdistill" serves a key mask too; under torch.autocast a float mask is cast as stock
-    SDPA casts it (to the autocast dtype), so the bf16 results agree with stock's to bf16 rounding."""
+    SDPA casts it (to the autocast dtype: 257 becomes 256 in bf16, a factor e between two keys' weights), so the bf16
+    results agree with stock's to bf16 rounding."""
     q, k, v, tq, *_ = _qkv((2, 2, 6, 16), (2, 2, 9, 16), dtype=torch.float32, seed=12)
-    mask = _pad_keys(2, 9, torch.float32)[:, None, None, :] + 0.3 * torch.randn(2, 2, 1, 9)
+    mask = _pad_keys(2, 9, torch.float32)[:, None, None, :] + 256.0 + (torch.arange(9) % 2)
     att = lambda q: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     ref = STOCK(q, k, v, attn_mask=mask)
     with jvp_sdpa(plain="fastdistill"):
