@@ -223,9 +223,11 @@ def test_key_masks_served(name):
 
 
 def test_key_mask_plain_calls_and_autocast():
-    """Without a tangent, plain="fastdistill" serves a key mask too; under torch.autocast a float mask is cast as stock
-    SDPA casts it (to the autocast dtype: 257 becomes 256 in bf16, a factor e between two keys' weights), so the bf16
-    results agree with stock's to bf16 rounding."""
+    """Without a tangent, plain="fastdistill" serves a key mask too. Under torch.autocast a float mask is cast as stock
+    SDPA casts it, to the autocast dtype (257 becomes 256 in bf16: a factor e between two keys' weights). Oracle there:
+    stock SDPA's plain call under autocast (scores in fp32 from bf16 inputs plus the bf16 mask) and the fp32 math JVP
+    of the same bf16-rounded values; stock's math JVP under autocast forms the scores in bf16 (|S| ~ 256: ulp 2) and
+    misses both by ~0.8."""
     q, k, v, tq, *_ = _qkv((2, 2, 6, 16), (2, 2, 9, 16), dtype=torch.float32, seed=12)
     mask = _pad_keys(2, 9, torch.float32)[:, None, None, :] + 256.0 + (torch.arange(9) % 2)
     att = lambda q: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -235,10 +237,12 @@ def test_key_mask_plain_calls_and_autocast():
     assert sdpa_stats(reset=True) == {"plain": 1}
     _close(got, ref, 1e-6, "plain")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_o, ref_t = _math_jvp(att, (q,), (tq,))
+        ref_o = att(q)
         with jvp_sdpa():
             o, to = torch.func.jvp(att, (q,), (tq,))
     assert sdpa_stats() == {"jvp": 1} and o.dtype == ref_o.dtype == torch.bfloat16
+    rb = lambda x: x.bfloat16().float()
+    ref_t = _math_jvp(lambda q: STOCK(q, rb(k), rb(v), attn_mask=rb(mask)), (rb(q),), (rb(tq),))[1]
     _close(o, ref_o, 1e-2, "autocast o")
     _close(to, ref_t, 2e-2, "autocast to")
 
