@@ -389,9 +389,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if attn_mask is not None:
         mask, reason = _key_mask(attn_mask, query, key)
         if reason is not None:
-            return _fallback(reason, *args, tangent=tangent)
-        if mask.dtype != torch.bool:
-            mask, = autocast_cast(mask)  # as stock SDPA casts it (after the query dim is gone: no copy of a broadcast)
+            return _fallback(reason, *args, tangent=tangent)  # (jvp_attention casts a float mask under autocast)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (_heads4(query), _heads4(key), _heads4(value)))
     try:
         o = jvp_attention(q, k, v, causal=bool(is_causal), scale=scale, layout="bhsd", key_mask=mask)[0]
