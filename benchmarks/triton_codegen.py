@@ -141,20 +141,28 @@ def kd_configs(quick: bool = False):
 SMEM_LIMIT = {80: 99 * 1024, 90: 227 * 1024}  # bytes per block: sm_86 / sm_89 allow 99 KiB (sm_80 163), sm_90 227
 GATED = ("bf16", "fp16")  # attention dtypes whose spills fail the run (fp32: reported only)
 ATTN_HEAD_DIMS = ((32, 32), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (128, 64), (64, 128))
+KMASK_HEAD_DIMS = ATTN_HEAD_DIMS  # key-mask variants (bf16 / fp16)
 
 
-def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int, int]):
-    """One JVP-attention specialisation: ``kind`` in jvp | plain | 2pass (forward modes) | dkdv | dq, with every
+def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int, int], kmask: bool = False):
+    """One JVP-attention specialisation: ``kind`` in jvp | plain | 2pass (forward modes) | shift | dkdv | dq, with every
     tangent present and causal masking (the worst case), at block configuration ``cfg`` =
-    (BM, BN, warps, stages). Returns (name, kernel, signature, constexprs, num_warps, num_stages)."""
+    (BM, BN, warps, stages). ``kmask``: with a key mask (a float bias in the input dtype, as diffusers passes it; the
+    launcher's flags for it: natural units, BASE2 off, and the low word of lse, HAS_LO, in every dtype); the name
+    ends in " kmask". Returns (name, kernel, signature, constexprs, num_warps, num_stages)."""
     prec = "ieee" if dt == "fp32" else "tf32"
     f32 = dt == "fp32"
     bdq, bdv = max(16, triton.next_power_of_2(dqk)), max(16, triton.next_power_of_2(dv))
     bm, bn, nw, ns = cfg
+    km = " kmask" if kmask else ""
+    # unmasked: the launcher passes None for the key bias and its strides (constexprs: no parameters)
+    kb_sig = dict(KB=f"*{dt}", skbb="i64", skbh="i64", skbk="i32") if kmask else {}
+    kb_ce = dict(HAS_KB=kmask, KB_BOOL=False, **({} if kmask else dict(KB=None, skbb=None, skbh=None, skbk=None)))
+    lo = f32 or kmask
     if kind in ("jvp", "plain", "2pass"):
         primal, tangent = {"jvp": (True, True), "plain": (True, False), "2pass": (False, True)}[kind]
         ptrs = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", TQ=f"*{dt}", TK=f"*{dt}", TV=f"*{dt}", O=f"*{dt}",
-                    TO=f"*{dt}", LSE="*fp32", MU="*fp32", LO="*fp32")
+                    TO=f"*{dt}", LSE="*fp32", MU="*fp32", LO="*fp32", **kb_sig)
         # sequence strides are i32 at run time (Triton types ints < 2^31 as i32; the launcher
         # switches the kernel to 64-bit offsets, WIDE, beyond that); batch / head strides i64 (worst case)
         strides = {n: ("i32" if n.endswith("s") else "i64") for n in (
@@ -163,34 +171,37 @@ def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int,
         sig = dict(ptrs, **strides, G="i32", Sq="i32", Sk="i32", scale="fp32")
         ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, HAS_TQ=tangent,
                   HAS_TK=tangent, HAS_TV=tangent, PRIMAL=primal, TANGENT=tangent, DOT_PREC=prec, WIDE=False,
-                  BASE2=not f32, HAS_LO=f32,  # the low word of lse: fp32 inputs (as dispatched)
+                  BASE2=not f32 and not kmask, HAS_LO=lo,  # the low word of lse: fp32 inputs, key masks (as dispatched)
                   ARG=kind == "plain",  # the primal pass of two_pass also records the arg-max key: the worst case
-                  S64=f32)  # fp32: logits from float64 dots
-        return f"attn fwd {kind:5s} {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_fwd_kernel, sig, ce, nw, ns
+                  S64=f32, **kb_ce)  # fp32: logits from float64 dots
+        return f"attn fwd {kind:5s} {dt} D{dqk}/{dv} {bm}x{bn}{km}", A._attn_fwd_kernel, sig, ce, nw, ns
     if kind == "shift":  # two_pass's tangent shift between its passes (row-wise dots, no block configuration)
-        sig = dict(Q=f"*{dt}", K=f"*{dt}", TQ=f"*{dt}", TK=f"*{dt}", LSE="*fp32", LO="*fp32", MU="*fp32",
+        sig = dict(Q=f"*{dt}", K=f"*{dt}", TQ=f"*{dt}", TK=f"*{dt}", LSE="*fp32", LO="*fp32", MU="*fp32", **kb_sig,
                    **{n: ("i32" if n.endswith("s") else "i64")
                       for n in "sqb sqh sqs skb skh sks stqb stqh stqs stkb stkh stks slb slh".split()},
                    G="i32", Sq="i32", Sk="i32", scale="fp32")
-        ce = dict(DQK=dqk, BDQK=bdq, BM=A.ARG_SHIFT_BM, HAS_TQ=True, HAS_TK=True, HAS_LO=f32, WIDE=False)
-        return f"attn shift {dt} D{dqk}", A._arg_shift_kernel, sig, ce, A.ARG_SHIFT_WARPS, 3
-    ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False, HAS_LO=f32,
-              S64=f32)
+        bm_s, warps_s = A.arg_shift_config(kmask)
+        ce = dict(DQK=dqk, BDQK=bdq, BM=bm_s, HAS_TQ=True, HAS_TK=True, HAS_LO=lo, WIDE=False, **kb_ce)
+        return f"attn shift {dt} D{dqk}{km}", A._arg_shift_kernel, sig, ce, warps_s, 3
+    ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False, HAS_LO=lo,
+              S64=f32, **kb_ce)
     bstr = {n: ("i32" if n.endswith("s") else "i64")
             for n in "sqb sqh sqs skb skh sks svb svh svs sdb sdh sds slb slh".split()}
-    common = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", LO="*fp32", DELTA="*fp32")
+    common = dict(Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", DO=f"*{dt}", LSE="*fp32", LO="*fp32", DELTA="*fp32",
+                  **{n: t for n, t in kb_sig.items() if n == "KB"})
     tail = dict(H="i32", G="i32", Sq="i32", Sk="i32", scale="fp32")
+    bstr.update({n: t for n, t in kb_sig.items() if n != "KB"})
     if kind == "dkdv":
         sig = dict(common, DK=f"*{dt}", DV_=f"*{dt}", **bstr, sdkb="i64", sdkh="i64", sdks="i32", sdvb="i64",
                    sdvh="i64", sdvs="i32", **tail)
-        return f"attn dkdv {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_bwd_dkdv_kernel, sig, ce, nw, ns
+        return f"attn dkdv {dt} D{dqk}/{dv} {bm}x{bn}{km}", A._attn_bwd_dkdv_kernel, sig, ce, nw, ns
     if kind == "dq":
         sig = dict(common, DQ=f"*{dt}", **bstr, sdqb="i64", sdqh="i64", sdqs="i32", **tail)
-        return f"attn dq   {dt} D{dqk}/{dv} {bm}x{bn}", A._attn_bwd_dq_kernel, sig, ce, nw, ns
+        return f"attn dq   {dt} D{dqk}/{dv} {bm}x{bn}{km}", A._attn_bwd_dq_kernel, sig, ce, nw, ns
     raise ValueError(f"kind: {kind!r}")
 
 
-def attn_configs(quick: bool = False, arch: int = 90):
+def attn_configs(quick: bool = False, arch: int = 90, kmask_dims=None):
     """Every JVP-attention kernel the dispatcher can pick on ``arch``: each head-dim bucket (incl. Dqk != Dv),
     forward in its modes (fused JVP where it is the default, i.e. head dim <= 128; plain; the
     two-pass tangent pass), backward, at the default block configuration, with every tangent
@@ -208,6 +219,14 @@ def attn_configs(quick: bool = False, arch: int = 90):
             yield attn_kernel("shift", dt, dqk, dv, (0, 0, 0, 0))
             for kind in ("dkdv", "dq"):
                 yield attn_kernel(kind, dt, dqk, dv, A.bwd_config(dqk, dv, f32, arch))
+            if f32 or (dqk, dv) not in (KMASK_HEAD_DIMS if kmask_dims is None else kmask_dims):
+                continue
+            # with a key mask (kmask: the dispatcher's entries for masked calls)
+            for kind in (["jvp"] if fused else []) + ["plain", "2pass"]:
+                yield attn_kernel(kind, dt, dqk, dv, A.fwd_config(dqk, dv, kind != "plain", f32, arch, True), True)
+            yield attn_kernel("shift", dt, dqk, dv, (0, 0, 0, 0), True)
+            for kind in ("dkdv", "dq"):
+                yield attn_kernel(kind, dt, dqk, dv, A.bwd_config(dqk, dv, f32, arch, True), True)
 
 
 def _assemble(ptx: str, arch: int) -> tuple[str, str, bytes]:

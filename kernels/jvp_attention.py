@@ -118,6 +118,23 @@ if _TRITON_VER < (3, 9):
     _SLP_FWD_TANGENT = {**_SLP_FWD_TANGENT, 128: (32, 64, 8, 2)}
 
 
+# With a key mask (HAS_KB: the bias added in natural units, the low word of lse in every dtype) some bf16/fp16 entries
+# above spill where the unmasked kernels do not (Triton 3.9, compile only, benchmarks/triton_codegen.py kmask rows):
+# on sm_90a the plain forward at head dims 80 / 96 (16 B, padded to 128) and 256 (4 B), the two_pass tangent pass at 256
+# (132 B); on sm_80 the fused pass at 64 (8 B), the tangent pass (8 B) and the tangent shift (8 B) at 256, dk/dv at 32
+# (24 B); on sm_89 (the _SLP_ tables) the tangent passes at 64 (60 B, 8 B). Masked calls take these entries instead (the
+# largest tiles tried that spill for neither schedule / backward kernel of the bucket; not timed). Not checked under
+# Triton 3.6, nor on sm_120.
+_KM_FWD_PLAIN = {256: (64, 16, 8, 2)}
+_KM_FWD_PLAIN_PADDED_128 = (128, 32, 8, 2)
+_KM_FWD_TANGENT = {256: (16, 16, 8, 1)}
+_KM_SM80_FWD_TANGENT = {64: (32, 64, 8, 2), 256: (16, 16, 8, 2)}
+_KM_SM80_BWD = {32: (32, 64, 4, 2)}
+_KM_SLP_FWD_PLAIN: dict = {}
+_KM_SLP_FWD_TANGENT = {64: (32, 64, 8, 2)}
+_KM_SLP_BWD: dict = {}
+
+
 def _bucket(dqk: int, dv: int) -> int:
     return max(32, triton.next_power_of_2(dqk), triton.next_power_of_2(dv))
 
@@ -157,34 +174,47 @@ def _cc(index: int) -> int:
     return 10 * major + minor
 
 
-def fwd_config(dqk: int, dv: int, tangent: bool, fp32: bool = False, arch: int = 90) -> tuple[int, int, int, int]:
+def fwd_config(dqk: int, dv: int, tangent: bool, fp32: bool = False, arch: int = 90,
+               kmask: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward (``tangent``: the fused pass or the
-    tangent pass of two_pass) on compute capability ``arch``. ``FASTDISTILL_ATTN_FWD_CONFIG`` overrides."""
+    tangent pass of two_pass) on compute capability ``arch``; ``kmask``: with a key mask (its own entries where the
+    unmasked one spills). ``FASTDISTILL_ATTN_FWD_CONFIG`` overrides."""
     cfg = _env_cfg("FASTDISTILL_ATTN_FWD_CONFIG")
     if cfg is not None:
         return cfg
     if fp32:
         return _fp32_config(dqk, dv, arch)
+    b = _bucket(dqk, dv)
     if _small_smem(arch):
         if arch != 80:
-            return (_SLP_FWD_TANGENT if tangent else _SLP_FWD_PLAIN)[_bucket(dqk, dv)]
-        return (_SM80_FWD_TANGENT if tangent else _SM80_FWD_PLAIN)[_bucket(dqk, dv)]
+            km = (_KM_SLP_FWD_TANGENT if tangent else _KM_SLP_FWD_PLAIN) if kmask else {}
+            return km.get(b) or (_SLP_FWD_TANGENT if tangent else _SLP_FWD_PLAIN)[b]
+        km = (_KM_SM80_FWD_TANGENT if tangent else {}) if kmask else {}
+        return km.get(b) or (_SM80_FWD_TANGENT if tangent else _SM80_FWD_PLAIN)[b]
     padded = triton.next_power_of_2(dqk) != dqk or triton.next_power_of_2(dv) != dv
+    if kmask:
+        if not tangent and padded and b == 128:
+            return _KM_FWD_PLAIN_PADDED_128
+        km = (_KM_FWD_TANGENT if tangent else _KM_FWD_PLAIN).get(b)
+        if km is not None:
+            return km
     if tangent and padded and _bucket(dqk, dv) == 128:  # head dims 80, 96, ...: the masked head dim costs registers
         # (8 warps: with 4 the shifted tangent accumulator spills 8 bytes on sm_90a)
         return (32, 16, 8, 2)
     return (_FWD_TANGENT if tangent else _FWD_PLAIN)[_bucket(dqk, dv)]
 
 
-def bwd_config(dqk: int, dv: int, fp32: bool = False, arch: int = 90) -> tuple[int, int, int, int]:
+def bwd_config(dqk: int, dv: int, fp32: bool = False, arch: int = 90, kmask: bool = False) -> tuple[int, int, int, int]:
     cfg = _env_cfg("FASTDISTILL_ATTN_BWD_CONFIG")
     if cfg is not None:
         return cfg
     if fp32:
         return _fp32_config(dqk, dv, arch)
+    b = _bucket(dqk, dv)
     if _small_smem(arch):
-        return (_SM80_BWD if arch == 80 else _SLP_BWD)[_bucket(dqk, dv)]
-    return _BWD[_bucket(dqk, dv)]
+        km = (_KM_SM80_BWD if arch == 80 else _KM_SLP_BWD) if kmask else {}
+        return km.get(b) or (_SM80_BWD if arch == 80 else _SLP_BWD)[b]
+    return _BWD[b]
 
 
 def _fp32_config(dqk: int, dv: int, arch: int) -> tuple[int, int, int, int]:
@@ -398,7 +428,9 @@ def _attn_fwd_kernel(
     v_base = V + b * svb + hk * svh
     tk_base = TK + b * stkb + hk * stkh
     tv_base = TV + b * stvb + hk * stvh
-    kb_base = KB + b * skbb + h * skbh  # the key bias of query head h (read only under HAS_KB)
+    kb_base = KB  # (None without a key mask)
+    if HAS_KB:
+        kb_base = KB + b * skbb + h * skbh  # the key bias of query head h
     qk2 = scale * (1.4426950408889634 if BASE2 else 1.0)  # scores in the log2 domain (BASE2)
 
     if PRIMAL:
@@ -520,9 +552,11 @@ def _as_f32(x: float) -> float:
 
 def _kb_args(kb: torch.Tensor | None, lse: torch.Tensor) -> tuple:
     """(pointer, batch / head / key strides) of a key bias ``[B, H, Sk]`` (any strides: 0 where it broadcasts), a
-    bool mask as its uint8 view (no copy); without one, lse's pointer and zeros (never read: HAS_KB off)."""
+    bool mask as its uint8 view (no copy); without one, four Nones: Triton makes them constexprs, so an unmasked
+    kernel has the parameters it had before key masks (four more, unused, moved ptxas's register allocation: the
+    fused pass at head dim 128 spilled 8 bytes on sm_90a)."""
     if kb is None:
-        return lse, 0, 0, 0
+        return None, None, None, None
     return (kb.view(torch.uint8) if kb.dtype == torch.bool else kb), *kb.stride()
 
 
@@ -614,18 +648,25 @@ def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, KB, sqb, sqh, sqs, skb, skh, sk
 
 
 ARG_SHIFT_BM, ARG_SHIFT_WARPS = (32, 4) if _TRITON_VER >= (3, 9) else (16, 8)  # 32x4 spills under Triton 3.6
+# with a key mask: 32x4 spills 8 bytes at head dim 256 on sm_80 (Triton 3.9); 32x8 spills on neither sm_80 nor sm_90a
+ARG_SHIFT_KMASK = (32, 8) if _TRITON_VER >= (3, 9) else (16, 8)
+
+
+def arg_shift_config(kmask: bool = False) -> tuple[int, int]:
+    """(BM, num_warps) of the tangent shift kernel (two_pass), with or without a key mask."""
+    return ARG_SHIFT_KMASK if kmask else (ARG_SHIFT_BM, ARG_SHIFT_WARPS)
 
 
 def _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale, kb=None):
     B, H, Sq, Dqk = q.shape
-    BM = ARG_SHIFT_BM
+    BM, warps = arg_shift_config(kb is not None)
     kb_ptr, *kb_strides = _kb_args(kb, lse)
     _arg_shift_kernel[(triton.cdiv(Sq, BM), H, B)](
         q, k, q if tq is None else tq, k if tk is None else tk, lse, lse if lo is None else lo, mu, kb_ptr,
         *_s3(q, q), *_s3(k, k), *_s3(tq, q), *_s3(tk, k), lse.stride(0), lse.stride(1), *kb_strides, H // k.shape[1],
         Sq, k.shape[2], scale,
         DQK=Dqk, BDQK=max(16, triton.next_power_of_2(Dqk)), BM=BM, HAS_TQ=tq is not None, HAS_TK=tk is not None,
-        HAS_LO=lo is not None, WIDE=_wide(q, k, tq, tk) or _kb_wide(kb), **_kb_flags(kb), num_warps=ARG_SHIFT_WARPS,
+        HAS_LO=lo is not None, WIDE=_wide(q, k, tq, tk) or _kb_wide(kb), **_kb_flags(kb), num_warps=warps,
     )
 
 
@@ -662,12 +703,12 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     if not fused:  # two_pass; with Ṡ, the primal pass leaves each row's arg-max key in mu for the shift c
         shift = tangent and (tq is not None or tk is not None)
         _launch_fwd(q, k, v, None, None, None, o, None, lse, mu if shift else None, lo, causal, scale, True, False,
-                    fwd_config(Dqk, Dv, False, f32, arch), kb)
+                    fwd_config(Dqk, Dv, False, f32, arch, kb is not None), kb)
         if shift:
             _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale, kb)
     if tangent:
         _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, fused, True,
-                    fwd_config(Dqk, Dv, True, f32, arch), kb)
+                    fwd_config(Dqk, Dv, True, f32, arch, kb is not None), kb)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -811,7 +852,9 @@ def _attn_bwd_dq_kernel(
         lse_lo = tl.load(LO + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + (b * H + h) * Sq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BM, BDQK], tl.float32)
-    kb_base = KB + b * skbb + h * skbh
+    kb_base = KB
+    if HAS_KB:
+        kb_base = KB + b * skbb + h * skbh
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     hi = Sk
@@ -861,7 +904,7 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
     _check_kbias(key_bias, q, k)
     arch = device_arch(q)
     _check_fp32_arch(q, arch)
-    BM, BN, warps, stages = bwd_config(Dqk, Dv, q.dtype == torch.float32, arch)
+    BM, BN, warps, stages = bwd_config(Dqk, Dv, q.dtype == torch.float32, arch, key_bias is not None)
     bdq, bdv = max(16, triton.next_power_of_2(Dqk)), max(16, triton.next_power_of_2(Dv))
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     _attn_bwd_pre_kernel[(triton.cdiv(Sq, 64), H, B)](

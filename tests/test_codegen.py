@@ -24,6 +24,9 @@ import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_codegen.py")
 NOT_FP16 = r"^(?!(attn|kd) .* fp16\b)"  # (--only: re.search on the configuration's name)
+# key-mask variants (names ending in " kmask"): at head dims 64 and 128 here (the CPU suite's time); the script compiles
+# them at every head dim, and none spilled on sm_90a, sm_80 (bf16 and fp16) or sm_89 (bf16) when they were added
+KMASK_MAIN = r"(?!(?!.* D(64/64|128/128|64|128) ).*kmask$)"
 
 
 def _codegen(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -34,9 +37,10 @@ def _codegen(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def test_no_spills_sm90a():
     """The gated configurations on sm_90a, and in the same run (one process pool) the fp32 attention kernels at
     head dim 128 (reported, not gated for spills; check_attention_fp32_compiles_sm90a says why)."""
-    r = _codegen("--arch", "90", "--only", NOT_FP16 + r"(?!attn .* fp32 D(?!128/))")
+    r = _codegen("--arch", "90", "--only", NOT_FP16 + r"(?!attn .* fp32 D(?!128/))" + KMASK_MAIN)
     report = r.stdout + r.stderr
     assert "stats op=0" in r.stdout and "attn fwd jvp   bf16 D128/128" in r.stdout, f"codegen report missing:\n{report}"
+    check_kmask_rows(r)
     assert not re.search(r"^(attn|kd) .* fp16\b", r.stdout, re.M), "fp16 attention / kd: compiled by .ci/run"
     assert r.returncode == 0, f"a configuration spills registers (or failed to compile):\n{report}"
     assert "SPILLS" not in r.stdout
@@ -46,8 +50,9 @@ def test_no_spills_sm90a():
 def test_no_spills_sm80_attention_fits_shared_memory():
     """The gated configurations on sm_80, and in the same run (one process pool) the fp32 attention kernels at head
     dims 128 and 256, which must fit too (check_attention_fp32_fits_shared_memory_sm80)."""
-    r = _codegen("--arch", "80", "--only", NOT_FP16 + r"(?!attn .* fp32 D(?!(128|256)/))")
+    r = _codegen("--arch", "80", "--only", NOT_FP16 + r"(?!attn .* fp32 D(?!(128|256)/))" + KMASK_MAIN)
     report = r.stdout + r.stderr
+    check_kmask_rows(r)
     for row in ("stats op=0", "kd div   div=2 bf16", "kd grad  div=2 fp32 top-k", "attn fwd plain bf16 D128/128"):
         assert row in r.stdout, f"codegen report missing {row!r}:\n{report}"
     assert r.returncode == 0 and "SPILLS" not in r.stdout, f"a configuration spills on sm_80:\n{report}"
@@ -55,6 +60,17 @@ def test_no_spills_sm80_attention_fits_shared_memory():
             for m in [re.search(r" \d+/\d+ +\d+ +(\d+)(  |$)", line)]]  # (regs, spill st/ld, stack, smem, flags)
     assert smem and max(smem) <= 99 * 1024, f"shared memory above 99 KiB on sm_80:\n{report}"
     check_attention_fp32_fits_shared_memory_sm80(r)
+
+
+def check_kmask_rows(r: subprocess.CompletedProcess):
+    """The key-mask variants (a float bias in the input dtype; the dispatcher's masked entries, kernels/jvp_attention.py
+    _KM_*) are compiled at head dims 64 and 128, bf16 only, and gated with the rest."""
+    report = r.stdout + r.stderr
+    names = [x for x in r.stdout.splitlines() if x.startswith("attn ") and " kmask" in x]
+    for want in ("attn fwd plain bf16 D128/128", "attn fwd 2pass bf16 D64/64", "attn shift bf16 D128 ",
+                 "attn dq   bf16 D64/64"):
+        assert any(x.startswith(want) for x in names), f"codegen report missing the kmask row {want!r}:\n{report}"
+    assert not [x for x in names if re.search(r" D(?!(64/64|128/128|64|128) )", x) or " bf16 " not in x], names
 
 
 def check_attention_fp32_fits_shared_memory_sm80(r: subprocess.CompletedProcess):
@@ -79,7 +95,7 @@ def test_attention_sm89_no_spills_fits_shared_memory():
     none may spill, abort (an LLVM assertion inside Triton would kill a user's process:
     benchmarks/repro/triton39_slp_abort.py) or need more than 99 KiB. fp16 is not compiled here (the CPU
     suite's time); it spilled nowhere on sm_89, sm_86 and sm_120 when the tables were made."""
-    r = _codegen("--arch", "89", "--family", "attn", "--only", "bf16")
+    r = _codegen("--arch", "89", "--family", "attn", "--only", r"^(?=.* bf16 )" + KMASK_MAIN)
     report = r.stdout + r.stderr
     from fastdistill.kernels import jvp_attention as A
 
