@@ -20,15 +20,17 @@ cancellation is gone; elsewhere |c| ≤ P·|Ṡ| keeps μ = c + r/l as accurate 
 two_pass, P is final in the tangent pass (nothing to re-base): the primal pass records each row's
 arg-max key, and _arg_shift_kernel forms c = P·Ṡ of that key with row-wise dots in between.
 
-A row that sees no key (causal with Sq > Sk, Sk = 0) keeps l = 0 and gets O = Ȯ = 0, μ = 0,
-lse = −inf. ``two_pass`` is the alternative of DESIGN.md: the primal pass stores O and lse, then the
+A row that sees no key (causal with Sq > Sk, Sk = 0, every key masked) keeps l = 0 and gets O = Ȯ = 0, μ = 0,
+lse = −inf. A key mask (HAS_KB) adds a per-key bias [B, H, Sk] (own strides; bool: 0 / −inf) to S after the scale,
+in natural units (BASE2 off), with the low word of lse in every dtype (docs/jvp_attention.md, "Key masks").
+``two_pass`` is the alternative of DESIGN.md: the primal pass stores O and lse, then the
 tangent pass recomputes P = exp(S − lse) (5 matmuls, no rescaling) and reads O back. It is the
 default above head dim 128 (where the fused pass cannot avoid spilling registers on sm_90a)
 and selectable everywhere with FASTDISTILL_ATTN_JVP=fused|two_pass, except for fp32 inputs: their
 logits come from float64 dots (_logits), which the fused pass cannot take, and they always use
 two_pass.
 Backward (FA2): Δ = rowsum(dO⊙O) − dlse, dS = P⊙(dP − Δ), P = exp((S − lse) − lse_lo) where
-lse_lo, written by the forward for fp32 inputs, is the rounding error of lse = m + ln l (TwoSum);
+lse_lo, written by the forward for fp32 inputs and with a key mask, is the rounding error of lse = m + ln l (TwoSum);
 one kernel per key block accumulates dk, dv over the query blocks of every query head of its
 group (no atomics: deterministic), one kernel per query block accumulates dq.
 """
