@@ -1,7 +1,8 @@
 """GPU tier for jvp_attention on the Triton backend: fp32/fp16/bf16, head dims 32–256 and Dqk ≠ Dv,
 sequences up to 16384, causal and not, Sq ≠ Sk (fully masked rows), GQA/MQA, strided inputs, the
-backward (dq, dk, dv), both tangent schedules (fused, two_pass), bitwise determinism, the
-torch.func.jvp path and CUDA-graph capture. Skipped with a reason without a GPU.
+backward (dq, dk, dv), both tangent schedules (fused, two_pass), key masks (bool and float, with their own block
+configurations), bitwise determinism, the torch.func.jvp path and CUDA-graph capture. Skipped with a reason without
+a GPU.
 
 Oracle and tolerance rule: test_jvp_attention.py (fp64 math attention; error ≤ 2·max(plain PyTorch
 in the input dtype, storage) + floor). The floor is 1e-5 of max |oracle| here, not 1e-6: Triton's
@@ -112,14 +113,15 @@ def need_triton(dtype: torch.dtype) -> None:
         pytest.skip(f"fp32 runs on the reference backend on sm_{arch}")
 
 
-def run(c: G, *, bwd: bool = False, seed_up: int = 1) -> dict:
+def run(c: G, *, bwd: bool = False, seed_up: int = 1, key_mask: torch.Tensor | None = None) -> dict:
     need_triton(c.dtype)
     (q, k, v, tq, tk, tv), vals = inputs(c)
     if bwd:
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     with fd.use_backend("triton"):
         o, to, lse, dlse = fd.jvp_attention(q, k, v, tq, tk, tv, causal=c.causal, layout=c.layout, return_lse=True,
-                                            tangent_dtype=c.tangent_dtype)
+                                            tangent_dtype=c.tangent_dtype,
+                                            **({} if key_mask is None else {"key_mask": key_mask}))
         out = dict(o=bhsd(o, c.layout), to=bhsd(to, c.layout), lse=lse, dlse=dlse)
         if bwd:
             g = torch.Generator(device=DEV).manual_seed(seed_up)
@@ -131,12 +133,13 @@ def run(c: G, *, bwd: bool = False, seed_up: int = 1) -> dict:
     return dict(out, vals=vals)
 
 
-def compare(c: G, got: dict, bwd: bool = False) -> None:
+def compare(c: G, got: dict, bwd: bool = False, bias: torch.Tensor | None = None) -> None:
+    """``bias``: the key mask as the oracle's [B, Hq, Sk] additive bias (−inf: masked)."""
     rows = None if bwd else pick_rows(c)
     q, k, v, tq, tk, tv = got["vals"]
     if rows is not None:
         q, tq = q[:, :, rows], None if tq is None else tq[:, :, rows]
-    kw = dict(causal=c.causal, rows=rows, Sq=c.Sq)
+    kw = dict(causal=c.causal, rows=rows, Sq=c.Sq, bias=bias)
     if bwd:
         kw.update(go=got["go"], glse=got["glse"])
     exact = oracle(q, k, v, tq, tk, tv, **kw)
@@ -211,7 +214,44 @@ def test_backward_gpu(case):
     compare(case, run(case, bwd=True), bwd=True)
 
 
+# head dims whose masked calls have their own block configurations on sm_90a (80/96, 256) and two that share the
+# unmasked ones (64, 128)
+KM_DIMS = [(64, BF16, 4, False), (96, F16, 2, True), (128, BF16, 1, True), (256, F16, 2, False)]
+KM_CASES = [G(2048, 3001, D=d, dtype=dt, Hq=4, Hkv=hkv, causal=causal, rows=256, seed=20 + i)
+            for i, (d, dt, hkv, causal) in enumerate(KM_DIMS)]
+
+
+def padding_mask(case: G, kind: str, Sk: int, seed: int):
+    """(key_mask for jvp_attention, its [B, Hq, Sk] float64 bias for the oracle): text padding, each sample keeping
+    a prefix of its keys (sample 0 all, the others a third); ``float``: a random bias on the kept keys besides."""
+    keep = torch.arange(Sk, device=DEV)[None, :] < torch.tensor([Sk] + [Sk // 3] * (case.B - 1), device=DEV)[:, None]
+    if kind == "bool":
+        return keep[:, None, :], torch.where(keep, 0.0, float("-inf"))[:, None, :].double().expand(-1, case.Hq, -1)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    mask = torch.where(keep[:, None, :], torch.randn(case.B, case.Hq, Sk, generator=g, device=DEV) * 3, float("-inf"))
+    return mask, mask.double()
+
+
+def check_key_mask(case: G, kind: str, bwd_sq: int, bwd_sk: int, monkeypatch) -> None:
+    for sched in ("fused", "two_pass"):
+        monkeypatch.setenv("FASTDISTILL_ATTN_JVP", sched)
+        mask, bias = padding_mask(case, kind, case.sk, case.seed)
+        compare(case, run(case, key_mask=mask), bias=bias)
+    small = dataclasses.replace(case, Sq=bwd_sq, Sk=bwd_sk, rows=None)
+    mask, bias = padding_mask(small, kind, bwd_sk, case.seed + 1)
+    compare(small, run(small, bwd=True, key_mask=mask), bwd=True, bias=bias)
+
+
 @pytest.mark.skipif(not GPU, reason="GPU tier: no CUDA device visible")
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("case", KM_CASES, ids=lambda c: c.id)
+def test_key_mask_gpu(case, kind, monkeypatch):
+    """Key masks (padded text) in both tangent schedules and the backward, head dims 32–256 (the masked calls' own
+    block configurations), GQA, causal with Sq < Sk, against the fp64 oracle with the same bias. Backward at
+    Sq 512, Sk 700 (dk, dv need every row)."""
+    check_key_mask(case, kind, 512, 700, monkeypatch)
+
+
 @pytest.mark.parametrize("D", [64, 256])  # 256: the two_pass tangent pass reads the low word of lse too
 def test_fp32_large_logits_gpu(D):
     """fp32 at scale × 30 (|S| ~ 100, nearly one-hot rows), causal, forward + tangent + backward, under the rule
