@@ -64,7 +64,7 @@ def math_attention(q, k, v, *, causal: bool, scale: float, rows=None, Sq: int | 
     s = torch.where(row, s, 0.0)  # rows that see nothing: a harmless finite row, zeroed below
     p = torch.where(row, torch.softmax(s, -1), 0.0)
     o = torch.matmul(p, v)
-    if bias is None:
+    if bias is None or Sk == 0:  # (no key: amax of an empty row raises; logsumexp gives −inf)
         lse_s = torch.logsumexp(s, -1)
     else:  # m + ln Σ exp(S − m), m the row max held constant: logsumexp's own derivative, exp(S − lse), is 1 for
         # every key of a row whose every score is about finfo.min (lse rounds to m there), where P is 1/n
