@@ -314,10 +314,16 @@ def test_key_mask_errors():
         ("query dim", torch.ones(2, 1, 5, 5, dtype=torch.bool), ValueError, "varies along the query dimension"),
         ("requires grad", torch.zeros(2, 1, 1, 5, requires_grad=True), ValueError, "requires grad"),
         ("device", torch.zeros(2, 1, 1, 5, device="meta"), ValueError, "key_mask: device meta"),
+        # SDPA's rule (bool, float32 or q's dtype): a float64 bias on float32 inputs was rounded to float32 by both
+        # backends, −1e300 to −inf: a row of such keys saw no key (o = 0) where SDPA's semantics average its values
+        ("float64 on float32", torch.full((2, 1, 1, 5), -1e300, dtype=torch.float64), TypeError,
+         "key_mask: a float mask must be float32 or q's dtype"),
+        ("float16 on bfloat16", torch.zeros(2, 1, 1, 5, dtype=torch.float16), TypeError, "must be float32 or"),
     ]
-    for _what, m, exc, msg in cases:
+    for what, m, exc, msg in cases:
+        a = (x.bfloat16() for x in (q, k, v)) if what == "float16 on bfloat16" else (q, k, v)
         with pytest.raises(exc, match=msg):
-            fd.jvp_attention(q, k, v, key_mask=m)
+            fd.jvp_attention(*a, key_mask=m)
     with pytest.raises(ValueError, match="key_mask: carries a forward-AD tangent"):
         torch.func.jvp(lambda b: fd.jvp_attention(q, k, v, key_mask=b)[0], (torch.zeros(2, 1, 1, 5),),
                        (torch.ones(2, 1, 1, 5),))
@@ -325,6 +331,13 @@ def test_key_mask_errors():
     for m in (torch.ones(1, 1, 1, 5, dtype=torch.bool), torch.zeros(2, 4, 1, 5).expand(2, 4, 5, 5),
               torch.zeros(5), torch.zeros(2, 1, 1, 5, requires_grad=True).detach()):
         assert torch.isfinite(fd.jvp_attention(q, k, v, key_mask=m)[0]).all()
+    # a float32 mask on fp16 inputs (SDPA's rule), a float64 one on float64 inputs, and under autocast a float16
+    # mask of float32 inputs (cast with them, as stock SDPA's)
+    assert torch.isfinite(fd.jvp_attention(q.half(), k.half(), v.half(), key_mask=torch.zeros(5))[0]).all()
+    assert torch.isfinite(fd.jvp_attention(q.double(), k.double(), v.double(),
+                                           key_mask=torch.zeros(5, dtype=torch.float64))[0]).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fd.jvp_attention(q, k, v, key_mask=torch.zeros(5, dtype=torch.float16))[0].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("variant", ["bool-bshd", "float-bhsd-tangents"])

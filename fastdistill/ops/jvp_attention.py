@@ -466,6 +466,10 @@ def _key_bias(key_mask, q: torch.Tensor, k: torch.Tensor, lay: int) -> torch.Ten
         raise ValueError(f"key_mask: shape {tuple(key_mask.shape)}: expected {want}")
     if m.dtype != torch.bool:
         m, = autocast_cast(m)  # (after the query dim is gone: a cast of a broadcast view copies it)
+        if m.dtype not in (torch.float32, q.dtype):  # SDPA's rule; the kernels add the bias in float32: a float64
+            # one would be rounded there (−1e300 to −inf: a key SDPA biases would be masked, a row of them see none)
+            raise TypeError(f"key_mask: a float mask must be float32 or q's dtype ({_name(q.dtype)}), as SDPA's "
+                            f"attn_mask, got {_name(m.dtype)}")
     return m.expand(B, Hq, Sk)
 
 
