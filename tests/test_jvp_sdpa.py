@@ -79,19 +79,29 @@ def test_jvp_and_primal_grad_match_math_sdpa(name):
     q, k, v, tq, tk, tv = _qkv(sq, sk, dv)
     w = torch.randn(*sq[:-1], dv or sk[-1], dtype=F64)
     f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw)
+    _served_equals_math(name, f, (q, k, v), (tq, tk, tv), w)
+
+
+def _served_equals_math(name, f, prim, tans, w) -> list:
+    """torch.func.jvp of ``f`` under stock math SDPA and under jvp_sdpa() (one fused call, no fastdistill warning),
+    each followed by a backward through the primal (the MeanFlow pattern): o, to, dq, dk, dv equal. Returns both
+    runs' (o, to, dq, dk, dv), math first."""
     results = []
-    for ctx in (None, jvp_sdpa):
-        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-        if ctx is None:
-            o, to = _math_jvp(f, (qq, kk, vv), (tq, tk, tv))
+    for served in (False, True):
+        leaves = tuple(x.clone().requires_grad_() for x in prim)
+        if not served:
+            o, to = _math_jvp(f, leaves, tans)
         else:
-            with ctx():
-                o, to = torch.func.jvp(f, (qq, kk, vv), (tq, tk, tv))
-        (o * w).sum().backward()  # MeanFlow pattern: backward through the primal of the JVP pass
-        results.append((o, to, qq.grad, kk.grad, vv.grad))
+            with jvp_sdpa(), warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                o, to = torch.func.jvp(f, leaves, tans)
+            assert not [m for m in seen if "fastdistill" in str(m.message)]
+        (o * w).sum().backward()
+        results.append((o, to, *(x.grad for x in leaves)))
     assert sdpa_stats() == {"jvp": 1}, sdpa_stats()
     for what, a, b in zip(("o", "to", "dq", "dk", "dv"), results[1], results[0]):
         _close(a, b, what=f"{name} {what}")
+    return results
 
 
 def test_dual_tensors_and_partial_tangents():
@@ -201,21 +211,7 @@ def test_key_masks_served(name):
     mask = make()
     w = torch.randn(*sq[:-1], sk[-1], dtype=F64)
     f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
-    results = []
-    for ctx in (None, jvp_sdpa):
-        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-        if ctx is None:
-            o, to = _math_jvp(f, (qq, kk, vv), (tq, tk, tv))
-        else:
-            with ctx(), warnings.catch_warnings(record=True) as seen:
-                warnings.simplefilter("always")
-                o, to = torch.func.jvp(f, (qq, kk, vv), (tq, tk, tv))
-            assert not [w for w in seen if "fastdistill" in str(w.message)]
-        (o * w).sum().backward()
-        results.append((o, to, qq.grad, kk.grad, vv.grad))
-    assert sdpa_stats() == {"jvp": 1}, sdpa_stats()
-    for what, a, b in zip(("o", "to", "dq", "dk", "dv"), results[1], results[0]):
-        _close(a, b, what=f"{name} {what}")
+    results = _served_equals_math(name, f, (q, k, v), (tq, tk, tv), w)
     if name.startswith("fully-masked"):
         dead = 1 if name.endswith("sample") else 0
         for x in (*results[1][:3], *results[0][:3]):

@@ -33,7 +33,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_jvp_sdpa import _clean  # noqa: F401  (autouse: sdpa_stats reset; SDPA unpatched after each test)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdistill.integrations import jvp_sdpa, patch_sdpa, sdpa_stats, unpatch_sdpa
@@ -42,16 +42,9 @@ from fastdistill.integrations import sdpa as _sdpa_mod
 diffusers = pytest.importorskip("diffusers")
 
 F64 = torch.float64
-STOCK = F.scaled_dot_product_attention
 TOL = 1e-11
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    sdpa_stats(reset=True)
-    _sdpa_mod._warned.clear()
-    yield
-    assert F.scaled_dot_product_attention is STOCK, "a test left SDPA patched"
 
 
 @pytest.fixture(autouse=True)
