@@ -243,6 +243,25 @@ def test_key_mask_plain_calls_and_autocast():
     _close(to, ref_t, 2e-2, "autocast to")
 
 
+@pytest.mark.parametrize("mdt", [torch.float16, torch.float32])
+def test_key_mask_autocast_casts_the_mask_too(mdt):
+    """Under torch.autocast stock SDPA casts a float mask with q, k, v (an fp16 mask of fp32 inputs becomes bf16 under
+    bf16 autocast, a valid mask there): served as such, not handed to stock SDPA by the mask-dtype rule (before)."""
+    q, k, v, tq, *_ = _qkv((2, 2, 6, 16), (2, 2, 9, 16), dtype=torch.float32, seed=13)
+    mask = _pad_keys(2, 9, mdt, fill=-1e4)[:, None, None, :]
+    att = lambda q: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_o = att(q)
+        with jvp_sdpa():
+            sdpa_stats(reset=True)
+            o, to = torch.func.jvp(att, (q,), (tq,))
+    assert sdpa_stats() == {"jvp": 1}
+    rb = lambda x: x.bfloat16().float()
+    ref_t = _math_jvp(lambda q: STOCK(q, rb(k), rb(v), attn_mask=rb(mask)), (rb(q),), (rb(tq),))[1]
+    _close(o, ref_o, 1e-2, "o")
+    _close(to, ref_t, 2e-2, "to")
+
+
 def test_key_mask_torch_compile_fullgraph():
     """A served key mask traces into one graph too (plain="fastdistill", and torch.func.jvp inside the compiled
     function: math attention in the graph), equal to math SDPA."""

@@ -38,10 +38,10 @@ A fallback call that carries a tangent runs stock SDPA's math backend (the only 
 forward-mode AD), so it computes the same function as before the patch.
 
 Under ``torch.autocast`` a served call runs in the autocast dtype, as stock SDPA does (it is on
-autocast's lower-precision list). The tangent output is stop-gradient (``jvp_attention``'s contract):
-a loss that reaches it raises, as does a double backward through a served call. If other code wraps
-SDPA over the patch, calls that come back through its wrapper while fastdistill delegates reach the
-builtin SDPA (no recursion).
+autocast's lower-precision list; a float ``attn_mask`` is cast with q, k, v). The tangent output is
+stop-gradient (``jvp_attention``'s contract): a loss that reaches it raises, as does a double backward
+through a served call. If other code wraps SDPA over the patch, calls that come back through its wrapper
+while fastdistill delegates reach the builtin SDPA (no recursion).
 
 Under ``torch.compile`` the patched call traces into the graph (``fullgraph=True`` works: plain calls with
 either ``plain`` choice, and fallbacks, also inside ``torch.func.jvp``; a call with a tangent that dynamo
@@ -379,6 +379,8 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if not tangent and _stack() and not _global_serves_plain() and _checkpointed(query, key, value):
         return _fallback(_CHECKPOINT_REASON, *args, tangent=False)
     query, key, value = autocast_cast(query, key, value)  # as stock SDPA (autocast's lower-precision list)
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+        (attn_mask,) = autocast_cast(attn_mask)  # autocast casts a float mask with them (an fp16 one of fp32 inputs)
     reason = _why_not(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra)
     if reason is not None:
         return _fallback(reason, *args, tangent=tangent)
