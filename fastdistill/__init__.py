@@ -47,7 +47,10 @@ _source_tree_kernels()
 
 
 def available_backends(op: str, x, **kwargs) -> dict[str, list[str]]:
-    """For each backend, the reasons it cannot run ``op`` on tensors like ``x`` (empty: it can)."""
+    """For each backend, the reasons it cannot run ``op`` on tensors like ``x`` (empty: it can). ``x`` is the op's
+    main input (``jvp_attention``: q, whose head dim counts); keyword arguments describe the rest of a call where a
+    backend's answer depends on it (``jvp_attention``: ``head_dims=(Dqk, Dv)``, ``batch_heads=(B, Hq)``;
+    ``kd_loss``: ``teacher_dtype=``, ``topk=True``, ``fp64=True``)."""
     from fastdistill import _backend
 
     op = _OP_ALIASES.get(op, op)

@@ -493,6 +493,17 @@ def test_head_dim_512():
     check("to", to.transpose(1, 2), exact["to"], plain["to"])
 
 
+def test_available_backends_reads_the_head_dim_of_q():
+    """``available_backends("jvp_attention", q)`` reports the reasons for tensors like ``q``: its head dim counts
+    without ``head_dims=`` (before, a 4-D q of head dim 512 was reported runnable on Triton, and forcing Triton then
+    raised for exactly that reason)."""
+    q = torch.empty(1, 3, 1, 512)
+    why = fd.available_backends("jvp_attention", q)["triton"]
+    assert any("head dim 512" in r for r in why), why
+    assert not any("head dim" in r for r in fd.available_backends("jvp_attention", q[..., :256])["triton"])
+    assert fd.available_backends("jvp_attention", q)["reference"] == []
+
+
 def test_batch_beyond_the_launch_grid_dispatches_to_reference():
     """B (or H) > 65535 exceeds the Triton kernels' launch grid: dispatch skips Triton with the reason (the
     reference runs it) instead of picking Triton and raising inside its launcher; under jvp_sdpa() the call is

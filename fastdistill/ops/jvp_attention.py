@@ -48,7 +48,10 @@ _MAX_GRID_YZ = 65535  # CUDA: a launch grid's y and z dims (kernels/jvp_attentio
 def _why_not_triton(x: torch.Tensor, head_dims: tuple = (), batch_heads: tuple = (), grid_too_big: bool = False,
                     **_) -> list[str]:
     """``batch_heads`` (B, Hq), or ``grid_too_big``: the same test done by the caller (a bool: under torch.compile B
-    may be symbolic, and the choice of backend must be a constant of the graph)."""
+    may be symbolic, and the choice of backend must be a constant of the graph). ``head_dims`` (Dqk, Dv); without
+    it, a 4-D ``x`` (a q from ``fastdistill.available_backends``) gives its own head dim."""
+    if not head_dims and x.dim() == 4:
+        head_dims = (x.shape[-1],)
     r = _backend.triton_why_not(x.device)
     if grid_too_big or (batch_heads and max(batch_heads) > _MAX_GRID_YZ):
         r.append(f"batch / heads > {_MAX_GRID_YZ}: the Triton kernels' launch grid holds at most {_MAX_GRID_YZ} "
