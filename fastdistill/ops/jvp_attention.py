@@ -515,7 +515,8 @@ def jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.T
             scaled scores, ``S = s·q kᵀ + key_mask`` (SDPA's float attn_mask; −inf masks a key). It gets no
             gradient and no tangent (a float mask that requires grad or carries a tangent raises). Combines with
             ``causal``; a row whose keys are all masked (False / −inf) sees no key (as stock math SDPA: 0).
-        return_lse: also return ``lse`` ``[B, Hq, Sq]`` (float32, natural log) and its tangent ``dlse = μ``.
+        return_lse: also return ``lse`` ``[B, Hq, Sq]`` (float32, float64 for float64 inputs; natural log) and its
+            tangent ``dlse = μ``.
         tangent_dtype: ``torch.float32`` for an fp32 ``to`` from bf16/fp16 inputs (default: q's dtype); explicit
             pairs only (under ``torch.func.jvp`` / dual tensors the tangent has o's dtype: another one raises).
 
