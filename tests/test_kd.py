@@ -678,9 +678,12 @@ def test_kd_shifted_views_under_compile(use):
 def test_kd_inplace_grad_refuses_a_teacher_overlapping_other_rows(use):
     """inplace_grad=True with a teacher that is another window of the student's buffer (rows shifted by one,
     or a column slice) would race (one row's gradient overwrites teacher logits another row reads): an error
-    naming the argument. The very same tensor as teacher is per-row safe, and a disjoint window is allowed."""
+    naming the argument. The very same tensor as teacher is per-row safe, and a disjoint window is allowed. The
+    shifted windows of a [B, T, V] buffer are refused on every backend (before, the reference backend, which copies
+    such slices, accepted what Triton and CUDA refuse: code written on the CPU failed on the GPU)."""
     buf = torch.randn(5, 64, dtype=F64)
-    for s, t in ((buf[:-1], buf[1:]), (buf[:, :40], buf[:, 24:])):
+    buf3 = torch.randn(2, 5, 16, dtype=F64)
+    for s, t in ((buf[:-1], buf[1:]), (buf[:, :40], buf[:, 24:]), (buf3[:, :-1], buf3[:, 1:])):
         with pytest.raises(ValueError, match="inplace_grad: teacher_logits"):
             fd.kd_loss(s, t, inplace_grad=True)
     x = buf.clone()

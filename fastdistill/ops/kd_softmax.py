@@ -494,8 +494,11 @@ def kd_loss(
             raise ValueError(f"inplace_grad: the rows of student_logits overlap in memory (strides {s.stride()}, "
                              f"V = {V}, e.g. an expanded tensor): one gradient row would overwrite another's logits; "
                              "pass inplace_grad=False")
+    # the buffers the kernels read and write, and the caller's tensors: the reference backend copies sliced logits
+    # (no race there), but a call it accepts must not be one that the in-place kernels refuse
     if inplace_grad and not torch.compiler.is_compiling() and any(
-            x is not None and _overlap_elsewhere(s2, x) for x in (t2, w2)):
+            x is not None and (_overlap_elsewhere(s2, x) or _overlap_elsewhere(s, x0))
+            for x, x0 in ((t2, t), (w2, weights))):
         raise ValueError("inplace_grad: teacher_logits (or weights) share memory with student_logits other than as "
                          "the same view: the gradient written over one student row would overwrite values that "
                          "another row still reads; pass inplace_grad=False or a separate teacher tensor")
