@@ -675,7 +675,7 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     Example (``torchrun --nproc-per-node 4``)::
 
-        q, k, v = (zigzag_shard(x, dim=1) for x in (q_full, k_full, v_full))
+        q, k, v, tq, tk, tv = (zigzag_shard(x, dim=1) for x in (q_full, k_full, v_full, tq_full, tk_full, tv_full))
         o, to = context_parallel_jvp_attention(q, k, v, tq, tk, tv, causal=True, seq_layout="zigzag")
     """
     group, W, r = _group_info(group)
