@@ -874,11 +874,8 @@ TAIL_TW = 4  # ... and sorted ids per window of its walk: a [256, 4] comparison;
 
 
 def params(p, device, dtype):
-    """The plan's kernel_params() as a cached device tensor in ``dtype``."""
-    vals = p.kernel_params()
-    from fastdistill._backend import device_constant
-
-    return device_constant(vals, device, dtype)
+    """The plan's kernel_params() as a device tensor in ``dtype`` (KDPlan.param_vector)."""
+    return p.param_vector(device, dtype)
 
 
 @on_tensor_device
@@ -896,8 +893,8 @@ def kd_fwd(p, s, t, labels, mask, weights):
     loss = torch.empty((1,), dtype=acc, device=s.device)
     factor = torch.empty((1,), dtype=acc, device=s.device)
     BLOCK_V, nw = _cfg(V)
-    flags = dict(HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, ACC=ACC)
-    ce = labels is not None and p.alpha > 0
+    flags = dict(HAS_SCALE=p.scaled, HAS_SOFTCAP=p.capped, ACC=ACC)
+    ce = labels is not None and p.mixes_ce
     dummy = st
     prm = params(p, s.device, acc)
     tt = t[1] if p.topk else t
@@ -910,7 +907,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
         weights if weights is not None else dummy, st, prm, V, 0 if p.topk else tt.shape[-1], s_rs, t_rs, R, s_gs,
         t_gs, ignore_index=p.ignore_index, DIV=99 if p.topk or p.div > DIV_RKL else p.div,
         HAS_LABELS=labels is not None, HAS_MASK=mask is not None, HAS_W=weights is not None, CE=ce,
-        CE_SEP=ce and p.temperature != 1.0, TOPK=bool(p.topk), BLOCK_V=BLOCK_V, num_warps=nw, **flags, **ids_k,
+        CE_SEP=ce and p.ce_sep, TOPK=bool(p.topk), BLOCK_V=BLOCK_V, num_warps=nw, **flags, **ids_k,
     )
     if p.topk:
         ids, lps = t
@@ -940,7 +937,7 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     R = row_groups(s)
     ACC = _TL_ACC[str(p.accum_dtype).removeprefix("torch.")]
     BLOCK_V, nw = _cfg(V)
-    ce = labels is not None and p.alpha > 0
+    ce = labels is not None and p.mixes_ce
     stash = None
     if p.topk:
         ids, tt = t
@@ -956,7 +953,7 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
         params(p, s.device, p.accum_dtype), factor, grad_out, 1 if grad_out.numel() > 1 else 0, out, V,
         0 if p.topk else tt.shape[-1], *rs, *gs, ids, ids.stride(0), K, stash if stash is not None else s,
         DIV=p.div, HAS_LABELS=labels is not None, HAS_W=weights is not None, CE=ce,
-        HAS_SCALE=p.logit_scale != 1.0, HAS_SOFTCAP=p.softcap > 0, BLOCK_V=BLOCK_V, ACC=ACC, num_warps=nw,
-        MODE=p.topk, KB=_k_block(K), CE_SEP=ce and p.temperature != 1.0, STASH=stash is not None, **NO_FP_FUSION,
+        HAS_SCALE=p.scaled, HAS_SOFTCAP=p.capped, BLOCK_V=BLOCK_V, ACC=ACC, num_warps=nw,
+        MODE=p.topk, KB=_k_block(K), CE_SEP=ce and p.ce_sep, STASH=stash is not None, **NO_FP_FUSION,
     )
     return out

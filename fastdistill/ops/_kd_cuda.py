@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from fastdistill._backend import device_constant
 from fastdistill.ops._common import n_rows, row_groups, row_strides
 from fastdistill.ops._cuda_common import DTYPE_CODE, ext, ptr, require_cuda
 
@@ -47,8 +46,8 @@ def _check(p, s: torch.Tensor, t: torch.Tensor) -> int:
 
 
 def params(p, device) -> torch.Tensor:
-    """The plan's kernel_params() as a cached float32 device tensor."""
-    return device_constant(p.kernel_params(), device, torch.float32)
+    """The plan's kernel_params() as a float32 device tensor (KDPlan.param_vector)."""
+    return p.param_vector(device, torch.float32)
 
 
 def _labels(labels: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
@@ -83,7 +82,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
     w = _vec(weights)
     if mask is not None:
         mask = mask.reshape(-1).contiguous().view(torch.uint8)
-    ce = labels is not None and p.alpha > 0
+    ce = labels is not None and p.mixes_ce
     prm = params(p, dev)
     # Temporaries (w, converted labels) may be freed on return: the caching allocator reuses them
     # only for work queued later on this same stream, i.e. after these kernels.
@@ -93,7 +92,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
             weights=ptr(w), prm=prm.data_ptr(), st=st.data_ptr(), loss=loss.data_ptr(), factor=factor.data_ptr(),
             N=N, V=V, Vt=Vt, s_stride=s_rs, t_stride=t_rs, rows_per_group=R, s_gstride=s_gs, t_gstride=t_gs,
             ignore_index=p.ignore_index, div=p.div,
-            red=p.red, ce=ce, ce_sep=ce and p.temperature != 1.0, softcap=p.softcap > 0,
+            red=p.red, ce=ce, ce_sep=ce and p.ce_sep, softcap=p.capped,
             num_items=float(p.num_items), stream=_stream(dev),
         )
     return loss, st[:, 5], st, factor
@@ -114,7 +113,7 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
     factor = factor.reshape(-1).to(torch.float32).contiguous()
     lab, lab64 = _labels(labels)
     w = _vec(weights)
-    ce = labels is not None and p.alpha > 0
+    ce = labels is not None and p.mixes_ce
     (s_gs, s_rs), (t_gs, t_rs), (o_gs, o_rs) = (row_strides(x, R) for x in (s, t, out))
     dev = s.device
     with torch.cuda.device(dev):
@@ -124,6 +123,6 @@ def kd_bwd(p, s, t, labels, weights, st, factor, grad_out, out):
             go_stride=1 if go.numel() > 1 else 0, out=out.data_ptr(), N=N, V=V, Vt=t.shape[-1],
             s_stride=s_rs, t_stride=t_rs, o_stride=o_rs, rows_per_group=R, s_gstride=s_gs, t_gstride=t_gs,
             o_gstride=o_gs, div=p.div, ce=ce,
-            softcap=p.softcap > 0, stream=_stream(dev),
+            softcap=p.capped, stream=_stream(dev),
         )
     return out

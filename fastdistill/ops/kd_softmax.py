@@ -63,6 +63,29 @@ class KDPlan:
         return (1.0 / self.temperature, 1.0 / self.teacher_temperature, self.alpha, self.t2, self.logit_scale,
                 self.softcap if self.softcap > 0 else 1.0, self.beta, self.skew, 1.0 - self.beta, 1.0 - self.skew)
 
+    # the switches the kernels are compiled for (constexpr), decided on the host
+    @property
+    def scaled(self) -> bool:
+        return self.logit_scale != 1.0
+
+    @property
+    def capped(self) -> bool:
+        return self.softcap > 0
+
+    @property
+    def mixes_ce(self) -> bool:
+        return self.alpha > 0
+
+    @property
+    def ce_sep(self) -> bool:  # the CE term takes its own untempered softmax
+        return self.temperature != 1.0
+
+    def param_vector(self, device, dtype: torch.dtype) -> torch.Tensor:
+        """``kernel_params()`` as the device tensor the kernels read (cached; no host synchronisation)."""
+        from fastdistill._backend import device_constant
+
+        return device_constant(self.kernel_params(), device, dtype)
+
     _NI = 5  # the first five fields are integers
 
     def pack(self) -> tuple[list[int], list[float]]:
