@@ -1016,12 +1016,12 @@ def test_kd_fkl_rkl_teacher_offset_accuracy(use, div):
 def test_kd_custom_op_opcheck(use, N):
     """The torch.compile custom op: its registered fake (state [N, 11]) matches the real outputs, the empty
     batch's shortcut included (torch.library.opcheck)."""
-    from fastdistill.ops.kd_softmax import KDPlan
+    from fastdistill.ops.kd_softmax import KDPlan, op_args
 
     g = gen(23)
     s, t = torch.randn(N, 37, generator=g), torch.randn(N, 37, generator=g)
-    ip, fp = KDPlan(div=2, beta=0.3).pack()
-    torch.library.opcheck(torch.ops.fastdistill.kd_fwd.default, (s, t, None, None, None, None, ip, fp, use),
+    ip, vals = op_args(KDPlan(div=2, beta=0.3), use, s.device)
+    torch.library.opcheck(torch.ops.fastdistill.kd_fwd.default, (s, t, None, None, None, None, ip, vals, use),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -1110,6 +1110,37 @@ def test_num_items_divides_outside_the_op_one_graph():
         got = h(s, torch.tensor(9))
         assert torch.allclose(got, fd.kd_loss(s, t, reduction="sum") / 9, rtol=1e-12)
         assert torch.equal(h(s, torch.tensor(0)), torch.zeros_like(got))  # a tensor 0: loss 0, not inf / NaN
+    dynamo.reset()
+
+
+@pytest.mark.parametrize("div", ["jsd", "skl"])
+def test_float_options_schedule_one_dynamic_graph(use, div):
+    """A schedule of the float options (temperature, hard-label alpha, beta / skew) under torch.compile with
+    fullgraph=True: the first value, then one graph with the values as graph inputs (before: each value was a graph
+    constant, a recompilation per step until the recompile limit, then eager; with fullgraph an error). Loss and
+    gradient equal eager kd_loss at every value, bit for bit (the kernels' parameter vector is built in the graph
+    in float64, as on the host, then cast)."""
+    import torch._dynamo as dynamo
+    import torch._dynamo.testing as dt
+
+    g = gen(29)
+    s0, t = torch.randn(2, 5, 41, generator=g), torch.randn(2, 5, 41, generator=g)
+    labels = torch.randint(0, 41, (2, 5), generator=g)
+
+    def f(s, T, a, b):
+        return fd.kd_loss(s, t, divergence=div, temperature=T, teacher_temperature=T + 0.25, hard_label_alpha=a,
+                          beta=b, skew=b, labels=labels, t2_scale=True, softcap=30.0, logit_scale=1.25)
+
+    dynamo.reset()
+    cnt = dt.CompileCounterWithBackend("aot_eager")  # AOTAutograd: where an untensorified float is specialised
+    cf = torch.compile(f, backend=cnt, fullgraph=True)
+    for T, a, b in ((1.0, 0.1, 0.3), (1.5, 0.3, 0.5), (2.0, 0.5, 1 - 1e-9), (0.75, 0.7, 0.2), (3.0, 0.9, 0.9)):
+        x, y = s0.clone().requires_grad_(), s0.clone().requires_grad_()
+        got, want = cf(x, T, a, b), f(y, T, a, b)
+        got.backward()
+        want.backward()
+        assert torch.equal(got, want) and torch.equal(x.grad, y.grad), (T, a, b)
+    assert cnt.frame_count <= 2, cnt.frame_count
     dynamo.reset()
 
 

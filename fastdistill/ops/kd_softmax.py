@@ -88,17 +88,65 @@ class KDPlan:
 
     _NI = 5  # the first five fields are integers
 
-    def pack(self) -> tuple[list[int], list[float]]:
-        f = dataclasses.fields(self)
-        return [int(getattr(self, x.name)) for x in f[: self._NI]], [float(getattr(self, x.name))
-                                                                     for x in f[self._NI :]]
 
-    @classmethod
-    def unpack(cls, ip, fp) -> KDPlan:
-        f = dataclasses.fields(cls)
-        kw = {x.name: (bool(v) if x.name == "fp64" else int(v)) for x, v in zip(f[: cls._NI], ip)}
-        kw.update({x.name: float(v) for x, v in zip(f[cls._NI :], fp)})
-        return cls(**kw)
+def _value_vector(values, device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.tensor(values)`` built inside a torch.compile graph so that a float that changes between calls (a
+    SymFloat) stays a graph input: ``torch.tensor`` of a SymFloat specialises it (one graph per value), a tensor
+    times it does not (the graph computes the vector, in float64 as the host would, then casts it)."""
+    one = torch.ones((), dtype=torch.float64, device=device)
+    return torch.stack([one * v for v in values]).to(dtype)
+
+
+_RAW = tuple(x.name for x in dataclasses.fields(KDPlan)[KDPlan._NI :])  # the float fields
+
+
+def op_args(p: KDPlan, backend: str, device) -> tuple[list[int], torch.Tensor]:
+    """The plan as the custom ops take it under torch.compile: its integers and switches (graph constants; a
+    switch changes only where a float crosses 0 or 1) and its float values as a tensor built in the graph (graph
+    inputs: one graph serves a whole schedule of temperatures or alphas, not one graph per value). For the
+    kernels that tensor is their parameter vector (``kernel_params()``, the accumulation dtype, on the logits'
+    device: nothing is read on the host); for the reference backend the plan's float fields (float64 on the CPU:
+    read on the host without a synchronisation). Read back with ``plan_from_op``."""
+    ip = [int(getattr(p, x.name)) for x in dataclasses.fields(p)[: KDPlan._NI]]
+    if p.num_items:  # kd_loss divides by num_items outside the op
+        raise ValueError("op_args: expected a plan without num_items")
+    ip += [int(p.scaled), int(p.capped), int(p.mixes_ce), int(p.ce_sep)]
+    if backend == "reference":
+        return ip, _value_vector([getattr(p, n) for n in _RAW], "cpu", torch.float64)
+    return ip, _value_vector(p.kernel_params(), device, p.accum_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OpPlan(KDPlan):
+    """A kernel backend's plan inside the custom op: the float values are only in ``prm`` (the kernels' parameter
+    vector, a device tensor), the switches were decided when the graph was traced. Its float fields are NaN."""
+
+    switches: tuple = (False, False, False, False)
+    prm: torch.Tensor | None = dataclasses.field(default=None, compare=False)
+
+    scaled = property(lambda self: self.switches[0])
+    capped = property(lambda self: self.switches[1])
+    mixes_ce = property(lambda self: self.switches[2])
+    ce_sep = property(lambda self: self.switches[3])
+
+    def kernel_params(self):
+        raise RuntimeError("_OpPlan: the float values are in prm")
+
+    def param_vector(self, device, dtype: torch.dtype) -> torch.Tensor:
+        if self.prm.device != torch.device(device) or self.prm.dtype != dtype:
+            raise ValueError(f"_OpPlan: prm is {self.prm.dtype} on {self.prm.device}, expected {dtype} on {device}")
+        return self.prm
+
+
+def plan_from_op(ip: list[int], vals: torch.Tensor, backend: str) -> KDPlan:
+    """The plan that ``op_args`` packed (inside the custom op, or its fake)."""
+    f = dataclasses.fields(KDPlan)
+    kw = {x.name: (bool(v) if x.name == "fp64" else int(v)) for x, v in zip(f[: KDPlan._NI], ip)}
+    if backend == "reference" and not isinstance(vals, torch._subclasses.FakeTensor):
+        return KDPlan(**kw, **dict(zip(_RAW, vals.tolist())))  # float64 on the CPU: exactly the host's floats
+    nan = float("nan")
+    return _OpPlan(**kw, **{n: nan for n in _RAW if n != "num_items"}, num_items=0.0,
+                   switches=tuple(bool(v) for v in ip[KDPlan._NI : KDPlan._NI + 4]), prm=vals)
 
 
 def check_row_args(p: KDPlan, ids: torch.Tensor | None, labels: torch.Tensor | None, mask: torch.Tensor | None,
@@ -294,16 +342,16 @@ class _KDFunction(torch.autograd.Function):
 
 @torch.library.custom_op("fastdistill::kd_fwd", mutates_args=())
 def _kd_fwd_op(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None, labels: torch.Tensor | None,
-               mask: torch.Tensor | None, weights: torch.Tensor | None, ip: list[int], fp: list[float],
+               mask: torch.Tensor | None, weights: torch.Tensor | None, ip: list[int], vals: torch.Tensor,
                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = KDPlan.unpack(ip, fp)
+    p = plan_from_op(ip, vals, backend)
     loss, contrib, st, factor = _fwd(p, backend, s, _teacher(p, t, ids), labels, mask, weights)
     return (contrib.clone() if p.red == 3 else loss.reshape(())), st, factor
 
 
 @_kd_fwd_op.register_fake
-def _(s, t, ids, labels, mask, weights, ip, fp, backend):
-    p = KDPlan.unpack(ip, fp)
+def _(s, t, ids, labels, mask, weights, ip, vals, backend):
+    p = plan_from_op(ip, vals, backend)
     acc = p.accum_dtype
     N = n_rows(s)
     return s.new_empty((N,) if p.red == 3 else (), dtype=acc), s.new_empty((N, _ref.NSTATE), dtype=acc), \
@@ -313,27 +361,27 @@ def _(s, t, ids, labels, mask, weights, ip, fp, backend):
 @torch.library.custom_op("fastdistill::kd_bwd", mutates_args=())
 def _kd_bwd_op(s: torch.Tensor, t: torch.Tensor, ids: torch.Tensor | None, labels: torch.Tensor | None,
                weights: torch.Tensor | None, st: torch.Tensor, factor: torch.Tensor, grad_out: torch.Tensor,
-               ip: list[int], fp: list[float], backend: str) -> torch.Tensor:
-    p = KDPlan.unpack(ip, fp)
+               ip: list[int], vals: torch.Tensor, backend: str) -> torch.Tensor:
+    p = plan_from_op(ip, vals, backend)
     return _bwd(p, backend, s, _teacher(p, t, ids), labels, weights, st, factor, grad_out, torch.empty_like(s))
 
 
 @_kd_bwd_op.register_fake
-def _(s, t, ids, labels, weights, st, factor, grad_out, ip, fp, backend):
+def _(s, t, ids, labels, weights, st, factor, grad_out, ip, vals, backend):
     return torch.empty_like(s)
 
 
 def _setup_context(ctx, inputs, output):
-    s, t, ids, labels, mask, weights, ip, fp, backend = inputs
+    s, t, ids, labels, mask, weights, ip, vals, backend = inputs
     _, st, factor = output
-    save_constants(ctx, s, t, ids, labels, weights, st, factor)
-    ctx.ip, ctx.fp, ctx.backend = ip, fp, backend
+    save_constants(ctx, s, t, ids, labels, weights, st, factor, vals)
+    ctx.ip, ctx.backend = ip, backend
 
 
 @first_order("kd_loss")
 def _backward(ctx, g, _g_st, _g_factor):
-    s, t, ids, labels, weights, st, factor = saved_constants(ctx)
-    gs = _kd_bwd_op(s, t, ids, labels, weights, st, factor, g, ctx.ip, ctx.fp, ctx.backend)
+    s, t, ids, labels, weights, st, factor, vals = saved_constants(ctx)
+    gs = _kd_bwd_op(s, t, ids, labels, weights, st, factor, g, ctx.ip, vals, ctx.backend)
     return gs, None, None, None, None, None, None, None, None
 
 
@@ -526,8 +574,8 @@ def kd_loss(
                          "the same view: the gradient written over one student row would overwrite values that "
                          "another row still reads; pass inplace_grad=False or a separate teacher tensor")
     if torch.compiler.is_compiling():
-        ip, fp = p.pack()
-        out, _, _ = _kd_fwd_op(s2, t2, ids2, labels2, mask_u8, w2, ip, fp, backend)
+        ip, vals = op_args(p, backend, s.device)
+        out, _, _ = _kd_fwd_op(s2, t2, ids2, labels2, mask_u8, w2, ip, vals, backend)
     else:
         out = _KDFunction.apply(p, backend, bool(inplace_grad), s2, t2, ids2, labels2, mask_u8, w2)
     if n_items is not None:
