@@ -849,6 +849,10 @@ def _bad_cases():
         "weights-require-grad": (dict(weights=torch.ones(5, dtype=F64, requires_grad=True)), "weights: requires grad"),
         "logit-scale-underflow": (dict(logit_scale=1e-46), "logit_scale: .* below float32"),  # Triton: NaN loss
         "softcap-underflow": (dict(softcap=1e-46), "softcap: .* below float32"),
+        # flags: a truthy string (or None) silently turned T² scaling / the in-place gradient on or off
+        "t2-scale-str": (dict(t2_scale="no"), "t2_scale: expected a bool"),
+        "t2-scale-none": (dict(t2_scale=None), "t2_scale: expected a bool"),
+        "inplace-grad-str": (dict(inplace_grad="no"), "inplace_grad: expected a bool"),
         "topk-repeated-id": (dict(teacher_logits=None, teacher_topk=(torch.tensor([[1, 2, 1]] * 5),
                                                                      torch.full((5, 3), -2.0, dtype=F64))),
                              "teacher_topk ids: row 0 repeats an id"),

@@ -243,6 +243,8 @@ ERROR_CASES = dict([
     K("err-not-a-member", kind="error", match="group", bad="group"),
     K("err-fused-teacher-weight", kind="error", match="teacher_weight_shard", bad="fused_tw"),
     K("err-fused-chunk-size", kind="error", match="chunk_size", bad="fused_chunk"),
+    # a truthy string turned the hidden gradient's all_reduce on (the flag decides a collective)
+    K("err-fused-reduce-hidden-grad-str", kind="error", match="^reduce_hidden_grad: expected a bool", bad="fused_rhg"),
     # torch-native TP users hold DTensors: before, a raw mixed-Tensor/DTensor error or one blaming another argument
     K("err-dtensor-student", kind="error", match="^student_logits_shard: got a DTensor", bad="dtensor"),
     K("err-dtensor-fused-weight", kind="error", match="^student_weight_shard: got a DTensor", bad="dtensor_fused"),
@@ -264,12 +266,17 @@ ERROR_CASES = dict([
       match=r"^reduce_hidden_grad: the ranks of the group called vocab_parallel_fused_linear_kd_loss"),
 ])
 
+# every input kd_loss refuses (test_kd.BAD), given alike to every rank of both vocab-parallel losses
+# (test_kd_bad_inputs_refused_alike)
+MATRIX_CASES = dict([K("err-kd-bad-matrix", kind="error_matrix", V=37, layout="uneven", short=True)])
+
 # the same options spelled differently on one rank: no error, and the loss of kd_loss (the fingerprint hashes the
 # values the plan resolved: teacher_temperature None is the temperature, −0.0 is 0.0, num_items 5 is 5.0)
 EQUIV_CASES = dict([K("ok-options-spelled-differently", kind="error", bad="opt_equiv", layout="uneven")])
 
 ALL = {**KD_CASES, **FP32_CASES, **CLOSE_CASES, **CONFIDENT_CASES, **CE_CASES, **KEQV_CASES, **TOPK_CASES,
-       **VPTOPK_CASES, **VPTOPK_NAN_CASES, **VPTOPK32_CASES, **FUSED_CASES, **ERROR_CASES, **EQUIV_CASES}
+       **VPTOPK_CASES, **VPTOPK_NAN_CASES, **VPTOPK32_CASES, **FUSED_CASES, **ERROR_CASES, **MATRIX_CASES,
+       **EQUIV_CASES}
 LOSS_KEYS = ("divergence", "beta", "skew", "temperature", "teacher_temperature", "t2_scale", "ignore_index",
              "reduction", "num_items", "hard_label_alpha", "softcap", "logit_scale", "topk_semantics")
 
@@ -386,6 +393,8 @@ def _case_on_rank(name: str, rank: int, world: int, group) -> dict:
     kind = c["kind"]
     if kind == "error":
         return _error_case(c, d, rank, world, a, b, kw, vp)
+    if kind == "error_matrix":
+        return _error_matrix_case(a, b, kw, vp)
     if kind == "vptopk":
         ids, lps = vp.vocab_parallel_topk(d["t"][..., a:b], c["k"], group=group, vocab_start=start,
                                           temperature=c.get("temperature", 1.0))
@@ -591,6 +600,9 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
             h, Wf = d["s"][..., :6].clone().requires_grad_(), torch.zeros(b - a, 6, dtype=F64, requires_grad=True)
             f = lambda: vp.vocab_parallel_fused_linear_kd_loss(h, Wf, teacher_logits_shard=t,
                                                                reduce_hidden_grad=not last, **kw)
+    elif bad == "fused_rhg":
+        f = lambda: vp.vocab_parallel_fused_linear_kd_loss(d["s"][..., :6], torch.zeros(b - a, 6, dtype=F64),
+                                                           teacher_logits_shard=t, reduce_hidden_grad="no", **kw)
     elif bad == "fused_tw":
         f = lambda: vp.vocab_parallel_fused_linear_kd_loss(d["s"][..., :6], torch.zeros(b - a, 6, dtype=F64),
                                                            d["s"][..., :5], torch.zeros(b - a + 1, 5, dtype=F64))
@@ -602,6 +614,43 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
     except (ValueError, TypeError) as e:
         return {"err": (type(e).__name__, str(e))}
     return {"err": None}
+
+
+# kd_loss's bad inputs that the vocab-parallel losses cannot or need not see: no inplace_grad option; a teacher
+# vocabulary smaller than the student's is sliced before sharding (docs/vocab_parallel_kd.md, "Layout")
+MATRIX_SKIP = ("inplace", "rkl-smaller-teacher-vocab")
+
+
+def _error_matrix_case(a, b, kw, vp):
+    """Each case of test_kd.BAD on this rank's shard: vocab_parallel_kd_loss (the logits' columns [a, b)) and the
+    fused variant (student_hidden = the logits, student_weight_shard = rows [a, b) of I). {name: {op: (type, msg)
+    or None}}."""
+    from test_kd import BAD, make
+
+    def shard(z):
+        return z[..., a:b] if isinstance(z, torch.Tensor) and z.is_floating_point() and z.dim() else z
+
+    def call(op, student, teacher, bad):
+        if op == "vp":
+            return vp.vocab_parallel_kd_loss(shard(student), shard(teacher), **kw, **bad)
+        eye = torch.eye(37, dtype=F64)[a:b]
+        return vp.vocab_parallel_fused_linear_kd_loss(student, eye, teacher_logits_shard=shard(teacher), **kw, **bad)
+
+    out = {}
+    for name, (bad, _) in BAD.items():
+        if any(x in name for x in MATRIX_SKIP):
+            continue
+        s, t, _ = make((5,), 37)
+        bad = dict(bad)
+        student, teacher = bad.pop("student_logits", s), bad.pop("teacher_logits", t)
+        out[name] = {}
+        for op in ("vp", "vpf"):
+            try:
+                call(op, student, teacher, bad)
+                out[name][op] = None
+            except (ValueError, TypeError) as e:
+                out[name][op] = (type(e).__name__, str(e))
+    return {"errs": out}
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
@@ -1074,3 +1123,35 @@ def test_options_spelled_differently_agree(world):
         out = res[r][name]
         assert out["err"] is None, f"rank {r}: {out['err']}"
         _assert_close(out["loss"], ref, TOL, f"rank {r}: loss")
+
+
+def test_kd_bad_inputs_refused_alike(world):
+    """Every input kd_loss refuses (test_kd.BAD), given alike to every rank, is refused by vocab_parallel_kd_loss and
+    vocab_parallel_fused_linear_kd_loss on every rank, with kd_loss's error type and naming the argument (raised before
+    the first collective, or by all ranks together after it: the spawn's group has a short timeout, so a rank left
+    waiting in a collective fails the case instead of hanging)."""
+    from test_kd import BAD, make
+
+    import fastdistill as fd
+
+    w, res = world
+    name = "err-kd-bad-matrix"
+    errs = [res[r][name]["errs"] for r in range(w)]
+    assert set(errs[0]) == {n for n in BAD if not any(x in n for x in MATRIX_SKIP)}
+    rename = {"vp": {"student_logits": "student_logits_shard"}, "vpf": {"student_logits": "student_hidden"}}
+    for case in errs[0]:
+        kw, arg = BAD[case]
+        kw = dict(kw)
+        s, t, _ = make((5,), 37)
+        student, teacher = kw.pop("student_logits", s), kw.pop("teacher_logits", t)
+        with pytest.raises((ValueError, TypeError)) as want, fd.use_backend("reference"):
+            fd.kd_loss(student, teacher, **kw)
+        for op, names in rename.items():
+            pat = arg
+            for old, new in names.items():
+                pat = pat.replace(old, new)
+            for r in range(w):
+                got = errs[r][case][op]
+                assert got is not None, f"{case}: {op} rank {r}: no error (kd_loss: {want.value})"
+                assert got[0] == type(want.value).__name__ and re.search(pat, got[1]), \
+                    f"{case}: {op} rank {r}: {got[0]}: {got[1]!r}; kd_loss: {type(want.value).__name__}: {want.value}"

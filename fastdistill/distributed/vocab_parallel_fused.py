@@ -14,6 +14,7 @@ import fastdistill.distributed.vocab_parallel as _vp
 from fastdistill.distributed.vocab_parallel import _CONTRIB, _FLOAT_DTYPES, NSTATE, _common, _reduce, _Shard
 from fastdistill.ops._common import (
     autocast_off,
+    check_bool,
     eager_only,
     first_order,
     graph_anchor,
@@ -263,6 +264,7 @@ def vocab_parallel_fused_linear_kd_loss(
                            student_bias_shard=student_bias_shard, teacher_bias_shard=teacher_bias_shard, labels=labels,
                            mask=mask, weights=weights)
     h, W = student_hidden, student_weight_shard
+    reduce_hidden_grad = check_bool("reduce_hidden_grad", reduce_hidden_grad)  # (decides a collective)
     for nm, v in (("student_hidden", h), ("student_weight_shard", W)):
         if not isinstance(v, torch.Tensor) or v.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{nm}: expected a floating tensor, got {getattr(v, 'dtype', type(v).__name__)}")
@@ -312,7 +314,7 @@ def vocab_parallel_fused_linear_kd_loss(
         raise ValueError(f"chunk_size: expected 'auto' or a positive int (the same on every rank), got {chunk_size!r}")
     else:
         rows = chunk_size
-    cfg = {"rows": rows, "reduce_hidden_grad": bool(reduce_hidden_grad),
+    cfg = {"rows": rows, "reduce_hidden_grad": reduce_hidden_grad,
            "grad_on": torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                       for x in (h, W, student_bias_shard))}
     # beyond the loss's options, whether the hidden gradient is all-reduced decides a collective

@@ -10,6 +10,7 @@ import torch
 from fastdistill import _backend
 from fastdistill.ops._common import (
     as_rows,
+    check_bool,
     check_choice,
     first_order,
     int_option,
@@ -186,6 +187,7 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name}: expected a value in [0.0, 1.0], got {v}")
     ignore_index = int_option("ignore_index", ignore_index)
+    t2_scale = check_bool("t2_scale", t2_scale)  # a truthy string ("no") turned the T² factor on
     opt = {}
     for name, v in (("temperature", temperature), ("teacher_temperature", teacher_temperature),
                     ("softcap", softcap), ("logit_scale", logit_scale)):
@@ -472,6 +474,7 @@ def kd_loss(
                        temperature=2.0, t2_scale=True, labels=labels[:, 1:])
     """
     refuse_transforms("kd_loss")
+    inplace_grad = check_bool("inplace_grad", inplace_grad)
     s = student_logits
     topk_pair = teacher_topk if isinstance(teacher_topk, (tuple, list)) else (None, None)
     reject_dtensor("kd_loss", {"student_logits": s, "teacher_logits": teacher_logits, "labels": labels, "mask": mask,
@@ -577,7 +580,7 @@ def kd_loss(
         ip, vals = op_args(p, backend, s.device)
         out, _, _ = _kd_fwd_op(s2, t2, ids2, labels2, mask_u8, w2, ip, vals, backend)
     else:
-        out = _KDFunction.apply(p, backend, bool(inplace_grad), s2, t2, ids2, labels2, mask_u8, w2)
+        out = _KDFunction.apply(p, backend, inplace_grad, s2, t2, ids2, labels2, mask_u8, w2)
     if n_items is not None:
         return _divide(out, n_items, V, reduction)
     return out.view(lead) if p.red == 3 else out
