@@ -1,4 +1,4 @@
-"""The KD entry points agree with each other on what they refuse.
+"""The KD entry points agree with each other on what they refuse, and on an empty vocabulary.
 
 Every input that ``kd_loss`` refuses (``test_kd.BAD``) is refused by ``fused_linear_kd_loss`` (the same logits
 through an identity lm_head, ``student_hidden = logits``, ``student_weight = I``) and by the ``KDLoss`` module,
@@ -17,6 +17,7 @@ import torch
 from test_kd import BAD, make
 
 import fastdistill as fd
+from fastdistill.integrations.trl import generalized_jsd_loss
 
 F64 = torch.float64
 _PER_CALL = ("labels", "mask", "weights", "teacher_topk", "num_items")
@@ -66,3 +67,27 @@ def test_bad_inputs_refused_alike(entry, name):
     with fd.use_backend("reference"), pytest.raises((ValueError, TypeError), match=re.compile(arg)) as e:
         fn(kw)
     assert type(e.value) is type(want), f"{entry}: {type(e.value).__name__}, kd_loss: {type(want).__name__} ({want})"
+
+
+@pytest.mark.parametrize("reduction,num_items", [("mean", None), ("mean", 4), ("mean", torch.tensor(4.0)),
+                                                 ("batchmean", 4), ("sum", None), ("none", None)])
+def test_empty_vocabulary(reduction, num_items):
+    """V = 0: every row is invalid (no logit has mass), so the loss is 0 with a zero gradient, as for N = 0, also
+    where the "mean" denominator n·V is 0 (before: kd_loss raised ZeroDivisionError with num_items, and
+    fused_linear_kd_loss's dh was NaN)."""
+    s, t = torch.zeros(3, 0, dtype=F64), torch.zeros(3, 0, dtype=F64)
+    kw = dict(reduction=reduction, num_items=num_items)
+    x = s.clone().requires_grad_()
+    h, W = torch.randn(3, 4, dtype=F64, requires_grad=True), torch.randn(0, 4, dtype=F64, requires_grad=True)
+    with fd.use_backend("reference"):
+        outs = {"kd_loss": (fd.kd_loss(x, t, **kw), [x]),
+                "KDLoss": (fd.KDLoss(reduction=reduction)(x, t, num_items=num_items), [x]),
+                "fused_linear_kd_loss": (fd.fused_linear_kd_loss(h, W, teacher_logits=t, **kw), [h, W])}
+        if reduction != "none":
+            outs["generalized_jsd_loss"] = (generalized_jsd_loss(x, t, reduction=reduction,
+                                                                 num_items_in_batch=num_items), [x])
+    for name, (loss, inputs) in outs.items():
+        assert loss.shape == ((3,) if reduction == "none" else ()), (name, loss.shape)
+        assert (loss == 0).all(), f"{name}: loss {loss}"
+        grads = torch.autograd.grad(loss.sum(), inputs)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads), f"{name}: gradients {grads}"

@@ -92,6 +92,8 @@ KD_CASES = dict([
     K("jsd-all-masked-mean", divergence="jsd", all_masked=True, reduction="mean"),
     K("tvd-all-ignored-num-items", divergence="tvd", all_ignored=True, num_items=8, hard_label_alpha=0.5),
     K("fkl-empty-rows", divergence="fkl", lead=(0,)),
+    # an empty vocabulary (every shard empty): "mean"'s denominator n·V is 0, the loss 0 (before: NaN)
+    K("jsd-empty-vocab-mean-num-items", divergence="jsd", V=0, reduction="mean", num_items=4),
     K("jsd-subgroup", divergence="jsd", labels=True, hard_label_alpha=0.3, layout="uneven", subgroup=True),
     K("fkl-accum-fp32", divergence="fkl", labels=True, hard_label_alpha=0.3, accum32=True, layout="uneven"),
     # accum_dtype not given: fp64 shards must give fp64 statistics (the fp64 tolerance fails with fp32)
@@ -216,6 +218,8 @@ FUSED_CASES = dict([
       layout="uneven", logit_scale=0.8),
     K("fused-topk-renorm-mean", kind="fused", teacher="topk", topk_semantics="renorm", divergence="fkl",
       reduction="mean", mask=True, teacher_temperature=1.5),
+    K("fused-fkl-empty-vocab-mean", kind="fused", teacher="logits", divergence="fkl", V=0, reduction="mean",
+      num_items=3),
     K("fused-fkl-mixed-auto", kind="fused", teacher="hidden", divergence="fkl", layout="mixed", V=12, short=True),
     K("fused-jsd-mixed-uneven-auto", kind="fused", teacher="logits", divergence="jsd", layout="mixed", short=True),
     K("fused-jsd-auto-cached", kind="fused", teacher="hidden", divergence="jsd", layout="uneven", V=41,

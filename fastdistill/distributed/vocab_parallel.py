@@ -545,8 +545,8 @@ def _reduce(p: KDPlan, st, V):
     n = torch.full((), p.num_items, dtype=st.dtype, device=st.device) if p.num_items > 0 else valid.sum()
     if p.red == 0:
         factor = torch.where(n > 0, 1.0 / n.clamp_min(1e-30), torch.zeros_like(n))
-    elif p.red == 2:
-        factor = torch.where(n > 0, 1.0 / (n.clamp_min(1e-30) * V), torch.zeros_like(n))
+    elif p.red == 2:  # V = 0 (every shard empty, every row invalid): 0, as kd_loss (not 1/0; a NaN V stays NaN)
+        factor = torch.where((n > 0) & (V != 0), 1.0 / (n.clamp_min(1e-30) * V), torch.zeros_like(n))
     else:
         factor = torch.ones_like(n)
     return contrib.sum() * factor, factor

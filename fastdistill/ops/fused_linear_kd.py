@@ -170,8 +170,8 @@ def _n_upfront(cfg: _Cfg, N: int, labels, mask, device) -> torch.Tensor:
 def _factor(red: int, n: torch.Tensor, V: int) -> torch.Tensor:
     if red == RED_BATCHMEAN:
         return torch.where(n > 0, 1.0 / n.clamp_min(1e-30), torch.zeros_like(n))
-    if red == RED_MEAN:
-        return torch.where(n > 0, 1.0 / (n.clamp_min(1e-30) * V), torch.zeros_like(n))
+    if red == RED_MEAN:  # V = 0 (an empty vocabulary: every row invalid): 0, as kd_loss (not 1/0 = inf, a NaN dh)
+        return torch.where(n > 0, 1.0 / (n.clamp_min(1e-30) * V), torch.zeros_like(n)) if V else torch.zeros_like(n)
     return torch.ones_like(n)
 
 

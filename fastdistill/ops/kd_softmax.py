@@ -250,11 +250,13 @@ def check_num_items(num_items, reduction: str) -> float | torch.Tensor:
 
 
 def _divide(loss: torch.Tensor, num_items, V: int, reduction: str) -> torch.Tensor:
-    """A "sum" loss divided by num_items (× V for "mean"); 0 where a tensor num_items is not positive."""
+    """A "sum" loss divided by num_items (× V for "mean"); 0 where a tensor num_items is not positive, and where
+    "mean"'s denominator is 0 for an empty vocabulary (V = 0: every row invalid, the loss 0, as for n = 0)."""
     if isinstance(num_items, torch.Tensor):
         n = num_items.to(device=loss.device, dtype=loss.dtype) * (V if reduction == "mean" else 1)
         return loss * torch.where(n > 0, 1.0 / n.clamp_min(torch.finfo(loss.dtype).tiny), torch.zeros_like(n))
-    return loss * (1.0 / (num_items * (V if reduction == "mean" else 1)))
+    n = num_items * (V if reduction == "mean" else 1)
+    return loss * (1.0 / n) if n else loss * 0.0
 
 
 # ----------------------------------------------------------------------------- backends
