@@ -106,3 +106,13 @@ def test_kdloss_module():
     # which cannot run the CPU probe outside the interpreter, made KDLoss() raise BackendUnavailableError)
     with fd.use_backend("cuda"):
         KDLoss(divergence="jsd")
+
+
+@pytest.mark.parametrize("bad", ["shape", "device", "list"])
+def test_bad_labels_named(bad):
+    """Labels become kd_loss's mask here: a bad one is refused naming ``labels``, the argument the caller passed
+    (before: "mask: expected shape ..." / "mask: expected device ...", and a list raised AttributeError)."""
+    s, t, lab = _draw()
+    lab = {"shape": lab[:, :4], "device": lab.to("meta"), "list": lab.tolist()}[bad]
+    with pytest.raises((ValueError, TypeError), match="^labels: "):
+        generalized_jsd_loss(s, t, lab)

@@ -32,6 +32,23 @@ __all__ = ["KDLoss", "generalized_jsd_loss"]
 _REDUCTIONS = ("batchmean", "sum", "mean")
 
 
+def _label_mask(student_logits, labels) -> torch.Tensor | None:
+    """``labels != -100``, kd_loss's mask; a bad ``labels`` is refused here, naming it (kd_loss would name the mask)."""
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a tensor or None, got {type(labels).__name__}")
+    if isinstance(student_logits, torch.Tensor) and student_logits.dim() >= 2:
+        lead = student_logits.shape[:-1]
+        if labels.device != student_logits.device:
+            raise ValueError(f"labels: expected device {student_logits.device} (the device of student_logits), "
+                             f"got {labels.device}")
+        if labels.shape != lead and labels.shape != (lead.numel(),):
+            raise ValueError(f"labels: expected shape {tuple(lead)} (the leading dims of student_logits), "
+                             f"got {tuple(labels.shape)}")
+    return labels != -100
+
+
 def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
                          beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
                          num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -49,7 +66,7 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
         raise ValueError("reduction: 'none' returns TRL's elementwise [n, V] terms, which the fused kernel never "
                          "materialises; use fastdistill.kd_loss(..., reduction='none') for per-token losses")
     # TRL uses labels as a mask only (labels != -100): the value of a counted label is never read
-    mask = labels != -100 if labels is not None else None
+    mask = _label_mask(student_logits, labels)
     kw = dict(divergence="jsd", beta=beta, temperature=temperature, mask=mask)
     if num_items_in_batch is not None:
         loss = kd_loss(student_logits, teacher_logits, reduction="sum", **kw)
