@@ -1159,3 +1159,15 @@ def test_kd_bad_inputs_refused_alike(world):
                 assert got is not None, f"{case}: {op} rank {r}: no error (kd_loss: {want.value})"
                 assert got[0] == type(want.value).__name__ and re.search(pat, got[1]), \
                     f"{case}: {op} rank {r}: {got[0]}: {got[1]!r}; kd_loss: {type(want.value).__name__}: {want.value}"
+
+
+@pytest.mark.parametrize("T,match", [(math.inf, "finite"), (0.0, "positive"), (1e-320, "too small"),
+                                     ("2", "expected a float"), (True, "expected a float")])
+def test_vocab_parallel_topk_temperature_checked_as_kd_loss(T, match):
+    """vocab_parallel_topk's temperature is the losses' temperature (its log-probs feed teacher_topk=) and is checked
+    as theirs, before any collective (no process group is needed to see it): before, +inf gave uniform log-probs,
+    1e-320 NaN ones (z / T overflows), and a string or a bool passed through float()."""
+    from fastdistill.distributed import vocab_parallel as vp
+
+    with pytest.raises((ValueError, TypeError), match=f"^temperature: .*{match}"):
+        vp.vocab_parallel_topk(torch.randn(3, 5), 2, temperature=T)

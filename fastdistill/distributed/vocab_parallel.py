@@ -46,7 +46,15 @@ from fastdistill.ops._common import (
     save_constants,
     saved_constants,
 )
-from fastdistill.ops.kd_softmax import DIVERGENCES, REDUCTIONS, TOPK_SEMANTICS, KDPlan, check_row_args, make_plan
+from fastdistill.ops.kd_softmax import (
+    DIVERGENCES,
+    REDUCTIONS,
+    TOPK_SEMANTICS,
+    KDPlan,
+    check_row_args,
+    make_plan,
+    positive_option,
+)
 from fastdistill.reference.kd_softmax import (
     bucket_div,
     chain,
@@ -801,8 +809,7 @@ def vocab_parallel_topk(
         raise TypeError(f"teacher_logits_shard: expected a floating tensor [..., V_r], got {getattr(z, 'dtype', z)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive int, got {k!r}")
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature: expected a positive number, got {temperature}")
+    temperature = positive_option("temperature", temperature)  # as the losses' (its log-probs feed teacher_topk=)
     lead, Vr = z.shape[:-1], z.shape[-1]
     N = int(torch.Size(lead).numel())
     sh = _Shard(group, vocab_start, Vr, z.device)

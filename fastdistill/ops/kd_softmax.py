@@ -172,6 +172,19 @@ def check_row_args(p: KDPlan, ids: torch.Tensor | None, labels: torch.Tensor | N
                          "be distinct")
 
 
+def positive_option(name: str, v) -> float:
+    """A temperature, softcap or logit_scale (``real_option``), positive, and usable in fp32: 1/T finite (the kernels
+    scale by 1/T in fp32), a softcap / logit_scale not 0 in fp32 (−inf·0 = NaN, z/0). Errors name it."""
+    f = real_option(name, v)
+    if not f > 0:
+        raise ValueError(f"{name}: expected a positive finite number, got {v}")
+    if name.endswith("temperature") and not 1.0 / f < _FP32_MAX:
+        raise ValueError(f"{name}: {f:.3g} is too small (1/{name} overflows float32)")
+    if name in ("logit_scale", "softcap") and f < _FP32_TINY:
+        raise ValueError(f"{name}: {f:.3g} is below float32's smallest normal number")
+    return f
+
+
 def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_scale, ignore_index, reduction, num_items,
           hard_label_alpha, softcap, logit_scale, topk, accum_dtype, has_labels) -> KDPlan:
     """Check kd_loss's options (errors name the argument) and build its plan (docs/kd_ops.md). Shared by
@@ -194,13 +207,7 @@ def make_plan(*, divergence, beta, skew, temperature, teacher_temperature, t2_sc
         if v is None and name != "temperature":
             opt[name] = None
             continue
-        f = opt[name] = real_option(name, v)
-        if not f > 0:
-            raise ValueError(f"{name}: expected a positive finite number, got {v}")
-        if name.endswith("temperature") and not 1.0 / f < _FP32_MAX:  # the kernels scale by 1/T in fp32
-            raise ValueError(f"{name}: {f:.3g} is too small (1/{name} overflows float32)")
-        if name in ("logit_scale", "softcap") and f < _FP32_TINY:  # 0 in fp32: −inf·0 = NaN, z/0
-            raise ValueError(f"{name}: {f:.3g} is below float32's smallest normal number")
+        opt[name] = positive_option(name, v)
     temperature, teacher_temperature, softcap, logit_scale = opt.values()
     if topk and topk != TOPK_SEMANTICS["renorm"] and teacher_temperature not in (None, 1.0):
         raise ValueError(f"teacher_temperature: only topk_semantics='renorm' can re-temper stored log-probs "
