@@ -180,6 +180,14 @@ TOPK_CASES = dict([
       reduction="none", layout="uneven"),
     K("topk-renorm-jsd-dead-row", kind="topk", topk_semantics="renorm", divergence="jsd", renorm_dead=True,
       layout="uneven"),
+    # top-k teachers on [B, T, V] rows, with every option at once, an all-ignored batch and empty rows
+    K("topk-renorm-alpha-3d-num-items", kind="topk", topk_semantics="renorm", divergence="jsd", beta=0.3, labels=True,
+      hard_label_alpha=0.4, lead=(2, 3), num_items=9, temperature=2.0, teacher_temperature=1.5, t2_scale=True,
+      logit_scale=0.8, mask=True, weights=True, layout="uneven"),
+    K("topk-tail-all-ignored-3d-none", kind="topk", topk_semantics="tail_bucket", divergence="tvd", all_ignored=True,
+      lead=(2, 3), reduction="none", layout="permuted"),
+    K("topk-zero-empty-rows-mean", kind="topk", topk_semantics="zero_tail", divergence="fkl", lead=(2, 0),
+      reduction="mean"),
 ])
 
 VPTOPK_CASES = dict([
@@ -218,6 +226,9 @@ FUSED_CASES = dict([
       layout="uneven", logit_scale=0.8),
     K("fused-topk-renorm-mean", kind="fused", teacher="topk", topk_semantics="renorm", divergence="fkl",
       reduction="mean", mask=True, teacher_temperature=1.5),
+    K("fused-topk-zero-3d-alpha-none", kind="fused", teacher="topk", topk_semantics="zero_tail", divergence="fkl",
+      lead=(2, 3), labels=True, hard_label_alpha=0.3, chunk_size=4, softcap=3.0, temperature=2.0, t2_scale=True,
+      reduction="none", bias=True, layout="uneven"),
     K("fused-fkl-empty-vocab-mean", kind="fused", teacher="logits", divergence="fkl", V=0, reduction="mean",
       num_items=3),
     K("fused-fkl-mixed-auto", kind="fused", teacher="hidden", divergence="fkl", layout="mixed", V=12, short=True),
