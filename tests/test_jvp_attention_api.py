@@ -456,6 +456,9 @@ def _bad_cases():
         "layout": (dict(layout="sbhd"), ValueError, r"^layout: expected one of"),
         "scale-nan": (dict(scale=float("nan")), ValueError, r"^scale: expected a finite float"),
         "scale-inf": (dict(scale=float("inf")), ValueError, r"^scale: expected a finite float"),
+        # float(scale) parsed a string; a tensor that requires grad (a learnable temperature) silently got no gradient
+        "scale-str": (dict(scale="0.5"), TypeError, r"^scale: expected a float, got str"),
+        "scale-requires-grad": (dict(scale=torch.tensor(0.5, requires_grad=True)), ValueError, r"^scale: requires"),
         "tangent_dtype": (dict(tangent_dtype=torch.float16), ValueError, r"^tangent_dtype"),
         "tangent_dtype-int": (dict(tangent_dtype=torch.int32), ValueError, r"^tangent_dtype"),
         "causal-str": (dict(causal="no"), TypeError, r"^causal: expected a bool"),  # was truthy: ran causal

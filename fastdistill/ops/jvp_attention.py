@@ -28,6 +28,7 @@ from fastdistill.ops._common import (  # noqa: F401  (TransformLimitError: re-ex
     functorch_levels,
     is_finite,
     reached,
+    real_option,
     reject_dtensor,
     select_backend,
 )
@@ -374,6 +375,20 @@ def _name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def softmax_scale(scale, Dqk: int):
+    """The ``scale`` argument: ``1/√Dqk`` for None, else a finite real number. A float, an int or a SymFloat is taken
+    as is (``float``); anything else goes through ``real_option``, which refuses a string (``float("0.5")`` parsed
+    it), a bool, and a tensor that requires grad (its value is read as a number: a learnable temperature silently got
+    no gradient)."""
+    if scale is None:
+        return 1.0 / math.sqrt(Dqk)
+    plain = isinstance(scale, (float, int, torch.SymFloat, torch.SymInt)) and not isinstance(scale, bool)
+    scale = float(scale) if plain else real_option("scale", scale)
+    if not is_finite(scale):
+        raise ValueError(f"scale: expected a finite float, got {scale}")
+    return scale
+
+
 def _check(q, k, v, tq, tk, tv, layout: int, tangent_dtype):
     reject_dtensor("jvp_attention", {"q": q, "k": k, "v": v, "tq": tq, "tk": tk, "tv": tv},
                    hint=" (sequence-sharded q / k / v: fastdistill.distributed.context_parallel_jvp_attention on the "
@@ -564,9 +579,7 @@ def _math_in_graph(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
     Dqk, Dv = _check(q, k, v, None, None, None, lay, tangent_dtype)
     check_dual_tangent_dtype(q, tangent_dtype)
     bias = _key_bias(key_mask, q, k, lay)
-    scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
-    if not is_finite(scale):
-        raise ValueError(f"scale: expected a finite float, got {scale}")
+    scale = softmax_scale(scale, Dqk)
     qb, kb, vb = (_bhsd(x, lay) for x in (q, k, v))
     G = qb.shape[1] // max(kb.shape[1], 1)
     if G > 1:
@@ -620,9 +633,7 @@ def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
     if dual:
         check_dual_tangent_dtype(q, tangent_dtype)
     kb = _key_bias(key_mask, q, k, lay)
-    scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
-    if not is_finite(scale):
-        raise ValueError(f"scale: expected a finite float, got {scale}")
+    scale = softmax_scale(scale, Dqk)
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     want_t = any(t is not None for t in (tq, tk, tv))
     backend = select_backend(OP, q, head_dims=(Dqk, Dv), grid_too_big=_grid_too_big(*_bhsd(q, lay).shape[:2]))
