@@ -278,6 +278,10 @@ def _extras(x: dict, W: int, r: int) -> dict:
                                                      seq_layout="zigzag"))
     out["err_mode"] = _expect_error(lambda: cp(q, q, q, mode="ringg"))
     out["err_group"] = _expect_error(lambda: cp(q, q, q, group=3))
+    # options checked as jvp_attention checks them (before: float("0.5") parsed, a truthy "no" gave lse / the check)
+    out["err_scale_str"] = _expect_error(lambda: cp(q, q, q, scale="0.5"))
+    out["err_return_lse_str"] = _expect_error(lambda: cp(q, q, q, return_lse="no"))
+    out["err_check_str"] = _expect_error(lambda: cp(q, q, q, check="no"))
     # check=False: the same result without the agreement all-gather; a local error still raises
     q2 = q[:, :, :2]
     out["check_off_equal"] = torch.equal(cp(q2, q2, q2, check=False)[0], cp(q2, q2, q2)[0])
@@ -372,6 +376,7 @@ def _one_rank_differs(W: int, r: int, agree_group, local_group) -> dict:
     out["err_causal_lengths_one_rank"] = _expect_error(lambda: cp(x, z, z, group=local_group, causal=True))
     t = x.float() if odd else x
     out["err_tangent_dtype_one_rank"] = _expect_error(lambda: cp(x, x, x, t, group=local_group))
+    out["err_check_str_one_rank"] = _expect_error(lambda: cp(x, x, x, group=local_group, check="no" if odd else True))
     out["usable_after_local_errors"] = usable(local_group)
     # 3. zigzag_unshard: a shard of odd length (a local error), of another length or dtype on the last rank only
     from fastdistill.distributed import zigzag_unshard
@@ -541,6 +546,10 @@ def test_zigzag_helpers(world):
     ("err_zigzag_size", "ValueError", "x: size 3"),
     ("err_mode", "ValueError", "mode:"),
     ("err_group", "TypeError", "group:"),
+    ("err_scale_str", "TypeError", "scale: expected a float, got str"),
+    ("err_return_lse_str", "TypeError", "return_lse: expected a bool"),
+    ("err_check_str", "TypeError", "check: expected a bool"),
+    ("err_check_str_one_rank", "TypeError", "check: expected a bool"),
     ("err_not_member", "ValueError", "group: this process (global rank 1) is not a member"),
     ("err_ranks_differ", "ValueError", "q: local sequence length differs between the ranks"),
     ("err_stop_gradient", "RuntimeError", "stop-gradient"),
@@ -587,7 +596,7 @@ def test_group_of_one_is_the_single_device_op(world):
 
 @pytest.mark.parametrize("key", ["err_zigzag_odd_one_rank", "err_ulysses_heads_one_rank",
                                  "err_causal_lengths_one_rank", "err_tangent_dtype_one_rank",
-                                 "err_unshard_odd_one_rank"])
+                                 "err_unshard_odd_one_rank", "err_check_str_one_rank"])
 def test_local_error_of_one_rank_raised_on_every_rank(world, key):
     """Only the last rank's arguments are bad: it raises its own error, the others its message naming it."""
     W, _, ranks = world

@@ -59,6 +59,7 @@ from fastdistill.ops.jvp_attention import (
     autograd_levels,
     check_dual_tangent_dtype,
     jvp_attention,
+    softmax_scale,
     transform_limit,
 )
 
@@ -679,7 +680,13 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         o, to = context_parallel_jvp_attention(q, k, v, tq, tk, tv, causal=True, seq_layout="zigzag")
     """
     group, W, r = _group_info(group)
+    try:
+        check, check_err = check_bool("check", check), None
+    except TypeError as e:  # carried through the agreement: a rank that raised alone would leave the others waiting
+        check, check_err = True, e
     if W == 1:  # one rank: the single-device op (zigzag with W = 1 is the natural order)
+        if check_err is not None:
+            raise check_err
         check_choice("mode", mode, MODES)
         check_choice("seq_layout", seq_layout, SEQ_LAYOUTS)
         return jvp_attention(q, k, v, tq, tk, tv, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
@@ -687,6 +694,9 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     q, k, v, tq, tk, tv = autocast_cast(q, k, v, tq, tk, tv)  # as jvp_attention (and stock SDPA) under autocast
     # every local check before the first collective; a failure is carried to the other ranks by _agree
     try:
+        if check_err is not None:
+            raise check_err
+        check_bool("return_lse", return_lse)
         a, err = _local_args(q, k, v, tq, tk, tv, W, mode, causal, scale, layout, seq_layout, tangent_dtype), None
     except Exception as e:  # any local failure: the other ranks must not wait for this one
         a, err = None, e
@@ -702,7 +712,7 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         to = mu = None
     elif not a.dual:
         to, mu = _guard(to, q, k, v), _guard(mu, q, k, v)
-    return (o, to, lse, mu) if return_lse else (o, to)
+    return (o, to, lse, mu) if check_bool("return_lse", return_lse) else (o, to)
 
 
 class _Args(NamedTuple):
@@ -756,9 +766,7 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
             if h % W:
                 raise ValueError(f"{name}: mode='ulysses' spreads the heads over the group: {h} heads are not "
                                  f"divisible by the group size {W} (use mode='ring')")
-    scale = 1.0 / math.sqrt(Dqk) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite float, got {scale}")
+    scale = softmax_scale(scale, Dqk)
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     sig = (MODES.index(mode), int(causal), SEQ_LAYOUTS.index(seq_layout), lay, B, sq, Hq, Dqk, sk, Hkv, Dv,
            int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype,
