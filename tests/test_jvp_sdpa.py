@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fastdistill
 from fastdistill.integrations import jvp_sdpa, patch_sdpa, sdpa_stats, unpatch_sdpa
 from fastdistill.integrations import sdpa as _sdpa_mod
+from fastdistill.integrations.sdpa import PLAIN
 
 F64 = torch.float64
 STOCK = F.scaled_dot_product_attention  # captured at import: nothing may be patched at import time
@@ -529,6 +531,41 @@ def test_heads_stock_sdpa_decides():
         F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool), enable_gqa=True)
     mine = [w for w in seen if "fastdistill.jvp_sdpa" in str(w.message)]
     assert mine and mine[0].filename == __file__, [(w.filename, w.lineno) for w in mine]
+
+
+BAD_ARGS = {  # stock SDPA's argument parser refuses each: under the patch its TypeError, never a served call
+    "is_causal-str": {"is_causal": "no"},  # (before: bool("no"), a causal attention)
+    "is_causal-None": {"is_causal": None},
+    "is_causal-int": {"is_causal": 2},
+    "enable_gqa-str": {"enable_gqa": "no"},
+    "dropout_p-str": {"dropout_p": "0"},  # (before: "'>' not supported between str and int", naming nothing)
+    "dropout_p-None": {"dropout_p": None},
+    "scale-str": {"scale": "0.5"},  # (before: float("0.5"))
+    "scale-complex": {"scale": 1 + 0j},
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARGS))
+def test_bad_argument_types_raise_as_stock(name):
+    kw = BAD_ARGS[name]
+    arg = next(iter(kw))
+    q, k, v, tq, _, _ = _qkv((1, 2, 4, 8), (1, 2, 4, 8), seed=4)
+    with pytest.raises(TypeError, match=f"argument '{arg}'"):
+        STOCK(q, k, v, **kw)
+    for plain in PLAIN:
+        with jvp_sdpa(plain=plain):
+            with pytest.raises(TypeError, match=f"argument '{arg}'"):
+                torch.func.jvp(lambda q: F.scaled_dot_product_attention(q, k, v, **kw), (q,), (tq,))
+            with pytest.raises(TypeError, match=f"argument '{arg}'"):
+                F.scaled_dot_product_attention(q, k, v, **kw)
+    assert not any(key in sdpa_stats() for key in ("jvp", "plain")), sdpa_stats()
+    # numbers of other types are still served (numpy's scale, an int dropout_p)
+    f = lambda q: F.scaled_dot_product_attention(q, k, v, scale=np.float32(0.5), dropout_p=0)
+    with jvp_sdpa():
+        got = torch.func.jvp(f, (q,), (tq,))
+    assert sdpa_stats() == {"jvp": 1}, sdpa_stats()
+    want = _math_jvp(f, (q,), (tq,))
+    _close(got[1], want[1], what="tangent")
 
 
 # ----------------------------------------------------------------------------- transforms, autocast, wrappers

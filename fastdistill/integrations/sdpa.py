@@ -51,6 +51,10 @@ not warn (an eager call does, once per reason). Enter the block outside the comp
 context manager itself (``fullgraph=True`` raises "Unsupported context manager"; without it, a graph
 break). ``sdpa_stats()`` counts eager calls only.
 
+Options of a type stock SDPA's argument parser judges (``is_causal`` / ``enable_gqa`` other than a bool, ``dropout_p``
+or ``scale`` other than an int or a float, e.g. a string, None, a 0-d tensor scale) go to stock SDPA as they are: it
+raises its TypeError naming the argument (or, for a tensor scale, computes the call itself).
+
 Query/key/value with different head counts need ``enable_gqa=True``, exactly as in stock SDPA; without it
 stock SDPA decides (it raises), except a single key/value head, which stock SDPA broadcasts to every query
 head: served as multi-query attention (the same result). A GQA ratio that is not an integer goes to stock
@@ -67,6 +71,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import numbers
 import threading
 import warnings
 from collections.abc import Iterator
@@ -283,6 +288,18 @@ def _stock_decides(q, k, enable_gqa) -> bool:
     return q.shape[-3] % k.shape[-3] != 0
 
 
+def _options_stock_decides(dropout_p, is_causal, scale, enable_gqa) -> bool:
+    """Options of a type that fastdistill does not serve: stock SDPA's argument parser decides (it raises its
+    TypeError naming the argument for a string, None, an int flag...; before, ``bool("no")`` ran a causal attention
+    and ``float("0.5")`` a scale). Flags must be bools, ``dropout_p`` and ``scale`` real numbers (numpy's too;
+    ``scale`` also None); anything else (a 0-d tensor scale, which stock SDPA accepts) is stock SDPA's too."""
+    flag = (bool, torch.SymBool)
+    real = (numbers.Real, torch.SymInt, torch.SymFloat)
+    return (not isinstance(is_causal, flag) or not isinstance(enable_gqa, flag)
+            or not isinstance(dropout_p, real) or isinstance(dropout_p, bool)
+            or not (scale is None or (isinstance(scale, real) and not isinstance(scale, bool))))
+
+
 def _heads4(x: torch.Tensor) -> torch.Tensor:
     """[..., H, L, E] or [N, L, E] -> [B, H, L, E] (a view where strides allow)."""
     if x.dim() == 3:
@@ -373,6 +390,8 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if limit is not None:  # nested forward-mode / vmap with jvp: stock math SDPA has the rules
         return _fallback(limit, *args, tangent=True)
     tangent = any(isinstance(x, torch.Tensor) and _has_tangent(x) for x in (query, key, value))
+    if _options_stock_decides(dropout_p, is_causal, scale, enable_gqa):
+        return _stock(*args, tangent=tangent)
     if not tangent and plain == "sdpa":
         _count("stock")
         return _stock(*args, tangent=False)
