@@ -282,6 +282,12 @@ def _extras(x: dict, W: int, r: int) -> dict:
     out["err_scale_str"] = _expect_error(lambda: cp(q, q, q, scale="0.5"))
     out["err_return_lse_str"] = _expect_error(lambda: cp(q, q, q, return_lse="no"))
     out["err_check_str"] = _expect_error(lambda: cp(q, q, q, check="no"))
+    # the single-device op's own argument errors, raised before any collective (the agreement carries them)
+    out["err_layout"] = _expect_error(lambda: cp(q, q, q, layout="sbhd"))
+    kh = torch.randn(1, 4, 2, D, dtype=F64)  # W + 1 query heads over 2 key/value heads: not a multiple
+    out["err_gqa_ratio"] = _expect_error(lambda: cp(q, kh, kh))
+    out["err_tq_shape"] = _expect_error(lambda: cp(q, q, q, q[:, :3]))
+    out["err_key_mask"] = _expect_error(lambda: cp(q, q, q, key_mask=torch.ones(4, dtype=torch.bool)))
     # check=False: the same result without the agreement all-gather; a local error still raises
     q2 = q[:, :, :2]
     out["check_off_equal"] = torch.equal(cp(q2, q2, q2, check=False)[0], cp(q2, q2, q2)[0])
@@ -549,6 +555,10 @@ def test_zigzag_helpers(world):
     ("err_scale_str", "TypeError", "scale: expected a float, got str"),
     ("err_return_lse_str", "TypeError", "return_lse: expected a bool"),
     ("err_check_str", "TypeError", "check: expected a bool"),
+    ("err_layout", "ValueError", "layout: expected one of"),
+    ("err_gqa_ratio", "ValueError", "k: the number of query heads"),
+    ("err_tq_shape", "ValueError", "tq: shape"),
+    ("err_key_mask", "TypeError", "'key_mask'"),
     ("err_check_str_one_rank", "TypeError", "check: expected a bool"),
     ("err_not_member", "ValueError", "group: this process (global rank 1) is not a member"),
     ("err_ranks_differ", "ValueError", "q: local sequence length differs between the ranks"),
