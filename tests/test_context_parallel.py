@@ -61,6 +61,8 @@ class Case:
     logits: float = 1.0  # softmax scale multiplier (30: nearly one-hot rows)
     rel_single: float = 2.0  # lower precision: error at most rel_single × the single-device op's (+ floor)
     floor: float = 1e-6
+    strided: bool = False  # each rank's shards (and tangents) as non-contiguous views: the other layout's memory order
+    # and a padded head dim
 
     @property
     def scale(self) -> float:
@@ -81,6 +83,9 @@ CASES = [
     Case("ring-zigzag-noncausal", seq_layout="zigzag", sq=4, sk=6),
     Case("ring-lse-only-loss", causal=True, seq_layout="zigzag", loss="lse"),
     Case("ring-sk0", sq=3, sk=0),
+    Case("ring-strided-causal-zigzag-gqa", causal=True, seq_layout="zigzag", Hq=4, Hkv=1, strided=True),
+    Case("ulysses-strided-bhsd-dual", mode="ulysses", causal=True, layout="bhsd", Hq=4, Hkv=4, call="dual",
+         strided=True),
     # only rank 0's loss uses lse: the other ranks get dlse = None in the backward (Ulysses used to skip an all-to-all)
     Case("ring-lse-on-rank0-only", causal=True, loss="o+lse@0", short_timeout=True),
     Case("ulysses-lse-on-rank0-only", mode="ulysses", causal=True, Hq=4, Hkv=4, loss="o+lse@0", short_timeout=True),
@@ -202,6 +207,15 @@ def _shard(x, dim, W, r, zigzag, group):
     return zigzag_shard(x, dim, group).contiguous() if zigzag else x.chunk(W, dim)[r].contiguous()
 
 
+def _strided(x):
+    """The values of [B, A, C, D] ``x`` in memory ordered [B, C, A, D + 3] (viewed back: not contiguous)."""
+    if x is None:
+        return None
+    B, A, C, Dx = x.shape
+    y = x.new_zeros(B, C, A, Dx + 3)[..., :Dx].transpose(1, 2)
+    return y.copy_(x)
+
+
 def _run_case(case: Case, x: dict, W: int, r: int, group=None) -> dict:
     from fastdistill.distributed import context_parallel_jvp_attention as cp
 
@@ -209,7 +223,10 @@ def _run_case(case: Case, x: dict, W: int, r: int, group=None) -> dict:
     sd = _seq_dim(case)
     loc = {n: _shard(x[n], sd, W, r, zz, group) for n in ("q", "k", "v", "tq", "tk", "tv", "go")}
     loc["gl"] = _shard(x["gl"], 2, W, r, zz, group)
-    q, k, v = (loc[n].clone().requires_grad_() for n in "qkv")
+    if case.strided:
+        loc.update({n: _strided(loc[n]) for n in ("q", "k", "v", "tq", "tk", "tv")})
+    q, k, v = ((loc[n] if case.strided else loc[n].clone()).requires_grad_() for n in "qkv")  # (clone: contiguous)
+    assert not case.strided or not any(x.is_contiguous() for x in (q, k, v)), "strided shards expected"
     kw = dict(mode=case.mode, causal=case.causal, seq_layout=case.seq_layout, layout=case.layout, return_lse=True,
               group=group, scale=case.scale,
               tangent_dtype=None if case.tangent_dtype is None else getattr(torch, case.tangent_dtype))
