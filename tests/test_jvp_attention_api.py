@@ -311,6 +311,41 @@ def test_stop_gradient_dual_tensors(use):
             (p.sum() + t.sum()).backward()
 
 
+def test_stop_gradient_returned_tangents_every_way(use):
+    """The returned ``to`` / ``dlse`` raise when a backward reaches them in every way of calling, also where only a
+    tangent requires grad (forward-AD tangents of a model's activations depend on its weights). Before: with dual
+    tensors the returned ``to`` was a constant (the term silently lost; o's tangent was guarded), and with only a
+    tangent requiring grad, explicit pairs and dual tensors silently gave it no gradient from ``to``."""
+    q, k, v, tq, tk, tv = qkv(seed=14)
+    stop = lambda: pytest.raises(RuntimeError, match="stop-gradient")
+    # explicit pairs, q, k, v constants, tq requires grad (the other term keeps the loss differentiable)
+    tg = tq.clone().requires_grad_()
+    _, to, _, dlse = fd.jvp_attention(q, k, v, tg, tk, tv, return_lse=True)
+    with stop():
+        (to.sum() + tg.sum()).backward()
+    with stop():
+        (dlse.sum() + tg.sum()).backward()
+    qg = q.clone().requires_grad_()
+    with fwAD.dual_level():
+        # dual tensors, q requires grad: the returned to / dlse, as o's tangent
+        o, to, lse, dlse = fd.jvp_attention(fwAD.make_dual(qg, tq), k, v, return_lse=True)
+        with stop():
+            (fwAD.unpack_dual(o).primal.sum() + to.sum()).backward()
+        with stop():
+            (fwAD.unpack_dual(lse).primal.sum() + dlse.sum()).backward()
+        # dual tensors, only the tangent requires grad: o's tangent and the returned to
+        o, to = fd.jvp_attention(fwAD.make_dual(q, tg), k, v)
+        for t in (fwAD.unpack_dual(o).tangent, to):
+            with stop():
+                (t.sum() + tg.sum()).backward()
+    # a loss through o (and the detached tangent) still runs
+    qg, tg = q.clone().requires_grad_(), tq.clone().requires_grad_()
+    with fwAD.dual_level():
+        o, to = fd.jvp_attention(fwAD.make_dual(qg, tg), k, v)
+        (fwAD.unpack_dual(o).primal.sum() + to.detach().sum()).backward()
+    assert qg.grad is not None and tg.grad is None
+
+
 def test_stop_gradient_func_jvp(use):
     """Under torch.func.jvp the tangent output is guarded as with dual tensors: it requires grad when q does,
     and a backward that reaches it raises, for the attention alone, through a model's later layers, and

@@ -238,8 +238,15 @@ class _NoGrad(torch.autograd.Function):
         raise RuntimeError(_STOP_GRAD)
 
 
+def _anchor(*inputs: torch.Tensor | None) -> torch.Tensor | None:
+    """The first input that requires grad (q, k, v, then the tangents: a forward-AD tangent of a model's activation
+    depends on its weights), its primal if it is a dual tensor; None if none does."""
+    x = next((x for x in inputs if x is not None and x.requires_grad), None)
+    return x if x is None else fwAD.unpack_dual(x).primal
+
+
 def _guard(t: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
-    anchor = next((x for x in inputs if x is not None and x.requires_grad), None)
+    anchor = _anchor(*inputs)
     if anchor is None or not torch.is_grad_enabled():
         return t
     if torch.compiler.is_compiling():
@@ -283,7 +290,7 @@ class _DualFunction(torch.autograd.Function):
         # only the context whose jvp runs keeps the tangents: in a guard context they are differentiable outputs
         # of this very node (node -> ctx -> tangent -> node: a cycle the garbage collector cannot break)
         ctx.tangents = None if guard else (to, mu)
-        ctx.anchor = None if box.levels else next((x for x in (q, k, v) if x.requires_grad), None)
+        ctx.anchor = None if box.levels else _anchor(q, k, v, _tq, _tk, _tv)
         ctx.mark_non_differentiable(*((lo,) if guard else (to, mu, lo)))
         ctx.set_materialize_grads(False)
 
@@ -642,10 +649,13 @@ def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
         raise TransformLimitError(f"jvp_attention: {limit}")
     if dual:
         o, to, lse, mu = _dual_outside_graph(q, k, v, tq, tk, tv, causal, scale, lay, t_dtype, backend, kb)
+        if not autograd_levels():  # dual tensors: the returned to / dlse (non-differentiable outputs) guarded as o's
+            # tangent is (under torch.func the function's contexts guard them)
+            to, mu = _guard(to, q, k, v, tq, tk, tv), _guard(mu, q, k, v, tq, tk, tv)
     else:
         o, to, lse, mu, _lo = _fwd_op(q, k, v, tq, tk, tv, bool(causal), scale, lay, want_t, t_dtype, backend, kb)
         if want_t:
-            to, mu = _guard(to, q, k, v), _guard(mu, q, k, v)
+            to, mu = _guard(to, q, k, v, tq, tk, tv), _guard(mu, q, k, v, tq, tk, tv)
     if not want_t:
         to = mu = None
     return (o, to, lse, mu) if return_lse else (o, to)
