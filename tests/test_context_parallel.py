@@ -338,6 +338,15 @@ def _extras(x: dict, W: int, r: int) -> dict:
     with fwAD.dual_level():
         o, to = fwAD.unpack_dual(cp(fwAD.make_dual(qg, torch.ones_like(qg)), qg, qg)[0])
         out["err_stop_gradient_dual"] = _expect_error(lambda: (o.sum() + to.sum()).backward())
+    # ... also the returned to / dlse with dual tensors (before: constants, the term silently lost), and with only a
+    # tangent requiring grad (a forward-AD tangent depends on the weights; before: silently no gradient from to)
+    with fwAD.dual_level():
+        o, to, lse, dlse = cp(fwAD.make_dual(qg, torch.ones_like(qg)), qg, qg, return_lse=True)
+        out["err_stop_gradient_dual_returned"] = _expect_error(lambda: (fwAD.unpack_dual(o).primal.sum()
+                                                                        + to.sum()).backward())
+    tg = torch.ones_like(qg).requires_grad_()
+    _, to = cp(qg.detach(), qg.detach(), qg.detach(), tg)
+    out["err_stop_gradient_tangent_grad"] = _expect_error(lambda: (to.sum() + tg.sum()).backward())
     # a double backward through the op raises (its backward has no derivative) instead of a silent constant
     g, = torch.autograd.grad(cp(qg, qg, qg)[0].square().sum(), qg, create_graph=True)
     out["err_double_backward"] = _expect_error(lambda: (g.square().sum() + qg.sum()).backward())
@@ -389,6 +398,9 @@ def _one_rank_differs(W: int, r: int, agree_group, local_group) -> dict:
     # ... or q requiring grad on one rank only: its backward would wait for the others in the ring backward
     xg = x.detach().requires_grad_(odd)
     out["err_requires_grad_one_rank"] = _expect_error(lambda: cp(xg, x, x, group=agree_group))
+    # ... or only a tangent requiring grad, on one rank: its o requires grad, its backward would wait for the others
+    t1 = torch.ones_like(x).requires_grad_(odd)
+    out["err_tangent_requires_grad_one_rank"] = _expect_error(lambda: cp(x, x, x, t1, group=agree_group))
     out["usable_after_mismatch"] = usable(agree_group)
     # 2. an argument error that only the last rank's local checks see
     z = x[:, :3] if odd else x
@@ -588,7 +600,11 @@ def test_zigzag_helpers(world):
     ("err_scale_one_rank", "ValueError", "scale differs between the ranks"),
     ("err_mode_one_rank", "ValueError", "'ring', 'ulysses'] on ranks 0.."),
     ("err_dtype_one_rank", "ValueError", "'torch.float64', 'torch.float32']"),
-    ("err_requires_grad_one_rank", "ValueError", "requires_grad (grad mode on and q, k or v requiring grad) differs"),
+    ("err_requires_grad_one_rank", "ValueError", "requires_grad (grad mode on and q, k, v or a tangent requiring "
+                                                  "grad) differs"),
+    ("err_tangent_requires_grad_one_rank", "ValueError", "requires_grad (grad mode on and q, k, v or a tangent"),
+    ("err_stop_gradient_dual_returned", "RuntimeError", "stop-gradient"),
+    ("err_stop_gradient_tangent_grad", "RuntimeError", "stop-gradient"),
     ("err_zigzag_odd_one_rank", "ValueError", "q, k: zigzag shards hold two equal chunks"),
     ("err_mode_check_off", "ValueError", "mode"),
     ("err_dual_tangent_dtype", "ValueError", "tangent_dtype: under torch.func.jvp"),

@@ -46,6 +46,7 @@ from fastdistill.ops.jvp_attention import (
     LAYOUTS,
     OP,
     TransformLimitError,
+    _anchor,
     _bhsd,
     _bwd,
     _check,
@@ -595,7 +596,7 @@ class _ContextParallel(torch.autograd.Function):
         # kept only where jvp will ask for them (in a guard context they are this node's differentiable outputs:
         # node -> ctx -> tangent -> node, a cycle the garbage collector cannot break)
         ctx.tangents = (to, mu) if cfg.dual and not guard else None
-        ctx.anchor = None if box.levels else next((x for x in (q, k, v) if x.requires_grad), None)
+        ctx.anchor = None if box.levels else _anchor(q, k, v, _tq, _tk, _tv)
         if not guard:
             ctx.mark_non_differentiable(to, mu)
         ctx.set_materialize_grads(False)
@@ -632,11 +633,11 @@ class _ContextParallel(torch.autograd.Function):
 _SIG_NAMES = ("mode", "causal", "seq_layout", "layout", "q: batch", "q: local sequence length", "q: heads",
               "q: head dim", "k: local sequence length", "k: heads", "v: head dim", "tq (None or not)",
               "tk (None or not)", "tv (None or not)", "dtype", "tangent_dtype", "scale",
-              "requires_grad (grad mode on and q, k or v requiring grad)")
+              "requires_grad (grad mode on and q, k, v or a tangent requiring grad)")
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _SIG_DECODE = {"mode": MODES, "causal": (False, True), "seq_layout": SEQ_LAYOUTS, "layout": tuple(LAYOUTS),
                "dtype": tuple(str(d) for d in _DTYPE_CODES), "tangent_dtype": ("the input dtype", "torch.float32"),
-               "requires_grad (grad mode on and q, k or v requiring grad)": (False, True)}
+               "requires_grad (grad mode on and q, k, v or a tangent requiring grad)": (False, True)}
 
 
 @eager_only("context-parallel attention runs eagerly: point-to-point rings and all-to-alls (a graph break, "
@@ -710,8 +711,8 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     o, to, lse, mu = _ContextParallel.apply(q, k, v, tq, tk, tv, cfg, _Saved(autograd_levels() if a.dual else 0))
     if not a.want_t:
         to = mu = None
-    elif not a.dual:
-        to, mu = _guard(to, q, k, v), _guard(mu, q, k, v)
+    elif not a.dual or not autograd_levels():  # (dual tensors: the returned to / dlse, as jvp_attention's)
+        to, mu = _guard(to, q, k, v, tq, tk, tv), _guard(mu, q, k, v, tq, tk, tv)
     return (o, to, lse, mu) if check_bool("return_lse", return_lse) else (o, to)
 
 
@@ -772,7 +773,8 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
            int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype,
            struct.unpack("<q", struct.pack("<d", scale))[0],  # the scale's bits: ranks must use the very same
            # a backward on some ranks only would leave the others waiting in the ring / all-to-all backward
-           int(torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))))
+           # (o requires grad when only a tangent does: its backward runs the collectives too)
+           int(torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, tq, tk, tv))))
     backend = select_backend(OP, q, head_dims=(Dqk, Dv), grid_too_big=_grid_too_big(B, Hq))
     limit = transform_limit(backend)
     if limit is not None:
