@@ -545,6 +545,22 @@ BAD_ARGS = {  # stock SDPA's argument parser refuses each: under the patch its T
 }
 
 
+def test_tensor_scale_falls_back_with_the_reason():
+    """A 0-d tensor scale, which stock SDPA accepts: stock SDPA's result, with a warning naming the reason (a silent
+    stock call would hide an O(S^2) math JVP)."""
+    q, k, v, tq, _, _ = _qkv((1, 2, 4, 8), (1, 2, 5, 8), seed=5)
+    f = lambda q: F.scaled_dot_product_attention(q, k, v, scale=torch.tensor(0.3, dtype=F64))
+    want = _math_jvp(lambda q: STOCK(q, k, v, scale=0.3), (q,), (tq,))
+    _sdpa_mod._warned.clear()
+    with jvp_sdpa():
+        sdpa_stats(reset=True)
+        with pytest.warns(UserWarning, match="scale is a tensor"):
+            got = torch.func.jvp(f, (q,), (tq,))
+    assert list(sdpa_stats()) == ["fallback: scale is a tensor (fastdistill's scale is a number; pass float(scale))"]
+    _close(got[0], want[0], 1e-12, "o")
+    _close(got[1], want[1], 1e-12, "to")
+
+
 @pytest.mark.parametrize("name", list(BAD_ARGS))
 def test_bad_argument_types_raise_as_stock(name):
     kw = BAD_ARGS[name]

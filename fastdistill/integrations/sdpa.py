@@ -53,7 +53,8 @@ break). ``sdpa_stats()`` counts eager calls only.
 
 Options of a type stock SDPA's argument parser judges (``is_causal`` / ``enable_gqa`` other than a bool, ``dropout_p``
 or ``scale`` other than an int or a float, e.g. a string, None, a 0-d tensor scale) go to stock SDPA as they are: it
-raises its TypeError naming the argument (or, for a tensor scale, computes the call itself).
+raises its TypeError naming the argument. A 0-d tensor ``scale`` (which stock SDPA accepts) falls back with the
+reason: fastdistill takes the scale as a number (``float(scale)``; on a GPU reading it would synchronise).
 
 Query/key/value with different head counts need ``enable_gqa=True``, exactly as in stock SDPA; without it
 stock SDPA decides (it raises), except a single key/value head, which stock SDPA broadcasts to every query
@@ -292,7 +293,7 @@ def _options_stock_decides(dropout_p, is_causal, scale, enable_gqa) -> bool:
     """Options of a type that fastdistill does not serve: stock SDPA's argument parser decides (it raises its
     TypeError naming the argument for a string, None, an int flag...; before, ``bool("no")`` ran a causal attention
     and ``float("0.5")`` a scale). Flags must be bools, ``dropout_p`` and ``scale`` real numbers (numpy's too;
-    ``scale`` also None); anything else (a 0-d tensor scale, which stock SDPA accepts) is stock SDPA's too."""
+    ``scale`` also None); anything else is stock SDPA's too (a 0-d tensor scale is a fallback, before this)."""
     flag = (bool, torch.SymBool)
     real = (numbers.Real, torch.SymInt, torch.SymFloat)
     return (not isinstance(is_causal, flag) or not isinstance(enable_gqa, flag)
@@ -390,6 +391,9 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if limit is not None:  # nested forward-mode / vmap with jvp: stock math SDPA has the rules
         return _fallback(limit, *args, tangent=True)
     tangent = any(isinstance(x, torch.Tensor) and _has_tangent(x) for x in (query, key, value))
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0:  # stock SDPA takes it: its result, with the reason
+        return _fallback("scale is a tensor (fastdistill's scale is a number; pass float(scale))", *args,
+                         tangent=tangent)
     if _options_stock_decides(dropout_p, is_causal, scale, enable_gqa):
         return _stock(*args, tangent=tangent)
     if not tangent and plain == "sdpa":
