@@ -676,6 +676,40 @@ def test_fullgraph_compile_says_why_it_runs_eagerly():
     dynamo.reset()
 
 
+def test_float_option_schedule_does_not_recompile_per_value():
+    """A compiled step that calls fused_linear_kd_loss with a new temperature / alpha each step: the frame compiles
+    for the first value and once more when a value changes, then serves every value (before: two more frames per
+    value, up to the recompile limit: the options were traced as graph inputs up to the eager loop and specialised
+    there). Loss and gradients equal eager's at each value."""
+    import torch._dynamo as dynamo
+    import torch._dynamo.testing as dt
+
+    dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    W, Wt = torch.randn(60, 16, generator=g, requires_grad=True), torch.randn(60, 12, generator=g)
+    h, ht = torch.randn(10, 16, generator=g, requires_grad=True), torch.randn(10, 12, generator=g)
+    lab = torch.randint(0, 60, (10,), generator=g)
+
+    def step(h, W, T, a):
+        x = h * 2.0
+        return fd.fused_linear_kd_loss(x, W, ht, Wt, divergence="jsd", temperature=T, hard_label_alpha=a,
+                                       labels=lab) + x.sum() * 0.0
+
+    cnt = dt.CompileCounterWithBackend("aot_eager")
+    f = torch.compile(step, backend=cnt)
+    frames = []
+    for i, T in enumerate((1.0, 1.5, 2.0, 2.5, 3.0, 0.7)):
+        a = 0.1 + 0.1 * i
+        got = f(h, W, T, a)
+        dh, dW = torch.autograd.grad(got, (h, W))
+        want = step(h, W, T, a)
+        wdh, wdW = torch.autograd.grad(want, (h, W))
+        assert torch.equal(got, want) and torch.equal(dh, wdh) and torch.equal(dW, wdW), T
+        frames.append(cnt.frame_count)
+    assert frames[-1] == frames[1], frames
+    dynamo.reset()
+
+
 def test_flkd_shifted_teacher_logits_and_dw_read_in_place(use):
     """Shifted teacher logits (logits[:, :-1] of [B, T, Vt]) are read a chunk at a time, never copied whole
     (before: reshape(N, Vt) copied them, 2.1 GB at flkd-128k bf16, live for the whole forward), also with chunks that

@@ -300,9 +300,9 @@ class _FusedLinearKD(torch.autograd.Function):
         return (None, None, *grads, *rest)
 
 
-@eager_only("fused_linear_kd_loss runs eagerly: a Python loop over row chunks (cuBLAS GEMMs, the KD kernel per chunk)")
 def _run(cfg: _Cfg, tensors: tuple, grad: bool):
-    """Eager, also under torch.compile (a graph break): the row loop is Python and its GEMMs are cuBLAS'."""
+    """Eager, also under torch.compile (``fused_linear_kd_loss`` is a graph break): the row loop is Python and
+    its GEMMs are cuBLAS'."""
     with autocast_off(tensors[0].device.type):  # autocast would round the logits GEMM
         return _run_eager(cfg, tensors, grad)
 
@@ -383,6 +383,10 @@ def _chunk_rows(chunk_size, memory_budget_mb, N: int, bytes_per_row: int) -> int
 
 
 # ----------------------------------------------------------------------------- public API
+# The whole call is the graph break (not only the chunk loop): dynamo then never sees the float options, so a
+# schedule of temperatures / alphas does not recompile the calling frame once per value (it did: the options,
+# traced as graph inputs up to the loop, were specialised where they crossed into it)
+@eager_only("fused_linear_kd_loss runs eagerly: a Python loop over row chunks (cuBLAS GEMMs, the KD kernel per chunk)")
 def fused_linear_kd_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
