@@ -123,6 +123,16 @@ def resolve_accum(accum_dtype, *inputs) -> torch.dtype:
     return torch.float64 if f64 else torch.float32
 
 
+def value_vector(values, device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.tensor(values)`` built inside a torch.compile graph so that a float that changes between calls (a
+    SymFloat) stays a graph input: ``torch.tensor`` of a SymFloat specialises it (one graph per value), and so does
+    AOTAutograd for a float it cannot turn into a tensor; a tensor times it does not (the graph computes the
+    vector, in float64 as the host would, then casts it: the same values as ``torch.tensor`` of the host's
+    floats)."""
+    one = torch.ones((), dtype=torch.float64, device=device)
+    return torch.stack([one * v for v in values]).to(dtype)
+
+
 def is_finite(v) -> bool:
     """``math.isfinite`` for a float or a SymFloat: under ``torch.compile`` a float option that changes between
     calls becomes symbolic, which ``math.isfinite`` cannot take; ``v − v == 0`` (false for ±inf and NaN) is a

@@ -24,6 +24,7 @@ from fastdistill.ops._common import (
     save_constants,
     saved_constants,
     select_backend,
+    value_vector,
 )
 from fastdistill.reference import kd_softmax as _ref
 
@@ -90,14 +91,6 @@ class KDPlan:
     _NI = 5  # the first five fields are integers
 
 
-def _value_vector(values, device, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.tensor(values)`` built inside a torch.compile graph so that a float that changes between calls (a
-    SymFloat) stays a graph input: ``torch.tensor`` of a SymFloat specialises it (one graph per value), a tensor
-    times it does not (the graph computes the vector, in float64 as the host would, then casts it)."""
-    one = torch.ones((), dtype=torch.float64, device=device)
-    return torch.stack([one * v for v in values]).to(dtype)
-
-
 _RAW = tuple(x.name for x in dataclasses.fields(KDPlan)[KDPlan._NI :])  # the float fields
 
 
@@ -113,8 +106,8 @@ def op_args(p: KDPlan, backend: str, device) -> tuple[list[int], torch.Tensor]:
         raise ValueError("op_args: expected a plan without num_items")
     ip += [int(p.scaled), int(p.capped), int(p.mixes_ce), int(p.ce_sep)]
     if backend == "reference":
-        return ip, _value_vector([getattr(p, n) for n in _RAW], "cpu", torch.float64)
-    return ip, _value_vector(p.kernel_params(), device, p.accum_dtype)
+        return ip, value_vector([getattr(p, n) for n in _RAW], "cpu", torch.float64)
+    return ip, value_vector(p.kernel_params(), device, p.accum_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
