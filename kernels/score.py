@@ -451,14 +451,19 @@ def _blocking(M: int) -> tuple[int, int]:
     return n_iter, triton.cdiv(nblk, n_iter)
 
 
-def _params(p, unit: float, device, acc):
-    """The plan's float parameters (huber_c, alpha, scale, clamp, eps, c, the gradient range) as a cached device
-    tensor in the accumulation dtype: kernel float arguments are fp32, too coarse for accum_dtype=float64 (1.2
-    became 1.2000000477; the fp64 range's bound became inf)."""
-    from fastdistill._backend import device_constant
+def grad_unit(p, x_dtype, term_dtypes) -> float:
+    """s4's unit: the narrowest range among the gradients asked for (x's, and SID's terms that require grad)."""
+    acc = p.accum_dtype
+    tneed = p.tneed if p.op == OP_SID else 0
+    return min([grad_max(x_dtype, acc)] + [grad_max(d, acc) for k, d in enumerate(term_dtypes) if (tneed >> k) & 1])
 
-    return device_constant((float(p.huber_c), float(p.alpha), float(p.scale), float(p.clamp), float(p.eps),
-                            float(p.c), float(unit)), device, acc)
+
+def _params(p, unit: float, device, acc):
+    """The plan's float parameters (huber_c, alpha, scale, clamp, eps, c, the gradient range) as a device tensor in
+    the accumulation dtype (``p.param_vector``: cached in eager mode; under torch.compile built in the graph): kernel
+    float arguments are fp32, too coarse for accum_dtype=float64 (1.2 became 1.2000000477; the fp64 range's bound
+    became inf)."""
+    return p.param_vector(unit, device, acc)
 
 
 @on_tensor_device
@@ -478,10 +483,9 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
     loss = torch.empty((1,), dtype=acc, device=x.device)
     ACC = _TL_ACC[str(acc).removeprefix("torch.")]
     coef_sb = coef.stride(0) if coef.shape[0] > 1 else 0
-    # s4's unit: the narrowest range among the gradients asked for (x's, and SID's terms that require grad)
     tneed = p.tneed if p.op == OP_SID else 0
     tdt = dtype_codes(terms, acc)
-    unit = min([grad_max(x.dtype, acc)] + [grad_max(t.dtype, acc) for k, t in enumerate(terms) if (tneed >> k) & 1])
+    unit = grad_unit(p, x.dtype, [t.dtype for t in terms])
     prm = _params(p, unit, x.device, acc)
     _score_stats_kernel[(B, NB)](
         x, tuple(terms), coef, coef_sb, mask if mask is not None else x, part, M, n_iter, NB, prm,

@@ -333,8 +333,8 @@ def test_torch_compile_fullgraph(use, compiler):
 
 def test_torch_compile_fullgraph_float_options_that_change():
     """A float option that changes between calls (a scheduled scale, SiD's alpha, a CFG coefficient, a float
-    weight) under torch.compile(fullgraph=True): each value compiles once more (docs/score_ops.md: a value that
-    changes every step belongs in a tensor, test_compiled_tensor_schedules_one_graph), and the ops' finiteness
+    weight) under torch.compile(fullgraph=True), static and dynamic=True (a schedule compiles twice:
+    test_float_options_schedule_one_dynamic_graph), and the ops' finiteness
     check must trace (before: math.isfinite raised "Unsupported" there, and dynamic=True failed on the
     first call). Results match eager for every value; a non-finite option still raises. (The reference backend:
     the options are checked before any backend runs; the CPU suite's time.)"""
@@ -372,12 +372,12 @@ def _float_options_that_change():
 
 
 def test_opcheck(use):
-    from fastdistill.ops._score_engine import Plan, _score_fwd_op
+    from fastdistill.ops._score_engine import Plan, _score_fwd_op, op_args
 
     x, (f, c), _ = make(2, (3, 8), 2, dtype=torch.float32)
     coef = torch.tensor([[[0.0, 1.0, -1.0], [1.0, 0.0, -0.5]]])
-    ip, fp = Plan(op=0, use1=3, use2=2, norm=1).pack()
-    torch.library.opcheck(_score_fwd_op, (x, [f, c], coef, None, None, None, ip, fp, use),
+    ip, vals = op_args(Plan(op=0, use1=3, use2=2, norm=1, scale=1.5, clamp=1e-3), use, x, [f, c])
+    torch.library.opcheck(_score_fwd_op, (x, [f, c], coef, None, None, None, ip, vals, use),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -385,16 +385,16 @@ def test_opcheck_backward_channels_last(use):
     """The backward op's fake gives its gradients the real op's (contiguous) strides for a channels-last or permuted
     x (before: empty_like kept x's strides, and inductor's stride assertion failed in the backward of a compiled
     step on a channels-last generator output or a permuted video latent; found by a DMD2 audit)."""
-    from fastdistill.ops._score_engine import Plan, _score_bwd_op, _score_fwd_op
+    from fastdistill.ops._score_engine import Plan, _score_bwd_op, _score_fwd_op, op_args
 
     g = torch.Generator().manual_seed(5)
     x, f, c = (torch.randn(2, 4, 3, 5, generator=g) for _ in range(3))
     coef = torch.tensor([[[0.0, 1.0, -1.0], [0.0, 0.0, 0.0]]])
-    ip, fp = Plan(op=0, use1=3).pack()
+    ip, vals = op_args(Plan(op=0, use1=3), use, x, [f, c])
     for xin in (x.to(memory_format=torch.channels_last), x.permute(0, 2, 1, 3)):
         fc = [t.permute(0, 2, 1, 3) if xin.dim() == 4 and xin.shape[1] == 3 else t for t in (f, c)]
-        _, _, state = _score_fwd_op(xin, fc, coef, None, None, None, ip, fp, use)
-        args = (xin, fc, coef, None, state, torch.tensor(1.0), ip, fp, True, [True, False], use)
+        _, _, state = _score_fwd_op(xin, fc, coef, None, None, None, ip, vals, use)
+        args = (xin, fc, coef, None, state, torch.tensor(1.0), ip, vals, True, [True, False], use)
         torch.library.opcheck(_score_bwd_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -828,6 +828,49 @@ def test_one_element_weight_tensor_is_the_batch_weight():
                            fd.denoise_regression_loss(pred, T, [1.0], weight=2.5))
 
 
+_SCHEDULES = {  # a float option given a new value every step
+    "score_distill scale": lambda x, f, c, s: fd.score_distill(x, [f, c], [1.0, -1.0], norm_terms=[c],
+                                                               norm_coeffs=[1.0], scale=s),
+    "score_distill coeffs": lambda x, f, c, s: fd.score_distill(x, [f, c], [s, 1.0 - s], norm_terms=[c, f],
+                                                                norm_coeffs=[s, -0.5 * s], norm_clamp=0.01 * s),
+    # a float next to a per-sample tensor (stacked on the device): the DMD2 CFG form with a scheduled scale
+    "score_distill mixed coeffs": lambda x, f, c, s: fd.score_distill(x, [f, c], [c[:, 0, 0] + 2.0, -s], norm=None),
+    "score_distill huber_c": lambda x, f, c, s: fd.score_distill(x, [f, c], [1.0, -1.0], norm=None,
+                                                                 phi="pseudo_huber", huber_c=0.1 * s, norm_eps=s),
+    "sid_loss alpha": lambda x, f, c, s: fd.sid_loss(x, f, ([c, f], [s, 1.0 - s]), alpha=s, w_eps=0.1 * s),
+    "scm_tangent_loss weight": lambda x, f, c, s: fd.scm_tangent_loss(x, [f, c], [1.0, -s], weight=s, c=0.1 * s,
+                                                                      f_coeff=0.5 * s),
+    "denoise_regression_loss weight": lambda x, f, c, s: fd.denoise_regression_loss(x, [f], [-s], weight=s,
+                                                                                    pred_coeff=s),
+}
+
+
+@pytest.mark.parametrize("call", list(_SCHEDULES))
+def test_float_options_schedule_one_dynamic_graph(use, call):
+    """A schedule of a float option (a CFG scale, SiD's alpha, a ramped float weight, float coefficients) under
+    torch.compile(fullgraph=True): the first value, then one graph with the values as graph inputs (before: each
+    value was a graph constant, a recompilation per step until the recompile limit, then FailOnRecompileLimitHit).
+    Loss and gradients equal eager at every value, bit for bit (the kernels' parameter vector and the constant
+    coefficients are built in the graph in float64, as on the host, then cast; the reference reads the floats
+    exactly)."""
+    import torch._dynamo as dynamo
+    import torch._dynamo.testing as dt
+
+    x0, (f, c), _ = make(2, (3, 8), 2, dtype=torch.float32)
+    fn = _SCHEDULES[call]
+    dynamo.reset()
+    cnt = dt.CompileCounterWithBackend("aot_eager")  # AOTAutograd: where an untensorified float is specialised
+    cf = torch.compile(fn, backend=cnt, fullgraph=True)
+    for s in (1.5, 2.25, 0.7, 3.1, 1.9):
+        x, y = x0.detach().clone().requires_grad_(), x0.detach().clone().requires_grad_()
+        got, want = cf(x, f, c, s), fn(y, f, c, s)
+        got.backward()
+        want.backward()
+        assert torch.equal(got, want) and torch.equal(x.grad, y.grad), (call, s)
+    assert cnt.frame_count <= 2, (call, cnt.frame_count)
+    dynamo.reset()
+
+
 def test_compiled_options_and_per_sample_coeffs():
     """Under torch.compile(fullgraph=True): per-sample coefficients given as a list stay one graph across steps
     whose values change; a tensor given for a float option raises naming it (before: an internal dynamo error
@@ -896,9 +939,9 @@ def test_compiled_fresh_tensors_every_step(op):
 
 
 def test_compiled_tensor_schedules_one_graph():
-    """What docs/score_ops.md advises for values that change every step (a ramped weight, a scheduled CFG scale):
-    0-d and per-sample coefficient tensors, sample_weight and a tensor weight compile one graph for all values
-    under fullgraph=True, with results equal to eager (Python floats compile once per value)."""
+    """Values that change every step (a ramped weight, a scheduled CFG scale) given as tensors: 0-d and per-sample
+    coefficient tensors, sample_weight and a tensor weight compile one graph for all values under fullgraph=True,
+    with results equal to eager (Python floats compile twice: test_float_options_schedule_one_dynamic_graph)."""
     import torch._dynamo as dynamo
 
     dynamo.reset()

@@ -20,6 +20,7 @@ from fastdistill.ops._common import (
     save_constants,
     saved_constants,
     select_backend,
+    value_vector,
 )
 from fastdistill.reference import score as _ref
 
@@ -62,15 +63,52 @@ class Plan:
              "to_num", "raise_", "fp64")
     _FLOATS = ("huber_c", "alpha", "scale", "clamp", "eps", "c")
 
-    def pack(self) -> tuple[list[int], list[float]]:
-        return [int(getattr(self, f)) for f in self._INTS], [float(getattr(self, f)) for f in self._FLOATS]
+    def param_vector(self, unit: float, device, dtype: torch.dtype) -> torch.Tensor:
+        """The Triton kernels' parameter vector (huber_c, alpha, scale, clamp, eps, c, the gradient range ``unit``)
+        as a cached device tensor in ``dtype`` (no host synchronisation)."""
+        return _backend.device_constant((float(self.huber_c), float(self.alpha), float(self.scale),
+                                         float(self.clamp), float(self.eps), float(self.c), float(unit)), device, dtype)
 
-    @classmethod
-    def unpack(cls, ip: Sequence[int], fp: Sequence[float]) -> Plan:
-        kw = {f: (bool(v) if isinstance(cls.__dataclass_fields__[f].default, bool) else int(v))
-              for f, v in zip(cls._INTS, ip)}
-        kw.update(dict(zip(cls._FLOATS, fp)))
-        return cls(**kw)
+
+def op_args(p: Plan, backend: str, x: torch.Tensor, terms: Sequence[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+    """The plan as the custom ops take it under torch.compile: its integers and switches (graph constants) and its
+    float values as a tensor built in the graph (graph inputs: one graph serves a whole schedule of scales, alphas
+    or float weights, not one graph per value). For the Triton kernels that tensor is their parameter vector
+    (``param_vector``, the accumulation dtype, on x's device: nothing is read on the host); for the reference and
+    CUDA backends the plan's float fields (float64 on the CPU: read on the host without a synchronisation; the CUDA
+    extension takes them as arguments). Read back with ``plan_from_op``."""
+    ip = [int(getattr(p, f)) for f in Plan._INTS]
+    raw = [getattr(p, f) for f in Plan._FLOATS]
+    if backend == "triton":
+        from fastdistill.kernels import score as k
+
+        unit = k.grad_unit(p, x.dtype, [t.dtype for t in terms])  # (dtypes only: a constant of the graph)
+        return ip, value_vector(raw + [unit], x.device, p.accum_dtype)
+    return ip, value_vector(raw, "cpu", torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OpPlan(Plan):
+    """The Triton backend's plan inside the custom op: the float values are only in ``prm`` (the kernels' parameter
+    vector, a device tensor built in the graph). Its float fields are NaN."""
+
+    prm: torch.Tensor | None = dataclasses.field(default=None, compare=False)
+
+    def param_vector(self, unit: float, device, dtype: torch.dtype) -> torch.Tensor:
+        # ``unit`` is in prm already (the forward's, from the same dtypes; the gradient kernel does not read it)
+        if self.prm.device != torch.device(device) or self.prm.dtype != dtype:
+            raise ValueError(f"_OpPlan: prm is {self.prm.dtype} on {self.prm.device}, expected {dtype} on {device}")
+        return self.prm
+
+
+def plan_from_op(ip: Sequence[int], vals: torch.Tensor, backend: str) -> Plan:
+    """The plan that ``op_args`` packed (inside the custom op, or its fake)."""
+    kw = {f: (bool(v) if isinstance(Plan.__dataclass_fields__[f].default, bool) else int(v))
+          for f, v in zip(Plan._INTS, ip)}
+    if backend != "triton" and not isinstance(vals, torch._subclasses.FakeTensor):
+        return Plan(**kw, **dict(zip(Plan._FLOATS, vals.tolist())))  # float64 on the CPU: exactly the host's floats
+    nan = float("nan")
+    return _OpPlan(**kw, **{f: nan for f in Plan._FLOATS}, prm=vals)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -177,6 +215,7 @@ def _mixed_block(name: str, c, k: int, B: int, device) -> torch.Tensor:
     if len(c) != k:
         raise ValueError(f"{name}: expected {k} coefficients (one per term), got {len(c)}")
     rows = 1
+    c = list(c)
     for i, v in enumerate(c):
         if isinstance(v, torch.Tensor):
             no_dtensor(f"{name}[{i}]", v)
@@ -191,12 +230,20 @@ def _mixed_block(name: str, c, k: int, B: int, device) -> torch.Tensor:
             if v.dim() >= 1 and v.shape[0] == B and v.numel() == B:
                 rows = B  # per-sample (B = 0 included: an empty batch)
         else:
-            real_option(f"{name}[{i}]", v)  # a finite number
+            c[i] = real_option(f"{name}[{i}]", v)  # a finite number
     # at least fp32: a float next to a bf16 tensor keeps its value (and 1e5 fits; fp16 would overflow)
     dtype = functools.reduce(torch.promote_types, [v.dtype for v in c if isinstance(v, torch.Tensor)], torch.float32)
-    cols = [v.to(dtype).reshape(-1).expand(rows) if isinstance(v, torch.Tensor)
-            else torch.full((rows,), float(v), dtype=dtype, device=device) for v in c]
+    cols = [v.to(dtype).reshape(-1).expand(rows) if isinstance(v, torch.Tensor) else _full(rows, v, dtype, device)
+            for v in c]
     return torch.stack(cols, 1)
+
+
+def _full(n: int, v: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.full((n,), v)``; under torch.compile a float that changes between calls stays a graph input (``full``
+    of a SymFloat specialises it; the product is formed in float64, then cast: the same values)."""
+    if torch.compiler.is_compiling():
+        return (torch.ones((n,), dtype=torch.float64, device=device) * v).to(dtype)
+    return torch.full((n,), v, dtype=dtype, device=device)
 
 
 Row = list  # of (columns, block): block is a tuple of floats or a [1|B, k] tensor; column 0 is x, k+1 term k
@@ -216,7 +263,10 @@ def pack_coef(rows: list[Row], K: int, B: int, device, acc: torch.dtype) -> torc
             else:
                 for c, v in zip(cols, block):
                     flat[r * (K + 1) + c] += v
-    const = _backend.device_constant(tuple(flat), device, acc).view(1, 2, K + 1)
+    if torch.compiler.is_compiling():  # a float coefficient that changes between calls stays a graph input
+        const = value_vector(flat, device, acc).view(1, 2, K + 1)
+    else:
+        const = _backend.device_constant(tuple(flat), device, acc).view(1, 2, K + 1)
     if not tensors:
         return const
     Bc = max(b.shape[0] for _, _, b in tensors)
@@ -395,9 +445,9 @@ class _ScoreFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- torch.compile path
 @torch.library.custom_op("fastdistill::score_fwd", mutates_args=())
 def _score_fwd_op(x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor, mask: torch.Tensor | None,
-                  weight: torch.Tensor | None, logvar: torch.Tensor | None, ip: list[int], fp: list[float],
+                  weight: torch.Tensor | None, logvar: torch.Tensor | None, ip: list[int], vals: torch.Tensor,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = Plan.unpack(ip, fp)
+    p = plan_from_op(ip, vals, backend)
     B = x.shape[0]
     M = x.numel() // B if B else 0
     loss, loss_i, state = _fwd(p, backend, _flat(x, B, M), [_flat(t, B, M) for t in terms], coef, mask,
@@ -406,8 +456,8 @@ def _score_fwd_op(x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor
 
 
 @_score_fwd_op.register_fake
-def _(x, terms, coef, mask, weight, logvar, ip, fp, backend):
-    p = Plan.unpack(ip, fp)
+def _(x, terms, coef, mask, weight, logvar, ip, vals, backend):
+    p = plan_from_op(ip, vals, backend)
     B = x.shape[0]
     acc = p.accum_dtype
     out = x.new_empty((B,) if p.red == 3 else (), dtype=acc)
@@ -416,9 +466,9 @@ def _(x, terms, coef, mask, weight, logvar, ip, fp, backend):
 
 @torch.library.custom_op("fastdistill::score_bwd", mutates_args=())
 def _score_bwd_op(x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor, mask: torch.Tensor | None,
-                  state: torch.Tensor, grad_out: torch.Tensor, ip: list[int], fp: list[float], need_x: bool,
+                  state: torch.Tensor, grad_out: torch.Tensor, ip: list[int], vals: torch.Tensor, need_x: bool,
                   need_terms: list[bool], backend: str) -> list[torch.Tensor]:
-    p = Plan.unpack(ip, fp)
+    p = plan_from_op(ip, vals, backend)
     B = x.shape[0]
     M = x.numel() // B if B else 0
     gx, gterms = _bwd(p, backend, _flat(x, B, M), [_flat(t, B, M) for t in terms], coef, mask, state, grad_out,
@@ -429,7 +479,7 @@ def _score_bwd_op(x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor
 
 
 @_score_bwd_op.register_fake
-def _(x, terms, coef, mask, state, grad_out, ip, fp, need_x, need_terms, backend):
+def _(x, terms, coef, mask, state, grad_out, ip, vals, need_x, need_terms, backend):
     # contiguous, as the real op's (a channels-last / permuted x: empty_like kept its strides, and inductor's
     # stride assertion failed in the backward)
     out = [x.new_empty(x.shape) if need_x else x.new_empty(0)]
@@ -437,10 +487,10 @@ def _(x, terms, coef, mask, state, grad_out, ip, fp, need_x, need_terms, backend
 
 
 def _setup_context(ctx, inputs, output):
-    x, terms, coef, mask, weight, logvar, ip, fp, backend = inputs
+    x, terms, coef, mask, weight, logvar, ip, vals, backend = inputs
     _, _, state = output
-    save_constants(ctx, x, coef, mask, state, *terms)
-    ctx.ip, ctx.fp, ctx.backend = ip, fp, backend
+    save_constants(ctx, x, coef, mask, state, vals, *terms)
+    ctx.ip, ctx.backend = ip, backend
     ctx.fd_anchors = (logvar,)
     ctx.need_terms = [t.requires_grad and ip[0] == OP_SID for t in terms]
     ctx.need_x = x.requires_grad
@@ -449,8 +499,8 @@ def _setup_context(ctx, inputs, output):
 
 @first_order("score ops")
 def _backward(ctx, g_out, _g_loss_i, _g_state):
-    x, coef, mask, state, *terms = saved_constants(ctx)
-    grads = _score_bwd_op(x, terms, coef, mask, state, g_out, ctx.ip, ctx.fp, ctx.need_x, ctx.need_terms,
+    x, coef, mask, state, vals, *terms = saved_constants(ctx)
+    grads = _score_bwd_op(x, terms, coef, mask, state, g_out, ctx.ip, vals, ctx.need_x, ctx.need_terms,
                           ctx.backend)
     gx = grads[0] if ctx.need_x else None
     gterms = [g if n else None for g, n in zip(grads[1:], ctx.need_terms)]
@@ -473,8 +523,8 @@ def run(p: Plan, x: torch.Tensor, terms: list[torch.Tensor], coef: torch.Tensor,
         if p.raise_:
             raise ValueError(f"{name}: nan='raise' needs a host synchronisation and cannot run under torch.compile; "
                              "use 'zero_sample' or 'to_num'")
-        ip, fp = p.pack()
-        out, loss_i, state = _score_fwd_op(x, list(terms), coef, mask, weight, logvar, ip, fp, backend)
+        ip, vals = op_args(p, backend, x, terms)
+        out, loss_i, state = _score_fwd_op(x, list(terms), coef, mask, weight, logvar, ip, vals, backend)
     else:
         B = x.shape[0]
         M = x.numel() // B if B else 0
