@@ -561,6 +561,27 @@ def test_tensor_scale_falls_back_with_the_reason():
     _close(got[1], want[1], 1e-12, "to")
 
 
+def test_tensor_scale_plain_call_is_a_silent_stock_call():
+    """Under the default plain="sdpa" a call without a tangent is stock SDPA's, whatever its options: a 0-d tensor
+    scale there is no fallback (no warning, no "fallback" count; before, it warned that a call runs stock SDPA which
+    plain="sdpa" runs there anyway). With plain="fastdistill" it falls back with the reason."""
+    q, k, v, _, _, _ = _qkv((1, 2, 4, 8), (1, 2, 5, 8), seed=6)
+    want = STOCK(q, k, v, scale=0.3)
+    _sdpa_mod._warned.clear()
+    with jvp_sdpa():
+        sdpa_stats(reset=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = F.scaled_dot_product_attention(q, k, v, scale=torch.tensor(0.3, dtype=F64))
+        assert sdpa_stats() == {"stock": 1}, sdpa_stats()
+    _close(got, want, 1e-12, "o")
+    with jvp_sdpa(plain="fastdistill"):
+        sdpa_stats(reset=True)
+        with pytest.warns(UserWarning, match="scale is a tensor"):
+            F.scaled_dot_product_attention(q, k, v, scale=torch.tensor(0.3, dtype=F64))
+        assert [k.split(" (")[0] for k in sdpa_stats()] == ["fallback: scale is a tensor"], sdpa_stats()
+
+
 @pytest.mark.parametrize("name", list(BAD_ARGS))
 def test_bad_argument_types_raise_as_stock(name):
     kw = BAD_ARGS[name]
@@ -578,6 +599,7 @@ def test_bad_argument_types_raise_as_stock(name):
     # numbers of other types are still served (numpy's scale, an int dropout_p)
     f = lambda q: F.scaled_dot_product_attention(q, k, v, scale=np.float32(0.5), dropout_p=0)
     with jvp_sdpa():
+        sdpa_stats(reset=True)  # (the plain calls above count as stock calls under plain="sdpa", which raised)
         got = torch.func.jvp(f, (q,), (tq,))
     assert sdpa_stats() == {"jvp": 1}, sdpa_stats()
     want = _math_jvp(f, (q,), (tq,))

@@ -53,8 +53,9 @@ break). ``sdpa_stats()`` counts eager calls only.
 
 Options of a type stock SDPA's argument parser judges (``is_causal`` / ``enable_gqa`` other than a bool, ``dropout_p``
 or ``scale`` other than an int or a float, e.g. a string, None, a 0-d tensor scale) go to stock SDPA as they are: it
-raises its TypeError naming the argument. A 0-d tensor ``scale`` (which stock SDPA accepts) falls back with the
-reason: fastdistill takes the scale as a number (``float(scale)``; on a GPU reading it would synchronise).
+raises its TypeError naming the argument. A 0-d tensor ``scale`` (which stock SDPA accepts) in a call fastdistill
+would serve (one with a tangent, or any under ``plain="fastdistill"``) falls back with the reason: fastdistill
+takes the scale as a number (``float(scale)``; on a GPU reading it would synchronise).
 
 Query/key/value with different head counts need ``enable_gqa=True``, exactly as in stock SDPA; without it
 stock SDPA decides (it raises), except a single key/value head, which stock SDPA broadcasts to every query
@@ -391,14 +392,14 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if limit is not None:  # nested forward-mode / vmap with jvp: stock math SDPA has the rules
         return _fallback(limit, *args, tangent=True)
     tangent = any(isinstance(x, torch.Tensor) and _has_tangent(x) for x in (query, key, value))
+    if not tangent and plain == "sdpa":  # (before the option checks: a plain call is stock SDPA's, whatever they are)
+        _count("stock")
+        return _stock(*args, tangent=False)
     if isinstance(scale, torch.Tensor) and scale.dim() == 0:  # stock SDPA takes it: its result, with the reason
         return _fallback("scale is a tensor (fastdistill's scale is a number; pass float(scale))", *args,
                          tangent=tangent)
     if _options_stock_decides(dropout_p, is_causal, scale, enable_gqa):
         return _stock(*args, tangent=tangent)
-    if not tangent and plain == "sdpa":
-        _count("stock")
-        return _stock(*args, tangent=False)
     if not tangent and _stack() and not _global_serves_plain() and _checkpointed(query, key, value):
         return _fallback(_CHECKPOINT_REASON, *args, tangent=False)
     query, key, value = autocast_cast(query, key, value)  # as stock SDPA (autocast's lower-precision list)
