@@ -30,12 +30,12 @@ void fd_score_blocking(int64_t M, int* n_iter, int* nb);
 cudaError_t fd_score_fwd(int op, int dtype, const void* x, const void* const* terms, int K, const float* coef,
                          int64_t coef_sb, const uint8_t* mask, const float* weight, const float* logvar,
                          float* part, float* sums, float* state, float* loss_i, float* loss, int64_t B, int64_t M,
-                         unsigned use1, unsigned use2, unsigned tneed, int flags, int norm, int red, float huber_c,
-                         float alpha, float scale, float clamp, float eps, float c, cudaStream_t stream);
+                         unsigned use1, unsigned use2, unsigned tneed, int flags, int norm, int red, const float* prm,
+                         cudaStream_t stream);
 cudaError_t fd_score_bwd(int op, int dtype, const void* x, const void* const* terms, int K, const float* coef,
                          int64_t coef_sb, const uint8_t* mask, const float* state, const float* grad_out,
                          int64_t go_sb, void* gx, void* const* gterms, unsigned tgrad, int64_t B, int64_t M,
-                         unsigned use1, unsigned use2, int flags, float huber_c, float alpha, cudaStream_t stream);
+                         unsigned use1, unsigned use2, int flags, const float* prm, cudaStream_t stream);
 
 // csrc/kd_softmax.cu
 cudaError_t fd_kd_fwd(int dtype, const void* s, const void* t, const void* labels, bool labels_i64,
@@ -73,7 +73,7 @@ void require_ptr(std::uintptr_t p, const char* name) {
 // Checks shared by score_fwd and score_bwd; returns K.
 int check_common(int op, int dtype, std::uintptr_t x, const std::vector<std::uintptr_t>& terms, std::uintptr_t coef,
                  int64_t coef_sb, int64_t B, int64_t M, unsigned use1, unsigned use2, bool has_mask,
-                 std::uintptr_t mask) {
+                 std::uintptr_t mask, std::uintptr_t prm) {
   if (op < 0 || op > 3) bad_arg("op: expected 0 (score), 1 (sid), 2 (scm) or 3 (denoise), got " + std::to_string(op));
   if (dtype < 0 || dtype > 2)
     bad_arg("dtype: expected 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
@@ -89,6 +89,7 @@ int check_common(int op, int dtype, std::uintptr_t x, const std::vector<std::uin
   if (B > 0 && M > 0) {
     require_ptr(x, "x");
     require_ptr(coef, "coef");
+    require_ptr(prm, "prm");
     for (int k = 0; k < K; ++k)
       if (terms[k] == 0) bad_arg("terms[" + std::to_string(k) + "]: expected a device pointer, got 0 (null)");
     if (has_mask) require_ptr(mask, "mask");
@@ -113,9 +114,8 @@ void score_fwd(int op, int dtype, std::uintptr_t x, const std::vector<std::uintp
                int64_t coef_sb, std::uintptr_t mask, std::uintptr_t weight, std::uintptr_t logvar, std::uintptr_t part,
                std::uintptr_t sums, std::uintptr_t state, std::uintptr_t loss_i, std::uintptr_t loss, int64_t B,
                int64_t M, unsigned use1, unsigned use2, unsigned tneed, bool phi_huber, bool norm_on_loss, int norm,
-               int red, bool sample_mean, bool rms, bool to_num, double huber_c, double alpha, double scale,
-               double clamp, double eps, double c, std::uintptr_t stream) {
-  const int K = check_common(op, dtype, x, terms, coef, coef_sb, B, M, use1, use2, mask != 0, mask);
+               int red, bool sample_mean, bool rms, bool to_num, std::uintptr_t prm, std::uintptr_t stream) {
+  const int K = check_common(op, dtype, x, terms, coef, coef_sb, B, M, use1, use2, mask != 0, mask, prm);
   if (norm < 0 || norm > 2) bad_arg("norm: expected 0 (none), 1 (per sample) or 2 (global), got " + std::to_string(norm));
   if (red < 0 || red > 3) bad_arg("red: expected 0 (mean), 1 (sum), 2 (batchmean) or 3 (none), got " + std::to_string(red));
   if (B > 0 && M > 0) {
@@ -136,9 +136,8 @@ void score_fwd(int op, int dtype, std::uintptr_t x, const std::vector<std::uintp
                        coef_sb, reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<const float*>(weight),
                        reinterpret_cast<const float*>(logvar), reinterpret_cast<float*>(part),
                        reinterpret_cast<float*>(sums), reinterpret_cast<float*>(state), reinterpret_cast<float*>(loss_i),
-                       reinterpret_cast<float*>(loss), B, M, use1, use2, tneed, flags, norm, red, (float)huber_c,
-                       (float)alpha, (float)scale, (float)clamp, (float)eps, (float)c,
-                       reinterpret_cast<cudaStream_t>(stream));
+                       reinterpret_cast<float*>(loss), B, M, use1, use2, tneed, flags, norm, red,
+                       reinterpret_cast<const float*>(prm), reinterpret_cast<cudaStream_t>(stream));
   }
   check_cuda(err, "score_fwd");
 }
@@ -146,8 +145,8 @@ void score_fwd(int op, int dtype, std::uintptr_t x, const std::vector<std::uintp
 void score_bwd(int op, int dtype, std::uintptr_t x, const std::vector<std::uintptr_t>& terms, std::uintptr_t coef,
                int64_t coef_sb, std::uintptr_t mask, std::uintptr_t state, std::uintptr_t grad_out, int64_t go_sb,
                std::uintptr_t gx, const std::vector<std::uintptr_t>& gterms, int64_t B, int64_t M, unsigned use1,
-               unsigned use2, bool phi_huber, bool to_num, double huber_c, double alpha, std::uintptr_t stream) {
-  const int K = check_common(op, dtype, x, terms, coef, coef_sb, B, M, use1, use2, mask != 0, mask);
+               unsigned use2, bool phi_huber, bool to_num, std::uintptr_t prm, std::uintptr_t stream) {
+  const int K = check_common(op, dtype, x, terms, coef, coef_sb, B, M, use1, use2, mask != 0, mask, prm);
   if ((int)gterms.size() != K)
     bad_arg("gterms: expected one entry per term (" + std::to_string(K) + "), got " + std::to_string(gterms.size()));
   if (go_sb != 0 && go_sb != 1) bad_arg("go_sb: expected 0 (scalar upstream gradient) or 1 ([B]), got " + std::to_string(go_sb));
@@ -172,7 +171,8 @@ void score_bwd(int op, int dtype, std::uintptr_t x, const std::vector<std::uintp
     err = fd_score_bwd(op, dtype, reinterpret_cast<const void*>(x), tp.data(), K, reinterpret_cast<const float*>(coef),
                        coef_sb, reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<const float*>(state),
                        reinterpret_cast<const float*>(grad_out), go_sb, reinterpret_cast<void*>(gx), gp.data(), tgrad, B,
-                       M, use1, use2, flags, (float)huber_c, (float)alpha, reinterpret_cast<cudaStream_t>(stream));
+                       M, use1, use2, flags, reinterpret_cast<const float*>(prm),
+                       reinterpret_cast<cudaStream_t>(stream));
   }
   check_cuda(err, "score_bwd");
 }
@@ -304,18 +304,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("coef_sb"), py::arg("mask"), py::arg("weight"), py::arg("logvar"), py::arg("part"), py::arg("sums"),
         py::arg("state"), py::arg("loss_i"), py::arg("loss"), py::arg("B"), py::arg("M"), py::arg("use1"),
         py::arg("use2"), py::arg("tneed"), py::arg("phi_huber"), py::arg("norm_on_loss"), py::arg("norm"), py::arg("red"),
-        py::arg("sample_mean"), py::arg("rms"), py::arg("to_num"), py::arg("huber_c"), py::arg("alpha"),
-        py::arg("scale"), py::arg("clamp"), py::arg("eps"), py::arg("c"), py::arg("stream"),
+        py::arg("sample_mean"), py::arg("rms"), py::arg("to_num"), py::arg("prm"), py::arg("stream"),
         "Passes 1-2 of a score op on [B, M] inputs (x and the K <= 8 terms of one dtype: 0 float32, 1 float16, "
         "2 bfloat16; coef float32 [Bc, 2, K+1]; mask uint8 [B, M] or 0; weight/logvar float32 [B] or 0; tneed: sid's "
-        "terms whose gradients will be asked for, a bitmask). Writes "
+        "terms whose gradients will be asked for, a bitmask; prm float32 [7] on the device: huber_c, alpha, scale, "
+        "clamp, eps, c and the gradient range, the largest finite value of the inputs' dtype). Writes "
         "part [B, NB, 5], sums [B, 5] (scratch) and state [B, 4], loss_i [B], loss [1] (float32).");
   m.def("score_bwd", &score_bwd, py::arg("op"), py::arg("dtype"), py::arg("x"), py::arg("terms"), py::arg("coef"),
         py::arg("coef_sb"), py::arg("mask"), py::arg("state"), py::arg("grad_out"), py::arg("go_sb"), py::arg("gx"),
         py::arg("gterms"), py::arg("B"), py::arg("M"), py::arg("use1"), py::arg("use2"), py::arg("phi_huber"),
-        py::arg("to_num"), py::arg("huber_c"), py::arg("alpha"), py::arg("stream"),
+        py::arg("to_num"), py::arg("prm"), py::arg("stream"),
         "Pass 3: writes the gradient of x (gx, or 0 to skip) and, for sid, of term k (gterms[k], or 0), in the "
-        "inputs' dtype. grad_out float32 [1] (go_sb 0) or [B] (go_sb 1).");
+        "inputs' dtype. grad_out float32 [1] (go_sb 0) or [B] (go_sb 1); prm as score_fwd's (huber_c and alpha read).");
 
   m.def("kd_fwd", &kd_fwd, py::arg("dtype"), py::arg("s"), py::arg("t"), py::arg("labels"), py::arg("labels_i64"),
         py::arg("mask"), py::arg("weights"), py::arg("prm"), py::arg("st"), py::arg("loss"), py::arg("factor"),

@@ -38,6 +38,12 @@ static_assert(FIN_THREADS % 32 == 0 && FIN_THREADS <= 1024, "FD_SCORE_FIN_THREAD
 constexpr int F_MASK = 1, F_HUBER = 2, F_NORM_ON_LOSS = 4, F_TO_NUM = 8, F_WRITE_X = 16;
 constexpr int F_SAMPLE_MEAN = 32, F_RMS = 64, F_WEIGHT = 128, F_LOGVAR = 256;
 
+// The float parameters are read from a device vector, fp32 [7] (the Triton kernels' layout, kernels/score.py:
+// one vector serves both backends; under torch.compile it is built in the graph, so a changing value is no
+// kernel argument and no host read): huber_c, alpha, scale, clamp, eps, c and the gradient range (the largest
+// finite value of the gradient dtype: a larger gradient element marks the sample bad).
+constexpr int PRM_HUBER_C = 0, PRM_ALPHA = 1, PRM_SCALE = 2, PRM_CLAMP = 3, PRM_EPS = 4, PRM_C = 5, PRM_GMAX = 6;
+
 struct TermPtrs {
   const void* p[MAXK];
 };
@@ -56,7 +62,7 @@ struct ElemArgs {
   int n_iter, NB, K;
   unsigned use1, use2, tgrad;
   int flags;
-  float huber_c, alpha;
+  const float* prm;                 // the parameter vector (PRM_*): huber_c and alpha read here
   float* part;                      // stats: [B, NB, 5]
   const float* state;               // grad: [B, 4]
   const float* go;                  // grad: upstream gradient, [1] or [B] ...
@@ -72,8 +78,7 @@ struct FinArgs {  // part [B, NB, 5] in, sums [B, 5] scratch, the rest out (weig
   float *state, *loss_i, *loss;
   int64_t B, M;
   int NB, op, norm, red, flags;
-  float scale, clamp, eps, c, alpha;
-  float gmax;  // largest finite value of the gradient dtype: a larger gradient element marks the sample bad
+  const float* prm;  // the parameter vector (PRM_*): scale, clamp, eps, c and the gradient range read here
 };
 
 // ----------------------------------------------------------------------------- launch bounds
@@ -303,7 +308,7 @@ __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_stat
   Coefs cf;
   cf.load(a.coef + b * a.coef_sb, a.K);
   const bool has_mask = a.flags & F_MASK, huber = a.flags & F_HUBER, on_loss = a.flags & F_NORM_ON_LOSS;
-  const float hc = a.huber_c, cc = a.huber_c * a.huber_c, alpha = a.alpha;
+  const float hc = __ldg(a.prm + PRM_HUBER_C), cc = hc * hc, alpha = __ldg(a.prm + PRM_ALPHA);
   const unsigned use2 = TWO ? a.use2 : 0u;
 
   float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s4 = 0.0f;
@@ -417,39 +422,41 @@ __global__ void __launch_bounds__(FIN_THREADS) score_finalize_kernel(const FinAr
   const float tot2 = block_sum(t2, buf);
 
   const int op = a.op;
+  const float scale = __ldg(a.prm + PRM_SCALE), clamp = __ldg(a.prm + PRM_CLAMP), eps = __ldg(a.prm + PRM_EPS);
+  const float cn = __ldg(a.prm + PRM_C), gmax = __ldg(a.prm + PRM_GMAX);
   const bool to_num_ = a.flags & F_TO_NUM, sample_mean = a.flags & F_SAMPLE_MEAN;
   const float Mf = (float)a.M, Bf = (float)B;
-  float kappa = a.scale, beta = 1.0f;
+  float kappa = scale, beta = 1.0f;
   if (op <= OP_SID) {
-    if (a.red == 0) kappa = tot2 > 0.0f ? __fdiv_rn(a.scale, tot2) : 0.0f;
-    else if (a.red == 2) kappa = __fdiv_rn(a.scale, Bf);
+    if (a.red == 0) kappa = tot2 > 0.0f ? __fdiv_rn(scale, tot2) : 0.0f;
+    else if (a.red == 2) kappa = __fdiv_rn(scale, Bf);
   } else if (a.red == 0) {
     beta = __fdiv_rn(1.0f, Bf);
   }
-  const float w_glob = maxp(__fdiv_rn(tot0, (float)((double)B * (double)a.M)), a.clamp) + a.eps;
+  const float w_glob = maxp(__fdiv_rn(tot0, (float)((double)B * (double)a.M)), clamp) + eps;
 
   float total = 0.0f;
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     const float* q = a.sums + b * NSTAT;
     const float v0 = q[0], v1 = q[1], v2 = q[2], v3 = q[3], v4 = q[4];
     float h = (a.flags & F_WEIGHT) ? a.weight[b] : 1.0f;
-    if (op >= OP_SCM) h *= a.scale;  // a float weight arrives as scale
+    if (op >= OP_SCM) h *= scale;  // a float weight arrives as scale
     float w = 1.0f, gco, loss, dlv = 0.0f;
     bool bad;
     if (op == OP_SCORE) {
-      if (a.norm == 1) w = maxp(__fdiv_rn(v0, Mf), a.clamp) + a.eps;
+      if (a.norm == 1) w = maxp(__fdiv_rn(v0, Mf), clamp) + eps;
       else if (a.norm == 2) w = w_glob;
       gco = __fdiv_rn(kappa * h, w);
       loss = (a.flags & F_NORM_ON_LOSS) ? gco * v1 : __fdiv_rn(gco * v1, w);
-      bad = v3 > 0.0f || !(finite(w) && w > 0.0f) || !fits(v4 * gco, a.gmax) || !finite(h);
+      bad = v3 > 0.0f || !(finite(w) && w > 0.0f) || !fits(v4 * gco, gmax) || !finite(h);
     } else if (op == OP_SID) {
-      w = maxp(__fdiv_rn(v0, Mf), a.clamp) + a.eps;
+      w = maxp(__fdiv_rn(v0, Mf), clamp) + eps;
       gco = __fdiv_rn(kappa, w);
       loss = gco * v1;
-      bad = v3 > 0.0f || !(finite(w) && w > 0.0f) || !fits(v4 * gco, a.gmax);
+      bad = v3 > 0.0f || !(finite(w) && w > 0.0f) || !fits(v4 * gco, gmax);
     } else if (op == OP_SCM) {
       const float nrm = (a.flags & F_RMS) ? __fsqrt_rn(__fdiv_rn(v0, Mf)) : __fsqrt_rn(v0);
-      w = nrm + a.c;
+      w = nrm + cn;
       const float inv = w > 0.0f ? __fdiv_rn(1.0f, w) : 0.0f;
       float A = v0 * inv * inv;
       if (sample_mean) A = __fdiv_rn(A, Mf);
@@ -460,7 +467,7 @@ __global__ void __launch_bounds__(FIN_THREADS) score_finalize_kernel(const FinAr
       }
       gco = -2.0f * beta * wexp * inv;
       if (sample_mean) gco = __fdiv_rn(gco, Mf);
-      bad = v3 > 0.0f || !finite(v0) || !finite(h) || !finite(lv) || !finite(wexp) || !fits(v4 * gco, a.gmax);
+      bad = v3 > 0.0f || !finite(v0) || !finite(h) || !finite(lv) || !finite(wexp) || !fits(v4 * gco, gmax);
       float wa = wexp * A;
       const bool lv_ok = finite(lv);
       if (!to_num_) {  // a bad sample keeps only its logvar term (none if logvar is not finite)
@@ -473,7 +480,7 @@ __global__ void __launch_bounds__(FIN_THREADS) score_finalize_kernel(const FinAr
       const float inv = sample_mean ? (v2 > 0.0f ? __fdiv_rn(1.0f, v2) : 0.0f) : 1.0f;
       loss = beta * h * v0 * inv;
       gco = 2.0f * beta * h * inv;
-      bad = v3 > 0.0f || !fits(v4 * gco, a.gmax) || !finite(h);
+      bad = v3 > 0.0f || !fits(v4 * gco, gmax) || !finite(h);
     }
     if (to_num_) {
       loss = to_num(loss, 0x1.fffffep+127f);
@@ -514,7 +521,7 @@ __global__ void __launch_bounds__(BLOCK / DT<T>::kVec, MIN_BLOCKS<T>) score_grad
   const float f = to_num_ ? __ldg(a.state + b * NSTATE) : __ldg(a.state + b * NSTATE) * go;
   const bool bad = __ldg(a.state + b * NSTATE + 2) > 0.0f;
   const bool write_x = a.flags & F_WRITE_X;
-  const float cc = a.huber_c * a.huber_c, alpha = a.alpha;
+  const float hc = __ldg(a.prm + PRM_HUBER_C), cc = hc * hc, alpha = __ldg(a.prm + PRM_ALPHA);
   const float vmax = DT<T>::max_finite();
   const unsigned use2 = TWO ? a.use2 : 0u, tgrad = TWO ? a.tgrad : 0u;
 
@@ -618,51 +625,51 @@ void fd_score_blocking(int64_t M, int* n_iter, int* nb) {
 namespace fd_score {
 // The fields that both element-wise passes take.
 ElemArgs elem_args(const void* x, const void* const* terms, int K, const float* coef, int64_t coef_sb,
-                   const uint8_t* mask, int64_t M, unsigned use1, int flags, float huber_c, float alpha) {
+                   const uint8_t* mask, int64_t M, unsigned use1, int flags, const float* prm) {
   ElemArgs a = {};
   a.x = x;
   for (int k = 0; k < K; ++k) a.terms.p[k] = terms[k];
   a.coef = coef, a.coef_sb = coef_sb, a.mask = (flags & F_MASK) ? mask : nullptr, a.M = M, a.K = K;
   fd_score_blocking(M, &a.n_iter, &a.NB);
-  a.use1 = use1, a.flags = flags, a.huber_c = huber_c, a.alpha = alpha;
+  a.use1 = use1, a.flags = flags, a.prm = prm;
   return a;
 }
 }  // namespace fd_score
 
-// dtype: 0 float32, 1 float16, 2 bfloat16. flags: the F_* bits above. part [B, NB, 5] and sums
-// [B, 5] are fp32 scratch; state [B, 4], loss_i [B], loss [1] fp32 outputs.
+// dtype: 0 float32, 1 float16, 2 bfloat16. flags: the F_* bits above. prm: the fp32 parameter vector [7]
+// (PRM_*; its gradient range is the largest finite value of the dtype). part [B, NB, 5] and sums [B, 5] are fp32
+// scratch; state [B, 4], loss_i [B], loss [1] fp32 outputs.
 cudaError_t fd_score_fwd(int op, int dtype, const void* x, const void* const* terms, int K, const float* coef,
                          int64_t coef_sb, const uint8_t* mask, const float* weight, const float* logvar,
                          float* part, float* sums, float* state, float* loss_i, float* loss, int64_t B, int64_t M,
-                         unsigned use1, unsigned use2, unsigned tneed, int flags, int norm, int red, float huber_c,
-                         float alpha, float scale, float clamp, float eps, float c, cudaStream_t stream) {
+                         unsigned use1, unsigned use2, unsigned tneed, int flags, int norm, int red, const float* prm,
+                         cudaStream_t stream) {
   using namespace fd_score;
   if (B <= 0 || M <= 0) return cudaSuccess;
   if (K < 0 || K > MAXK) return cudaErrorInvalidValue;
-  ElemArgs a = elem_args(x, terms, K, coef, coef_sb, mask, M, use1, flags, huber_c, alpha);
+  ElemArgs a = elem_args(x, terms, K, coef, coef_sb, mask, M, use1, flags, prm);
   a.use2 = op <= OP_SID ? use2 : 0u;
   a.tgrad = op == OP_SID ? tneed : 0u;  // stats: the term gradients whose overflow marks a sample bad
   a.part = part;
   const cudaError_t err = dispatch_elem<false>(dtype, op, a, B, stream);
   if (err != cudaSuccess) return err;
   const FinArgs f = {part, sums, weight, logvar, state, loss_i, loss, B, M, a.NB, op, norm, red,
-                     flags | (weight ? F_WEIGHT : 0) | (logvar ? F_LOGVAR : 0), scale, clamp, eps, c, alpha,
-                     dtype == 1 ? 65504.0f : dtype == 2 ? 0x1.fep+127f : 0x1.fffffep+127f};
+                     flags | (weight ? F_WEIGHT : 0) | (logvar ? F_LOGVAR : 0), prm};
   auto fin = score_finalize_kernel;
   FD_LAUNCH(fin, dim3(1), dim3(FIN_THREADS), stream, f);
   return cudaGetLastError();
 }
 
-// grad_out: fp32 [1] (go_sb 0) or [B] (go_sb 1). gx is written when flags has F_WRITE_X; term k's
+// grad_out: fp32 [1] (go_sb 0) or [B] (go_sb 1); prm: as fd_score_fwd's (huber_c and alpha read). gx is written when flags has F_WRITE_X; term k's
 // gradient when bit k of tgrad is set (SID only).
 cudaError_t fd_score_bwd(int op, int dtype, const void* x, const void* const* terms, int K, const float* coef,
                          int64_t coef_sb, const uint8_t* mask, const float* state, const float* grad_out,
                          int64_t go_sb, void* gx, void* const* gterms, unsigned tgrad, int64_t B, int64_t M,
-                         unsigned use1, unsigned use2, int flags, float huber_c, float alpha, cudaStream_t stream) {
+                         unsigned use1, unsigned use2, int flags, const float* prm, cudaStream_t stream) {
   using namespace fd_score;
   if (B <= 0 || M <= 0) return cudaSuccess;
   if (K < 0 || K > MAXK) return cudaErrorInvalidValue;
-  ElemArgs a = elem_args(x, terms, K, coef, coef_sb, mask, M, use1, flags, huber_c, alpha);
+  ElemArgs a = elem_args(x, terms, K, coef, coef_sb, mask, M, use1, flags, prm);
   for (int k = 0; k < K; ++k) a.gterms.p[k] = gterms[k];
   a.use2 = op == OP_SID ? use2 : 0u;
   a.tgrad = op == OP_SID ? tgrad : 0u;

@@ -406,13 +406,56 @@ def test_emulated_overflow_pins(cuda_on_cpu):
 def test_emulated_argument_errors(emulated_ext):
     kw = dict(op=0, dtype=2, x=16, terms=[16], coef=16, coef_sb=0, mask=0, weight=0, logvar=0, part=16, sums=16,
               state=16, loss_i=16, loss=16, B=1, M=8, use1=1, use2=0, tneed=0, phi_huber=False, norm_on_loss=False,
-              norm=1, red=0, sample_mean=False, rms=False, to_num=False, huber_c=1e-3, alpha=0.0, scale=1.0,
-              clamp=0.0, eps=0.0, c=0.0, stream=0)
+              norm=1, red=0, sample_mean=False, rms=False, to_num=False, prm=16, stream=0)
     for bad, match in ((dict(terms=[16] * 9), "at most 8 term tensors"), (dict(op=4), "op: expected"),
                        (dict(dtype=3), "dtype: expected"), (dict(use1=2), "bitmasks name a term index"),
-                       (dict(x=0), "x: expected a device pointer"), (dict(red=7), "red: expected")):
+                       (dict(x=0), "x: expected a device pointer"), (dict(red=7), "red: expected"),
+                       (dict(prm=0), "prm: expected a device pointer")):
         with pytest.raises(ValueError, match=match):
             emulated_ext.score_fwd(**{**kw, **bad})
+    bwd = dict(op=1, dtype=0, x=16, terms=[16], coef=16, coef_sb=0, mask=0, state=16, grad_out=16, go_sb=0, gx=16,
+               gterms=[0], B=1, M=8, use1=1, use2=0, phi_huber=False, to_num=False, prm=0, stream=0)
+    with pytest.raises(ValueError, match="prm: expected a device pointer"):
+        emulated_ext.score_bwd(**bwd)
+
+
+# Calls back to back whose float options differ (huber_c, alpha, scale, clamp, eps, c, a float weight)
+PARAM_PAIRS = [
+    [G.Case("score", torch.bfloat16, 3, (7,), kw=(("phi", "pseudo_huber"), ("huber_c", hc), ("scale", s),
+                                                  ("norm_clamp", cl), ("norm_eps", e)))
+     for hc, s, cl, e in ((0.3, 2.0, 0.0, 0.01), (0.05, 0.5, 0.9, 0.2))],
+    [G.Case("sid", torch.float32, 2, (5, 8), kw=(("alpha", a), ("scale", s), ("w_eps", e)))
+     for a, s, e in ((0.5, 3.0, 0.1), (1.0, 0.7, 0.0))],
+    [G.Case("scm", torch.float16, 2, (9,), kw=(("weight", w), ("c", c))) for w, c in ((2.5, 0.1), (0.5, 0.0))],
+]
+
+
+@pytest.mark.parametrize("pair", PARAM_PAIRS, ids=lambda p: p[0].op)
+def test_emulated_float_options_of_each_call(emulated_ext, cuda_on_cpu, pair):
+    """The CUDA kernels read each call's own float options from the parameter vector (fastdistill.ops._score_cuda:
+    the plan's cached device vector): calls back to back with other values, then the first again, each within the
+    reference's tolerance, the repeat bitwise the first (a stale or wrong vector gives the other call's values)."""
+    runs = [G.run_case(c, "cuda", "cpu") for c in pair]
+    for c, got in zip(pair, runs):
+        G.compare(c, got, G.run_case(c, "reference", "cpu"))
+    assert not torch.equal(runs[0]["loss"], runs[1]["loss"])
+    _bitwise_equal(runs[0], G.run_case(pair[0], "cuda", "cpu"))
+
+
+def test_score_params_match_triton():
+    """One parameter vector serves both backends: the CUDA launcher's is the Triton kernels' (the same cached
+    tensor in eager mode, for float32 accumulation and terms in x's dtype)."""
+    pytest.importorskip("triton")
+    from fastdistill.kernels import score as tk
+    from fastdistill.ops import _score_cuda
+    from fastdistill.ops._score_engine import Plan
+
+    p = Plan(op=1, tneed=1, huber_c=0.3, alpha=0.7, scale=1.5, clamp=1e-3, eps=0.01, c=0.2)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.zeros(2, 8, dtype=dtype)
+        want = tk._params(p, tk.grad_unit(p, dtype, [dtype]), x.device, torch.float32)
+        assert _score_cuda.params(p, x) is want
+        assert want.tolist() == [*torch.tensor([0.3, 0.7, 1.5, 1e-3, 0.01, 0.2]).tolist(), torch.finfo(dtype).max]
 
 
 # ----------------------------------------------------------------------------- kd_loss (emulated)

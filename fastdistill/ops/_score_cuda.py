@@ -5,7 +5,9 @@ Same contract as ``fastdistill.kernels.score.score_fwd / score_bwd`` and the ref
 (docs/score_ops.md): inputs are ``[B, M]`` contiguous views; x and every term share one dtype
 (float32 / float16 / bfloat16); the mask is uint8 ``[B, M]``; statistics, state and losses are
 float32; gradients are written in the inputs' dtype. The extension is torch-free: this module
-allocates every output with torch and passes raw device pointers and the current stream.
+allocates every output with torch and passes raw device pointers and the current stream. The float options reach
+the kernels through a float32 device vector, the Triton kernels' layout (``params``): the plan's cached
+``param_vector`` in eager mode, the vector built in the graph under torch.compile (``_score_engine.op_args``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,19 @@ def _coef(coef: torch.Tensor, K: int) -> tuple[torch.Tensor, int]:
     return c, (c.stride(0) if c.shape[0] > 1 else 0)
 
 
+def grad_range(dtype: torch.dtype) -> float:
+    """The parameter vector's gradient range: the largest finite value of the inputs' dtype (x and every term share
+    it here; within float32, so the Triton kernels' ``grad_unit`` for the same dtypes)."""
+    return float(torch.finfo(dtype).max)
+
+
+def params(p, x: torch.Tensor) -> torch.Tensor:
+    """The plan's float parameters as the kernels read them: float32 [7] on x's device (huber_c, alpha, scale, clamp,
+    eps, c, the gradient range; ``Plan.param_vector``: cached in eager mode, no copy per call; the vector built in the
+    graph under torch.compile)."""
+    return p.param_vector(grad_range(x.dtype), x.device, torch.float32)
+
+
 def _vec(v: torch.Tensor | None) -> torch.Tensor | None:
     return None if v is None else v.reshape(-1).to(torch.float32).contiguous()
 
@@ -69,6 +84,7 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
     w, lv = _vec(weight), _vec(logvar)
     if mask is not None:
         mask = mask.contiguous().view(torch.uint8)
+    prm = params(p, x)
     # Temporaries (c, w, lv, part, sums) may be freed on return: the caching allocator reuses
     # them only for work queued later on this same stream, i.e. after these kernels.
     with torch.cuda.device(dev):
@@ -79,8 +95,7 @@ def score_fwd(p, x, terms, coef, mask, weight, logvar):
             B=B, M=M, use1=p.use1, use2=p.use2 if p.op <= OP_SID else 0, tneed=p.tneed if p.op == OP_SID else 0,
             phi_huber=p.phi_huber,
             norm_on_loss=p.norm_on_loss, norm=p.norm, red=p.red, sample_mean=p.sample_mean, rms=p.rms,
-            to_num=p.to_num, huber_c=p.huber_c, alpha=p.alpha, scale=p.scale, clamp=p.clamp, eps=p.eps, c=p.c,
-            stream=torch.cuda.current_stream(dev).cuda_stream,
+            to_num=p.to_num, prm=prm.data_ptr(), stream=torch.cuda.current_stream(dev).cuda_stream,
         )
     return loss, loss_i, state
 
@@ -105,12 +120,13 @@ def score_bwd(p, x, terms, coef, mask, state, grad_out, need_x, need_terms):
     st = state.to(torch.float32).contiguous()
     if mask is not None:
         mask = mask.contiguous().view(torch.uint8)
+    prm = params(p, x)
     with torch.cuda.device(x.device):
         mod.score_bwd(
             op=p.op, dtype=dtype, x=x.data_ptr(), terms=[t.data_ptr() for t in terms], coef=c.data_ptr(),
             coef_sb=coef_sb, mask=ptr(mask), state=st.data_ptr(), grad_out=go.data_ptr(),
             go_sb=1 if go.numel() > 1 else 0, gx=ptr(gx), gterms=[ptr(g) if sid else 0 for g in gterms],
             B=B, M=M, use1=p.use1, use2=p.use2 if sid else 0, phi_huber=p.phi_huber, to_num=p.to_num,
-            huber_c=p.huber_c, alpha=p.alpha, stream=torch.cuda.current_stream(x.device).cuda_stream,
+            prm=prm.data_ptr(), stream=torch.cuda.current_stream(x.device).cuda_stream,
         )
     return gx, gterms
