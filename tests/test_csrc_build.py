@@ -458,6 +458,76 @@ def test_score_params_match_triton():
         assert want.tolist() == [*torch.tensor([0.3, 0.7, 1.5, 1e-3, 0.01, 0.2]).tolist(), torch.finfo(dtype).max]
 
 
+def test_emulated_compile_path_takes_the_device_vector(emulated_ext, cuda_on_cpu):
+    """Under torch.compile the CUDA backend gets the parameter vector built in the graph on x's device (float32, the
+    eager launcher's vector), no float64 CPU vector read with .tolist() in the op (a CPU op in a GPU graph: inductor
+    skipped CUDA graphs); the reference keeps the CPU vector. The custom ops run on that vector alone (the plan's
+    floats are NaN in there) with two plans back to back, then a compiled schedule of scale and huber_c."""
+    from fastdistill.ops import _score_cuda
+    from fastdistill.ops._score_engine import Plan, _OpPlan, _score_bwd_op, _score_fwd_op, op_args, plan_from_op
+
+    plans = [Plan(op=0, use1=1, use2=2, norm=1, phi_huber=True, huber_c=hc, scale=s, clamp=cl, eps=e)
+             for hc, s, cl, e in ((0.3, 1.5, 1e-3, 0.01), (0.05, 0.5, 0.9, 0.2))]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.empty(2, 8, dtype=dtype, device="meta")
+        _, vals = op_args(plans[0], "cuda", x, [x, x])
+        assert vals.device == x.device and vals.dtype == torch.float32 and vals.shape == (7,), vals
+        _, vals = op_args(plans[0], "reference", x, [x, x])
+        assert vals.device.type == "cpu" and vals.dtype == torch.float64
+
+    g = torch.Generator().manual_seed(11)
+    x, f, c = (torch.randn(3, 40, generator=g) for _ in range(3))
+    coef = torch.tensor([[[0.0, 1.0, -1.0], [0.0, 0.0, 1.0]]])
+    up = torch.tensor(0.75)
+    outs = []
+    for p in plans:
+        ip, vals = op_args(p, "cuda", x, [f, c])
+        assert torch.equal(vals, _score_cuda.params(p, x))
+        q = plan_from_op(ip, vals, "cuda")
+        assert isinstance(q, _OpPlan) and q.prm is vals and math.isnan(q.scale) and math.isnan(q.huber_c)
+        got = _score_fwd_op(x, [f, c], coef, None, None, None, ip, vals, "cuda")
+        ip_r, vals_r = op_args(p, "reference", x, [f, c])
+        want = _score_fwd_op(x, [f, c], coef, None, None, None, ip_r, vals_r, "reference")
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        (gx,) = _score_bwd_op(x, [f, c], coef, None, got[2], up, ip, vals, True, [False, False], "cuda")[:1]
+        (gr,) = _score_bwd_op(x, [f, c], coef, None, want[2], up, ip_r, vals_r, True, [False, False],
+                              "reference")[:1]
+        torch.testing.assert_close(gx, gr, rtol=1e-5, atol=1e-7)
+        outs.append(got[0])
+    assert not torch.equal(outs[0], outs[1])
+
+    import torch._dynamo as dynamo
+    from torch._dynamo.backends.registry import lookup_backend
+
+    seen = []
+
+    def backend(gm, example_inputs):  # the vector the graph hands the forward op
+        for n in gm.graph.nodes:
+            if n.target is torch.ops.fastdistill.score_fwd.default:
+                seen.append(n.args[7].meta["example_value"])
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    fn = lambda x, s: fastdistill.score_distill(x, [f, c], [1.0, -1.0], norm_terms=[c], norm_coeffs=[1.0],
+                                                phi="pseudo_huber", huber_c=0.1 * s, scale=s)
+    dynamo.reset()
+    try:
+        with fastdistill.use_backend("cuda"):
+            cf = torch.compile(fn, fullgraph=True, backend=backend)
+            for s in (1.5, 2.5, 0.7):
+                x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+                got = cf(x1, s)
+                got.backward()
+                with fastdistill.use_backend("reference"):
+                    want = fn(x2, s)
+                want.backward()
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-7)
+    finally:
+        dynamo.reset()
+    assert seen and all(v.dtype == torch.float32 and v.device == x.device and v.shape == (7,) for v in seen), seen
+
+
 # ----------------------------------------------------------------------------- kd_loss (emulated)
 K = _load_gpu_cases("test_kd_cuda")
 # the whole GPU grid (rows are independent CTAs, so the emulation is cheap here), and rows in more than one warp of

@@ -64,8 +64,9 @@ class Plan:
     _FLOATS = ("huber_c", "alpha", "scale", "clamp", "eps", "c")
 
     def param_vector(self, unit: float, device, dtype: torch.dtype) -> torch.Tensor:
-        """The Triton kernels' parameter vector (huber_c, alpha, scale, clamp, eps, c, the gradient range ``unit``)
-        as a cached device tensor in ``dtype`` (no host synchronisation)."""
+        """The kernels' parameter vector (huber_c, alpha, scale, clamp, eps, c, the gradient range ``unit``) as a
+        cached device tensor in ``dtype`` (no host synchronisation): the Triton kernels read it in the accumulation
+        dtype, the CUDA kernels in float32 (csrc/score.cu, PRM_*)."""
         return _backend.device_constant((float(self.huber_c), float(self.alpha), float(self.scale),
                                          float(self.clamp), float(self.eps), float(self.c), float(unit)), device, dtype)
 
@@ -73,10 +74,10 @@ class Plan:
 def op_args(p: Plan, backend: str, x: torch.Tensor, terms: Sequence[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
     """The plan as the custom ops take it under torch.compile: its integers and switches (graph constants) and its
     float values as a tensor built in the graph (graph inputs: one graph serves a whole schedule of scales, alphas
-    or float weights, not one graph per value). For the Triton kernels that tensor is their parameter vector
-    (``param_vector``, the accumulation dtype, on x's device: nothing is read on the host); for the reference and
-    CUDA backends the plan's float fields (float64 on the CPU: read on the host without a synchronisation; the CUDA
-    extension takes them as arguments). Read back with ``plan_from_op``."""
+    or float weights, not one graph per value). For the Triton and CUDA kernels that tensor is their parameter
+    vector (``param_vector``: on x's device, the accumulation dtype; float32 for CUDA, which takes no other: nothing
+    is read on the host, no CPU op in the graph); for the reference the plan's float fields (float64 on the CPU:
+    read on the host without a synchronisation). Read back with ``plan_from_op``."""
     ip = [int(getattr(p, f)) for f in Plan._INTS]
     raw = [getattr(p, f) for f in Plan._FLOATS]
     if backend == "triton":
@@ -84,13 +85,17 @@ def op_args(p: Plan, backend: str, x: torch.Tensor, terms: Sequence[torch.Tensor
 
         unit = k.grad_unit(p, x.dtype, [t.dtype for t in terms])  # (dtypes only: a constant of the graph)
         return ip, value_vector(raw + [unit], x.device, p.accum_dtype)
+    if backend == "cuda":
+        from fastdistill.ops import _score_cuda
+
+        return ip, value_vector(raw + [_score_cuda.grad_range(x.dtype)], x.device, torch.float32)
     return ip, value_vector(raw, "cpu", torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
 class _OpPlan(Plan):
-    """The Triton backend's plan inside the custom op: the float values are only in ``prm`` (the kernels' parameter
-    vector, a device tensor built in the graph). Its float fields are NaN."""
+    """The Triton and CUDA backends' plan inside the custom op: the float values are only in ``prm`` (the kernels'
+    parameter vector, a device tensor built in the graph). Its float fields are NaN."""
 
     prm: torch.Tensor | None = dataclasses.field(default=None, compare=False)
 
@@ -105,7 +110,7 @@ def plan_from_op(ip: Sequence[int], vals: torch.Tensor, backend: str) -> Plan:
     """The plan that ``op_args`` packed (inside the custom op, or its fake)."""
     kw = {f: (bool(v) if isinstance(Plan.__dataclass_fields__[f].default, bool) else int(v))
           for f, v in zip(Plan._INTS, ip)}
-    if backend != "triton" and not isinstance(vals, torch._subclasses.FakeTensor):
+    if backend == "reference" and not isinstance(vals, torch._subclasses.FakeTensor):
         return Plan(**kw, **dict(zip(Plan._FLOATS, vals.tolist())))  # float64 on the CPU: exactly the host's floats
     nan = float("nan")
     return _OpPlan(**kw, **{f: nan for f in Plan._FLOATS}, prm=vals)
