@@ -385,8 +385,8 @@ def _name(dt: torch.dtype) -> str:
 def softmax_scale(scale, Dqk: int):
     """The ``scale`` argument: ``1/√Dqk`` for None, else a finite real number. A float, an int or a SymFloat is taken
     as is (``float``); anything else goes through ``real_option``, which refuses a string (``float("0.5")`` parsed
-    it), a bool, and a tensor that requires grad (its value is read as a number: a learnable temperature silently got
-    no gradient)."""
+    it), a bool, a tensor that requires grad (its value is read as a number: a learnable temperature silently got
+    no gradient) and a tensor other than a one-element CPU one (reading a GPU tensor would synchronise)."""
     if scale is None:
         return 1.0 / math.sqrt(Dqk)
     plain = isinstance(scale, (float, int, torch.SymFloat, torch.SymInt)) and not isinstance(scale, bool)
