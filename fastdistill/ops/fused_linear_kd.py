@@ -15,6 +15,7 @@ inputs and recomputes the chunks in backward, where the per-row upstream gradien
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -240,7 +241,7 @@ def _times_go(x: torch.Tensor | None, go: torch.Tensor, dtype: torch.dtype) -> t
     if x.dtype == dtype:
         return x * go
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    step = max(1, (1 << 24) // max(1, x[0].numel())) if x.dim() > 1 else max(1, x.shape[0])
+    step = max(1, (1 << 24) // max(1, math.prod(x.shape[1:])))  # (x may have no rows: an empty batch)
     for r0 in range(0, x.shape[0], step):
         out[r0 : r0 + step] = x[r0 : r0 + step] * go
     return out
