@@ -63,6 +63,10 @@ class Case:
     floor: float = 1e-6
     strided: bool = False  # each rank's shards (and tangents) as non-contiguous views: the other layout's memory order
     # and a padded head dim
+    mask: str = ""  # key_mask (each rank passes its keys' shard): "bool-b1k" [B, 1, Sk] padding (batch 1: every key
+    # masked), "bool-k" [Sk], "float-bhk" [B, Hq, Sk] float32 bias (finite, -1e4 and -inf entries), "float-4d"
+    # [B, 1, 1, Sk] float32 bias, "float-min" [B, 1, Sk] with batch 1 all at finfo(float32).min (transformers' padding
+    # of a fully padded row: uniform weights, lse near -3.4e38, where only lse's low word keeps P = exp(S - lse))
 
     @property
     def scale(self) -> float:
@@ -120,11 +124,30 @@ CASES = [
          logits=30.0, worlds=(4,), floor=0.0),
     Case("ring-triton-bf16-logits-x30-zigzag", causal=True, seq_layout="zigzag", sq=6, dtype="bfloat16",
          logits=30.0, backend="triton", worlds=(4,), floor=0.0),
+    # key masks: the shard of each rank's keys travels with them (ring) or is all-gathered (ulysses)
+    Case("ring-mask-bool-padding", mask="bool-b1k"),
+    Case("ring-causal-zigzag-mask-float-gqa", causal=True, seq_layout="zigzag", Hq=4, Hkv=2, mask="float-bhk"),
+    Case("ring-cross-mask-1d-tk-tv-none", sq=3, sk=5, tangents="q", mask="bool-k"),
+    Case("ring-mask-torch-func-jvp", causal=True, call="func", loss="none", mask="float-4d"),
+    Case("ring-mask-dual-lse-only", causal=True, seq_layout="zigzag", call="dual", loss="lse", mask="bool-b1k"),
+    Case("ulysses-causal-zigzag-mask-float", mode="ulysses", causal=True, seq_layout="zigzag", Hq=4, Hkv=4,
+         mask="float-bhk"),
+    Case("ulysses-mask-bool-dual-gqa", mode="ulysses", Hq=8, Hkv=4, call="dual", mask="bool-b1k"),
+    Case("ring-bf16-causal-mask-float-fp32-tangent", causal=True, dtype="bfloat16", tangent_dtype="float32",
+         mask="float-bhk"),
+    Case("ulysses-fp32-mask-float", mode="ulysses", Hq=4, Hkv=4, dtype="float32", mask="float-bhk"),
+    Case("ring-triton-fp32-causal-zigzag-mask-float", causal=True, seq_layout="zigzag", dtype="float32",
+         mask="float-bhk", backend="triton", worlds=(2,)),
+    Case("ring-triton-bf16-mask-bool", dtype="bfloat16", mask="bool-b1k", backend="triton", worlds=(2,)),
+    Case("ring-bf16-causal-zigzag-mask-finfo-min", causal=True, seq_layout="zigzag", dtype="bfloat16",
+         mask="float-min"),
+    Case("ring-triton-bf16-mask-finfo-min", dtype="bfloat16", mask="float-min", backend="triton", worlds=(2,)),
 ]
 SHORT_TIMEOUT_S = 20
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # also run in the 4-process world on two groups of 2 ranks (group ranks != global ranks)
-SUB_CASES = [c for c in CASES if c.name in ("ring-gqa-causal-zigzag", "ring-cross", "ulysses-causal-zigzag")]
+SUB_CASES = [c for c in CASES if c.name in ("ring-gqa-causal-zigzag", "ring-cross", "ulysses-causal-zigzag",
+                                            "ring-causal-zigzag-mask-float-gqa")]
 
 
 def _seq_dim(case: Case) -> int:
@@ -149,7 +172,36 @@ def make_inputs(case: Case, W: int, seed: int) -> dict:
         assert case.seq_layout == "contiguous"
         x["gl"][:, :, case.sq:] = 0
     dt = getattr(torch, case.dtype)
-    return {n: None if t is None else t.to(dt) for n, t in x.items()}
+    out = {n: None if t is None else t.to(dt) for n, t in x.items()}
+    out["mask"] = make_mask(case, W * sk, g)
+    return out
+
+
+def make_mask(case: Case, Sk: int, g: torch.Generator) -> torch.Tensor | None:
+    """The full key mask of ``case.mask`` (the key dim last), as a user passes it to jvp_attention."""
+    if not case.mask:
+        return None
+    if case.mask.startswith("bool"):
+        keep = torch.rand(B, 1, Sk, generator=g) > 0.3
+        keep[0, 0, 0] = True  # batch 0 keeps a key; batch 1 keeps none (rows that see no key: o = 0, lse = −inf)
+        keep[1] = False
+        return keep if case.mask == "bool-b1k" else keep[0, 0]
+    shape = {"float-bhk": (B, case.Hq, Sk), "float-4d": (B, 1, 1, Sk), "float-min": (B, 1, Sk)}[case.mask]
+    bias = torch.randn(*shape, generator=g) * 2
+    u = torch.rand(*shape, generator=g)
+    bias = torch.where(u < 0.2, float("-inf"), torch.where(u < 0.3, -1e4, bias))  # −1e4: finfo.min-style padding
+    bias[..., 0] = 0.5  # every row keeps a key
+    if case.mask == "float-min":
+        bias[1] = torch.finfo(torch.float32).min
+    return bias.float()
+
+
+def _bias64(case: Case, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The key mask as a float64 [B | 1, Hq | 1, Sk] additive bias (−inf: masked)."""
+    if mask is None:
+        return None
+    m = mask.view(1, 1, -1) if mask.dim() == 1 else mask.squeeze(2) if mask.dim() == 4 else mask
+    return torch.where(m, 0.0, float("-inf")).double() if m.dtype == torch.bool else m.double()
 
 
 # ----------------------------------------------------------------------------- oracle
@@ -159,6 +211,7 @@ def _bhsd(x, case):
 
 def oracle(case: Case, x: dict) -> dict:
     """Math attention in float64 on the full sequence: o, to, lse, dlse and the loss gradients."""
+    bias = _bias64(case, x["mask"])
     x = {n: None if t is None else t.to(F64) for n, t in x.items()}
     q, k, v = (_bhsd(x[n], case).clone().requires_grad_() for n in "qkv")
     tq, tk, tv = (torch.zeros_like(p) if x["t" + n] is None else _bhsd(x["t" + n], case)
@@ -173,6 +226,9 @@ def oracle(case: Case, x: dict) -> dict:
         seen = torch.ones(Sq, Sk, dtype=torch.bool)
         if case.causal:
             seen = torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq)
+        if bias is not None:  # the key mask: added to the scaled scores, −inf keys unseen
+            s = s + bias[:, :, None, :]
+            seen = seen & torch.isfinite(bias)[:, :, None, :]
         row = seen.any(-1, keepdim=True)
         s = torch.where(row, torch.where(seen, s, float("-inf")), 0.0)
         p = torch.where(row, torch.softmax(s, -1), 0.0)
@@ -223,12 +279,13 @@ def _run_case(case: Case, x: dict, W: int, r: int, group=None) -> dict:
     sd = _seq_dim(case)
     loc = {n: _shard(x[n], sd, W, r, zz, group) for n in ("q", "k", "v", "tq", "tk", "tv", "go")}
     loc["gl"] = _shard(x["gl"], 2, W, r, zz, group)
+    mask = _shard(x["mask"], x["mask"].dim() - 1, W, r, zz, group) if case.mask else None
     if case.strided:
         loc.update({n: _strided(loc[n]) for n in ("q", "k", "v", "tq", "tk", "tv")})
     q, k, v = ((loc[n] if case.strided else loc[n].clone()).requires_grad_() for n in "qkv")  # (clone: contiguous)
     assert not case.strided or not any(x.is_contiguous() for x in (q, k, v)), "strided shards expected"
     kw = dict(mode=case.mode, causal=case.causal, seq_layout=case.seq_layout, layout=case.layout, return_lse=True,
-              group=group, scale=case.scale,
+              group=group, scale=case.scale, key_mask=mask,
               tangent_dtype=None if case.tangent_dtype is None else getattr(torch, case.tangent_dtype))
     if case.call == "func":
         def f(q, k, v):
@@ -304,7 +361,9 @@ def _extras(x: dict, W: int, r: int) -> dict:
     kh = torch.randn(1, 4, 2, D, dtype=F64)  # W + 1 query heads over 2 key/value heads: not a multiple
     out["err_gqa_ratio"] = _expect_error(lambda: cp(q, kh, kh))
     out["err_tq_shape"] = _expect_error(lambda: cp(q, q, q, q[:, :3]))
-    out["err_key_mask"] = _expect_error(lambda: cp(q, q, q, key_mask=torch.ones(4, dtype=torch.bool)))
+    out["err_key_mask_len"] = _expect_error(lambda: cp(q, q, q, key_mask=torch.ones(5, dtype=torch.bool)))
+    out["err_key_mask_grad"] = _expect_error(lambda: cp(q, q, q, key_mask=torch.zeros(4, dtype=F64,
+                                                                                      requires_grad=True)))
     # check=False: the same result without the agreement all-gather; a local error still raises
     q2 = q[:, :, :2]
     out["check_off_equal"] = torch.equal(cp(q2, q2, q2, check=False)[0], cp(q2, q2, q2)[0])
@@ -356,7 +415,10 @@ def _extras(x: dict, W: int, r: int) -> dict:
         xs = [t.clone() for t in (q[:, :, :2], k[:, :, :2], k[:, :, :2])]
         a = cp(*xs, *xs, group=groups[r], causal=False, return_lse=True)
         b = fd.jvp_attention(*xs, *xs, return_lse=True)
-        out["group1_equal"] = all(torch.equal(u, w) for u, w in zip(a, b))
+        m = torch.tensor([True, False, True, True, False, True])
+        am = cp(*xs, *xs, group=groups[r], causal=False, return_lse=True, key_mask=m)
+        bm = fd.jvp_attention(*xs, *xs, return_lse=True, key_mask=m)
+        out["group1_equal"] = all(torch.equal(u, w) for u, w in zip(a + am, b + bm)) and not torch.equal(a[0], am[0])
         # a group this process is not in: dist.new_group gives it a sentinel (before: "expected a ProcessGroup,
         # got int")
         mine_not = dist.new_group([0])
@@ -401,6 +463,11 @@ def _one_rank_differs(W: int, r: int, agree_group, local_group) -> dict:
     # ... or only a tangent requiring grad, on one rank: its o requires grad, its backward would wait for the others
     t1 = torch.ones_like(x).requires_grad_(odd)
     out["err_tangent_requires_grad_one_rank"] = _expect_error(lambda: cp(x, x, x, t1, group=agree_group))
+    # ... or a key mask of another dtype, or a key mask on some ranks only
+    mb, mf = torch.ones(4, dtype=torch.bool), torch.zeros(4)  # (W ranks: the last one differs, named last)
+    out["err_mask_dtype_one_rank"] = _expect_error(lambda: cp(x, x, x, group=agree_group, key_mask=mf if odd else mb))
+    out["err_mask_one_rank_only"] = _expect_error(lambda: cp(x, x, x, group=agree_group,
+                                                             key_mask=None if odd else mb))
     out["usable_after_mismatch"] = usable(agree_group)
     # 2. an argument error that only the last rank's local checks see
     z = x[:, :3] if odd else x
@@ -412,6 +479,8 @@ def _one_rank_differs(W: int, r: int, agree_group, local_group) -> dict:
     t = x.float() if odd else x
     out["err_tangent_dtype_one_rank"] = _expect_error(lambda: cp(x, x, x, t, group=local_group))
     out["err_check_str_one_rank"] = _expect_error(lambda: cp(x, x, x, group=local_group, check="no" if odd else True))
+    mo = torch.ones(5 if odd else 4, dtype=torch.bool)
+    out["err_mask_len_one_rank"] = _expect_error(lambda: cp(x, x, x, group=local_group, key_mask=mo))
     out["usable_after_local_errors"] = usable(local_group)
     # 3. zigzag_unshard: a shard of odd length (a local error), of another length or dtype on the last rank only
     from fastdistill.distributed import zigzag_unshard
@@ -517,7 +586,8 @@ def single_device(case: Case, x: dict) -> dict:
     td = None if case.tangent_dtype is None else getattr(torch, case.tangent_dtype)
     with fd.use_backend(case.backend):
         o, to, lse, dlse = fd.jvp_attention(q, k, v, x["tq"], x["tk"], x["tv"], causal=case.causal, scale=case.scale,
-                                            layout=case.layout, return_lse=True, tangent_dtype=td)
+                                            layout=case.layout, return_lse=True, tangent_dtype=td,
+                                            key_mask=x["mask"])
         loss = (lse * x["gl"]).sum() + ((o * x["go"]).sum() if case.loss in ("o+lse", "o+lse@0") else 0.0)
         loss.backward()
     out = {"o": o, "to": to, "lse": lse, "dlse": dlse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
@@ -587,7 +657,11 @@ def test_zigzag_helpers(world):
     ("err_layout", "ValueError", "layout: expected one of"),
     ("err_gqa_ratio", "ValueError", "k: the number of query heads"),
     ("err_tq_shape", "ValueError", "tq: shape"),
-    ("err_key_mask", "TypeError", "'key_mask'"),
+    ("err_key_mask_len", "ValueError", "key_mask: shape (5,)"),
+    ("err_key_mask_grad", "ValueError", "key_mask: a float mask that requires grad"),
+    ("err_mask_dtype_one_rank", "ValueError", "'torch.bool', 'torch.float32'] on ranks 0.."),
+    ("err_mask_one_rank_only", "ValueError", "'torch.bool', 'None'] on ranks 0.."),
+    ("err_mask_len_one_rank", "ValueError", "key_mask: shape (5,)"),
     ("err_check_str_one_rank", "TypeError", "check: expected a bool"),
     ("err_not_member", "ValueError", "group: this process (global rank 1) is not a member"),
     ("err_ranks_differ", "ValueError", "q: local sequence length differs between the ranks"),
@@ -639,7 +713,7 @@ def test_group_of_one_is_the_single_device_op(world):
 
 @pytest.mark.parametrize("key", ["err_zigzag_odd_one_rank", "err_ulysses_heads_one_rank",
                                  "err_causal_lengths_one_rank", "err_tangent_dtype_one_rank",
-                                 "err_unshard_odd_one_rank", "err_check_str_one_rank"])
+                                 "err_unshard_odd_one_rank", "err_check_str_one_rank", "err_mask_len_one_rank"])
 def test_local_error_of_one_rank_raised_on_every_rank(world, key):
     """Only the last rank's arguments are bad: it raises its own error, the others its message naming it."""
     W, _, ranks = world

@@ -191,7 +191,8 @@ def test_context_parallel_example_on_one_rank():
     g = torch.Generator().manual_seed(5)
     full = {n: torch.randn(1, 8, 2, 4, generator=g, dtype=torch.float64)
             for n in ("q_full", "k_full", "v_full", "tq_full", "tk_full", "tv_full")}
-    env = {"torch": torch, "cp_group": None, **full, **{n.removesuffix("_full"): x for n, x in full.items()}}
+    env = {"torch": torch, "cp_group": None, **full, **{n.removesuffix("_full"): x for n, x in full.items()},
+           "keep_full": torch.tensor([True, False, True, True, False, True, True, False]).view(1, 1, 8)}
     exec(snippet("docs/context_parallel.md", "zigzag_unshard(o, dim=1, group=cp_group)"), env)
     o, to = fastdistill.jvp_attention(*full.values(), causal=True)
     assert torch.allclose(env["o_full"], o, atol=1e-14)

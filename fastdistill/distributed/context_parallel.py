@@ -54,6 +54,8 @@ from fastdistill.ops.jvp_attention import (
     _grid_too_big,
     _guard,
     _impl,
+    _kb_kw,
+    _key_bias,
     _NoGrad,
     _out_shape,
     _stat_dtype,
@@ -297,6 +299,9 @@ class _Cfg(NamedTuple):
     backend: str
     local: bool  # nothing to communicate: empty queries or no key anywhere (same on every rank)
     dual: bool  # forward-AD call: ``jvp`` hands back the computed tangents
+    B: int = 0  # batch and query heads: the key mask's broadcast shape [B, Hq, keys]
+    Hq: int = 0
+    masked_bool: bool = False  # the key mask travels as uint8: view it back as bool
 
 
 # ----------------------------------------------------------------------------- ring
@@ -325,11 +330,21 @@ def _ref64(cfg: _Cfg, q: torch.Tensor) -> bool:
     return cfg.backend == "reference" and q.dtype == torch.float32
 
 
-def _block_fwd(q, k, v, tq, tk, tv, cfg: _Cfg, causal: bool, acc: torch.dtype):
-    """One key block on [B, H, S, D] views, outputs in ``acc`` (fp32, fp64 for fp64 inputs), and the block's lse in
-    fp64 as the 5th item: with fp32 inputs ``lse + lse_lo`` (the kernels' low word, docs/jvp_attention.md). The
-    reference backend (no low word, μ in its compute dtype) computes fp32 blocks in fp64: in fp32 their rounding,
-    carried through the merge weights and (μ_c − μ)·O_c, gave up to 19x the single-device error at logits ×30."""
+def _needs_lo(q: torch.Tensor, masked: bool) -> bool:
+    """Whether the ring's lse carries a low word: for fp32 inputs (as the single-device op), and with a key mask for
+    every dtype (the single-device op: fp16 / bf16). A large float bias on every key of a row (finfo.min, as
+    transformers pads) puts lse where even an fp64 ulp exceeds ln of a block's weight; only the low word keeps the
+    blocks' weights apart (their merge, docs/context_parallel.md) and P = exp(S − lse) in the backward."""
+    return q.dtype == torch.float32 or masked
+
+
+def _block_fwd(q, k, v, tq, tk, tv, cfg: _Cfg, causal: bool, acc: torch.dtype, kb: torch.Tensor | None = None):
+    """One key block on [B, H, S, D] views (``kb``: the block's key mask, [B, Hq, keys]), outputs in ``acc`` (fp32,
+    fp64 for fp64 inputs), and the block's lse as an fp64 pair (hi, lo) in the 5th and 6th items: hi the lse the
+    backend rounded, lo its low word where it writes one (``_needs_lo``; docs/jvp_attention.md), else 0. The
+    reference backend (no low word without a mask, μ in its compute dtype) computes fp32 blocks in fp64: in fp32
+    their rounding, carried through the merge weights and (μ_c − μ)·O_c, gave up to 19x the single-device error at
+    logits ×30."""
     q_in = q
     if _ref64(cfg, q):
         q, k, v, tq, tk, tv = (None if x is None else x.double() for x in (q, k, v, tq, tk, tv))
@@ -339,38 +354,41 @@ def _block_fwd(q, k, v, tq, tk, tv, cfg: _Cfg, causal: bool, acc: torch.dtype):
     lse = q.new_empty((B, H, S), dtype=acc)
     to = torch.empty_like(o) if cfg.want_t else None
     mu = torch.empty_like(lse) if cfg.want_t else None
-    lo = torch.empty_like(lse) if q.dtype == torch.float32 else None
-    _impl(cfg.backend).attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal=causal, scale=cfg.scale, lse_lo=lo)
-    if lo is None:  # (the reference's fp64 blocks of fp32 inputs: the running lse in fp32 as the kernels')
-        return o, to, lse.to(_stat_dtype(q_in)), mu, lse.double()
-    return o, to, lse, mu, lse.double() + lo.double()
-
-
-def _lse_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    m = torch.maximum(a, b)
-    m = torch.where(torch.isfinite(m), m, 0.0)  # both −inf: log(0 + 0) = −inf, no NaN
-    return m + torch.log(torch.exp(a - m) + torch.exp(b - m))
+    lo = torch.empty_like(lse) if _needs_lo(q, kb is not None) else None
+    _impl(cfg.backend).attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, causal=causal, scale=cfg.scale, lse_lo=lo,
+                                **_kb_kw(kb))
+    hi = lse.to(torch.float64, copy=True)  # (not lse itself for fp64 inputs: the merge updates both apart)
+    lo = torch.zeros_like(hi) if lo is None else torch.where(torch.isfinite(hi), lo.double(), 0.0)
+    # (the reference's fp64 blocks of fp32 inputs: the running lse in fp32 as the kernels')
+    return o, to, lse.to(_stat_dtype(q_in)), mu, hi, lo
 
 
 def _merge(state, rows: slice, blk) -> None:
-    """Fold a block's (O_c, Ȯ_c, lse_c, μ_c, lse_c in fp64) into the running (O, T, lse, μ, lse in fp64) on query
-    rows ``rows``. The weights exp(lse_c − lse) and μ are formed in fp64 (in fp32 they lose ~ulp(|lse|) at large
-    logits: dlse 10x the single-device error in bf16); O and T are fp64 for fp32 inputs and for an fp32 tangent
-    output (T − μ·O loses ~ulp(|μ·O|) in fp32), else fp32."""
-    O, T, L, M, L64 = (None if x is None else x[:, :, rows] for x in state)
-    o, to, lse, mu, lse64 = blk
-    Lw, lw = L64, lse64
-    new = _lse_add(Lw, lw)
-    ref = torch.where(torch.isfinite(new), new, 0.0)
-    a, b = torch.exp(Lw - ref), torch.exp(lw - ref)  # −inf rows weigh 0
+    """Fold a block's (O_c, Ȯ_c, lse_c, μ_c, hi_c, lo_c) into the running (O, T, lse, μ, hi, lo) on query rows
+    ``rows``. lse is kept as the pair hi + lo (fp64): the weights depend only on the difference
+    d = (hi − hi_c) + (lo − lo_c), so what a rounded lse cannot hold (ln of a block's weight next to a finfo.min
+    bias) still sets them: w = 1 / (1 + e^−d), w_c = e^−d / (1 + e^−d) for d ≥ 0 (mirrored for d < 0), and the
+    larger side's hi is kept, its lo raised by ln(1 + e^−|d|). The weights and μ are formed in fp64 (in fp32 they
+    lose ~ulp(|lse|) at large logits: dlse 10x the single-device error in bf16); O and T are fp64 for fp32 inputs
+    and for an fp32 tangent output (T − μ·O loses ~ulp(|μ·O|) in fp32), else fp32."""
+    O, T, _L, M, H, Lo = (None if x is None else x[:, :, rows] for x in state)
+    o, to, _lse, mu, h, lo = blk
+    fa, fb = torch.isfinite(H), torch.isfinite(h)
+    none = ~(fa | fb)  # rows that saw no key yet, nor in this block: both −inf, weights 0 (O, o are 0)
+    d = torch.where(fa & fb, (H - torch.where(fb, h, 0.0)) + (Lo - lo), torch.where(fa, float("inf"), float("-inf")))
+    d = torch.where(none, 0.0, d)
+    e = torch.exp(-d.abs())  # in [0, 1]: one side's weight relative to the other's
+    mine = d >= 0
+    a = torch.where(none, 0.0, torch.where(mine, 1.0, e) / (1.0 + e))
+    b = torch.where(none, 0.0, torch.where(mine, e, 1.0) / (1.0 + e))
+    H.copy_(torch.where(mine, H, h))
+    Lo.copy_(torch.where(none, 0.0, torch.where(mine, Lo, lo) + torch.log1p(e)))
     dt = O.dtype
     a_, b_ = a.to(dt).unsqueeze(-1), b.to(dt).unsqueeze(-1)
     O.mul_(a_).add_(o.to(dt) * b_)
     if T is not None:
         T.mul_(a_).add_((to.to(dt) + mu.to(dt).unsqueeze(-1) * o.to(dt)) * b_)
         M.mul_(a).add_(mu.double() * b)
-    L.copy_(new)
-    L64.copy_(new)
 
 
 def _kv_buffers(xs: list[torch.Tensor], W: int):
@@ -381,12 +399,29 @@ def _kv_buffers(xs: list[torch.Tensor], W: int):
     return first, spare
 
 
-def _ring_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
+def _wire(m: torch.Tensor | None) -> torch.Tensor | None:
+    """A key mask as it travels: its compact [b, h, keys] form (b in {1, B}, h in {1, Hq}), contiguous, a bool one
+    viewed as uint8 (the same bytes; what every backend sends)."""
+    if m is None:
+        return None
+    m = m.contiguous()
+    return m.view(torch.uint8) if m.dtype == torch.bool else m
+
+
+def _unwire(m: torch.Tensor | None, cfg: _Cfg, keys: slice = slice(None)) -> torch.Tensor | None:
+    """The key-mask block the kernels take: [B, Hq, keys] (a broadcast view, no copy)."""
+    if m is None:
+        return None
+    m = m.view(torch.bool) if cfg.masked_bool else m
+    return m.expand(cfg.B, cfg.Hq, m.shape[-1])[:, :, keys]
+
+
+def _ring_fwd(q, k, v, tq, tk, tv, mk, cfg: _Cfg):
     lay, W, r = cfg.lay, cfg.W, cfg.r
     acc = _stat_dtype(q)
     qb, tqb = _bhsd(q, lay), _bhsd(tq, lay)
     sq = qb.shape[2]
-    travel = [x for x in (k, v, tk, tv) if x is not None]
+    travel = [x for x in (k, v, tk, tv, mk) if x is not None]  # the key mask (compact) travels with its keys
     cur, spare = _kv_buffers(travel, W)
     state = None
     for i in range(W):
@@ -398,27 +433,28 @@ def _ring_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
         plan = _plan(cfg, src, sq)
         if plan is not None:
             rows, keys, causal = plan
-            kb, vb, *rest = (_bhsd(x, lay)[:, :, keys] for x in cur)
+            kb, vb, *rest = (_bhsd(x, lay)[:, :, keys] for x in cur[:len(cur) - (mk is not None)])
             tkb = rest.pop(0) if tk is not None else None
             tvb = rest.pop(0) if tv is not None else None
-            blk = _block_fwd(_rows(qb, rows), kb, vb, _rows(tqb, rows), tkb, tvb, cfg, causal, acc)
+            mb = _unwire(cur[-1], cfg, keys) if mk is not None else None
+            blk = _block_fwd(_rows(qb, rows), kb, vb, _rows(tqb, rows), tkb, tvb, cfg, causal, acc, mb)
             if state is None:  # step 0: the own key shard, every query row
-                o, to, lse, mu, lse64 = blk
+                o, to, lse, mu, hi, lo = blk
                 if q.dtype == torch.float32 or cfg.t_dtype == 1:  # fp32 inputs, or an fp32 tangent output from
                     # bf16 / fp16 ones: O and T in fp64 too (see _merge)
                     o, to = (None if x is None else x.double() for x in (o, to))
                 mu = None if mu is None else mu.double()
-                state = (o, None if to is None else to.add_(mu.to(to.dtype).unsqueeze(-1) * o), lse, mu, lse64)
+                state = (o, None if to is None else to.add_(mu.to(to.dtype).unsqueeze(-1) * o), lse, mu, hi, lo)
             else:
                 _merge(state, rows, blk)
         _wait(reqs)
         if reqs is not None:
             cur = nxt
-    O, T, L, M, L64 = state
-    L.copy_(L64)  # the merged lse's low word: fp64 lse − its fp32 rounding (0 on rows that see no key); the
-    lo = None  # kernels take one for fp32 inputs only
-    if q.dtype == torch.float32:
-        lo = torch.where(torch.isfinite(L64), L64 - L.double(), 0.0).float()
+    O, T, L, M, H, Lo = state
+    L.copy_(H + Lo)  # the merged lse rounded, and its low word for the block backward (_needs_lo): what that
+    lo = None  # rounding lost, (hi − lse) + lo (0 on rows that see no key)
+    if _needs_lo(q, mk is not None):
+        lo = torch.where(torch.isfinite(H), (H - L.double()) + Lo, 0.0).to(L.dtype)
     out = q.new_empty(_out_shape(q, v, lay))
     _bhsd(out, lay).copy_(O)
     to = mu = None
@@ -429,16 +465,19 @@ def _ring_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
     return out, to, L, mu, lo
 
 
-def _ring_bwd(do, q, k, v, o, lse, lo, dlse, cfg: _Cfg):
+def _ring_bwd(do, q, k, v, o, lse, lo, mk, dlse, cfg: _Cfg):
     lay, W, r = cfg.lay, cfg.W, cfg.r
     acc = _stat_dtype(q)
     qb, ob, dob = _bhsd(q, lay), _bhsd(o, lay), _bhsd(do, lay)
     up = (lambda x: x) if not _ref64(cfg, q) else (lambda x: None if x is None else x.double())
-    if _ref64(cfg, q):  # as the forward's blocks (_block_fwd), with the merged lse's low word
-        acc, lse, lo = torch.float64, lse.double() + (0.0 if lo is None else lo.double()), None
+    if _ref64(cfg, q):  # as the forward's blocks (_block_fwd), with the merged lse's low word (kept apart with a
+        # key mask, where the reference subtracts it after S − lse; without one it takes lse alone)
+        acc, lse, lo = torch.float64, lse.double(), None if lo is None else lo.double()
+        if mk is None:
+            lse, lo = lse + (0.0 if lo is None else lo), None
     sq = qb.shape[2]
     dq = torch.zeros(qb.shape, dtype=acc, device=q.device)
-    cur, spare = _kv_buffers([k, v], W)
+    cur, spare = _kv_buffers([k, v] if mk is None else [k, v, mk], W)
     B, Hkv, sk, _ = _bhsd(k, lay).shape
     # the dk, dv of the key shard being visited; they travel one step behind it, then home
     dkv = [[torch.empty((B, Hkv, sk, x.shape[-1]), dtype=acc, device=q.device) for x in (k, v)] for _ in range(2)]
@@ -454,14 +493,16 @@ def _ring_bwd(do, q, k, v, o, lse, lo, dlse, cfg: _Cfg):
         part = None
         if plan is not None:
             rows, keys, causal = plan
-            kb, vb = (up(_bhsd(x, lay)[:, :, keys]) for x in cur)
+            kb, vb = (up(_bhsd(x, lay)[:, :, keys]) for x in cur[:2])
+            mb = _unwire(cur[2], cfg, keys) if mk is not None else None
             qr = up(_rows(qb, rows))
             part = torch.empty(qr.shape, dtype=acc, device=q.device)
             dk_b = torch.empty(kb.shape, dtype=acc, device=q.device)
             dv_b = torch.empty(vb.shape, dtype=acc, device=q.device)
             impl.attn_bwd(up(_rows(dob, rows)), qr, kb, vb, up(_rows(ob, rows)), lse[:, :, rows],
                           None if dlse is None else dlse[:, :, rows], part, dk_b, dv_b,
-                          causal=causal, scale=cfg.scale, lse_lo=None if lo is None else lo[:, :, rows])
+                          causal=causal, scale=cfg.scale, lse_lo=None if lo is None else lo[:, :, rows],
+                          **_kb_kw(mb))
             dq[:, :, rows] += part
         _wait(dkv_reqs)  # what the previous rank accumulated for the shard we hold now
         mine = dkv[i % 2]
@@ -524,32 +565,50 @@ def _dims(lay: int) -> tuple[int, int]:
     return (1, 2) if lay == 0 else (2, 1)  # (sequence dim, head dim) of a 4-D tensor; [B, H, S] stats: (2, 1)
 
 
-def _ulysses_fwd(q, k, v, tq, tk, tv, cfg: _Cfg):
+def _ulysses_mask(mk: torch.Tensor | None, cfg: _Cfg) -> torch.Tensor | None:
+    """The key mask of the full key sequence for this rank's heads: every rank's compact shard all-gathered along
+    the keys (zigzag shards put back in the natural order), the per-head ones narrowed to the head chunk this rank
+    computes (the all-to-all hands rank r chunk r of the heads), as a [B, Hq/W, Sk] view."""
+    if mk is None:
+        return None
+    parts = [torch.empty_like(mk) for _ in range(cfg.W)]
+    dist.all_gather(parts, mk, group=cfg.group)
+    m = torch.cat(parts, 2)
+    if cfg.zigzag:
+        m = _reorder(m, 2, cfg.W, True)
+    if m.shape[1] != 1:
+        m = m.chunk(cfg.W, 1)[cfg.r]
+    m = m.view(torch.bool) if cfg.masked_bool else m
+    return m.expand(cfg.B, cfg.Hq // cfg.W, m.shape[-1])
+
+
+def _ulysses_fwd(q, k, v, tq, tk, tv, mk, cfg: _Cfg):
     sd, hd = _dims(cfg.lay)
     # primals and tangents in separate all-to-alls: the saved qh, kh, vh must not keep the tangents alive
     (qh,) = _seq_to_heads([q], cfg, sd, hd)
     kh, vh = _seq_to_heads([k, v], cfg, sd, hd)
     (tqh,) = _seq_to_heads([tq], cfg, sd, hd)
     tkh, tvh = _seq_to_heads([tk, tv], cfg, sd, hd)
+    mh = _ulysses_mask(mk, cfg)
     oh, toh, lseh, muh, loh = _fwd(qh, kh, vh, tqh, tkh, tvh, cfg.causal, cfg.scale, cfg.lay, cfg.want_t, cfg.t_dtype,
-                              cfg.backend)
+                                   cfg.backend, mh)
     if not cfg.want_t:
         toh = muh = None
     # the outputs must not be views of one another (forward-AD rejects tangents laid out unlike their view)
     o, to = _heads_to_seq([oh, toh], cfg, sd, hd, pack=False)
     lse, mu = _heads_to_seq([lseh, muh], cfg, 2, 1, pack=False)
-    return (o, to, lse, mu), (qh, kh, vh, oh, lseh, loh)
+    return (o, to, lse, mu), (qh, kh, vh, oh, lseh, loh, mh)
 
 
 def _ulysses_bwd(do, dlse, saved, cfg: _Cfg):
     sd, hd = _dims(cfg.lay)
-    qh, kh, vh, oh, lseh, loh = saved
+    qh, kh, vh, oh, lseh, loh, mh = saved
     (doh,) = _seq_to_heads([do], cfg, sd, hd)
     if dlse is None:  # this rank's loss does not use lse: zeros, so that every rank runs the same all-to-all
         B, h, S = lseh.shape
         dlse = lseh.new_zeros((B, h * cfg.W, S // cfg.W))
     (dlseh,) = _seq_to_heads([dlse], cfg, 2, 1)
-    dqh, dkh, dvh = _bwd(doh, qh, kh, vh, oh, lseh, loh, dlseh, cfg.causal, cfg.scale, cfg.lay, cfg.backend)
+    dqh, dkh, dvh = _bwd(doh, qh, kh, vh, oh, lseh, loh, dlseh, cfg.causal, cfg.scale, cfg.lay, cfg.backend, mh)
     (dq,) = _heads_to_seq([dqh], cfg, sd, hd)
     dk, dv = _heads_to_seq([dkh, dvh], cfg, sd, hd)
     return dq, dk, dv
@@ -570,23 +629,24 @@ class _ContextParallel(torch.autograd.Function):
     the Ȯ and μ it computed (forward-AD); ``backward``: the primal backward of the chosen mode."""
 
     @staticmethod
-    def forward(q, k, v, tq, tk, tv, cfg: _Cfg, box: _Saved):
+    def forward(q, k, v, tq, tk, tv, mk, cfg: _Cfg, box: _Saved):
+        # mk: this rank's key mask in its compact wire form (_wire), no gradient
         if cfg.local:
             o, to, lse, mu, lo = _fwd(q, k, v, tq, tk, tv, cfg.causal, cfg.scale, cfg.lay, cfg.want_t, cfg.t_dtype,
-                                      cfg.backend)
-            box.tensors = (q, k, v, o, lse, lo)
-        elif cfg.mode == "ring":  # lo: the merged lse's low word (fp32 inputs), for the block backward
-            o, to, lse, mu, lo = _ring_fwd(q, k, v, tq, tk, tv, cfg)
-            box.tensors = (q, k, v, o, lse, lo)
+                                      cfg.backend, _unwire(mk, cfg))
+            box.tensors = (q, k, v, o, lse, lo, mk)
+        elif cfg.mode == "ring":  # lo: the merged lse's low word (_needs_lo), for the block backward
+            o, to, lse, mu, lo = _ring_fwd(q, k, v, tq, tk, tv, mk, cfg)
+            box.tensors = (q, k, v, o, lse, lo, mk)
         else:
-            (o, to, lse, mu), box.tensors = _ulysses_fwd(q, k, v, tq, tk, tv, cfg)
+            (o, to, lse, mu), box.tensors = _ulysses_fwd(q, k, v, tq, tk, tv, mk, cfg)
         if not cfg.want_t:
             to, mu = o.new_empty(0), lse.new_empty(0)
         return o, to, lse, mu
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _tq, _tk, _tv, cfg, box = inputs
+        q, k, v, _tq, _tk, _tv, _mk, cfg, box = inputs
         o, to, lse, mu = output
         ctx.save_for_backward(*box.tensors)  # every context (functorch makes one per grad / jvp level)
         ctx.cfg = cfg
@@ -621,23 +681,27 @@ class _ContextParallel(torch.autograd.Function):
         elif do.stride(-1) != 1:
             do = do.contiguous()
         if cfg.local:
-            dq, dk, dv = _bwd(do, *saved, dlse, cfg.causal, cfg.scale, cfg.lay, cfg.backend)
+            *qkvol, mk = saved
+            dq, dk, dv = _bwd(do, *qkvol, dlse, cfg.causal, cfg.scale, cfg.lay, cfg.backend, _unwire(mk, cfg))
         elif cfg.mode == "ring":
             dq, dk, dv = _ring_bwd(do, *saved, dlse, cfg)
         else:
             dq, dk, dv = _ulysses_bwd(do, dlse, saved, cfg)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public
 _SIG_NAMES = ("mode", "causal", "seq_layout", "layout", "q: batch", "q: local sequence length", "q: heads",
               "q: head dim", "k: local sequence length", "k: heads", "v: head dim", "tq (None or not)",
               "tk (None or not)", "tv (None or not)", "dtype", "tangent_dtype", "scale",
-              "requires_grad (grad mode on and q, k, v or a tangent requiring grad)")
+              "requires_grad (grad mode on and q, k, v or a tangent requiring grad)", "key_mask (None, or its dtype)",
+              "key_mask: batch dim (1: broadcast)", "key_mask: head dim (1: broadcast)")
+_MASK_CODES = (None, torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _SIG_DECODE = {"mode": MODES, "causal": (False, True), "seq_layout": SEQ_LAYOUTS, "layout": tuple(LAYOUTS),
                "dtype": tuple(str(d) for d in _DTYPE_CODES), "tangent_dtype": ("the input dtype", "torch.float32"),
-               "requires_grad (grad mode on and q, k, v or a tangent requiring grad)": (False, True)}
+               "requires_grad (grad mode on and q, k, v or a tangent requiring grad)": (False, True),
+               "key_mask (None, or its dtype)": tuple(str(d) for d in _MASK_CODES)}
 
 
 @eager_only("context-parallel attention runs eagerly: point-to-point rings and all-to-alls (a graph break, "
@@ -646,7 +710,8 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                    tk: torch.Tensor | None = None, tv: torch.Tensor | None = None, *, group=None,
                                    mode: str = "ring", causal: bool = False, scale: float | None = None,
                                    layout: str = "bshd", seq_layout: str = "contiguous", return_lse: bool = False,
-                                   tangent_dtype: torch.dtype | None = None, check: bool = True):
+                                   tangent_dtype: torch.dtype | None = None, key_mask: torch.Tensor | None = None,
+                                   check: bool = True):
     """``jvp_attention`` with the sequence sharded over the ranks of ``group`` (context parallelism).
 
     Each rank passes its shard of the sequence: q ``[B, Sq/W, Hq, Dqk]``, k ``[B, Sk/W, Hkv, Dqk]``,
@@ -669,6 +734,12 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         seq_layout: ``"contiguous"`` (rank r holds chunk r) or ``"zigzag"`` (the sequence is cut into 2W
             chunks and rank r holds chunks r and 2W−1−r: balanced causal work; see ``zigzag_shard``).
         scale, layout, return_lse, tangent_dtype: as in ``jvp_attention``.
+        key_mask: this rank's shard of a key mask (a key-padding mask, the same for every query row): the mask
+            entries of the keys of its k shard, in the same order (``zigzag_shard(mask, dim=-1)`` for zigzag
+            shards), in any form ``jvp_attention`` takes (``[Sk/W]``, ``[B, Hq, Sk/W]``, ``[B, Hq, 1, Sk/W]``, B and
+            Hq may be 1; bool, True keeps the key, or an additive float bias). Every rank passes one or none, of the
+            same dtype and broadcast shape. It travels with its keys (ring) or is all-gathered (ulysses), in its
+            compact shape. A row whose keys are all masked, on every rank, gets ``o = to = 0``, ``lse = −inf``.
         check: before communicating, agree over the group that every rank's arguments are valid and the
             same (one small all-gather; on an NCCL-only group also a host sync). ``False`` skips it: an
             argument error then raises on its rank only and ranks that disagree can hang in a
@@ -691,14 +762,15 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         check_choice("mode", mode, MODES)
         check_choice("seq_layout", seq_layout, SEQ_LAYOUTS)
         return jvp_attention(q, k, v, tq, tk, tv, causal=causal, scale=scale, layout=layout, return_lse=return_lse,
-                             tangent_dtype=tangent_dtype)
+                             tangent_dtype=tangent_dtype, key_mask=key_mask)
     q, k, v, tq, tk, tv = autocast_cast(q, k, v, tq, tk, tv)  # as jvp_attention (and stock SDPA) under autocast
     # every local check before the first collective; a failure is carried to the other ranks by _agree
     try:
         if check_err is not None:
             raise check_err
         check_bool("return_lse", return_lse)
-        a, err = _local_args(q, k, v, tq, tk, tv, W, mode, causal, scale, layout, seq_layout, tangent_dtype), None
+        a, err = _local_args(q, k, v, tq, tk, tv, W, mode, causal, scale, layout, seq_layout, tangent_dtype,
+                             key_mask), None
     except Exception as e:  # any local failure: the other ranks must not wait for this one
         a, err = None, e
     if check:
@@ -706,9 +778,11 @@ def context_parallel_jvp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     elif err is not None:
         raise err
     cfg = _Cfg(group, W, r, _global(group, (r + 1) % W), _global(group, (r - 1) % W), mode, a.causal, a.zigzag,
-               a.scale, a.lay, a.t_dtype, a.want_t, a.backend, local=a.empty, dual=a.dual)
+               a.scale, a.lay, a.t_dtype, a.want_t, a.backend, local=a.empty, dual=a.dual, B=a.sig[4], Hq=a.sig[6],
+               masked_bool=a.mask is not None and a.mask.dtype == torch.uint8)
     tq, tk, tv = a.tangents
-    o, to, lse, mu = _ContextParallel.apply(q, k, v, tq, tk, tv, cfg, _Saved(autograd_levels() if a.dual else 0))
+    o, to, lse, mu = _ContextParallel.apply(q, k, v, tq, tk, tv, a.mask, cfg,
+                                            _Saved(autograd_levels() if a.dual else 0))
     if not a.want_t:
         to = mu = None
     elif not a.dual or not autograd_levels():  # (dual tensors: the returned to / dlse, as jvp_attention's)
@@ -728,9 +802,11 @@ class _Args(NamedTuple):
     backend: str
     empty: bool  # nothing to communicate: empty queries or no key anywhere (same on every rank)
     sig: tuple[int, ...]
+    mask: torch.Tensor | None  # the key mask in its compact wire form (_wire)
 
 
-def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_layout, tangent_dtype) -> _Args:
+def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_layout, tangent_dtype,
+                key_mask=None) -> _Args:
     """This rank's argument checks (no communication) and what the call needs; raises on bad arguments."""
     reject_dtensor("context_parallel_jvp_attention", {"q": q, "k": k, "v": v, "tq": tq, "tk": tk, "tv": tv},
                    hint=" (this rank's sequence shard, which context_parallel_jvp_attention expects)")
@@ -752,6 +828,8 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
     Dqk, Dv = _check(q, k, v, tq, tk, tv, lay, tangent_dtype)
     if dual:
         check_dual_tangent_dtype(q, tangent_dtype)
+    kb = _key_bias(key_mask, q, k, lay)  # [B, Hq, sk], 0 strides where it broadcasts
+    mask = None if kb is None else _wire(kb[: 1 if kb.stride(0) == 0 else None, : 1 if kb.stride(1) == 0 else None])
     sd = 1 if lay == 0 else 2
     hd = 3 - sd
     B, sq, Hq, sk, Hkv = q.shape[0], q.shape[sd], q.shape[hd], k.shape[sd], k.shape[hd]
@@ -774,10 +852,12 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
            struct.unpack("<q", struct.pack("<d", scale))[0],  # the scale's bits: ranks must use the very same
            # a backward on some ranks only would leave the others waiting in the ring / all-to-all backward
            # (o requires grad when only a tangent does: its backward runs the collectives too)
-           int(torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, tq, tk, tv))))
+           int(torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, tq, tk, tv))),
+           _MASK_CODES.index(None if kb is None else kb.dtype), 0 if mask is None else mask.shape[0],
+           0 if mask is None else mask.shape[1])
     backend = select_backend(OP, q, head_dims=(Dqk, Dv), grid_too_big=_grid_too_big(B, Hq))
     limit = transform_limit(backend)
     if limit is not None:
         raise TransformLimitError(f"context_parallel_jvp_attention: {limit}")
     return _Args((tq, tk, tv), dual, lay, causal, zigzag, scale, t_dtype, any(t is not None for t in (tq, tk, tv)),
-                 backend, B * Hq * sq == 0 or sk == 0, sig)
+                 backend, B * Hq * sq == 0 or sk == 0, sig, mask)
