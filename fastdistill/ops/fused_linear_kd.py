@@ -213,6 +213,7 @@ def _sweep(cfg: _Cfg, hs, W, b, th, tW, tb, tlog, ids, lps, labels, mask, weight
         contrib[r] = c
         valid[r] = st[:, 7]
         if not grad:
+            del s, t  # before the next chunk's GEMMs (else two chunks' logits live at once: 1.5-2x the budget)
             continue
         # the gradient overwrites the logits chunk (a top-k teacher's too: the Triton backward stashes the logits at
         # the k ids before it writes the row, kernels/kd_softmax.py STASH)
