@@ -142,6 +142,9 @@ CASES = [
     Case("ring-bf16-causal-zigzag-mask-finfo-min", causal=True, seq_layout="zigzag", dtype="bfloat16",
          mask="float-min"),
     Case("ring-triton-bf16-mask-finfo-min", dtype="bfloat16", mask="float-min", backend="triton", worlds=(2,)),
+    # float64 with finfo.min rows: the ring's blocks and the single-device op (Ulysses) keep lse's low word there too
+    Case("ring-fp64-causal-zigzag-mask-finfo-min", causal=True, seq_layout="zigzag", mask="float-min"),
+    Case("ulysses-fp64-mask-finfo-min", mode="ulysses", Hq=4, Hkv=4, mask="float-min"),
 ]
 SHORT_TIMEOUT_S = 20
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -232,7 +235,10 @@ def oracle(case: Case, x: dict) -> dict:
         row = seen.any(-1, keepdim=True)
         s = torch.where(row, torch.where(seen, s, float("-inf")), 0.0)
         p = torch.where(row, torch.softmax(s, -1), 0.0)
-        lse = torch.where(row.squeeze(-1), torch.logsumexp(s, -1), float("-inf"))
+        # lse = m + ln Σ exp(s − m) with m held constant: its derivative is P also where lse rounds to the bias (a
+        # row of finfo.min keys; torch.logsumexp's backward takes exp(s − lse) = 1 there: dq, dk n times too large)
+        m = s.amax(-1, keepdim=True).detach() if Sk else s.new_zeros((*s.shape[:-1], 1))
+        lse = torch.where(row, m + torch.log(torch.exp(s - m).sum(-1, keepdim=True)), float("-inf")).squeeze(-1)
         return torch.matmul(p, v), lse
 
     (o, lse), (to, dlse) = torch.func.jvp(attn, (q, k, v), (tq, tk, tv))
@@ -364,6 +370,16 @@ def _extras(x: dict, W: int, r: int) -> dict:
     out["err_key_mask_len"] = _expect_error(lambda: cp(q, q, q, key_mask=torch.ones(5, dtype=torch.bool)))
     out["err_key_mask_grad"] = _expect_error(lambda: cp(q, q, q, key_mask=torch.zeros(4, dtype=F64,
                                                                                       requires_grad=True)))
+    # the same [1, Hq, 4] mask on every rank, a broadcast view (head stride 0) on rank 0 only: the wire form follows
+    # the mask's shape, not its strides (before: "key_mask: head dim (1: broadcast) differs" on every rank, and with
+    # check=False a size mismatch in the ring)
+    mv = torch.tensor([True, False, True, True]).view(1, 1, 4).expand(1, W + 1, 4)
+    try:
+        want = cp(q, q, q, key_mask=mv.clone())[0]
+        out["mask_view_one_rank_equal"] = all(torch.equal(cp(q, q, q, key_mask=mv if r == 0 else mv.clone(),
+                                                             check=c)[0], want) for c in (True, False))
+    except Exception as e:
+        out["mask_view_one_rank_equal"] = f"{type(e).__name__}: {e}"
     # check=False: the same result without the agreement all-gather; a local error still raises
     q2 = q[:, :, :2]
     out["check_off_equal"] = torch.equal(cp(q2, q2, q2, check=False)[0], cp(q2, q2, q2)[0])
@@ -631,6 +647,14 @@ def _compare(case: Case, x: dict, got: list, W: int, where: str = "") -> None:
 def test_no_tangent_gives_none(world):
     _, _, ranks = world
     assert all(rk["ring-no-tangent"]["to"] is None and rk["ring-no-tangent"]["dlse"] is None for rk in ranks)
+
+
+def test_mask_view_on_one_rank(world):
+    """Ranks whose masks have the same shape and values agree, whatever their strides."""
+    W, _, ranks = world
+    for r, rk in enumerate(ranks):
+        got = rk["extras"]["mask_view_one_rank_equal"]
+        assert got is True, f"W={W} rank {r}: {got}"
 
 
 def test_zigzag_helpers(world):

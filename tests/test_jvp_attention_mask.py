@@ -78,7 +78,7 @@ def make_mask(mc: MaskCase, seed: int = 0):
             mask = torch.where(keep, val, torch.tensor(NEG_INF, dtype=dt))
         else:
             fill = torch.finfo(dt).min if mc.kind == "finfo" else -1e4
-            mask = torch.where(keep, 0.0, fill).to(dt)
+            mask = torch.where(keep, 0.0, torch.tensor(fill, dtype=dt))  # (finfo(float64).min overflows float32)
         bias = mask.double()
     if mc.shape == "expanded":
         mask = mask.expand(c.B, c.Hq, c.Sq, c.sk)
@@ -219,9 +219,11 @@ def test_matches_stock_math_sdpa(use, mc):
 
 def test_reference_fp64_equals_stock_sdpa():
     """The reference backend in float64 with a key mask equals stock math SDPA in float64 to rounding (o, tangent,
-    gradients), bool and float masks, GQA, causal."""
+    gradients), bool and float masks, GQA, causal; finfo: a row whose every key is at finfo(float64).min (uniform
+    weights; before, float64 had no low word of lse: P = exp(S − lse) = 1 in the backward, gradients n times too
+    large)."""
     c = Case(17, 23, B=2, Hq=4, Hkv=2, D=16, dtype=F64, causal=True)
-    for kind in ("bool", "float"):
+    for kind in ("bool", "float", "finfo"):
         mask, _ = make_mask(MaskCase(c, kind, "bhk", empty=True))
         (q, k, v, tq, tk, tv), exact_in = make_inputs(c)
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))

@@ -829,7 +829,12 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
     if dual:
         check_dual_tangent_dtype(q, tangent_dtype)
     kb = _key_bias(key_mask, q, k, lay)  # [B, Hq, sk], 0 strides where it broadcasts
-    mask = None if kb is None else _wire(kb[: 1 if kb.stride(0) == 0 else None, : 1 if kb.stride(1) == 0 else None])
+    mask = None
+    if kb is not None:  # the compact form from the mask's shape, not its strides: ranks that pass masks of the same
+        # shape send buffers of the same size (a broadcast view on one rank and a copy on another were a "differs"
+        # error, and with check=False a size mismatch in the ring / all-gather)
+        b, h = (1, 1) if key_mask.dim() == 1 else key_mask.shape[:2]
+        mask = _wire(kb[:b, :h])
     sd = 1 if lay == 0 else 2
     hd = 3 - sd
     B, sq, Hq, sk, Hkv = q.shape[0], q.shape[sd], q.shape[hd], k.shape[sd], k.shape[hd]

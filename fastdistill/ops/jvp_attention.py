@@ -112,9 +112,10 @@ def _stat_dtype(q: torch.Tensor) -> torch.dtype:
 
 def _outputs(q, v, layout: int, want_t: bool, t_dtype: int, masked: bool = False):
     """Uninitialised (o, to, lse, mu, lse_lo); ``to``/``mu`` are empty without tangents, ``lse_lo`` (the low word
-    of lse, a residual for the backward) is empty unless q is float32 or (``masked``) a key mask is given to
-    fp16 / bf16 inputs: a float mask's large bias (finfo.min, −1e4) puts lse where its fp32 ulp exceeds ln of
-    the row's weight, and P = exp(S − lse) needs the low word there. Also the fake impl."""
+    of lse, a residual for the backward) is empty unless q is float32 or (``masked``) a key mask is given: a float
+    mask's large bias (finfo.min, −1e4) puts lse where its ulp exceeds ln of the row's weight, and
+    P = exp(S − lse) needs the low word there (float64 too: ulp(finfo(float32).min) in float64 is 3.8e22, and
+    without it a row of finfo.min keys got P = 1, gradients n times too large). Also the fake impl."""
     shape = _out_shape(q, v, layout)
     # o (and its tangent) in q's order of the sequence and head dims: a model's q is often the transposed view of
     # [B, S, H, D] memory (diffusers, transformers), and its o.transpose(1, 2).reshape(B, S, H·D) is then a view
@@ -126,8 +127,7 @@ def _outputs(q, v, layout: int, want_t: bool, t_dtype: int, masked: bool = False
     to = alloc(torch.float32 if t_dtype == 1 else q.dtype) if want_t else o.new_empty(0)
     B, H, S = (q.shape[0], q.shape[2], q.shape[1]) if layout == 0 else q.shape[:3]
     lse = q.new_empty((B, H, S), dtype=_stat_dtype(q))
-    lo = torch.empty_like(lse) if q.dtype == torch.float32 or (masked and q.dtype != torch.float64) \
-        else lse.new_empty(0)
+    lo = torch.empty_like(lse) if q.dtype == torch.float32 or masked else lse.new_empty(0)
     return o, to, lse, torch.empty_like(lse) if want_t else lse.new_empty(0), lo
 
 
