@@ -26,7 +26,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import Phase, assume, given, note, settings
+from hypothesis import Phase, assume, example, given, note, settings
 from hypothesis import strategies as st
 from test_kd import _log, assert_finite_rel, assert_rel, oracle_kd, rel_err
 
@@ -787,12 +787,12 @@ def run(c: Case, T: dict, **override):
     return loss.detach(), _grads(L)
 
 
-def assert_same(c: Case, a, b, what: str, extra: dict | None = None):
+def assert_same(c: Case, a, b, what: str, extra: dict | None = None, loss_extra: float = 0.0):
     """Losses and gradients equal up to rounding (round_tol of the accumulation / the gradient's dtype, plus
-    ``extra[leaf]``)."""
+    ``extra[leaf]``, and ``loss_extra`` for the loss)."""
     (la, ga), (lb, gb) = a, b
     dts = dict(hs=c.dtype, W=c.w_dtype, b=c.b_dtype)
-    assert_finite_rel(la.double(), lb.double(), round_tol(c, c.accum), f"{what}: loss")
+    assert_finite_rel(la.double(), lb.double(), round_tol(c, c.accum) + loss_extra, f"{what}: loss")
     for k, g in ga.items():
         assert (g is None) == (gb[k] is None), f"{what}: d{k} present in one only"
         if g is not None:
@@ -814,6 +814,7 @@ def with_grads(c: Case) -> Case:
 
 
 @given(c=cases(), chunk=st.one_of(st.just(1), st.just("auto"), st.integers(2, 75)))
+@example(c=found(lead=(2,), Hs=2, Ht=2, V=8, Vt=8, bias=False, tbias=False, close=True, chunk="auto"), chunk=1)
 @examples_ci(20)
 def test_chunk_size_invariance(c, chunk):
     """Loss and gradients do not depend on chunk_size (1, uneven splits, > N, "auto") beyond rounding."""
@@ -823,7 +824,11 @@ def test_chunk_size_invariance(c, chunk):
     assume(not _expect_same_error(c, T, c.backend)[0])
     a = run(c, T)
     b = run(c, T, chunk=chunk, budget=None)
-    assert_same(c, a, b, f"chunk_size {c.chunk} vs {chunk}")
+    # GEMMs over another number of rows may round the fp32 logits differently: the loss moves by up to the fp32
+    # pipeline's first-order sensitivity to its roundings, large next to a close teacher's small divergence (the
+    # explore profile drew 1.07e-5 relative against 1.02e-5 allowed, where that sensitivity is 4.8e-5)
+    assert_same(c, a, b, f"chunk_size {c.chunk} vs {chunk}",
+                loss_extra=2 * fp32_rounding_floor(c, T) if c.accum != F64 else 0.0)
 
 
 def valid_rows(c: Case, T: dict, neg_inf: bool = True) -> torch.Tensor:

@@ -111,6 +111,30 @@ def test_scm_nan_sample(use):
     assert loss[1].item() == 0.0 and torch.all(F.grad[1] == 0) and lv.grad[1].item() == 1.0
 
 
+def test_to_num_saturates_before_the_upstream_gradient(use):
+    """nan="to_num": a gradient element saturated at ±max for an upstream gradient of 1 is ±inf when the upstream
+    gradient is larger than 1 (docs/score_ops.md: nan_to_num comes before the upstream gradient, as in DMD2, so that
+    GradScaler sees an overflow); every other element is the unit-upstream gradient times it, exactly. (The
+    explore profile drew such a case; the property test had asserted finite gradients for every upstream.)"""
+    g = torch.Generator().manual_seed(9)
+    pred = torch.randn(2, 3, 4, generator=g, dtype=F64)
+    pred[0, 0, 0] = float("-inf")
+    tgt = torch.randn(2, 3, 4, generator=g, dtype=F64)
+    grads = []
+    for up in (1.0, 2.0):
+        x = pred.clone().requires_grad_()
+        loss = fd.denoise_regression_loss(x, [tgt], [1.0], nan="to_num")
+        assert torch.isfinite(loss)
+        (gx,) = torch.autograd.grad(loss, x, torch.tensor(up, dtype=F64))
+        grads.append(gx)
+    g1, g2 = grads
+    assert torch.isfinite(g1).all() and g1[0, 0, 0] == -torch.finfo(F64).max
+    assert g2[0, 0, 0] == float("-inf")
+    rest = torch.ones_like(g1, dtype=torch.bool)
+    rest[0, 0, 0] = False
+    assert torch.equal(g2[rest], 2.0 * g1[rest])
+
+
 # ----------------------------------------------------------------------------- bad arguments
 def _args():
     x, (f, c), _ = make(2, (3, 4), 2)
