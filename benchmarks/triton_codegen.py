@@ -181,7 +181,7 @@ def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int,
                       for n in "sqb sqh sqs skb skh sks stqb stqh stqs stkb stkh stks slb slh".split()},
                    G="i32", Sq="i32", Sk="i32", scale="fp32")
         bm_s, warps_s = A.arg_shift_config(kmask)
-        ce = dict(DQK=dqk, BDQK=bdq, BM=bm_s, HAS_TQ=True, HAS_TK=True, HAS_LO=lo, WIDE=False, **kb_ce)
+        ce = dict(DQK=dqk, BDQK=bdq, BM=bm_s, HAS_TQ=True, HAS_TK=True, HAS_LO=lo, WIDE=False, S64=f32, **kb_ce)
         return f"attn shift {dt} D{dqk}{km}", A._arg_shift_kernel, sig, ce, warps_s, 3
     ce = dict(DQK=dqk, DV=dv, BDQK=bdq, BDV=bdv, BM=bm, BN=bn, CAUSAL=True, DOT_PREC=prec, WIDE=False, HAS_LO=lo,
               S64=f32, **kb_ce)

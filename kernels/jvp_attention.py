@@ -620,10 +620,14 @@ def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, 
 def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, KB, sqb, sqh, sqs, skb, skh, sks, stqb, stqh, stqs, stkb, stkh,
                       stks, slb, slh, skbb, skbh, skbk, G, Sq, Sk, scale, DQK: tl.constexpr, BDQK: tl.constexpr,
                       BM: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_LO: tl.constexpr,
-                      WIDE: tl.constexpr, HAS_KB: tl.constexpr, KB_BOOL: tl.constexpr):
+                      WIDE: tl.constexpr, HAS_KB: tl.constexpr, KB_BOOL: tl.constexpr, S64: tl.constexpr = False):
     """two_pass, between its passes: MU holds each row's arg-max key j (the primal pass, ARG); replace it with the
     tangent shift c = P_j·Ṡ_j = exp(s·q·k_j − lse)·s·(q̇·k_j + q·k̇_j), row-wise dots in fp32 (0 for a row that
-    sees no key). A kernel of its own: formed in the tangent pass's prologue it spills registers."""
+    sees no key). A kernel of its own: formed in the tangent pass's prologue it spills registers.
+    S64 (fp32 inputs): s_j and Ṡ_j as the passes form them (_logits of float64 dots: exact products, summed in
+    float64 over chunks of the head dim), so that P_j and Ṡ_j are the tangent pass's own values and the dominant
+    key's P̃⊙(Ṡ − c) is 0 where P̃ = 1. With fp32 row dots they were an ulp off: c missed P̃_j·Ṡ_j by ~ulp(Ṡ_j),
+    and Ȯ = T̃/l − (r/l)·O kept a rounding of that term (2⁻³⁷ where the exact Ȯ was 1e-26)."""
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)  # h × head stride can pass 2^31 while each is below it
     b = tl.program_id(2).to(tl.int64)
@@ -637,23 +641,45 @@ def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, KB, sqb, sqh, sqs, skb, skh, sk
     # the index as recorded (a float: past 2^24 keys it may round, even to Sk; any key is exact, only c's accuracy
     # depends on it)
     key = tl.minimum(tl.load(MU + b * slb + h * slh + offs_m, mask=ok, other=0.0).to(offs_m.dtype), Sk - 1)
-    msk = ok[:, None] & (offs_d < DQK)[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
-    kj = tl.load(K + b * skb + hk * skh + key[:, None] * sks + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
-    sd = tl.zeros([BM], tl.float32)
-    if HAS_TQ:
-        tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqs + offs_d[None, :], mask=msk, other=0.0)
-        sd += tl.sum(tq.to(tl.float32) * kj, 1)
-    if HAS_TK:
-        tkj = tl.load(TK + b * stkb + hk * stkh + key[:, None] * stks + offs_d[None, :], mask=msk, other=0.0)
-        sd += tl.sum(q * tkj.to(tl.float32), 1)
-    sj = tl.sum(q * kj, 1) * scale
+    if S64:  # float64 sums over chunks of 16 of the head dim (a whole fp64 tile of q and k_j would spill)
+        sj64 = tl.zeros([BM], tl.float64)
+        sd64 = tl.zeros([BM], tl.float64)
+        for d0 in tl.static_range(0, BDQK, 16):
+            offs_c = d0 + tl.arange(0, 16)
+            mc = ok[:, None] & (offs_c < DQK)[None, :]
+            qc = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_c[None, :], mask=mc, other=0.0)
+            kc = tl.load(K + b * skb + hk * skh + key[:, None] * sks + offs_c[None, :], mask=mc, other=0.0)
+            qc, kc = qc.to(tl.float64), kc.to(tl.float64)
+            sj64 += tl.sum(qc * kc, 1)
+            if HAS_TQ:
+                tqc = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqs + offs_c[None, :], mask=mc, other=0.0)
+                sd64 += tl.sum(tqc.to(tl.float64) * kc, 1)
+            if HAS_TK:
+                tkc = tl.load(TK + b * stkb + hk * stkh + key[:, None] * stks + offs_c[None, :], mask=mc, other=0.0)
+                sd64 += tl.sum(qc * tkc.to(tl.float64), 1)
+        sj = _logits(sj64, scale)
+        sd = _logits(sd64, scale)
+    else:
+        msk = ok[:, None] & (offs_d < DQK)[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=msk,
+                    other=0.0).to(tl.float32)
+        kj = tl.load(K + b * skb + hk * skh + key[:, None] * sks + offs_d[None, :], mask=msk,
+                     other=0.0).to(tl.float32)
+        sd = tl.zeros([BM], tl.float32)
+        if HAS_TQ:
+            tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqs + offs_d[None, :], mask=msk, other=0.0)
+            sd += tl.sum(tq.to(tl.float32) * kj, 1)
+        if HAS_TK:
+            tkj = tl.load(TK + b * stkb + hk * stkh + key[:, None] * stks + offs_d[None, :], mask=msk, other=0.0)
+            sd += tl.sum(q * tkj.to(tl.float32), 1)
+        sj = tl.sum(q * kj, 1) * scale
+        sd = sd * scale
     if HAS_KB:  # the bias before lse, as the forward's S (a row that sees a key has its arg-max at a finite S)
         sj += tl.where(ok, _kbias(KB + b * skbb + h * skbh + key * skbk, ok, True, KB_BOOL), 0.0)
     ls = sj - tl.where(ok, lse, 0.0)  # ln P_j
     if HAS_LO:
         ls -= tl.load(LO + b * slb + h * slh + offs_m, mask=ok, other=0.0)
-    c = tl.where(ok, tl.exp(tl.minimum(ls, 0.0)) * (sd * scale), 0.0)
+    c = tl.where(ok, tl.exp(tl.minimum(ls, 0.0)) * sd, 0.0)
     tl.store(MU + b * slb + h * slh + offs_m, c, mask=offs_m < Sq)
 
 
@@ -676,7 +702,8 @@ def _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale, kb=None):
         *_s3(q, q), *_s3(k, k), *_s3(tq, q), *_s3(tk, k), lse.stride(0), lse.stride(1), *kb_strides, H // k.shape[1],
         Sq, k.shape[2], scale,
         DQK=Dqk, BDQK=max(16, triton.next_power_of_2(Dqk)), BM=BM, HAS_TQ=tq is not None, HAS_TK=tk is not None,
-        HAS_LO=lo is not None, WIDE=_wide(q, k, tq, tk) or _kb_wide(kb), **_kb_flags(kb), num_warps=warps,
+        HAS_LO=lo is not None, WIDE=_wide(q, k, tq, tk) or _kb_wide(kb), **_kb_flags(kb),
+        S64=q.dtype == torch.float32, num_warps=warps,
     )
 
 

@@ -41,11 +41,19 @@ NEG_INF = float("-inf")
 
 
 # ----------------------------------------------------------------------------- oracle
-def math_attention(q, k, v, *, causal: bool, scale: float, rows=None, Sq: int | None = None, bias=None):
+def math_attention(q, k, v, *, causal: bool, scale: float, rows=None, Sq: int | None = None, bias=None,
+                   anchored: bool = False):
     """Plain math attention on ``[B, H, S, D]`` tensors, in their dtype: ``(o [B, Hq, Sq, Dv], lse [B, Hq, Sq])``.
     ``rows``/``Sq``: q holds only the query rows at positions ``rows`` of a query sequence of length ``Sq`` (every
     row depends only on itself, k and v: long sequences are checked on a subset of rows). ``bias``: a key mask as
-    an additive ``[B, Hq, Sk]`` bias (−inf: masked), added to the scaled scores."""
+    an additive ``[B, Hq, Sk]`` bias (−inf: masked), added to the scaled scores.
+
+    ``anchored`` (the float64 oracle): the same function written so that its forward-mode derivative does not
+    cancel: P = softmax(S − S_a), a the row's arg-max key (the index held constant, S_a not). torch's softmax JVP
+    forms P_j·(Ṡ_j − μ), μ = Σ_k P_k Ṡ_k: where one key holds all but 1e-19 of a row's weight, μ rounds to Ṡ_a even
+    in float64 and that key's term −P_a·P_j·(Ṡ_j − Ṡ_a) is lost (Ȯ 100% off there; an explore-profile find).
+    Anchored, the tangent of the shifted scores is exactly 0 at that key and μ' = Σ_k P_k (Ṡ_k − Ṡ_a) is formed
+    from the small terms alone."""
     G = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(G, dim=1)
     v = v.repeat_interleave(G, dim=1)
@@ -62,7 +70,11 @@ def math_attention(q, k, v, *, causal: bool, scale: float, rows=None, Sq: int | 
     row = seen.any(-1, keepdim=True)  # [(B, Hq,) rows, 1]: the query row sees at least one key
     s = torch.where(seen, s, NEG_INF)
     s = torch.where(row, s, 0.0)  # rows that see nothing: a harmless finite row, zeroed below
-    p = torch.where(row, torch.softmax(s, -1), 0.0)
+    if anchored and Sk:  # softmax(S − S_a): the same P, a tangent Ṡ − Ṡ_a that is exactly 0 at the arg-max key
+        s_a = s.gather(-1, s.detach().argmax(-1, keepdim=True))
+        p = torch.where(row, torch.softmax(torch.where(seen, s - s_a, NEG_INF), -1), 0.0)
+    else:
+        p = torch.where(row, torch.softmax(s, -1), 0.0)
     o = torch.matmul(p, v)
     if bias is None or Sk == 0:  # (no key: amax of an empty row raises; logsumexp gives −inf)
         lse_s = torch.logsumexp(s, -1)
@@ -78,13 +90,15 @@ def oracle(q, k, v, tq=None, tk=None, tv=None, *, causal=False, scale=None, dtyp
            Sq=None, bias=None):
     """Math attention of ``[B, H, S, D]`` inputs cast to ``dtype``: o, lse, their tangents (``torch.func.jvp``;
     None tangents are zeros) and, given upstream gradients ``go`` (and ``glse``), dq, dk, dv (autograd).
-    ``dtype=F64``: the oracle; the input dtype: "plain PyTorch" of the tolerance rule. ``rows``, ``Sq``: see
+    ``dtype=F64``: the oracle (math_attention's ``anchored`` form); the input dtype: "plain PyTorch" of the
+    tolerance rule (stock math attention, as users run it). ``rows``, ``Sq``: see
     math_attention (q and tq then hold those query rows only); ``bias``: see math_attention (cast to ``dtype``)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     prim = [x.detach().to(dtype) for x in (q, k, v)]
     tans = [torch.zeros_like(p) if t is None else t.detach().to(dtype) for p, t in zip(prim, (tq, tk, tv))]
     bias = None if bias is None else bias.to(dtype)
-    f = lambda q_, k_, v_: math_attention(q_, k_, v_, causal=causal, scale=scale, rows=rows, Sq=Sq, bias=bias)
+    f = lambda q_, k_, v_: math_attention(q_, k_, v_, causal=causal, scale=scale, rows=rows, Sq=Sq, bias=bias,
+                                          anchored=dtype == F64)
     (o, lse), (to, tlse) = torch.func.jvp(f, tuple(prim), tuple(tans))
     out = dict(o=o, to=to, lse=lse, dlse=tlse)
     if go is not None:

@@ -483,6 +483,15 @@ def run_differential(c: Cfg, glse_on: bool, go_how: str, stored_o: bool = False)
 _ONE = dict(B=1, Hq=1, Hkv=1, Sq=2, Sk=1, D=16, Dv=16, causal=False, layout="bshd", stores=("contiguous",) * 6,
             bcast=False, tangent_dtype=None, mode=None, fwd_cfg=None, bwd_cfg=None, seed=0)
 FOUND = {
+    # fp32, causal Sq 15 > Sk 2: only the last row sees both keys, one of them holding all but 7e-28 (head 0) or
+    # 4e-19 (head 1) of its weight, so the exact Ȯ is 1e-26 / 1e-17 everywhere. two_pass's tangent shift c was
+    # formed from fp32 row dots while the passes' logits come from float64 dots (_logits): c missed P̃·Ṡ of that
+    # key by an ulp and Ȯ kept 2⁻³⁷ (relative error 2e6). Also the oracle: torch's softmax JVP lost the dominant
+    # key's term in float64 itself (head 1, 100% off), now anchored (test_jvp_attention.math_attention).
+    "fwd-f32-dominant-two-keys-shift": Cfg(B=1, Hq=2, Hkv=2, Sq=15, Sk=2, D=16, Dv=16, dtype=F32, causal=True,
+                                           layout="bshd", scale=7.5, tangents=("rand", "rand", None),
+                                           stores=("contiguous",) * 6, bcast=False, tangent_dtype=None, mode=None,
+                                           fwd_cfg=None, bwd_cfg=None, seed=0),
     # both schedules: the shifted epilogue meets the plain rule (before the shift: see above)
     "fwd-one-key-f16": Cfg(**_ONE, dtype=F16, scale=None, tangents=("rand", "rand", None)),
     "fwd-one-key-f32-x30": Cfg(**dict(_ONE, Hq=2, Hkv=2, Sq=16, seed=1), dtype=F32, scale=7.5,
