@@ -517,6 +517,12 @@ FOUND = {
                        tangents=("rand", "rand", "rand"), stores=("head-slice", "every-other-row", "head-slice",
                                                                   "every-other-row", "padded", "padded"),
                        bcast=False, tangent_dtype=F32, mode=None, fwd_cfg=None, bwd_cfg="16,32,4,1", seed=0),
+    # found by an explore-profile run (not analysed further, open): fp16, head dim 1, scale 30, 95 keys, GQA 2:1:
+    # test_differential's dq 1.85e-2 against its rule 1.53e-3 plus the stored-O allowance 8.9e-3 (one-key rows);
+    # the head-dim-1 setting of "bwd-d1-bf16" at peaked logits. Kept strictly xfailed so that it stays visible.
+    "bwd-d1-f16-x30": Cfg(B=1, Hq=2, Hkv=1, Sq=2, Sk=95, D=1, Dv=1, dtype=F16, causal=False, layout="bshd",
+                          scale=30.0, tangents=("rand", "rand", "rand"), stores=("contiguous",) * 6, bcast=False,
+                          tangent_dtype=None, mode=None, fwd_cfg=None, bwd_cfg=None, seed=1),
     # found by a Triton 3.6 compatibility run (its example sizes follow the tables), failing on Triton 3.9 too:
     # fp32, causal, head dim 165, GQA 4:1, scale ~2.3: Ȯ 2.8e-6 (relative) against a tolerance of 1.3e-6 (plain
     # fp32 PyTorch 1.7e-7). Cause: in a row with P = (0.15, 0.85) and Ṡ = (-6.8, 15.2), Ȯ moves by ~10x an error in
@@ -550,7 +556,10 @@ def test_found(name):
     tangent shift, in both schedules, and the fp32 head-dim-165 one since fp32 logits come from float64 dots;
     the dominant-key backward one beyond the rule, a strict xfail so that a change of the kernels' numerics
     shows."""
-    run_differential(FOUND[name], False, "contiguous")
+    run_differential(FOUND[name], False, "contiguous", stored_o=name in _STORED_O_RULE)
+
+
+_STORED_O_RULE = {"bwd-d1-f16-x30"}  # beyond test_differential's own rule, the stored-O allowance included
 
 
 def test_bwd_error_is_the_stored_outputs_rounding():
