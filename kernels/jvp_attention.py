@@ -635,44 +635,33 @@ def _arg_shift_kernel(Q, K, TQ, TK, LSE, LO, MU, KB, sqb, sqh, sqs, skb, skh, sk
     offs_m = pid * BM + tl.arange(0, BM)
     if WIDE:
         offs_m = offs_m.to(tl.int64)
-    offs_d = tl.arange(0, BDQK)
     lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < Sq, other=float("-inf"))
     ok = (offs_m < Sq) & (lse != float("-inf"))
     # the index as recorded (a float: past 2^24 keys it may round, even to Sk; any key is exact, only c's accuracy
     # depends on it)
     key = tl.minimum(tl.load(MU + b * slb + h * slh + offs_m, mask=ok, other=0.0).to(offs_m.dtype), Sk - 1)
-    if S64:  # float64 sums over chunks of 16 of the head dim (a whole fp64 tile of q and k_j would spill)
-        sj64 = tl.zeros([BM], tl.float64)
-        sd64 = tl.zeros([BM], tl.float64)
-        for d0 in tl.static_range(0, BDQK, 16):
-            offs_c = d0 + tl.arange(0, 16)
-            mc = ok[:, None] & (offs_c < DQK)[None, :]
-            qc = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_c[None, :], mask=mc, other=0.0)
-            kc = tl.load(K + b * skb + hk * skh + key[:, None] * sks + offs_c[None, :], mask=mc, other=0.0)
-            qc, kc = qc.to(tl.float64), kc.to(tl.float64)
-            sj64 += tl.sum(qc * kc, 1)
-            if HAS_TQ:
-                tqc = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqs + offs_c[None, :], mask=mc, other=0.0)
-                sd64 += tl.sum(tqc.to(tl.float64) * kc, 1)
-            if HAS_TK:
-                tkc = tl.load(TK + b * stkb + hk * stkh + key[:, None] * stks + offs_c[None, :], mask=mc, other=0.0)
-                sd64 += tl.sum(qc * tkc.to(tl.float64), 1)
-        sj = _logits(sj64, scale)
-        sd = _logits(sd64, scale)
-    else:
-        msk = ok[:, None] & (offs_d < DQK)[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :], mask=msk,
-                    other=0.0).to(tl.float32)
-        kj = tl.load(K + b * skb + hk * skh + key[:, None] * sks + offs_d[None, :], mask=msk,
-                     other=0.0).to(tl.float32)
-        sd = tl.zeros([BM], tl.float32)
+    # row dots over chunks of 16 of the head dim; S64: exact products summed in float64 (a whole fp64 tile of q
+    # and k_j would spill), rounded as _logits rounds the passes' logits
+    ACC: tl.constexpr = tl.float64 if S64 else tl.float32
+    sj = tl.zeros([BM], ACC)
+    sd = tl.zeros([BM], ACC)
+    for d0 in tl.static_range(0, BDQK, 16):
+        offs_c = d0 + tl.arange(0, 16)
+        mc = ok[:, None] & (offs_c < DQK)[None, :]
+        qc = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_c[None, :], mask=mc, other=0.0).to(ACC)
+        kc = tl.load(K + b * skb + hk * skh + key[:, None] * sks + offs_c[None, :], mask=mc, other=0.0).to(ACC)
+        sj += tl.sum(qc * kc, 1)
         if HAS_TQ:
-            tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqs + offs_d[None, :], mask=msk, other=0.0)
-            sd += tl.sum(tq.to(tl.float32) * kj, 1)
+            tqc = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqs + offs_c[None, :], mask=mc, other=0.0)
+            sd += tl.sum(tqc.to(ACC) * kc, 1)
         if HAS_TK:
-            tkj = tl.load(TK + b * stkb + hk * stkh + key[:, None] * stks + offs_d[None, :], mask=msk, other=0.0)
-            sd += tl.sum(q * tkj.to(tl.float32), 1)
-        sj = tl.sum(q * kj, 1) * scale
+            tkc = tl.load(TK + b * stkb + hk * stkh + key[:, None] * stks + offs_c[None, :], mask=mc, other=0.0)
+            sd += tl.sum(qc * tkc.to(ACC), 1)
+    if S64:
+        sj = _logits(sj, scale)
+        sd = _logits(sd, scale)
+    else:
+        sj = sj * scale
         sd = sd * scale
     if HAS_KB:  # the bias before lse, as the forward's S (a row that sees a key has its arg-max at a finite S)
         sj += tl.where(ok, _kbias(KB + b * skbb + h * skbh + key * skbk, ok, True, KB_BOOL), 0.0)
