@@ -56,6 +56,7 @@ from fastdistill.ops.jvp_attention import (
     _impl,
     _kb_kw,
     _key_bias,
+    _needs_lo,  # as the single-device op: the ring's blocks and merged lse keep a low word where it does
     _NoGrad,
     _out_shape,
     _stat_dtype,
@@ -328,14 +329,6 @@ def _rows(x: torch.Tensor | None, s: slice) -> torch.Tensor | None:
 def _ref64(cfg: _Cfg, q: torch.Tensor) -> bool:
     """fp32 blocks that the reference backend computes in fp64 (see _block_fwd)."""
     return cfg.backend == "reference" and q.dtype == torch.float32
-
-
-def _needs_lo(q: torch.Tensor, masked: bool) -> bool:
-    """Whether the ring's lse carries a low word: for fp32 inputs (as the single-device op), and with a key mask for
-    every dtype (the single-device op: fp16 / bf16). A large float bias on every key of a row (finfo.min, as
-    transformers pads) puts lse where even an fp64 ulp exceeds ln of a block's weight; only the low word keeps the
-    blocks' weights apart (their merge, docs/context_parallel.md) and P = exp(S − lse) in the backward."""
-    return q.dtype == torch.float32 or masked
 
 
 def _block_fwd(q, k, v, tq, tk, tv, cfg: _Cfg, causal: bool, acc: torch.dtype, kb: torch.Tensor | None = None):

@@ -110,6 +110,12 @@ def _stat_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _needs_lo(q: torch.Tensor, masked: bool) -> bool:
+    """Whether lse carries a low word (``lse_lo``, a residual for the backward): fp32 inputs, and any dtype with a
+    key mask (see ``_outputs``)."""
+    return q.dtype == torch.float32 or masked
+
+
 def _outputs(q, v, layout: int, want_t: bool, t_dtype: int, masked: bool = False):
     """Uninitialised (o, to, lse, mu, lse_lo); ``to``/``mu`` are empty without tangents, ``lse_lo`` (the low word
     of lse, a residual for the backward) is empty unless q is float32 or (``masked``) a key mask is given: a float
@@ -127,7 +133,7 @@ def _outputs(q, v, layout: int, want_t: bool, t_dtype: int, masked: bool = False
     to = alloc(torch.float32 if t_dtype == 1 else q.dtype) if want_t else o.new_empty(0)
     B, H, S = (q.shape[0], q.shape[2], q.shape[1]) if layout == 0 else q.shape[:3]
     lse = q.new_empty((B, H, S), dtype=_stat_dtype(q))
-    lo = torch.empty_like(lse) if q.dtype == torch.float32 or masked else lse.new_empty(0)
+    lo = torch.empty_like(lse) if _needs_lo(q, masked) else lse.new_empty(0)
     return o, to, lse, torch.empty_like(lse) if want_t else lse.new_empty(0), lo
 
 
