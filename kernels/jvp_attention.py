@@ -143,6 +143,10 @@ if _TRITON_VER < (3, 9):
     # spill-free tile of 14 tried for the latter). sm_90a's masked entries spill nowhere under 3.6.
     _KM_SM80_FWD_PLAIN = {64: (128, 64, 8, 2)}
     _KM_SLP_FWD_TANGENT = {**_KM_SLP_FWD_TANGENT, 128: (16, 32, 8, 2)}
+    # and on sm_80 (found by triton_codegen.py --arch 80 --gated-only under 3.6): the two_pass tangent pass at 32
+    # (128x64: 46 B) and dk/dv at 256 (32x32, 2 stages: 8 B); these spill for neither schedule / backward kernel
+    _KM_SM80_FWD_TANGENT = {**_KM_SM80_FWD_TANGENT, 32: (128, 32, 8, 2)}
+    _KM_SM80_BWD = {**_KM_SM80_BWD, 256: (32, 32, 8, 1)}
 
 
 def _bucket(dqk: int, dv: int) -> int:

@@ -735,6 +735,8 @@ assert A.fwd_config(256, 256, True, arch=80) == (16, 32, 8, 2)
 assert A.fwd_config(128, 128, True, arch=89) == (32, 64, 8, 2)
 assert A.bwd_config(32, 32, arch=80) == A.bwd_config(32, 32, arch=89) == (32, 64, 4, 2)
 assert A.fwd_config(256, 256, False, arch=90) == (32, 32, 8, 2)
+assert A.fwd_config(32, 32, True, arch=80, kmask=True) == (128, 32, 8, 2)
+assert A.bwd_config(256, 256, arch=80, kmask=True) == (32, 32, 8, 1)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
