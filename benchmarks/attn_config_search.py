@@ -44,8 +44,8 @@ GRID_FP32 = dict(BM=(16, 32), BN=(16, 32), W=(2, 4, 8), S=(1, 2))
 
 
 def _job(args):
-    kind, dt, dqk, dv, cfg, arch = args
-    _, kern, sig, ce, nw, ns = attn_kernel(kind, dt, dqk, dv, cfg)
+    kind, dt, dqk, dv, cfg, arch, kmask = args
+    _, kern, sig, ce, nw, ns = attn_kernel(kind, dt, dqk, dv, cfg, kmask, A.centred(arch))
     try:  # in a forked child: an LLVM abort inside Triton fails this configuration, not the search
         r = isolated(compile_report, kern, sig, ce, nw, arch, ns)
     except Exception as e:  # out of resources at compile time, a compiler abort and the like: not a candidate
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--buckets", default=",".join(map(str, BUCKETS)))
     ap.add_argument("--csv", default=None)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--kmask", action="store_true", help="the key-mask variants (the dispatcher's _KM_* entries)")
     a = ap.parse_args(argv)
     limit = SMEM[80 if A._small_smem(a.arch) else 90]
     jobs = []
@@ -71,22 +72,23 @@ def main(argv=None) -> int:
                 continue  # above head dim 128, and for fp32 inputs, the tangent runs as two_pass
             for dqk, dv in BUCKETS[bucket]:
                 for cfg in itertools.product(g["BM"], g["BN"], g["W"], g["S"]):
-                    jobs.append((kind, a.dtype, dqk, dv, cfg, a.arch))
+                    jobs.append((kind, a.dtype, dqk, dv, cfg, a.arch, a.kmask))
     rows = []
     warm(a.arch)
     with ProcessPoolExecutor(max(1, a.jobs), mp_context=multiprocessing.get_context("fork")) as ex:
-        for (kind, dt, dqk, dv, cfg, arch), r in ex.map(_job, jobs):
+        for (kind, dt, dqk, dv, cfg, arch, _), r in ex.map(_job, jobs):
             ok = "error" not in r and not (r["spill_stores"] or r["spill_loads"]) and r["shared"] <= limit
             rows.append(dict(arch=arch, kind=kind, dtype=dt, dqk=dqk, dv=dv, BM=cfg[0], BN=cfg[1], warps=cfg[2],
                              stages=cfg[3], regs=r.get("registers", ""), spill_st=r.get("spill_stores", ""),
                              spill_ld=r.get("spill_loads", ""), smem=r.get("shared", ""), ok=int(ok),
-                             error=r.get("error", ""), triton=triton.__version__))
+                             kmask=int(a.kmask), error=r.get("error", ""), triton=triton.__version__))
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    print(f"arch sm_{a.arch}, {a.dtype}, shared memory limit {limit // 1024} KiB: proposed (BM, BN, warps, stages)")
+    print(f"arch sm_{a.arch}, {a.dtype}{', key mask' if a.kmask else ''}, shared memory limit {limit // 1024} KiB: "
+          "proposed (BM, BN, warps, stages)")
     for kind in a.kinds.split(","):
         for bucket in map(int, a.buckets.split(",")):
             dims = BUCKETS[bucket]

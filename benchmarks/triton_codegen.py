@@ -144,12 +144,14 @@ ATTN_HEAD_DIMS = ((32, 32), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256)
 KMASK_HEAD_DIMS = ATTN_HEAD_DIMS  # key-mask variants (bf16 / fp16)
 
 
-def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int, int], kmask: bool = False):
+def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int, int], kmask: bool = False,
+                centre: bool = True):
     """One JVP-attention specialisation: ``kind`` in jvp | plain | 2pass (forward modes) | shift | dkdv | dq, with every
     tangent present and causal masking (the worst case), at block configuration ``cfg`` =
     (BM, BN, warps, stages). ``kmask``: with a key mask (a float bias in the input dtype, as diffusers passes it; the
     launcher's flags for it: natural units, BASE2 off, and the low word of lse, HAS_LO, in every dtype); the name
-    ends in " kmask". Returns (name, kernel, signature, constexprs, num_warps, num_stages)."""
+    ends in " kmask". ``centre`` (2pass, fp16 / bf16): the centred epilogue (CENTRE), as ``A.centred`` dispatches
+    it. Returns (name, kernel, signature, constexprs, num_warps, num_stages)."""
     prec = "ieee" if dt == "fp32" else "tf32"
     f32 = dt == "fp32"
     bdq, bdv = max(16, triton.next_power_of_2(dqk)), max(16, triton.next_power_of_2(dv))
@@ -173,7 +175,7 @@ def attn_kernel(kind: str, dt: str, dqk: int, dv: int, cfg: tuple[int, int, int,
                   HAS_TK=tangent, HAS_TV=tangent, PRIMAL=primal, TANGENT=tangent, DOT_PREC=prec, WIDE=False,
                   BASE2=not f32 and not kmask, HAS_LO=lo,  # the low word of lse: fp32 inputs, key masks (as dispatched)
                   ARG=kind == "plain",  # the primal pass of two_pass also records the arg-max key: the worst case
-                  S64=f32, **kb_ce)  # fp32: logits from float64 dots
+                  S64=f32, CENTRE=kind == "2pass" and not f32 and centre, **kb_ce)  # fp32: float64 logits
         return f"attn fwd {kind:5s} {dt} D{dqk}/{dv} {bm}x{bn}{km}", A._attn_fwd_kernel, sig, ce, nw, ns
     if kind == "shift":  # two_pass's tangent shift between its passes (row-wise dots, no block configuration)
         sig = dict(Q=f"*{dt}", K=f"*{dt}", TQ=f"*{dt}", TK=f"*{dt}", LSE="*fp32", LO="*fp32", MU="*fp32", **kb_sig,
@@ -215,7 +217,8 @@ def attn_configs(quick: bool = False, arch: int = 90, kmask_dims=None):
             forced = "FASTDISTILL_ATTN_JVP" in os.environ and not f32  # fp32 takes two_pass (jvp_mode)
             fused = forced or A.jvp_mode(dqk, dv, arch, f32) == "fused"
             for kind in (["jvp"] if fused else []) + ["plain", "2pass"]:
-                yield attn_kernel(kind, dt, dqk, dv, A.fwd_config(dqk, dv, kind != "plain", f32, arch))
+                yield attn_kernel(kind, dt, dqk, dv, A.fwd_config(dqk, dv, kind != "plain", f32, arch),
+                                  centre=A.centred(arch))
             yield attn_kernel("shift", dt, dqk, dv, (0, 0, 0, 0))
             for kind in ("dkdv", "dq"):
                 yield attn_kernel(kind, dt, dqk, dv, A.bwd_config(dqk, dv, f32, arch))
@@ -223,7 +226,8 @@ def attn_configs(quick: bool = False, arch: int = 90, kmask_dims=None):
                 continue
             # with a key mask (kmask: the dispatcher's entries for masked calls)
             for kind in (["jvp"] if fused else []) + ["plain", "2pass"]:
-                yield attn_kernel(kind, dt, dqk, dv, A.fwd_config(dqk, dv, kind != "plain", f32, arch, True), True)
+                yield attn_kernel(kind, dt, dqk, dv, A.fwd_config(dqk, dv, kind != "plain", f32, arch, True), True,
+                                  A.centred(arch))
             yield attn_kernel("shift", dt, dqk, dv, (0, 0, 0, 0), True)
             for kind in ("dkdv", "dq"):
                 yield attn_kernel(kind, dt, dqk, dv, A.bwd_config(dqk, dv, f32, arch, True), True)

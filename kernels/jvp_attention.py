@@ -18,7 +18,12 @@ weight (a single context token; the first row of causal attention; an attention 
 c ≈ μ there, that key's term P̃⊙(Ṡ − c) is ≈ (1 − P)·Ṡ (exactly 0 for one key) and the
 cancellation is gone; elsewhere |c| ≤ P·|Ṡ| keeps μ = c + r/l as accurate as Σ P̃⊙Ṡ / l. In
 two_pass, P is final in the tangent pass (nothing to re-base): the primal pass records each row's
-arg-max key, and _arg_shift_kernel forms c = P·Ṡ of that key with row-wise dots in between.
+arg-max key, and _arg_shift_kernel forms c = P·Ṡ of that key with row-wise dots in between. Its
+row dots sum in another order than the passes' (tensor-core) dots, so c can miss P̃·Ṡ of that key
+by an ulp; the tangent pass then centres its epilogue on the rounded terms: with x_j = P̃⊙(Ṡ − c) as
+rounded to the input dtype for the product with v and u = Σ_j x_j, Ȯ = T̃/l − (u/l)·O
+= Σ_j x_j·(v_j − O)/l + P v̇, where the dominant key's v_j − O vanishes with its residual (μ keeps
+r, the fp32 terms' sum).
 
 A row that sees no key (causal with Sq > Sk, Sk = 0, every key masked) keeps l = 0 and gets O = Ȯ = 0, μ = 0,
 lse = −inf. A key mask (HAS_KB) adds a per-key bias [B, H, Sk] (own strides; bool: 0 / −inf) to S after the scale,
@@ -147,6 +152,15 @@ if _TRITON_VER < (3, 9):
     # (128x64: 46 B) and dk/dv at 256 (32x32, 2 stages: 8 B); these spill for neither schedule / backward kernel
     _KM_SM80_FWD_TANGENT = {**_KM_SM80_FWD_TANGENT, 32: (128, 32, 8, 2)}
     _KM_SM80_BWD = {**_KM_SM80_BWD, 256: (32, 32, 8, 1)}
+
+
+def centred(arch: int = 90) -> bool:
+    """Whether two_pass's tangent pass centres its epilogue on the rounded terms (CENTRE, fp16 / bf16 inputs; the
+    module docstring). Not on the Ampere tables under Triton < 3.9 (compile only, 3.6): its extra row sum spills
+    there at head dim 256 on sm_80 at every tile tried (8 bytes), and on sm_89 with a key mask at head dims 32,
+    64 / 128 and 256 with the current entries; that pass keeps the uncentred epilogue there (the fp16 rounding
+    of the dominant key's residual in Ȯ, which shows only where every exact Ȯ is ~0)."""
+    return not (_TRITON_VER < (3, 9) and _small_smem(arch))
 
 
 def _bucket(dqk: int, dv: int) -> int:
@@ -303,17 +317,19 @@ def _dot64(a, b):
 
 
 @triton.jit
-def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, u_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
               k_base, v_base, tk_base, tv_base, kb_base, sks, svs, stks, stvs, skbk, Sq, Sk, qk2, scale,
               DQK: tl.constexpr, DV: tl.constexpr, BDQK: tl.constexpr, BDV: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
               PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, BASE2: tl.constexpr,
               HAS_LO: tl.constexpr, ARG: tl.constexpr, S64: tl.constexpr, HAS_KB: tl.constexpr,
-              KB_BOOL: tl.constexpr):
+              KB_BOOL: tl.constexpr, CENTRE: tl.constexpr):
     """One key block of the forward (see the module docstring). MASKED: the block may hold keys
     past Sk or (causal) keys above the diagonal; unmasked blocks skip every sequence mask. S64 (fp32
     inputs, never the fused pass): the logits S and Ṡ from float64 dots, scaled, then rounded once (_logits).
-    HAS_KB: S gets the key mask's bias (natural units: the launcher clears BASE2), after the scale as in SDPA."""
+    HAS_KB: S gets the key mask's bias (natural units: the launcher clears BASE2), after the scale as in SDPA.
+    CENTRE (the tangent pass of two_pass, fp16 / bf16): also u, the Σ of P̃⊙(Ṡ − c) as rounded for the product
+    with v (the module docstring)."""
     tl.static_assert(not (S64 and PRIMAL and TANGENT), "float64 logits: not in the fused pass (see _logits)")
     tl.static_assert(not (HAS_KB and BASE2), "a key bias is added in natural units (BASE2 off)")
     cols = n0 + offs_n
@@ -355,6 +371,7 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, of
                 tkt = _ld(tk_base + cols[None, :] * stks + offs_dq[:, None], kt_msk, KM)
                 ts = tl.dot(q, tkt, input_precision=DOT_PREC)
     SHIFT: tl.constexpr = PRIMAL and TANGENT and (HAS_TQ or HAS_TK)
+    tl.static_assert(not CENTRE or (TANGENT and not PRIMAL and not S64), "CENTRE: two_pass's tangent pass, fp16/bf16")
     if PRIMAL:
         m_blk = tl.max(s, 1)
         m_new = tl.maximum(m_i, m_blk)
@@ -394,11 +411,14 @@ def _fwd_step(q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, of
                 c_use = c_i
             pts = p * (ts - c_use[:, None])  # P̃⊙(Ṡ − c) in fp32; masked entries have P̃ = 0 and finite Ṡ
             r_i += tl.sum(pts, 1)
-            tacc = tl.dot(pts.to(v.dtype), v, tacc, input_precision=DOT_PREC)
+            pts = pts.to(v.dtype)
+            if CENTRE:  # u = Σ pts as rounded for the product with v (the epilogue's centring, module docstring)
+                u_i += tl.sum(pts.to(tl.float32), 1)
+            tacc = tl.dot(pts, v, tacc, input_precision=DOT_PREC)
         if HAS_TV:
             tv = _ld(tv_base + cols[:, None] * stvs + offs_dv[None, :], v_msk, VM)
             tacc = tl.dot(p.to(tv.dtype), tv, tacc, input_precision=DOT_PREC)
-    return m_i, l_i, acc, r_i, c_i, tacc
+    return m_i, l_i, acc, r_i, u_i, c_i, tacc
 
 
 @triton.jit
@@ -413,6 +433,7 @@ def _attn_fwd_kernel(
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     PRIMAL: tl.constexpr, TANGENT: tl.constexpr, DOT_PREC: tl.constexpr, WIDE: tl.constexpr, BASE2: tl.constexpr,
     HAS_LO: tl.constexpr, ARG: tl.constexpr, S64: tl.constexpr, HAS_KB: tl.constexpr, KB_BOOL: tl.constexpr,
+    CENTRE: tl.constexpr = False,
 ):
     # PRIMAL and TANGENT: the fused pass. PRIMAL only: plain flash attention (O, lse); ARG: also each row's
     # arg-max key index, into MU (the primal pass of two_pass). TANGENT only: the second pass of two_pass (reads
@@ -462,6 +483,7 @@ def _attn_fwd_kernel(
         c_i = tl.load(MU + b * slb + h * slh + offs_m, mask=row_ok, other=0.0)
     if TANGENT:
         r_i = tl.zeros([BM], tl.float32)
+        u_i = tl.zeros([BM], tl.float32)
         tacc = tl.zeros([BM, BDV], tl.float32)
 
     if not PRIMAL:
@@ -469,6 +491,7 @@ def _attn_fwd_kernel(
         acc = tl.zeros([BM, BDV], tl.float32)
     if not TANGENT:
         r_i = tl.zeros([BM], tl.float32)
+        u_i = tl.zeros([BM], tl.float32)
         tacc = tl.zeros([BM, BDV], tl.float32)
     # key blocks [0, n_full) need no sequence mask, [n_full, hi) do (the tail; the causal diagonal)
     hi = Sk
@@ -477,17 +500,17 @@ def _attn_fwd_kernel(
         hi = tl.minimum(Sk, pid * BM + BM + Sk - Sq)
         n_full = tl.minimum(n_full, tl.maximum(0, ((pid * BM + Sk - Sq + 1) // BN) * BN))
     for n0 in range(0, n_full, BN):
-        m_i, l_i, acc, r_i, c_i, tacc = _fwd_step(
-            q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+        m_i, l_i, acc, r_i, u_i, c_i, tacc = _fwd_step(
+            q, tq, m_i, lo_i, l_i, acc, r_i, u_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, kb_base, sks, svs, stks, stvs, skbk, Sq, Sk, qk2, scale,
             DQK, DV, BDQK, BDV, False, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO,
-            ARG, S64, HAS_KB, KB_BOOL)
+            ARG, S64, HAS_KB, KB_BOOL, CENTRE)
     for n0 in range(n_full, hi, BN):
-        m_i, l_i, acc, r_i, c_i, tacc = _fwd_step(
-            q, tq, m_i, lo_i, l_i, acc, r_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
+        m_i, l_i, acc, r_i, u_i, c_i, tacc = _fwd_step(
+            q, tq, m_i, lo_i, l_i, acc, r_i, u_i, c_i, tacc, n0, offs_m, offs_n, offs_dq, offs_dv, dq_ok, dv_ok,
             k_base, v_base, tk_base, tv_base, kb_base, sks, svs, stks, stvs, skbk, Sq, Sk, qk2, scale,
             DQK, DV, BDQK, BDV, True, CAUSAL, HAS_TQ, HAS_TK, HAS_TV, PRIMAL, TANGENT, DOT_PREC, BASE2, HAS_LO,
-            ARG, S64, HAS_KB, KB_BOOL)
+            ARG, S64, HAS_KB, KB_BOOL, CENTRE)
 
     o_msk = row_ok[:, None] & dv_ok[None, :]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sos + offs_dv[None, :]
@@ -511,7 +534,10 @@ def _attn_fwd_kernel(
         o = tl.load(o_ptrs, mask=o_msk, other=0.0).to(tl.float32)
     if TANGENT:
         dmu = r_i * inv  # μ − c
-        to = tacc * inv[:, None] - dmu[:, None] * o
+        if CENTRE:  # T̃/l − (u/l)·O = Σ rounded P̃⊙(Ṡ − c) ⊙ (v − O) / l (+ P v̇): the roundings meet v − O
+            to = tacc * inv[:, None] - (u_i * inv)[:, None] * o
+        else:
+            to = tacc * inv[:, None] - dmu[:, None] * o
         mu = c_i + dmu  # 0 for a row that sees no key (c = 0, r = 0)
         tl.store(TO + b * stob + h * stoh + offs_m[:, None] * stos + offs_dv[None, :], to.to(TO.dtype.element_ty),
                  mask=o_msk)
@@ -595,7 +621,8 @@ def _check_kbias(kb: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> N
         raise ValueError(f"key_bias: device {kb.device} differs from q's {q.device}")
 
 
-def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, tangent, cfg, kb=None):
+def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, tangent, cfg, kb=None,
+                centre=False):
     B, H, Sq, Dqk = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     BM, BN, warps, stages = cfg
@@ -616,7 +643,7 @@ def _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, primal, 
         # would see no key, where SDPA averages its values)
         BASE2=q.dtype != torch.float32 and kb is None, HAS_LO=lo is not None,
         ARG=primal and not tangent and mu is not None, S64=q.dtype == torch.float32, **_kb_flags(kb),
-        num_warps=warps, num_stages=stages,
+        CENTRE=centre, num_warps=warps, num_stages=stages,
     )
 
 
@@ -738,7 +765,8 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
             _launch_arg_shift(q, k, tq, tk, lse, lo, mu, scale, kb)
     if tangent:
         _launch_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, lo, causal, scale, fused, True,
-                    fwd_config(Dqk, Dv, True, f32, arch, kb is not None), kb)
+                    fwd_config(Dqk, Dv, True, f32, arch, kb is not None), kb,
+                    centre=not fused and not f32 and centred(arch))
 
 
 # ----------------------------------------------------------------------------- backward

@@ -737,6 +737,7 @@ assert A.bwd_config(32, 32, arch=80) == A.bwd_config(32, 32, arch=89) == (32, 64
 assert A.fwd_config(256, 256, False, arch=90) == (32, 32, 8, 2)
 assert A.fwd_config(32, 32, True, arch=80, kmask=True) == (128, 32, 8, 2)
 assert A.bwd_config(256, 256, arch=80, kmask=True) == (32, 32, 8, 1)
+assert not A.centred(80) and not A.centred(89) and not A.centred(120) and A.centred(90)  # two_pass's centring
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -744,3 +745,4 @@ assert A.bwd_config(256, 256, arch=80, kmask=True) == (32, 32, 8, 1)
 
     if A._TRITON_VER >= (3, 9):
         assert A.jvp_mode(128, 128, 80) == "fused" and A.fwd_config(64, 64, True, arch=80) == (128, 32, 8, 2)
+        assert all(A.centred(arch) for arch in (80, 89, 90, 120))
