@@ -135,6 +135,7 @@ if _TRITON_VER < (3, 9):
 _KM_FWD_PLAIN = {256: (64, 16, 8, 2)}
 _KM_FWD_PLAIN_PADDED_128 = (128, 32, 8, 2)
 _KM_FWD_TANGENT = {256: (16, 16, 8, 1)}
+_KM_BWD: dict = {}
 _KM_SM80_FWD_PLAIN: dict = {}
 _KM_SM80_FWD_TANGENT = {64: (32, 64, 8, 2), 256: (16, 16, 8, 2)}
 _KM_SM80_BWD = {32: (32, 64, 4, 2)}
@@ -152,6 +153,15 @@ if _TRITON_VER < (3, 9):
     # (128x64: 46 B) and dk/dv at 256 (32x32, 2 stages: 8 B); these spill for neither schedule / backward kernel
     _KM_SM80_FWD_TANGENT = {**_KM_SM80_FWD_TANGENT, 32: (128, 32, 8, 2)}
     _KM_SM80_BWD = {**_KM_SM80_BWD, 256: (32, 32, 8, 1)}
+    # and on sm_90a (the GPU image's Triton): the plain forward at 256 (64x16: 136 B) and dq at 256 (16x32: 32 B);
+    # 32x32 spills for none of plain / dk,dv / dq there; on sm_89 the tangent passes at 32 (128x64: 30 B) and dk/dv
+    # at 128/64 (64x32: 8 B) (attn_config_search.py --kmask under 3.6). Still spilling under 3.6 with a mask, no
+    # tile of the search grid being spill-free: the two_pass tangent pass at head dim 256 on sm_80 (4 B) and sm_89
+    # (8 B)
+    _KM_FWD_PLAIN = {**_KM_FWD_PLAIN, 256: (32, 32, 8, 2)}
+    _KM_BWD = {**_KM_BWD, 256: (32, 32, 8, 2)}
+    _KM_SLP_FWD_TANGENT = {**_KM_SLP_FWD_TANGENT, 32: (128, 32, 8, 2)}
+    _KM_SLP_BWD = {**_KM_SLP_BWD, 128: (32, 32, 4, 2)}
 
 
 def centred(arch: int = 90) -> bool:
@@ -242,7 +252,7 @@ def bwd_config(dqk: int, dv: int, fp32: bool = False, arch: int = 90, kmask: boo
     if _small_smem(arch):
         km = (_KM_SM80_BWD if arch == 80 else _KM_SLP_BWD) if kmask else {}
         return km.get(b) or (_SM80_BWD if arch == 80 else _SLP_BWD)[b]
-    return _BWD[b]
+    return (_KM_BWD.get(b) if kmask else None) or _BWD[b]
 
 
 def _fp32_config(dqk: int, dv: int, arch: int) -> tuple[int, int, int, int]:

@@ -737,6 +737,10 @@ assert A.bwd_config(32, 32, arch=80) == A.bwd_config(32, 32, arch=89) == (32, 64
 assert A.fwd_config(256, 256, False, arch=90) == (32, 32, 8, 2)
 assert A.fwd_config(32, 32, True, arch=80, kmask=True) == (128, 32, 8, 2)
 assert A.bwd_config(256, 256, arch=80, kmask=True) == (32, 32, 8, 1)
+assert A.fwd_config(256, 256, False, arch=90, kmask=True) == (32, 32, 8, 2)
+assert A.bwd_config(256, 256, arch=90, kmask=True) == (32, 32, 8, 2)
+assert A.fwd_config(32, 32, True, arch=89, kmask=True) == (128, 32, 8, 2)
+assert A.bwd_config(128, 64, arch=89, kmask=True) == (32, 32, 4, 2)
 assert not A.centred(80) and not A.centred(89) and not A.centred(120) and A.centred(90)  # two_pass's centring
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
