@@ -36,6 +36,7 @@ logits come from float64 dots (_logits), which the fused pass cannot take, and t
 two_pass.
 Backward (FA2): Δ = rowsum(dO⊙O) − dlse, dS = P⊙(dP − Δ), P = exp((S − lse) − lse_lo) where
 lse_lo, written by the forward for fp32 inputs and with a key mask, is the rounding error of lse = m + ln l (TwoSum);
+for fp32 inputs S, dP and rowsum(dO⊙O) are float64 sums rounded once (_logits);
 one kernel per key block accumulates dk, dv over the query blocks of every query head of its
 group (no atomics: deterministic), one kernel per query block accumulates dq.
 """
@@ -783,7 +784,7 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
 @triton.jit
 def _attn_bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, sos, sdb, sdh, sds, slb, slh, sls, H, Sq,
                          DV: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, HAS_DLSE: tl.constexpr,
-                         WIDE: tl.constexpr):
+                         WIDE: tl.constexpr, S64: tl.constexpr = False):
     # Δ = rowsum(dO ⊙ O) − dlse, into a contiguous fp32 [B, H, Sq] buffer
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)  # h × head stride can pass 2^31 while each is below it
@@ -795,7 +796,10 @@ def _attn_bwd_pre_kernel(O, DO, DLSE, DELTA, sob, soh, sos, sdb, sdh, sds, slb, 
     msk = (offs_m < Sq)[:, None] & (offs_d < DV)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :], mask=msk, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sds + offs_d[None, :], mask=msk, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if S64:  # fp32 inputs: summed in float64 (exact products) and rounded once, as dP (_dot64)
+        delta = tl.sum(o.to(tl.float64) * do.to(tl.float64), 1).to(tl.float32)
+    else:
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + b * slb + h * slh + offs_m * sls, mask=offs_m < Sq, other=0.0).to(tl.float32)
     tl.store(DELTA + (b * H + h) * Sq + offs_m, delta, mask=offs_m < Sq)
@@ -873,7 +877,10 @@ def _attn_bwd_dkdv_kernel(
             # S − lse in natural units first (exact near the row max), then the low word of lse, then base 2
             pt = tl.where(ok, tl.math.exp2(((st - lse[None, :]) - lse_lo[None, :]) * 1.4426950408889634), 0.0)
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            if S64:  # dP over the head dim as the logits (_dot64 rounded once: one fp32 FMA chain drifts)
+                dpt = _dot64(v, tl.trans(do)).to(tl.float32)
+            else:
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dst = pt * (dpt - delta[None, :])
             dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
     dk_ptrs = DK + b * sdkb + hk64 * sdkh + offs_n[:, None] * sdks + offs_dq[None, :]
@@ -943,7 +950,10 @@ def _attn_bwd_dq_kernel(
         if CAUSAL:
             ok = ok & (cols[None, :] <= offs_m[:, None] + (Sk - Sq))
         p = tl.where(ok, tl.math.exp2(((s - lse[:, None]) - lse_lo[:, None]) * 1.4426950408889634), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if S64:  # as in the dk/dv kernel
+            dp = _dot64(do, tl.trans(v)).to(tl.float32)
+        else:
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqs + offs_dq[None, :], (dq * scale).to(DQ.dtype.element_ty),
@@ -978,7 +988,8 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
     _attn_bwd_pre_kernel[(triton.cdiv(Sq, 64), H, B)](
         o, do, lse if dlse is None else dlse, delta, *_s3(o, o), *_s3(do, do),
         *(dlse.stride() if dlse is not None else (0, 0, 0)), H, Sq,  # any upstream strides (expanded zeros)
-        DV=Dv, BDV=bdv, BM=64, HAS_DLSE=dlse is not None, WIDE=_wide(o, do), num_warps=4)
+        DV=Dv, BDV=bdv, BM=64, HAS_DLSE=dlse is not None, WIDE=_wide(o, do), S64=q.dtype == torch.float32,
+        num_warps=4)
     kb = key_bias
     lo = lse_lo if _lo_ok(lse_lo, lse, q, kb) else None
     common = dict(DQK=Dqk, DV=Dv, BDQK=bdq, BDV=bdv, BM=BM, BN=BN, CAUSAL=bool(causal), DOT_PREC=_dot_prec(q),

