@@ -149,6 +149,8 @@ def smem_limit(arch: int, name: str) -> int:
     if arch == 80 and name.startswith("attn") and " fp32 " in name:
         return SMEM_LIMIT_FP32_SM80
     return SMEM_LIMIT[80 if A._small_smem(arch) else 90]
+
+
 GATED = ("bf16", "fp16")  # attention dtypes whose spills fail the run (fp32: reported only)
 ATTN_HEAD_DIMS = ((32, 32), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (128, 64), (64, 128))
 KMASK_HEAD_DIMS = ATTN_HEAD_DIMS  # key-mask variants (bf16 / fp16)
