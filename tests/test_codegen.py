@@ -24,9 +24,21 @@ import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_codegen.py")
 NOT_FP16 = r"^(?!(attn|kd) .* fp16\b)"  # (--only: re.search on the configuration's name)
-# key-mask variants (names ending in " kmask"): at head dims 64 and 128 here (the CPU suite's time); the script compiles
-# them at every head dim, and none spilled on sm_90a, sm_80 (bf16 and fp16) or sm_89 (bf16) when they were added
-KMASK_MAIN = r"(?!(?!.* D(64/64|128/128|64|128) ).*kmask$)"
+# key-mask variants (names ending in " kmask"), bf16: at every head dim under Triton 3.9 (the CI's), where none spills
+# on sm_90a, sm_80 or sm_89. Until 2026-12 only at head dims 64 and 128, and under Triton 3.6 masked rows at 32, 128/64
+# and 256 spilled unseen then (the _TRITON_VER block of the _KM_* entries in kernels/jvp_attention.py). Under Triton
+# < 3.9 (run by hand) still at 64 and 128 only: its masked two_pass tangent pass at 256 spills on sm_80 / sm_89 at every
+# tile of the search grid (documented there)
+_KMASK_64_128 = r"(?!(?!.* D(64/64|128/128|64|128) ).*kmask$)"
+
+
+def _kmask_all() -> bool:
+    from fastdistill.kernels import jvp_attention as A
+
+    return A._TRITON_VER >= (3, 9)
+
+
+KMASK_MAIN = "" if _kmask_all() else _KMASK_64_128
 
 
 def _codegen(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -64,13 +76,18 @@ def test_no_spills_sm80_attention_fits_shared_memory():
 
 def check_kmask_rows(r: subprocess.CompletedProcess):
     """The key-mask variants (a float bias in the input dtype; the dispatcher's masked entries, kernels/jvp_attention.py
-    _KM_*) are compiled at head dims 64 and 128, bf16 only, and gated with the rest."""
+    _KM_*) are compiled at every head dim (Triton < 3.9: 64 and 128), bf16 only, and gated with the rest."""
     report = r.stdout + r.stderr
     names = [x for x in r.stdout.splitlines() if x.startswith("attn ") and " kmask" in x]
-    for want in ("attn fwd plain bf16 D128/128", "attn fwd 2pass bf16 D64/64", "attn shift bf16 D128 ",
-                 "attn dq   bf16 D64/64"):
+    wants = ["attn fwd plain bf16 D128/128", "attn fwd 2pass bf16 D64/64", "attn shift bf16 D128 ",
+             "attn dq   bf16 D64/64"]
+    if _kmask_all():
+        wants += ["attn fwd 2pass bf16 D256/256", "attn dkdv bf16 D32/32", "attn dkdv bf16 D128/64",
+                  "attn shift bf16 D96 "]
+    for want in wants:
         assert any(x.startswith(want) for x in names), f"codegen report missing the kmask row {want!r}:\n{report}"
-    assert not [x for x in names if re.search(r" D(?!(64/64|128/128|64|128) )", x) or " bf16 " not in x], names
+    other_dims = r" D(?!(64/64|128/128|64|128) )"
+    assert not [x for x in names if (not _kmask_all() and re.search(other_dims, x)) or " bf16 " not in x], names
 
 
 def check_attention_fp32_fits_shared_memory_sm80(r: subprocess.CompletedProcess):
