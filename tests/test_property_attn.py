@@ -595,13 +595,8 @@ def test_bwd_error_is_the_stored_outputs_rounding():
     is 2.8x plain fp16 PyTorch's (whose backward never rounds O)."""
     c = FOUND["bwd-two-keys-f16"]
     out = run_differential_raw(c)
-    q, k, v = (x.double() for x in out["vals"][:3])
-    s = q @ k.transpose(-1, -2) * scale_of(c)
-    p = torch.softmax(s, -1)
-    o16 = out["exact"]["o"].half().double()  # the exact O correctly rounded: the best output fp16 can store
-    go = out["go"].double()
-    dS = p * (go @ v.transpose(-1, -2) - (go * o16).sum(-1, keepdim=True))
-    formula = dS @ k * scale_of(c)
+    o16 = out["exact"]["o"].half()  # the exact O correctly rounded: the best output fp16 can store
+    formula = _flash_dq(c, out, o16, round_ds=False)
     exact = out["exact"]["dq"]
     err, err_formula = rel_err(to_bhsd(out["dq"], c.layout), exact), rel_err(formula, exact)
     assert err_formula > 2 * rel_err(out["plain"]["dq"], exact)  # the example's point: beyond the plain rule
