@@ -417,13 +417,13 @@ def one_key_rows(c: Cfg, bias: torch.Tensor | None = None) -> bool:
 
 
 # ----------------------------------------------------------------------------- (a) differential
-def run_differential(c: Cfg, glse_on: bool, go_how: str, stored_o: bool = False) -> dict:
-    """Call jvp_attention on c (Triton), backpropagate a random dO (and d lse), and hold every output to the rule
-    against the fp64 oracle; rows that see no key must be exactly zero / −inf and nothing may be NaN. ``stored_o``:
-    dq, dk may also carry the term of Δ formed from the returned O (stored_o_terms)."""
+def run_differential(c: Cfg, glse_on: bool, go_how: str, stored_o: bool = False, backend: str = "triton") -> dict:
+    """Call jvp_attention on c (Triton, or ``backend``), backpropagate a random dO (and d lse), and hold every output
+    to the rule against the fp64 oracle; rows that see no key must be exactly zero / −inf and nothing may be NaN.
+    ``stored_o``: dq, dk may also carry the term of Δ formed from the returned O (stored_o_terms)."""
     args, vals = make_inputs(c)
     q, k, v = (x.detach().requires_grad_() for x in args[:3])  # detach keeps the strides
-    with triton(c):
+    with triton(c) if backend == "triton" else fd.use_backend(backend):
         o, to, lse, dlse = call(c, q, k, v, *args[3:])
         go_l, go, glse = upstream(c, o.dtype, c.seed + 1, go_how)
         outs, ups = ([o, lse], [go_l, glse]) if glse_on else ([o], [go_l])
@@ -587,6 +587,15 @@ def test_found(name):
 
 
 _STORED_O_RULE = {"bwd-d1-f16-x30"}  # beyond test_differential's own rule, the stored-O allowance included
+
+
+@pytest.mark.parametrize("name", list(FOUND))
+def test_found_reference_backend(name):
+    """The same examples on the reference (pure PyTorch) backend, within test_differential's rule: the bwd-* ones
+    with its stored-O allowance (this backend too forms Δ from the returned O; it computes fp16 / bf16 inputs in
+    fp32, so it has no rounded-dS term), the others without. For fp32 inputs its dP − Δ is formed in float64
+    (before: dq of "dq-dominant-key-f32" 465x its rule, as the Triton backward before its float64 sums)."""
+    run_differential(FOUND[name], False, "contiguous", stored_o=name.startswith("bwd"), backend="reference")
 
 
 def test_bwd_error_is_the_stored_outputs_rounding():

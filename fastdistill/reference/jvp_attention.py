@@ -11,8 +11,9 @@ Causal masks are bottom-right aligned (flash-attn): query i sees key j iff j ≤
 mask's values, 0 / −inf for a boolean one). A query row that sees no key gets O = Ȯ = 0, μ = 0 and
 lse = −inf. Memory: one ``[B, Hq, chunk, Sk]`` score block at a time (``chunk`` from a fixed element budget),
 never S×S.
-Arithmetic in float32 (float64 when an input is float64), autocast off (under ``torch.autocast`` the
-matmuls would otherwise run in the autocast dtype: fp32 inputs computed in bf16 / fp16).
+Arithmetic in float32 (float64 when an input is float64; on the CPU the backward's dP − Δ in float64), autocast
+off (under ``torch.autocast`` the matmuls would otherwise run in the autocast dtype: fp32 inputs computed in
+bf16 / fp16).
 """
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
              key_bias: torch.Tensor | None = None) -> None:
     """Gradients of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None)
     with respect to q, k, v, from the saved lse: P = exp(S − lse), dP = dO vᵀ,
-    dS = P ⊙ (dP − rowsum(dO ⊙ O) + dlse), dq = s·dS k, dk = s·dSᵀ q, dv = Pᵀ dO. ``lse_lo`` is ignored
-    (its forward writes 0) unless a key mask (``key_bias``, no gradient) is given: then P = exp((S − lse) − lse_lo)."""
+    dS = P ⊙ (dP − rowsum(dO ⊙ O) + dlse) (its bracket in float64 on the CPU), dq = s·dS k, dk = s·dSᵀ q,
+    dv = Pᵀ dO. ``lse_lo`` is ignored (its forward writes 0) unless a key mask (``key_bias``, no gradient) is
+    given: then P = exp((S − lse) − lse_lo)."""
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dt = _compute_dtype(q, k, v, do)
@@ -183,10 +185,16 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
         if kb is not None and lse_lo is not None:  # S − lse first (exact near the row max), then the low word
             arg = arg - _grouped(lse_lo[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
         p = torch.where(torch.isfinite(lc), torch.exp(arg), 0.0)
-        delta = (doc * _grouped(o[:, :, i0:i1], Hkv, dt)).sum(-1, keepdim=True)
+        # dP − Δ in float64 (rounded once) on the CPU: where one key holds the row's weight, dP_j and
+        # Δ = rowsum(dO⊙O) agree far below an ulp, and two float32 sums of the same products in different orders
+        # differ by ulps (dq 465x its rule at P = (1e-10, 1)); the Triton backward forms both in float64 too. On a
+        # GPU this backend runs fp32 where FP64 is slow (no FP64 tensor cores: up to 1/64 of the fp32 rate) and
+        # keeps them in the compute dtype (docs/jvp_attention.md, Numerics)
+        wide = torch.float64 if q.device.type == "cpu" else dt
+        delta = (doc.to(wide) * _grouped(o[:, :, i0:i1], Hkv, wide)).sum(-1, keepdim=True)
         if dlse is not None:
-            delta = delta - _grouped(dlse[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
-        ds = p * (torch.matmul(doc, vv.transpose(-1, -2)) - delta)
+            delta = delta - _grouped(dlse[:, :, i0:i1].unsqueeze(-1), Hkv, wide)
+        ds = p * (torch.matmul(doc.to(wide), vv.to(wide).transpose(-1, -2)) - delta).to(dt)
         dq[:, :, i0:i1] = _ungroup(torch.matmul(ds, kk) * scale).to(dq.dtype)
         dk_acc += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * scale
         dv_acc += torch.matmul(p.transpose(-1, -2), doc).sum(2)
