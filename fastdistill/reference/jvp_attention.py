@@ -92,14 +92,14 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
              lse_lo: torch.Tensor | None = None, key_bias: torch.Tensor | None = None) -> None:
     """Write O (``o``), Ȯ (``to``, may be None: no tangent wanted), lse and μ (``mu``, may be
     None) for ``[B, H, S, D]`` inputs into the given ``[B, H, S, ·]`` / ``[B, H, S]`` outputs.
-    ``lse_lo`` (the Triton kernels' low word of lse) is written as 0: this backend's lse is its own
-    rounding of logsumexp, and the backward recomputes P from it alone. ``key_bias``: a key mask (module
-    docstring); with it ``lse_lo`` is the rounding error of lse (lse + lse_lo = m + ln l), which the
-    backward subtracts after S − lse: a large bias (finfo.min) on every key of a row puts lse where ln l is
-    below its ulp, and P = exp(S − lse) alone would be 1 for every key there."""
-    lo_word = lse_lo is not None and key_bias is not None
-    if lse_lo is not None:
-        lse_lo.zero_()
+    ``key_bias``: a key mask (module docstring). ``lse_lo`` (given for float32 inputs and with a key mask, as
+    the Triton kernels' low word of lse): the rounding error of lse (lse + lse_lo = m + ln l), which the backward
+    subtracts after S − lse. A large bias (finfo.min) on every key of a row puts lse where ln l is below its ulp,
+    and P = exp(S − lse) alone would be 1 for every key there; with large fp32 logits (|lse| ~ 100) the rounding
+    of lse alone moves every P by up to 4e-6 (relative), twice plain fp32's error in dv."""
+    lo_word = lse_lo is not None
+    if lo_word:
+        lse_lo.zero_()  # (rows that see no key, Sk = 0)
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     if B * Hq * Sq == 0:
@@ -167,8 +167,8 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
     """Gradients of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None)
     with respect to q, k, v, from the saved lse: P = exp(S − lse), dP = dO vᵀ,
     dS = P ⊙ (dP − rowsum(dO ⊙ O) + dlse) (its bracket in float64 on the CPU), dq = s·dS k, dk = s·dSᵀ q,
-    dv = Pᵀ dO. ``lse_lo`` is ignored (its forward writes 0) unless a key mask (``key_bias``, no gradient) is
-    given: then P = exp((S − lse) − lse_lo)."""
+    dv = Pᵀ dO. ``key_bias``: a key mask (no gradient). ``lse_lo``: the forward's low word of lse (float32
+    inputs, key masks), then P = exp((S − lse) − lse_lo)."""
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dt = _compute_dtype(q, k, v, do)
@@ -182,7 +182,7 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
         lc = _grouped(lse[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
         s = _scores(qc, kk, scale, i0, Sq, causal, kb)
         arg = s - torch.where(torch.isfinite(lc), lc, 0.0)
-        if kb is not None and lse_lo is not None:  # S − lse first (exact near the row max), then the low word
+        if lse_lo is not None:  # S − lse first (exact near the row max), then the low word
             arg = arg - _grouped(lse_lo[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
         p = torch.where(torch.isfinite(lc), torch.exp(arg), 0.0)
         # dP − Δ in float64 (rounded once) on the CPU: where one key holds the row's weight, dP_j and
