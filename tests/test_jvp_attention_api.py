@@ -491,6 +491,12 @@ def _bad_cases():
         "layout": (dict(layout="sbhd"), ValueError, r"^layout: expected one of"),
         "scale-nan": (dict(scale=float("nan")), ValueError, r"^scale: expected a finite float"),
         "scale-inf": (dict(scale=float("inf")), ValueError, r"^scale: expected a finite float"),
+        # a subnormal float32 scale kept a bit or none: μ and Ȯ came out 0 (an explore run, scale 1.4e-45)
+        "scale-subnormal": (dict(scale=1e-40), ValueError, r"^scale: 1e-40 is subnormal in float32"),
+        "scale-subnormal-negative": (dict(scale=-1.4e-45), ValueError, r"^scale: -1.4e-45 is subnormal in float32"),
+        "scale-subnormal-f64": (dict(q=q.double(), k=k.double(), v=v.double(), tq=tq.double(), tk=tk.double(),
+                                     tv=tv.double(), scale=1e-310), ValueError,
+                                r"^scale: 1e-310 is subnormal in float64"),
         # float(scale) parsed a string; a tensor that requires grad (a learnable temperature) silently got no gradient
         "scale-str": (dict(scale="0.5"), TypeError, r"^scale: expected a float, got str"),
         "scale-requires-grad": (dict(scale=torch.tensor(0.5, requires_grad=True)), ValueError, r"^scale: requires"),

@@ -565,6 +565,22 @@ def test_tensor_scale_falls_back_with_the_reason():
     _close(got[1], want[1], 1e-12, "to")
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-40), (F64, 1e-310)])
+def test_subnormal_scale_falls_back_with_the_reason(dtype, scale):
+    """A scale subnormal in the compute dtype, which jvp_attention refuses (scale-subnormal in
+    test_jvp_attention_api): stock SDPA's result (its math backend multiplies q and k by √scale), with the reason."""
+    q, k, v, tq, _, _ = _qkv((1, 2, 4, 8), (1, 2, 5, 8), dtype=dtype, seed=5)
+    f = lambda q: F.scaled_dot_product_attention(q, k, v, scale=scale)
+    want = _math_jvp(lambda q: STOCK(q, k, v, scale=scale), (q,), (tq,))
+    _sdpa_mod._warned.clear()
+    with jvp_sdpa():
+        sdpa_stats(reset=True)
+        with pytest.warns(UserWarning, match=f"scale {scale} is subnormal in {str(dtype)[6:]}"):
+            got = torch.func.jvp(f, (q,), (tq,))
+    assert [k.split(" is ")[0] for k in sdpa_stats()] == [f"fallback: scale {scale}"], sdpa_stats()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_tensor_scale_plain_call_is_a_silent_stock_call():
     """Under the default plain="sdpa" a call without a tangent is stock SDPA's, whatever its options: a 0-d tensor
     scale there is no fallback (no warning, no "fallback" count; before, it warned that a call runs stock SDPA which

@@ -204,7 +204,9 @@ def configs(draw, budget: int = 48, causal=None, min_sk: int = 1, sq_gt_sk: bool
     kind = draw(st.sampled_from(["default", "x10", "x30", "any"]))
     scale = {"default": None, "x10": 10 / math.sqrt(D), "x30": 30 / math.sqrt(D)}.get(kind)
     if kind == "any":
-        scale = draw(st.one_of(st.sampled_from([0.0, -0.3, 1.0]), st.floats(-2.0, 2.0, allow_subnormal=False)))
+        tiny = torch.finfo(F32).tiny  # (a float32-subnormal scale raises: test_jvp_attention_api, scale-subnormal)
+        scale = draw(st.one_of(st.sampled_from([0.0, -0.3, 1.0]),
+                               st.floats(-2.0, 2.0, allow_subnormal=False).filter(lambda x: x == 0 or abs(x) >= tiny)))
     bcast = bcast and B > 1 and draw(st.booleans())
     stores = tuple(draw(st.sampled_from(STORES)) for _ in NAMES)
     if bcast:

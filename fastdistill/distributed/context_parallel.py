@@ -843,7 +843,7 @@ def _local_args(q, k, v, tq, tk, tv, W: int, mode, causal, scale, layout, seq_la
             if h % W:
                 raise ValueError(f"{name}: mode='ulysses' spreads the heads over the group: {h} heads are not "
                                  f"divisible by the group size {W} (use mode='ring')")
-    scale = softmax_scale(scale, Dqk)
+    scale = softmax_scale(scale, Dqk, q.dtype)
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     sig = (MODES.index(mode), int(causal), SEQ_LAYOUTS.index(seq_layout), lay, B, sq, Hq, Dqk, sk, Hkv, Dv,
            int(tq is not None), int(tk is not None), int(tv is not None), _DTYPE_CODES[q.dtype], t_dtype,

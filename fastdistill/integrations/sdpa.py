@@ -26,6 +26,8 @@ reason — never a silently different result:
   heads too; one key/value head over several query heads is multi-query attention, served), nested
   tensors, mixed or unsupported dtypes;
 - zero heads or an empty head dim;
+- a ``scale`` subnormal in the compute dtype (float32; float64 for float64 inputs), which ``jvp_attention``
+  refuses (it would keep a few bits or none; stock math SDPA multiplies q and k by √scale each);
 - no fastdistill backend can run the inputs (e.g. head dim > 256 on the GPU kernels);
 - torch.func transforms beyond one forward-mode level (``jvp`` of ``jvp``, ``jacfwd``, ``vmap`` with
   ``jvp``), or ``torch.func.grad`` around the kernel backends;
@@ -84,7 +86,7 @@ import torch.nn.functional as F
 
 from fastdistill._backend import BackendUnavailableError
 from fastdistill.ops._common import autocast_cast, check_choice, is_dtensor
-from fastdistill.ops.jvp_attention import TransformLimitError, jvp_attention, transform_limit
+from fastdistill.ops.jvp_attention import TransformLimitError, jvp_attention, subnormal_scale, transform_limit
 
 PLAIN = ("sdpa", "fastdistill")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -406,6 +408,9 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
         (attn_mask,) = autocast_cast(attn_mask)  # autocast casts a float mask with them (an fp16 one of fp32 inputs)
     reason = _why_not(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra)
+    if reason is None and scale is not None and subnormal_scale(scale, query.dtype) is not None:
+        # (stock math SDPA scales q and k by √scale each: a subnormal scale keeps its bits there)
+        reason = f"scale {subnormal_scale(scale, query.dtype)}"
     if reason is not None:
         return _fallback(reason, *args, tangent=tangent)
     if _stock_decides(query, key, enable_gqa) or (

@@ -388,18 +388,35 @@ def _name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def softmax_scale(scale, Dqk: int):
-    """The ``scale`` argument: ``1/√Dqk`` for None, else a finite real number. A float, an int or a SymFloat is taken
-    as is (``float``); anything else goes through ``real_option``, which refuses a string (``float("0.5")`` parsed
-    it), a bool, a tensor that requires grad (its value is read as a number: a learnable temperature silently got
-    no gradient) and a tensor other than a one-element CPU one (reading a GPU tensor would synchronise)."""
+def softmax_scale(scale, Dqk: int, dtype: torch.dtype):
+    """The ``scale`` argument: ``1/√Dqk`` for None, else a finite real number, 0 or normal in the compute dtype
+    (float32; float64 for ``dtype`` float64). A float, an int or a SymFloat is taken as is (``float``); anything
+    else goes through ``real_option``, which refuses a string (``float("0.5")`` parsed it), a bool, a tensor that
+    requires grad (its value is read as a number: a learnable temperature silently got no gradient) and a tensor
+    other than a one-element CPU one (reading a GPU tensor would synchronise). A subnormal scale keeps a few bits
+    or none there (1.4e-45 is float32's smallest), and s·Ṡ underflows: μ and Ȯ came out 0 (100% off)."""
     if scale is None:
         return 1.0 / math.sqrt(Dqk)
     plain = isinstance(scale, (float, int, torch.SymFloat, torch.SymInt)) and not isinstance(scale, bool)
     scale = float(scale) if plain else real_option("scale", scale)
     if not is_finite(scale):
         raise ValueError(f"scale: expected a finite float, got {scale}")
+    why = subnormal_scale(scale, dtype)
+    if why is not None:
+        raise ValueError(f"scale: {why}: it would keep a few bits or none. Use 0 (uniform attention) or a larger "
+                         "scale")
     return scale
+
+
+def subnormal_scale(scale, dtype: torch.dtype) -> str | None:
+    """Why a (finite) softmax scale is refused for inputs of ``dtype``: nonzero and subnormal in the compute dtype
+    (float32; float64 for float64 inputs). None if it is not."""
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    tiny = torch.finfo(cdt).tiny
+    if scale != 0 and -tiny < scale < tiny:
+        return f"{scale} is subnormal in {_name(cdt)}, the dtype the softmax is computed in (its smallest normal is " \
+               f"{tiny:.3e})"
+    return None
 
 
 def _check(q, k, v, tq, tk, tv, layout: int, tangent_dtype):
@@ -592,7 +609,7 @@ def _math_in_graph(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
     Dqk, Dv = _check(q, k, v, None, None, None, lay, tangent_dtype)
     check_dual_tangent_dtype(q, tangent_dtype)
     bias = _key_bias(key_mask, q, k, lay)
-    scale = softmax_scale(scale, Dqk)
+    scale = softmax_scale(scale, Dqk, q.dtype)
     qb, kb, vb = (_bhsd(x, lay) for x in (q, k, v))
     G = qb.shape[1] // max(kb.shape[1], 1)
     if G > 1:
@@ -646,7 +663,7 @@ def _jvp_attention(q, k, v, tq, tk, tv, *, causal, scale, layout, return_lse, ta
     if dual:
         check_dual_tangent_dtype(q, tangent_dtype)
     kb = _key_bias(key_mask, q, k, lay)
-    scale = softmax_scale(scale, Dqk)
+    scale = softmax_scale(scale, Dqk, q.dtype)
     t_dtype = 1 if tangent_dtype == torch.float32 and q.dtype != torch.float32 else 0
     want_t = any(t is not None for t in (tq, tk, tv))
     backend = select_backend(OP, q, head_dims=(Dqk, Dv), grid_too_big=_grid_too_big(*_bhsd(q, lay).shape[:2]))
