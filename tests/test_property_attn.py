@@ -522,6 +522,18 @@ FOUND = {
                                      layout="bshd", scale=7.5, tangents=("rand", "rand", "rand"),
                                      stores=("contiguous",) * 6, bcast=False, tangent_dtype=None, mode=None,
                                      fwd_cfg=None, bwd_cfg=None, seed=2),
+    # found by explore runs of test_differential_reference_backend, fp32, on the reference backend (the Triton
+    # kernels met the rule). Two keys, one holding all but ~1e-27 of the weight: dq 1.3e-14 where it is 6e-27.
+    # dP − Δ was formed as the float64 difference of two float64 sums of the same products in different orders,
+    # which keeps their order noise (~1e-16·|dO||v|); now each is rounded to fp32 first, as the Triton backward
+    # does, and they cancel exactly
+    "dq-f32-dominant-two-keys-reference": Cfg(**dict(_ONE, Sq=1, Sk=2, D=32, Dv=32, seed=1), dtype=F32,
+                                              scale=5.303300858899106, tangents=("rand", "rand", "rand")),
+    # 255 keys, head dim 64, GQA 2:1: Ȯ 3.6e-6 against a tolerance of 2.8e-6. Its logits came from one float32
+    # matmul, and Ȯ moves by |Ṡ_j − μ|·|v_j − O| times a logit's error; now from float64 sums rounded once (S and
+    # Ṡ), as the Triton kernels form them for fp32 inputs
+    "to-f32-d64-k255-reference": Cfg(**dict(_ONE, Hq=4, Hkv=2, Sq=1, Sk=255, D=64, Dv=64), dtype=F32, scale=1.25,
+                                     tangents=("rand", "rand", "rand")),
     # both schedules: the shifted epilogue meets the plain rule (before the shift: see above)
     "fwd-one-key-f16": Cfg(**_ONE, dtype=F16, scale=None, tangents=("rand", "rand", None)),
     "fwd-one-key-f32-x30": Cfg(**dict(_ONE, Hq=2, Hkv=2, Sq=16, seed=1), dtype=F32, scale=7.5,

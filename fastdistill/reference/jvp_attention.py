@@ -11,9 +11,9 @@ Causal masks are bottom-right aligned (flash-attn): query i sees key j iff j ≤
 mask's values, 0 / −inf for a boolean one). A query row that sees no key gets O = Ȯ = 0, μ = 0 and
 lse = −inf. Memory: one ``[B, Hq, chunk, Sk]`` score block at a time (``chunk`` from a fixed element budget),
 never S×S.
-Arithmetic in float32 (float64 when an input is float64; on the CPU the backward's dP − Δ in float64), autocast
-off (under ``torch.autocast`` the matmuls would otherwise run in the autocast dtype: fp32 inputs computed in
-bf16 / fp16).
+Arithmetic in float32 (float64 when an input is float64; on the CPU the logits and the backward's dP and Δ
+come from float64 sums rounded once to float32, ``_wide``), autocast off (under ``torch.autocast`` the matmuls
+would otherwise run in the autocast dtype: fp32 inputs computed in bf16 / fp16).
 """
 
 from __future__ import annotations
@@ -68,11 +68,23 @@ def _bias(kb: torch.Tensor | None, hkv: int, dt: torch.dtype) -> torch.Tensor | 
     return x.to(dt)
 
 
+def _wide(x: torch.Tensor, dt: torch.dtype) -> bool:
+    """Whether the logits and the backward's dP, Δ come from float64 sums rounded once (float32 compute on the
+    CPU), as the Triton kernels form them for fp32 inputs: a logit's error moves Ȯ by |Ṡ_j − μ|·|v_j − O| times it,
+    and one float32 matmul left Ȯ past its rule (docs/jvp_attention.md, Numerics). On a GPU this backend serves
+    fp32 where FP64 is slow (no FP64 tensor cores: up to 1/64 of the fp32 rate) and keeps float32 sums."""
+    return dt == torch.float32 and x.device.type == "cpu"
+
+
 def _scores(qc: torch.Tensor, k: torch.Tensor, scale: float, i0: int, Sq: int, causal: bool,
-            kb: torch.Tensor | None = None) -> torch.Tensor:
+            kb: torch.Tensor | None = None, k64: torch.Tensor | None = None) -> torch.Tensor:
     """s·q kᵀ (+ the key bias ``kb``, [B, Hkv, G, 1, Sk]) for query rows [i0, i0 + rows) with masked entries at
-    −inf; [B, Hkv, G, rows, Sk]."""
-    s = torch.matmul(qc, k.transpose(-1, -2)) * scale
+    −inf; [B, Hkv, G, rows, Sk]. ``k64``: k in float64 (``_wide``), then s·q kᵀ is a float64 sum, scaled and
+    rounded once."""
+    if k64 is not None:
+        s = (torch.matmul(qc.double(), k64.transpose(-1, -2)) * scale).to(qc.dtype)
+    else:
+        s = torch.matmul(qc, k.transpose(-1, -2)) * scale
     if kb is not None:
         s = s + kb
     if causal:
@@ -114,9 +126,10 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     kk, vv, tkk, tvv = _kv(k, dt), _kv(v, dt), _kv(tk, dt), _kv(tv, dt)
     kb = _bias(key_bias, Hkv, dt)
     want_t = to is not None or mu is not None
+    k64 = kk.double() if _wide(q, dt) else None
     for i0, i1 in _chunks(B, Hq, Sq, Sk):
         qc = _grouped(q[:, :, i0:i1], Hkv, dt)
-        s = _scores(qc, kk, scale, i0, Sq, causal, kb)
+        s = _scores(qc, kk, scale, i0, Sq, causal, kb, k64)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see no key
         e = torch.exp(s - m)  # masked entries: exp(−inf) = 0
@@ -135,11 +148,12 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
                 lse.dtype)
         if not want_t:
             continue
-        ts = None
+        ts = None  # Ṡ/s (with k64: Ṡ itself, a float64 sum scaled and rounded once, as S)
+        wq = (lambda x: x.double()) if k64 is not None else (lambda x: x)
         if tq is not None:
-            ts = torch.matmul(_grouped(tq[:, :, i0:i1], Hkv, dt), kk.transpose(-1, -2))
+            ts = torch.matmul(wq(_grouped(tq[:, :, i0:i1], Hkv, dt)), wq(kk).transpose(-1, -2))
         if tk is not None:
-            t2 = torch.matmul(qc, tkk.transpose(-1, -2))
+            t2 = torch.matmul(wq(qc), wq(tkk).transpose(-1, -2))
             ts = t2 if ts is None else ts + t2
         if ts is None:
             muc = torch.zeros_like(l_)
@@ -147,7 +161,7 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
         else:
             # shifted by c = P·Ṡ of each row's arg-max key (as the Triton kernels): where one key dominates,
             # Ȯ = Σ P(Ṡ − c)v − (μ − c)·O does not cancel |Ṡ||v|-sized terms
-            ts = ts * scale
+            ts = (ts * scale).to(dt)
             arg = s.argmax(-1, keepdim=True)
             c = p.gather(-1, arg) * ts.gather(-1, arg)
             pts = p * (ts - c)
@@ -166,7 +180,7 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
              key_bias: torch.Tensor | None = None) -> None:
     """Gradients of ``o`` (upstream ``do``) and of ``lse`` (upstream ``dlse``, may be None)
     with respect to q, k, v, from the saved lse: P = exp(S − lse), dP = dO vᵀ,
-    dS = P ⊙ (dP − rowsum(dO ⊙ O) + dlse) (its bracket in float64 on the CPU), dq = s·dS k, dk = s·dSᵀ q,
+    dS = P ⊙ (dP − rowsum(dO ⊙ O) + dlse) (dP, Δ from float64 sums on the CPU), dq = s·dS k, dk = s·dSᵀ q,
     dv = Pᵀ dO. ``key_bias``: a key mask (no gradient). ``lse_lo``: the forward's low word of lse (float32
     inputs, key masks), then P = exp((S − lse) − lse_lo)."""
     B, Hq, Sq, _ = q.shape
@@ -174,27 +188,29 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
     dt = _compute_dtype(q, k, v, do)
     kk, vv = _kv(k, dt), _kv(v, dt)
     kb = _bias(key_bias, Hkv, dt)
+    wide = _wide(q, dt)
+    k64 = kk.double() if wide else None
     dk_acc = torch.zeros(B, Hkv, Sk, k.shape[-1], dtype=dt, device=q.device)
     dv_acc = torch.zeros(B, Hkv, Sk, v.shape[-1], dtype=dt, device=q.device)
     for i0, i1 in _chunks(B, Hq, Sq, Sk) if B * Hq * Sq else ():
         qc = _grouped(q[:, :, i0:i1], Hkv, dt)
         doc = _grouped(do[:, :, i0:i1], Hkv, dt)
         lc = _grouped(lse[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
-        s = _scores(qc, kk, scale, i0, Sq, causal, kb)
+        s = _scores(qc, kk, scale, i0, Sq, causal, kb, k64)
         arg = s - torch.where(torch.isfinite(lc), lc, 0.0)
         if lse_lo is not None:  # S − lse first (exact near the row max), then the low word
             arg = arg - _grouped(lse_lo[:, :, i0:i1].unsqueeze(-1), Hkv, dt)
         p = torch.where(torch.isfinite(lc), torch.exp(arg), 0.0)
-        # dP − Δ in float64 (rounded once) on the CPU: where one key holds the row's weight, dP_j and
+        # dP and Δ as float64 sums, each rounded once (_wide): where one key holds the row's weight, dP_j and
         # Δ = rowsum(dO⊙O) agree far below an ulp, and two float32 sums of the same products in different orders
-        # differ by ulps (dq 465x its rule at P = (1e-10, 1)); the Triton backward forms both in float64 too. On a
-        # GPU this backend runs fp32 where FP64 is slow (no FP64 tensor cores: up to 1/64 of the fp32 rate) and
-        # keeps them in the compute dtype (docs/jvp_attention.md, Numerics)
-        wide = torch.float64 if q.device.type == "cpu" else dt
-        delta = (doc.to(wide) * _grouped(o[:, :, i0:i1], Hkv, wide)).sum(-1, keepdim=True)
+        # differ by ulps (dq 465x its rule at P = (1e-10, 1)); rounded from float64 they round alike and cancel
+        # exactly (their float64 difference would keep the float64 sums' own order noise: dq 1.3e-14 where it is
+        # 6e-27). The Triton backward does the same
+        w = torch.float64 if wide else dt
+        delta = (doc.to(w) * _grouped(o[:, :, i0:i1], Hkv, w)).sum(-1, keepdim=True)
         if dlse is not None:
-            delta = delta - _grouped(dlse[:, :, i0:i1].unsqueeze(-1), Hkv, wide)
-        ds = p * (torch.matmul(doc.to(wide), vv.to(wide).transpose(-1, -2)) - delta).to(dt)
+            delta = delta - _grouped(dlse[:, :, i0:i1].unsqueeze(-1), Hkv, w)
+        ds = p * (torch.matmul(doc.to(w), vv.to(w).transpose(-1, -2)).to(dt) - delta.to(dt))
         dq[:, :, i0:i1] = _ungroup(torch.matmul(ds, kk) * scale).to(dq.dtype)
         dk_acc += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * scale
         dv_acc += torch.matmul(p.transpose(-1, -2), doc).sum(2)
