@@ -46,7 +46,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from hypothesis import given, note
 from hypothesis import strategies as st
-from test_jvp_attention import BF16, F16, F32, F64, check, merge, oracle, rel_err, to_bhsd
+from test_jvp_attention import BF16, F16, F32, F64, baseline_errors, check, merge, oracle, rel_err, to_bhsd
 
 import fastdistill as fd
 from conftest import INTERPRET, examples
@@ -376,7 +376,7 @@ def check_additive(name: str, got, exact, plain, extra: float) -> None:
     a, e = got.detach().double(), exact.detach().double()
     assert torch.isfinite(a).all() and torch.isfinite(e).all(), f"{name}: not finite"
     m = e.abs().max().item() if e.numel() else 0.0
-    rule = (2 * max(rel_err(plain, exact), rel_err(exact.to(got.dtype), exact)) + 1e-6) * m if m > 0 else 0.0
+    rule = (2 * max(baseline_errors(plain, exact, got.dtype)) + 1e-6) * m if m > 0 else 0.0
     err = (a - e).abs().max().item() if a.numel() else 0.0
     assert err <= rule + extra, f"{name}: max |error| {err:.3e} > rule {rule:.3e} + {extra:.3e} (one-key rows)"
 
@@ -534,6 +534,13 @@ FOUND = {
     # Ṡ), as the Triton kernels form them for fp32 inputs
     "to-f32-d64-k255-reference": Cfg(**dict(_ONE, Hq=4, Hkv=2, Sq=1, Sk=255, D=64, Dv=64), dtype=F32, scale=1.25,
                                      tangents=("rand", "rand", "rand")),
+    # found by an explore run of test_differential_reference_backend: fp16, one key whose float mask is
+    # finfo(fp16).min; plain fp16 PyTorch overflows that logit to −inf and returns NaN, so the rule's tolerance was
+    # NaN and the harness failed an exact result (the harness now puts plain PyTorch's best result, the exact one
+    # rounded to fp16, in its place: baseline_errors)
+    "o-f16-min-bias-one-key": Cfg(**dict(_ONE, Sq=1, Sk=1), dtype=F16, scale=2.5, tangents=("rand", "rand", "rand"),
+                                  mask=Mask(kind="float", shape="k", p=0.5, empty=False, fill="min", mag=0.0,
+                                            strided=False, seed=0)),
     # both schedules: the shifted epilogue meets the plain rule (before the shift: see above)
     "fwd-one-key-f16": Cfg(**_ONE, dtype=F16, scale=None, tangents=("rand", "rand", None)),
     "fwd-one-key-f32-x30": Cfg(**dict(_ONE, Hq=2, Hkv=2, Sq=16, seed=1), dtype=F32, scale=7.5,
