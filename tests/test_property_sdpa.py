@@ -47,6 +47,8 @@ class Call:
     seed: int
     seq_major: bool = False  # q, k, v (rank 4) as [B, S, H, D] memory viewed [B, H, S, D] (diffusers, transformers)
     mask_expanded: bool = False  # the mask's size-1 dims expanded (stride 0) to the full [.., Sq, Sk]
+    dropout: float = 0.0  # > 0: a fallback (fastdistill has no attention dropout), seeded alike on both sides
+    mask_grad: bool = False  # a float mask that requires grad: a fallback (stock SDPA differentiates it)
 
 
 @st.composite
@@ -79,8 +81,10 @@ def calls(draw):
     seed = draw(st.integers(0, 2**16))
     seq_major = rank == 4 and draw(st.booleans())
     mask_expanded = mask is not None and draw(st.booleans())
+    dropout = draw(st.sampled_from([0.0] * 9 + [0.3]))
+    mask_grad = mask == "float" and draw(st.integers(0, 4)) == 0
     return Call(lead, Hq, Hkv, Sq, Sk, D, Dv, causal, gqa, scale, mask, mask_shape, mask_fill, tangents, seed,
-                seq_major, mask_expanded)
+                seq_major, mask_expanded, dropout, mask_grad)
 
 
 def make(c: Call):
@@ -103,6 +107,8 @@ def make(c: Call):
         else:
             fill = {"-inf": float("-inf"), "min": torch.finfo(F64).min, "-1e4": -1e4}[c.mask_fill]
             mask = torch.where(keep, torch.randn(c.mask_shape, generator=g, dtype=F64), fill)
+        if c.mask_grad:
+            mask.requires_grad_()
         if c.mask_expanded:
             full = (*c.lead, *heads(c.Hq), c.Sq, c.Sk)
             mask = mask.expand(full[len(full) - mask.dim():])
@@ -113,7 +119,7 @@ def make(c: Call):
 def run(c: Call, prim, tans, mask, w, served: bool, tangent: bool):
     """(o, to or None, grads of the primals) of one SDPA call under stock math SDPA or jvp_sdpa(), or the exception
     it raised."""
-    kw = dict(attn_mask=mask, is_causal=c.causal, scale=c.scale, enable_gqa=c.gqa)
+    kw = dict(attn_mask=mask, dropout_p=c.dropout, is_causal=c.causal, scale=c.scale, enable_gqa=c.gqa)
     which = [i for i in range(3) if c.tangents[i]] if tangent else []
     leaves = [x.clone().requires_grad_() for x in prim]
 
@@ -123,6 +129,7 @@ def run(c: Call, prim, tans, mask, w, served: bool, tangent: bool):
             args[i] = x
         return F.scaled_dot_product_attention(*args, **kw)
 
+    torch.manual_seed(c.seed)  # (dropout)
     try:
         if which:
             o, to = torch.func.jvp(f, tuple(leaves[i] for i in which), tuple(tans[i] for i in which))
