@@ -126,7 +126,11 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
     kk, vv, tkk, tvv = _kv(k, dt), _kv(v, dt), _kv(tk, dt), _kv(tv, dt)
     kb = _bias(key_bias, Hkv, dt)
     want_t = to is not None or mu is not None
-    k64 = kk.double() if _wide(q, dt) else None
+    wide = _wide(q, dt)
+    k64 = kk.double() if wide else None
+    # the tangent logits' operands: float64 when wide (Ṡ then a float64 sum, scaled and rounded once, as S)
+    wk, wtk = (k64, None if tkk is None else tkk.double()) if wide else (kk, tkk)
+    w = torch.float64 if wide else dt
     for i0, i1 in _chunks(B, Hq, Sq, Sk):
         qc = _grouped(q[:, :, i0:i1], Hkv, dt)
         s = _scores(qc, kk, scale, i0, Sq, causal, kb, k64)
@@ -148,12 +152,11 @@ def attn_fwd(q, k, v, tq, tk, tv, o, to, lse, mu, *, causal: bool, scale: float,
                 lse.dtype)
         if not want_t:
             continue
-        ts = None  # Ṡ/s (with k64: Ṡ itself, a float64 sum scaled and rounded once, as S)
-        wq = (lambda x: x.double()) if k64 is not None else (lambda x: x)
+        ts = None  # Ṡ/s
         if tq is not None:
-            ts = torch.matmul(wq(_grouped(tq[:, :, i0:i1], Hkv, dt)), wq(kk).transpose(-1, -2))
+            ts = torch.matmul(_grouped(tq[:, :, i0:i1], Hkv, w), wk.transpose(-1, -2))
         if tk is not None:
-            t2 = torch.matmul(wq(qc), wq(tkk).transpose(-1, -2))
+            t2 = torch.matmul(qc.to(w), wtk.transpose(-1, -2))
             ts = t2 if ts is None else ts + t2
         if ts is None:
             muc = torch.zeros_like(l_)
@@ -189,7 +192,8 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
     kk, vv = _kv(k, dt), _kv(v, dt)
     kb = _bias(key_bias, Hkv, dt)
     wide = _wide(q, dt)
-    k64 = kk.double() if wide else None
+    k64, v64 = (kk.double(), vv.double()) if wide else (None, vv)
+    w = torch.float64 if wide else dt
     dk_acc = torch.zeros(B, Hkv, Sk, k.shape[-1], dtype=dt, device=q.device)
     dv_acc = torch.zeros(B, Hkv, Sk, v.shape[-1], dtype=dt, device=q.device)
     for i0, i1 in _chunks(B, Hq, Sq, Sk) if B * Hq * Sq else ():
@@ -206,11 +210,11 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
         # differ by ulps (dq 465x its rule at P = (1e-10, 1)); rounded from float64 they round alike and cancel
         # exactly (their float64 difference would keep the float64 sums' own order noise: dq 1.3e-14 where it is
         # 6e-27). The Triton backward does the same
-        w = torch.float64 if wide else dt
-        delta = (doc.to(w) * _grouped(o[:, :, i0:i1], Hkv, w)).sum(-1, keepdim=True)
+        dow = doc.to(w)
+        delta = (dow * _grouped(o[:, :, i0:i1], Hkv, w)).sum(-1, keepdim=True)
         if dlse is not None:
             delta = delta - _grouped(dlse[:, :, i0:i1].unsqueeze(-1), Hkv, w)
-        ds = p * (torch.matmul(doc.to(w), vv.to(w).transpose(-1, -2)).to(dt) - delta.to(dt))
+        ds = p * (torch.matmul(dow, v64.transpose(-1, -2)).to(dt) - delta.to(dt))
         dq[:, :, i0:i1] = _ungroup(torch.matmul(ds, kk) * scale).to(dq.dtype)
         dk_acc += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * scale
         dv_acc += torch.matmul(p.transpose(-1, -2), doc).sum(2)
