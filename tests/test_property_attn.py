@@ -583,6 +583,19 @@ FOUND = {
     # the rounding of the moved value). Held with the stored-O allowance on both backends (_STORED_O_RULE)
     "dk-bf16-d1-gqa3-stored-o-rounded": Cfg(**dict(_ONE, Hq=3, Hkv=1, Sq=1, Sk=2, D=1, Dv=1, seed=1), dtype=BF16,
                                             scale=10.0, tangents=("rand", "rand", "rand")),
+    # found by an explore run of test_differential_reference_backend: fp32, causal, head dim 1, scale 10, 17 keys: the
+    # reference backend's dq 3.0e-7 against its bound 2.9e-7; its dq summed the fp32 dS·k over the keys in fp32.
+    # Now the gradients' sums are float64 on the CPU, rounded once (reference _wide)
+    "dq-f32-d1-causal-x10-reference": Cfg(**dict(_ONE, Sq=2, Sk=17, D=1, Dv=1, causal=True, seed=1), dtype=F32,
+                                          scale=10.0, tangents=("rand", "rand", "rand")),
+    # found by an explore run of test_differential_reference_backend (both backends fail it): fp32, head dim 1, scale
+    # 30 (|S| up to 291), 254 query rows, 224 keys: dv 2.4e-6 against a tolerance of 1.7e-6 (plain fp32 PyTorch
+    # 3.3e-7). With one product per logit nothing averages the rounding of S: the softmax evaluated in float64 from
+    # the correctly rounded fp32 logits (the kernels' S) gives the same error (test_dv_error_is_the_logit_rounding),
+    # and over 8 seeds of this shape it is 0.07-3.9x plain PyTorch's (whose logits are rounded twice), so the
+    # rule's one-draw comparison is a coin toss here; a strict xfail (_LOGIT_ROUNDING)
+    "dv-f32-d1-x30-logit-rounding": Cfg(**dict(_ONE, Sq=254, Sk=224, D=1, Dv=1), dtype=F32, scale=30.0,
+                                        tangents=(None, None, None)),
     # both schedules: the shifted epilogue meets the plain rule (before the shift: see above)
     "fwd-one-key-f16": Cfg(**_ONE, dtype=F16, scale=None, tangents=("rand", "rand", None)),
     "fwd-one-key-f32-x30": Cfg(**dict(_ONE, Hq=2, Hkv=2, Sq=16, seed=1), dtype=F32, scale=7.5,
@@ -674,7 +687,18 @@ _BWD_LIMIT = pytest.mark.xfail(strict=True, reason="known precision limits of th
                                "docs/jvp_attention.md, Numerics")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_BWD_LIMIT) if n.startswith("bwd") else n for n in FOUND])
+_LOGIT_ROUNDING = pytest.mark.xfail(strict=True, reason="fp32 at head dim 1 and |S| ~ 300: the rounding of each "
+                                    "logit to fp32 sets the error, as in plain PyTorch but drawn apart: "
+                                    "docs/jvp_attention.md, Numerics")
+
+
+def _found_marks(n: str, backend: str):
+    if n.startswith("dv-f32-d1-x30"):
+        return [_LOGIT_ROUNDING]
+    return [_BWD_LIMIT] if n.startswith("bwd") and backend == "triton" else []
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_found_marks(n, "triton")) for n in FOUND])
 def test_found(name):
     """Examples found by test_differential (see FOUND above): the forward ones (one key) within the rule since the
     tangent shift, in both schedules, the fp32 head-dim-165 one since fp32 logits come from float64 dots, the fp32
@@ -684,10 +708,10 @@ def test_found(name):
 
 
 # with test_differential's stored-O allowance: beyond it (bwd-d1-f16-x30, a strict xfail), or held to it
-_STORED_O_RULE = {"bwd-d1-f16-x30", "dk-bf16-d1-gqa3-stored-o-rounded"}
+_STORED_O_RULE = {"bwd-d1-f16-x30", "dk-bf16-d1-gqa3-stored-o-rounded", "dq-f32-d1-causal-x10-reference"}
 
 
-@pytest.mark.parametrize("name", list(FOUND))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_found_marks(n, "reference")) for n in FOUND])
 def test_found_reference_backend(name):
     """The same examples on the reference (pure PyTorch) backend, within test_differential's rule: the bwd-* ones
     with its stored-O allowance (this backend too forms Δ from the returned O; it computes fp16 / bf16 inputs in
@@ -764,11 +788,29 @@ def test_bwd_dv_error_is_the_rounded_P(name):
     assert err(flash(p)) <= rule, "with P unrounded (the output rounded once) it meets the rule"
 
 
-def run_differential_raw(c: Cfg) -> dict:
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_dv_error_is_the_logit_rounding(backend):
+    """FOUND["dv-f32-d1-x30-logit-rounding"]: the kernels' dv error is, within 10%, that of the softmax evaluated in
+    float64 from the logits correctly rounded to fp32 (the kernels' S: float64 dots rounded once), and that error
+    alone is past the rule."""
+    c = FOUND["dv-f32-d1-x30-logit-rounding"]
+    out = run_differential_raw(c, backend)
+    exact = out["exact"]["dv"]
+    q, k = (x.double() for x in out["vals"][:2])
+    s32 = (q @ k.transpose(-1, -2) * scale_of(c)).float().double()
+    model = torch.softmax(s32, -1).transpose(-1, -2) @ out["go"].double()
+    err = lambda x: (x.double() - exact).abs().max().item()
+    rule = (2 * max(baseline_errors(out["plain"]["dv"], exact, c.dtype)) + 1e-6) * exact.abs().max().item()
+    kernel = err(to_bhsd(out["dv"], c.layout))
+    assert abs(kernel - err(model)) <= 0.1 * err(model), (kernel, err(model))
+    assert err(model) > rule, "the example's point: the rounded logits alone are past the rule"
+
+
+def run_differential_raw(c: Cfg, backend: str = "triton") -> dict:
     """run_differential's call and oracles without its checks (upstream on o only)."""
     args, vals = make_inputs(c)
     q, k, v = (x.detach().requires_grad_() for x in args[:3])
-    with triton(c):
+    with triton(c) if backend == "triton" else fd.use_backend(backend):
         o, *_ = call(c, q, k, v, *args[3:])
         go_l, go, _ = upstream(c, o.dtype, c.seed + 1, "contiguous")
         dq, dv = torch.autograd.grad([o], [q, v], [go_l])

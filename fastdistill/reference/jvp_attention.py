@@ -11,8 +11,8 @@ Causal masks are bottom-right aligned (flash-attn): query i sees key j iff j ≤
 mask's values, 0 / −inf for a boolean one). A query row that sees no key gets O = Ȯ = 0, μ = 0 and
 lse = −inf. Memory: one ``[B, Hq, chunk, Sk]`` score block at a time (``chunk`` from a fixed element budget),
 never S×S.
-Arithmetic in float32 (float64 when an input is float64; on the CPU the logits and the backward's dP and Δ
-come from float64 sums rounded once to float32, ``_wide``), autocast off (under ``torch.autocast`` the matmuls
+Arithmetic in float32 (float64 when an input is float64; on the CPU the logits, the backward's dP and Δ and its
+gradients come from float64 sums rounded once to float32, ``_wide``), autocast off (under ``torch.autocast`` the matmuls
 would otherwise run in the autocast dtype: fp32 inputs computed in bf16 / fp16).
 """
 
@@ -71,7 +71,8 @@ def _bias(kb: torch.Tensor | None, hkv: int, dt: torch.dtype) -> torch.Tensor | 
 def _wide(x: torch.Tensor, dt: torch.dtype) -> bool:
     """Whether the logits and the backward's dP, Δ come from float64 sums rounded once (float32 compute on the
     CPU), as the Triton kernels form them for fp32 inputs: a logit's error moves Ȯ by |Ṡ_j − μ|·|v_j − O| times it,
-    and one float32 matmul left Ȯ past its rule (docs/jvp_attention.md, Numerics). On a GPU this backend serves
+    and one float32 matmul left Ȯ past its rule (docs/jvp_attention.md, Numerics); the gradients then sum the
+    fp32 dS and P in float64 too (a float32 sum over 17 keys left dq 1.03x past its rule). On a GPU this backend serves
     fp32 where FP64 is slow (no FP64 tensor cores: up to 1/64 of the fp32 rate) and keeps float32 sums."""
     return dt == torch.float32 and x.device.type == "cpu"
 
@@ -194,8 +195,10 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
     wide = _wide(q, dt)
     k64, v64 = (kk.double(), vv.double()) if wide else (None, vv)
     w = torch.float64 if wide else dt
-    dk_acc = torch.zeros(B, Hkv, Sk, k.shape[-1], dtype=dt, device=q.device)
-    dv_acc = torch.zeros(B, Hkv, Sk, v.shape[-1], dtype=dt, device=q.device)
+    # the gradients' sums in float64 too when wide (each rounded once at the end), over the keys (dq) and over
+    # the query rows and the GQA group (dk, dv), of the fp32 dS and P
+    dk_acc = torch.zeros(B, Hkv, Sk, k.shape[-1], dtype=w, device=q.device)
+    dv_acc = torch.zeros(B, Hkv, Sk, v.shape[-1], dtype=w, device=q.device)
     for i0, i1 in _chunks(B, Hq, Sq, Sk) if B * Hq * Sq else ():
         qc = _grouped(q[:, :, i0:i1], Hkv, dt)
         doc = _grouped(do[:, :, i0:i1], Hkv, dt)
@@ -215,8 +218,9 @@ def attn_bwd(do, q, k, v, o, lse, dlse, dq, dk, dv, *, causal: bool, scale: floa
         if dlse is not None:
             delta = delta - _grouped(dlse[:, :, i0:i1].unsqueeze(-1), Hkv, w)
         ds = p * (torch.matmul(dow, v64.transpose(-1, -2)).to(dt) - delta.to(dt))
-        dq[:, :, i0:i1] = _ungroup(torch.matmul(ds, kk) * scale).to(dq.dtype)
-        dk_acc += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * scale
-        dv_acc += torch.matmul(p.transpose(-1, -2), doc).sum(2)
+        ds, pw = ds.to(w), p.to(w)
+        dq[:, :, i0:i1] = _ungroup(torch.matmul(ds, k64 if wide else kk) * scale).to(dq.dtype)
+        dk_acc += torch.matmul(ds.transpose(-1, -2), qc.to(w)).sum(2) * scale
+        dv_acc += torch.matmul(pw.transpose(-1, -2), dow).sum(2)
     dk.copy_(dk_acc)
     dv.copy_(dv_acc)
