@@ -715,8 +715,8 @@ _STORED_O_RULE = {"bwd-d1-f16-x30", "dk-bf16-d1-gqa3-stored-o-rounded", "dq-f32-
 def test_found_reference_backend(name):
     """The same examples on the reference (pure PyTorch) backend, within test_differential's rule: the bwd-* ones
     with its stored-O allowance (this backend too forms Δ from the returned O; it computes fp16 / bf16 inputs in
-    fp32, so it has no rounded-dS term), the others without. For fp32 inputs its dP − Δ is formed in float64
-    (before: dq of "dq-dominant-key-f32" 465x its rule, as the Triton backward before its float64 sums)."""
+    fp32, so it has no rounded-dS term), and the _STORED_O_RULE ones with it, the others without. On the CPU its fp32
+    sums follow the Triton kernels' (reference _wide; before: dq of "dq-dominant-key-f32" 465x its rule)."""
     run_differential(FOUND[name], False, "contiguous", stored_o=name.startswith("bwd") or name in _STORED_O_RULE,
                      backend="reference")
 
