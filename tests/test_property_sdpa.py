@@ -116,9 +116,9 @@ def make(c: Call):
     return prim, tans, mask, w
 
 
-def run(c: Call, prim, tans, mask, w, served: bool, tangent: bool):
-    """(o, to or None, grads of the primals) of one SDPA call under stock math SDPA or jvp_sdpa(), or the exception
-    it raised."""
+def run(c: Call, prim, tans, mask, w, tangent: bool):
+    """(o, to or None, grads of the primals) of one SDPA call under whatever SDPA the caller has active (stock, its
+    math backend, or jvp_sdpa()), or the exception it raised."""
     kw = dict(attn_mask=mask, dropout_p=c.dropout, is_causal=c.causal, scale=c.scale, enable_gqa=c.gqa)
     which = [i for i in range(3) if c.tangents[i]] if tangent else []
     leaves = [x.clone().requires_grad_() for x in prim]
@@ -162,14 +162,14 @@ def check_call(c: Call, tangent: bool, plain: str) -> None:
     # SDPA, stock SDPA as the user's code runs it (the CPU flash kernel takes is_causal with an attn_mask, which
     # the math backend refuses, and returns NaN for scale=0 with is_causal, where the math backend does not)
     with sdpa_kernel(SDPBackend.MATH):
-        math = run(c, prim, tans, mask, w, served=False, tangent=tangent)
+        math = run(c, prim, tans, mask, w, tangent=tangent)
     jvp = tangent and any(c.tangents)
-    stock = math if jvp else run(c, prim, tans, mask, w, served=False, tangent=False)
+    stock = math if jvp else run(c, prim, tans, mask, w, tangent=False)
     sdpa_stats(reset=True)
     _sdpa_mod._warned.clear()
     with jvp_sdpa(plain=plain), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        got = run(c, prim, tans, mask, w, served=True, tangent=tangent)
+        got = run(c, prim, tans, mask, w, tangent=tangent)
     stats = sdpa_stats()
     ours = [str(m.message) for m in seen if "fastdistill" in str(m.message)]
     key = next(iter(stats), None)
@@ -213,7 +213,7 @@ def test_strategy_serves_and_falls_back():
         sdpa_stats(reset=True)
         with jvp_sdpa(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run(c, prim, tans, mask, w, served=True, tangent=True)
+            run(c, prim, tans, mask, w, tangent=True)
         seen.update(k.split(":")[0] for k in sdpa_stats())
 
     probe()

@@ -408,9 +408,10 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
         (attn_mask,) = autocast_cast(attn_mask)  # autocast casts a float mask with them (an fp16 one of fp32 inputs)
     reason = _why_not(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, extra)
-    if reason is None and scale is not None and subnormal_scale(scale, query.dtype) is not None:
+    if reason is None and scale is not None:
         # (stock math SDPA scales q and k by √scale each: a subnormal scale keeps its bits there)
-        reason = f"scale {subnormal_scale(scale, query.dtype)}"
+        why = subnormal_scale(scale, query.dtype)
+        reason = None if why is None else f"scale {why}"
     if reason is not None:
         return _fallback(reason, *args, tangent=tangent)
     if _stock_decides(query, key, enable_gqa) or (
