@@ -601,7 +601,7 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
     S = zero
     extra = zero
     n_bad = 0  # ids outside [0, V): the row's loss is NaN
-    t_live = True  # renorm: a row whose k teacher log-probs are all −inf has no teacher (invalid, as a dense one)
+    t_live = True  # renorm: a row whose k teacher log-probs (or student logits at the ids) are all −inf is invalid
     if MODE == 3:
         # pass 1 over the ids: the student's logsumexp over them and the teacher's renormaliser
         m_k = zero + float("-inf")
@@ -617,8 +617,9 @@ def _kd_topk_kernel(s_ptr, ids_ptr, lps_ptr, w_ptr, st_ptr, prm_ptr, V, K, s_str
             lpk = tl.load(lp_row + k0 + ar, mask=km, other=float("-inf")).to(ACC)
             m_t, l_t = _online_lse(m_t, l_t, lpk * inv_Tt, km)  # as _renorm_teacher (the gradient's)
             n_inf += tl.sum(tl.where(km & (lpk == float("-inf")), 1, 0), 0)
-        t_live = n_inf < K  # (a NaN keeps the row: NaN)
         lse_k, lo_k = _lse2(m_k, l_k)
+        # (a NaN keeps the row: NaN) the student −inf at all k ids has no distribution renormalised over them (0/0)
+        t_live = (n_inf < K) & (lse_k != float("-inf"))
         tl.store(st + 9, lo_k)
         hi_t, lo_t = _lse2(m_t, l_t)
         for k0 in range(0, K, KB):  # pass 2: the divergence over the k

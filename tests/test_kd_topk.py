@@ -461,14 +461,22 @@ def test_kd_skew_zero_is_plain_kl(use, div, base):
     assert torch.equal(a, b) and torch.equal(ga, gb) and torch.isfinite(ga).all()
 
 
-@pytest.mark.parametrize("div", ["fkl", "jsd", "rkl"])
-def test_topk_renorm_row_without_teacher_is_invalid(use, div):
+@pytest.mark.parametrize("side", ["teacher", "student"])
+@pytest.mark.parametrize("div", ["fkl", "jsd", "rkl", "tvd"])
+def test_topk_renorm_row_without_teacher_is_invalid(use, div, side):
     """renorm: a row whose k teacher log-probs are all −inf has no teacher distribution; like a dense teacher row of
     −inf logits it is invalid: it adds nothing, gets a zero gradient and is not counted by batchmean (the loss equals
-    the call with that row masked out). It gave 0 (fkl) or NaN (jsd) before."""
+    the call with that row masked out). It gave 0 (fkl) or NaN (jsd) before.
+    The same for a row whose student logits at the k ids are all −inf (finite elsewhere): the student renormalised
+    over the ids is 0/0, no distribution, as a dense student row of −inf logits. It gave a NaN loss and NaN
+    gradients before, on both backends."""
     s, ids, lps = _case(N=4, V=50, k=5, seed=3)
     lps = lps.clone()
-    lps[1] = -math.inf
+    if side == "teacher":
+        lps[1] = -math.inf
+    else:
+        s = s.detach().clone()
+        s[1, ids[1]] = -math.inf
     out = []
     for mask in (None, torch.tensor([True, False, True, True])):
         x = s.detach().clone().requires_grad_()

@@ -99,6 +99,8 @@ def oracle(student, teacher=None, topk=None, *, topk_semantics="tail_bucket", di
         valid &= labels.reshape(-1) != ignore_index
     if mask is not None:
         valid &= mask.reshape(-1).bool()
+    if topk is not None and topk_semantics == "renorm":  # no distribution over the k ids on one side (invalid)
+        valid &= ~renorm_dead(z.gather(1, topk[0].reshape(N, -1).long()), topk[1].detach().reshape(N, -1))
     zero = torch.zeros((), dtype=cd)
     z = torch.where(valid[:, None], z, zero)  # invalid rows never reach the math (no NaN in the graph)
     T = temperature
@@ -402,9 +404,15 @@ def topk_cases(draw, dtypes=DTYPES, semantics=SEMANTICS, positive_weights=False,
     if sem == "tail_bucket" and k == V:  # still a whole distribution after the p = 0 ids (found: an id with 86% of
         lse = torch.logsumexp(lps, -1, keepdim=True)  # the mass set to −inf left Σp = 0.14 and, with no tail, D < 0)
         lps = torch.where(torch.isfinite(lse), lps - lse, lps)
-    if sem == "renorm":  # per row, an id with mass on both sides (all −inf over the k is undefined), or a dead row
+    if sem == "renorm" and draw(st.integers(0, 3)) == 0:  # a row without a distribution over its k ids (invalid)
+        r = draw(st.integers(0, N - 1))
+        if draw(st.booleans()):
+            lps[r] = -INF
+        else:  # the student alone (−inf at every id, finite elsewhere: p̃ keeps its mass)
+            s[r, ids[r]] = -INF
+    if sem == "renorm":  # per row, an id with mass on both sides, or a row invalid under renorm (renorm_dead)
         both = ~torch.isneginf(lps) & ~torch.isneginf(s.gather(1, ids))
-        assume(bool((both.any(1) | torch.isneginf(s).all(1)).all()))
+        assume(bool((both.any(1) | renorm_dead(s.gather(1, ids), lps)).all()))
     s, lps = s.to(dtype), lps.to(draw(st.sampled_from([dtype, torch.float32])))
     ids = ids.to(draw(st.sampled_from([torch.int64, torch.int32])))
     return Case(s.reshape(*lead, V), None, (ids.reshape(*lead, k), lps.reshape(*lead, k)), kw,
@@ -431,8 +439,16 @@ def raises_as_documented(case: Case, backend: str) -> bool:
     return True
 
 
+def renorm_dead(zk: torch.Tensor, lps: torch.Tensor) -> torch.Tensor:
+    """Rows without a distribution over their k ids under renorm (docs/kd_ops.md: invalid): the teacher's k
+    log-probs all −inf, or the student's logits at the k ids all −inf (renormalised over them: 0/0). A NaN is
+    not −inf: its row stays valid."""
+    return torch.isneginf(zk).all(-1) | torch.isneginf(lps).all(-1)
+
+
 def valid_rows(case: Case) -> torch.Tensor:
-    """Rows that count (docs: labels / mask / both models' logits not all −inf after the transforms)."""
+    """Rows that count (docs: labels / mask / both models' logits not all −inf after the transforms; renorm: both
+    sides have a distribution over the k ids)."""
     N = case.values.numel() // max(case.V, 1) if case.V else 1
     kw = case.kw
     z = case.values.reshape(N, case.V).double()
@@ -440,6 +456,8 @@ def valid_rows(case: Case) -> torch.Tensor:
     if case.topk is None:
         Vt = case.teacher.shape[-1]
         dead |= torch.isneginf(case.teacher.reshape(N, Vt)[:, : case.V].double()).all(1)
+    elif kw.get("topk_semantics") == "renorm":
+        dead |= renorm_dead(z.gather(1, case.topk[0].reshape(N, -1).long()), case.topk[1].reshape(N, -1))
     ok = ~dead
     if kw.get("labels") is not None:
         ok &= kw["labels"].reshape(-1) != kw.get("ignore_index", -100)

@@ -180,6 +180,8 @@ TOPK_CASES = dict([
       reduction="none", layout="uneven"),
     K("topk-renorm-jsd-dead-row", kind="topk", topk_semantics="renorm", divergence="jsd", renorm_dead=True,
       layout="uneven"),
+    K("topk-renorm-tvd-dead-student-row", kind="topk", topk_semantics="renorm", divergence="tvd",
+      renorm_dead_student=True, hard_label_alpha=0.3, labels=True),
     # top-k teachers on [B, T, V] rows, with every option at once, an all-ignored batch and empty rows
     K("topk-renorm-alpha-3d-num-items", kind="topk", topk_semantics="renorm", divergence="jsd", beta=0.3, labels=True,
       hard_label_alpha=0.4, lead=(2, 3), num_items=9, temperature=2.0, teacher_temperature=1.5, t2_scale=True,
@@ -361,6 +363,9 @@ def build(name: str) -> dict:
         lps, ids = torch.log_softmax(t, -1).topk(4, -1)
         if c.get("renorm_dead"):  # a row without teacher mass at its k ids: invalid under renorm
             lps.view(-1, 4)[2] = -math.inf
+        if c.get("renorm_dead_student"):  # a row whose student is −inf at its k ids (spread over the ranks' slices)
+            d["s"] = s = s.clone()
+            s.view(-1, V)[3].scatter_(0, ids.view(-1, 4)[3], -math.inf)
         if c.get("nan_row") is not None:  # a NaN log-prob: that row's loss is NaN, never dropped
             lps.view(-1, 4)[c["nan_row"], 1] = math.nan
         d["topk"] = (ids.int() if c.get("ids32") else ids, lps)

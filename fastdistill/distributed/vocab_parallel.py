@@ -415,6 +415,7 @@ class _Run:
             D = torch.where(G[:, 6] == uk.shape[1], D, torch.full_like(D, math.nan))  # an id no rank holds
             if p.topk == _TOPK_RENORM:  # k teacher log-probs all −inf: no teacher distribution (row invalid)
                 ok &= ~(lps == _NEG_INF).all(1)  # (not amax > −inf: a NaN log-prob keeps the row valid, NaN)
+                ok &= extra != _NEG_INF  # the student −inf at all k ids: none renormalised over them (0/0)
         if lab is not None:
             ok &= lab != p.ignore_index
         if mask is not None:

@@ -260,6 +260,7 @@ def kd_fwd(p, s, t, labels, mask, weights):
         ok = (lse_s != float("-inf")) & ((lse_t != float("-inf")) if not p.topk else True)
         if p.topk == TOPK_RENORM:  # k teacher log-probs all −inf: no teacher distribution (as a dense one)
             ok &= ~(t[1][sl].to(acc) == float("-inf")).all(1)  # (not amax > −inf: a NaN keeps the row valid)
+            ok &= lse_t != float("-inf")  # the student −inf at all k ids: renormalised over them it is 0/0, none
         if labels is not None:
             ok &= labels[sl] != p.ignore_index
         if mask is not None:
