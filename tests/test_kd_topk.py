@@ -359,6 +359,34 @@ def test_topk_bad_id_row_is_nan_with_labels():
 
 
 @pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])
+def test_out_of_range_at_the_boundary_is_nan_without_the_host_check(use, topk):
+    """The in-kernel checks at their boundaries: an id or a label equal to V (one past the last column) or −1
+    makes its row NaN, the other rows keep their values. Reached through torch.compile, where the eager CPU
+    ValueError is skipped (as on a GPU). A mutation check found the boundary untested: the Triton kernels with
+    ``ids > V`` for ``ids >= V`` (or ``label <= V`` for ``label < V``) clamped the id to V − 1 (read the label's
+    column as 0) and returned a finite, wrong loss while every test passed (the other tests use V + 5)."""
+    N, V, k = 6, 20, 4
+    g = torch.Generator().manual_seed(33)
+    s = torch.randn(N, V, generator=g)
+    ids = torch.randn(N, V, generator=g).topk(k, -1).indices
+    ids[1, 2], ids[2, 0] = V, -1
+    lps = torch.log_softmax(torch.randn(N, k, generator=g), -1)
+    labels = torch.tensor([1, 2, 3, V, -1, 5])
+    kw = dict(teacher_topk=(ids, lps)) if topk else dict(teacher_logits=torch.randn(N, V, generator=g))
+    f = lambda x: fd.kd_loss(x, reduction="none", labels=labels, hard_label_alpha=0.5, **kw)
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(s)
+    bad = torch.tensor([False, topk, topk, True, True, False])
+    assert out[bad].isnan().all() and torch.isfinite(out[~bad]).all(), out
+    with fd.use_backend("reference"):  # the finite rows as the (eager, host-checked) reference computes them
+        good = ~bad
+        ref = fd.kd_loss(s[good], reduction="none", labels=labels[good], hard_label_alpha=0.5,
+                         **(dict(teacher_topk=(ids[good], lps[good])) if topk else
+                            dict(teacher_logits=kw["teacher_logits"][good])))
+    torch.testing.assert_close(out[good], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])
 def test_kd_torch_compile_fullgraph(use, topk):
     s, ids, lps = _case(N=4, V=64, k=5, seed=2)
     s = s.detach().float().requires_grad_()
