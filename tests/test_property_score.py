@@ -939,16 +939,18 @@ def check_overflow_rule(backend, case):
         assert torch.isfinite(res[key]).all(), f"{key}: non-finite {res[key].tolist()}"
     for key, g in _full_grads(res).items():
         assert torch.isfinite(g).all(), f"{key}: inf/NaN in the gradient, bad flags {res['bad'].tolist()}"
-    if case.op == "sid":
-        return
-    fmax = torch.finfo(F16).max
-    exact = ref[("grad", 0)].reshape(case.B, -1).abs().amax(1) / fmax
+    # each full-size gradient (x's; sid_loss's raw terms that require grad too) in units of its own dtype's range
+    exact = torch.zeros(case.B, dtype=F64)
+    for key, g in _full_grads(ref).items():
+        e = case.table[key[1]]
+        if e.full:
+            exact = torch.maximum(exact, g.reshape(case.B, -1).abs().amax(1) / torch.finfo(e.data.dtype).max)
     zero_w = ref["bad"] if "bad" in ref else torch.zeros(case.B, dtype=torch.bool)  # w = 0: bad, grads 0
     for i in range(case.B):
         if abs(exact[i].item() - 1) > 1e-2:
             assert bool(res["bad"][i]) == (exact[i].item() > 1 or bool(zero_w[i])), (
                 f"sample {i}: bad={bool(res['bad'][i])} but its largest exact gradient element is "
-                f"{exact[i].item() * fmax:.4g} (fp16 max {fmax:.0f})")
+                f"{exact[i].item():.4g} of its dtype's largest value")
 
 
 _Z4 = torch.zeros(1, 4)
@@ -956,6 +958,13 @@ _Z4 = torch.zeros(1, 4)
 PIN_SID_OVERFLOW = Case("sid", [_full(_Z4, F16, grad=True), _full(_Z4 + 0.5, F16, grad=True), _full(_Z4, F16)],
                         (Ref(0), ([Ref(1)], [400.0]), Ref(2)),
                         dict(alpha=0.0, w_clamp=1.0, reduction="sum", scale=100.0, nan="zero_sample"), F16, F32, 1.0)
+# f_fake = 400·b (b = 0, requires grad), alpha = 0.5: ∂ℓ/∂b = 400·scale·(y − f_fake) = 0, every gradient fits fp16
+# (|∂ℓ/∂a| = |∂ℓ/∂y| = 100): not bad. With the sign of e in the stats kernel's ∂/∂f_fake flipped (a mutation check
+# found it passing every test: sid_loss's flags were not compared with the exact gradients) it read 80000: zeroed
+PIN_SID_FALSE_BAD = Case("sid", [_full(_Z4, F16, grad=True), _full(_Z4 + 0.5, F16, grad=True),
+                                 _full(_Z4, F16, grad=True)],
+                         (Ref(0), Ref(1), ([Ref(2)], [400.0])),
+                         dict(alpha=0.5, w_clamp=1.0, reduction="sum", scale=200.0, nan="zero_sample"), F16, F32, 1.0)
 # weight·e^{-logvar} = e^12: |∂ℓ/∂F| = 2·e^12·|ĝ| up to ~2e5
 PIN_SCM_OVERFLOW = Case("scm", [_full(torch.linspace(-1, 1, 8).reshape(1, 8), F16, grad=True),
                                 _full(torch.linspace(2, -1, 8).reshape(1, 8), F16),
@@ -984,9 +993,11 @@ def test_zero_sample_overflow_rule_score(backend, case):
 @examples_(4)
 @given(case=overflow_cases("sid"))
 @example(case=PIN_SID_OVERFLOW)
+@example(case=PIN_SID_FALSE_BAD)
 def test_zero_sample_overflow_rule_sid(backend, case):
     """sid_loss, fp16 with large magnitudes, nan="zero_sample": no inf/NaN reaches the loss, y's gradient
-    or any raw term's gradient (a_k·∂L/∂f_r + b_k·∂L/∂f_f)."""
+    or any raw term's gradient (a_k·∂L/∂f_r + b_k·∂L/∂f_f), and a sample is flagged bad exactly when one of
+    those exact gradients has an element beyond its dtype's range."""
     check_overflow_rule(backend, case)
 
 
