@@ -10,7 +10,7 @@ import torch
 
 import fastdistill as fd
 from fastdistill import _backend
-from test_score import F64, assert_rel, make, oracle_score
+from test_score import F64, assert_rel, make, oracle_scm, oracle_score
 
 
 # ----------------------------------------------------------------------------- empty
@@ -109,6 +109,27 @@ def test_scm_nan_sample(use):
     loss.sum().backward()
     assert st["bad"].tolist() == [False, True, False]
     assert loss[1].item() == 0.0 and torch.all(F.grad[1] == 0) and lv.grad[1].item() == 1.0
+
+
+def test_scm_zero_tangent_with_c_zero(use):
+    """c = 0 and g ≡ 0 in a sample: ĝ = 0/0 is defined as 0 (docs/score_ops.md), so ℓ = logvar, ∂ℓ/∂F = 0,
+    ∂ℓ/∂logvar = 1, and the sample is not bad; the others as the fp64 oracle. A mutation check found it untested:
+    the Triton kernel with 1/(n + c) unguarded gave a NaN loss while every test passed."""
+    F, terms, g = make(3, (50,), 2, seed=6)
+    terms = [t.clone() for t in terms]
+    for t in terms:
+        t[1] = 0.0
+    lv = torch.tensor([0.1, -0.2, 0.3], dtype=F64, requires_grad=True)
+    loss, st = fd.scm_tangent_loss(F, terms, [1.0, 0.5], c=0.0, logvar=lv, reduction="none", accum_dtype=F64,
+                                   return_stats=True)
+    loss.sum().backward()
+    assert st["bad"].tolist() == [False, False, False]
+    assert loss[1].item() == -0.2 and torch.all(F.grad[1] == 0) and lv.grad[1].item() == 1.0
+    co = torch.tensor([[1.0, 0.5]] * 3, dtype=F64)
+    ref, Fr, _ = oracle_scm(F, terms, co, f_coeff=torch.zeros(3, dtype=F64), c=0.0, logvar=lv, reduction="none")
+    ref[[0, 2]].sum().backward()
+    assert_rel(loss[[0, 2]].detach(), ref[[0, 2]].detach(), 1e-12)
+    assert_rel(F.grad[[0, 2]], Fr.grad[[0, 2]], 1e-12)
 
 
 def test_to_num_saturates_before_the_upstream_gradient(use):
