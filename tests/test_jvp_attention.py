@@ -382,6 +382,20 @@ def test_backward(use, case):
     run_case(case)
 
 
+DIAGONAL = [Case(70, 70 + off, D=32, dtype=dt, causal=True, bwd=True) for dt in (F16, F32)
+            for off in (-2, -1, 1, 30, 62, 63)]
+
+
+@pytest.mark.parametrize("case", DIAGONAL, ids=lambda c: c.id)
+def test_causal_diagonal_offsets(use, case):
+    """Causal with Sk − Sq next to multiples of the key block (the tiles in use here: 128×64 plain and 128×32 fused
+    fp16 forward, 64×64 backward, 32×32 fp32): the key blocks a query block reads unmasked must all lie on or below
+    the diagonal of its first row. A mutation check found this untested: the unmasked count from
+    (first row + Sk − Sq + 2) // BN instead of + 1 lets a query see the key just past its diagonal where
+    Sk − Sq ≡ −2 (mod BN), and every test passed (their offsets were 0, ±111, ±240, …)."""
+    run_case(case)
+
+
 def _transposed_like(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Random values shaped like x, stored with dims 1 and 2 swapped (o: [B, S, H, D] with BHSD strides; lse:
     [B, H, S] with a sequence stride of H)."""
