@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -49,6 +49,7 @@ class Call:
     mask_expanded: bool = False  # the mask's size-1 dims expanded (stride 0) to the full [.., Sq, Sk]
     dropout: float = 0.0  # > 0: a fallback (fastdistill has no attention dropout), seeded alike on both sides
     mask_grad: bool = False  # a float mask that requires grad: a fallback (stock SDPA differentiates it)
+    kv_lead: tuple | None = None  # key / value batch dims where they differ from q's (size 1: stock SDPA broadcasts)
 
 
 @st.composite
@@ -83,15 +84,19 @@ def calls(draw):
     mask_expanded = mask is not None and draw(st.booleans())
     dropout = draw(st.sampled_from([0.0] * 9 + [0.3]))
     mask_grad = mask == "float" and draw(st.integers(0, 4)) == 0
+    kv_lead = None
+    if any(n > 1 for n in lead) and draw(st.integers(0, 5)) == 0:  # a fallback (batch dims broadcast)
+        kv_lead = tuple(1 if n > 1 and draw(st.booleans()) else n for n in lead)
+        kv_lead = None if kv_lead == lead else kv_lead
     return Call(lead, Hq, Hkv, Sq, Sk, D, Dv, causal, gqa, scale, mask, mask_shape, mask_fill, tangents, seed,
-                seq_major, mask_expanded, dropout, mask_grad)
+                seq_major, mask_expanded, dropout, mask_grad, kv_lead)
 
 
 def make(c: Call):
     g = torch.Generator().manual_seed(c.seed)
     heads = lambda h: () if h is None else (h,)
-    shapes = [(*c.lead, *heads(c.Hq), c.Sq, c.D), (*c.lead, *heads(c.Hkv), c.Sk, c.D),
-              (*c.lead, *heads(c.Hkv), c.Sk, c.Dv)]
+    kv = c.lead if c.kv_lead is None else c.kv_lead
+    shapes = [(*c.lead, *heads(c.Hq), c.Sq, c.D), (*kv, *heads(c.Hkv), c.Sk, c.D), (*kv, *heads(c.Hkv), c.Sk, c.Dv)]
     def draw(s):
         if c.seq_major:  # [B, S, H, D] storage, the [B, H, S, D] view
             return torch.randn(s[0], s[2], s[1], s[3], generator=g, dtype=F64).transpose(1, 2)
@@ -190,14 +195,25 @@ def check_call(c: Call, tangent: bool, plain: str) -> None:
         _close(a, b, what)
 
 
+# key / value batch dims broadcast against q's (stock SDPA broadcasts them; fastdistill falls back): a mutation check
+# found that dropping the fallback (jvp_attention then raised where stock computes) passed every test
+BCAST_KV = Call(lead=(2, 2), Hq=2, Hkv=2, Sq=3, Sk=4, D=3, Dv=3, causal=False, gqa=False, scale=None, mask=None,
+                mask_shape=None, mask_fill="-inf", tangents=(True, True, False), seed=1, kv_lead=(1, 2))
+BCAST_KV_RANK3 = Call(lead=(3,), Hq=None, Hkv=None, Sq=2, Sk=5, D=8, Dv=2, causal=True, gqa=False, scale=0.5,
+                      mask=None, mask_shape=None, mask_fill="-inf", tangents=(False, True, True), seed=2, kv_lead=(1,))
+
+
 @examples(40)
 @given(c=calls())
+@example(c=BCAST_KV)
+@example(c=BCAST_KV_RANK3)
 def test_jvp_calls_match_stock_sdpa(c):
     check_call(c, tangent=True, plain="sdpa")
 
 
 @examples(20)
 @given(c=calls())
+@example(c=BCAST_KV)
 def test_plain_calls_match_stock_sdpa(c):
     check_call(c, tangent=False, plain="fastdistill")
 
