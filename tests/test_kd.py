@@ -518,6 +518,26 @@ def test_kd_posinf_logit_is_nan(use):
     check_posinf_logit_is_nan()
 
 
+@pytest.mark.parametrize("div", list(DIVS))
+def test_kd_alpha_one_gradient_ignores_a_non_finite_teacher(use, div):
+    """hard_label_alpha = 1: the teacher plays no part, so a NaN or +inf teacher logit changes nothing: the loss and
+    the gradient are F.cross_entropy's (finite), not 0·NaN. A mutation check found the gradient's guard untested (the
+    kernels' ``kd_scale != 0``): only the loss was checked (test_kd_posinf_logit_is_nan)."""
+    g = gen(34)
+    s = torch.randn(4, 40, generator=g, dtype=F64)
+    t = s + 0.1 * torch.randn(4, 40, generator=g, dtype=F64)
+    t[1, 3], t[2, 9] = math.nan, math.inf
+    lab = torch.tensor([2, 3, 1, 7])
+    x = s.clone().requires_grad_()
+    loss = fd.kd_loss(x, t, labels=lab, hard_label_alpha=1.0, reduction="sum", accum_dtype=F64, **DIVS[div])
+    loss.backward()
+    xr = s.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(xr, lab, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-15)
+
+
 def test_kd_tvd_sign_at_overflowing_log_ratio(use):
     """TVD with finite logits of opposite sign near the fp32 range: u_t − u_s overflows to inf, and the exact
     log-ratio (TwoSum) gave inf − inf = NaN, read as a tie: the gradient's sign 0 (found by a review). Now the plain

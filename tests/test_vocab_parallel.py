@@ -88,6 +88,13 @@ KD_CASES = dict([
     K("fkl-inf-true-kl", divergence="fkl", inf_kl=True, reduction="none"),
     K("fkl-inf-weight0-sum", divergence="fkl", inf_kl=True, weights=True, zero_weight=True, reduction="sum"),
     K("rkl-inf-zero-grad", divergence="rkl", inf_rkl=True, reduction="none", layout="uneven"),
+    # a +inf (row 0) and a NaN (row 2) teacher logit: with hard_label_alpha = 1 the teacher plays no part (loss and
+    # gradient the CE's, finite); with weight 0 on those rows they add nothing and get a zero gradient (docs/kd_ops.md).
+    # A mutation check found both guards of the gradient (alpha < 1, weight 0) untested
+    K("jsd-alpha1-nonfinite-teacher", divergence="jsd", posinf_nan=True, labels=True, hard_label_alpha=1.0,
+      reduction="none", layout="uneven"),
+    K("rkl-nonfinite-teacher-weight0", divergence="rkl", posinf_nan=True, weights=True, zero_rows=(0, 2),
+      layout="uneven"),
     K("fkl-all-ignored", divergence="fkl", all_ignored=True, hard_label_alpha=0.2),
     K("jsd-all-masked-mean", divergence="jsd", all_masked=True, reduction="mean"),
     K("tvd-all-ignored-num-items", divergence="tvd", all_ignored=True, num_items=8, hard_label_alpha=0.5),
@@ -349,6 +356,8 @@ def build(name: str) -> dict:
         kw["weights"] = torch.rand(lead, generator=g, dtype=F64) + 0.5
         if c.get("zero_weight"):  # the row whose divergence is +inf adds exactly nothing
             kw["weights"].view(-1)[1] = 0.0
+        for r in c.get("zero_rows", ()):
+            kw["weights"].view(-1)[r] = 0.0
     d["s"], d["t"] = s, t
     if c.get("k_eq_V"):  # every id, in teacher order; log-probs of a teacher that is not normalised exactly
         lps, ids = torch.log_softmax(t, -1).topk(V, -1)
