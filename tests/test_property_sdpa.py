@@ -1,11 +1,12 @@
 """Property-based (hypothesis) test of the drop-in (fastdistill.integrations.jvp_sdpa): over drawn calls of
 ``scaled_dot_product_attention`` — ranks 3 to 5, GQA with and without ``enable_gqa``, Sq ≠ Sk, Dv ≠ Dqk,
 ``is_causal``, scales, bool and float masks of every broadcastable shape (per key, per query, per head, fully
-masked rows, −inf / finfo.min / finite biases), tangents on any subset of q, k, v — a call under ``jvp_sdpa()``
-computes what stock SDPA computes, whether fastdistill serves it or falls back: ``torch.func.jvp`` equal to the
-math backend's in float64, the primal gradients too, the same exception type where stock SDPA raises, a
-warning exactly when it falls back (``sdpa_stats``), and plain calls (no tangent) under ``plain="fastdistill"``
-likewise. The issue's contract: "never a silently different result". float64: the reference backend serves.
+masked rows, −inf / finfo.min / finite biases), key / value batch dims broadcast against q's, tangents on any
+subset of q, k, v — a call under ``jvp_sdpa()`` computes what stock SDPA computes, whether fastdistill serves it or
+falls back: ``torch.func.jvp`` equal to the math backend's in float64, the primal gradients too, the same exception
+type where stock SDPA raises, a warning exactly when it falls back (``sdpa_stats``), and plain calls (no tangent)
+under ``plain="fastdistill"`` likewise. The issue's contract: "never a silently different result". float64: the
+reference backend serves.
 """
 
 from __future__ import annotations
