@@ -216,7 +216,8 @@ def test_flkd_topk_tail_bucket_confident_student_fp32(use, boost):
 # ----------------------------------------------------------------------------- empty and all-ignored
 EMPTY = [("N=0", r) for r in ("batchmean", "sum", "mean", "none")] + [
     ("labels", "batchmean"), ("labels", "none"), ("mask", "mean"), ("mask", "sum"), ("num_items", "batchmean"),
-    ("num_items", "mean"), ("neg-inf-teacher", "batchmean"), ("neg-inf-teacher", "none")]
+    ("num_items", "mean"), ("neg-inf-teacher", "batchmean"), ("neg-inf-teacher", "none")] + [
+    ("V=0", r) for r in ("batchmean", "mean", "sum", "none")]  # every row has an empty vocabulary: invalid
 
 
 @pytest.mark.parametrize("how,reduction", EMPTY, ids=[f"{h}-{r}" for h, r in EMPTY])
@@ -233,6 +234,10 @@ def test_flkd_empty_and_all_ignored(use, how, reduction):
         kw.update(labels=torch.full((N,), -100), num_items=8)
     elif how == "neg-inf-teacher":
         tkw = dict(teacher_logits=torch.full((N, 37), -math.inf, dtype=F64))
+    elif how == "V=0":  # rows counted valid up front (mean: 1 / (n V) must not become inf)
+        c.update(W=c["W"][:0], b=c["b"][:0])
+        tkw["teacher_weight"] = c["Wt"][:0]
+        kw.update(hard_label_alpha=0.0, labels=None, mask=torch.ones(N, dtype=torch.bool))
     x, w, b = (c[k].clone().requires_grad_() for k in ("hs", "W", "b"))
     loss = fused_linear_kd_loss(x, w, **tkw, student_bias=b, chunk_size=2, accum_dtype=F64, **kw)
     assert loss.shape == ((N,) if reduction == "none" else ())
@@ -327,6 +332,18 @@ def test_flkd_grad_only_where_asked(use):
     assert not loss3.requires_grad
 
 
+def test_flkd_held_gradient_times_go_in_row_slices():
+    """An fp32 gradient held for fp16 parameters is scaled by the upstream gradient and cast in slices of 2**24
+    elements (no second full-size fp32 temporary): every slice, the last partial one included, is written."""
+    x = torch.randn((1 << 22) + 3, 4)  # 2**24 + 12 elements: one full slice of 2**22 rows, then 3 rows
+    go = torch.tensor(0.75)
+    out = flk._times_go(x, go, torch.float16)
+    assert out.dtype == torch.float16 and out.shape == x.shape
+    assert torch.equal(out, (x * go).half())
+    assert flk._times_go(None, go, torch.float16) is None
+    assert torch.equal(flk._times_go(x[:5], go, torch.float32), x[:5] * go)
+
+
 def test_flkd_chunk_rows():
     assert _chunk_rows("auto", None, 10000, 1 << 20) == 2000  # 2048 rows fit 2 GiB: 5 equal chunks
     assert _chunk_rows("auto", 1, 10, 1 << 20) == 1
@@ -334,6 +351,45 @@ def test_flkd_chunk_rows():
     assert _chunk_rows(4, None, 10, 0) == 4  # ceil(10 / 4) = 3 chunks of 4, 4, 2
     assert _chunk_rows(3, None, 10, 0) == 3
     assert _chunk_rows(100, None, 0, 0) == 1
+
+
+@pytest.mark.parametrize("teacher", ["head", "logits-sliced-3d", "logits-2d", "topk"])
+def test_flkd_auto_chunks_fit_the_budget(monkeypatch, teacher):
+    """chunk_size="auto": each chunk's temporaries fit memory_budget_mb — the student's fp32 logits, plus the
+    teacher's where they are computed here (a teacher head) or copied per chunk (a sliced [B, T, Vt] tensor, whose
+    chunks cross sequence boundaries), plus a top-k teacher's stash of k logits — and the chunks are as few as
+    that allows (equal sizes)."""
+    V, Vt, B, T, k = 37, 41, 3, 9, 4
+    N = B * (T - 1)
+    c, g = make_case(lead=(B, T - 1), V=V, Vt=Vt, dtype=torch.float32)
+    kw = dict(teacher_hidden=c["ht"], teacher_weight=c["Wt"])
+    per_row = 4 * V
+    if teacher == "head":
+        per_row += 4 * Vt
+    elif teacher == "logits-sliced-3d":
+        kw = dict(teacher_logits=torch.randn(B, T, Vt, generator=g)[:, :-1])
+        per_row += 4 * Vt
+    elif teacher == "logits-2d":
+        kw = dict(teacher_logits=torch.randn(B, T - 1, Vt, generator=g))  # rows viewed in place: no copy
+    else:
+        ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)]).view(B, T - 1, k)
+        kw = dict(teacher_topk=(ids, torch.log_softmax(torch.randn(B, T - 1, k, generator=g), -1) - 0.1))
+        per_row += 4 * k
+    budget = per_row * 5.5  # room for 5 rows: 24 rows in 5 chunks of at most 5
+    seen = []
+    logits = flk._Head.logits
+
+    def spy(self, x):
+        if self.Wc.shape[0] == V:  # the student's head
+            seen.append(x.shape[0])
+        return logits(self, x)
+
+    monkeypatch.setattr(flk._Head, "logits", spy)
+    with fd.use_backend("reference"):
+        fused_linear_kd_loss(c["hs"], c["W"].requires_grad_(), **kw, memory_budget_mb=budget / 2**20)
+    assert sum(seen) == N
+    assert max(seen) * per_row <= budget, (seen, per_row)
+    assert len(seen) == math.ceil(N / 5), seen
 
 
 def test_flkd_auto_chunks_match(use):
@@ -531,6 +587,8 @@ def _bad():
     hs, W, ht, Wt = c["hs"], c["W"], c["ht"], c["Wt"]
     lab = torch.randint(0, 37, (7,))
     ids = torch.zeros(7, 38, dtype=torch.long)
+    top3 = dict(teacher_hidden=None, teacher_weight=None)  # + teacher_topk: 3 ids per row, log-probs −2
+    ids3, lp3 = torch.arange(3).repeat(7, 1), torch.full((7, 3), -2.0, dtype=F64)
     return {
         "hidden-1d": (dict(student_hidden=hs[0]), "student_hidden"),
         "hidden-int": (dict(student_hidden=hs.long()), "student_hidden"),
@@ -549,11 +607,22 @@ def _bad():
         "teacher-logits-rows": (dict(teacher_hidden=None, teacher_weight=None,
                                      teacher_logits=torch.zeros(6, 37, dtype=F64)), "teacher_logits"),
         "topk-k": (dict(teacher_hidden=None, teacher_weight=None, teacher_topk=(ids, ids.double())), "k = 38"),
+        "topk-ids-at-V": (dict(top3, teacher_topk=(ids3.index_put((torch.tensor(2), torch.tensor(1)), torch.tensor(37)),
+                                                   lp3)), r"teacher_topk ids: values must be in \[0, 37\)"),
+        "topk-ids-negative": (dict(top3, teacher_topk=(ids3 - 1, lp3)), r"teacher_topk ids: values must be in"),
+        "topk-zero-tail-jsd": (dict(top3, teacher_topk=(ids3, lp3), divergence="jsd", topk_semantics="zero_tail"),
+                               "zero_tail' defines forward KL only"),
+        "topk-tail-bucket-teacher-temperature": (dict(top3, teacher_topk=(ids3, lp3), teacher_temperature=2.0),
+                                                 "teacher_temperature: only topk_semantics='renorm'"),
         "topk-ids-float": (dict(teacher_hidden=None, teacher_weight=None,
                                 teacher_topk=(ids[:, :3].double(), ids[:, :3].double())), "ids"),
         "topk-not-pair": (dict(teacher_hidden=None, teacher_weight=None, teacher_topk=ids), "teacher_topk"),
         "labels-shape": (dict(labels=lab[:4]), "labels"),
+        "labels-shape-7x1": (dict(labels=lab.view(7, 1)), r"labels: expected shape \(7,\)"),
         "labels-range": (dict(labels=lab + 37), "labels"),
+        "labels-at-V": (dict(labels=torch.where(torch.arange(7) == 3, 37, lab)),
+                        r"labels: values must be in \[0, 37\)"),
+        "labels-negative": (dict(labels=torch.where(torch.arange(7) == 3, -1, lab)), r"labels: values must be in"),
         "mask-dtype": (dict(mask=torch.ones(7)), "mask"),
         "weights-shape": (dict(weights=torch.ones(3, dtype=F64)), "weights"),
         "divergence": (dict(divergence="kl"), "divergence"),
@@ -562,10 +631,12 @@ def _bad():
         "beta": (dict(divergence="jsd", beta=1.5), "beta"),
         "alpha-without-labels": (dict(hard_label_alpha=0.5), "labels"),
         "rkl-smaller-teacher-vocab": (dict(divergence="rkl", teacher_weight=Wt[:30]), "reverse KL"),
+        "rkl-teacher-vocab-one-short": (dict(divergence="rkl", teacher_weight=Wt[:36]), "teacher vocabulary 36 < the"),
         "chunk-size-0": (dict(chunk_size=0), "chunk_size"),
         "chunk-size-str": (dict(chunk_size="big"), "chunk_size"),
         "chunk-size-bool": (dict(chunk_size=True), "chunk_size"),
         "budget-negative": (dict(memory_budget_mb=-1), "memory_budget_mb"),
+        "budget-bool": (dict(memory_budget_mb=True), "memory_budget_mb: expected a positive finite"),
         "budget-inf": (dict(memory_budget_mb=float("inf")), "memory_budget_mb: expected a positive finite"),
         "weights-require-grad": (dict(weights=torch.ones(7, dtype=F64, requires_grad=True)), "weights: requires grad"),
         "budget-with-int-chunk": (dict(memory_budget_mb=10, chunk_size=4), "memory_budget_mb"),
