@@ -197,7 +197,9 @@ def check_bool(name: str, v) -> bool:
     if isinstance(v, torch.SymBool):
         return v
     ok_tensor = isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.numel() == 1
-    if isinstance(v, bool) or type(v).__name__ == "bool_" or (isinstance(v, int) and v in (0, 1)) or ok_tensor:
+    # numpy's bool scalar is ``numpy.bool_`` (numpy 1), ``numpy.bool`` (numpy 2); numpy is not imported for it
+    np_bool = type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")
+    if isinstance(v, bool) or np_bool or (isinstance(v, int) and v in (0, 1)) or ok_tensor:
         return bool(v)
     raise TypeError(f"{name}: expected a bool, got {type(v).__name__} {v!r}")
 
