@@ -104,6 +104,15 @@ def test_int_option_refuses(v):
         cm.int_option("n", v)
 
 
+def test_count_option():
+    assert cm.count_option("k", np.int64(3), "a positive int") == 3
+    assert cm.count_option("k", torch.tensor(1), "a positive int") == 1
+    assert cm.count_option("start", 0, "an int >= 0", minimum=0) == 0
+    for v in (0, -1, True, 2.0, "3", None, torch.tensor(2.0)):
+        with pytest.raises(ValueError, match=r"^k: expected a positive int, got "):
+            cm.count_option("k", v, "a positive int")
+
+
 @pytest.mark.parametrize("v,want", [(2, 2.0), (0.5, 0.5), (np.float32(0.25), 0.25), (np.array(1.5), 1.5),
                                     (decimal.Decimal("0.75"), 0.75), (torch.tensor(3.0), 3.0),
                                     (torch.tensor([2], dtype=torch.int64), 2.0), (-1e300, -1e300)])

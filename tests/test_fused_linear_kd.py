@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from test_kd import DIVS, assert_finite_rel, assert_rel, gen, make_labels, oracle_kd, rel_err, upstream_for
@@ -390,6 +391,19 @@ def test_flkd_auto_chunks_fit_the_budget(monkeypatch, teacher):
     assert sum(seen) == N
     assert max(seen) * per_row <= budget, (seen, per_row)
     assert len(seen) == math.ceil(N / 5), seen
+
+
+def test_flkd_numpy_and_tensor_sizes(use):
+    """chunk_size and memory_budget_mb as numpy scalars or one-element tensors (values read from a config array)
+    act as the Python numbers (before: a numpy int chunk_size raised "expected 'auto' or an int")."""
+    c, _ = make_case(seed=4)
+    args = (c["hs"], c["W"], c["ht"], c["Wt"])
+    want = fused_linear_kd_loss(*args, chunk_size=2)
+    for cs in (np.int64(2), np.int32(2), torch.tensor(2)):
+        assert torch.equal(fused_linear_kd_loss(*args, chunk_size=cs), want), cs
+    want = fused_linear_kd_loss(*args, memory_budget_mb=0.001)
+    for mb in (np.float32(0.001), np.float64(0.001), torch.tensor(0.001, dtype=F64)):
+        assert torch.equal(fused_linear_kd_loss(*args, memory_budget_mb=mb), want), mb
 
 
 def test_flkd_auto_chunks_match(use):

@@ -1186,6 +1186,21 @@ def test_kd_bad_inputs_refused_alike(world):
                     f"{case}: {op} rank {r}: {got[0]}: {got[1]!r}; kd_loss: {type(want.value).__name__}: {want.value}"
 
 
+def test_vocab_parallel_topk_k_checked_before_any_collective():
+    """k: a positive int, numpy and one-element tensor integers included (a bool, a float, 0 raise naming it);
+    checked, as the temperature after it, before any collective: no process group is needed to see either."""
+    import numpy as np
+
+    from fastdistill.distributed import vocab_parallel as vp
+
+    for k in (True, 2.0, 0, "2"):
+        with pytest.raises(ValueError, match="^k: expected a positive int"):
+            vp.vocab_parallel_topk(torch.randn(3, 5), k)
+    for k in (np.int64(2), torch.tensor(2)):  # accepted: the next check (the temperature) is the one that fails
+        with pytest.raises(ValueError, match="^temperature: "):
+            vp.vocab_parallel_topk(torch.randn(3, 5), k, temperature=math.inf)
+
+
 @pytest.mark.parametrize("T,match", [(math.inf, "finite"), (0.0, "positive"), (1e-320, "too small"),
                                      ("2", "expected a float"), (True, "expected a float")])
 def test_vocab_parallel_topk_temperature_checked_as_kd_loss(T, match):

@@ -36,8 +36,10 @@ import torch.distributed as dist
 from fastdistill.ops._common import (
     as_rows,
     check_choice,
+    count_option,
     eager_only,
     first_order,
+    int_option,
     n_rows,
     refuse_transforms,
     resolve_accum,
@@ -115,8 +117,11 @@ class _Shard:
         self.given = vocab_start is not None
         if self.given:
             if isinstance(vocab_start, bool) or not isinstance(vocab_start, int):
-                raise TypeError(f"vocab_start: expected an int (this rank's first vocab id) or None, "
-                                f"got {type(vocab_start).__name__}")
+                try:  # a numpy or one-element tensor integer
+                    vocab_start = int_option("vocab_start", vocab_start)
+                except TypeError:
+                    raise TypeError(f"vocab_start: expected an int (this rank's first vocab id) or None, "
+                                    f"got {type(vocab_start).__name__}") from None
             if vocab_start < 0:
                 raise ValueError(f"vocab_start: expected >= 0, got {vocab_start}")
         self.start = int(vocab_start) if self.given else rank * Vr
@@ -808,8 +813,7 @@ def vocab_parallel_topk(
     z = teacher_logits_shard
     if not isinstance(z, torch.Tensor) or z.dtype not in _FLOAT_DTYPES or z.dim() < 1:
         raise TypeError(f"teacher_logits_shard: expected a floating tensor [..., V_r], got {getattr(z, 'dtype', z)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive int, got {k!r}")
+    k = count_option("k", k, "a positive int")
     temperature = positive_option("temperature", temperature)  # as the losses' (its log-probs feed teacher_topk=)
     lead, Vr = z.shape[:-1], z.shape[-1]
     N = int(torch.Size(lead).numel())

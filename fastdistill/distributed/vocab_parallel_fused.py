@@ -15,6 +15,7 @@ from fastdistill.distributed.vocab_parallel import _CONTRIB, _FLOAT_DTYPES, NSTA
 from fastdistill.ops._common import (
     autocast_off,
     check_bool,
+    count_option,
     eager_only,
     first_order,
     graph_anchor,
@@ -308,12 +309,10 @@ def vocab_parallel_fused_linear_kd_loss(
         temperature=temperature, teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
         reduction=reduction, num_items=num_items, hard_label_alpha=hard_label_alpha, softcap=softcap,
         logit_scale=logit_scale, accum_dtype=resolve_accum(accum_dtype, h, W))
-    if chunk_size == "auto":
+    if isinstance(chunk_size, str) and chunk_size == "auto":
         rows = _auto_rows(run.sh, N, Vr, H, h.device)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected 'auto' or a positive int (the same on every rank), got {chunk_size!r}")
     else:
-        rows = chunk_size
+        rows = count_option("chunk_size", chunk_size, "'auto' or a positive int (the same on every rank)")
     cfg = {"rows": rows, "reduce_hidden_grad": reduce_hidden_grad,
            "grad_on": torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                                       for x in (h, W, student_bias_shard))}

@@ -218,6 +218,18 @@ def int_option(name: str, v) -> int:
     return int(v.__index__())
 
 
+def count_option(name: str, v, expected: str, minimum: int = 1) -> int:
+    """An int option (as ``int_option``: numpy and one-element tensor integers too) that is at least ``minimum``;
+    anything else a ValueError ``"{name}: expected {expected}, got {v!r}"``."""
+    try:
+        n = int_option(name, v)
+    except TypeError:
+        n = None
+    if n is None or n < minimum:
+        raise ValueError(f"{name}: expected {expected}, got {v!r}")
+    return n
+
+
 @torch.compiler.assume_constant_result
 def _autocast_available(device_type: str) -> bool:
     """``torch.amp.is_autocast_available``, a constant to dynamo: torch 2.11's dynamo cannot trace the C function

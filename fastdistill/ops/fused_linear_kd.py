@@ -22,10 +22,12 @@ import torch
 from fastdistill.ops._common import (
     autocast_off,
     check_choice,
+    count_option,
     eager_only,
     first_order,
     graph_anchor,
     is_dtensor,
+    real_option,
     refuse_transforms,
     reject_dtensor,
     resolve_accum,
@@ -526,14 +528,19 @@ def fused_linear_kd_loss(
         Vt = 0
 
     # options (as kd_loss)
-    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected 'auto' or an int >= 1, got {chunk_size!r}")
+    auto = isinstance(chunk_size, str) and chunk_size == "auto"
+    if not auto:
+        chunk_size = count_option("chunk_size", chunk_size, "'auto' or an int >= 1")
     if memory_budget_mb is not None:
-        if chunk_size != "auto":
+        if not auto:
             raise ValueError(f"memory_budget_mb: only used with chunk_size='auto', got chunk_size={chunk_size!r}")
-        if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
-                or not 0 < memory_budget_mb < float("inf"):
+        try:
+            mb = real_option("memory_budget_mb", memory_budget_mb)
+        except (TypeError, ValueError):
+            mb = 0.0
+        if not mb > 0:
             raise ValueError(f"memory_budget_mb: expected a positive finite number, got {memory_budget_mb!r}")
+        memory_budget_mb = mb
     labels2 = _rows("labels", labels, lead, N, dev, dtypes=(torch.int64, torch.int32), kind="int64 / int32 labels")
     p = make_plan(divergence=divergence, beta=beta, skew=skew, temperature=temperature,
                   teacher_temperature=teacher_temperature, t2_scale=t2_scale, ignore_index=ignore_index,
