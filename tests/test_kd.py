@@ -709,6 +709,15 @@ def test_kd_inplace_grad_refuses_a_teacher_overlapping_other_rows(use):
     x = buf.clone()
     assert fd.kd_loss(x, x, inplace_grad=True).abs().item() < 1e-12  # the same view: allowed (loss 0)
     fd.kd_loss(buf[:2], buf[3:], inplace_grad=True)  # disjoint rows of one buffer: allowed
+    # exactly adjacent (the teacher starts where the student ends): allowed, the result that of separate tensors;
+    # one element further, they share an element: refused
+    flat = torch.randn(4 * 64, dtype=F64)
+    want = fd.kd_loss(flat[:128].view(2, 64).clone(), flat[128:].view(2, 64).clone())
+    assert torch.equal(fd.kd_loss(flat[:128].view(2, 64), flat[128:].view(2, 64), inplace_grad=True), want)
+    with pytest.raises(ValueError, match="inplace_grad: teacher_logits"):
+        fd.kd_loss(flat[:128].view(2, 64), flat[127:255].view(2, 64), inplace_grad=True)
+    with pytest.raises(ValueError, match=r"inplace_grad: teacher_logits \(or weights\)"):  # weights in the buffer
+        fd.kd_loss(buf[:2], torch.randn(2, 64, dtype=F64), weights=buf[1, 62:], inplace_grad=True)
 
 
 def test_kd_inplace_grad_misuse_raises(use):
@@ -876,6 +885,26 @@ def _bad_cases():
         "topk-repeated-id": (dict(teacher_logits=None, teacher_topk=(torch.tensor([[1, 2, 1]] * 5),
                                                                      torch.full((5, 3), -2.0, dtype=F64))),
                              "teacher_topk ids: row 0 repeats an id"),
+        "rkl-smaller-teacher-vocab-by-one": (dict(divergence="rkl", teacher_logits=t[:, :36]),
+                                             "teacher_logits: vocabulary 36 < the student's 37"),
+        "topk-k-one-over-V": (dict(teacher_logits=None, teacher_topk=(torch.arange(38).repeat(5, 1),
+                                                                      torch.full((5, 38), -4.0, dtype=F64))),
+                              r"teacher_topk: k = 38 exceeds the \w+ vocabulary 37"),  # (vocab-parallel: global)
+        "topk-ids-at-V": (dict(teacher_logits=None, teacher_topk=(torch.tensor([[0, 1, 2]] * 4 + [[0, 37, 2]]),
+                                                                  torch.full((5, 3), -2.0, dtype=F64))),
+                          r"teacher_topk ids: values must be .*in \[0, 37\)"),
+        "topk-ids-negative": (dict(teacher_logits=None, teacher_topk=(torch.tensor([[0, 1, 2]] * 4 + [[0, -1, 2]]),
+                                                                      torch.full((5, 3), -2.0, dtype=F64))),
+                              r"teacher_topk ids: values must be .*in \[0, 37\)"),
+        "labels-meta-device": (dict(labels=lab.to("meta")), "labels: expected device cpu"),
+        "mask-meta-device": (dict(mask=torch.ones(5, dtype=torch.bool, device="meta")), "mask: expected device cpu"),
+        "weights-meta-device": (dict(weights=torch.ones(5, dtype=F64, device="meta")), "weights: expected device cpu"),
+        # a bool tensor where it is not read on the host (a GPU tensor; meta here) is refused by its dtype alone
+        "num-items-bool-tensor-meta": (dict(num_items=torch.tensor(True, device="meta")),
+                                       "num_items: expected a number of items"),
+        "topk-repeated-id-k2": (dict(teacher_logits=None, teacher_topk=(torch.tensor([[4, 5]] * 3 + [[6, 6]] * 2),
+                                                                        torch.full((5, 2), -2.0, dtype=F64))),
+                                "teacher_topk ids: row 3 repeats an id"),
     }
 
 
@@ -908,6 +937,16 @@ def test_kd_float_option_that_requires_grad_raises(opt):
     assert torch.equal(fd.kd_loss(s, t, **kw, **{opt: v.detach()}), want)
     with torch.no_grad():
         assert torch.equal(fd.kd_loss(s, t, **kw, **{opt: v}), want)
+
+
+def test_kd_weights_that_require_grad_under_no_grad(use):
+    """Weights that require grad are refused only where a gradient is being recorded (none could reach them); under
+    no_grad (an evaluation loop over the training batch) their values are used."""
+    s, t, _ = make((5,), 37)
+    w = torch.tensor([0.5, 1.0, 0.0, 2.0, 1.5], dtype=F64, requires_grad=True)
+    with torch.no_grad():
+        got = fd.kd_loss(s, t, weights=w, accum_dtype=F64)
+    assert torch.equal(got, fd.kd_loss(s, t, weights=w.detach(), accum_dtype=F64))
 
 
 def test_kd_repeated_topk_ids_in_ignored_rows_pass(use):

@@ -549,8 +549,9 @@ def fused_linear_kd_loss(
                   accum_dtype=resolve_accum(accum_dtype, student_hidden, student_weight),
                   has_labels=labels2 is not None)
     if p.div == 1 and not topk and Vt < V:
-        raise ValueError(f"teacher vocabulary {Vt} < the student's {V}: reverse KL is infinite where the student "
-                         "has mass and the teacher none; slice student_weight or use 'jsd'/'srkl'")
+        raise ValueError(f"{'teacher_weight' if th is not None else 'teacher_logits'}: vocabulary {Vt} < the "
+                         f"student's {V}: reverse KL is infinite where the student has mass and the teacher none; "
+                         "slice student_weight or use 'jsd'/'srkl'")
     if labels2 is not None and _eager_cpu(labels2):
         bad = (labels2 != ignore_index) & ((labels2 < 0) | (labels2 >= V))
         if bool(bad.any()):
