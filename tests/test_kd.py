@@ -703,7 +703,8 @@ def test_kd_inplace_grad_refuses_a_teacher_overlapping_other_rows(use):
     such slices, accepted what Triton and CUDA refuse: code written on the CPU failed on the GPU)."""
     buf = torch.randn(5, 64, dtype=F64)
     buf3 = torch.randn(2, 5, 16, dtype=F64)
-    for s, t in ((buf[:-1], buf[1:]), (buf[:, :40], buf[:, 24:]), (buf3[:, :-1], buf3[:, 1:])):
+    for s, t in ((buf[:-1], buf[1:]), (buf[:, :40], buf[:, 24:]), (buf3[:, :-1], buf3[:, 1:]),
+                 (buf[:2], buf.as_strided((2, 64), (32, 1)))):  # (the same start, another row stride)
         with pytest.raises(ValueError, match="inplace_grad: teacher_logits"):
             fd.kd_loss(s, t, inplace_grad=True)
     x = buf.clone()
@@ -937,6 +938,13 @@ def test_kd_float_option_that_requires_grad_raises(opt):
     assert torch.equal(fd.kd_loss(s, t, **kw, **{opt: v.detach()}), want)
     with torch.no_grad():
         assert torch.equal(fd.kd_loss(s, t, **kw, **{opt: v}), want)
+
+
+@pytest.mark.parametrize("acc", [torch.float16, torch.bfloat16, torch.int64, "float32"])
+def test_kd_accum_dtype_refused(use, acc):
+    s, t, _ = make((5,), 37)
+    with pytest.raises(ValueError, match="^accum_dtype: expected torch.float32 or torch.float64"):
+        fd.kd_loss(s, t, accum_dtype=acc)
 
 
 def test_kd_weights_that_require_grad_under_no_grad(use):

@@ -566,7 +566,7 @@ def kd_loss(
             raise ValueError("inplace_grad: student_logits is a leaf that requires grad (or a view of one): its "
                              "gradient would overwrite the tensor itself (and alias its .grad); pass "
                              "inplace_grad=False")
-        if s2.numel() and rows_overlap(s2) and s2.data_ptr() == s.data_ptr():
+        if s2.numel() and rows_overlap(s2):  # (a copy made by as_rows is contiguous: never overlapping)
             raise ValueError(f"inplace_grad: the rows of student_logits overlap in memory (strides {s.stride()}, "
                              f"V = {V}, e.g. an expanded tensor): one gradient row would overwrite another's logits; "
                              "pass inplace_grad=False")
