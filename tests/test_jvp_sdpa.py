@@ -121,6 +121,21 @@ def test_dual_tensors_and_partial_tangents():
     _close(to, to_ref, what="to")
 
 
+def test_strided_head_dim_served():
+    """Query / key / value whose head dim is not contiguous (a transposed view): served (fastdistill's kernels need
+    a contiguous head dim, so these are copied), matching math SDPA; their tangents too."""
+    g = torch.Generator().manual_seed(10)
+    q, k, v, tq = (torch.randn(1, 2, 8, n, dtype=F64, generator=g).transpose(-1, -2) for n in (5, 6, 6, 5))
+    assert q.stride(-1) != 1 and tq.stride(-1) != 1
+    f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    want = _math_jvp(f, (q, k, v), (tq, torch.zeros_like(k), torch.zeros_like(v)))
+    with jvp_sdpa():
+        got = torch.func.jvp(f, (q, k, v), (tq, torch.zeros_like(k), torch.zeros_like(v)))
+    assert sdpa_stats() == {"jvp": 1}, sdpa_stats()
+    _close(got[0], want[0], what="o")
+    _close(got[1], want[1], what="tangent")
+
+
 def test_triton_kernels_fp32():
     """The GPU path's kernels (Triton, through the interpreter on the CPU) against the fp64 oracle."""
     if not fastdistill._backend.interpreting():
@@ -133,6 +148,31 @@ def test_triton_kernels_fp32():
     assert sdpa_stats() == {"jvp": 1}
     _close(o, o_ref, 1e-5, "o")
     _close(to, to_ref, 1e-5, "to")
+
+
+def test_kernel_backend_limits_fall_back_with_the_reason():
+    """With the Triton kernels forced: float64 inputs (no kernel takes them) and torch.func.grad around a plain call
+    (the kernels take plain tensors) fall back to stock SDPA with the reason, and give its result (before any kernel
+    launch)."""
+    q, k, v, tq, _, _ = _qkv((1, 2, 5, 8), (1, 2, 6, 8), seed=11)
+    f = lambda q: F.scaled_dot_product_attention(q, k, v)
+    want = _math_jvp(f, (q,), (tq,))
+    with fastdistill.use_backend("triton"), jvp_sdpa(), pytest.warns(UserWarning, match="no fastdistill backend"):
+        got = torch.func.jvp(f, (q,), (tq,))
+    stats = sdpa_stats(reset=True)
+    assert len(stats) == 1 and next(iter(stats)).startswith("fallback: no fastdistill backend can run"), stats
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    if not fastdistill._backend.interpreting():
+        pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 (the README test command sets it)")
+    q32, k32, v32 = (x.float() for x in (q, k, v))
+    g = lambda q: F.scaled_dot_product_attention(q, k32, v32).square().sum()
+    want_g = torch.func.grad(g)(q32)  # (stock SDPA as it runs without the patch: no tangent, no backend pinned)
+    with fastdistill.use_backend("triton"), jvp_sdpa(plain="fastdistill"), pytest.warns(
+            UserWarning, match="torch.func.grad / vjp / jacrev around the triton kernels"):
+        got_g = torch.func.grad(g)(q32)
+    stats = sdpa_stats()
+    assert len(stats) == 1 and next(iter(stats)).startswith("fallback: torch.func.grad"), stats
+    assert torch.equal(got_g, want_g)
 
 
 def test_plain_calls():
@@ -291,7 +331,7 @@ def test_key_mask_torch_compile_fullgraph():
 def test_masks_not_served():
     """Masks fastdistill cannot serve exactly: the varying ones fall back with a warning naming the reason (its advice
     names transformers' and diffusers' arguments), and give math SDPA's result; masks stock SDPA refuses raise stock
-    SDPA's error, as without the patch."""
+    SDPA's error, and one it broadcasts the output by gives its result, as without the patch."""
     q, k, v, tq, tk, tv = _qkv((2, 2, 5, 8), (2, 2, 5, 8), seed=13)
     causal_pad = torch.ones(5, 5, dtype=torch.bool).tril() & _pad_keys(2, 5)[:, None, None, :]
     bias = torch.zeros(2, 1, 1, 5, dtype=F64, requires_grad=True)
@@ -319,13 +359,20 @@ def test_masks_not_served():
     assert "attention_mask=None in transformers" in advice and "encoder_attention_mask=None in diffusers" in advice
     sdpa_stats(reset=True)
     for kw in ({"attn_mask": _pad_keys(2, 5)[:, None, None, :], "is_causal": True},  # math SDPA refuses both
-               {"attn_mask": _pad_keys(2, 5, torch.float16)[:, None, None, :]}):  # fp16 mask, fp64 query
+               {"attn_mask": _pad_keys(2, 5, torch.float16)[:, None, None, :]},  # fp16 mask, fp64 query
+               {"attn_mask": _pad_keys(2, 5)[:, None, None, :].to("meta")}):  # a mask on another device
         f = lambda q, kw=kw: F.scaled_dot_product_attention(q, k, v, **kw)
         with pytest.raises(RuntimeError) as stock_err:
             _math_jvp(f, (q,), (tq,))
         with jvp_sdpa(), pytest.raises(RuntimeError) as err:
             torch.func.jvp(f, (q,), (tq,))
         assert str(err.value) == str(stock_err.value)
+    # a mask with more batch entries than the query: stock SDPA broadcasts the output ([3, 2, 5, 8]): its result
+    f = lambda q: F.scaled_dot_product_attention(q[:1], k[:1], v[:1], attn_mask=torch.ones(3, 1, 1, 5, dtype=bool))
+    want = _math_jvp(f, (q,), (tq,))
+    with jvp_sdpa():
+        got = torch.func.jvp(f, (q,), (tq,))
+    assert got[0].shape == (3, 2, 5, 8) and all(torch.equal(a, b) for a, b in zip(got, want))
     assert sdpa_stats() == {}, sdpa_stats()
 
 
@@ -357,6 +404,16 @@ def test_nesting_patch_unpatch_and_errors():
         unpatch_sdpa()
     assert F.scaled_dot_product_attention is STOCK
     assert sdpa_stats() == {"stock": 1, "plain": 1, "jvp": 1}
+    sdpa_stats(reset=True)
+    patch_sdpa()
+    patch_sdpa(plain="fastdistill")  # nested patches: the innermost plain choice wins, in every thread
+    try:
+        F.scaled_dot_product_attention(q, k, v)
+    finally:
+        unpatch_sdpa()
+        F.scaled_dot_product_attention(q, k, v)
+        unpatch_sdpa()
+    assert sdpa_stats() == {"plain": 1, "stock": 1}, sdpa_stats()
     with pytest.raises(KeyError), jvp_sdpa():  # an exception inside the block still restores SDPA
         raise KeyError("boom")
 
@@ -626,6 +683,22 @@ def test_bad_argument_types_raise_as_stock(name):
     _close(got[1], want[1], what="tangent")
 
 
+@pytest.mark.parametrize("kw", [{"scale": True}, {"dropout_p": False}, {"dropout_p": True}],
+                         ids=["scale-True", "dropout_p-False", "dropout_p-True"])
+def test_bool_numbers_go_to_stock_as_they_are(kw):
+    """A bool scale or dropout_p, which stock SDPA's parser takes as 1.0 / 0.0: stock SDPA's call as it is (its
+    result, no warning, not served: fastdistill refuses a bool scale, and would read dropout_p=False as 0)."""
+    q, k, v, tq, _, _ = _qkv((1, 2, 4, 8), (1, 2, 4, 8), seed=4)
+    f = lambda q: F.scaled_dot_product_attention(q, k, v, **kw)
+    want = _math_jvp(f, (q,), (tq,))
+    for plain in PLAIN:
+        with jvp_sdpa(plain=plain), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = torch.func.jvp(f, (q,), (tq,))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), plain
+    assert sdpa_stats() == {}, sdpa_stats()
+
+
 # ----------------------------------------------------------------------------- transforms, autocast, wrappers
 def test_nested_transforms_fall_back_to_math_sdpa():
     """jvp of jvp, jacfwd, vmap with jvp: beyond the fused path's one tangent level, so stock math SDPA serves them
@@ -765,6 +838,60 @@ def test_activation_checkpointing():
                 torch.autograd.grad(loss_fn(out, tout.detach()), params)
 
 
+def test_checkpoint_detection_is_precise():
+    """Only a call that saves tensors inside a non-reentrant checkpoint region falls back: other saved-tensor hooks
+    (save_on_cpu), a checkpointed call whose q / k / v need no gradient, and one under no_grad inside the region are
+    served; with patch_sdpa(plain="fastdistill") innermost, checkpointed calls are served too (the recomputation
+    is), with patch_sdpa() (plain="sdpa") innermost over it they fall back."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v, *_ = _qkv((1, 2, 5, 8), (1, 2, 6, 8), seed=9)
+    qg = q.clone().requires_grad_()
+    want = STOCK(q, k, v)
+    sdpa_ = lambda x: F.scaled_dot_product_attention(x, k, v)
+
+    def in_region(fn):
+        out = {}
+
+        def body(x):
+            out["o"] = fn(x)
+            return x * 2
+        checkpoint(body, qg, use_reentrant=False)
+        return out["o"]
+
+    cases = {
+        "save_on_cpu": lambda: _with(torch.autograd.graph.save_on_cpu(), lambda: sdpa_(qg)),
+        "constants in a checkpoint region": lambda: in_region(lambda x: sdpa_(q)),
+        "no_grad in a checkpoint region": lambda: in_region(lambda x: _with(torch.no_grad(), lambda: sdpa_(x))),
+    }
+    for name, run in cases.items():
+        sdpa_stats(reset=True)
+        with jvp_sdpa(plain="fastdistill"), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            o = run()
+        assert sdpa_stats() == {"plain": 1}, (name, sdpa_stats())
+        _close(o, want, what=name)
+    for order, expect in ((("sdpa", "fastdistill"), {"plain": 1}),
+                          (("fastdistill", "sdpa"), {"fallback: " + _sdpa_mod._CHECKPOINT_REASON: 1})):
+        sdpa_stats(reset=True)
+        for plain in order:
+            patch_sdpa(plain=plain)
+        try:
+            with jvp_sdpa(plain="fastdistill"), warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                o = in_region(sdpa_)
+        finally:
+            unpatch_sdpa()
+            unpatch_sdpa()
+        assert sdpa_stats() == expect, (order, sdpa_stats())
+        _close(o, want, what=str(order))
+
+
+def _with(ctx, fn):
+    with ctx:
+        return fn()
+
+
 def _fsdp2_worker(rank: int, world: int, rendezvous: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -840,6 +967,61 @@ def test_zero_heads_and_empty_head_dims_fall_back():
             got = torch.func.jvp(f, (q,), (tq,))
         assert [x.shape for x in got] == [x.shape for x in ref]
     assert sdpa_stats() == {"fallback: zero heads or an empty head dim": 2}
+
+
+def _nested(*lens, heads=2, dim=8):
+    return torch.nested.nested_tensor([torch.randn(n, heads, dim, dtype=F64) for n in lens],
+                                      layout=torch.jagged).transpose(1, 2)
+
+
+UNSERVED_INPUTS = {
+    # reason (the start of the fallback's): a (q, k, v, sdpa kwargs) factory; each call gives stock math SDPA's result
+    # or its error
+    "ranks 2/2/2": lambda: (*_qkv((5, 8), (6, 8), seed=8)[:3], {}),  # stock SDPA takes [L, E] too
+    "dtypes torch.float64/torch.float64/torch.float32": lambda: (*_qkv((1, 2, 5, 8), (1, 2, 6, 8))[:2],
+                                                                 torch.randn(1, 2, 6, 8), {}),
+    "batch dims broadcast (keys)": lambda: (*_qkv((1, 2, 5, 8), (1, 2, 6, 8))[:2], torch.randn(1, 2, 7, 8, dtype=F64),
+                                            {}),
+    "batch dims broadcast (heads)": lambda: (*_qkv((1, 2, 5, 8), (1, 2, 6, 8))[:2],  # stock broadcasts v's one head
+                                             torch.randn(1, 1, 6, 8, dtype=F64), {}),
+    "nested tensors": lambda: (_nested(3, 4), _nested(3, 4), _nested(3, 4), {}),
+    "attn_mask is a nested tensor": lambda: (*_qkv((2, 2, 5, 8), (2, 2, 5, 8))[:3], {
+        "attn_mask": torch.nested.as_nested_tensor([torch.ones(2, 5, 5, dtype=torch.bool)] * 2)}),
+}
+
+
+@pytest.mark.parametrize("name", list(UNSERVED_INPUTS))
+def test_unserved_inputs_fall_back_to_stock(name):
+    """Query / key / value / mask that fastdistill does not serve (another rank, mixed dtypes, key and value shapes
+    that differ, nested tensors, a nested mask): a counted fallback naming the reason, with stock math SDPA's result
+    or its exact error (never fastdistill's own error for a call stock SDPA runs, nor a served call). With a tangent
+    where forward-AD takes the inputs; nested query / key / value as a plain call under plain="fastdistill"."""
+    torch.manual_seed(0)
+    q, k, v, kw = UNSERVED_INPUTS[name]()
+    reason = name.split(" (")[0]
+    f, prim, tans = (lambda q: F.scaled_dot_product_attention(q, k, v, **kw)), (q,), None if q.is_nested else (
+        torch.randn_like(q),)
+    call = (lambda: f(*prim)) if tans is None else (lambda: torch.func.jvp(f, prim, tans))
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            want, want_err = call(), None
+    except RuntimeError as e:
+        want, want_err = None, e
+    with jvp_sdpa(plain="fastdistill"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        if want_err is None:
+            got = call()
+        else:
+            with pytest.raises(type(want_err)) as err:
+                call()
+            assert str(err.value) == str(want_err)
+    stats = sdpa_stats()
+    assert len(stats) == 1 and next(iter(stats)).startswith("fallback: " + reason), stats
+    assert any(reason in str(w.message) for w in seen)
+    if want_err is None:
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            a, b = (a.values(), b.values()) if a.is_nested else (a, b)
+            assert torch.equal(a, b), name
 
 
 def test_wrapper_installed_over_the_patch_does_not_recurse():

@@ -402,7 +402,9 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
                          tangent=tangent)
     if _options_stock_decides(dropout_p, is_causal, scale, enable_gqa):
         return _stock(*args, tangent=tangent)
-    if not tangent and _stack() and not _global_serves_plain() and _checkpointed(query, key, value):
+    # (a plain call here runs under jvp_sdpa(plain="fastdistill") or patch_sdpa(plain="fastdistill"); the latter
+    # serves the recomputation in backward too)
+    if not tangent and not _global_serves_plain() and _checkpointed(query, key, value):
         return _fallback(_CHECKPOINT_REASON, *args, tangent=False)
     query, key, value = autocast_cast(query, key, value)  # as stock SDPA (autocast's lower-precision list)
     if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
