@@ -472,9 +472,11 @@ def _bad_cases():
     return {
         "k-head-dim": (dict(k=k[..., :4]), ValueError, r"^k: head dim 4"),
         "k-batch": (dict(k=torch.cat([k, k])), ValueError, r"k, v: batch"),
+        "v-batch": (dict(v=torch.cat([v, v])), ValueError, r"k, v: batch sizes 1, 2"),
         "v-keys": (dict(v=v[:, :3]), ValueError, r"^v: \(heads, keys\)"),
         "v-heads": (dict(v=v[:, :, :1]), ValueError, r"^v: \(heads, keys\)"),
         "tq-shape": (dict(tq=tq[:, :3]), ValueError, r"^tq: shape"),
+        "tq-head-dim": (dict(tq=torch.randn(1, 4, 4, 9)), ValueError, r"^tq: shape \(1, 4, 4, 9\) differs"),
         "tk-dtype": (dict(tk=tk.double()), TypeError, r"^tk: dtype float64"),
         "tv-device": (dict(tv=tv.to("meta")), ValueError, r"^tv: device meta"),
         "tq-not-a-tensor": (dict(tq=[1.0]), TypeError, r"^tq: expected a torch.Tensor or None"),
@@ -499,6 +501,7 @@ def _bad_cases():
                                 r"^scale: 1e-310 is subnormal in float64"),
         # float(scale) parsed a string; a tensor that requires grad (a learnable temperature) silently got no gradient
         "scale-str": (dict(scale="0.5"), TypeError, r"^scale: expected a float, got str"),
+        "scale-bool": (dict(scale=True), TypeError, r"^scale: expected a float, got bool"),
         "scale-requires-grad": (dict(scale=torch.tensor(0.5, requires_grad=True)), ValueError, r"^scale: requires"),
         "tangent_dtype": (dict(tangent_dtype=torch.float16), ValueError, r"^tangent_dtype"),
         "tangent_dtype-int": (dict(tangent_dtype=torch.int32), ValueError, r"^tangent_dtype"),
@@ -522,6 +525,24 @@ def test_bad_inputs(use, name):
         fd.jvp_attention(a["q"], a["k"], a["v"], a["tq"], a["tk"], a["tv"], **opts)
 
 
+def test_scale_zero_is_uniform_attention(use):
+    """scale=0 (accepted, unlike a subnormal scale): every key weighs the same, o is the mean of v over the keys a
+    query sees (bottom-right causal: query i of Sq sees Sk − Sq + i + 1 keys), its tangent the mean of tv (Ṡ = 0),
+    dlse 0 and lse = ln(keys seen)."""
+    q, k, v, tq, tk, tv = qkv(B=1, Sq=3, Sk=5, Hq=2, Hkv=1, D=8, Dv=8, seed=19)
+    for causal in (False, True):
+        o, to, lse, dlse = fd.jvp_attention(q, k, v, tq, tk, tv, scale=0, causal=causal, return_lse=True)
+        seen = torch.tensor([5, 5, 5] if not causal else [3, 4, 5])
+        keep = (torch.arange(5)[None, :] < seen[:, None]).double()  # [Sq, Sk]
+        want_o = torch.einsum("ij,bjd->bid", keep, v[:, :, 0].double()) / seen[None, :, None]
+        want_t = torch.einsum("ij,bjd->bid", keep, tv[:, :, 0].double()) / seen[None, :, None]
+        for h in range(2):
+            assert torch.allclose(o[:, :, h].double(), want_o, atol=1e-6), causal
+            assert torch.allclose(to[:, :, h].double(), want_t, atol=1e-6), causal
+        assert torch.allclose(lse.double(), seen.double().log().expand(1, 2, 3), atol=1e-6)
+        assert torch.equal(dlse, torch.zeros_like(dlse))
+
+
 def test_head_dim_512():
     """Triton refuses head dims > 256 (the error lists every backend's reasons); the reference runs them."""
     q, k, v, tq, tk, tv = qkv(B=1, Sq=3, Sk=4, Hq=1, Hkv=1, D=512, Dv=512, seed=14)
@@ -530,6 +551,11 @@ def test_head_dim_512():
     msg = str(info.value)
     assert "head dim 512 > 256" in msg and "triton:" in msg and "reference: ok" in msg, msg
     assert any("head dim 512" in r for r in fd.available_backends("jvp_attention", q, head_dims=(512, 512))["triton"])
+    # a value head dim past 256 with a small query / key one: refused for the value's
+    q2, k2, v2, *_ = qkv(B=1, Sq=3, Sk=4, Hq=1, Hkv=1, D=64, Dv=512, seed=14)
+    with fd.use_backend("triton"), pytest.raises(fd.BackendUnavailableError, match="head dim 512 > 256"):
+        fd.jvp_attention(q2, k2, v2)
+    assert any("head dim 512" in r for r in fd.available_backends("jvp_attention", q2, head_dims=(64, 512))["triton"])
     with fd.use_backend("reference"):
         o, to = fd.jvp_attention(q, k, v, tq, tk, tv)
     exact, plain = exact_and_plain(q, k, v, tq, tk, tv)
