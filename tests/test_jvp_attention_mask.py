@@ -314,6 +314,8 @@ def test_key_mask_errors():
         ("kv heads", torch.ones(1, 2, 5, dtype=torch.bool), ValueError, r"key_mask: shape \(1, 2, 5\)"),
         ("2-D", torch.ones(2, 5, dtype=torch.bool), ValueError, "2-D is ambiguous"),
         ("query dim", torch.ones(2, 1, 5, 5, dtype=torch.bool), ValueError, "varies along the query dimension"),
+        ("expanded to another query count", torch.ones(2, 1, 1, 5, dtype=torch.bool).expand(2, 1, 6, 5), ValueError,
+         r"key_mask: shape \(2, 1, 6, 5\)"),
         ("requires grad", torch.zeros(2, 1, 1, 5, requires_grad=True), ValueError, "requires grad"),
         ("device", torch.zeros(2, 1, 1, 5, device="meta"), ValueError, "key_mask: device meta"),
         # SDPA's rule (bool, float32 or q's dtype): a float64 bias on float32 inputs was rounded to float32 by both
