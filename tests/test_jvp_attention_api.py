@@ -923,7 +923,8 @@ def test_outputs_follow_q_layout_and_no_zero_gradients(use):
 
 def test_compile_forward_ad_lse_and_rows_without_keys(use):
     """The compiled forward-AD path (math in the graph) keeps the contract: lse and dlse, rows that see no key
-    (causal, Sq > Sk) give o = 0, to = 0, lse = -inf, dlse = 0 and no NaN; GQA; equal to the eager fused pass."""
+    (causal, Sq > Sk) give o = 0, to = 0, lse = -inf, dlse = 0 and no NaN; GQA; equal to the eager fused pass. The
+    gradient pass through it (causal and a key mask that masks a whole sample) has no NaN and matches the eager one."""
     q, k, v, tq, tk, tv = qkv(Sq=11, Sk=6, Hq=4, Hkv=2, seed=29)
 
     def f(q, k, v):
@@ -942,15 +943,19 @@ def test_compile_forward_ad_lse_and_rows_without_keys(use):
     fin = torch.isfinite(eager[2])
     assert torch.equal(fin, torch.isfinite(lse)) and torch.allclose(lse[fin], eager[2][fin], rtol=1e-5, atol=1e-6)
     # the gradient pass through the same compiled JVP (MeanFlow's one forward): no NaN from the rows without keys
+    # (causal, and a key mask that masks every key of the second sample: its scores are -inf before any fill)
+    km = torch.tensor([[True] * 6, [False] * 6])[:, None, :]
+    g = lambda q, k, v: fd.jvp_attention(q, k, v, causal=True, key_mask=km)[0]
     grads = []
     for run in ("eager", "compiled"):
         x = [t.clone().requires_grad_() for t in (q, k, v)]
         if run == "eager":
-            out = fd.jvp_attention(*x, tq, tk, tv, causal=True)[0]
+            out = fd.jvp_attention(*x, tq, tk, tv, causal=True, key_mask=km)[0]
         else:
-            out = torch.compile(lambda q, k, v: torch.func.jvp(f, (q, k, v), (tq, tk, tv))[0][0], backend="aot_eager",
+            out = torch.compile(lambda q, k, v: torch.func.jvp(g, (q, k, v), (tq, tk, tv))[0], backend="aot_eager",
                                 fullgraph=True)(*x)
             torch._dynamo.reset()
+        assert (out[1] == 0).all()
         out.square().sum().backward()
         grads.append([t.grad for t in x])
     for name, a, b in zip(("dq", "dk", "dv"), grads[1], grads[0]):
