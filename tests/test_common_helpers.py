@@ -60,6 +60,9 @@ def test_rows_overlap():
     assert cm.rows_overlap(torch.randn(1, C).expand(6, C))
     assert cm.rows_overlap(torch.randn(4 * C).as_strided((4, C), (C - 1, 1)))  # rows one element apart too close
     assert not cm.rows_overlap(torch.randn(4 * C).as_strided((4, C), (C, 1)))  # rows exactly adjacent
+    # padded rows (stride C + 1): a group spans 2 (C + 1) + C elements, and the next group may start right there
+    assert not cm.rows_overlap(torch.randn(6 * C + 6).as_strided((2, 3, C), (3 * C + 2, C + 1, 1)))
+    assert cm.rows_overlap(torch.randn(6 * C + 6).as_strided((2, 3, C), (3 * C + 1, C + 1, 1)))
     assert not cm.rows_overlap(_grouped(C=C)[0])
     assert not cm.rows_overlap(torch.randn(7, 3, C).transpose(0, 1))  # seq-first logits, transposed
     assert cm.rows_overlap(torch.randn(3, C).unsqueeze(0).expand(2, 3, C))  # the same rows in each group
@@ -235,6 +238,10 @@ def test_first_order_double_backward_raises():
     assert torch.equal(g, 2 * x) and g.requires_grad
     with pytest.raises(RuntimeError, match="toy: double backward is not supported"):
         g.sum().backward()
+    # a second backward that reaches the gradient with zeros only (a penalty weighted 0): no term is lost, no error
+    (g0,) = torch.autograd.grad(Sq.apply(x).sum(), x, create_graph=True)
+    (g0 * 0.0).sum().backward()
+    assert x.grad is None or torch.equal(x.grad, torch.zeros_like(x))
     (g2,) = torch.autograd.grad(Sq.apply(x).sum(), x)  # a plain backward: no graph
     assert torch.equal(g2, 2 * x) and not g2.requires_grad
 
