@@ -304,6 +304,12 @@ def test_other_ops_bad_args():
         fd.sid_loss(x, [f], c)
     with pytest.raises(ValueError, match="y itself cannot be a term"):
         fd.sid_loss(x, ([x, f], [1.0, 1.0]), c)
+    with pytest.raises(ValueError, match="y itself cannot be a term"):  # among the fake terms too
+        fd.sid_loss(x, f, ([c, x], [1.0, 1.0]))
+    with pytest.raises(ValueError, match="norm_coeffs / norm_terms: given, but norm=None"):  # norm_terms alone too
+        fd.score_distill(x, [f, c], [1.0, -1.0], norm=None, norm_terms=[c])
+    # a [terms, coeffs] list is the same pair as a tuple
+    assert torch.equal(fd.sid_loss(x, [[f], [1.0]], [[c], [1.0]]), fd.sid_loss(x, f, c))
     with pytest.raises(ValueError, match="logvar: expected shape"):
         fd.scm_tangent_loss(x, [f], [1.0], logvar=torch.zeros(5))
     with pytest.raises(ValueError, match="sample_reduction"):
