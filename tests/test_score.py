@@ -193,7 +193,7 @@ def test_score_distill_fp64(use, shape, case):
     assert_rel(x.grad, xr.grad, 1e-11, "grad")
 
 
-@pytest.mark.parametrize("coef_kind", ["floats", "vector", "per-sample", "shared-term"])
+@pytest.mark.parametrize("coef_kind", ["floats", "vector", "per-sample", "shared-term", "empty-norm-terms"])
 def test_score_distill_coefficient_forms(use, coef_kind):
     x, (f, c, u, xt), g = make(2, (3, 9), 4)
     B = 2
@@ -205,7 +205,10 @@ def test_score_distill_coefficient_forms(use, coef_kind):
         co, nco = torch.randn(B, 3, generator=g, dtype=F64), torch.randn(B, 3, generator=g, dtype=F64)
     full = lambda v: v if isinstance(v, torch.Tensor) and v.dim() == 2 else torch.as_tensor(v, dtype=F64).expand(B, 3)
     nterms = [c, u, xt]
-    if coef_kind == "shared-term":  # the same tensor twice in one list: coefficients add up
+    if coef_kind == "empty-norm-terms":  # an empty reference list is a zero reference (w = mean|x|), not `terms`
+        loss = fd.score_distill(x, [f, c, u], co, norm_terms=[], norm_coeffs=[], accum_dtype=F64)
+        ref, xr = oracle_score(x, [f, c, u], co, norm_terms=[], norm_coeffs=None)
+    elif coef_kind == "shared-term":  # the same tensor twice in one list: coefficients add up
         loss = fd.score_distill(x, [f, c, c], co, norm_terms=nterms, norm_coeffs=nco, accum_dtype=F64)
         ref, xr = oracle_score(x, [f, c, c], full(co), norm_terms=nterms, norm_coeffs=full(nco))
     else:
