@@ -193,6 +193,11 @@ def _args():
     (lambda a: a.update(phi="pseudo_huber", huber_c=1e-23, accum_dtype=torch.float32),
      r"huber_c: 1e-23 is below 1.08e-19"),
     (lambda a: a.update(norm_clamp=float("inf")), r"norm_clamp: expected a finite number"),
+    # c <= 0 is refused as such (not as "below the normal range": c = 0 or -1 is no rounding question)
+    (lambda a: a.update(phi="pseudo_huber", huber_c=0.0), r"^huber_c: expected > 0, got 0.0"),
+    (lambda a: a.update(phi="pseudo_huber", huber_c=-1.0, accum_dtype=torch.float64), r"^huber_c: expected > 0"),
+    # no term anywhere (norm=None: no reference list either): d would be 0 for every sample
+    (lambda a: a.update(terms=[], coeffs=[], norm=None, norm_coeffs=None), r"^terms: expected at least one tensor"),
 ])
 def test_score_distill_bad_args(mutate, match):
     x, f, c = _args()
@@ -325,6 +330,8 @@ def test_other_ops_bad_args():
         fd.scm_tangent_loss(x, [f], [1.0], weight=[1.0, 2.0])
     with pytest.raises(ValueError, match="c: expected a finite number"):
         fd.scm_tangent_loss(x, [f], [1.0], c=float("nan"))
+    with pytest.raises(ValueError, match=r"^c: expected >= 0, got -0.5"):  # ‖g‖ + c could be 0 or negative
+        fd.scm_tangent_loss(x, [f], [1.0], c=-0.5)
     with pytest.raises(TypeError, match="f_coeff: expected a float or a per-sample tensor"):
         fd.scm_tangent_loss(x, [f], [1.0], f_coeff="1")
     with pytest.raises(ValueError, match="w_clamp: expected a finite number"):
@@ -870,13 +877,17 @@ def test_one_element_weight_tensor_is_the_batch_weight():
     """A one-element weight tensor weighs every sample (before: it worked at B = 1 only, and raised "expected shape
     [3]" at B = 3, while the docs listed it among the float options that accept one)."""
     g = torch.Generator().manual_seed(2)
-    F_ = torch.randn(3, 8, generator=g, dtype=F64)
-    T = [torch.randn(3, 8, generator=g, dtype=F64)]
-    pred = torch.randn(3, 8, generator=g, dtype=F64)
-    for w in (torch.tensor(2.5, dtype=F64), torch.tensor([2.5], dtype=F64)):
-        assert torch.equal(fd.scm_tangent_loss(F_, T, [1.0], weight=w), fd.scm_tangent_loss(F_, T, [1.0], weight=2.5))
-        assert torch.equal(fd.denoise_regression_loss(pred, T, [1.0], weight=w),
-                           fd.denoise_regression_loss(pred, T, [1.0], weight=2.5))
+    for B in (2, 3):  # (any B > 1)
+        F_ = torch.randn(B, 8, generator=g, dtype=F64)
+        T = [torch.randn(B, 8, generator=g, dtype=F64)]
+        pred = torch.randn(B, 8, generator=g, dtype=F64)
+        for w in (torch.tensor(2.5, dtype=F64), torch.tensor([2.5], dtype=F64)):
+            assert torch.equal(fd.scm_tangent_loss(F_, T, [1.0], weight=w),
+                               fd.scm_tangent_loss(F_, T, [1.0], weight=2.5))
+            assert torch.equal(fd.denoise_regression_loss(pred, T, [1.0], weight=w),
+                               fd.denoise_regression_loss(pred, T, [1.0], weight=2.5))
+            assert torch.equal(fd.score_distill(pred, T, [1.0], norm=None, sample_weight=w),
+                               fd.score_distill(pred, T, [1.0], norm=None, sample_weight=2.5))
 
 
 _SCHEDULES = {  # a float option given a new value every step
