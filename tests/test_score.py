@@ -267,13 +267,15 @@ def test_sid_loss_fp64(use, shape, reduction):
     assert xt.grad is None
 
 
-def test_sid_loss_plain_tensors(use):
+@pytest.mark.parametrize("w", [dict(), dict(w_clamp=1.13, w_eps=0.05)], ids=["default-w", "clamp-eps"])
+def test_sid_loss_plain_tensors(use, w):
+    """(``w_clamp`` 1.13: about the mean |y − f_r| of these draws, so it clamps some samples and not others.)"""
     y, (fr, ff), _ = make(4, (2, 50), 2, seed=2)
     fr.requires_grad_()
     ff.requires_grad_()
-    loss = fd.sid_loss(y, fr, ff, alpha=1.0, accum_dtype=F64)
+    loss = fd.sid_loss(y, fr, ff, alpha=1.0, accum_dtype=F64, **w)
     one = torch.ones(4, 1, dtype=F64)
-    ref, yr, leaves = oracle_sid(y, ([fr], one), ([ff], one), alpha=1.0)
+    ref, yr, leaves = oracle_sid(y, ([fr], one), ([ff], one), alpha=1.0, **w)
     assert_rel(loss.detach(), ref.detach(), 1e-11)
     loss.backward()
     ref.backward()
