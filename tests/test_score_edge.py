@@ -30,6 +30,9 @@ def test_empty(use, shape, reduction):
                lambda: fd.sid_loss(x, t[0], t[1])):
         out = fn()
         assert torch.all(out == 0) and not torch.isnan(out).any()
+    # an empty sample holds nothing non-finite: not bad, normaliser 0 (not the 0/0 of a mean over no elements)
+    _, stats = fd.score_distill(x, t, [1.0, -1.0], norm_coeffs=[1.0, 0.0], reduction=reduction, return_stats=True)
+    assert not stats["bad"].any() and torch.equal(stats["normalizer"], torch.zeros(shape[0]))
 
 
 # ----------------------------------------------------------------------------- NaN / inf policies
@@ -170,11 +173,20 @@ def _args():
      r"terms\[1\]: expected device"),
     (lambda a: a.update(coeffs=[1.0, 2.0, 3.0]), r"^coeffs: expected 2 coefficients"),
     (lambda a: a.update(coeffs=torch.ones(3, 2)), r"^coeffs: expected shape \[2\] or \[2, 2\]"),
+    (lambda a: a.update(coeffs=torch.ones(3)), r"^coeffs: expected shape \[2\] or \[2, 2\]"),
+    (lambda a: a.update(coeffs=torch.ones(2, dtype=torch.int64)), r"^coeffs: expected a floating dtype"),
+    # a list with a tensor among its entries
+    (lambda a: a.update(coeffs=[torch.ones(2), 1.0, 2.0]), r"^coeffs: expected 2 coefficients"),
+    (lambda a: a.update(coeffs=[torch.ones(2, dtype=torch.int64), 1.0]), r"^coeffs\[0\]: expected a floating"),
+    (lambda a: a.update(coeffs=[1.0, torch.ones(2, device="meta")]), r"^coeffs\[1\]: expected device cpu"),
     (lambda a: a.update(norm_coeffs=None), r"norm_coeffs: required"),
     (lambda a: a.update(reduction="avg"), r"reduction: expected one of"),
     (lambda a: a.update(nan="ignore"), r"nan: expected one of"),
     (lambda a: a.update(norm="l1"), r"norm: expected one of"),
     (lambda a: a.update(sample_weight=torch.ones(3)), r"sample_weight: expected shape \[2\]"),
+    (lambda a: a.update(sample_weight=torch.ones(1, 2)), r"^sample_weight: expected shape \[2\] .*got \(1, 2\)"),
+    (lambda a: a.update(sample_weight=torch.ones(2, dtype=torch.int64)), r"^sample_weight: expected a floating"),
+    (lambda a: a.update(terms=[a["terms"][0], torch.randn(2, 4, 3)]), r"^terms\[1\]: expected shape \(2, 3, 4\)"),
     (lambda a: a.update(mask=torch.ones(2, 3, 4)), r"mask: expected a bool tensor"),
     (lambda a: a.update(mask=torch.ones(2, 5, dtype=torch.bool)), r"mask: shape .* does not broadcast"),
     (lambda a: a.update(x=torch.tensor(1.0)), r"x: expected a tensor of shape \[B, ...\]"),
@@ -248,6 +260,13 @@ def test_multi_dim_mask_of_batch_length():
     assert loss(keep[:, None]) != loss(keep[None])  # the two readings differ here
     # fewer dims whose first is not the batch size: unambiguous, as before
     assert torch.equal(loss(keep[0]), loss(keep[0].expand(x.shape).clone()))
+    # a 2-D mask [B, W] on x [B, B, W]: the same ambiguity with the fewest dims it can have
+    x2, f2 = x[:, :, 0], f[:, :, 0]
+    with pytest.raises(ValueError, match=r"mask: shape \(3, 2\) has fewer dims .* as x's dim 1"):
+        fd.score_distill(x2, [f2], [-1.0], norm=None, mask=keep[:, :, 0], reduction="sum")
+    # B = 1: both readings are one, so no error (a [1, W] mask on x [1, 1, W])
+    one = lambda m: fd.score_distill(x2[:1, :1], [f2[:1, :1]], [-1.0], norm=None, mask=m, reduction="sum")
+    assert torch.equal(one(keep[:1, 0]), one(keep[:1, 0][:, None]))
 
 
 def test_tiny_huber_c_in_fp64(use):
@@ -334,6 +353,10 @@ def test_other_ops_bad_args():
         fd.scm_tangent_loss(x, [f], [1.0], c=-0.5)
     with pytest.raises(TypeError, match="f_coeff: expected a float or a per-sample tensor"):
         fd.scm_tangent_loss(x, [f], [1.0], f_coeff="1")
+    with pytest.raises(ValueError, match="^f_coeff: expected device cpu"):
+        fd.scm_tangent_loss(x, [f], [1.0], f_coeff=torch.ones(2, device="meta"))
+    with pytest.raises(ValueError, match="^pred_coeff: expected device cpu"):
+        fd.denoise_regression_loss(x, [f], [1.0], pred_coeff=torch.tensor(1.0, device="meta"))
     with pytest.raises(ValueError, match="w_clamp: expected a finite number"):
         fd.sid_loss(x, f, c, w_clamp=float("nan"))
     fd.sid_loss(x, f, c, alpha=torch.tensor(1.2))  # a 0-d CPU tensor is a number (no host sync)
@@ -961,6 +984,11 @@ def test_compiled_options_and_per_sample_coeffs():
                           fullgraph=True, backend=backend)
         with pytest.raises(Exception, match=r"scale: pass a Python float under torch.compile"):
             h(x)
+        # nan="raise" reads the bad flags on the host: refused by name under torch.compile
+        r = torch.compile(lambda x: fd.score_distill(x, t, [1.0, -1.0], norm=None, nan="raise"), fullgraph=True,
+                          backend=backend)
+        with pytest.raises(Exception, match=r"score_distill: nan='raise' needs a host synchronisation"):
+            r(x)
     dynamo.reset()
 
 
@@ -1070,3 +1098,46 @@ def test_score_distill_broadcast_shaped_coefficients_and_scalar_sample_weight(us
     for sw in (0.7, torch.tensor(0.7, dtype=F64), torch.tensor([0.7], dtype=F64)):
         got = run([C, -C], [C, A], sw)
         assert torch.allclose(got[0], want[0], rtol=1e-14) and torch.allclose(got[1], want[1], rtol=1e-14), sw
+
+
+def test_at_most_eight_distinct_terms():
+    """The kernels read at most 8 distinct term tensors; a tensor in both lists (terms, norm_terms) counts once, so
+    8 distinct tensors referenced 10 times are served, and equal the fp64 oracle; 9 distinct ones raise."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 12, generator=g, dtype=F64, requires_grad=True)
+    ts = [torch.randn(2, 12, generator=g, dtype=F64) for _ in range(9)]
+    co, nco = [0.1 * (k + 1) for k in range(8)], [1.0, -0.5]
+    loss = fd.score_distill(x, ts[:8], co, norm_terms=ts[6:8], norm_coeffs=nco, accum_dtype=F64)
+    full = lambda v: torch.tensor(v, dtype=F64).expand(2, len(v))
+    ref, xr = oracle_score(x, ts[:8], full(co), norm_terms=ts[6:8], norm_coeffs=full(nco))
+    assert_rel(loss.detach(), ref.detach(), 1e-12, "loss")
+    with pytest.raises(ValueError, match="at most 8 distinct term tensors are supported, got 9"):
+        fd.score_distill(x, ts[:8], co, norm_terms=ts[7:9], norm_coeffs=nco)
+
+
+@pytest.mark.parametrize("lv_grad", [True, False], ids=["logvar-grad", "logvar-const"])
+def test_compiled_scm_with_logvar(use, lv_grad):
+    """torch.compile(fullgraph=True) of scm_tangent_loss with a per-sample logvar, reduction="none" and an upstream
+    gradient that is not 1: loss, ∂F and ∂logvar equal eager's. A mutation check found the compiled path's logvar
+    gradient never compared (dropping the upstream factor passed the suite)."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    F_ = torch.randn(3, 16, generator=g, requires_grad=True)
+    T = [torch.randn(3, 16, generator=g) for _ in range(2)]
+    lv = torch.randn(3, generator=g).requires_grad_(lv_grad)
+    up = torch.randn(3, generator=g)
+
+    def step(F_, lv):
+        return fd.scm_tangent_loss(F_, T, [1.0, -0.5], logvar=lv, reduction="none")
+
+    inputs = [F_, lv] if lv_grad else [F_]
+    got_loss = torch.compile(step, fullgraph=True, backend="aot_eager")(F_, lv)
+    want_loss = step(F_, lv)
+    got = torch.autograd.grad(got_loss, inputs, up)
+    want = torch.autograd.grad(want_loss, inputs, up)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-6, atol=0)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+    dynamo.reset()
