@@ -1279,3 +1279,26 @@ def check_row_offsets_past_2_31(topk: bool = True) -> None:
         z = _SameStorage.apply(s_store.detach().requires_grad_()).as_strided(shape, strides, off)
         gz, = torch.autograd.grad(fd.kd_loss(z, t, divergence="jsd", beta=0.3, inplace_grad=True), z)
         assert torch.equal(gz, g_jsd) and torch.equal(s, g_jsd), (shape, "inplace_grad")
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "jsd", "tvd"])
+def test_weights_are_taken_as_given(use, divergence):
+    """docs/kd_ops.md: weights are used as given (checking them would need a host synchronisation). A negative
+    weight subtracts its row's term (loss and gradient as the fp64 oracle, "none" and "batchmean"); a NaN weight
+    makes the loss NaN: it shows, it is not dropped."""
+    s, t, _ = make((4,), 37, seed=3)
+    w = torch.tensor([1.0, -0.5, 2.0, -3.0], dtype=F64)
+    for reduction in ("none", "batchmean"):
+        x = s.clone().requires_grad_()
+        loss = fd.kd_loss(x, t, divergence=divergence, weights=w, reduction=reduction, accum_dtype=F64)
+        ref, xr = oracle_kd(s, t, divergence=divergence, weights=w, reduction=reduction)
+        assert_rel(loss.detach(), ref.detach(), RTOL, "loss")
+        up = upstream_for(ref)
+        loss.backward(up)
+        ref.backward(up)
+        assert_rel(x.grad, xr.grad, RTOL, "grad")
+    per_row = fd.kd_loss(s, t, divergence=divergence, weights=w, reduction="none", accum_dtype=F64)
+    assert (per_row[w < 0] < 0).all(), per_row  # a true divergence (> 0 here) times a negative weight
+    w_nan = w.clone()
+    w_nan[2] = math.nan
+    assert torch.isnan(fd.kd_loss(s, t, divergence=divergence, weights=w_nan, accum_dtype=F64))
