@@ -837,6 +837,7 @@ def _bad_cases():
     lab = torch.randint(0, 37, (5,))
     out_hi, out_lo = lab.clone(), lab.clone()
     out_hi[2], out_lo[2] = 37, -5
+    ids3, lps3 = torch.tensor([[0, 1, 2]] * 5), torch.full((5, 3), -2.0, dtype=F64)
     return {
         "teacher-rows": (dict(teacher_logits=t[:4]), "teacher_logits"),
         "student-1d": (dict(student_logits=s[0]), "student_logits"),
@@ -909,6 +910,23 @@ def _bad_cases():
         "topk-repeated-id-k2": (dict(teacher_logits=None, teacher_topk=(torch.tensor([[4, 5]] * 3 + [[6, 6]] * 2),
                                                                         torch.full((5, 2), -2.0, dtype=F64))),
                                 "teacher_topk ids: row 3 repeats an id"),
+        # the teacher's own checks (also run by the vocab-parallel losses: tests/test_vocab_parallel.py)
+        "teacher-int": (dict(teacher_logits=t.long()), "teacher_logits.*: expected a floating tensor"),
+        "teacher-and-topk": (dict(teacher_topk=(ids3, lps3)), "teacher_topk: give exactly one of them"),
+        "topk-not-a-pair": (dict(teacher_logits=None, teacher_topk=(ids3,)), "^teacher_topk: expected a pair"),
+        "topk-ids-float": (dict(teacher_logits=None, teacher_topk=(ids3.double(), lps3)),
+                           "^teacher_topk ids: expected an int64/int32 tensor"),
+        "topk-logprobs-int": (dict(teacher_logits=None, teacher_topk=(ids3, lps3.long())),
+                              "^teacher_topk logprobs: expected a floating tensor"),
+        "topk-ids-meta-device": (dict(teacher_logits=None, teacher_topk=(ids3.to("meta"), lps3)),
+                                 "^teacher_topk ids: expected device cpu"),
+        "topk-logprobs-meta-device": (dict(teacher_logits=None, teacher_topk=(ids3, lps3.to("meta"))),
+                                      "^teacher_topk logprobs: expected device cpu"),
+        "topk-rows": (dict(teacher_logits=None, teacher_topk=(ids3[:4], lps3[:4])),
+                      "^teacher_topk (ids|logprobs): expected leading dims"),
+        "topk-ids-logprobs-differ": (dict(teacher_logits=None, teacher_topk=(ids3, lps3[:, :2])),
+                                     r"^teacher_topk: ids \(5, 3\) and logprobs \(5, 2\) differ in shape"),
+        "labels-2d-same-count": (dict(labels=lab.view(1, 5)), r"^labels: expected shape \(5,\)"),
     }
 
 

@@ -203,6 +203,7 @@ VPTOPK_CASES = dict([
     K("vptopk-k4", kind="vptopk", k=4, temperature=1.5, layout="uneven"),
     K("vptopk-k7-wider-than-shard", kind="vptopk", k=7, layout="uneven", lead=(2, 3)),
     K("vptopk-equal", kind="vptopk", k=3),
+    K("vptopk-empty-shard", kind="vptopk", k=3, layout="empty"),  # the last rank holds no vocabulary
     K("vptopk-empty-batch", kind="vptopk", k=3, lead=(2, 0), layout="uneven"),  # raised on reshape before
     K("vptopk-neginf-ties-mixed", kind="vptopk", k=6, layout="mixed", topk_neginf=True, short=True),
     # rows of finfo(float32).min (HF-style fully masked) and of -1e30: log-probs -log V (before: 0, the ranks'
@@ -265,8 +266,19 @@ ERROR_CASES = dict([
     K("err-topk-k-zero", kind="error", match="teacher_topk: k = 0", bad="k0", layout="uneven"),
     K("err-vptopk-k", kind="error", match="k", bad="vptopk_k", layout="uneven"),
     K("err-not-a-member", kind="error", match="group", bad="group"),
+    K("err-vocab-start-negative", kind="error", match=r"^vocab_start: expected >= 0, got -1", bad="vs_negative"),
+    K("err-vocab-start-bool", kind="error", match=r"^vocab_start: expected an int .*got bool", bad="vs_bool"),
     K("err-fused-teacher-weight", kind="error", match="teacher_weight_shard", bad="fused_tw"),
     K("err-fused-chunk-size", kind="error", match="chunk_size", bad="fused_chunk"),
+    K("err-fused-weight-hidden-size", kind="error", match=r"^student_weight_shard: expected shape \[V_r, 6\]",
+      bad="fused_w_h"),
+    K("err-fused-weight-device", kind="error", match="^student_weight_shard: expected device cpu", bad="fused_w_dev"),
+    K("err-fused-teacher-hidden-alone", kind="error", match="^teacher_weight_shard: required with teacher_hidden",
+      bad="fused_th_alone"),
+    K("err-fused-teacher-hidden-device", kind="error", match="^teacher_hidden: expected device cpu",
+      bad="fused_th_dev"),
+    K("err-fused-teacher-hidden-rows", kind="error", match=r"^teacher_hidden: expected leading dims \(5,\)",
+      bad="fused_th_rows"),
     # a truthy string turned the hidden gradient's all_reduce on (the flag decides a collective)
     K("err-fused-reduce-hidden-grad-str", kind="error", match="^reduce_hidden_grad: expected a bool", bad="fused_rhg"),
     # torch-native TP users hold DTensors: before, a raw mixed-Tensor/DTensor error or one blaming another argument
@@ -572,6 +584,9 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
         lps, ids = d["t"].topk(4, -1)
         ids[1, 2] = 11
         f = lambda: vp.vocab_parallel_kd_loss(s, teacher_topk=(ids, lps), **kw)
+    elif bad in ("vs_negative", "vs_bool"):  # every rank alike: refused before any collective
+        kw["vocab_start"] = -1 if bad == "vs_negative" else True
+        f = lambda: vp.vocab_parallel_kd_loss(s, t, **kw)
     elif bad == "vptopk_k":
         f = lambda: vp.vocab_parallel_topk(t, 12, vocab_start=kw["vocab_start"])
     elif bad == "group":
@@ -632,6 +647,20 @@ def _error_case(c, d, rank, world, a, b, kw, vp):
     elif bad == "fused_rhg":
         f = lambda: vp.vocab_parallel_fused_linear_kd_loss(d["s"][..., :6], torch.zeros(b - a, 6, dtype=F64),
                                                            teacher_logits_shard=t, reduce_hidden_grad="no", **kw)
+    elif bad in ("fused_w_h", "fused_w_dev", "fused_th_alone", "fused_th_dev", "fused_th_rows"):
+        h, W = d["s"][..., :6], torch.zeros(b - a, 6, dtype=F64)
+        th, tW = d["s"][..., :5], torch.zeros(b - a, 5, dtype=F64)
+        if bad == "fused_w_h":
+            W = W[:, :5]
+        elif bad == "fused_w_dev":
+            W = W.to("meta")
+        elif bad == "fused_th_alone":
+            tW = None
+        elif bad == "fused_th_dev":
+            th = th.to("meta")
+        else:
+            th = th[:4]
+        f = lambda: vp.vocab_parallel_fused_linear_kd_loss(h, W, th, tW, **kw)
     elif bad == "fused_tw":
         f = lambda: vp.vocab_parallel_fused_linear_kd_loss(d["s"][..., :6], torch.zeros(b - a, 6, dtype=F64),
                                                            d["s"][..., :5], torch.zeros(b - a + 1, 5, dtype=F64))
