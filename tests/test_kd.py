@@ -916,6 +916,8 @@ def _bad_cases():
         "topk-not-a-pair": (dict(teacher_logits=None, teacher_topk=(ids3,)), "^teacher_topk: expected a pair"),
         "topk-ids-float": (dict(teacher_logits=None, teacher_topk=(ids3.double(), lps3)),
                            "^teacher_topk ids: expected an int64/int32 tensor"),
+        "topk-ids-int16": (dict(teacher_logits=None, teacher_topk=(ids3.short(), lps3)),
+                           "^teacher_topk ids: expected an int64/int32 tensor"),
         "topk-logprobs-int": (dict(teacher_logits=None, teacher_topk=(ids3, lps3.long())),
                               "^teacher_topk logprobs: expected a floating tensor"),
         "topk-ids-meta-device": (dict(teacher_logits=None, teacher_topk=(ids3.to("meta"), lps3)),
