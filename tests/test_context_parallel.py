@@ -350,8 +350,12 @@ def _extras(x: dict, W: int, r: int) -> dict:
     wsum = torch.arange(full.numel(), dtype=F64).reshape(full.shape) * sum(range(1, W + 1))
     out["zigzag_grad_ok"] = torch.equal(xs.grad, zigzag_shard(wsum, 1))
     out["err_zigzag_size"] = _expect_error(lambda: zigzag_shard(full[:, :3], 1))
+    out["err_zigzag_size_w"] = _expect_error(lambda: zigzag_shard(full[:, :W], 1))  # a multiple of W, not of 2W
+    out["err_zigzag_dim"] = _expect_error(lambda: zigzag_shard(full, -5))  # (before dim -4: out of range)
     q = torch.randn(1, 4, W + 1, D, dtype=F64)
     out["err_ulysses_heads"] = _expect_error(lambda: cp(q, q, q, mode="ulysses"))
+    qw, k1 = torch.randn(1, 4, W, D, dtype=F64), torch.randn(1, 4, 1, D, dtype=F64)  # MQA: one key/value head
+    out["err_ulysses_kv_heads"] = _expect_error(lambda: cp(qw, k1, k1, mode="ulysses"))
     k = torch.randn(1, 6, W + 1, D, dtype=F64)
     out["err_causal_lengths"] = _expect_error(lambda: cp(q, k, k, causal=True))
     out["err_zigzag_odd"] = _expect_error(lambda: cp(q[:, :3], q[:, :3], q[:, :3], causal=True,
@@ -397,6 +401,7 @@ def _extras(x: dict, W: int, r: int) -> dict:
         qd = fwAD.make_dual(qa.bfloat16(), ta.bfloat16())
         out["err_dual_tangent_dtype"] = _expect_error(lambda: cp(qd, ka.bfloat16(), va.bfloat16(),
                                                                  tangent_dtype=torch.float32))
+        out["err_dual_and_tangents"] = _expect_error(lambda: cp(qd, ka.bfloat16(), va.bfloat16(), ta.bfloat16()))
     # shards of different lengths on different ranks: caught by the agreement check on every rank
     qq = torch.randn(1, 4 + r, 2, D, dtype=F64)
     out["err_ranks_differ"] = _expect_error(lambda: cp(qq, qq, qq))
@@ -497,6 +502,14 @@ def _one_rank_differs(W: int, r: int, agree_group, local_group) -> dict:
     out["err_check_str_one_rank"] = _expect_error(lambda: cp(x, x, x, group=local_group, check="no" if odd else True))
     mo = torch.ones(5 if odd else 4, dtype=torch.bool)
     out["err_mask_len_one_rank"] = _expect_error(lambda: cp(x, x, x, group=local_group, key_mask=mo))
+    # two ranks fail, each with its own error (rank 0: an odd zigzag length; the last: heads for ulysses)
+    if r == 0:
+        two = lambda: cp(x[:, :3], x[:, :3], x[:, :3], group=local_group, causal=True, seq_layout="zigzag")
+    elif odd:
+        two = lambda: cp(h, h, h, group=local_group, mode="ulysses")
+    else:
+        two = lambda: cp(x, x, x, group=local_group)
+    out["err_two_ranks"] = _expect_error(two)
     out["usable_after_local_errors"] = usable(local_group)
     # 3. zigzag_unshard: a shard of odd length (a local error), of another length or dtype on the last rank only
     from fastdistill.distributed import zigzag_unshard
@@ -673,6 +686,10 @@ def test_zigzag_helpers(world):
     ("err_causal_lengths", "ValueError", "q, k: causal"),
     ("err_zigzag_odd", "ValueError", "even"),
     ("err_zigzag_size", "ValueError", "x: size 3"),
+    ("err_zigzag_size_w", "ValueError", "is not a multiple of 2 × world size"),
+    ("err_zigzag_dim", "ValueError", "dim: -5 is out of range for a 4-D tensor"),
+    ("err_ulysses_kv_heads", "ValueError", "k: mode='ulysses' spreads the heads over the group: 1 heads"),
+    ("err_dual_and_tangents", "ValueError", "tq, tk, tv: q/k/v already carry forward-AD tangents"),
     ("err_mode", "ValueError", "mode:"),
     ("err_group", "TypeError", "group:"),
     ("err_scale_str", "TypeError", "scale: expected a float, got str"),
@@ -696,6 +713,7 @@ def test_zigzag_helpers(world):
     ("err_double_backward", "RuntimeError", "double backward is not supported"),
     ("err_after_agreed_call", "ValueError", "q: local sequence length differs between the ranks"),
     ("err_scale_one_rank", "ValueError", "scale differs between the ranks"),
+    ("err_scale_one_rank", "ValueError", "0.3] on ranks 0.."),  # the values, not the float64's bits
     ("err_mode_one_rank", "ValueError", "'ring', 'ulysses'] on ranks 0.."),
     ("err_dtype_one_rank", "ValueError", "'torch.float64', 'torch.float32']"),
     ("err_requires_grad_one_rank", "ValueError", "requires_grad (grad mode on and q, k, v or a tangent requiring "
@@ -747,6 +765,18 @@ def test_local_error_of_one_rank_raised_on_every_rank(world, key):
         msg = ranks[r]["extras"][key]
         assert msg.startswith(own) and f"rank {W - 1} of the context-parallel group" in msg, \
             f"W={W} rank {r}: {key}: expected the message of rank {W - 1}, got {msg}"
+
+
+def test_local_errors_of_two_ranks(world):
+    """Ranks 0 and W − 1 fail their local checks with different errors: each raises its own, and every other rank the
+    first failing rank's (rank 0's) message, naming both."""
+    W, _, ranks = world
+    zig, uly = ranks[0]["extras"]["err_two_ranks"], ranks[W - 1]["extras"]["err_two_ranks"]
+    assert zig.startswith("ValueError: q, k: zigzag shards") and "context-parallel group" not in zig, zig
+    assert uly.startswith("ValueError: q: mode='ulysses'") and "context-parallel group" not in uly, uly
+    for r in range(1, W - 1):
+        msg = ranks[r]["extras"]["err_two_ranks"]
+        assert msg.startswith(zig) and f"ranks [0, {W - 1}] of the context-parallel group" in msg, (r, msg)
 
 
 @pytest.mark.parametrize("key", ["usable_after_mismatch", "usable_after_local_errors"])
