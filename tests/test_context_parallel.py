@@ -351,7 +351,7 @@ def _extras(x: dict, W: int, r: int) -> dict:
     out["zigzag_grad_ok"] = torch.equal(xs.grad, zigzag_shard(wsum, 1))
     out["err_zigzag_size"] = _expect_error(lambda: zigzag_shard(full[:, :3], 1))
     out["err_zigzag_size_w"] = _expect_error(lambda: zigzag_shard(full[:, :W], 1))  # a multiple of W, not of 2W
-    out["err_zigzag_dim"] = _expect_error(lambda: zigzag_shard(full, -5))  # (before dim -4: out of range)
+    out["err_zigzag_dim"] = _expect_error(lambda: zigzag_shard(full, -5))  # below -4, the lowest dim of a 4-D tensor
     q = torch.randn(1, 4, W + 1, D, dtype=F64)
     out["err_ulysses_heads"] = _expect_error(lambda: cp(q, q, q, mode="ulysses"))
     qw, k1 = torch.randn(1, 4, W, D, dtype=F64), torch.randn(1, 4, 1, D, dtype=F64)  # MQA: one key/value head
