@@ -108,11 +108,36 @@ def test_kdloss_module():
         KDLoss(divergence="jsd")
 
 
+@pytest.mark.parametrize("lead", [(2, 5), (10,)], ids=["3d", "2d"])
 @pytest.mark.parametrize("bad", ["shape", "device", "list"])
-def test_bad_labels_named(bad):
+def test_bad_labels_named(bad, lead):
     """Labels become kd_loss's mask here: a bad one is refused naming ``labels``, the argument the caller passed
-    (before: "mask: expected shape ..." / "mask: expected device ...", and a list raised AttributeError)."""
-    s, t, lab = _draw()
-    lab = {"shape": lab[:, :4], "device": lab.to("meta"), "list": lab.tolist()}[bad]
+    (before: "mask: expected shape ..." / "mask: expected device ...", and a list raised AttributeError), for
+    ``[n, V]`` logits as for ``[B, T, V]``."""
+    s, t, lab = _draw(lead)
+    lab = {"shape": lab[..., :4], "device": lab.to("meta"), "list": lab.tolist()}[bad]
     with pytest.raises((ValueError, TypeError), match="^labels: "):
         generalized_jsd_loss(s, t, lab)
+
+
+def test_flat_labels_with_three_dim_logits():
+    """``[B·T]`` labels for ``[B, T, V]`` logits (kd_loss's flat mask) give what the ``[B, T]`` labels give."""
+    s, t, lab = _draw(seed=5)
+    with fd.use_backend("reference"):
+        want = generalized_jsd_loss(s, t, lab, beta=0.4)
+        got = generalized_jsd_loss(s, t, lab.reshape(-1), beta=0.4)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("labels", [True, False], ids=["labels", "no-labels"])
+def test_empty_batch_is_zero(labels):
+    """No rows at all: batchmean is 0 with or without labels (Σ / max(n, 1); TRL divides 0 by 0), and its gradient
+    is empty, not NaN."""
+    s = torch.zeros(0, 37, dtype=F64, requires_grad=True)
+    t = torch.zeros(0, 37, dtype=F64)
+    lab = torch.zeros(0, dtype=torch.long) if labels else None
+    with fd.use_backend("reference"):
+        loss = generalized_jsd_loss(s, t, lab)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert s.grad.shape == (0, 37)
