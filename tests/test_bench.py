@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 import fastdistill
 from fastdistill.bench.runner import CSV_FIELDS, run
 
@@ -240,3 +242,50 @@ def test_git_sha_is_the_packages_checkout(tmp_path, monkeypatch):
     monkeypatch.delenv("FASTDISTILL_GIT_SHA", raising=False)
     monkeypatch.chdir(tmp_path)
     assert runner.git_sha().split("-")[0] == head.stdout.strip()
+
+
+def test_derived_columns_on_a_gpu(monkeypatch):
+    """The ratios the GPU table reports, from fixed timings (runner._measure replaced; no GPU needed): GB/s and the
+    fraction of the 4.2 TB/s floor for a bytes case, TFLOP/s and the fraction of 790 TFLOP/s for a FLOP case, the
+    speed-ups over the baseline and the anchor, and the FAILED bound (8x the baseline's error, at least 0.05)."""
+    from fastdistill.bench import runner
+
+    ms = {"eager": 4.0, "fastdistill": 1.25, "liger": 2.5, "fastdistill-bad": 2.0}
+    err = {"eager": 1e-2, "fastdistill": 7.9e-2, "liger": 1e-3, "fastdistill-bad": 8.1e-2}
+
+    def fake(case, name, fn, device, quick):
+        return {"provider": name, "ms": ms[name], "ms_p20": ms[name], "ms_p80": ms[name], "extra_peak_mb": 1.0,
+                "rel_err": err[name], "note": [], "raised": False}
+
+    monkeypatch.setattr(runner, "_measure", fake)
+    provs = {n: (lambda: None) for n in ms}
+    rows, stop = runner.run_case(runner.Case(shape="b", mode="full", providers=provs, bytes=int(4.2e9),
+                                             anchor="liger"), "cuda", quick=True)
+    by = {r["provider"]: r for r in rows}
+    assert stop is None
+    f = by["fastdistill"]
+    assert f["gbps"] == pytest.approx(4.2e9 / 1.25e-3 / 1e9) and f["floor_frac"] == pytest.approx(1.0 / 1.25)
+    assert f["speedup_vs_eager"] == pytest.approx(4.0 / 1.25) and f["speedup_vs_anchor"] == pytest.approx(2.5 / 1.25)
+    assert by["eager"]["speedup_vs_eager"] == pytest.approx(1.0) and by["liger"]["floor_frac"] == pytest.approx(0.4)
+    assert "failed" not in f and by["fastdistill-bad"]["failed"].startswith("rel_err 0.081 above 0.08")
+    assert "failed" not in by["liger"]  # only fastdistill rows are judged
+    rows, _ = runner.run_case(runner.Case(shape="f", mode="fwd", providers=provs, flops=int(790e9)), "cuda",
+                              quick=True)
+    by = {r["provider"]: r for r in rows}
+    f = by["fastdistill"]
+    assert f["gbps"] is None and f["floor_frac"] == pytest.approx(1.0 / 1.25) and "tflops=632.0" in f["note"]
+    assert f["speedup_vs_anchor"] is None  # no anchor named
+    rows, _ = runner.run_case(runner.Case(shape="c", mode="fwd", providers=provs, bytes=100), "cpu", quick=True)
+    assert all(r["floor_frac"] is None for r in rows)  # an H200 figure: not reported for a CPU
+
+
+@pytest.mark.parametrize("value,noted", [("1", True), ("false", False)])
+def test_interpreter_note_reads_triton_interpret_as_triton(monkeypatch, value, noted):
+    """Rows get the "triton-interpreter" note when Triton is interpreting, read as Triton reads TRITON_INTERPRET
+    (before: "false" counted as on)."""
+    from fastdistill.bench.runner import Case
+
+    runner = _toy_family(monkeypatch, [Case(shape="t", mode="fwd", providers={"eager": lambda: None})])
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    rows = runner.run(["toy"], quick=True, out_csv="", device="cpu")
+    assert ("triton-interpreter" in rows[0]["note"]) == noted

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastdistill._backend import interpreting
+
 # registered families: name -> module fastdistill/bench/<module>.py ("all" on the CLI: every one)
 FAMILIES = {
     "score": "score", "kd": "kd_softmax", "flkd": "fused_linear_kd", "attn": "jvp_attention", "scm": "scm_step",
@@ -405,7 +407,7 @@ def run(families: list[str] | None = None, quick: bool = False, out_csv: str | N
         out_csv = default_csv(device)
     if out_csv:
         check_csv(out_csv)
-    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interp = interpreting()  # as Triton reads it ("false" / "off" are off)
     env = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
