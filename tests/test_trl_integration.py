@@ -75,6 +75,9 @@ def test_reduction_none_refused():
         generalized_jsd_loss(s, t, lab, reduction="none")
     with pytest.raises(ValueError, match="reduction"):
         generalized_jsd_loss(s, t, lab, reduction="avg")
+    # a misspelt reduction is refused even where num_items_in_batch makes TRL ignore the reduction
+    with pytest.raises(ValueError, match="^reduction: expected one of"):
+        generalized_jsd_loss(s, t, lab, reduction="avg", num_items_in_batch=3)
 
 
 def test_kdloss_module():
