@@ -775,6 +775,8 @@ def test_cuda_why_not_reasons():
     ("sm_80", (9, 0), False), ("sm_90a", (9, 0), True), ("sm_90a", (10, 0), False), ("sm_90", (12, 0), False),
     ("compute_90", (10, 0), True), ("compute_90", (8, 9), False), ("compute_90a", (10, 0), False),
     ("sm_100f", (10, 3), True), ("sm_100f", (12, 0), False), ("sm_120", (12, 0), True), ("unknown", (9, 0), None),
+    ("compute_100f", (10, 3), True), ("compute_100f", (12, 0), False),  # family PTX: that major only
+    (" sm_90a ", (9, 0), True),
 ])
 def test_arch_runs(arch, cap, runs):
     """Which builds of the extension run on which GPU (machine code within a major version, PTX forward)."""
@@ -783,10 +785,34 @@ def test_arch_runs(arch, cap, runs):
     assert arch_runs(arch, *cap) is runs
 
 
+def test_stale_extension_refused(monkeypatch):
+    """An extension built by another fastdistill (another binding ABI) is not used: the reason names both ABIs and
+    the rebuild."""
+    import types
+
+    from fastdistill import _backend
+
+    fake = types.ModuleType("fastdistill._C")
+    fake.EXT_ABI = _backend.EXT_ABI - 1
+    monkeypatch.setitem(sys.modules, "fastdistill._C", fake)
+    monkeypatch.setattr(fastdistill, "_C", fake, raising=False)
+    for name, value in (("_EXT", None), ("_EXT_ERR", None), ("_EXT_PROBED", False), ("_EXT_WARNED", True)):
+        monkeypatch.setattr(_backend, name, value)
+    assert _backend.extension() is None
+    err = _backend.extension_error()
+    assert f"binding ABI {fake.EXT_ABI} but this fastdistill expects {_backend.EXT_ABI}" in err and "rebuild" in err
+    fake.EXT_ABI = _backend.EXT_ABI
+    monkeypatch.setattr(_backend, "_EXT_PROBED", False)
+    monkeypatch.setattr(_backend, "_EXT_ERR", None)
+    assert _backend.extension() is fake and _backend.extension_error() is None
+
+
 @pytest.mark.parametrize("archs, cap, refused", [
     ("sm_80,sm_90a", (9, 0), False), ("sm_80,sm_90a", (8, 9), False), ("sm_80,sm_90a", (10, 0), True),
     ("sm_80,sm_90a", (12, 0), True), ("sm_80", (9, 0), True), ("sm_90a,compute_90a", (10, 0), True),
     ("sm_90a,compute_90", (10, 0), False), ("unknown", (10, 0), False),
+    ("sm_80, sm_90a", (9, 0), False), ("sm_80, sm_90a", (10, 0), True),  # spaces after the commas
+    ("", (9, 0), False),  # no arch list: not judged
 ])
 def test_cuda_backend_refused_on_a_gpu_the_build_does_not_cover(monkeypatch, archs, cap, refused):
     """The default build (sm_80, sm_90a) on a Blackwell GPU: the dispatcher must not pick the CUDA backend
@@ -803,6 +829,17 @@ def test_cuda_backend_refused_on_a_gpu_the_build_does_not_cover(monkeypatch, arc
     assert bool(hit) is refused, why
     if refused:
         assert f"TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}\"" in hit[0], hit
+
+
+def test_cuda_backend_refused_below_ampere(monkeypatch):
+    from fastdistill import _backend
+
+    class Ext:
+        CUDA_ARCHS = "sm_80,sm_90a"
+
+    monkeypatch.setattr(_backend, "extension", lambda: Ext)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    assert _backend.cuda_why_not(torch.device("cuda")) == ["GPU compute capability 7.x < 8.0 is not supported"]
 
 
 def test_kd_cuda_why_not_reasons():

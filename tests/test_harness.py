@@ -62,6 +62,73 @@ def test_device_constant_cached_and_traceable():
     assert f(torch.ones(2), 3.0).tolist() == [3.0, 3.0]
 
 
+def test_device_constant_cache_is_an_lru(monkeypatch):
+    """At most _EAGER_MAX constants are kept: the least recently used goes first (a hit renews an entry)."""
+    import collections
+
+    from fastdistill import _backend
+
+    monkeypatch.setattr(_backend, "_EAGER_MAX", 3)
+    monkeypatch.setattr(_backend, "_EAGER_CONSTANTS", collections.OrderedDict())
+    get = lambda v: _backend.device_constant((v,), "cpu", torch.float32)  # noqa: E731
+    a, b, c = get(1.0), get(2.0), get(3.0)
+    assert get(1.0) is a  # a hit: 1.0 is now the most recent
+    get(4.0)  # evicts 2.0, the least recently used
+    assert get(1.0) is a and get(3.0) is c and get(2.0) is not b
+    assert len(_backend._EAGER_CONSTANTS) == 3
+
+
+def test_backend_names_checked(monkeypatch):
+    """An unknown backend name is refused where it enters: register(), use_backend(), FASTDISTILL_BACKEND; a forced
+    backend is per thread and restored after the block."""
+    import threading
+
+    from fastdistill import _backend
+
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        _backend.register("kd_loss", "gpu", lambda *a, **k: [])
+    assert "gpu" not in _backend._REGISTRY["kd_loss"]
+    with pytest.raises(ValueError, match="^use_backend: unknown backend 'triton2'"):
+        with _backend.use_backend("triton2"):
+            pass
+    monkeypatch.setenv("FASTDISTILL_BACKEND", "cuda_")
+    with pytest.raises(ValueError, match="^FASTDISTILL_BACKEND / use_backend: unknown backend 'cuda_'"):
+        _backend.forced_backend()
+    monkeypatch.setenv("FASTDISTILL_BACKEND", "triton")
+    assert _backend.forced_backend() == "triton"
+    with _backend.use_backend("reference"):  # the block wins over the environment
+        assert _backend.forced_backend() == "reference"
+        with _backend.use_backend("cuda"):
+            assert _backend.forced_backend() == "cuda"
+        assert _backend.forced_backend() == "reference"  # the outer block's, not None
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(_backend.forced_backend()))
+        t.start()
+        t.join()
+        assert seen == ["triton"]  # another thread: the environment's
+    assert _backend.forced_backend() == "triton"
+
+
+def test_select_order_and_missing_backends(monkeypatch):
+    """select() takes the first backend with no reason in the fixed order cuda > triton > reference; a backend an
+    op does not register is "not implemented"; a forced backend that cannot run raises with every reason."""
+    from fastdistill import _backend
+
+    table = {"triton": lambda x: [], "reference": lambda x: []}
+    monkeypatch.setitem(_backend._REGISTRY, "toy_op", table)
+    monkeypatch.delenv("FASTDISTILL_BACKEND", raising=False)
+    assert _backend.reasons("toy_op", 0)["cuda"] == ["not implemented for this op"]
+    assert _backend.select("toy_op", 0) == "triton"
+    table["triton"] = lambda x: ["no"]
+    assert _backend.select("toy_op", 0) == "reference"
+    with _backend.use_backend("triton"), pytest.raises(_backend.BackendUnavailableError,
+                                                       match="forced backend 'triton' cannot run .*triton: no"):
+        _backend.select("toy_op", 0)
+    table["reference"] = lambda x: ["nope"]
+    with pytest.raises(_backend.BackendUnavailableError, match="no backend can run .*reference: nope"):
+        _backend.select("toy_op", 0)
+
+
 def test_available_backends_bad_arguments():
     """An unknown op names the known ones (was a bare KeyError, also for the public fused_linear_kd_loss, whose
     chunks run kd_loss's backends); a non-tensor input is a TypeError naming it (was an AttributeError)."""
@@ -119,6 +186,25 @@ def test_interpreting_reads_triton_interpret_as_triton(monkeypatch, value):
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         assert interpreting() == bool(knobs.runtime.interpret), value
+
+
+@pytest.mark.parametrize("device,cap,interp,want", [
+    ("cuda", (9, 0), "0", None), ("cuda", (8, 0), "0", None),
+    ("cuda", (7, 5), "0", "GPU compute capability 7.x < 8.0 (Ampere) is not supported"),
+    ("cuda", (9, 0), "1", "TRITON_INTERPRET=1 is set: Triton would run on the CPU interpreter, not the GPU"),
+    ("cpu", None, "1", None), ("cpu", None, "0", "tensors are on the CPU: Triton runs there only under"),
+    ("meta", None, "1", "device type 'meta' is not supported by the Triton kernels"),
+])
+def test_triton_why_not(monkeypatch, device, cap, interp, want):
+    """The dispatcher's reasons for the Triton backend per device (a GPU's capability faked: no GPU needed)."""
+    from fastdistill import _backend
+
+    if _backend._TRITON is None:
+        pytest.skip("triton is not importable")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: cap)
+    monkeypatch.setenv("TRITON_INTERPRET", interp)
+    why = _backend.triton_why_not(torch.device(device))
+    assert (why == []) if want is None else (len(why) == 1 and why[0].startswith(want)), why
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
