@@ -184,7 +184,11 @@ inline T __shfl_xor_sync(unsigned, T v, int o) {  // every lane of the warp take
   return r;
 }
 template <typename T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p) {  // a misaligned load (a 16-byte vector off its boundary) faults on the GPU: here too
+  if (reinterpret_cast<unsigned long long>(p) % alignof(T) != 0)
+    std::fprintf(stderr, "fd_emu: misaligned %zu-byte load at %p\n", sizeof(T), (const void*)p), std::abort();
+  return *p;
+}
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
@@ -589,6 +593,30 @@ def test_emulated_kd_teacher_offset_accuracy(kd_cuda_on_cpu, div):
     check_teacher_offset(div, lambda s, t: fastdistill.kd_loss(s, t, divergence=div, reduction="none"))
 
 
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd-b0.3", "tvd"])
+def test_emulated_kd_alpha_one_ignores_the_teacher(kd_cuda_on_cpu, div):
+    from test_kd import check_alpha_one_ignores_the_teacher
+
+    with fastdistill.use_backend(kd_cuda_on_cpu):
+        check_alpha_one_ignores_the_teacher(div)
+
+
+def test_emulated_kd_ce_softcap(kd_cuda_on_cpu):
+    """softcap's tanh series (csrc tanh_fd) read absolutely through the CE term (tests/test_kd_close_teacher.py)."""
+    from test_kd_close_teacher import check_ce_softcap
+
+    with fastdistill.use_backend(kd_cuda_on_cpu):
+        check_ce_softcap()
+
+
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd-b0.3", "skl", "tvd"])
+def test_emulated_kd_nonnegative_near_equal(kd_cuda_on_cpu, div):
+    from test_kd import check_nonnegative_near_equal
+
+    with fastdistill.use_backend(kd_cuda_on_cpu):
+        check_nonnegative_near_equal(div, torch.float32)
+
+
 def test_emulated_kd_softcap_keeps_neginf(kd_cuda_on_cpu):
     from test_kd import check_softcap_neginf
 
@@ -665,6 +693,38 @@ def test_emulated_kd_labels_never_read_outside_the_row(kd_cuda_on_cpu, monkeypat
         assert torch.allclose(got[keep], want[keep], rtol=1e-5, atol=1e-6), (before, val)
         assert (got[row] == 0) if val == -100 else torch.isnan(got[row]), (before, val, got)
         del x, mm
+
+
+def test_emulated_kd_vector_path_conditions(kd_cuda_on_cpu):
+    """The 16-byte path is taken only where every vector is whole and aligned (csrc/kd_softmax.cu use_vector): a
+    vocabulary that is a multiple of the vector but a row stride that is not (the student a column slice of a
+    wider buffer), a group stride that is not ([B, T, V] rows of a padded buffer), and a teacher vocabulary that is
+    not (the teacher's last row right before an unreadable page: nothing past it is read) each take the scalar path
+    and give the reference's values. The emulation's loads fault when misaligned, as on the GPU. (A vector path
+    taken for the last case would read at most 3 elements past a row inside its aligned 16 bytes, masked: it
+    cannot fault, here or on a GPU, so only the values are checked.)"""
+    g = torch.Generator().manual_seed(3)
+    kw = dict(divergence="jsd", beta=0.3, reduction="none")
+
+    def check(s, t, what):
+        with fastdistill.use_backend(kd_cuda_on_cpu):
+            got = fastdistill.kd_loss(s, t, **kw)
+        with fastdistill.use_backend("reference"):
+            want = fastdistill.kd_loss(s.contiguous(), t.contiguous(), **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=what)
+
+    N, V = 3, 64
+    wide = torch.randn(N, V + 1, generator=g, dtype=torch.bfloat16)
+    check(wide[:, :V], torch.randn(N, V, generator=g, dtype=torch.bfloat16), "row stride V + 1")
+    B, T = 2, 3
+    padded = torch.randn(B, T * V + 1, generator=g)
+    s = padded[:, : T * V].view(B, T, V)
+    assert s.stride() == (T * V + 1, V, 1)
+    check(s, torch.randn(B, T, V, generator=g), "group stride T·V + 1")
+    t, mm = _guarded_rows(1, V - 2, before=False)
+    t.copy_(torch.randn(1, V - 2, generator=g))
+    check(torch.randn(1, V, generator=g), t, "teacher vocabulary V − 2 before an unreadable page")
+    del t, mm
 
 
 def test_emulated_kd_posinf_logit_is_nan(kd_cuda_on_cpu):
