@@ -352,6 +352,9 @@ EMU_CASES = (G.cases(sizes=((3, (1,)), (2, (4, 32, 32)))) + G.cases(sizes=((2, (
              # of several block iterations (2^20 + 5 elements: n_iter 2 over 513 blocks, the last one partial)
              + [G.Case("scm", torch.float16, 300, (9,), kw=(("logvar", True), ("reduction", "none"))),
                 next(c for c in G.EDGE_CASES if c.B == 64),
+                # samples in the finalize's last warp (130 = 128 + 2 over 128 threads): its batch-wide sums (the
+                # valid count of batchmean, the global normaliser) take every warp
+                G.Case("score", torch.bfloat16, 130, (3,), kw=(("norm", "mean_abs_global"),), mask="rand"),
                 G.Case("denoise", torch.bfloat16, 1, (2**20 + 5,), per_sample=True, mask="rand")])
 
 

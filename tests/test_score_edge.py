@@ -708,6 +708,34 @@ def overflow_pins(backend):
             assert bad.tolist() == [want_bad] and torch.isfinite(pred.grad).all(), (p0, pc)
             if not want_bad:
                 assert pred.grad.tolist() == [[1000.0] * 4] and loss_i.tolist() == [2e5]
+        # a masked-out element's gradient is 0 whatever its size: it cannot make the sample bad (score: 4·60000 and
+        # denoise: 2·100·(100·60) beyond fp16 at the masked position only, 2·100·(100·0.5) = 1e4 elsewhere)
+        m = torch.tensor([[False, True, True, True]])
+        x = z.clone().requires_grad_()
+        f = torch.tensor([[60000.0, 1.0, 1.0, 1.0]], dtype=F16)
+        loss_i, bad, _ = _run(fd.score_distill, x, [f], [4.0], norm=None, mask=m)
+        assert bad.tolist() == [False] and x.grad.tolist() == [[0.0, 4.0, 4.0, 4.0]], (bad, x.grad)
+        pred = torch.tensor([[60.0, 0.5, 0.5, 0.5]], dtype=F16).requires_grad_()
+        loss_i, bad, _ = _run(fd.denoise_regression_loss, pred, [z.clone()], [1.0], pred_coeff=torch.tensor([100.0]),
+                              mask=m, sample_reduction="sum")
+        assert bad.tolist() == [False] and pred.grad.tolist() == [[0.0, 1e4, 1e4, 1e4]], (bad, pred.grad)
+        # the overflowing element far into the sample (element 700 of 1024: another warp's than the first elements in
+        # the CUDA kernels' per-block maximum) marks it bad all the same
+        x = torch.zeros(1, 1024, dtype=F16, requires_grad=True)
+        f = torch.ones(1, 1024, dtype=F16)
+        f[0, 700] = 60000.0
+        loss_i, bad, _ = _run(fd.score_distill, x, [f], [4.0], norm=None)
+        assert bad.tolist() == [True] and torch.all(x.grad == 0), bad
+        # every element masked out (batchmean over no valid element): loss 0, no gradient, no sample bad
+        x = torch.zeros(2, 4, dtype=F16, requires_grad=True)
+        loss, st = fd.score_distill(x, [z.new_ones(2, 4)], [4.0], norm=None, mask=torch.zeros(2, 4, dtype=torch.bool),
+                                    return_stats=True)
+        loss.backward()
+        assert loss.item() == 0.0 and st["bad"].tolist() == [False, False] and torch.all(x.grad == 0), st
+        # scm with c = 0 and a zero tangent: the normaliser ‖g‖ + c is 0, and the loss 0 (not 0·(1/0)² = NaN)
+        F = z.new_zeros(1, 8).requires_grad_()
+        loss_i, bad, _ = _run(fd.scm_tangent_loss, F, [z.new_zeros(1, 8)], [1.0], c=0.0)
+        assert loss_i.tolist() == [0.0] and bad.tolist() == [False] and torch.all(F.grad == 0), (loss_i, bad, F.grad)
         # nan="to_num" with an upstream gradient s (a GradScaler's scale, 1/accumulation steps): the gradient for an
         # upstream gradient of 1 is mapped into the output dtype, then s multiplies it, so the backward is linear in
         # s and a scaled fp16 overflow is inf, which GradScaler must see to skip the step (before: the clamp came
